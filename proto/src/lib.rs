@@ -1,0 +1,22 @@
+//! Wire formats of avatar-edge, with no I/O and no async runtime.
+//!
+//! A browser session crosses two wires:
+//!
+//! 1. **Signaling** ([`signaling`]): JSON text messages on the browser's WebSocket to the relay,
+//!    exactly as the customer's existing page speaks them (`webrtc_offer`, `webrtc_answer`,
+//!    `webrtc_ice_candidate`, `text_webrtc`), plus server events such as `error`.
+//! 2. **The tunnel** ([`tunnel`]): length-prefixed frames on QUIC streams between the relay and a
+//!    worker that dialed out to it. One control stream per worker; one stream per session.
+//!
+//! [`session`] holds the relay's per-session rules as a state machine driven by decoded messages,
+//! and [`sdp`] the quick offer check that catches pages that forgot to add transceivers.
+//!
+//! Everything here is a pure function or a state machine: the relay and worker own the sockets,
+//! the tests and fuzz targets drive these types directly.
+
+pub mod sdp;
+pub mod session;
+pub mod signaling;
+pub mod tunnel;
+
+pub use signaling::{ClientMessage, ErrorCode, Id, ServerEvent, SignalError};

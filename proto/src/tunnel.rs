@@ -1,0 +1,435 @@
+//! The relay ↔ worker tunnel protocol, carried over one QUIC connection that the worker dials.
+//!
+//! ```text
+//!   worker                                   relay
+//!     |--- QUIC handshake (ALPN avatar-edge/1, relay cert pinned) --->|
+//!     |--- control stream (worker opens the first bidi stream) ------>|
+//!     |  Hello {protocol, worker_id}                                  |
+//!     |<------------------ Challenge {protocol, relay_id, nonce} -----|
+//!     |  Auth {proof = HMAC-SHA256(secret, transcript)}              |
+//!     |  Register {avatars, capacity, labels}                        |
+//!     |<--------------------------------- Registered | Rejected -----|
+//!     |<-------------------------------------- Ping / Pong ---------->|
+//!     |                                                               |
+//!     |<== one bidi stream per browser session (relay opens) ========|
+//!     |  SessionOpen, then Client(..) messages relay→worker          |
+//!     |  Event(..) messages worker→relay, Close either way          |
+//! ```
+//!
+//! Every stream carries **frames**: a 4-byte big-endian length, then that many bytes of JSON. A
+//! frame longer than [`MAX_FRAME_LEN`] is a protocol error (the reader stops before buffering
+//! it). [`FrameDecoder`] is the incremental reader; [`encode_frame`] the writer. Neither does I/O.
+//!
+//! **Authentication** never puts anything replayable on the wire: the relay sends a fresh random
+//! nonce per connection and the worker answers with an HMAC over the nonce, its id, and keying
+//! material exported from this very TLS session ([`auth_proof`]). A recorded proof is useless on
+//! another connection, and a man in the middle with a different TLS session cannot forward it.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use std::collections::BTreeMap;
+
+use crate::signaling::{ClientMessage, Id, ServerEvent};
+
+/// Bumped on any incompatible change; both sides send it and refuse a mismatch.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// QUIC ALPN for the tunnel.
+pub const ALPN: &[u8] = b"avatar-edge/1";
+/// Largest frame payload either side accepts.
+pub const MAX_FRAME_LEN: usize = 256 * 1024;
+/// Label for the TLS keying-material exporter used in [`auth_proof`] (RFC 5705).
+pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-avatar-edge-tunnel-auth";
+/// Length of the exported keying material.
+pub const EXPORTER_LEN: usize = 32;
+/// Length of the relay's challenge nonce in bytes.
+pub const NONCE_LEN: usize = 32;
+
+/// Messages on the control stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+pub enum Control {
+    /// worker → relay, first message.
+    Hello {
+        protocol: u32,
+        worker_id: String,
+        software: String,
+    },
+    /// relay → worker: prove you know the secret.
+    Challenge {
+        protocol: u32,
+        relay_id: String,
+        nonce: String,
+    },
+    /// worker → relay: hex HMAC, see [`auth_proof`].
+    Auth {
+        proof: String,
+    },
+    /// worker → relay: what this worker serves.
+    Register(Registration),
+    /// relay → worker: accepted; sessions may arrive now.
+    Registered {
+        relay_id: String,
+    },
+    /// relay → worker: refused; the relay closes the connection after this.
+    Rejected {
+        reason: String,
+    },
+    /// Either way; the peer answers with `Pong` carrying the same values.
+    Ping {
+        seq: u64,
+        sent_ms: u64,
+    },
+    Pong {
+        seq: u64,
+        sent_ms: u64,
+    },
+    /// worker → relay: shutting down; send no new sessions.
+    Draining {},
+}
+
+/// What a worker announces when it registers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registration {
+    /// Avatar ids this worker can render. Empty means "any avatar id" (the built-in avatar).
+    pub avatars: Vec<String>,
+    /// Sessions it will run at once.
+    pub capacity: u32,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Messages on a per-session stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "t", content = "m", rename_all = "snake_case")]
+pub enum SessionFrame {
+    /// relay → worker, first frame of every session stream.
+    Open(SessionOpen),
+    /// relay → worker: a browser message for this session.
+    Client(ClientMessage),
+    /// worker → relay: an event for the browser.
+    Event(ServerEvent),
+    /// Either way: the session is over. The sender finishes its side of the stream after this.
+    Close { reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionOpen {
+    pub session_id: String,
+    pub avatar_id: Option<String>,
+    pub user_id: Option<Id>,
+}
+
+/// Errors reading or writing tunnel frames.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {len} bytes exceeds the {max}-byte limit")]
+    TooLarge { len: usize, max: usize },
+    #[error("malformed frame payload: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("stream ended inside a frame ({buffered} bytes buffered)")]
+    Truncated { buffered: usize },
+}
+
+/// Serialise `msg` as one length-prefixed frame.
+pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Bytes, FrameError> {
+    let body = serde_json::to_vec(msg)?;
+    if body.len() > MAX_FRAME_LEN {
+        return Err(FrameError::TooLarge {
+            len: body.len(),
+            max: MAX_FRAME_LEN,
+        });
+    }
+    let mut buf = BytesMut::with_capacity(4 + body.len());
+    // The length fits in u32: it is at most MAX_FRAME_LEN.
+    buf.put_u32(body.len() as u32);
+    buf.extend_from_slice(&body);
+    Ok(buf.freeze())
+}
+
+/// Incremental frame reader: feed bytes as they arrive, take whole frames out.
+#[derive(Debug)]
+pub struct FrameDecoder {
+    buf: BytesMut,
+    max: usize,
+}
+
+impl Default for FrameDecoder {
+    fn default() -> Self {
+        Self::new(MAX_FRAME_LEN)
+    }
+}
+
+impl FrameDecoder {
+    pub fn new(max: usize) -> Self {
+        Self {
+            buf: BytesMut::new(),
+            max,
+        }
+    }
+
+    /// Append received bytes.
+    pub fn push(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+    }
+
+    /// The next complete frame payload, `Ok(None)` if more bytes are needed. An oversized length
+    /// prefix is reported as soon as the prefix is seen, before its body is buffered.
+    pub fn next_frame(&mut self) -> Result<Option<Bytes>, FrameError> {
+        if self.buf.len() < 4 {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+        if len > self.max {
+            return Err(FrameError::TooLarge { len, max: self.max });
+        }
+        if self.buf.len() < 4 + len {
+            return Ok(None);
+        }
+        self.buf.advance(4);
+        Ok(Some(self.buf.split_to(len).freeze()))
+    }
+
+    /// The next complete frame decoded as `T`.
+    pub fn next_message<T: for<'de> Deserialize<'de>>(&mut self) -> Result<Option<T>, FrameError> {
+        match self.next_frame()? {
+            Some(frame) => Ok(Some(serde_json::from_slice(&frame)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Call at end of stream: an error if a partial frame is left.
+    pub fn finish(&self) -> Result<(), FrameError> {
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(FrameError::Truncated {
+                buffered: self.buf.len(),
+            })
+        }
+    }
+}
+
+type HmacSha256 = Hmac<Sha256>;
+
+fn auth_mac(secret: &[u8], nonce_hex: &str, worker_id: &str, exporter: &[u8]) -> HmacSha256 {
+    // HMAC accepts keys of any length, so `new_from_slice` cannot fail.
+    let mut mac = HmacSha256::new_from_slice(secret)
+        .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+    mac.update(b"avatar-edge tunnel auth v1\0");
+    for part in [nonce_hex.as_bytes(), worker_id.as_bytes(), exporter] {
+        mac.update(&(part.len() as u64).to_be_bytes());
+        mac.update(part);
+    }
+    mac
+}
+
+/// The worker's proof of the shared secret, bound to the relay's nonce, the worker id and the TLS
+/// session (exported keying material), hex encoded.
+pub fn auth_proof(secret: &[u8], nonce_hex: &str, worker_id: &str, exporter: &[u8]) -> String {
+    hex::encode(
+        auth_mac(secret, nonce_hex, worker_id, exporter)
+            .finalize()
+            .into_bytes(),
+    )
+}
+
+/// Check a proof in constant time.
+pub fn verify_auth_proof(
+    secret: &[u8],
+    nonce_hex: &str,
+    worker_id: &str,
+    exporter: &[u8],
+    proof_hex: &str,
+) -> bool {
+    let Ok(proof) = hex::decode(proof_hex) else {
+        return false;
+    };
+    auth_mac(secret, nonce_hex, worker_id, exporter)
+        .verify_slice(&proof)
+        .is_ok()
+}
+
+/// Rules for a worker id: short, printable, no spaces (it appears in logs and metrics).
+pub fn valid_worker_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::signaling::{ErrorCode, Offer};
+
+    fn round_trip<T: Serialize + for<'de> Deserialize<'de> + PartialEq + std::fmt::Debug>(msg: T) {
+        let frame = encode_frame(&msg).expect("encode");
+        let mut dec = FrameDecoder::default();
+        // Byte by byte, to exercise partial reads.
+        let mut out = None;
+        for b in frame.iter() {
+            dec.push(&[*b]);
+            if let Some(m) = dec.next_message::<T>().expect("decode") {
+                out = Some(m);
+            }
+        }
+        assert_eq!(out.expect("one frame"), msg);
+        dec.finish().expect("nothing left");
+    }
+
+    #[test]
+    fn every_control_message_round_trips() {
+        round_trip(Control::Hello {
+            protocol: 1,
+            worker_id: "gpu-1".into(),
+            software: "x".into(),
+        });
+        round_trip(Control::Challenge {
+            protocol: 1,
+            relay_id: "r".into(),
+            nonce: "00ff".into(),
+        });
+        round_trip(Control::Auth { proof: "ab".into() });
+        round_trip(Control::Register(Registration {
+            avatars: vec!["a".into()],
+            capacity: 4,
+            labels: BTreeMap::from([("zone".into(), "eu".into())]),
+        }));
+        round_trip(Control::Registered {
+            relay_id: "r".into(),
+        });
+        round_trip(Control::Rejected {
+            reason: "no".into(),
+        });
+        round_trip(Control::Ping { seq: 1, sent_ms: 2 });
+        round_trip(Control::Pong { seq: 1, sent_ms: 2 });
+        round_trip(Control::Draining {});
+    }
+
+    #[test]
+    fn every_session_frame_round_trips() {
+        round_trip(SessionFrame::Open(SessionOpen {
+            session_id: "s".into(),
+            avatar_id: Some("a".into()),
+            user_id: Some(Id::Int(5)),
+        }));
+        round_trip(SessionFrame::Client(ClientMessage::WebrtcOffer(Offer {
+            session_id: None,
+            user_id: None,
+            avatar_id: None,
+            sdp: "v=0".into(),
+        })));
+        round_trip(SessionFrame::Event(ServerEvent::error(
+            ErrorCode::Busy,
+            "full",
+        )));
+        round_trip(SessionFrame::Close {
+            reason: "bye".into(),
+        });
+    }
+
+    #[test]
+    fn several_frames_in_one_read() {
+        let mut bytes = BytesMut::new();
+        for seq in 0..3 {
+            bytes.extend_from_slice(
+                &encode_frame(&Control::Ping { seq, sent_ms: 0 }).expect("encode"),
+            );
+        }
+        let mut dec = FrameDecoder::default();
+        dec.push(&bytes);
+        for seq in 0..3 {
+            assert_eq!(
+                dec.next_message::<Control>().expect("ok"),
+                Some(Control::Ping { seq, sent_ms: 0 })
+            );
+        }
+        assert_eq!(dec.next_message::<Control>().expect("ok"), None);
+    }
+
+    #[test]
+    fn oversized_length_prefix_is_refused_before_buffering() {
+        let mut dec = FrameDecoder::new(1024);
+        dec.push(&(1025u32).to_be_bytes());
+        assert!(matches!(
+            dec.next_frame(),
+            Err(FrameError::TooLarge {
+                len: 1025,
+                max: 1024
+            })
+        ));
+        let mut dec = FrameDecoder::default();
+        dec.push(&u32::MAX.to_be_bytes());
+        assert!(matches!(dec.next_frame(), Err(FrameError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn oversized_message_cannot_be_encoded() {
+        let big = SessionFrame::Close {
+            reason: "x".repeat(MAX_FRAME_LEN),
+        };
+        assert!(matches!(
+            encode_frame(&big),
+            Err(FrameError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn malformed_payloads_are_errors() {
+        for payload in [
+            &b"not json"[..],
+            b"{}",
+            br#"{"t":"nope"}"#,
+            br#"{"t":"hello"}"#,
+            b"\xff\xfe",
+        ] {
+            let mut dec = FrameDecoder::default();
+            dec.push(&(payload.len() as u32).to_be_bytes());
+            dec.push(payload);
+            assert!(dec.next_message::<Control>().is_err(), "{payload:?}");
+        }
+    }
+
+    #[test]
+    fn truncated_stream_is_reported() {
+        let frame = encode_frame(&Control::Draining {}).expect("encode");
+        let mut dec = FrameDecoder::default();
+        dec.push(&frame[..frame.len() - 1]);
+        assert!(dec.next_frame().expect("ok").is_none());
+        assert!(matches!(dec.finish(), Err(FrameError::Truncated { .. })));
+    }
+
+    #[test]
+    fn auth_proof_binds_secret_nonce_worker_and_tls_session() {
+        let p = auth_proof(b"secret", "n1", "w1", b"tls1");
+        assert!(verify_auth_proof(b"secret", "n1", "w1", b"tls1", &p));
+        assert!(!verify_auth_proof(b"wrong", "n1", "w1", b"tls1", &p));
+        assert!(
+            !verify_auth_proof(b"secret", "n2", "w1", b"tls1", &p),
+            "replay under a new nonce"
+        );
+        assert!(!verify_auth_proof(b"secret", "n1", "w2", b"tls1", &p));
+        assert!(
+            !verify_auth_proof(b"secret", "n1", "w1", b"tls2", &p),
+            "forwarded into another TLS session"
+        );
+        assert!(!verify_auth_proof(b"secret", "n1", "w1", b"tls1", "zz"));
+        assert!(!verify_auth_proof(b"secret", "n1", "w1", b"tls1", ""));
+        // Length-prefixing keeps field boundaries: ("n1w", "1") differs from ("n1", "w1").
+        assert_ne!(
+            auth_proof(b"s", "n1w", "1", b""),
+            auth_proof(b"s", "n1", "w1", b"")
+        );
+    }
+
+    #[test]
+    fn worker_id_rules() {
+        assert!(valid_worker_id("gpu-box_1.eu:a"));
+        for bad in ["", "has space", "日本", &"x".repeat(65)] {
+            assert!(!valid_worker_id(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,273 @@
+//! The relay's configuration: one TOML file, every key optional, unknown keys rejected.
+//!
+//! Parsing ([`RelayConfig::from_toml`]) is separate from loading a file so tests can build configs
+//! from strings. Secrets live in [`Secret`], whose `Debug` prints `***`, and can come from the
+//! environment (`AVATAR_EDGE_TUNNEL_SECRET`) instead of the file.
+
+use serde::Deserialize;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// A secret string that never appears in logs or `Debug` output.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// Secret used by `--dev` on both binaries. Never use it on a network you do not own.
+pub const DEV_TUNNEL_SECRET: &str = "avatar-edge-dev-secret-do-not-deploy";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelayConfig {
+    /// Shown to workers in the challenge and in logs.
+    pub relay_id: String,
+    pub http: HttpConfig,
+    pub tunnel: TunnelConfig,
+    pub tls: TlsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Where browsers connect (web client, `/ws/{session_id}`, `/healthz`).
+    pub listen: SocketAddr,
+    /// Serve HTTPS/WSS with the `[tls]` certificate instead of plain HTTP/WS.
+    pub tls: bool,
+    /// Serve the web client from this directory instead of the copy built into the binary.
+    pub web_client_dir: Option<PathBuf>,
+    /// Largest signaling message accepted; larger ones get `message_too_large`.
+    pub max_message_bytes: usize,
+    /// Messages above this size close the socket (1009) instead of getting an error event.
+    pub max_frame_bytes: usize,
+    /// How long open connections get to finish on shutdown.
+    pub shutdown_grace_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TunnelConfig {
+    /// UDP address for workers' QUIC tunnels.
+    pub listen: SocketAddr,
+    /// Shared secret workers prove knowledge of. Overridden by `AVATAR_EDGE_TUNNEL_SECRET`.
+    pub secret: Secret,
+    /// A tunnel silent this long is dead (QUIC idle timeout).
+    pub idle_timeout_ms: u64,
+    /// QUIC keep-alive interval; keep it well under the idle timeout.
+    pub keepalive_ms: u64,
+    /// Time a worker gets to complete hello, auth and registration.
+    pub handshake_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain, used for the QUIC tunnel and (if `http.tls`) for HTTPS.
+    pub cert: Option<PathBuf>,
+    /// PEM private key for `cert`.
+    pub key: Option<PathBuf>,
+    /// Generate a self-signed certificate at start (development only).
+    pub self_signed: bool,
+    /// Write the certificate's SHA-256 fingerprint here, for workers to pin.
+    pub fingerprint_file: Option<PathBuf>,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            relay_id: "relay".into(),
+            http: HttpConfig::default(),
+            tunnel: TunnelConfig::default(),
+            tls: TlsConfig::default(),
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            tls: false,
+            web_client_dir: None,
+            max_message_bytes: avatar_proto::signaling::DEFAULT_MAX_MESSAGE_LEN,
+            max_frame_bytes: 16 << 20,
+            shutdown_grace_ms: 3000,
+        }
+    }
+}
+
+impl Default for TunnelConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 4433)),
+            secret: Secret::default(),
+            idle_timeout_ms: 4000,
+            keepalive_ms: 1000,
+            handshake_timeout_ms: 5000,
+        }
+    }
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            cert: None,
+            key: None,
+            self_signed: false,
+            fingerprint_file: None,
+        }
+    }
+}
+
+/// A configuration that cannot work, naming the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Parse(#[from] toml::de::Error),
+    #[error("`{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+impl RelayConfig {
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        Ok(toml::from_str(text)?)
+    }
+
+    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Self::from_toml(&text)
+    }
+
+    /// Defaults for `relay --dev`: plain HTTP on 127.0.0.1:8080, tunnel on 127.0.0.1:4433, a fresh
+    /// self-signed certificate whose fingerprint goes to `.avatar-edge-dev/relay.fingerprint`.
+    pub fn dev() -> Self {
+        let mut c = Self::default();
+        c.tunnel.secret = Secret::new(DEV_TUNNEL_SECRET);
+        c.tls.self_signed = true;
+        c.tls.fingerprint_file = Some(PathBuf::from(".avatar-edge-dev/relay.fingerprint"));
+        c
+    }
+
+    /// Apply environment overrides for secrets.
+    pub fn apply_env(&mut self) {
+        if let Ok(s) = std::env::var("AVATAR_EDGE_TUNNEL_SECRET") {
+            self.tunnel.secret = Secret::new(s);
+        }
+    }
+
+    /// Check what serde cannot: presence of secrets, coherent TLS settings, sane limits.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                message: message.into(),
+            })
+        };
+        if self.tunnel.secret.expose().len() < 16 {
+            return invalid(
+                "tunnel.secret",
+                "set a secret of at least 16 characters (or AVATAR_EDGE_TUNNEL_SECRET)",
+            );
+        }
+        match (&self.tls.cert, &self.tls.key, self.tls.self_signed) {
+            (Some(_), Some(_), false) | (None, None, true) => {}
+            (Some(_), None, _) => {
+                return invalid("tls.key", "`tls.cert` is set but `tls.key` is not")
+            }
+            (None, Some(_), _) => {
+                return invalid("tls.cert", "`tls.key` is set but `tls.cert` is not")
+            }
+            (Some(_), Some(_), true) => {
+                return invalid(
+                    "tls.self_signed",
+                    "set either cert/key or self_signed, not both",
+                )
+            }
+            (None, None, false) => {
+                return invalid(
+                    "tls.cert",
+                    "the QUIC tunnel needs a certificate: set cert and key, or self_signed = true",
+                )
+            }
+        }
+        if self.http.max_message_bytes == 0
+            || self.http.max_message_bytes > self.http.max_frame_bytes
+        {
+            return invalid(
+                "http.max_message_bytes",
+                "must be between 1 and http.max_frame_bytes",
+            );
+        }
+        if self.tunnel.keepalive_ms == 0 || self.tunnel.keepalive_ms >= self.tunnel.idle_timeout_ms
+        {
+            return invalid(
+                "tunnel.keepalive_ms",
+                "must be above 0 and below tunnel.idle_timeout_ms",
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_name() {
+        let err = RelayConfig::from_toml("[http]\nlisten = \"127.0.0.1:1\"\nlsiten = 2\n")
+            .expect_err("typo");
+        assert!(err.to_string().contains("lsiten"), "{err}");
+    }
+
+    #[test]
+    fn dev_config_is_valid_and_secret_is_hidden() {
+        let c = RelayConfig::dev();
+        c.validate().expect("valid");
+        assert!(!format!("{c:?}").contains(DEV_TUNNEL_SECRET));
+    }
+
+    #[test]
+    fn validation_names_the_key() {
+        let mut c = RelayConfig::dev();
+        c.tunnel.secret = Secret::new("short");
+        assert!(c
+            .validate()
+            .expect_err("short")
+            .to_string()
+            .starts_with("`tunnel.secret`"));
+        let mut c = RelayConfig::dev();
+        c.tls.self_signed = false;
+        assert!(c
+            .validate()
+            .expect_err("no cert")
+            .to_string()
+            .starts_with("`tls.cert`"));
+    }
+}

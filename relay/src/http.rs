@@ -1,0 +1,164 @@
+//! HTTP routes: the web client, `/ws/{session_id}`, `/healthz`.
+//!
+//! The web client is compiled into the binary so the relay is one file to deploy; a directory
+//! named in the config replaces it (for operators who restyle the page). Text responses always
+//! carry `charset=utf-8`: the customer's page has no `<meta charset>`, and without it Chromium
+//! decodes the page as windows-1252 and the Chinese messages it sends arrive garbled.
+
+use crate::signaling::run_session;
+use crate::AppState;
+use axum::extract::{ConnectInfo, Path, State, WebSocketUpgrade};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tracing::{info_span, Instrument};
+
+const INDEX_HTML: &str = include_str!("../../web-client/index.html");
+const APP_JS: &str = include_str!("../../web-client/app.js");
+const STYLE_CSS: &str = include_str!("../../web-client/style.css");
+
+/// The relay's HTTP application.
+pub fn app(state: Arc<AppState>) -> Router {
+    let router = Router::new()
+        .route("/ws/{session_id}", get(ws_upgrade))
+        .route("/healthz", get(healthz));
+    let router = match &state.config.http.web_client_dir {
+        Some(dir) => router.fallback_service(tower_http::services::ServeDir::new(dir)),
+        None => router
+            .route("/", get(|| async { embedded("text/html", INDEX_HTML) }))
+            .route(
+                "/index.html",
+                get(|| async { embedded("text/html", INDEX_HTML) }),
+            )
+            .route(
+                "/app.js",
+                get(|| async { embedded("text/javascript", APP_JS) }),
+            )
+            .route(
+                "/style.css",
+                get(|| async { embedded("text/css", STYLE_CSS) }),
+            ),
+    };
+    router
+        .layer(axum::middleware::map_response(utf8_text))
+        .with_state(state)
+}
+
+fn embedded(mime: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, mime),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// Add `charset=utf-8` to any text response that lacks a charset.
+async fn utf8_text(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    if let Some(ct) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    {
+        let is_text = ct.starts_with("text/") || ct.starts_with("application/javascript");
+        if is_text && !ct.to_ascii_lowercase().contains("charset") {
+            if let Ok(v) = HeaderValue::from_str(&format!("{ct}; charset=utf-8")) {
+                headers.insert(header::CONTENT_TYPE, v);
+            }
+        }
+    }
+    response
+}
+
+async fn healthz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    Json(serde_json::json!({ "status": "ok", "workers": state.registry.len() }))
+}
+
+/// Session ids appear in logs and tunnel frames: keep them short and printable.
+fn valid_session_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 128 && id.chars().all(|c| c.is_ascii_graphic())
+}
+
+async fn ws_upgrade(
+    ws: WebSocketUpgrade,
+    Path(session_id): Path<String>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    State(state): State<Arc<AppState>>,
+) -> Response {
+    if !valid_session_id(&session_id) {
+        return (
+            StatusCode::BAD_REQUEST,
+            "session id must be 1-128 printable ASCII characters",
+        )
+            .into_response();
+    }
+    let shutdown = state.shutdown.clone();
+    let max_frame = state.config.http.max_frame_bytes;
+    let span = info_span!("session", %session_id, %remote);
+    ws.max_message_size(max_frame)
+        .max_frame_size(max_frame)
+        .on_upgrade(move |socket| run_session(socket, session_id, state, shutdown).instrument(span))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RelayConfig;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    fn state() -> Arc<AppState> {
+        AppState::new(
+            RelayConfig::dev(),
+            tokio_util::sync::CancellationToken::new(),
+        )
+    }
+
+    #[tokio::test]
+    async fn index_is_served_as_utf8_html() {
+        let res = app(state())
+            .oneshot(
+                axum::http::Request::get("/")
+                    .body(axum::body::Body::empty())
+                    .expect("request"),
+            )
+            .await
+            .expect("response");
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(
+            res.headers()[header::CONTENT_TYPE],
+            "text/html; charset=utf-8"
+        );
+        let body = res.into_body().collect().await.expect("body").to_bytes();
+        assert!(String::from_utf8_lossy(&body).contains("app.js"));
+    }
+
+    #[tokio::test]
+    async fn healthz_reports_workers() {
+        let res = app(state())
+            .oneshot(
+                axum::http::Request::get("/healthz")
+                    .body(axum::body::Body::empty())
+                    .expect("request"),
+            )
+            .await
+            .expect("response");
+        assert_eq!(res.status(), StatusCode::OK);
+        let body = res.into_body().collect().await.expect("body").to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(v["workers"], 0);
+    }
+
+    #[test]
+    fn session_ids_are_checked() {
+        assert!(valid_session_id("test-session-1767600000000"));
+        assert!(!valid_session_id(""));
+        assert!(!valid_session_id("a b"));
+        assert!(!valid_session_id(&"x".repeat(129)));
+    }
+}

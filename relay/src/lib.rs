@@ -1,0 +1,207 @@
+//! The avatar-edge relay: the public face of the system.
+//!
+//! It runs on a VPS and does three things:
+//!
+//! * serves the web client and `/healthz` over HTTP(S) ([`http`]);
+//! * terminates browser signaling at `/ws/{session_id}` ([`signaling`]), driving the pure session
+//!   rules from `avatar-proto` and forwarding each session over a tunnel;
+//! * accepts QUIC tunnels that workers dial out to it ([`tunnel`]), authenticates them by a
+//!   challenge–response inside TLS, and keeps them in a [`registry`] that routing consults.
+//!
+//! Media never passes through the relay: the browser and the worker exchange it directly (or via
+//! TURN). The relay only carries signaling, so a lost tunnel does not stop a playing video.
+//!
+//! Driving it: [`Relay::bind`] binds every socket (so a bad address fails before anything runs),
+//! then [`Relay::run`] serves until the cancellation token fires and returns once every task has
+//! stopped. That token is the one shutdown path: HTTP, each WebSocket and each tunnel obey it.
+
+pub mod config;
+pub mod http;
+pub mod registry;
+pub mod signaling;
+pub mod tls;
+pub mod tunnel;
+
+use config::RelayConfig;
+use registry::{LeastLoaded, Registry, RoutePolicy};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tls::Identity;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+/// Errors that stop the relay from starting or running.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("configuration: {0}")]
+    Config(#[from] config::ConfigError),
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("binding {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("QUIC: {0}")]
+    Quic(String),
+    #[error("writing {path}: {source}")]
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("HTTP server: {0}")]
+    Serve(std::io::Error),
+}
+
+/// Shared state of one relay.
+pub struct AppState {
+    pub config: RelayConfig,
+    pub registry: Registry,
+    /// The routing seam: the built-in rule unless a policy replaces it.
+    pub router: Box<dyn RoutePolicy>,
+    pub shutdown: CancellationToken,
+}
+
+impl AppState {
+    pub fn new(config: RelayConfig, shutdown: CancellationToken) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            registry: Registry::default(),
+            router: Box::new(LeastLoaded),
+            shutdown,
+        })
+    }
+}
+
+/// A relay with its sockets bound, ready to [`run`](Relay::run).
+pub struct Relay {
+    state: Arc<AppState>,
+    identity: Identity,
+    http: std::net::TcpListener,
+    endpoint: quinn::Endpoint,
+}
+
+impl Relay {
+    /// Validate the config, load or generate the certificate, bind HTTP and QUIC. Must be called
+    /// inside a tokio runtime (the QUIC endpoint registers its socket with it).
+    pub fn bind(config: RelayConfig, shutdown: CancellationToken) -> Result<Self, RelayError> {
+        config.validate()?;
+        let identity = match (&config.tls.cert, &config.tls.key) {
+            (Some(cert), Some(key)) => Identity::load(cert, key)?,
+            _ => Identity::self_signed()?,
+        };
+        if let Some(path) = &config.tls.fingerprint_file {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(|source| RelayError::Write {
+                    path: dir.display().to_string(),
+                    source,
+                })?;
+            }
+            std::fs::write(path, format!("{}\n", identity.fingerprint())).map_err(|source| {
+                RelayError::Write {
+                    path: path.display().to_string(),
+                    source,
+                }
+            })?;
+        }
+        let http_addr = config.http.listen;
+        let http = std::net::TcpListener::bind(http_addr)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .map_err(|source| RelayError::Bind {
+                what: "http (TCP)",
+                addr: http_addr,
+                source,
+            })?;
+        let endpoint = tunnel::endpoint(
+            config.tunnel.listen,
+            &identity,
+            Duration::from_millis(config.tunnel.idle_timeout_ms),
+            Duration::from_millis(config.tunnel.keepalive_ms),
+        )?;
+        Ok(Self {
+            state: AppState::new(config, shutdown),
+            identity,
+            http,
+            endpoint,
+        })
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        // A bound listener always has a local address; fall back to the configured one regardless.
+        self.http
+            .local_addr()
+            .unwrap_or(self.state.config.http.listen)
+    }
+
+    pub fn tunnel_addr(&self) -> SocketAddr {
+        self.endpoint
+            .local_addr()
+            .unwrap_or(self.state.config.tunnel.listen)
+    }
+
+    /// SHA-256 of the certificate workers must pin.
+    pub fn fingerprint(&self) -> String {
+        self.identity.fingerprint()
+    }
+
+    pub fn state(&self) -> &Arc<AppState> {
+        &self.state
+    }
+
+    /// Serve until the shutdown token fires; returns when HTTP and every tunnel have stopped.
+    pub async fn run(self) -> Result<(), RelayError> {
+        let Self {
+            state,
+            identity,
+            http,
+            endpoint,
+        } = self;
+        let shutdown = state.shutdown.clone();
+        let tunnels = tokio::spawn(tunnel::serve(
+            endpoint,
+            Arc::clone(&state),
+            shutdown.clone(),
+        ));
+        let grace = Duration::from_millis(state.config.http.shutdown_grace_ms);
+        let handle = axum_server::Handle::new();
+        let app = http::app(Arc::clone(&state)).into_make_service_with_connect_info::<SocketAddr>();
+        let watcher = {
+            let handle = handle.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                shutdown.cancelled().await;
+                handle.graceful_shutdown(Some(grace));
+            })
+        };
+        let served = if state.config.http.tls {
+            let tls = rustls::ServerConfig::builder_with_provider(tls::provider())
+                .with_safe_default_protocol_versions()
+                .map_err(tls::TlsError::from)?
+                .with_no_client_auth()
+                .with_single_cert(identity.chain.clone(), identity.key.clone_key())
+                .map_err(tls::TlsError::from)?;
+            let mut tls = tls;
+            tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+            let config = axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(tls));
+            axum_server::from_tcp_rustls(http, config)
+                .map_err(RelayError::Serve)?
+                .handle(handle)
+                .serve(app)
+                .await
+        } else {
+            axum_server::from_tcp(http)
+                .map_err(RelayError::Serve)?
+                .handle(handle)
+                .serve(app)
+                .await
+        };
+        // Whatever ended the HTTP server, stop everything else too.
+        shutdown.cancel();
+        let _ = watcher.await;
+        let _ = tunnels.await;
+        info!("relay stopped");
+        served.map_err(RelayError::Serve)
+    }
+}

@@ -1,0 +1,116 @@
+//! `relay`: parse the config, bind, serve until Ctrl-C or SIGTERM, shut down cleanly.
+
+use anyhow::Context;
+use avatar_relay::config::RelayConfig;
+use avatar_relay::Relay;
+use clap::Parser;
+use std::path::PathBuf;
+use tokio_util::sync::CancellationToken;
+
+/// The avatar-edge relay (public VPS side).
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// TOML configuration file.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Development defaults: HTTP on 127.0.0.1:8080, tunnel on 127.0.0.1:4433, self-signed
+    /// certificate, a well-known tunnel secret. Never expose a dev relay to a network.
+    #[arg(long)]
+    dev: bool,
+    /// Check the configuration and exit.
+    #[arg(long)]
+    check_config: bool,
+    /// Log as JSON lines instead of text.
+    #[arg(long)]
+    log_json: bool,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    init_tracing(args.log_json);
+    let config = match load_config(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("relay: bad configuration: {e:#}");
+            // EX_CONFIG-style exit before any port is bound.
+            return std::process::ExitCode::from(64);
+        }
+    };
+    if args.check_config {
+        println!("configuration OK");
+        return std::process::ExitCode::SUCCESS;
+    }
+    match run(config) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("relay failed: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_config(args: &Args) -> anyhow::Result<RelayConfig> {
+    let mut config = match (&args.config, args.dev) {
+        (Some(path), _) => {
+            RelayConfig::load(path).with_context(|| format!("loading {}", path.display()))?
+        }
+        (None, true) => RelayConfig::dev(),
+        (None, false) => anyhow::bail!("pass --config FILE, or --dev for local development"),
+    };
+    config.apply_env();
+    config.validate()?;
+    Ok(config)
+}
+
+#[tokio::main]
+async fn run(config: RelayConfig) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    let relay = Relay::bind(config, shutdown.clone())?;
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        http = %relay.http_addr(),
+        tunnel = %relay.tunnel_addr(),
+        tls_fingerprint = %relay.fingerprint(),
+        "relay listening"
+    );
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutdown requested");
+        shutdown.cancel();
+    });
+    relay.run().await?;
+    tracing::info!("clean shutdown");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,webrtc=warn,quinn=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

@@ -1,0 +1,221 @@
+//! One browser WebSocket, from upgrade to close.
+//!
+//! The loop waits on three things at once: the browser's next message, the worker's next frame
+//! (once a worker is attached), and shutdown. Every browser message goes through the pure
+//! [`SignalingSession`] state machine, which says what to do; this module only does it. The loop
+//! is generic over `Sink`/`Stream` of axum messages, so tests can drive it with channels.
+
+use crate::registry::{RouteRequest, SessionSlot};
+use crate::tunnel::{open_session, send_frame, FramedRecv};
+use crate::AppState;
+use avatar_proto::session::{Action, SignalingSession};
+use avatar_proto::signaling::{ClientMessage, ErrorCode, Offer, ServerEvent};
+use avatar_proto::tunnel::{SessionFrame, SessionOpen};
+use axum::extract::ws::{CloseFrame, Message};
+use futures::{Sink, SinkExt, Stream, StreamExt};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// A session attached to a worker.
+struct Attached {
+    // Dropping the slot returns the worker's capacity.
+    _slot: SessionSlot,
+    send: quinn::SendStream,
+    recv: FramedRecv,
+}
+
+/// WebSocket close code 1001: the server is going away.
+const GOING_AWAY: u16 = 1001;
+
+pub async fn run_session<S, E>(
+    mut socket: S,
+    session_id: String,
+    state: Arc<AppState>,
+    shutdown: CancellationToken,
+) where
+    S: Sink<Message> + Stream<Item = Result<Message, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    let mut session = SignalingSession::new(state.config.http.max_message_bytes);
+    let mut attached: Option<Attached> = None;
+    info!("browser connected");
+    loop {
+        let worker_frame = async {
+            match attached.as_mut() {
+                Some(a) => a.recv.next::<SessionFrame>().await,
+                None => std::future::pending().await,
+            }
+        };
+        let out: Vec<ServerEvent> = tokio::select! {
+            _ = shutdown.cancelled() => {
+                let _ = socket.send(Message::Close(Some(CloseFrame { code: GOING_AWAY, reason: "relay shutting down".into() }))).await;
+                break;
+            }
+            msg = socket.next() => match msg {
+                None | Some(Ok(Message::Close(_))) => break,
+                Some(Err(e)) => { debug!(error = %e, "websocket error"); break; }
+                Some(Ok(Message::Text(text))) => {
+                    let action = session.on_text(text.as_str());
+                    perform(action, &mut session, &mut attached, &session_id, &state).await
+                }
+                Some(Ok(Message::Binary(_))) => vec![ServerEvent::error(ErrorCode::BadJson, "binary messages are not supported; send JSON text")],
+                Some(Ok(_)) => vec![], // ping/pong are answered by the server itself
+            },
+            frame = worker_frame => match frame {
+                Ok(Some(SessionFrame::Event(ev))) => vec![ev],
+                Ok(Some(SessionFrame::Close { reason })) => {
+                    info!(%reason, "worker closed the session");
+                    session.worker_closed();
+                    attached = None;
+                    vec![]
+                }
+                Ok(Some(other)) => {
+                    warn!(?other, "unexpected frame from worker; dropping the session");
+                    attached = None;
+                    session.worker_lost().into_iter().collect()
+                }
+                Ok(None) | Err(_) => {
+                    if let Err(e) = &frame { info!(error = %e, "worker stream failed"); }
+                    attached = None;
+                    session.worker_lost().into_iter().collect()
+                }
+            },
+        };
+        for ev in out {
+            if socket
+                .send(Message::Text(ev.to_json().into()))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    }
+    if let Some(mut a) = attached {
+        // Best effort: tell the worker to end the session now rather than when the stream drops.
+        let _ = send_frame(
+            &mut a.send,
+            &SessionFrame::Close {
+                reason: "browser left".into(),
+            },
+        )
+        .await;
+        let _ = a.send.finish();
+    }
+    info!("browser disconnected");
+}
+
+async fn perform(
+    action: Action,
+    session: &mut SignalingSession,
+    attached: &mut Option<Attached>,
+    session_id: &str,
+    state: &AppState,
+) -> Vec<ServerEvent> {
+    match action {
+        Action::Ignore => vec![],
+        Action::Reply(ev) => vec![ev],
+        Action::Forward(msg) => {
+            let Some(a) = attached.as_mut() else {
+                return vec![];
+            };
+            if let Err(e) = send_frame(&mut a.send, &SessionFrame::Client(msg)).await {
+                info!(error = %e, "worker stream failed while forwarding");
+                *attached = None;
+                return session.worker_lost().into_iter().collect();
+            }
+            vec![]
+        }
+        Action::Route(offer) => match route(offer, session_id, state).await {
+            Ok((a, worker_id)) => {
+                session.attached(worker_id.clone());
+                *attached = Some(a);
+                vec![ServerEvent::SessionAssigned {
+                    session_id: session_id.to_owned(),
+                    worker_id,
+                }]
+            }
+            Err((code, message)) => vec![session.route_failed(code, message)],
+        },
+    }
+}
+
+async fn route(
+    offer: Offer,
+    session_id: &str,
+    state: &AppState,
+) -> Result<(Attached, String), (ErrorCode, String)> {
+    let avatar = offer.avatar_id.clone();
+    let request = RouteRequest {
+        session_id,
+        user_id: offer.user_id.as_ref().map(|u| u.to_string()),
+        avatar_id: avatar.as_deref(),
+    };
+    let views = state.registry.views();
+    let what = avatar
+        .as_deref()
+        .map(|a| format!("avatar `{a}`"))
+        .unwrap_or_else(|| "this session".into());
+    let Some(worker_id) = state.router.choose(&request, &views) else {
+        let serving = views
+            .iter()
+            .any(|w| w.avatars.is_empty() || avatar.as_ref().is_none_or(|a| w.avatars.contains(a)));
+        return Err(if serving {
+            (
+                ErrorCode::Busy,
+                format!("every worker that serves {what} is at capacity; try again shortly"),
+            )
+        } else {
+            (ErrorCode::NoWorker, format!("no connected worker serves {what}; the socket stays open, retry the offer later"))
+        });
+    };
+    let worker = state
+        .registry
+        .get(&worker_id)
+        .filter(|w| w.serves(avatar.as_deref()))
+        .ok_or((ErrorCode::NoWorker, format!("worker {worker_id} is gone")))?;
+    let slot = worker.try_acquire().ok_or((
+        ErrorCode::Busy,
+        format!("worker {worker_id} is at capacity"),
+    ))?;
+    let open = SessionOpen {
+        session_id: session_id.to_owned(),
+        avatar_id: avatar,
+        user_id: offer.user_id.clone(),
+    };
+    let opened = tokio::time::timeout(
+        Duration::from_secs(3),
+        open_session(
+            &slot,
+            open,
+            SessionFrame::Client(ClientMessage::WebrtcOffer(offer)),
+        ),
+    )
+    .await;
+    match opened {
+        Ok(Ok((send, recv))) => {
+            info!(%worker_id, "session routed");
+            Ok((
+                Attached {
+                    _slot: slot,
+                    send,
+                    recv,
+                },
+                worker_id,
+            ))
+        }
+        Ok(Err(e)) => {
+            warn!(%worker_id, error = %e, "could not open a session stream");
+            Err((
+                ErrorCode::WorkerLost,
+                format!("worker {worker_id} could not be reached"),
+            ))
+        }
+        Err(_) => Err((
+            ErrorCode::WorkerLost,
+            format!("worker {worker_id} did not accept the session in time"),
+        )),
+    }
+}

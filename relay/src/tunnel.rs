@@ -1,0 +1,376 @@
+//! The relay's end of the worker tunnels: a QUIC listener, the handshake, the control stream.
+//!
+//! Each accepted connection gets its own task, owned by a `TaskTracker` so shutdown can wait for
+//! all of them. The handshake runs inside that task under a deadline, never in the accept loop,
+//! so one slow or hostile worker cannot stall others. Once registered, the task watches the
+//! control stream (ping/pong, draining) until the connection ends, then unregisters the worker
+//! unless a newer tunnel from the same worker id has already replaced it.
+
+use crate::registry::{SessionSlot, WorkerHandle};
+use crate::tls::Identity;
+use crate::AppState;
+use avatar_proto::tunnel::{
+    encode_frame, valid_worker_id, verify_auth_proof, Control, FrameDecoder, FrameError,
+    SessionFrame, SessionOpen, ALPN, EXPORTER_LABEL, EXPORTER_LEN, NONCE_LEN, PROTOCOL_VERSION,
+};
+use rand::RngCore;
+use serde::{de::DeserializeOwned, Serialize};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+/// QUIC application close codes on the tunnel.
+pub mod close_code {
+    pub const SHUTDOWN: u32 = 0;
+    pub const REJECTED: u32 = 1;
+    pub const REPLACED: u32 = 2;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("read: {0}")]
+    Read(#[from] quinn::ReadError),
+    #[error("write: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("frame: {0}")]
+    Frame(#[from] FrameError),
+    #[error("protocol: {0}")]
+    Protocol(String),
+    #[error("timed out")]
+    Timeout,
+}
+
+/// A receive stream that yields decoded frames. `next` is cancel-safe: bytes are only consumed
+/// into the decoder after a read completes, so it can sit in a `select!`.
+pub struct FramedRecv {
+    recv: quinn::RecvStream,
+    decoder: FrameDecoder,
+}
+
+impl FramedRecv {
+    pub fn new(recv: quinn::RecvStream) -> Self {
+        Self {
+            recv,
+            decoder: FrameDecoder::default(),
+        }
+    }
+
+    /// The next message, or `None` at a clean end of stream.
+    pub async fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, TunnelError> {
+        loop {
+            if let Some(msg) = self.decoder.next_message()? {
+                return Ok(Some(msg));
+            }
+            match self.recv.read_chunk(64 * 1024, true).await? {
+                Some(chunk) => self.decoder.push(&chunk.bytes),
+                None => {
+                    self.decoder.finish()?;
+                    return Ok(None);
+                }
+            }
+        }
+    }
+
+    async fn expect<T: DeserializeOwned>(&mut self, what: &str) -> Result<T, TunnelError> {
+        self.next()
+            .await?
+            .ok_or_else(|| TunnelError::Protocol(format!("stream ended before {what}")))
+    }
+}
+
+pub async fn send_frame<T: Serialize>(
+    send: &mut quinn::SendStream,
+    msg: &T,
+) -> Result<(), TunnelError> {
+    send.write_all(&encode_frame(msg)?).await?;
+    Ok(())
+}
+
+/// Build the QUIC endpoint workers dial.
+pub fn endpoint(
+    listen: SocketAddr,
+    identity: &Identity,
+    idle_timeout: Duration,
+    keepalive: Duration,
+) -> Result<quinn::Endpoint, crate::RelayError> {
+    let mut tls = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(crate::tls::TlsError::from)?
+        .with_no_client_auth()
+        .with_single_cert(identity.chain.clone(), identity.key.clone_key())
+        .map_err(crate::tls::TlsError::from)?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| crate::RelayError::Quic(format!("TLS config unusable for QUIC: {e}")))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(idle_timeout)
+                .map_err(|e| crate::RelayError::Quic(e.to_string()))?,
+        ))
+        .keep_alive_interval(Some(keepalive))
+        // Each browser session is one bidirectional stream.
+        .max_concurrent_bidi_streams(quinn::VarInt::from_u32(4096));
+    server.transport_config(Arc::new(transport));
+    quinn::Endpoint::server(server, listen).map_err(|source| crate::RelayError::Bind {
+        what: "tunnel (UDP)",
+        addr: listen,
+        source,
+    })
+}
+
+/// Accept tunnels until `shutdown`, then close every connection and wait for them to go idle.
+pub async fn serve(endpoint: quinn::Endpoint, state: Arc<AppState>, shutdown: CancellationToken) {
+    let tasks = TaskTracker::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                let state = Arc::clone(&state);
+                let shutdown = shutdown.clone();
+                let remote = incoming.remote_address();
+                tasks.spawn(
+                    async move {
+                        if let Err(e) = handle_connection(incoming, state, shutdown).await {
+                            info!(error = %e, "tunnel ended");
+                        }
+                    }
+                    .instrument(info_span!("tunnel", %remote)),
+                );
+            }
+        }
+    }
+    tasks.close();
+    endpoint.close(
+        quinn::VarInt::from_u32(close_code::SHUTDOWN),
+        b"relay shutting down",
+    );
+    if tokio::time::timeout(Duration::from_secs(3), async {
+        tasks.wait().await;
+        endpoint.wait_idle().await;
+    })
+    .await
+    .is_err()
+    {
+        warn!("tunnels did not close within 3 s");
+    }
+}
+
+async fn handle_connection(
+    incoming: quinn::Incoming,
+    state: Arc<AppState>,
+    shutdown: CancellationToken,
+) -> Result<(), TunnelError> {
+    let conn = incoming.await?;
+    let deadline = Duration::from_millis(state.config.tunnel.handshake_timeout_ms);
+    let (worker, mut send, mut recv) =
+        match tokio::time::timeout(deadline, handshake(&conn, &state)).await {
+            Ok(Ok(done)) => done,
+            Ok(Err(e)) => {
+                warn!(error = %e, "tunnel handshake failed");
+                conn.close(
+                    quinn::VarInt::from_u32(close_code::REJECTED),
+                    truncate_reason(&e.to_string()),
+                );
+                return Err(e);
+            }
+            Err(_) => {
+                warn!("tunnel handshake timed out");
+                conn.close(
+                    quinn::VarInt::from_u32(close_code::REJECTED),
+                    b"handshake timed out",
+                );
+                return Err(TunnelError::Timeout);
+            }
+        };
+    let span = info_span!("worker", worker_id = %worker.id);
+    async {
+        if let Some(old) = state.registry.insert(Arc::clone(&worker)) {
+            info!(old_generation = old.generation, "replaced stale registration of the same worker");
+        }
+        info!(
+            avatars = ?worker.registration.avatars,
+            capacity = worker.registration.capacity,
+            "worker registered"
+        );
+        let result = control_loop(&conn, &worker, &mut send, &mut recv, &shutdown).await;
+        if state.registry.remove(&worker.id, worker.generation) {
+            info!(reason = %conn.close_reason().map(|r| r.to_string()).unwrap_or_else(|| "control stream ended".into()), "worker unregistered");
+        }
+        result
+    }
+    .instrument(span)
+    .await
+}
+
+fn truncate_reason(s: &str) -> &[u8] {
+    let b = s.as_bytes();
+    &b[..b.len().min(200)]
+}
+
+async fn handshake(
+    conn: &quinn::Connection,
+    state: &AppState,
+) -> Result<(Arc<WorkerHandle>, quinn::SendStream, FramedRecv), TunnelError> {
+    let (mut send, recv) = conn.accept_bi().await?;
+    let mut recv = FramedRecv::new(recv);
+    let (protocol, worker_id) = match recv.expect::<Control>("hello").await? {
+        Control::Hello {
+            protocol,
+            worker_id,
+            ..
+        } => (protocol, worker_id),
+        other => {
+            return Err(TunnelError::Protocol(format!(
+                "expected hello, got {other:?}"
+            )))
+        }
+    };
+    let reject = |reason: String| TunnelError::Protocol(reason);
+    if protocol != PROTOCOL_VERSION {
+        let reason =
+            format!("protocol {protocol} not supported; this relay speaks {PROTOCOL_VERSION}");
+        send_frame(
+            &mut send,
+            &Control::Rejected {
+                reason: reason.clone(),
+            },
+        )
+        .await?;
+        return Err(reject(reason));
+    }
+    if !valid_worker_id(&worker_id) {
+        let reason = "worker id must be 1-64 characters of [A-Za-z0-9-_.:]".to_owned();
+        send_frame(
+            &mut send,
+            &Control::Rejected {
+                reason: reason.clone(),
+            },
+        )
+        .await?;
+        return Err(reject(reason));
+    }
+    let mut nonce = [0u8; NONCE_LEN];
+    rand::thread_rng().fill_bytes(&mut nonce);
+    let nonce = hex::encode(nonce);
+    send_frame(
+        &mut send,
+        &Control::Challenge {
+            protocol: PROTOCOL_VERSION,
+            relay_id: state.config.relay_id.clone(),
+            nonce: nonce.clone(),
+        },
+    )
+    .await?;
+    let proof = match recv.expect::<Control>("auth").await? {
+        Control::Auth { proof } => proof,
+        other => {
+            return Err(TunnelError::Protocol(format!(
+                "expected auth, got {other:?}"
+            )))
+        }
+    };
+    let mut exporter = [0u8; EXPORTER_LEN];
+    conn.export_keying_material(&mut exporter, EXPORTER_LABEL, b"")
+        .map_err(|_| TunnelError::Protocol("TLS exporter unavailable".into()))?;
+    if !verify_auth_proof(
+        state.config.tunnel.secret.expose().as_bytes(),
+        &nonce,
+        &worker_id,
+        &exporter,
+        &proof,
+    ) {
+        warn!(%worker_id, "worker failed authentication");
+        send_frame(
+            &mut send,
+            &Control::Rejected {
+                reason: "authentication failed".into(),
+            },
+        )
+        .await?;
+        return Err(reject(format!("worker {worker_id} failed authentication")));
+    }
+    let registration = match recv.expect::<Control>("register").await? {
+        Control::Register(r) => r,
+        other => {
+            return Err(TunnelError::Protocol(format!(
+                "expected register, got {other:?}"
+            )))
+        }
+    };
+    if registration.capacity == 0
+        || registration.capacity > 10_000
+        || registration.avatars.len() > 10_000
+    {
+        let reason = "capacity must be 1..=10000 and at most 10000 avatars".to_owned();
+        send_frame(
+            &mut send,
+            &Control::Rejected {
+                reason: reason.clone(),
+            },
+        )
+        .await?;
+        return Err(reject(reason));
+    }
+    send_frame(
+        &mut send,
+        &Control::Registered {
+            relay_id: state.config.relay_id.clone(),
+        },
+    )
+    .await?;
+    let generation = state.registry.next_generation();
+    let worker = Arc::new(WorkerHandle::new(
+        worker_id,
+        registration,
+        conn.clone(),
+        generation,
+    ));
+    Ok((worker, send, recv))
+}
+
+async fn control_loop(
+    conn: &quinn::Connection,
+    worker: &WorkerHandle,
+    send: &mut quinn::SendStream,
+    recv: &mut FramedRecv,
+    shutdown: &CancellationToken,
+) -> Result<(), TunnelError> {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                conn.close(quinn::VarInt::from_u32(close_code::SHUTDOWN), b"relay shutting down");
+                return Ok(());
+            }
+            msg = recv.next::<Control>() => match msg? {
+                Some(Control::Ping { seq, sent_ms }) => send_frame(send, &Control::Pong { seq, sent_ms }).await?,
+                Some(Control::Pong { .. }) => {}
+                Some(Control::Draining {}) => {
+                    info!("worker is draining: no new sessions");
+                    worker.set_draining();
+                }
+                Some(other) => debug!(?other, "ignoring unexpected control message"),
+                None => return Ok(()),
+            },
+        }
+    }
+}
+
+/// Open a session stream on the slot's worker and send the opening frames.
+pub async fn open_session(
+    slot: &SessionSlot,
+    open: SessionOpen,
+    first: SessionFrame,
+) -> Result<(quinn::SendStream, FramedRecv), TunnelError> {
+    let (mut send, recv) = slot.worker.connection.open_bi().await?;
+    send_frame(&mut send, &SessionFrame::Open(open)).await?;
+    send_frame(&mut send, &first).await?;
+    Ok((send, FramedRecv::new(recv)))
+}

@@ -1,0 +1,213 @@
+//! The avatar-edge worker: the GPU box's side.
+//!
+//! It dials out to one or more relays over QUIC ([`tunnel`]) — no inbound port needed — and serves
+//! each browser session the relay hands it ([`session`]): a WebRTC peer ([`rtc`]) that answers the
+//! browser's offer with every candidate inside, then streams the avatar as H.264 from a per-session
+//! video clock ([`media`]).
+//!
+//! Driving it: [`Worker::new`] does the slow start-up work once (FFmpeg, choosing NVENC or x264,
+//! decoding or drawing the idle avatars, the WebRTC engine); [`Worker::run`] keeps a tunnel to every
+//! configured relay until the cancellation token fires, then lets sessions end within a grace period.
+
+pub mod config;
+pub mod media;
+pub mod rtc;
+pub mod session;
+pub mod tunnel;
+
+use config::WorkerConfig;
+use media::avatar::AvatarClip;
+use media::encoder::EncoderSettings;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("configuration: {0}")]
+    Config(#[from] config::ConfigError),
+    #[error("FFmpeg: {0}")]
+    Ffmpeg(#[from] ffmpeg_next::Error),
+    #[error("video encoder: {0}")]
+    Encoder(#[from] media::encoder::EncodeError),
+    #[error("avatars: {0}")]
+    Avatar(#[from] media::avatar::AvatarError),
+    #[error("WebRTC: {0}")]
+    Rtc(#[from] rtc::RtcError),
+}
+
+/// The idle avatars this worker serves.
+pub struct Avatars {
+    by_id: HashMap<String, Arc<AvatarClip>>,
+    fallback: Arc<AvatarClip>,
+    /// True when the built-in avatar serves every avatar id.
+    any_id: bool,
+}
+
+impl Avatars {
+    /// The clip for `avatar_id`, or the fallback.
+    pub fn get(&self, avatar_id: Option<&str>) -> Arc<AvatarClip> {
+        avatar_id
+            .and_then(|id| self.by_id.get(id))
+            .cloned()
+            .unwrap_or_else(|| Arc::clone(&self.fallback))
+    }
+
+    /// Ids announced to the relay; empty means "any id".
+    pub fn ids(&self) -> Vec<String> {
+        if self.any_id {
+            return Vec::new();
+        }
+        let mut ids: Vec<String> = self.by_id.keys().cloned().collect();
+        ids.sort();
+        ids
+    }
+}
+
+/// Everything sessions share.
+pub struct Context {
+    pub config: WorkerConfig,
+    pub rtc: rtc::RtcEngine,
+    pub avatars: Avatars,
+    pub encoder: &'static str,
+    pub encoder_settings: EncoderSettings,
+    pub sessions: TaskTracker,
+    pub tunnel_idle: Duration,
+    pub tunnel_keepalive: Duration,
+    active: AtomicU32,
+}
+
+/// A held session slot; the slot returns on drop.
+pub struct Slot<'a>(&'a AtomicU32);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Context {
+    pub fn try_acquire(&self) -> Option<Slot<'_>> {
+        let cap = self.config.capacity;
+        self.active
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < cap).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Slot(&self.active))
+    }
+
+    pub fn active_sessions(&self) -> u32 {
+        self.active.load(Ordering::Acquire)
+    }
+}
+
+/// A worker ready to run.
+pub struct Worker {
+    ctx: Arc<Context>,
+}
+
+impl Worker {
+    /// Validate the config and do the start-up work. Call from a blocking context or
+    /// `spawn_blocking`: decoding avatars and probing encoders take a moment.
+    pub fn new(config: WorkerConfig) -> Result<Self, WorkerError> {
+        config.validate()?;
+        media::encoder::init()?;
+        let v = &config.video;
+        let encoder_settings = EncoderSettings {
+            width: v.width,
+            height: v.height,
+            fps: v.fps,
+            bitrate_kbps: v.bitrate_kbps,
+            gop: v.gop,
+        };
+        let encoder = media::encoder::select_encoder(&v.encoder, &encoder_settings)?;
+        let avatars = match &config.avatar_dir {
+            Some(dir) => {
+                let clips = media::avatar::load_dir(dir, v.width, v.height, v.fps)?;
+                for c in &clips {
+                    info!(id = %c.id, name = %c.name, frames = c.frames.len(), "avatar loaded");
+                }
+                let by_id: HashMap<_, _> = clips
+                    .into_iter()
+                    .map(|c| (c.id.clone(), Arc::new(c)))
+                    .collect();
+                // Sorted so the fallback does not depend on hash order; `load_dir` never returns empty.
+                let mut ids: Vec<&String> = by_id.keys().collect();
+                ids.sort();
+                let fallback = ids
+                    .first()
+                    .and_then(|id| by_id.get(*id))
+                    .cloned()
+                    .unwrap_or_else(|| {
+                        Arc::new(media::avatar::synthetic(v.width, v.height, v.fps))
+                    });
+                Avatars {
+                    by_id,
+                    fallback,
+                    any_id: false,
+                }
+            }
+            None => {
+                info!("no avatar_dir: using the built-in synthetic avatar for every avatar id");
+                let clip = Arc::new(media::avatar::synthetic(v.width, v.height, v.fps));
+                Avatars {
+                    by_id: HashMap::new(),
+                    fallback: clip,
+                    any_id: true,
+                }
+            }
+        };
+        let rtc = rtc::RtcEngine::new(&rtc::RtcSettings {
+            include_loopback: config.ice.include_loopback,
+        })?;
+        if config.ice.include_loopback {
+            warn!("ICE loopback candidates are on: fine for tests and a single-host demo, not for production");
+        }
+        let ctx = Context {
+            rtc,
+            avatars,
+            encoder,
+            encoder_settings,
+            sessions: TaskTracker::new(),
+            tunnel_idle: Duration::from_secs(4),
+            tunnel_keepalive: Duration::from_secs(1),
+            active: AtomicU32::new(0),
+            config,
+        };
+        Ok(Self { ctx: Arc::new(ctx) })
+    }
+
+    pub fn context(&self) -> &Arc<Context> {
+        &self.ctx
+    }
+
+    /// Keep tunnels to every relay until `shutdown`, then wait up to `grace` for sessions to end.
+    pub async fn run(self, shutdown: CancellationToken, grace: Duration) {
+        let tunnels = TaskTracker::new();
+        for target in self.ctx.config.relays.clone() {
+            tunnels.spawn(tunnel::maintain(
+                target,
+                Arc::clone(&self.ctx),
+                shutdown.clone(),
+            ));
+        }
+        tunnels.close();
+        tunnels.wait().await;
+        self.ctx.sessions.close();
+        if tokio::time::timeout(grace, self.ctx.sessions.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                active = self.ctx.active_sessions(),
+                "sessions did not end within the grace period"
+            );
+        }
+        info!("worker stopped");
+    }
+}

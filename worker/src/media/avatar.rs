@@ -1,0 +1,398 @@
+//! Idle avatars: the picture a session shows from its first frame.
+//!
+//! An avatar is a short loop of YUV 4:2:0 frames plus a face box (where the lip-sync stage will
+//! crop the mouth from). Two sources:
+//!
+//! * **a directory**: `<avatar_dir>/<avatar_id>/avatar.toml` naming an MP4 (or any file FFmpeg
+//!   reads) that is decoded once at start-up and scaled to the output size;
+//! * **the built-in synthetic avatar**, drawn in code — a face that breathes and blinks — so the
+//!   demo and the tests need no files.
+//!
+//! Frames are decoded or drawn once and shared read-only by every session (`Arc`).
+
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+/// One planar YUV 4:2:0 picture, tightly packed (stride = width).
+#[derive(Debug, Clone)]
+pub struct Yuv420 {
+    pub width: u32,
+    pub height: u32,
+    pub y: Vec<u8>,
+    pub u: Vec<u8>,
+    pub v: Vec<u8>,
+}
+
+impl Yuv420 {
+    pub fn new(width: u32, height: u32) -> Self {
+        let (w, h) = (width as usize, height as usize);
+        Self {
+            width,
+            height,
+            y: vec![16; w * h],
+            u: vec![128; w * h / 4],
+            v: vec![128; w * h / 4],
+        }
+    }
+}
+
+/// Face box in output pixels: x, y, width, height.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct FaceBox {
+    pub x: u32,
+    pub y: u32,
+    pub w: u32,
+    pub h: u32,
+}
+
+/// An idle loop, ready to stream.
+#[derive(Debug)]
+pub struct AvatarClip {
+    pub id: String,
+    pub name: String,
+    pub face_box: FaceBox,
+    pub frames: Vec<Yuv420>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AvatarError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Metadata { path: PathBuf, message: String },
+    #[error("decoding {path}: {source}")]
+    Decode {
+        path: PathBuf,
+        source: ffmpeg_next::Error,
+    },
+    #[error("{path}: no video stream")]
+    NoVideo { path: PathBuf },
+    #[error("{path}: decoded no frames")]
+    Empty { path: PathBuf },
+    #[error("{dir}: no avatars found (expected <id>/avatar.toml)")]
+    NoneFound { dir: PathBuf },
+}
+
+/// `avatar.toml` inside an avatar's directory.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AvatarMeta {
+    name: String,
+    /// Video file, relative to the avatar's directory.
+    video: PathBuf,
+    /// Face box `[x, y, w, h]` in the source video's pixels.
+    face_box: [u32; 4],
+    /// Longest loop to keep, in seconds (memory bound).
+    #[serde(default = "default_max_seconds")]
+    max_seconds: u32,
+}
+
+fn default_max_seconds() -> u32 {
+    10
+}
+
+/// The built-in avatar's loop length: 4 s, one breath and one blink.
+const SYNTHETIC_SECONDS: u32 = 4;
+
+/// Draw the built-in avatar: a face on a gradient that breathes and blinks.
+pub fn synthetic(width: u32, height: u32, fps: u32) -> AvatarClip {
+    let n = (SYNTHETIC_SECONDS * fps).max(1);
+    let frames = (0..n)
+        .map(|i| draw_face(width, height, i as f32 / n as f32))
+        .collect();
+    let s = |v: f32| (v * width.min(height) as f32) as u32;
+    AvatarClip {
+        id: "synthetic".into(),
+        name: "Built-in synthetic tutor".into(),
+        face_box: FaceBox {
+            x: width / 2 - s(0.22),
+            y: s(0.2),
+            w: s(0.44),
+            h: s(0.54),
+        },
+        frames,
+    }
+}
+
+type Rgb = [f32; 3];
+
+fn ellipse(x: f32, y: f32, cx: f32, cy: f32, rx: f32, ry: f32) -> bool {
+    let (dx, dy) = ((x - cx) / rx, (y - cy) / ry);
+    dx * dx + dy * dy <= 1.0
+}
+
+/// One frame at `phase` ∈ [0, 1) of the loop.
+fn draw_face(width: u32, height: u32, phase: f32) -> Yuv420 {
+    let tau = std::f32::consts::TAU;
+    let s = width.min(height) as f32;
+    let breathe = (phase * tau).sin() * 0.006 * s; // head and shoulders rise and fall
+    let blink = {
+        // Eyes close around 55 % of the loop for ~150 ms.
+        let d = ((phase - 0.55) * SYNTHETIC_SECONDS as f32 / 0.075).abs();
+        d.min(1.0)
+    };
+    let cx = width as f32 / 2.0;
+    let face_cy = 0.44 * s - breathe;
+    let mut rgb: Vec<Rgb> = Vec::with_capacity((width * height) as usize);
+    for py in 0..height {
+        for px in 0..width {
+            let (x, y) = (px as f32 + 0.5, py as f32 + 0.5);
+            let t = y / height as f32;
+            let mut c: Rgb = [0.16 + 0.10 * t, 0.22 + 0.12 * t, 0.34 + 0.10 * t];
+            if ellipse(x, y, cx, 1.08 * s - breathe * 1.5, 0.42 * s, 0.30 * s) {
+                c = [0.20, 0.36, 0.62]; // shirt
+            }
+            if ellipse(x, y, cx, 0.70 * s - breathe, 0.07 * s, 0.10 * s) {
+                c = [0.93, 0.76, 0.64]; // neck
+            }
+            if ellipse(x, y, cx, face_cy - 0.05 * s, 0.235 * s, 0.27 * s) {
+                c = [0.25, 0.16, 0.10]; // hair
+            }
+            if ellipse(x, y, cx, face_cy + 0.02 * s, 0.20 * s, 0.25 * s) {
+                c = [0.96, 0.80, 0.68]; // face
+            }
+            for side in [-1.0f32, 1.0] {
+                let ex = cx + side * 0.08 * s;
+                let ey = face_cy - 0.02 * s;
+                if ellipse(x, y, ex, ey - 0.045 * s, 0.045 * s, 0.012 * s) {
+                    c = [0.30, 0.20, 0.12]; // brow
+                }
+                let open = 0.024 * s * blink.max(0.08);
+                if ellipse(x, y, ex, ey, 0.04 * s, open) {
+                    c = [0.98, 0.98, 0.97];
+                    if ellipse(x, y, ex, ey, 0.018 * s, open.min(0.018 * s)) {
+                        c = [0.15, 0.25, 0.35]; // iris
+                    }
+                }
+            }
+            if ellipse(x, y, cx, face_cy + 0.07 * s, 0.018 * s, 0.03 * s) {
+                c = [0.90, 0.70, 0.58]; // nose
+            }
+            if ellipse(x, y, cx, face_cy + 0.15 * s, 0.07 * s, 0.012 * s) {
+                c = [0.70, 0.30, 0.32]; // closed mouth
+            }
+            rgb.push(c);
+        }
+    }
+    rgb_to_yuv420(width, height, &rgb)
+}
+
+/// BT.601 limited-range conversion with 2×2 chroma averaging.
+fn rgb_to_yuv420(width: u32, height: u32, rgb: &[Rgb]) -> Yuv420 {
+    let (w, h) = (width as usize, height as usize);
+    let mut out = Yuv420::new(width, height);
+    for (i, [r, g, b]) in rgb.iter().enumerate() {
+        out.y[i] = (16.0 + 219.0 * (0.299 * r + 0.587 * g + 0.114 * b))
+            .round()
+            .clamp(0.0, 255.0) as u8;
+    }
+    for cy in 0..h / 2 {
+        for cx in 0..w / 2 {
+            let mut acc = [0.0f32; 3];
+            for (dx, dy) in [(0, 0), (1, 0), (0, 1), (1, 1)] {
+                let p = rgb[(2 * cy + dy) * w + 2 * cx + dx];
+                for k in 0..3 {
+                    acc[k] += p[k] / 4.0;
+                }
+            }
+            let [r, g, b] = acc;
+            let u = 128.0 + 224.0 * (-0.168_736 * r - 0.331_264 * g + 0.5 * b);
+            let v = 128.0 + 224.0 * (0.5 * r - 0.418_688 * g - 0.081_312 * b);
+            out.u[cy * w / 2 + cx] = u.round().clamp(0.0, 255.0) as u8;
+            out.v[cy * w / 2 + cx] = v.round().clamp(0.0, 255.0) as u8;
+        }
+    }
+    out
+}
+
+/// Load every avatar under `dir`, scaled to `width`×`height`.
+pub fn load_dir(
+    dir: &Path,
+    width: u32,
+    height: u32,
+    fps: u32,
+) -> Result<Vec<AvatarClip>, AvatarError> {
+    let entries = std::fs::read_dir(dir).map_err(|source| AvatarError::Read {
+        path: dir.into(),
+        source,
+    })?;
+    let mut clips = Vec::new();
+    let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    paths.sort();
+    for path in paths {
+        let meta_path = path.join("avatar.toml");
+        if !meta_path.is_file() {
+            continue;
+        }
+        let id = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        clips.push(load_one(&id, &meta_path, width, height, fps)?);
+    }
+    if clips.is_empty() {
+        return Err(AvatarError::NoneFound { dir: dir.into() });
+    }
+    Ok(clips)
+}
+
+fn load_one(
+    id: &str,
+    meta_path: &Path,
+    width: u32,
+    height: u32,
+    fps: u32,
+) -> Result<AvatarClip, AvatarError> {
+    let text = std::fs::read_to_string(meta_path).map_err(|source| AvatarError::Read {
+        path: meta_path.into(),
+        source,
+    })?;
+    let meta: AvatarMeta = toml::from_str(&text).map_err(|e| AvatarError::Metadata {
+        path: meta_path.into(),
+        message: e.to_string(),
+    })?;
+    let video = meta_path
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join(&meta.video);
+    let (frames, src_w, src_h) = decode_video(
+        &video,
+        width,
+        height,
+        (meta.max_seconds * fps).max(1) as usize,
+    )?;
+    let [x, y, w, h] = meta.face_box;
+    if w == 0 || h == 0 || x + w > src_w || y + h > src_h {
+        return Err(AvatarError::Metadata {
+            path: meta_path.into(),
+            message: format!(
+                "face_box {:?} lies outside the {src_w}×{src_h} video",
+                meta.face_box
+            ),
+        });
+    }
+    let sx = |v: u32| (v as u64 * width as u64 / src_w as u64) as u32;
+    let sy = |v: u32| (v as u64 * height as u64 / src_h as u64) as u32;
+    Ok(AvatarClip {
+        id: id.to_owned(),
+        name: meta.name,
+        face_box: FaceBox {
+            x: sx(x),
+            y: sy(y),
+            w: sx(w).max(1),
+            h: sy(h).max(1),
+        },
+        frames,
+    })
+}
+
+/// Decode up to `max_frames` frames of `path`, scaled to `width`×`height` YUV 4:2:0.
+fn decode_video(
+    path: &Path,
+    width: u32,
+    height: u32,
+    max_frames: usize,
+) -> Result<(Vec<Yuv420>, u32, u32), AvatarError> {
+    use ffmpeg_next::{format, media, software::scaling, util::frame::video::Video};
+    let err = |source| AvatarError::Decode {
+        path: path.into(),
+        source,
+    };
+    let mut input = format::input(path).map_err(err)?;
+    let stream = input
+        .streams()
+        .best(media::Type::Video)
+        .ok_or_else(|| AvatarError::NoVideo { path: path.into() })?;
+    let index = stream.index();
+    let ctx =
+        ffmpeg_next::codec::context::Context::from_parameters(stream.parameters()).map_err(err)?;
+    let mut decoder = ctx.decoder().video().map_err(err)?;
+    let (src_w, src_h) = (decoder.width(), decoder.height());
+    let mut scaler = scaling::Context::get(
+        decoder.format(),
+        src_w,
+        src_h,
+        format::Pixel::YUV420P,
+        width,
+        height,
+        scaling::Flags::BILINEAR,
+    )
+    .map_err(err)?;
+    let mut frames = Vec::new();
+    let mut decoded = Video::empty();
+    let mut take = |decoder: &mut ffmpeg_next::decoder::Video,
+                    frames: &mut Vec<Yuv420>|
+     -> Result<(), AvatarError> {
+        while frames.len() < max_frames && decoder.receive_frame(&mut decoded).is_ok() {
+            let mut scaled = Video::empty();
+            scaler.run(&decoded, &mut scaled).map_err(err)?;
+            frames.push(copy_planes(&scaled, width, height));
+        }
+        Ok(())
+    };
+    for (s, packet) in input.packets() {
+        if frames.len() >= max_frames {
+            break;
+        }
+        if s.index() == index {
+            decoder.send_packet(&packet).map_err(err)?;
+            take(&mut decoder, &mut frames)?;
+        }
+    }
+    decoder.send_eof().map_err(err)?;
+    take(&mut decoder, &mut frames)?;
+    if frames.is_empty() {
+        return Err(AvatarError::Empty { path: path.into() });
+    }
+    Ok((frames, src_w, src_h))
+}
+
+fn copy_planes(frame: &ffmpeg_next::util::frame::video::Video, width: u32, height: u32) -> Yuv420 {
+    let mut out = Yuv420::new(width, height);
+    let (w, h) = (width as usize, height as usize);
+    for (plane, dst, pw, ph) in [
+        (0, &mut out.y, w, h),
+        (1, &mut out.u, w / 2, h / 2),
+        (2, &mut out.v, w / 2, h / 2),
+    ] {
+        let stride = frame.stride(plane);
+        let src = frame.data(plane);
+        for row in 0..ph {
+            dst[row * pw..(row + 1) * pw].copy_from_slice(&src[row * stride..row * stride + pw]);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn synthetic_avatar_blinks_and_breathes() {
+        let clip = synthetic(128, 128, 25);
+        assert_eq!(clip.frames.len(), 100);
+        let f0 = &clip.frames[0];
+        assert_eq!(
+            (f0.width, f0.height, f0.y.len(), f0.u.len()),
+            (128, 128, 128 * 128, 64 * 64)
+        );
+        // Frames differ over the loop (breathing), and the eye whites vanish in the blink.
+        assert_ne!(clip.frames[0].y, clip.frames[25].y);
+        let whites = |f: &Yuv420| f.y.iter().filter(|&&v| v > 225).count();
+        assert!(
+            whites(&clip.frames[0]) > 20,
+            "eyes open: {}",
+            whites(&clip.frames[0])
+        );
+        assert!(
+            whites(&clip.frames[55]) * 4 < whites(&clip.frames[0]),
+            "eyes closed at 55 %"
+        );
+        let fb = clip.face_box;
+        assert!(fb.x + fb.w <= 128 && fb.y + fb.h <= 128);
+    }
+}

@@ -1,0 +1,229 @@
+//! The WebRTC layer, kept behind a small interface ([`RtcEngine::answer`], [`Peer`]) so that a
+//! later move to another WebRTC stack stays inside this file.
+//!
+//! Answers are **non-trickle**: we wait for ICE gathering to complete before returning the answer,
+//! so every server candidate is inside the SDP. The customer's page reads no server candidates,
+//! and this costs only milliseconds with host candidates. Browser candidates may still trickle in
+//! through [`Peer::add_candidate`].
+//!
+//! Each peer sends one H.264 video track. RTCP from the sender is read continuously — that keeps
+//! the interceptors (NACK, reports) running — and a PLI or FIR sets the `keyframe` flag that the
+//! video clock consumes to emit an IDR.
+
+use avatar_proto::signaling::CandidateInit;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::sync::mpsc;
+use webrtc::api::interceptor_registry::register_default_interceptors;
+use webrtc::api::media_engine::{MediaEngine, MIME_TYPE_H264};
+use webrtc::api::setting_engine::SettingEngine;
+use webrtc::api::{APIBuilder, API};
+use webrtc::ice_transport::ice_candidate::RTCIceCandidateInit;
+use webrtc::interceptor::registry::Registry;
+use webrtc::peer_connection::configuration::RTCConfiguration;
+use webrtc::peer_connection::peer_connection_state::RTCPeerConnectionState;
+use webrtc::peer_connection::sdp::session_description::RTCSessionDescription;
+use webrtc::peer_connection::RTCPeerConnection;
+use webrtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
+use webrtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use webrtc::rtp_transceiver::rtp_codec::RTCRtpCodecCapability;
+use webrtc::track::track_local::track_local_static_sample::TrackLocalStaticSample;
+use webrtc::track::track_local::TrackLocal;
+
+/// H.264 Constrained Baseline level 3.1, packetization mode 1: what every browser decodes.
+pub const H264_FMTP: &str =
+    "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RtcError {
+    /// The offer could not be applied: report to the browser as `bad_sdp`.
+    #[error("the offer was rejected: {0}")]
+    BadOffer(webrtc::Error),
+    #[error("the candidate was rejected: {0}")]
+    BadCandidate(webrtc::Error),
+    #[error("WebRTC: {0}")]
+    Internal(#[from] webrtc::Error),
+    #[error("ICE gathering did not complete in time")]
+    GatheringTimeout,
+}
+
+/// ICE settings for every peer of this worker.
+#[derive(Debug, Clone, Default)]
+pub struct RtcSettings {
+    pub include_loopback: bool,
+}
+
+/// Builds peers. One per worker process.
+pub struct RtcEngine {
+    api: API,
+}
+
+impl RtcEngine {
+    pub fn new(settings: &RtcSettings) -> Result<Self, RtcError> {
+        let mut media = MediaEngine::default();
+        media.register_default_codecs()?;
+        let registry = register_default_interceptors(Registry::new(), &mut media)?;
+        let mut se = SettingEngine::default();
+        se.set_include_loopback_candidate(settings.include_loopback);
+        // Notice a vanished browser within seconds, not the default half-minute.
+        se.set_ice_timeouts(
+            Some(Duration::from_secs(5)),
+            Some(Duration::from_secs(10)),
+            Some(Duration::from_secs(2)),
+        );
+        let api = APIBuilder::new()
+            .with_media_engine(media)
+            .with_interceptor_registry(registry)
+            .with_setting_engine(se)
+            .build();
+        Ok(Self { api })
+    }
+
+    /// Answer `offer_sdp` with all our candidates inside.
+    pub async fn answer(&self, offer_sdp: String) -> Result<Answer, RtcError> {
+        let pc = Arc::new(
+            self.api
+                .new_peer_connection(RTCConfiguration::default())
+                .await?,
+        );
+        match self.negotiate(&pc, offer_sdp).await {
+            Ok((video, keyframe, states, sdp)) => Ok(Answer {
+                peer: Arc::new(Peer {
+                    pc,
+                    video,
+                    keyframe,
+                }),
+                states,
+                sdp,
+            }),
+            Err(e) => {
+                let _ = pc.close().await;
+                Err(e)
+            }
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    async fn negotiate(
+        &self,
+        pc: &Arc<RTCPeerConnection>,
+        offer_sdp: String,
+    ) -> Result<
+        (
+            Arc<TrackLocalStaticSample>,
+            Arc<AtomicBool>,
+            mpsc::Receiver<RTCPeerConnectionState>,
+            String,
+        ),
+        RtcError,
+    > {
+        let (state_tx, states) = mpsc::channel(16);
+        pc.on_peer_connection_state_change(Box::new(move |s| {
+            let tx = state_tx.clone();
+            Box::pin(async move {
+                let _ = tx.send(s).await;
+            })
+        }));
+        let offer = RTCSessionDescription::offer(offer_sdp).map_err(RtcError::BadOffer)?;
+        pc.set_remote_description(offer)
+            .await
+            .map_err(RtcError::BadOffer)?;
+
+        let video = Arc::new(TrackLocalStaticSample::new(
+            RTCRtpCodecCapability {
+                mime_type: MIME_TYPE_H264.to_owned(),
+                clock_rate: 90_000,
+                channels: 0,
+                sdp_fmtp_line: H264_FMTP.to_owned(),
+                rtcp_feedback: vec![],
+            },
+            "video".to_owned(),
+            "avatar".to_owned(),
+        ));
+        let sender = pc
+            .add_track(Arc::clone(&video) as Arc<dyn TrackLocal + Send + Sync>)
+            .await?;
+        let keyframe = Arc::new(AtomicBool::new(true));
+        {
+            let keyframe = Arc::clone(&keyframe);
+            // Ends when the sender closes with the peer connection.
+            tokio::spawn(async move {
+                while let Ok((packets, _)) = sender.read_rtcp().await {
+                    for p in packets {
+                        let any = p.as_any();
+                        if any.is::<PictureLossIndication>() || any.is::<FullIntraRequest>() {
+                            keyframe.store(true, Ordering::Release);
+                        }
+                    }
+                }
+            });
+        }
+
+        let answer = pc.create_answer(None).await.map_err(RtcError::BadOffer)?;
+        let mut gathered = pc.gathering_complete_promise().await;
+        pc.set_local_description(answer).await?;
+        if tokio::time::timeout(Duration::from_secs(5), gathered.recv())
+            .await
+            .is_err()
+        {
+            return Err(RtcError::GatheringTimeout);
+        }
+        let local = pc
+            .local_description()
+            .await
+            .ok_or(RtcError::GatheringTimeout)?;
+        Ok((video, keyframe, states, local.sdp))
+    }
+}
+
+/// The result of answering an offer.
+pub struct Answer {
+    pub peer: Arc<Peer>,
+    /// Connection state changes, in order.
+    pub states: mpsc::Receiver<RTCPeerConnectionState>,
+    /// The answer SDP, every candidate inside.
+    pub sdp: String,
+}
+
+/// One browser's peer connection.
+pub struct Peer {
+    pc: Arc<RTCPeerConnection>,
+    video: Arc<TrackLocalStaticSample>,
+    /// Set on PLI/FIR; the video clock emits an IDR and clears it.
+    pub keyframe: Arc<AtomicBool>,
+}
+
+impl Peer {
+    pub async fn add_candidate(&self, c: CandidateInit) -> Result<(), RtcError> {
+        let init = RTCIceCandidateInit {
+            candidate: c.candidate,
+            sdp_mid: c.sdp_mid,
+            sdp_mline_index: c.sdp_mline_index,
+            username_fragment: c.username_fragment,
+        };
+        self.pc
+            .add_ice_candidate(init)
+            .await
+            .map_err(RtcError::BadCandidate)
+    }
+
+    pub async fn write_video(
+        &self,
+        data: bytes::Bytes,
+        duration: Duration,
+    ) -> Result<(), RtcError> {
+        let sample = webrtc::media::Sample {
+            data,
+            duration,
+            timestamp: SystemTime::now(),
+            ..Default::default()
+        };
+        self.video.write_sample(&sample).await?;
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        let _ = self.pc.close().await;
+    }
+}

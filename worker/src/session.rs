@@ -1,0 +1,279 @@
+//! One browser session on the worker, from the relay's `Open` frame to its end.
+//!
+//! The session waits on three things: the next frame from the relay, the peer connection's state,
+//! and shutdown. An offer creates (or replaces) the peer and answers with every candidate inside;
+//! when ICE connects, the video clock starts and idle avatar frames flow at once.
+//!
+//! How a session ends, and why:
+//! * the relay sends `Close` or finishes the stream (the browser left): stop at once;
+//! * the peer fails or closes: tell the browser (`peer_failed`) and stop;
+//! * the tunnel breaks while media flows: keep streaming — media does not ride the tunnel — and
+//!   stop only when the peer itself ends;
+//! * the worker shuts down: tell the relay and stop.
+//!
+//! Either way the encoder thread is stopped and the capacity slot returned (both on drop).
+
+use crate::media::stream::{EncodedFrame, VideoStream};
+use crate::rtc::{Peer, RtcError};
+use crate::tunnel::{send_frame, FramedRecv};
+use crate::Context;
+use avatar_proto::signaling::{ClientMessage, ErrorCode, ServerEvent};
+use avatar_proto::tunnel::SessionFrame;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, info_span, warn, Instrument};
+use webrtc::peer_connection::peer_connection_state::RTCPeerConnectionState as PcState;
+
+/// A negotiated peer and, once connected, its running media.
+struct Active {
+    peer: Arc<Peer>,
+    states: mpsc::Receiver<PcState>,
+    media: Option<(VideoStream, tokio::task::JoinHandle<()>)>,
+}
+
+impl Active {
+    async fn stop(self) {
+        if let Some((stream, writer)) = self.media {
+            // Joining the encoder thread can take up to one frame: keep it off the async workers.
+            let _ = tokio::task::spawn_blocking(move || drop(stream)).await;
+            writer.abort();
+        }
+        self.peer.close().await;
+    }
+}
+
+pub async fn run_session(
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    ctx: Arc<Context>,
+    shutdown: CancellationToken,
+) {
+    let mut recv = FramedRecv::new(recv);
+    let open = match tokio::time::timeout(Duration::from_secs(5), recv.next::<SessionFrame>()).await
+    {
+        Ok(Ok(Some(SessionFrame::Open(open)))) => open,
+        other => {
+            warn!(?other, "session stream did not start with an open frame");
+            return;
+        }
+    };
+    let span =
+        info_span!("session", session_id = %open.session_id, worker_id = %ctx.config.worker_id);
+    Session {
+        send,
+        recv,
+        ctx,
+        active: None,
+        detached: false,
+    }
+    .run(open.avatar_id, shutdown)
+    .instrument(span)
+    .await
+}
+
+struct Session {
+    send: quinn::SendStream,
+    recv: FramedRecv,
+    ctx: Arc<Context>,
+    active: Option<Active>,
+    /// The tunnel broke; media continues until the peer ends.
+    detached: bool,
+}
+
+impl Session {
+    async fn run(mut self, avatar_id: Option<String>, shutdown: CancellationToken) {
+        let ctx = Arc::clone(&self.ctx);
+        let Some(_slot) = ctx.try_acquire() else {
+            info!("at capacity: refusing session");
+            self.event(ServerEvent::error(
+                ErrorCode::Busy,
+                "this worker is at capacity; try again shortly",
+            ))
+            .await;
+            self.close("busy").await;
+            return;
+        };
+        let clip = self.ctx.avatars.get(avatar_id.as_deref());
+        info!(avatar = %clip.id, "session started");
+        loop {
+            let frame = async {
+                if self.detached {
+                    std::future::pending().await
+                } else {
+                    self.recv.next::<SessionFrame>().await
+                }
+            };
+            let state = async {
+                match self.active.as_mut() {
+                    Some(a) => a.states.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    self.close("worker shutting down").await;
+                    break;
+                }
+                frame = frame => match frame {
+                    Ok(Some(SessionFrame::Client(msg))) => self.on_client(msg).await,
+                    Ok(Some(SessionFrame::Close { reason })) => {
+                        info!(%reason, "relay closed the session");
+                        break;
+                    }
+                    Ok(None) => break,
+                    Ok(Some(other)) => {
+                        warn!(?other, "unexpected frame; ending the session");
+                        break;
+                    }
+                    Err(e) => {
+                        info!(error = %e, "tunnel stream lost; media continues while the peer lives");
+                        self.detached = true;
+                        if self.active.is_none() {
+                            break;
+                        }
+                    }
+                },
+                state = state => match state {
+                    Some(PcState::Connected) => self.start_media(&clip),
+                    Some(PcState::Failed) | Some(PcState::Closed) | None => {
+                        info!(?state, "peer connection ended");
+                        self.event(ServerEvent::error(ErrorCode::PeerFailed, "the WebRTC connection failed; send a new webrtc_offer to retry")).await;
+                        self.close("peer failed").await;
+                        break;
+                    }
+                    Some(other) => debug!(state = ?other, "peer state"),
+                },
+            }
+        }
+        if let Some(active) = self.active.take() {
+            active.stop().await;
+        }
+        info!("session ended");
+    }
+
+    async fn on_client(&mut self, msg: ClientMessage) {
+        match msg {
+            ClientMessage::WebrtcOffer(offer) => {
+                if let Some(old) = self.active.take() {
+                    info!("new offer: replacing the peer");
+                    old.stop().await;
+                }
+                let started = std::time::Instant::now();
+                match self.ctx.rtc.answer(offer.sdp).await {
+                    Ok(answer) => {
+                        info!(
+                            elapsed_ms = started.elapsed().as_millis() as u64,
+                            "answered"
+                        );
+                        self.active = Some(Active {
+                            peer: answer.peer,
+                            states: answer.states,
+                            media: None,
+                        });
+                        let timestamp = chrono::Local::now()
+                            .format("%Y-%m-%dT%H:%M:%S%.6f")
+                            .to_string();
+                        self.event(ServerEvent::WebrtcAnswer {
+                            sdp: answer.sdp,
+                            timestamp,
+                        })
+                        .await;
+                    }
+                    Err(RtcError::BadOffer(e)) => {
+                        info!(error = %e, "offer rejected");
+                        self.event(ServerEvent::error(
+                            ErrorCode::BadSdp,
+                            format!("the offer could not be used: {e}"),
+                        ))
+                        .await;
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "could not answer");
+                        self.event(ServerEvent::error(
+                            ErrorCode::Internal,
+                            "the worker could not create a peer connection",
+                        ))
+                        .await;
+                    }
+                }
+            }
+            ClientMessage::WebrtcIceCandidate(c) => {
+                let (Some(active), Some(candidate)) = (self.active.as_ref(), c.candidate) else {
+                    return;
+                };
+                if let Err(e) = active.peer.add_candidate(candidate).await {
+                    self.event(ServerEvent::error(ErrorCode::InvalidMessage, e.to_string()))
+                        .await;
+                }
+            }
+            ClientMessage::TextWebrtc(_) => {
+                self.event(ServerEvent::error(
+                    ErrorCode::Unsupported,
+                    "this worker streams the idle avatar only; the talking pipeline is not enabled",
+                ))
+                .await;
+            }
+            ClientMessage::Interrupt {} => {}
+        }
+    }
+
+    fn start_media(&mut self, clip: &Arc<crate::media::avatar::AvatarClip>) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        if active.media.is_some() {
+            return;
+        }
+        let (tx, mut rx) = mpsc::channel::<EncodedFrame>(4);
+        let stream = match VideoStream::start(
+            Arc::clone(clip),
+            self.ctx.encoder,
+            self.ctx.encoder_settings.clone(),
+            Arc::clone(&active.peer.keyframe),
+            tx,
+        ) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "could not start the video thread");
+                return;
+            }
+        };
+        let peer = Arc::clone(&active.peer);
+        let writer = tokio::spawn(async move {
+            while let Some(frame) = rx.recv().await {
+                if let Err(e) = peer.write_video(frame.data, frame.duration).await {
+                    debug!(error = %e, "video write failed");
+                    break;
+                }
+            }
+        });
+        info!("peer connected: streaming");
+        active.media = Some((stream, writer));
+    }
+
+    async fn event(&mut self, ev: ServerEvent) {
+        if self.detached {
+            return;
+        }
+        if let Err(e) = send_frame(&mut self.send, &SessionFrame::Event(ev)).await {
+            info!(error = %e, "could not reach the relay");
+            self.detached = true;
+        }
+    }
+
+    async fn close(&mut self, reason: &str) {
+        if self.detached {
+            return;
+        }
+        let _ = send_frame(
+            &mut self.send,
+            &SessionFrame::Close {
+                reason: reason.into(),
+            },
+        )
+        .await;
+        let _ = self.send.finish();
+    }
+}

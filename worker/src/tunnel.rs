@@ -1,0 +1,407 @@
+//! The worker's end of the tunnel: dial each relay, prove the shared secret, register, then
+//! serve the session streams the relay opens.
+//!
+//! The worker only dials out, so a GPU box behind NAT needs no inbound port. Each relay gets its
+//! own task that reconnects forever with **full-jitter** exponential backoff (a random wait in
+//! `[0, min(cap, base·2^attempt)]`), so a fleet of workers does not stampede a relay that comes
+//! back. The relay's certificate is pinned by SHA-256 fingerprint or checked against a CA file.
+
+use crate::config::RelayTarget;
+use crate::session::run_session;
+use crate::Context;
+use avatar_proto::tunnel::{
+    auth_proof, encode_frame, Control, FrameDecoder, FrameError, Registration, ALPN,
+    EXPORTER_LABEL, EXPORTER_LEN, PROTOCOL_VERSION,
+};
+use rand::Rng;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use serde::{de::DeserializeOwned, Serialize};
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, info_span, warn, Instrument};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error("connect: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("read: {0}")]
+    Read(#[from] quinn::ReadError),
+    #[error("write: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("frame: {0}")]
+    Frame(#[from] FrameError),
+    #[error("relay refused us: {0}")]
+    Rejected(String),
+    #[error("protocol: {0}")]
+    Protocol(String),
+    #[error("trust settings: {0}")]
+    Trust(String),
+    #[error("resolving {0}: no address")]
+    Resolve(String),
+}
+
+/// A receive stream that yields decoded frames; `next` is cancel-safe.
+pub struct FramedRecv {
+    recv: quinn::RecvStream,
+    decoder: FrameDecoder,
+}
+
+impl FramedRecv {
+    pub fn new(recv: quinn::RecvStream) -> Self {
+        Self {
+            recv,
+            decoder: FrameDecoder::default(),
+        }
+    }
+
+    /// The next message, or `None` at a clean end of stream.
+    pub async fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, TunnelError> {
+        loop {
+            if let Some(msg) = self.decoder.next_message()? {
+                return Ok(Some(msg));
+            }
+            match self.recv.read_chunk(64 * 1024, true).await? {
+                Some(chunk) => self.decoder.push(&chunk.bytes),
+                None => {
+                    self.decoder.finish()?;
+                    return Ok(None);
+                }
+            }
+        }
+    }
+}
+
+pub async fn send_frame<T: Serialize>(
+    send: &mut quinn::SendStream,
+    msg: &T,
+) -> Result<(), TunnelError> {
+    send.write_all(&encode_frame(msg)?).await?;
+    Ok(())
+}
+
+/// Accepts exactly the certificate with the pinned SHA-256 fingerprint; signatures are still
+/// verified, so only the holder of that certificate's key can complete the handshake.
+#[derive(Debug)]
+struct PinnedCert {
+    fingerprint: [u8; 32],
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCert {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if Sha256::digest(end_entity.as_ref()).as_slice() == self.fingerprint {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Parse a fingerprint: 64 hex digits, colons and whitespace ignored.
+pub fn parse_fingerprint(text: &str) -> Result<[u8; 32], TunnelError> {
+    let cleaned: String = text
+        .chars()
+        .filter(|c| !c.is_whitespace() && *c != ':')
+        .collect();
+    let cleaned = cleaned.strip_prefix("sha256/").unwrap_or(&cleaned);
+    let bytes = hex::decode(cleaned)
+        .map_err(|e| TunnelError::Trust(format!("fingerprint is not hex: {e}")))?;
+    bytes
+        .try_into()
+        .map_err(|_| TunnelError::Trust("fingerprint must be 32 bytes (SHA-256)".into()))
+}
+
+fn client_config(
+    target: &RelayTarget,
+    idle: Duration,
+    keepalive: Duration,
+) -> Result<quinn::ClientConfig, TunnelError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TunnelError::Trust(e.to_string()))?;
+    let pinned = match (&target.fingerprint, &target.fingerprint_file) {
+        (Some(f), _) => Some(parse_fingerprint(f)?),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| TunnelError::Trust(format!("reading {}: {e}", path.display())))?;
+            Some(parse_fingerprint(&text)?)
+        }
+        (None, None) => None,
+    };
+    let mut tls = match (pinned, &target.ca_file) {
+        (Some(fingerprint), _) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinnedCert {
+                fingerprint,
+                provider,
+            }))
+            .with_no_client_auth(),
+        (None, Some(ca)) => {
+            let pem = std::fs::read(ca)
+                .map_err(|e| TunnelError::Trust(format!("reading {}: {e}", ca.display())))?;
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+                let cert =
+                    cert.map_err(|e| TunnelError::Trust(format!("{}: {e}", ca.display())))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| TunnelError::Trust(format!("{}: {e}", ca.display())))?;
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+        (None, None) => return Err(TunnelError::Trust("no fingerprint or CA configured".into())),
+    };
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| TunnelError::Trust(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(idle).map_err(|e| TunnelError::Trust(e.to_string()))?,
+        ))
+        .keep_alive_interval(Some(keepalive));
+    config.transport_config(Arc::new(transport));
+    Ok(config)
+}
+
+/// Backoff bounds for reconnecting.
+const BACKOFF_BASE: Duration = Duration::from_millis(200);
+const BACKOFF_CAP: Duration = Duration::from_secs(10);
+
+/// Full jitter: uniform in `[0, min(cap, base·2^attempt)]`.
+pub fn backoff(attempt: u32, rng: &mut impl Rng) -> Duration {
+    let ceiling = BACKOFF_BASE
+        .saturating_mul(1u32 << attempt.min(16))
+        .min(BACKOFF_CAP);
+    ceiling.mul_f64(rng.gen::<f64>())
+}
+
+/// Keep a tunnel to `target` until `shutdown`.
+pub async fn maintain(target: RelayTarget, ctx: Arc<Context>, shutdown: CancellationToken) {
+    let span = info_span!("relay", address = %target.address);
+    async move {
+        let mut attempt = 0u32;
+        while !shutdown.is_cancelled() {
+            match connect_and_serve(&target, &ctx, &shutdown).await {
+                Ok(()) => attempt = 0,
+                Err(e) => {
+                    warn!(error = %e, "tunnel failed");
+                    attempt = attempt.saturating_add(1);
+                }
+            }
+            if shutdown.is_cancelled() {
+                break;
+            }
+            let wait = backoff(attempt, &mut rand::thread_rng());
+            info!(wait_ms = wait.as_millis() as u64, "reconnecting");
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn connect_and_serve(
+    target: &RelayTarget,
+    ctx: &Arc<Context>,
+    shutdown: &CancellationToken,
+) -> Result<(), TunnelError> {
+    let addr = tokio::net::lookup_host(&target.address)
+        .await
+        .map_err(|_| TunnelError::Resolve(target.address.clone()))?
+        .next()
+        .ok_or_else(|| TunnelError::Resolve(target.address.clone()))?;
+    let server_name = target.server_name.clone().unwrap_or_else(|| {
+        target
+            .address
+            .rsplit_once(':')
+            .map(|(h, _)| h.trim_matches(['[', ']']).to_owned())
+            .unwrap_or_default()
+    });
+    let config = client_config(target, ctx.tunnel_idle, ctx.tunnel_keepalive)?;
+    let bind: std::net::SocketAddr = if addr.is_ipv6() {
+        "[::]:0"
+    } else {
+        "0.0.0.0:0"
+    }
+    .parse()
+    .map_err(|_| TunnelError::Protocol("bind address".into()))?;
+    let endpoint = quinn::Endpoint::client(bind)
+        .map_err(|e| TunnelError::Protocol(format!("binding UDP: {e}")))?;
+    let conn = endpoint.connect_with(config, addr, &server_name)?.await?;
+    let result = serve(&conn, ctx, shutdown).await;
+    conn.close(quinn::VarInt::from_u32(0), b"worker closing");
+    // Give the close a moment to reach the relay so it unregisters us at once.
+    let _ = tokio::time::timeout(Duration::from_millis(500), endpoint.wait_idle()).await;
+    result
+}
+
+async fn serve(
+    conn: &quinn::Connection,
+    ctx: &Arc<Context>,
+    shutdown: &CancellationToken,
+) -> Result<(), TunnelError> {
+    let (mut send, recv) = conn.open_bi().await?;
+    let mut recv = FramedRecv::new(recv);
+    let worker_id = ctx.config.worker_id.clone();
+    send_frame(
+        &mut send,
+        &Control::Hello {
+            protocol: PROTOCOL_VERSION,
+            worker_id: worker_id.clone(),
+            software: format!("avatar-worker/{}", env!("CARGO_PKG_VERSION")),
+        },
+    )
+    .await?;
+    let (relay_id, nonce) = match recv.next::<Control>().await? {
+        Some(Control::Challenge {
+            protocol,
+            relay_id,
+            nonce,
+        }) if protocol == PROTOCOL_VERSION => (relay_id, nonce),
+        Some(Control::Challenge { protocol, .. }) => {
+            return Err(TunnelError::Protocol(format!(
+                "relay speaks protocol {protocol}"
+            )))
+        }
+        Some(Control::Rejected { reason }) => return Err(TunnelError::Rejected(reason)),
+        other => {
+            return Err(TunnelError::Protocol(format!(
+                "expected a challenge, got {other:?}"
+            )))
+        }
+    };
+    let mut exporter = [0u8; EXPORTER_LEN];
+    conn.export_keying_material(&mut exporter, EXPORTER_LABEL, b"")
+        .map_err(|_| TunnelError::Protocol("TLS exporter unavailable".into()))?;
+    let proof = auth_proof(
+        ctx.config.secret.expose().as_bytes(),
+        &nonce,
+        &worker_id,
+        &exporter,
+    );
+    send_frame(&mut send, &Control::Auth { proof }).await?;
+    let registration = Registration {
+        avatars: ctx.avatars.ids(),
+        capacity: ctx.config.capacity,
+        labels: ctx.config.labels.clone(),
+    };
+    send_frame(&mut send, &Control::Register(registration)).await?;
+    match recv.next::<Control>().await {
+        Ok(Some(Control::Registered { .. })) => {}
+        Ok(Some(Control::Rejected { reason })) => return Err(TunnelError::Rejected(reason)),
+        Ok(other) => {
+            return Err(TunnelError::Protocol(format!(
+                "expected registered, got {other:?}"
+            )))
+        }
+        Err(TunnelError::Connection(quinn::ConnectionError::ApplicationClosed(c))) => {
+            return Err(TunnelError::Rejected(
+                String::from_utf8_lossy(&c.reason).into_owned(),
+            ))
+        }
+        Err(e) => return Err(e),
+    }
+    info!(%relay_id, "registered with relay");
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                let _ = send_frame(&mut send, &Control::Draining {}).await;
+                return Ok(());
+            }
+            stream = conn.accept_bi() => {
+                let (s, r) = stream?;
+                let ctx = Arc::clone(ctx);
+                let shutdown = shutdown.clone();
+                ctx.sessions.spawn(run_session(s, r, Arc::clone(&ctx), shutdown));
+            }
+            msg = recv.next::<Control>() => match msg? {
+                Some(Control::Ping { seq, sent_ms }) => send_frame(&mut send, &Control::Pong { seq, sent_ms }).await?,
+                Some(_) => {}
+                None => return Err(TunnelError::Protocol("relay closed the control stream".into())),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_full_jitter_and_capped() {
+        let mut rng = rand::thread_rng();
+        for attempt in 0..40 {
+            let d = backoff(attempt, &mut rng);
+            assert!(d <= BACKOFF_CAP);
+            assert!(d <= BACKOFF_BASE.saturating_mul(1 << attempt.min(16)));
+        }
+    }
+
+    #[test]
+    fn fingerprints_parse_with_or_without_colons() {
+        let hex64 = "ab".repeat(32);
+        let colons = vec!["AB"; 32].join(":");
+        assert_eq!(parse_fingerprint(&hex64).expect("hex"), [0xab; 32]);
+        assert_eq!(
+            parse_fingerprint(&format!("{colons}\n")).expect("colons"),
+            [0xab; 32]
+        );
+        assert!(parse_fingerprint("abcd").is_err());
+        assert!(parse_fingerprint("zz").is_err());
+    }
+}
