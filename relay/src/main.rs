@@ -24,6 +24,10 @@ struct Args {
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
+    /// Once bound, write `{"http": ADDR, "tunnel": ADDR, "fingerprint": HEX}` here (for
+    /// supervisors and tests that bind port 0).
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -41,7 +45,7 @@ fn main() -> std::process::ExitCode {
         println!("configuration OK");
         return std::process::ExitCode::SUCCESS;
     }
-    match run(config) {
+    match run(config, args.ready_file) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("relay failed: {e:#}");
@@ -64,9 +68,21 @@ fn load_config(args: &Args) -> anyhow::Result<RelayConfig> {
 }
 
 #[tokio::main]
-async fn run(config: RelayConfig) -> anyhow::Result<()> {
+async fn run(config: RelayConfig, ready_file: Option<PathBuf>) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let relay = Relay::bind(config, shutdown.clone())?;
+    if let Some(path) = ready_file {
+        let ready = serde_json::json!({
+            "http": relay.http_addr().to_string(),
+            "tunnel": relay.tunnel_addr().to_string(),
+            "fingerprint": relay.fingerprint(),
+        });
+        // Write then rename, so a reader never sees half a file.
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, ready.to_string())
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    }
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         http = %relay.http_addr(),

@@ -1,1 +1,42 @@
+//! Test harness for avatar-edge: real processes, real sockets, real browsers.
+//!
+//! * [`netns`] runs each end-to-end test inside a fresh network namespace that holds only
+//!   loopback, so every packet of every test stays on this machine.
+//! * [`cluster`] starts the real `relay` and `worker` binaries with generated configs.
+//! * [`signaling`] is a WebSocket client speaking the customer's JSON.
+//! * [`rtc_client`] is a Rust WebRTC receiver that depacketises and decodes the H.264 it gets.
+//! * [`cdp`] drives headless Chromium over the DevTools protocol.
 
+pub mod cdp;
+pub mod cluster;
+pub mod netns;
+pub mod rtc_client;
+pub mod signaling;
+
+/// Where `cargo build --release` put the workspace binaries: next to this test executable's
+/// `deps/` directory.
+pub fn bin_path(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not built: run `cargo build --release --workspace` first",
+        path.display()
+    );
+    path
+}
+
+/// Log to stderr for test debugging (RUST_LOG controls it).
+pub fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}

@@ -125,11 +125,6 @@ impl RtcEngine {
                 let _ = tx.send(s).await;
             })
         }));
-        let offer = RTCSessionDescription::offer(offer_sdp).map_err(RtcError::BadOffer)?;
-        pc.set_remote_description(offer)
-            .await
-            .map_err(RtcError::BadOffer)?;
-
         let video = Arc::new(TrackLocalStaticSample::new(
             RTCRtpCodecCapability {
                 mime_type: MIME_TYPE_H264.to_owned(),
@@ -160,6 +155,12 @@ impl RtcEngine {
             });
         }
 
+        // The track is added *before* the offer is applied, so that webrtc-rs pairs it with the
+        // browser's recvonly video section instead of creating a new, unnegotiated transceiver.
+        let offer = RTCSessionDescription::offer(offer_sdp).map_err(RtcError::BadOffer)?;
+        pc.set_remote_description(offer)
+            .await
+            .map_err(RtcError::BadOffer)?;
         let answer = pc.create_answer(None).await.map_err(RtcError::BadOffer)?;
         let mut gathered = pc.gathering_complete_promise().await;
         pc.set_local_description(answer).await?;

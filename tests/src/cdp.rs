@@ -1,0 +1,119 @@
+//! Headless Chromium driven over the DevTools protocol (no driver download: Debian's chromium).
+//!
+//! [`Chromium::launch`] starts the browser on a URL with the flags WebRTC needs in a
+//! loopback-only namespace, finds the page's DevTools WebSocket, and [`Chromium::eval`] runs
+//! JavaScript in the page (awaiting promises) and returns the JSON value.
+
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio_tungstenite::tungstenite::Message;
+
+pub const CHROMIUM: &str = "/usr/bin/chromium";
+
+pub struct Chromium {
+    child: Child,
+    _dir: tempfile::TempDir,
+    ws: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+    next_id: u64,
+}
+
+impl Chromium {
+    pub async fn launch(url: &str) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let child = Command::new(CHROMIUM)
+            .args([
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--allow-loopback-in-peer-connection",
+                "--disable-features=WebRtcHideLocalIpsWithMdns",
+                "--autoplay-policy=no-user-gesture-required",
+                "--remote-debugging-port=0",
+                "--remote-debugging-address=127.0.0.1",
+            ])
+            .arg(format!("--user-data-dir={}", dir.path().display()))
+            .arg(url)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("starting {CHROMIUM} (scripts/test installs it): {e}"))?;
+        let port_file = dir.path().join("DevToolsActivePort");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let port: u16 = loop {
+            if let Some(p) = std::fs::read_to_string(&port_file)
+                .ok()
+                .and_then(|t| t.lines().next()?.trim().parse().ok())
+            {
+                break p;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "chromium did not open its DevTools port"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let page_ws = loop {
+            let (_, body) = crate::cluster::http_get(addr, "/json/list").await?;
+            let targets: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+            let found = targets.as_array().and_then(|ts| {
+                ts.iter()
+                    .find(|t| t["type"] == "page")
+                    .and_then(|t| t["webSocketDebuggerUrl"].as_str().map(str::to_owned))
+            });
+            if let Some(ws) = found {
+                break ws;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "chromium has no page target");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let (ws, _) = tokio_tungstenite::connect_async(page_ws.as_str()).await?;
+        Ok(Self {
+            child,
+            _dir: dir,
+            ws,
+            next_id: 1,
+        })
+    }
+
+    /// Evaluate `expression` in the page, awaiting a promise result; returns its JSON value.
+    pub async fn eval(&mut self, expression: &str) -> anyhow::Result<Value> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let req = json!({"id": id, "method": "Runtime.evaluate", "params": {
+            "expression": expression, "awaitPromise": true, "returnByValue": true}});
+        self.ws.send(Message::Text(req.to_string().into())).await?;
+        loop {
+            let msg = tokio::time::timeout(Duration::from_secs(10), self.ws.next())
+                .await
+                .map_err(|_| anyhow::anyhow!("DevTools did not answer"))?
+                .ok_or_else(|| anyhow::anyhow!("DevTools socket closed"))??;
+            let Message::Text(text) = msg else { continue };
+            let v: Value = serde_json::from_str(text.as_str())?;
+            if v["id"] != id {
+                continue;
+            }
+            if let Some(ex) = v["result"].get("exceptionDetails") {
+                anyhow::bail!("page threw: {ex}");
+            }
+            return Ok(v["result"]["result"]["value"].clone());
+        }
+    }
+}
+
+impl Drop for Chromium {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,243 @@
+//! Start the real relay and worker binaries, each with a generated config in a temp directory.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const SECRET: &str = "test-secret-0123456789abcdef";
+
+/// A running relay.
+pub struct RelayProc {
+    pub child: Child,
+    pub http: SocketAddr,
+    pub tunnel: SocketAddr,
+    pub fingerprint: String,
+    pub log: PathBuf,
+}
+
+/// A running worker.
+pub struct WorkerProc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+/// One relay and any number of workers, all killed on drop.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub relay: RelayProc,
+    pub workers: Vec<WorkerProc>,
+}
+
+fn spawn(bin: &str, config: &Path, log: &Path, extra: &[&str]) -> Child {
+    let out = std::fs::File::create(log).expect("log file");
+    let err = out.try_clone().expect("log file");
+    Command::new(crate::bin_path(bin))
+        .arg("--config")
+        .arg(config)
+        .args(extra)
+        .env(
+            "RUST_LOG",
+            std::env::var("AE_LOG").unwrap_or_else(|_| "info,webrtc=warn,webrtc_ice=warn".into()),
+        )
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {bin}: {e}"))
+}
+
+impl Cluster {
+    /// A relay on ephemeral loopback ports plus one worker with the default test settings.
+    pub async fn start() -> Self {
+        let mut c = Self::relay_only("").await;
+        c.add_worker("worker-1", 4, "").await;
+        c
+    }
+
+    /// Just the relay; `extra_toml` is appended to its config.
+    pub async fn relay_only(extra_toml: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = dir.path().join("relay.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "relay_id = \"test-relay\"\n{extra_toml}\n[http]\nlisten = \"127.0.0.1:0\"\n[tunnel]\nlisten = \"127.0.0.1:0\"\nsecret = \"{SECRET}\"\n[tls]\nself_signed = true\n"
+            ),
+        )
+        .expect("write relay config");
+        let ready = dir.path().join("relay.ready");
+        let log = dir.path().join("relay.log");
+        let child = spawn(
+            "relay",
+            &config,
+            &log,
+            &["--ready-file", ready.to_str().expect("utf-8 path")],
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let info: serde_json::Value = loop {
+            if let Ok(text) = std::fs::read_to_string(&ready) {
+                break serde_json::from_str(&text).expect("ready file is JSON");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "relay did not start:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let addr = |k: &str| {
+            info[k]
+                .as_str()
+                .expect("address")
+                .parse()
+                .expect("socket address")
+        };
+        let relay = RelayProc {
+            child,
+            http: addr("http"),
+            tunnel: addr("tunnel"),
+            fingerprint: info["fingerprint"]
+                .as_str()
+                .expect("fingerprint")
+                .to_owned(),
+            log,
+        };
+        Self {
+            dir,
+            relay,
+            workers: Vec::new(),
+        }
+    }
+
+    /// Start a worker and wait until the relay lists it.
+    pub async fn add_worker(&mut self, id: &str, capacity: u32, extra_toml: &str) -> usize {
+        let before = self.worker_count().await;
+        let config = self.dir.path().join(format!("{id}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "worker_id = \"{id}\"\ncapacity = {capacity}\nsecret = \"{SECRET}\"\n{extra_toml}\n[ice]\ninclude_loopback = true\n[[relays]]\naddress = \"{}\"\nserver_name = \"localhost\"\nfingerprint = \"{}\"\n",
+                self.relay.tunnel, self.relay.fingerprint
+            ),
+        )
+        .expect("write worker config");
+        let log = self.dir.path().join(format!("{id}.log"));
+        let child = spawn("worker", &config, &log, &[]);
+        self.workers.push(WorkerProc { child, log });
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while self.worker_count().await <= before {
+            assert!(
+                Instant::now() < deadline,
+                "worker {id} did not register:\n{}",
+                std::fs::read_to_string(self.dir.path().join(format!("{id}.log")))
+                    .unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.workers.len() - 1
+    }
+
+    /// Registered workers according to the relay's `/healthz`.
+    pub async fn worker_count(&self) -> u64 {
+        match http_get(self.relay.http, "/healthz").await {
+            Ok((_, body)) => serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["workers"].as_u64())
+                .unwrap_or(0),
+            Err(_) => 0,
+        }
+    }
+
+    /// Kill a worker abruptly (SIGKILL): no goodbye reaches the relay.
+    pub fn kill_worker(&mut self, index: usize) {
+        let w = &mut self.workers[index];
+        let _ = w.child.kill();
+        let _ = w.child.wait();
+    }
+
+    pub fn ws_url(&self, session_id: &str) -> String {
+        format!("ws://{}/ws/{session_id}", self.relay.http)
+    }
+
+    /// All logs, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = format!(
+            "--- relay ---\n{}",
+            std::fs::read_to_string(&self.relay.log).unwrap_or_default()
+        );
+        for (i, w) in self.workers.iter().enumerate() {
+            out += &format!(
+                "\n--- worker {i} ---\n{}",
+                std::fs::read_to_string(&w.log).unwrap_or_default()
+            );
+        }
+        out
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for w in &mut self.workers {
+            let _ = w.child.kill();
+            let _ = w.child.wait();
+        }
+        let _ = self.relay.child.kill();
+        let _ = self.relay.child.wait();
+        if std::thread::panicking() || std::env::var_os("AE_SHOW_LOGS").is_some() {
+            eprintln!("{}", self.logs());
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 GET (status, body) over a fresh TCP connection. Reads until the
+/// connection closes or `Content-Length` bytes of body arrived (Chromium's DevTools server keeps
+/// connections open), with a 5 s limit.
+pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fetch = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 8192];
+        loop {
+            let n = s.read(&mut chunk).await?;
+            if n == 0 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            let text = String::from_utf8_lossy(&buf);
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let len = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().to_owned())
+                    })
+                    .and_then(|v| v.parse::<usize>().ok());
+                if len.is_some_and(|len| body.len() >= len) {
+                    break;
+                }
+            }
+        }
+        Ok::<_, std::io::Error>(String::from_utf8_lossy(&buf).into_owned())
+    };
+    let text = tokio::time::timeout(Duration::from_secs(5), fetch)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "HTTP GET timed out"))??;
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}

@@ -1,0 +1,195 @@
+//! A Rust WebRTC receiver for end-to-end tests and benchmarks.
+//!
+//! It plays the browser: recvonly video and audio transceivers, an offer, the answer from the
+//! server. Every H.264 RTP packet it receives is depacketised into Annex B access units (one per
+//! RTP marker bit) and decoded by FFmpeg on a plain thread, so the tests check *decoded pictures*,
+//! not just packets.
+
+use bytes::Bytes;
+use ffmpeg_next as ffmpeg;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use webrtc::api::interceptor_registry::register_default_interceptors;
+use webrtc::api::media_engine::MediaEngine;
+use webrtc::api::setting_engine::SettingEngine;
+use webrtc::api::APIBuilder;
+use webrtc::interceptor::registry::Registry;
+use webrtc::peer_connection::configuration::RTCConfiguration;
+use webrtc::peer_connection::peer_connection_state::RTCPeerConnectionState;
+use webrtc::peer_connection::sdp::session_description::RTCSessionDescription;
+use webrtc::peer_connection::RTCPeerConnection;
+use webrtc::rtp::codecs::h264::H264Packet;
+use webrtc::rtp::packetizer::Depacketizer;
+use webrtc::rtp_transceiver::rtp_codec::RTPCodecType;
+use webrtc::rtp_transceiver::rtp_transceiver_direction::RTCRtpTransceiverDirection;
+use webrtc::rtp_transceiver::RTCRtpTransceiverInit;
+
+/// What the receiver has seen so far.
+#[derive(Debug, Clone, Default)]
+pub struct ReceiverStats {
+    pub access_units: u64,
+    pub frames_decoded: u64,
+    pub decode_errors: u64,
+    pub width: u32,
+    pub height: u32,
+    pub first_frame_at: Option<Instant>,
+    pub codec: String,
+}
+
+pub struct RtcClient {
+    pub pc: Arc<RTCPeerConnection>,
+    pub stats: Arc<Mutex<ReceiverStats>>,
+    pub state: watch::Receiver<RTCPeerConnectionState>,
+}
+
+impl RtcClient {
+    /// A receiver; `with_media = false` makes an offer with no media sections (the customer's bug).
+    pub async fn new(with_media: bool) -> anyhow::Result<Self> {
+        let _ = ffmpeg::init();
+        let mut media = MediaEngine::default();
+        media.register_default_codecs()?;
+        let registry = register_default_interceptors(Registry::new(), &mut media)?;
+        let mut se = SettingEngine::default();
+        se.set_include_loopback_candidate(true);
+        let api = APIBuilder::new()
+            .with_media_engine(media)
+            .with_interceptor_registry(registry)
+            .with_setting_engine(se)
+            .build();
+        let pc = Arc::new(api.new_peer_connection(RTCConfiguration::default()).await?);
+        if with_media {
+            for kind in [RTPCodecType::Video, RTPCodecType::Audio] {
+                let init = RTCRtpTransceiverInit {
+                    direction: RTCRtpTransceiverDirection::Recvonly,
+                    send_encodings: vec![],
+                };
+                pc.add_transceiver_from_kind(kind, Some(init)).await?;
+            }
+        }
+        let stats = Arc::new(Mutex::new(ReceiverStats::default()));
+        let (tx, state) = watch::channel(RTCPeerConnectionState::New);
+        pc.on_peer_connection_state_change(Box::new(move |s| {
+            let _ = tx.send(s);
+            Box::pin(async {})
+        }));
+        let track_stats = Arc::clone(&stats);
+        pc.on_track(Box::new(move |track, _receiver, _transceiver| {
+            let stats = Arc::clone(&track_stats);
+            Box::pin(async move {
+                if track.kind() != RTPCodecType::Video {
+                    return;
+                }
+                let codec = track.codec().capability.mime_type.clone();
+                stats.lock().expect("stats").codec = codec;
+                let (au_tx, au_rx) = std::sync::mpsc::sync_channel::<Bytes>(64);
+                let decoder_stats = Arc::clone(&stats);
+                std::thread::spawn(move || decode_loop(au_rx, &decoder_stats));
+                tokio::spawn(async move {
+                    let mut depacketizer = H264Packet::default();
+                    let mut au = Vec::new();
+                    while let Ok((packet, _)) = track.read_rtp().await {
+                        if let Ok(nals) = depacketizer.depacketize(&packet.payload) {
+                            au.extend_from_slice(&nals);
+                        }
+                        if packet.header.marker && !au.is_empty() {
+                            stats.lock().expect("stats").access_units += 1;
+                            if au_tx
+                                .try_send(Bytes::from(std::mem::take(&mut au)))
+                                .is_err()
+                            {
+                                break;
+                            }
+                        }
+                    }
+                });
+            })
+        }));
+        Ok(Self { pc, stats, state })
+    }
+
+    /// Create the offer and wait for ICE gathering, so the offer carries our candidates.
+    pub async fn offer(&self) -> anyhow::Result<String> {
+        let offer = self.pc.create_offer(None).await?;
+        let mut gathered = self.pc.gathering_complete_promise().await;
+        self.pc.set_local_description(offer).await?;
+        let _ = tokio::time::timeout(Duration::from_secs(5), gathered.recv()).await;
+        Ok(self
+            .pc
+            .local_description()
+            .await
+            .ok_or_else(|| anyhow::anyhow!("no local description"))?
+            .sdp)
+    }
+
+    pub async fn accept_answer(&self, sdp: &str) -> anyhow::Result<()> {
+        self.pc
+            .set_remote_description(RTCSessionDescription::answer(sdp.to_owned())?)
+            .await?;
+        Ok(())
+    }
+
+    pub fn snapshot(&self) -> ReceiverStats {
+        self.stats.lock().expect("stats").clone()
+    }
+
+    /// Wait until the peer connection reaches `Connected`.
+    pub async fn connected(&self, timeout: Duration) -> anyhow::Result<()> {
+        let mut state = self.state.clone();
+        tokio::time::timeout(
+            timeout,
+            state.wait_for(|s| *s == RTCPeerConnectionState::Connected),
+        )
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "not connected within {timeout:?} (state {:?})",
+                *self.state.borrow()
+            )
+        })??;
+        Ok(())
+    }
+
+    /// Wait until `n` frames were decoded or `timeout` passes; returns the stats either way.
+    pub async fn wait_frames(&self, n: u64, timeout: Duration) -> ReceiverStats {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self.snapshot();
+            if s.frames_decoded >= n || Instant::now() >= deadline {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn close(&self) {
+        let _ = self.pc.close().await;
+    }
+}
+
+fn decode_loop(rx: std::sync::mpsc::Receiver<Bytes>, stats: &Mutex<ReceiverStats>) {
+    let Some(codec) = ffmpeg::decoder::find(ffmpeg::codec::Id::H264) else {
+        return;
+    };
+    let Ok(mut decoder) = ffmpeg::codec::context::Context::new_with_codec(codec)
+        .decoder()
+        .video()
+    else {
+        return;
+    };
+    let mut frame = ffmpeg::frame::Video::empty();
+    while let Ok(au) = rx.recv() {
+        let packet = ffmpeg::Packet::copy(&au);
+        if decoder.send_packet(&packet).is_err() {
+            stats.lock().expect("stats").decode_errors += 1;
+            continue;
+        }
+        while decoder.receive_frame(&mut frame).is_ok() {
+            let mut s = stats.lock().expect("stats");
+            s.frames_decoded += 1;
+            s.width = frame.width();
+            s.height = frame.height();
+            s.first_frame_at.get_or_insert_with(Instant::now);
+        }
+    }
+}

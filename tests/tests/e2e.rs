@@ -1,0 +1,309 @@
+//! End to end with the real relay and worker processes and a Rust WebRTC client.
+//!
+//! Each test runs in its own loopback-only network namespace (see `netns`).
+
+use avatar_edge_tests::cluster::Cluster;
+use avatar_edge_tests::netns;
+use avatar_edge_tests::rtc_client::RtcClient;
+use avatar_edge_tests::signaling::Signaling;
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+const SECS: fn(u64) -> Duration = Duration::from_secs;
+
+/// Offer, answer, connect; returns the client once ICE is connected.
+async fn play(sig: &mut Signaling, cluster: &Cluster, avatar: &str) -> RtcClient {
+    let client = RtcClient::new(true).await.expect("client");
+    let offer = client.offer().await.expect("offer");
+    sig.send_offer(&offer, avatar).await.expect("send offer");
+    let answer = sig
+        .wait_for("webrtc_answer", SECS(10))
+        .await
+        .unwrap_or_else(|e| panic!("no answer: {e}\n{}", cluster.logs()));
+    client
+        .accept_answer(answer["sdp"].as_str().expect("sdp"))
+        .await
+        .expect("answer");
+    client
+        .connected(SECS(10))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+    client
+}
+
+fn error_code(ev: &serde_json::Value) -> &str {
+    assert_eq!(ev["type"], "error", "expected an error event, got {ev}");
+    assert!(
+        ev["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "error without a message: {ev}"
+    );
+    ev["code"].as_str().expect("code")
+}
+
+#[test]
+fn rust_client_plays_idle_avatar_through_relay_and_tunnel() {
+    netns::run(
+        "rust_client_plays_idle_avatar_through_relay_and_tunnel",
+        || async {
+            let cluster = Cluster::start().await;
+            let mut sig = Signaling::connect(&cluster.ws_url("rust-1"))
+                .await
+                .expect("ws");
+            let client = RtcClient::new(true).await.expect("client");
+            sig.send_offer(&client.offer().await.expect("offer"), "avatar_tutor_13")
+                .await
+                .expect("send");
+            let assigned = sig.next_event(SECS(10)).await.expect("event");
+            assert_eq!(assigned["type"], "session_assigned", "{assigned}");
+            assert_eq!(assigned["worker_id"], "worker-1");
+            let answer = sig
+                .wait_for("webrtc_answer", SECS(10))
+                .await
+                .expect("answer");
+            let sdp = answer["sdp"].as_str().expect("sdp");
+            assert!(
+                answer["timestamp"].as_str().is_some_and(|t| t.len() >= 19),
+                "{answer}"
+            );
+            let candidates = sdp
+                .lines()
+                .filter(|l| l.starts_with("a=candidate:"))
+                .count();
+            assert!(
+                candidates > 0,
+                "answer carries no candidates (non-trickle):\n{sdp}"
+            );
+            assert!(sdp.contains("H264"), "answer negotiated H.264:\n{sdp}");
+            if std::env::var_os("AE_SHOW_SDP").is_some() {
+                eprintln!("{sdp}");
+            }
+            client.accept_answer(sdp).await.expect("accept");
+            client.connected(SECS(10)).await.expect("ICE connects");
+            let connected = Instant::now();
+            let stats = client.wait_frames(100, SECS(6)).await;
+            assert!(
+                stats.frames_decoded >= 100,
+                "decoded {} frames in 6 s: {stats:?}",
+                stats.frames_decoded
+            );
+            assert_eq!((stats.width, stats.height), (512, 512));
+            assert_eq!(stats.codec.to_ascii_lowercase(), "video/h264");
+            assert_eq!(stats.decode_errors, 0);
+            eprintln!(
+                "100 frames {:?} after connect; stats {stats:?}",
+                connected.elapsed()
+            );
+            client.close().await;
+            sig.close().await;
+        },
+    );
+}
+
+#[test]
+fn bad_input_gets_error_events_and_the_socket_still_works() {
+    netns::run(
+        "bad_input_gets_error_events_and_the_socket_still_works",
+        || async {
+            let cluster = Cluster::start().await;
+            let mut sig = Signaling::connect(&cluster.ws_url("bad-input"))
+                .await
+                .expect("ws");
+            let candidate = json!({"type": "webrtc_ice_candidate", "user_id": 5,
+            "candidate": {"candidate": "candidate:1 1 udp 2122260223 127.0.0.1 5000 typ host", "sdpMid": "0", "sdpMLineIndex": 0}});
+            let huge = json!({"type": "text_webrtc", "message": "x".repeat(1 << 20)}).to_string();
+            let no_media = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n";
+            let cases: Vec<(String, &str)> = vec![
+                ("this is not json".into(), "bad_json"),
+                ("[1,2,3]".into(), "bad_json"),
+                (json!({"type": "make_coffee"}).to_string(), "unknown_type"),
+                (
+                    json!({"type": "webrtc_answer", "sdp": "v=0"}).to_string(),
+                    "unknown_type",
+                ),
+                (
+                    json!({"type": "webrtc_offer", "user_id": 5}).to_string(),
+                    "invalid_message",
+                ),
+                (
+                    json!({"type": "text_webrtc"}).to_string(),
+                    "invalid_message",
+                ),
+                (
+                    json!({"type": "webrtc_offer", "sdp": "hello, I am not SDP"}).to_string(),
+                    "bad_sdp",
+                ),
+                (
+                    json!({"type": "webrtc_offer", "sdp": no_media}).to_string(),
+                    "offer_without_media",
+                ),
+                (huge, "message_too_large"),
+                (candidate.to_string(), "no_session"),
+                (
+                    json!({"type": "text_webrtc", "message": "hi"}).to_string(),
+                    "no_session",
+                ),
+            ];
+            for (input, want) in &cases {
+                sig.send_text(input.clone()).await.expect("send");
+                let ev = sig
+                    .next_event(SECS(5))
+                    .await
+                    .unwrap_or_else(|e| panic!("no reply to {:.60}: {e}", input));
+                assert_eq!(error_code(&ev), *want, "for input {:.80}", input);
+            }
+            // An SDP the worker's WebRTC stack cannot use passes the relay's quick check but is
+            // refused by the worker, also as an error event.
+            let broken = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=rtpmap:96 H264/90000\r\n";
+            sig.send_offer(broken, "a").await.expect("send");
+            let ev = sig.wait_for("error", SECS(10)).await.expect("error");
+            assert_eq!(error_code(&ev), "bad_sdp", "{ev}");
+            // The socket survived all of it: a valid offer now plays.
+            let client = play(&mut sig, &cluster, "a").await;
+            let stats = client.wait_frames(25, SECS(5)).await;
+            assert!(stats.frames_decoded >= 25, "{stats:?}");
+        },
+    );
+}
+
+#[test]
+fn offer_without_media_gets_the_fix_in_the_error() {
+    netns::run("offer_without_media_gets_the_fix_in_the_error", || async {
+        let cluster = Cluster::start().await;
+        let mut sig = Signaling::connect(&cluster.ws_url("customer-page"))
+            .await
+            .expect("ws");
+        // What the customer's page does: createOffer() with no transceiver and no track.
+        let client = RtcClient::new(false).await.expect("client");
+        let offer = client.offer().await.expect("offer");
+        assert!(
+            !offer.contains("m="),
+            "a peer without transceivers offers no media:\n{offer}"
+        );
+        sig.send_offer(&offer, "avatar_tutor_13")
+            .await
+            .expect("send");
+        let ev = sig.next_event(SECS(5)).await.expect("event");
+        assert_eq!(error_code(&ev), "offer_without_media");
+        let message = ev["message"].as_str().expect("message");
+        assert!(
+            message.contains("addTransceiver('video', {direction: 'recvonly'})"),
+            "{message}"
+        );
+        assert!(message.contains("addTransceiver('audio'"), "{message}");
+    });
+}
+
+#[test]
+fn no_worker_is_an_error_and_the_socket_stays_open() {
+    netns::run(
+        "no_worker_is_an_error_and_the_socket_stays_open",
+        || async {
+            let mut cluster = Cluster::relay_only("").await;
+            let mut sig = Signaling::connect(&cluster.ws_url("early"))
+                .await
+                .expect("ws");
+            let client = RtcClient::new(true).await.expect("client");
+            sig.send_offer(&client.offer().await.expect("offer"), "avatar_tutor_13")
+                .await
+                .expect("send");
+            let ev = sig.next_event(SECS(5)).await.expect("event");
+            assert_eq!(error_code(&ev), "no_worker");
+            cluster.add_worker("late-worker", 2, "").await;
+            let client = play(&mut sig, &cluster, "avatar_tutor_13").await;
+            assert!(client.wait_frames(10, SECS(5)).await.frames_decoded >= 10);
+        },
+    );
+}
+
+#[test]
+fn worker_restart_reports_worker_lost_then_serves_again() {
+    netns::run(
+        "worker_restart_reports_worker_lost_then_serves_again",
+        || async {
+            let mut cluster = Cluster::start().await;
+            let mut sig = Signaling::connect(&cluster.ws_url("restart"))
+                .await
+                .expect("ws");
+            let client = play(&mut sig, &cluster, "a").await;
+            assert!(client.wait_frames(10, SECS(5)).await.frames_decoded >= 10);
+            let killed = Instant::now();
+            cluster.kill_worker(0);
+            let ev = sig
+                .wait_for("error", SECS(10))
+                .await
+                .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+            assert_eq!(error_code(&ev), "worker_lost");
+            eprintln!("worker_lost {:?} after SIGKILL", killed.elapsed());
+            client.close().await;
+            // The same worker id comes back and a new session on the same socket works.
+            while cluster.worker_count().await > 0 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            cluster.add_worker("worker-1", 4, "").await;
+            let client = play(&mut sig, &cluster, "a").await;
+            let stats = client.wait_frames(25, SECS(5)).await;
+            assert!(stats.frames_decoded >= 25, "{stats:?}");
+        },
+    );
+}
+
+#[test]
+fn avatar_directory_is_decoded_and_routed_by_avatar_id() {
+    netns::run(
+        "avatar_directory_is_decoded_and_routed_by_avatar_id",
+        || async {
+            let mut cluster = Cluster::relay_only("").await;
+            let avatars = cluster.dir.path().join("avatars");
+            let tutor = avatars.join("tutor_7");
+            std::fs::create_dir_all(&tutor).expect("mkdir");
+            let status = std::process::Command::new("ffmpeg")
+                .args([
+                    "-hide_banner",
+                    "-loglevel",
+                    "error",
+                    "-f",
+                    "lavfi",
+                    "-i",
+                    "testsrc=size=320x240:rate=25:duration=2",
+                ])
+                .args(["-pix_fmt", "yuv420p", "-c:v", "libx264", "-y"])
+                .arg(tutor.join("idle.mp4"))
+                .status()
+                .expect("ffmpeg CLI (scripts/test installs it)");
+            assert!(status.success());
+            std::fs::write(
+                tutor.join("avatar.toml"),
+                "name = \"Tutor seven\"\nvideo = \"idle.mp4\"\nface_box = [100, 40, 120, 150]\n",
+            )
+            .expect("write meta");
+            cluster
+                .add_worker(
+                    "dir-worker",
+                    2,
+                    &format!("avatar_dir = \"{}\"", avatars.display()),
+                )
+                .await;
+
+            let mut sig = Signaling::connect(&cluster.ws_url("dir"))
+                .await
+                .expect("ws");
+            let client = RtcClient::new(true).await.expect("client");
+            sig.send_offer(&client.offer().await.expect("offer"), "someone_else")
+                .await
+                .expect("send");
+            assert_eq!(
+                error_code(&sig.next_event(SECS(5)).await.expect("event")),
+                "no_worker"
+            );
+
+            let client = play(&mut sig, &cluster, "tutor_7").await;
+            let stats = client.wait_frames(50, SECS(6)).await;
+            assert!(stats.frames_decoded >= 50, "{stats:?}");
+            assert_eq!(
+                (stats.width, stats.height),
+                (512, 512),
+                "the 320×240 source is scaled to the output size"
+            );
+        },
+    );
+}
