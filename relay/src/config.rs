@@ -77,7 +77,7 @@ pub struct TunnelConfig {
     pub handshake_timeout_ms: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsConfig {
     /// PEM certificate chain, used for the QUIC tunnel and (if `http.tls`) for HTTPS.
@@ -122,17 +122,6 @@ impl Default for TunnelConfig {
             idle_timeout_ms: 4000,
             keepalive_ms: 1000,
             handshake_timeout_ms: 5000,
-        }
-    }
-}
-
-impl Default for TlsConfig {
-    fn default() -> Self {
-        Self {
-            cert: None,
-            key: None,
-            self_signed: false,
-            fingerprint_file: None,
         }
     }
 }

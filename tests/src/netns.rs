@@ -42,6 +42,29 @@ pub fn isolated(test_name: &str) -> bool {
     false
 }
 
+/// For binaries (benchmarks): if this process is not in a loopback-only namespace, run this
+/// same program with the same arguments under `unshare -n` and exit with its status.
+pub fn reexec_isolated() {
+    if loopback_only() {
+        return;
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let status = Command::new("unshare")
+        .args([
+            "-n",
+            "--",
+            "sh",
+            "-c",
+            r#"ip link set lo up && exec "$@""#,
+            "sh",
+        ])
+        .arg(&exe)
+        .args(std::env::args_os().skip(1))
+        .status()
+        .expect("run unshare (util-linux); benchmarks need root or CAP_SYS_ADMIN");
+    std::process::exit(status.code().unwrap_or(1));
+}
+
 /// Run an async test body in a loopback-only namespace on a fresh multi-thread runtime.
 pub fn run<F: std::future::Future<Output = ()>>(test_name: &str, body: impl FnOnce() -> F) {
     if !isolated(test_name) {

@@ -66,7 +66,7 @@ pub struct RelayTarget {
     pub ca_file: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IceConfig {
     /// Offer loopback candidates (tests and single-host demos only).
@@ -97,14 +97,6 @@ impl Default for WorkerConfig {
             video: VideoConfig::default(),
             avatar_dir: None,
             labels: Default::default(),
-        }
-    }
-}
-
-impl Default for IceConfig {
-    fn default() -> Self {
-        Self {
-            include_loopback: false,
         }
     }
 }
