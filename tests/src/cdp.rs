@@ -38,6 +38,8 @@ impl Chromium {
                 "--disable-features=WebRtcHideLocalIpsWithMdns",
                 "--autoplay-policy=no-user-gesture-required",
                 "--remote-debugging-port=0",
+                // The relay under test uses a fresh self-signed certificate in the WSS test.
+                "--ignore-certificate-errors",
                 "--remote-debugging-address=127.0.0.1",
             ])
             .arg(format!("--user-data-dir={}", dir.path().display()))

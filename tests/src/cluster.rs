@@ -56,14 +56,20 @@ impl Cluster {
         c
     }
 
-    /// Just the relay; `extra_toml` is appended to its config.
+    /// Just the relay, plain HTTP/WS.
     pub async fn relay_only(extra_toml: &str) -> Self {
+        Self::relay_with(extra_toml, false).await
+    }
+
+    /// Just the relay; `extra_toml` goes at the top of its config; `tls` serves HTTPS/WSS with
+    /// the relay's self-signed certificate.
+    pub async fn relay_with(extra_toml: &str, tls: bool) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("relay.toml");
         std::fs::write(
             &config,
             format!(
-                "relay_id = \"test-relay\"\n{extra_toml}\n[http]\nlisten = \"127.0.0.1:0\"\n[tunnel]\nlisten = \"127.0.0.1:0\"\nsecret = \"{SECRET}\"\n[tls]\nself_signed = true\n"
+                "relay_id = \"test-relay\"\n{extra_toml}\n[http]\nlisten = \"127.0.0.1:0\"\ntls = {tls}\n[tunnel]\nlisten = \"127.0.0.1:0\"\nsecret = \"{SECRET}\"\n[tls]\nself_signed = true\n"
             ),
         )
         .expect("write relay config");

@@ -55,6 +55,22 @@ impl Signaling {
         }
     }
 
+    /// Skip events until one whose type is in `kinds` arrives.
+    pub async fn wait_for_any(
+        &mut self,
+        kinds: &[&str],
+        timeout: Duration,
+    ) -> anyhow::Result<Value> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let ev = self.next_event(left).await?;
+            if kinds.iter().any(|k| ev["type"] == *k) {
+                return Ok(ev);
+            }
+        }
+    }
+
     /// Send a `webrtc_offer` the way the customer's page does.
     pub async fn send_offer(&mut self, sdp: &str, avatar: &str) -> anyhow::Result<()> {
         self.send_json(&serde_json::json!({

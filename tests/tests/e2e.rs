@@ -307,3 +307,196 @@ fn avatar_directory_is_decoded_and_routed_by_avatar_id() {
         },
     );
 }
+
+#[test]
+fn closing_the_socket_returns_the_workers_capacity() {
+    netns::run(
+        "closing_the_socket_returns_the_workers_capacity",
+        || async {
+            let mut cluster = Cluster::relay_only("").await;
+            cluster.add_worker("one-slot", 1, "").await;
+            let mut first = Signaling::connect(&cluster.ws_url("first"))
+                .await
+                .expect("ws");
+            let client = play(&mut first, &cluster, "a").await;
+            assert!(client.wait_frames(5, SECS(5)).await.frames_decoded >= 5);
+
+            // The only slot is taken.
+            let mut second = Signaling::connect(&cluster.ws_url("second"))
+                .await
+                .expect("ws");
+            let waiting = RtcClient::new(true).await.expect("client");
+            second
+                .send_offer(&waiting.offer().await.expect("offer"), "a")
+                .await
+                .expect("send");
+            assert_eq!(
+                error_code(&second.next_event(SECS(5)).await.expect("event")),
+                "busy"
+            );
+
+            // The first browser leaves: its session ends and the slot comes back.
+            first.close().await;
+            client.close().await;
+            let deadline = Instant::now() + SECS(5);
+            let played = loop {
+                let client = RtcClient::new(true).await.expect("client");
+                second
+                    .send_offer(&client.offer().await.expect("offer"), "a")
+                    .await
+                    .expect("send");
+                let ev = second
+                    .wait_for_any(&["webrtc_answer", "error"], SECS(10))
+                    .await
+                    .expect("event");
+                if ev["type"] == "webrtc_answer" {
+                    client
+                        .accept_answer(ev["sdp"].as_str().expect("sdp"))
+                        .await
+                        .expect("accept");
+                    break client;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "slot never returned: {ev}\n{}",
+                    cluster.logs()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
+            assert!(played.wait_frames(5, SECS(5)).await.frames_decoded >= 5);
+        },
+    );
+}
+
+#[test]
+fn a_failed_peer_ends_the_session_and_frees_the_slot() {
+    netns::run(
+        "a_failed_peer_ends_the_session_and_frees_the_slot",
+        || async {
+            let mut cluster = Cluster::relay_only("").await;
+            cluster.add_worker("one-slot", 1, "").await;
+            let mut sig = Signaling::connect(&cluster.ws_url("peer-fails"))
+                .await
+                .expect("ws");
+            let client = play(&mut sig, &cluster, "a").await;
+            assert!(client.wait_frames(5, SECS(5)).await.frames_decoded >= 5);
+            // The browser's peer goes away but its socket stays.
+            let closed = Instant::now();
+            client.close().await;
+            let ev = sig
+                .wait_for("error", SECS(30))
+                .await
+                .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+            assert_eq!(error_code(&ev), "peer_failed");
+            eprintln!(
+                "peer_failed {:?} after the browser peer closed",
+                closed.elapsed()
+            );
+            // The slot is free again: a new offer on the same socket plays.
+            let client = play(&mut sig, &cluster, "a").await;
+            assert!(client.wait_frames(5, SECS(5)).await.frames_decoded >= 5);
+        },
+    );
+}
+
+#[test]
+fn demo_script_serves_a_session_and_stops_cleanly_on_sigterm() {
+    netns::run(
+        "demo_script_serves_a_session_and_stops_cleanly_on_sigterm",
+        || async {
+            let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .expect("workspace root")
+                .to_path_buf();
+            let log = tempfile::NamedTempFile::new().expect("log");
+            // `--no-build`: cargo holds the build lock while tests run; scripts/test built everything.
+            let mut demo = std::process::Command::new(root.join("scripts/demo"))
+                .arg("--no-build")
+                .current_dir(&root)
+                .stdin(std::process::Stdio::null())
+                .stdout(log.reopen().expect("log"))
+                .stderr(log.reopen().expect("log"))
+                .spawn()
+                .expect("scripts/demo");
+            let http: std::net::SocketAddr = "127.0.0.1:8080".parse().expect("addr");
+            let deadline = Instant::now() + SECS(120);
+            loop {
+                if let Ok((200, body)) =
+                    avatar_edge_tests::cluster::http_get(http, "/healthz").await
+                {
+                    if body.contains("\"workers\":1") {
+                        break;
+                    }
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "demo did not come up:\n{}",
+                    std::fs::read_to_string(log.path()).unwrap_or_default()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let (status, page) = avatar_edge_tests::cluster::http_get(http, "/")
+                .await
+                .expect("page");
+            assert_eq!(status, 200);
+            assert!(page.contains("avatar-edge"));
+            let mut sig = Signaling::connect("ws://127.0.0.1:8080/ws/demo-session")
+                .await
+                .expect("ws");
+            let client = RtcClient::new(true).await.expect("client");
+            sig.send_offer(&client.offer().await.expect("offer"), "avatar_tutor_13")
+                .await
+                .expect("send");
+            let answer = sig
+                .wait_for("webrtc_answer", SECS(10))
+                .await
+                .expect("answer");
+            client
+                .accept_answer(answer["sdp"].as_str().expect("sdp"))
+                .await
+                .expect("accept");
+            assert!(client.wait_frames(25, SECS(6)).await.frames_decoded >= 25);
+
+            // SIGTERM the script: it stops relay and worker and exits 0; the browser sees a close.
+            let pid = demo.id() as i32;
+            let killed = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .expect("kill");
+            assert!(killed.success());
+            let deadline = Instant::now() + SECS(10);
+            let status = loop {
+                if let Some(status) = demo.try_wait().expect("wait") {
+                    break status;
+                }
+                assert!(Instant::now() < deadline, "demo did not stop within 10 s");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            };
+            let output = std::fs::read_to_string(log.path()).unwrap_or_default();
+            assert!(status.success(), "demo exited with {status}:\n{output}");
+            assert!(
+                output.contains("relay stopped") && output.contains("worker stopped"),
+                "{output}"
+            );
+            // The browser may first hear that its worker left; then its socket is closed.
+            let mut seen = Vec::new();
+            let closed = loop {
+                match sig.next_event(SECS(3)).await {
+                    Ok(ev) if seen.len() < 5 => seen.push(ev),
+                    Ok(ev) => panic!("socket still open after events {seen:?} {ev}"),
+                    Err(e) => break e.to_string(),
+                }
+            };
+            assert!(
+                closed.contains("closed") || closed.contains("ended"),
+                "{closed} after {seen:?}"
+            );
+            assert!(
+                avatar_edge_tests::cluster::http_get(http, "/healthz")
+                    .await
+                    .is_err(),
+                "nothing listens any more"
+            );
+        },
+    );
+}

@@ -85,7 +85,7 @@ struct Session {
 impl Session {
     async fn run(mut self, avatar_id: Option<String>, shutdown: CancellationToken) {
         let ctx = Arc::clone(&self.ctx);
-        let Some(_slot) = ctx.try_acquire() else {
+        let Some(slot) = ctx.try_acquire() else {
             info!("at capacity: refusing session");
             self.event(ServerEvent::error(
                 ErrorCode::Busy,
@@ -97,6 +97,27 @@ impl Session {
         };
         let clip = self.ctx.avatars.get(avatar_id.as_deref());
         info!(avatar = %clip.id, "session started");
+        let farewell = self.serve(&clip, &shutdown).await;
+        // Free everything *before* telling the relay, so the browser's next offer finds the slot.
+        if let Some(active) = self.active.take() {
+            active.stop().await;
+        }
+        drop(slot);
+        if let Some((event, reason)) = farewell {
+            if let Some(event) = event {
+                self.event(event).await;
+            }
+            self.close(reason).await;
+        }
+        info!("session ended");
+    }
+
+    /// Run until the session ends; returns what to tell the relay, if anything.
+    async fn serve(
+        &mut self,
+        clip: &Arc<crate::media::avatar::AvatarClip>,
+        shutdown: &CancellationToken,
+    ) -> Option<(Option<ServerEvent>, &'static str)> {
         loop {
             let frame = async {
                 if self.detached {
@@ -112,45 +133,40 @@ impl Session {
                 }
             };
             tokio::select! {
-                _ = shutdown.cancelled() => {
-                    self.close("worker shutting down").await;
-                    break;
-                }
+                _ = shutdown.cancelled() => return Some((None, "worker shutting down")),
                 frame = frame => match frame {
                     Ok(Some(SessionFrame::Client(msg))) => self.on_client(msg).await,
                     Ok(Some(SessionFrame::Close { reason })) => {
                         info!(%reason, "relay closed the session");
-                        break;
+                        return None;
                     }
-                    Ok(None) => break,
+                    Ok(None) => return None,
                     Ok(Some(other)) => {
                         warn!(?other, "unexpected frame; ending the session");
-                        break;
+                        return Some((None, "protocol error"));
                     }
                     Err(e) => {
                         info!(error = %e, "tunnel stream lost; media continues while the peer lives");
                         self.detached = true;
                         if self.active.is_none() {
-                            break;
+                            return None;
                         }
                     }
                 },
                 state = state => match state {
-                    Some(PcState::Connected) => self.start_media(&clip),
+                    Some(PcState::Connected) => self.start_media(clip),
                     Some(PcState::Failed) | Some(PcState::Closed) | None => {
                         info!(?state, "peer connection ended");
-                        self.event(ServerEvent::error(ErrorCode::PeerFailed, "the WebRTC connection failed; send a new webrtc_offer to retry")).await;
-                        self.close("peer failed").await;
-                        break;
+                        let event = ServerEvent::error(
+                            ErrorCode::PeerFailed,
+                            "the WebRTC connection failed; send a new webrtc_offer to retry",
+                        );
+                        return Some((Some(event), "peer failed"));
                     }
                     Some(other) => debug!(state = ?other, "peer state"),
                 },
             }
         }
-        if let Some(active) = self.active.take() {
-            active.stop().await;
-        }
-        info!("session ended");
     }
 
     async fn on_client(&mut self, msg: ClientMessage) {
