@@ -117,9 +117,8 @@ impl Cluster {
         }
     }
 
-    /// Start a worker and wait until the relay lists it.
+    /// Start a worker and wait until it reports its registration with the relay.
     pub async fn add_worker(&mut self, id: &str, capacity: u32, extra_toml: &str) -> usize {
-        let before = self.worker_count().await;
         let config = self.dir.path().join(format!("{id}.toml"));
         std::fs::write(
             &config,
@@ -129,16 +128,25 @@ impl Cluster {
             ),
         )
         .expect("write worker config");
-        let log = self.dir.path().join(format!("{id}.log"));
+        // A restarted worker appends to a fresh log file of its own.
+        let log = self
+            .dir
+            .path()
+            .join(format!("{id}-{}.log", self.workers.len()));
         let child = spawn("worker", &config, &log, &[]);
-        self.workers.push(WorkerProc { child, log });
+        self.workers.push(WorkerProc {
+            child,
+            log: log.clone(),
+        });
         let deadline = Instant::now() + Duration::from_secs(15);
-        while self.worker_count().await <= before {
+        while !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("registered with relay")
+        {
             assert!(
                 Instant::now() < deadline,
                 "worker {id} did not register:\n{}",
-                std::fs::read_to_string(self.dir.path().join(format!("{id}.log")))
-                    .unwrap_or_default()
+                std::fs::read_to_string(&log).unwrap_or_default()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
