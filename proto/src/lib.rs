@@ -17,6 +17,8 @@
 pub mod sdp;
 pub mod session;
 pub mod signaling;
+#[cfg(feature = "quinn")]
+pub mod stream;
 pub mod tunnel;
 
 pub use signaling::{ClientMessage, ErrorCode, Id, ServerEvent, SignalError};

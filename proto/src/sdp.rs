@@ -17,7 +17,8 @@ pub struct OfferSummary {
 }
 
 /// The message sent with [`ErrorCode::OfferWithoutMedia`]; integrators search for it.
-pub const OFFER_WITHOUT_MEDIA_HELP: &str = "the offer has no media sections (no m= line), so no answer can carry video. \
+pub const OFFER_WITHOUT_MEDIA_HELP: &str =
+    "the offer has no media sections (no m= line), so no answer can carry video. \
 The page called createOffer() before adding any transceiver or track. Fix: call \
 pc.addTransceiver('video', {direction: 'recvonly'}) and pc.addTransceiver('audio', {direction: 'recvonly'}) \
 before createOffer(). See docs/integration.md.";
@@ -56,10 +57,7 @@ pub fn inspect_offer(sdp: &str) -> Result<OfferSummary, SignalError> {
         return Err(bad("the `o=` and `s=` lines are required"));
     }
     if summary.video_sections + summary.audio_sections + summary.other_sections == 0 {
-        return Err(SignalError::new(
-            ErrorCode::OfferWithoutMedia,
-            OFFER_WITHOUT_MEDIA_HELP,
-        ));
+        return Err(SignalError::new(ErrorCode::OfferWithoutMedia, OFFER_WITHOUT_MEDIA_HELP));
     }
     if summary.video_sections == 0 {
         return Err(SignalError::new(
@@ -86,7 +84,9 @@ mod tests {
 
     #[test]
     fn offer_with_video_and_audio_passes() {
-        let sdp = format!("{NO_MEDIA}m=video 9 UDP/TLS/RTP/SAVPF 96\r\nc=IN IP4 0.0.0.0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n");
+        let sdp = format!(
+            "{NO_MEDIA}m=video 9 UDP/TLS/RTP/SAVPF 96\r\nc=IN IP4 0.0.0.0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"
+        );
         let s = inspect_offer(&sdp).expect("ok");
         assert_eq!((s.video_sections, s.audio_sections), (1, 1));
         // LF-only line endings are accepted too.
@@ -112,11 +112,7 @@ mod tests {
             "v=0\r\nXY=1\r\n",
             "v=0\r\nm=video 9 RTP 96\r\n",
         ] {
-            assert_eq!(
-                inspect_offer(s).expect_err(s).code,
-                ErrorCode::BadSdp,
-                "{s:?}"
-            );
+            assert_eq!(inspect_offer(s).expect_err(s).code, ErrorCode::BadSdp, "{s:?}");
         }
     }
 }

@@ -73,23 +73,15 @@ impl SignalingSession {
             }
         }
         if let ClientMessage::WebrtcIceCandidate(c) = &msg {
-            if c.candidate
-                .as_ref()
-                .is_none_or(|c| c.is_end_of_candidates())
-            {
+            if c.candidate.as_ref().is_none_or(|c| c.is_end_of_candidates()) {
                 return Action::Ignore;
             }
         }
         match (&self.state, msg) {
-            (SessionState::AwaitingOffer, ClientMessage::WebrtcOffer(offer)) => {
-                Action::Route(offer)
-            }
+            (SessionState::AwaitingOffer, ClientMessage::WebrtcOffer(offer)) => Action::Route(offer),
             (SessionState::AwaitingOffer, other) => Action::Reply(ServerEvent::error(
                 ErrorCode::NoSession,
-                format!(
-                    "`{}` needs a session: send webrtc_offer first",
-                    other.kind()
-                ),
+                format!("`{}` needs a session: send webrtc_offer first", other.kind()),
             )),
             (SessionState::Attached { .. }, msg) => Action::Forward(msg),
         }
@@ -130,7 +122,8 @@ mod tests {
     use super::*;
     use crate::signaling::DEFAULT_MAX_MESSAGE_LEN;
 
-    const OFFER_SDP: &str = "v=0\\r\\no=- 1 2 IN IP4 127.0.0.1\\r\\ns=-\\r\\nt=0 0\\r\\nm=video 9 UDP/TLS/RTP/SAVPF 96\\r\\n";
+    const OFFER_SDP: &str =
+        "v=0\\r\\no=- 1 2 IN IP4 127.0.0.1\\r\\ns=-\\r\\nt=0 0\\r\\nm=video 9 UDP/TLS/RTP/SAVPF 96\\r\\n";
 
     fn offer() -> String {
         format!(r#"{{"type":"webrtc_offer","user_id":5,"avatar_id":"a","sdp":"{OFFER_SDP}"}}"#)
@@ -150,23 +143,15 @@ mod tests {
         let mut s = SignalingSession::new(DEFAULT_MAX_MESSAGE_LEN);
         assert_eq!(code(s.on_text(CAND)), ErrorCode::NoSession);
         assert_eq!(code(s.on_text(TEXT)), ErrorCode::NoSession);
-        assert!(
-            matches!(s.on_text(&offer()), Action::Route(o) if o.avatar_id.as_deref() == Some("a"))
-        );
+        assert!(matches!(s.on_text(&offer()), Action::Route(o) if o.avatar_id.as_deref() == Some("a")));
     }
 
     #[test]
     fn bad_input_leaves_the_session_usable() {
         let mut s = SignalingSession::new(DEFAULT_MAX_MESSAGE_LEN);
         assert_eq!(code(s.on_text("not json")), ErrorCode::BadJson);
-        assert_eq!(
-            code(s.on_text(r#"{"type":"nope"}"#)),
-            ErrorCode::UnknownType
-        );
-        assert_eq!(
-            code(s.on_text(r#"{"type":"webrtc_offer"}"#)),
-            ErrorCode::InvalidMessage
-        );
+        assert_eq!(code(s.on_text(r#"{"type":"nope"}"#)), ErrorCode::UnknownType);
+        assert_eq!(code(s.on_text(r#"{"type":"webrtc_offer"}"#)), ErrorCode::InvalidMessage);
         assert_eq!(
             code(s.on_text(r#"{"type":"webrtc_offer","sdp":"hello"}"#)),
             ErrorCode::BadSdp
@@ -188,10 +173,7 @@ mod tests {
             s.on_text(CAND),
             Action::Forward(ClientMessage::WebrtcIceCandidate(_))
         ));
-        assert!(matches!(
-            s.on_text(TEXT),
-            Action::Forward(ClientMessage::TextWebrtc(_))
-        ));
+        assert!(matches!(s.on_text(TEXT), Action::Forward(ClientMessage::TextWebrtc(_))));
         assert!(matches!(
             s.on_text(&offer()),
             Action::Forward(ClientMessage::WebrtcOffer(_))
@@ -231,9 +213,7 @@ mod tests {
         assert!(matches!(s.on_text(&offer()), Action::Route(_)));
         s.attached("w9");
         let lost = s.worker_lost().expect("event");
-        assert!(
-            matches!(&lost, ServerEvent::Error { code: ErrorCode::WorkerLost, message } if message.contains("w9"))
-        );
+        assert!(matches!(&lost, ServerEvent::Error { code: ErrorCode::WorkerLost, message } if message.contains("w9")));
         assert_eq!(code(s.on_text(CAND)), ErrorCode::NoSession);
         assert!(matches!(s.on_text(&offer()), Action::Route(_)));
     }

@@ -53,17 +53,9 @@ pub struct CandidateInit {
     pub candidate: String,
     #[serde(rename = "sdpMid", default, skip_serializing_if = "Option::is_none")]
     pub sdp_mid: Option<String>,
-    #[serde(
-        rename = "sdpMLineIndex",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "sdpMLineIndex", default, skip_serializing_if = "Option::is_none")]
     pub sdp_mline_index: Option<u16>,
-    #[serde(
-        rename = "usernameFragment",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "usernameFragment", default, skip_serializing_if = "Option::is_none")]
     pub username_fragment: Option<String>,
 }
 
@@ -121,12 +113,7 @@ impl ClientMessage {
     }
 }
 
-const CLIENT_TYPES: &[&str] = &[
-    "webrtc_offer",
-    "webrtc_ice_candidate",
-    "text_webrtc",
-    "interrupt",
-];
+const CLIENT_TYPES: &[&str] = &["webrtc_offer", "webrtc_ice_candidate", "text_webrtc", "interrupt"];
 
 /// Machine-readable error codes sent in `{"type":"error","code":...}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -244,9 +231,8 @@ impl ServerEvent {
 
     pub fn to_json(&self) -> String {
         // Serialising these plain structs cannot fail: every field is a string or a unit enum.
-        serde_json::to_string(self).unwrap_or_else(|_| {
-            r#"{"type":"error","code":"internal","message":"unserialisable event"}"#.to_owned()
-        })
+        serde_json::to_string(self)
+            .unwrap_or_else(|_| r#"{"type":"error","code":"internal","message":"unserialisable event"}"#.to_owned())
     }
 }
 
@@ -258,19 +244,13 @@ pub fn decode_client_message(text: &str, max_len: usize) -> Result<ClientMessage
             format!("message is {} bytes; the limit is {max_len}", text.len()),
         ));
     }
-    let value: serde_json::Value = serde_json::from_str(text)
-        .map_err(|e| SignalError::new(ErrorCode::BadJson, format!("not JSON: {e}")))?;
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| SignalError::new(ErrorCode::BadJson, format!("not JSON: {e}")))?;
     let Some(obj) = value.as_object() else {
-        return Err(SignalError::new(
-            ErrorCode::BadJson,
-            "expected a JSON object",
-        ));
+        return Err(SignalError::new(ErrorCode::BadJson, "expected a JSON object"));
     };
     let Some(kind) = obj.get("type").and_then(|t| t.as_str()) else {
-        return Err(SignalError::new(
-            ErrorCode::BadJson,
-            "missing string field `type`",
-        ));
+        return Err(SignalError::new(ErrorCode::BadJson, "missing string field `type`"));
     };
     if !CLIENT_TYPES.contains(&kind) {
         return Err(SignalError::new(
@@ -358,16 +338,11 @@ mod tests {
     #[test]
     fn error_event_has_the_documented_shape() {
         let v: serde_json::Value =
-            serde_json::from_str(&ServerEvent::error(ErrorCode::NoWorker, "x").to_json())
-                .expect("json");
+            serde_json::from_str(&ServerEvent::error(ErrorCode::NoWorker, "x").to_json()).expect("json");
         assert_eq!(v["type"], "error");
         assert_eq!(v["code"], "no_worker");
         assert_eq!(v["message"], "x");
-        for code in [
-            ErrorCode::BadJson,
-            ErrorCode::OfferWithoutMedia,
-            ErrorCode::WorkerLost,
-        ] {
+        for code in [ErrorCode::BadJson, ErrorCode::OfferWithoutMedia, ErrorCode::WorkerLost] {
             assert_eq!(serde_json::to_value(code).expect("json"), code.as_str());
         }
     }
@@ -385,7 +360,8 @@ mod tests {
             decode_client_message(cand, 1 << 16),
             Ok(ClientMessage::WebrtcIceCandidate(_))
         ));
-        let text = r#"{"type":"text_webrtc","session_id":"s","user_id":5,"tutor_id":13,"message":"hi","avatar_id":"a"}"#;
+        let text =
+            r#"{"type":"text_webrtc","session_id":"s","user_id":5,"tutor_id":13,"message":"hi","avatar_id":"a"}"#;
         assert!(matches!(
             decode_client_message(text, 1 << 16),
             Ok(ClientMessage::TextWebrtc(_))
@@ -408,24 +384,15 @@ mod tests {
             ("\"webrtc_offer\"", ErrorCode::BadJson),
             ("{}", ErrorCode::BadJson),
             (r#"{"type":5}"#, ErrorCode::BadJson),
-            (
-                r#"{"type":"webrtc_answer","sdp":"v=0"}"#,
-                ErrorCode::UnknownType,
-            ),
+            (r#"{"type":"webrtc_answer","sdp":"v=0"}"#, ErrorCode::UnknownType),
             (r#"{"type":"hello"}"#, ErrorCode::UnknownType),
             (r#"{"type":"webrtc_offer"}"#, ErrorCode::InvalidMessage),
-            (
-                r#"{"type":"webrtc_offer","sdp":42}"#,
-                ErrorCode::InvalidMessage,
-            ),
+            (r#"{"type":"webrtc_offer","sdp":42}"#, ErrorCode::InvalidMessage),
             (
                 r#"{"type":"webrtc_offer","sdp":"v=0","user_id":[1]}"#,
                 ErrorCode::InvalidMessage,
             ),
-            (
-                r#"{"type":"webrtc_ice_candidate"}"#,
-                ErrorCode::InvalidMessage,
-            ),
+            (r#"{"type":"webrtc_ice_candidate"}"#, ErrorCode::InvalidMessage),
             (
                 r#"{"type":"webrtc_ice_candidate","candidate":{"sdpMid":"0"}}"#,
                 ErrorCode::InvalidMessage,
@@ -445,10 +412,7 @@ mod tests {
 
     #[test]
     fn oversized_message_is_refused_before_parsing() {
-        let big = format!(
-            r#"{{"type":"text_webrtc","message":"{}"}}"#,
-            "a".repeat(1 << 20)
-        );
+        let big = format!(r#"{{"type":"text_webrtc","message":"{}"}}"#, "a".repeat(1 << 20));
         let err = decode_client_message(&big, DEFAULT_MAX_MESSAGE_LEN).expect_err("too large");
         assert_eq!(err.code, ErrorCode::MessageTooLarge);
         assert!(err.message.contains("65536"), "{}", err.message);

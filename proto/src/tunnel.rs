@@ -215,8 +215,7 @@ type HmacSha256 = Hmac<Sha256>;
 
 fn auth_mac(secret: &[u8], nonce_hex: &str, worker_id: &str, exporter: &[u8]) -> HmacSha256 {
     // HMAC accepts keys of any length, so `new_from_slice` cannot fail.
-    let mut mac = HmacSha256::new_from_slice(secret)
-        .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+    let mut mac = HmacSha256::new_from_slice(secret).unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
     mac.update(b"avatar-edge tunnel auth v1\0");
     for part in [nonce_hex.as_bytes(), worker_id.as_bytes(), exporter] {
         mac.update(&(part.len() as u64).to_be_bytes());
@@ -228,21 +227,11 @@ fn auth_mac(secret: &[u8], nonce_hex: &str, worker_id: &str, exporter: &[u8]) ->
 /// The worker's proof of the shared secret, bound to the relay's nonce, the worker id and the TLS
 /// session (exported keying material), hex encoded.
 pub fn auth_proof(secret: &[u8], nonce_hex: &str, worker_id: &str, exporter: &[u8]) -> String {
-    hex::encode(
-        auth_mac(secret, nonce_hex, worker_id, exporter)
-            .finalize()
-            .into_bytes(),
-    )
+    hex::encode(auth_mac(secret, nonce_hex, worker_id, exporter).finalize().into_bytes())
 }
 
 /// Check a proof in constant time.
-pub fn verify_auth_proof(
-    secret: &[u8],
-    nonce_hex: &str,
-    worker_id: &str,
-    exporter: &[u8],
-    proof_hex: &str,
-) -> bool {
+pub fn verify_auth_proof(secret: &[u8], nonce_hex: &str, worker_id: &str, exporter: &[u8], proof_hex: &str) -> bool {
     let Ok(proof) = hex::decode(proof_hex) else {
         return false;
     };
@@ -253,11 +242,7 @@ pub fn verify_auth_proof(
 
 /// Rules for a worker id: short, printable, no spaces (it appears in logs and metrics).
 pub fn valid_worker_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 64
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
 }
 
 #[cfg(test)]
@@ -298,12 +283,8 @@ mod tests {
             capacity: 4,
             labels: BTreeMap::from([("zone".into(), "eu".into())]),
         }));
-        round_trip(Control::Registered {
-            relay_id: "r".into(),
-        });
-        round_trip(Control::Rejected {
-            reason: "no".into(),
-        });
+        round_trip(Control::Registered { relay_id: "r".into() });
+        round_trip(Control::Rejected { reason: "no".into() });
         round_trip(Control::Ping { seq: 1, sent_ms: 2 });
         round_trip(Control::Pong { seq: 1, sent_ms: 2 });
         round_trip(Control::Draining {});
@@ -322,22 +303,15 @@ mod tests {
             avatar_id: None,
             sdp: "v=0".into(),
         })));
-        round_trip(SessionFrame::Event(ServerEvent::error(
-            ErrorCode::Busy,
-            "full",
-        )));
-        round_trip(SessionFrame::Close {
-            reason: "bye".into(),
-        });
+        round_trip(SessionFrame::Event(ServerEvent::error(ErrorCode::Busy, "full")));
+        round_trip(SessionFrame::Close { reason: "bye".into() });
     }
 
     #[test]
     fn several_frames_in_one_read() {
         let mut bytes = BytesMut::new();
         for seq in 0..3 {
-            bytes.extend_from_slice(
-                &encode_frame(&Control::Ping { seq, sent_ms: 0 }).expect("encode"),
-            );
+            bytes.extend_from_slice(&encode_frame(&Control::Ping { seq, sent_ms: 0 }).expect("encode"));
         }
         let mut dec = FrameDecoder::default();
         dec.push(&bytes);
@@ -356,10 +330,7 @@ mod tests {
         dec.push(&(1025u32).to_be_bytes());
         assert!(matches!(
             dec.next_frame(),
-            Err(FrameError::TooLarge {
-                len: 1025,
-                max: 1024
-            })
+            Err(FrameError::TooLarge { len: 1025, max: 1024 })
         ));
         let mut dec = FrameDecoder::default();
         dec.push(&u32::MAX.to_be_bytes());
@@ -371,10 +342,7 @@ mod tests {
         let big = SessionFrame::Close {
             reason: "x".repeat(MAX_FRAME_LEN),
         };
-        assert!(matches!(
-            encode_frame(&big),
-            Err(FrameError::TooLarge { .. })
-        ));
+        assert!(matches!(encode_frame(&big), Err(FrameError::TooLarge { .. })));
     }
 
     #[test]
@@ -419,10 +387,7 @@ mod tests {
         assert!(!verify_auth_proof(b"secret", "n1", "w1", b"tls1", "zz"));
         assert!(!verify_auth_proof(b"secret", "n1", "w1", b"tls1", ""));
         // Length-prefixing keeps field boundaries: ("n1w", "1") differs from ("n1", "w1").
-        assert_ne!(
-            auth_proof(b"s", "n1w", "1", b""),
-            auth_proof(b"s", "n1", "w1", b"")
-        );
+        assert_ne!(auth_proof(b"s", "n1w", "1", b""), auth_proof(b"s", "n1", "w1", b""));
     }
 
     #[test]

@@ -130,10 +130,7 @@ impl Default for TunnelConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{0}")]
     Parse(#[from] toml::de::Error),
     #[error("`{key}`: {message}")]
@@ -186,17 +183,10 @@ impl RelayConfig {
         }
         match (&self.tls.cert, &self.tls.key, self.tls.self_signed) {
             (Some(_), Some(_), false) | (None, None, true) => {}
-            (Some(_), None, _) => {
-                return invalid("tls.key", "`tls.cert` is set but `tls.key` is not")
-            }
-            (None, Some(_), _) => {
-                return invalid("tls.cert", "`tls.key` is set but `tls.cert` is not")
-            }
+            (Some(_), None, _) => return invalid("tls.key", "`tls.cert` is set but `tls.key` is not"),
+            (None, Some(_), _) => return invalid("tls.cert", "`tls.key` is set but `tls.cert` is not"),
             (Some(_), Some(_), true) => {
-                return invalid(
-                    "tls.self_signed",
-                    "set either cert/key or self_signed, not both",
-                )
+                return invalid("tls.self_signed", "set either cert/key or self_signed, not both")
             }
             (None, None, false) => {
                 return invalid(
@@ -205,16 +195,10 @@ impl RelayConfig {
                 )
             }
         }
-        if self.http.max_message_bytes == 0
-            || self.http.max_message_bytes > self.http.max_frame_bytes
-        {
-            return invalid(
-                "http.max_message_bytes",
-                "must be between 1 and http.max_frame_bytes",
-            );
+        if self.http.max_message_bytes == 0 || self.http.max_message_bytes > self.http.max_frame_bytes {
+            return invalid("http.max_message_bytes", "must be between 1 and http.max_frame_bytes");
         }
-        if self.tunnel.keepalive_ms == 0 || self.tunnel.keepalive_ms >= self.tunnel.idle_timeout_ms
-        {
+        if self.tunnel.keepalive_ms == 0 || self.tunnel.keepalive_ms >= self.tunnel.idle_timeout_ms {
             return invalid(
                 "tunnel.keepalive_ms",
                 "must be above 0 and below tunnel.idle_timeout_ms",
@@ -230,8 +214,7 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_rejected_with_their_name() {
-        let err = RelayConfig::from_toml("[http]\nlisten = \"127.0.0.1:1\"\nlsiten = 2\n")
-            .expect_err("typo");
+        let err = RelayConfig::from_toml("[http]\nlisten = \"127.0.0.1:1\"\nlsiten = 2\n").expect_err("typo");
         assert!(err.to_string().contains("lsiten"), "{err}");
     }
 
@@ -253,10 +236,6 @@ mod tests {
             .starts_with("`tunnel.secret`"));
         let mut c = RelayConfig::dev();
         c.tls.self_signed = false;
-        assert!(c
-            .validate()
-            .expect_err("no cert")
-            .to_string()
-            .starts_with("`tls.cert`"));
+        assert!(c.validate().expect_err("no cert").to_string().starts_with("`tls.cert`"));
     }
 }

@@ -29,18 +29,9 @@ pub fn app(state: Arc<AppState>) -> Router {
         Some(dir) => router.fallback_service(tower_http::services::ServeDir::new(dir)),
         None => router
             .route("/", get(|| async { embedded("text/html", INDEX_HTML) }))
-            .route(
-                "/index.html",
-                get(|| async { embedded("text/html", INDEX_HTML) }),
-            )
-            .route(
-                "/app.js",
-                get(|| async { embedded("text/javascript", APP_JS) }),
-            )
-            .route(
-                "/style.css",
-                get(|| async { embedded("text/css", STYLE_CSS) }),
-            ),
+            .route("/index.html", get(|| async { embedded("text/html", INDEX_HTML) }))
+            .route("/app.js", get(|| async { embedded("text/javascript", APP_JS) }))
+            .route("/style.css", get(|| async { embedded("text/css", STYLE_CSS) })),
     };
     router
         .layer(axum::middleware::map_response(utf8_text))
@@ -49,10 +40,7 @@ pub fn app(state: Arc<AppState>) -> Router {
 
 fn embedded(mime: &'static str, body: &'static str) -> Response {
     (
-        [
-            (header::CONTENT_TYPE, mime),
-            (header::CACHE_CONTROL, "no-cache"),
-        ],
+        [(header::CONTENT_TYPE, mime), (header::CACHE_CONTROL, "no-cache")],
         body,
     )
         .into_response()
@@ -61,10 +49,7 @@ fn embedded(mime: &'static str, body: &'static str) -> Response {
 /// Add `charset=utf-8` to any text response that lacks a charset.
 async fn utf8_text(mut response: Response) -> Response {
     let headers = response.headers_mut();
-    if let Some(ct) = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-    {
+    if let Some(ct) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) {
         let is_text = ct.starts_with("text/") || ct.starts_with("application/javascript");
         if is_text && !ct.to_ascii_lowercase().contains("charset") {
             if let Ok(v) = HeaderValue::from_str(&format!("{ct}; charset=utf-8")) {
@@ -113,10 +98,7 @@ mod tests {
     use tower::ServiceExt;
 
     fn state() -> Arc<AppState> {
-        AppState::new(
-            RelayConfig::dev(),
-            tokio_util::sync::CancellationToken::new(),
-        )
+        AppState::new(RelayConfig::dev(), tokio_util::sync::CancellationToken::new())
     }
 
     #[tokio::test]
@@ -130,10 +112,7 @@ mod tests {
             .await
             .expect("response");
         assert_eq!(res.status(), StatusCode::OK);
-        assert_eq!(
-            res.headers()[header::CONTENT_TYPE],
-            "text/html; charset=utf-8"
-        );
+        assert_eq!(res.headers()[header::CONTENT_TYPE], "text/html; charset=utf-8");
         let body = res.into_body().collect().await.expect("body").to_bytes();
         assert!(String::from_utf8_lossy(&body).contains("app.js"));
     }

@@ -47,10 +47,7 @@ pub enum RelayError {
     #[error("QUIC: {0}")]
     Quic(String),
     #[error("writing {path}: {source}")]
-    Write {
-        path: String,
-        source: std::io::Error,
-    },
+    Write { path: String, source: std::io::Error },
     #[error("HTTP server: {0}")]
     Serve(std::io::Error),
 }
@@ -99,11 +96,9 @@ impl Relay {
                     source,
                 })?;
             }
-            std::fs::write(path, format!("{}\n", identity.fingerprint())).map_err(|source| {
-                RelayError::Write {
-                    path: path.display().to_string(),
-                    source,
-                }
+            std::fs::write(path, format!("{}\n", identity.fingerprint())).map_err(|source| RelayError::Write {
+                path: path.display().to_string(),
+                source,
             })?;
         }
         let http_addr = config.http.listen;
@@ -130,15 +125,11 @@ impl Relay {
 
     pub fn http_addr(&self) -> SocketAddr {
         // A bound listener always has a local address; fall back to the configured one regardless.
-        self.http
-            .local_addr()
-            .unwrap_or(self.state.config.http.listen)
+        self.http.local_addr().unwrap_or(self.state.config.http.listen)
     }
 
     pub fn tunnel_addr(&self) -> SocketAddr {
-        self.endpoint
-            .local_addr()
-            .unwrap_or(self.state.config.tunnel.listen)
+        self.endpoint.local_addr().unwrap_or(self.state.config.tunnel.listen)
     }
 
     /// SHA-256 of the certificate workers must pin.
@@ -159,11 +150,7 @@ impl Relay {
             endpoint,
         } = self;
         let shutdown = state.shutdown.clone();
-        let tunnels = tokio::spawn(tunnel::serve(
-            endpoint,
-            Arc::clone(&state),
-            shutdown.clone(),
-        ));
+        let tunnels = tokio::spawn(tunnel::serve(endpoint, Arc::clone(&state), shutdown.clone()));
         let grace = Duration::from_millis(state.config.http.shutdown_grace_ms);
         let handle = axum_server::Handle::new();
         let app = http::app(Arc::clone(&state)).into_make_service_with_connect_info::<SocketAddr>();

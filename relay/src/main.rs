@@ -56,9 +56,7 @@ fn main() -> std::process::ExitCode {
 
 fn load_config(args: &Args) -> anyhow::Result<RelayConfig> {
     let mut config = match (&args.config, args.dev) {
-        (Some(path), _) => {
-            RelayConfig::load(path).with_context(|| format!("loading {}", path.display()))?
-        }
+        (Some(path), _) => RelayConfig::load(path).with_context(|| format!("loading {}", path.display()))?,
         (None, true) => RelayConfig::dev(),
         (None, false) => anyhow::bail!("pass --config FILE, or --dev for local development"),
     };
@@ -79,8 +77,7 @@ async fn run(config: RelayConfig, ready_file: Option<PathBuf>) -> anyhow::Result
         });
         // Write then rename, so a reader never sees half a file.
         let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, ready.to_string())
-            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::write(&tmp, ready.to_string()).with_context(|| format!("writing {}", tmp.display()))?;
         std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
     }
     tracing::info!(

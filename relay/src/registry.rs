@@ -26,12 +26,7 @@ pub struct WorkerHandle {
 }
 
 impl WorkerHandle {
-    pub fn new(
-        id: String,
-        registration: Registration,
-        connection: quinn::Connection,
-        generation: u64,
-    ) -> Self {
+    pub fn new(id: String, registration: Registration, connection: quinn::Connection, generation: u64) -> Self {
         Self {
             id,
             registration,
@@ -66,9 +61,7 @@ impl WorkerHandle {
     pub fn try_acquire(self: &Arc<Self>) -> Option<SessionSlot> {
         let cap = self.registration.capacity;
         self.active
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < cap).then_some(n + 1)
-            })
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < cap).then_some(n + 1))
             .ok()
             .map(|_| SessionSlot {
                 worker: Arc::clone(self),
@@ -158,10 +151,8 @@ impl Registry {
     pub fn insert(&self, worker: Arc<WorkerHandle>) -> Option<Arc<WorkerHandle>> {
         let old = self.lock().insert(worker.id.clone(), worker);
         if let Some(old) = &old {
-            old.connection.close(
-                quinn::VarInt::from_u32(2),
-                b"replaced by a newer connection",
-            );
+            old.connection
+                .close(quinn::VarInt::from_u32(2), b"replaced by a newer connection");
         }
         old
     }
@@ -250,14 +241,8 @@ mod tests {
             view("b", &["other"], 4, 0, 1),
             view("c", &[], 2, 1, 1),
         ];
-        assert_eq!(
-            LeastLoaded.choose(&req(Some("tutor")), &ws).as_deref(),
-            Some("c")
-        );
-        let ws = [
-            view("a", &["tutor"], 1, 1, 1),
-            view("b", &["other"], 4, 0, 1),
-        ];
+        assert_eq!(LeastLoaded.choose(&req(Some("tutor")), &ws).as_deref(), Some("c"));
+        let ws = [view("a", &["tutor"], 1, 1, 1), view("b", &["other"], 4, 0, 1)];
         assert_eq!(LeastLoaded.choose(&req(Some("tutor")), &ws), None);
         assert_eq!(LeastLoaded.choose(&req(None), &[]), None);
     }

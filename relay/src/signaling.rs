@@ -6,10 +6,11 @@
 //! is generic over `Sink`/`Stream` of axum messages, so tests can drive it with channels.
 
 use crate::registry::{RouteRequest, SessionSlot};
-use crate::tunnel::{open_session, send_frame, FramedRecv};
+use crate::tunnel::open_session;
 use crate::AppState;
 use avatar_proto::session::{Action, SignalingSession};
 use avatar_proto::signaling::{ClientMessage, ErrorCode, Offer, ServerEvent};
+use avatar_proto::stream::{send_frame, FramedRecv};
 use avatar_proto::tunnel::{SessionFrame, SessionOpen};
 use axum::extract::ws::{CloseFrame, Message};
 use futures::{Sink, SinkExt, Stream, StreamExt};
@@ -29,12 +30,8 @@ struct Attached {
 /// WebSocket close code 1001: the server is going away.
 const GOING_AWAY: u16 = 1001;
 
-pub async fn run_session<S, E>(
-    mut socket: S,
-    session_id: String,
-    state: Arc<AppState>,
-    shutdown: CancellationToken,
-) where
+pub async fn run_session<S, E>(mut socket: S, session_id: String, state: Arc<AppState>, shutdown: CancellationToken)
+where
     S: Sink<Message> + Stream<Item = Result<Message, E>> + Unpin,
     E: std::fmt::Display,
 {
@@ -84,11 +81,7 @@ pub async fn run_session<S, E>(
             },
         };
         for ev in out {
-            if socket
-                .send(Message::Text(ev.to_json().into()))
-                .await
-                .is_err()
-            {
+            if socket.send(Message::Text(ev.to_json().into())).await.is_err() {
                 break;
             }
         }
@@ -142,11 +135,7 @@ async fn perform(
     }
 }
 
-async fn route(
-    offer: Offer,
-    session_id: &str,
-    state: &AppState,
-) -> Result<(Attached, String), (ErrorCode, String)> {
+async fn route(offer: Offer, session_id: &str, state: &AppState) -> Result<(Attached, String), (ErrorCode, String)> {
     let avatar = offer.avatar_id.clone();
     let request = RouteRequest {
         session_id,
@@ -168,7 +157,10 @@ async fn route(
                 format!("every worker that serves {what} is at capacity; try again shortly"),
             )
         } else {
-            (ErrorCode::NoWorker, format!("no connected worker serves {what}; the socket stays open, retry the offer later"))
+            (
+                ErrorCode::NoWorker,
+                format!("no connected worker serves {what}; the socket stays open, retry the offer later"),
+            )
         });
     };
     let worker = state
@@ -176,10 +168,9 @@ async fn route(
         .get(&worker_id)
         .filter(|w| w.serves(avatar.as_deref()))
         .ok_or((ErrorCode::NoWorker, format!("worker {worker_id} is gone")))?;
-    let slot = worker.try_acquire().ok_or((
-        ErrorCode::Busy,
-        format!("worker {worker_id} is at capacity"),
-    ))?;
+    let slot = worker
+        .try_acquire()
+        .ok_or((ErrorCode::Busy, format!("worker {worker_id} is at capacity")))?;
     let open = SessionOpen {
         session_id: session_id.to_owned(),
         avatar_id: avatar,
@@ -187,11 +178,7 @@ async fn route(
     };
     let opened = tokio::time::timeout(
         Duration::from_secs(3),
-        open_session(
-            &slot,
-            open,
-            SessionFrame::Client(ClientMessage::WebrtcOffer(offer)),
-        ),
+        open_session(&slot, open, SessionFrame::Client(ClientMessage::WebrtcOffer(offer))),
     )
     .await;
     match opened {

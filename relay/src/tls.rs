@@ -10,10 +10,7 @@ use std::path::Path;
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("reading {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("{path}: no PEM certificate found")]
     NoCert { path: String },
     #[error("{path}: no PEM private key found")]
@@ -72,11 +69,7 @@ impl Identity {
 
     /// A fresh self-signed certificate for `localhost`, `127.0.0.1` and `::1`.
     pub fn self_signed() -> Result<Self, TlsError> {
-        let names = vec![
-            "localhost".to_owned(),
-            "127.0.0.1".to_owned(),
-            "::1".to_owned(),
-        ];
+        let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
         let ck = rcgen::generate_simple_self_signed(names)?;
         Ok(Self {
             chain: vec![ck.cert.der().clone()],
@@ -87,10 +80,7 @@ impl Identity {
     /// Fingerprint of the leaf certificate.
     pub fn fingerprint(&self) -> String {
         // `load` and `self_signed` both guarantee a non-empty chain.
-        self.chain
-            .first()
-            .map(|c| fingerprint(c))
-            .unwrap_or_default()
+        self.chain.first().map(|c| fingerprint(c)).unwrap_or_default()
     }
 }
 

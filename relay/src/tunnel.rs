@@ -9,12 +9,13 @@
 use crate::registry::{SessionSlot, WorkerHandle};
 use crate::tls::Identity;
 use crate::AppState;
+use avatar_proto::stream::{send_frame, FramedRecv, StreamError};
 use avatar_proto::tunnel::{
-    encode_frame, valid_worker_id, verify_auth_proof, Control, FrameDecoder, FrameError,
-    SessionFrame, SessionOpen, ALPN, EXPORTER_LABEL, EXPORTER_LEN, NONCE_LEN, PROTOCOL_VERSION,
+    valid_worker_id, verify_auth_proof, Control, SessionFrame, SessionOpen, ALPN, EXPORTER_LABEL, EXPORTER_LEN,
+    NONCE_LEN, PROTOCOL_VERSION,
 };
 use rand::RngCore;
-use serde::{de::DeserializeOwned, Serialize};
+use serde::de::DeserializeOwned;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,62 +34,22 @@ pub mod close_code {
 pub enum TunnelError {
     #[error("connection: {0}")]
     Connection(#[from] quinn::ConnectionError),
-    #[error("read: {0}")]
-    Read(#[from] quinn::ReadError),
-    #[error("write: {0}")]
-    Write(#[from] quinn::WriteError),
-    #[error("frame: {0}")]
-    Frame(#[from] FrameError),
+    #[error("{0}")]
+    Stream(#[from] StreamError),
     #[error("protocol: {0}")]
     Protocol(String),
+    /// Refused on purpose; the text is sent to the worker as the close reason.
+    #[error("{0}")]
+    Rejected(String),
     #[error("timed out")]
     Timeout,
 }
 
-/// A receive stream that yields decoded frames. `next` is cancel-safe: bytes are only consumed
-/// into the decoder after a read completes, so it can sit in a `select!`.
-pub struct FramedRecv {
-    recv: quinn::RecvStream,
-    decoder: FrameDecoder,
-}
-
-impl FramedRecv {
-    pub fn new(recv: quinn::RecvStream) -> Self {
-        Self {
-            recv,
-            decoder: FrameDecoder::default(),
-        }
-    }
-
-    /// The next message, or `None` at a clean end of stream.
-    pub async fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, TunnelError> {
-        loop {
-            if let Some(msg) = self.decoder.next_message()? {
-                return Ok(Some(msg));
-            }
-            match self.recv.read_chunk(64 * 1024, true).await? {
-                Some(chunk) => self.decoder.push(&chunk.bytes),
-                None => {
-                    self.decoder.finish()?;
-                    return Ok(None);
-                }
-            }
-        }
-    }
-
-    async fn expect<T: DeserializeOwned>(&mut self, what: &str) -> Result<T, TunnelError> {
-        self.next()
-            .await?
-            .ok_or_else(|| TunnelError::Protocol(format!("stream ended before {what}")))
-    }
-}
-
-pub async fn send_frame<T: Serialize>(
-    send: &mut quinn::SendStream,
-    msg: &T,
-) -> Result<(), TunnelError> {
-    send.write_all(&encode_frame(msg)?).await?;
-    Ok(())
+/// The next message, which must be there: the stream ending first is a protocol error.
+async fn expect<T: DeserializeOwned>(recv: &mut FramedRecv, what: &str) -> Result<T, TunnelError> {
+    recv.next()
+        .await?
+        .ok_or_else(|| TunnelError::Protocol(format!("stream ended before {what}")))
 }
 
 /// Build the QUIC endpoint workers dial.
@@ -111,8 +72,7 @@ pub fn endpoint(
     let mut transport = quinn::TransportConfig::default();
     transport
         .max_idle_timeout(Some(
-            quinn::IdleTimeout::try_from(idle_timeout)
-                .map_err(|e| crate::RelayError::Quic(e.to_string()))?,
+            quinn::IdleTimeout::try_from(idle_timeout).map_err(|e| crate::RelayError::Quic(e.to_string()))?,
         ))
         .keep_alive_interval(Some(keepalive))
         // Each browser session is one bidirectional stream.
@@ -148,10 +108,7 @@ pub async fn serve(endpoint: quinn::Endpoint, state: Arc<AppState>, shutdown: Ca
         }
     }
     tasks.close();
-    endpoint.close(
-        quinn::VarInt::from_u32(close_code::SHUTDOWN),
-        b"relay shutting down",
-    );
+    endpoint.close(quinn::VarInt::from_u32(close_code::SHUTDOWN), b"relay shutting down");
     if tokio::time::timeout(Duration::from_secs(3), async {
         tasks.wait().await;
         endpoint.wait_idle().await;
@@ -170,26 +127,22 @@ async fn handle_connection(
 ) -> Result<(), TunnelError> {
     let conn = incoming.await?;
     let deadline = Duration::from_millis(state.config.tunnel.handshake_timeout_ms);
-    let (worker, mut send, mut recv) =
-        match tokio::time::timeout(deadline, handshake(&conn, &state)).await {
-            Ok(Ok(done)) => done,
-            Ok(Err(e)) => {
-                warn!(error = %e, "tunnel handshake failed");
-                conn.close(
-                    quinn::VarInt::from_u32(close_code::REJECTED),
-                    truncate_reason(&e.to_string()),
-                );
-                return Err(e);
-            }
-            Err(_) => {
-                warn!("tunnel handshake timed out");
-                conn.close(
-                    quinn::VarInt::from_u32(close_code::REJECTED),
-                    b"handshake timed out",
-                );
-                return Err(TunnelError::Timeout);
-            }
-        };
+    let (worker, mut send, mut recv) = match tokio::time::timeout(deadline, handshake(&conn, &state)).await {
+        Ok(Ok(done)) => done,
+        Ok(Err(e)) => {
+            warn!(error = %e, "tunnel handshake failed");
+            conn.close(
+                quinn::VarInt::from_u32(close_code::REJECTED),
+                truncate_reason(&e.to_string()),
+            );
+            return Err(e);
+        }
+        Err(_) => {
+            warn!("tunnel handshake timed out");
+            conn.close(quinn::VarInt::from_u32(close_code::REJECTED), b"handshake timed out");
+            return Err(TunnelError::Timeout);
+        }
+    };
     let span = info_span!("worker", worker_id = %worker.id);
     async {
         if let Some(old) = state.registry.insert(Arc::clone(&worker)) {
@@ -221,40 +174,21 @@ async fn handshake(
 ) -> Result<(Arc<WorkerHandle>, quinn::SendStream, FramedRecv), TunnelError> {
     let (mut send, recv) = conn.accept_bi().await?;
     let mut recv = FramedRecv::new(recv);
-    let (protocol, worker_id) = match recv.expect::<Control>("hello").await? {
+    let (protocol, worker_id) = match expect::<Control>(&mut recv, "hello").await? {
         Control::Hello {
-            protocol,
-            worker_id,
-            ..
+            protocol, worker_id, ..
         } => (protocol, worker_id),
-        other => {
-            return Err(TunnelError::Protocol(format!(
-                "expected hello, got {other:?}"
-            )))
-        }
+        other => return Err(TunnelError::Protocol(format!("expected hello, got {other:?}"))),
     };
-    let reject = |reason: String| TunnelError::Protocol(reason);
+    let reject = TunnelError::Rejected;
     if protocol != PROTOCOL_VERSION {
-        let reason =
-            format!("protocol {protocol} not supported; this relay speaks {PROTOCOL_VERSION}");
-        send_frame(
-            &mut send,
-            &Control::Rejected {
-                reason: reason.clone(),
-            },
-        )
-        .await?;
+        let reason = format!("protocol {protocol} not supported; this relay speaks {PROTOCOL_VERSION}");
+        send_frame(&mut send, &Control::Rejected { reason: reason.clone() }).await?;
         return Err(reject(reason));
     }
     if !valid_worker_id(&worker_id) {
         let reason = "worker id must be 1-64 characters of [A-Za-z0-9-_.:]".to_owned();
-        send_frame(
-            &mut send,
-            &Control::Rejected {
-                reason: reason.clone(),
-            },
-        )
-        .await?;
+        send_frame(&mut send, &Control::Rejected { reason: reason.clone() }).await?;
         return Err(reject(reason));
     }
     let mut nonce = [0u8; NONCE_LEN];
@@ -269,13 +203,9 @@ async fn handshake(
         },
     )
     .await?;
-    let proof = match recv.expect::<Control>("auth").await? {
+    let proof = match expect::<Control>(&mut recv, "auth").await? {
         Control::Auth { proof } => proof,
-        other => {
-            return Err(TunnelError::Protocol(format!(
-                "expected auth, got {other:?}"
-            )))
-        }
+        other => return Err(TunnelError::Protocol(format!("expected auth, got {other:?}"))),
     };
     let mut exporter = [0u8; EXPORTER_LEN];
     conn.export_keying_material(&mut exporter, EXPORTER_LABEL, b"")
@@ -295,28 +225,15 @@ async fn handshake(
             },
         )
         .await?;
-        return Err(reject(format!("worker {worker_id} failed authentication")));
+        return Err(reject("authentication failed".into()));
     }
-    let registration = match recv.expect::<Control>("register").await? {
+    let registration = match expect::<Control>(&mut recv, "register").await? {
         Control::Register(r) => r,
-        other => {
-            return Err(TunnelError::Protocol(format!(
-                "expected register, got {other:?}"
-            )))
-        }
+        other => return Err(TunnelError::Protocol(format!("expected register, got {other:?}"))),
     };
-    if registration.capacity == 0
-        || registration.capacity > 10_000
-        || registration.avatars.len() > 10_000
-    {
+    if registration.capacity == 0 || registration.capacity > 10_000 || registration.avatars.len() > 10_000 {
         let reason = "capacity must be 1..=10000 and at most 10000 avatars".to_owned();
-        send_frame(
-            &mut send,
-            &Control::Rejected {
-                reason: reason.clone(),
-            },
-        )
-        .await?;
+        send_frame(&mut send, &Control::Rejected { reason: reason.clone() }).await?;
         return Err(reject(reason));
     }
     send_frame(
@@ -327,12 +244,7 @@ async fn handshake(
     )
     .await?;
     let generation = state.registry.next_generation();
-    let worker = Arc::new(WorkerHandle::new(
-        worker_id,
-        registration,
-        conn.clone(),
-        generation,
-    ));
+    let worker = Arc::new(WorkerHandle::new(worker_id, registration, conn.clone(), generation));
     Ok((worker, send, recv))
 }
 

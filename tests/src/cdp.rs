@@ -15,9 +15,7 @@ pub const CHROMIUM: &str = "/usr/bin/chromium";
 pub struct Chromium {
     child: Child,
     _dir: tempfile::TempDir,
-    ws: tokio_tungstenite::WebSocketStream<
-        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-    >,
+    ws: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
     next_id: u64,
 }
 
@@ -58,10 +56,7 @@ impl Chromium {
             {
                 break p;
             }
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "chromium did not open its DevTools port"
-            );
+            anyhow::ensure!(Instant::now() < deadline, "chromium did not open its DevTools port");
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));

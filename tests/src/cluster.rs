@@ -93,21 +93,12 @@ impl Cluster {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        let addr = |k: &str| {
-            info[k]
-                .as_str()
-                .expect("address")
-                .parse()
-                .expect("socket address")
-        };
+        let addr = |k: &str| info[k].as_str().expect("address").parse().expect("socket address");
         let relay = RelayProc {
             child,
             http: addr("http"),
             tunnel: addr("tunnel"),
-            fingerprint: info["fingerprint"]
-                .as_str()
-                .expect("fingerprint")
-                .to_owned(),
+            fingerprint: info["fingerprint"].as_str().expect("fingerprint").to_owned(),
             log,
         };
         Self {
@@ -119,38 +110,56 @@ impl Cluster {
 
     /// Start a worker and wait until it reports its registration with the relay.
     pub async fn add_worker(&mut self, id: &str, capacity: u32, extra_toml: &str) -> usize {
+        let fingerprint = self.relay.fingerprint.clone();
+        let log = self.spawn_worker(id, capacity, SECRET, &fingerprint, extra_toml);
+        self.wait_for_log(&log, "registered with relay", Duration::from_secs(15))
+            .await;
+        self.workers.len() - 1
+    }
+
+    /// Start a worker with the given credentials and return its log path, without waiting.
+    pub fn spawn_worker(
+        &mut self,
+        id: &str,
+        capacity: u32,
+        secret: &str,
+        fingerprint: &str,
+        extra_toml: &str,
+    ) -> PathBuf {
         let config = self.dir.path().join(format!("{id}.toml"));
         std::fs::write(
             &config,
             format!(
-                "worker_id = \"{id}\"\ncapacity = {capacity}\nsecret = \"{SECRET}\"\n{extra_toml}\n[ice]\ninclude_loopback = true\n[[relays]]\naddress = \"{}\"\nserver_name = \"localhost\"\nfingerprint = \"{}\"\n",
-                self.relay.tunnel, self.relay.fingerprint
+                "worker_id = \"{id}\"\ncapacity = {capacity}\nsecret = \"{secret}\"\n{extra_toml}\n[ice]\ninclude_loopback = true\n[[relays]]\naddress = \"{}\"\nserver_name = \"localhost\"\nfingerprint = \"{fingerprint}\"\n",
+                self.relay.tunnel
             ),
         )
         .expect("write worker config");
-        // A restarted worker appends to a fresh log file of its own.
-        let log = self
-            .dir
-            .path()
-            .join(format!("{id}-{}.log", self.workers.len()));
+        // A restarted worker logs to a fresh file of its own.
+        let log = self.dir.path().join(format!("{id}-{}.log", self.workers.len()));
         let child = spawn("worker", &config, &log, &[]);
         self.workers.push(WorkerProc {
             child,
             log: log.clone(),
         });
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while !std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("registered with relay")
-        {
+        log
+    }
+
+    /// Wait until the file at `path` contains `needle`; panic with its content after `timeout`.
+    pub async fn wait_for_log(&self, path: &Path, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            if text.contains(needle) {
+                return;
+            }
             assert!(
                 Instant::now() < deadline,
-                "worker {id} did not register:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
+                "`{needle}` never appeared in {}:\n{text}",
+                path.display()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        self.workers.len() - 1
     }
 
     /// Registered workers according to the relay's `/healthz`.
@@ -212,10 +221,8 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, Str
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let fetch = async {
         let mut s = tokio::net::TcpStream::connect(addr).await?;
-        s.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await?;
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+            .await?;
         let mut buf = Vec::new();
         let mut chunk = [0u8; 8192];
         loop {
@@ -244,11 +251,7 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, Str
     let text = tokio::time::timeout(Duration::from_secs(5), fetch)
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "HTTP GET timed out"))??;
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
+    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
     let body = text
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_owned())

@@ -30,7 +30,13 @@ pub fn isolated(test_name: &str) -> bool {
     }
     let exe = std::env::current_exe().expect("current exe");
     let status = Command::new("unshare")
-        .args(["-n", "--", "sh", "-c", r#"ip link set lo up && exec "$0" "$1" --exact --nocapture --test-threads=1"#])
+        .args([
+            "-n",
+            "--",
+            "sh",
+            "-c",
+            r#"ip link set lo up && exec "$0" "$1" --exact --nocapture --test-threads=1"#,
+        ])
         .arg(&exe)
         .arg(test_name)
         .status()
@@ -50,14 +56,7 @@ pub fn reexec_isolated() {
     }
     let exe = std::env::current_exe().expect("current exe");
     let status = Command::new("unshare")
-        .args([
-            "-n",
-            "--",
-            "sh",
-            "-c",
-            r#"ip link set lo up && exec "$@""#,
-            "sh",
-        ])
+        .args(["-n", "--", "sh", "-c", r#"ip link set lo up && exec "$@""#, "sh"])
         .arg(&exe)
         .args(std::env::args_os().skip(1))
         .status()

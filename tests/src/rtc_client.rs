@@ -94,10 +94,7 @@ impl RtcClient {
                         }
                         if packet.header.marker && !au.is_empty() {
                             stats.lock().expect("stats").access_units += 1;
-                            if au_tx
-                                .try_send(Bytes::from(std::mem::take(&mut au)))
-                                .is_err()
-                            {
+                            if au_tx.try_send(Bytes::from(std::mem::take(&mut au))).is_err() {
                                 break;
                             }
                         }
@@ -136,17 +133,9 @@ impl RtcClient {
     /// Wait until the peer connection reaches `Connected`.
     pub async fn connected(&self, timeout: Duration) -> anyhow::Result<()> {
         let mut state = self.state.clone();
-        tokio::time::timeout(
-            timeout,
-            state.wait_for(|s| *s == RTCPeerConnectionState::Connected),
-        )
-        .await
-        .map_err(|_| {
-            anyhow::anyhow!(
-                "not connected within {timeout:?} (state {:?})",
-                *self.state.borrow()
-            )
-        })??;
+        tokio::time::timeout(timeout, state.wait_for(|s| *s == RTCPeerConnectionState::Connected))
+            .await
+            .map_err(|_| anyhow::anyhow!("not connected within {timeout:?} (state {:?})", *self.state.borrow()))??;
         Ok(())
     }
 
@@ -171,10 +160,7 @@ fn decode_loop(rx: std::sync::mpsc::Receiver<Bytes>, stats: &Mutex<ReceiverStats
     let Some(codec) = ffmpeg::decoder::find(ffmpeg::codec::Id::H264) else {
         return;
     };
-    let Ok(mut decoder) = ffmpeg::codec::context::Context::new_with_codec(codec)
-        .decoder()
-        .video()
-    else {
+    let Ok(mut decoder) = ffmpeg::codec::context::Context::new_with_codec(codec).decoder().video() else {
         return;
     };
     let mut frame = ffmpeg::frame::Video::empty();

@@ -6,9 +6,7 @@ use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
 
 pub struct Signaling {
-    ws: tokio_tungstenite::WebSocketStream<
-        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-    >,
+    ws: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
 }
 
 impl Signaling {
@@ -56,11 +54,7 @@ impl Signaling {
     }
 
     /// Skip events until one whose type is in `kinds` arrives.
-    pub async fn wait_for_any(
-        &mut self,
-        kinds: &[&str],
-        timeout: Duration,
-    ) -> anyhow::Result<Value> {
+    pub async fn wait_for_any(&mut self, kinds: &[&str], timeout: Duration) -> anyhow::Result<Value> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());

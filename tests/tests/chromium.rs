@@ -9,13 +9,10 @@ use std::time::{Duration, Instant};
 
 #[test]
 fn chromium_plays_the_idle_avatar_from_the_web_client() {
-    netns::run(
-        "chromium_plays_the_idle_avatar_from_the_web_client",
-        || async {
-            let cluster = Cluster::start().await;
-            play_in_chromium(&cluster, "http").await;
-        },
-    );
+    netns::run("chromium_plays_the_idle_avatar_from_the_web_client", || async {
+        let cluster = Cluster::start().await;
+        play_in_chromium(&cluster, "http").await;
+    });
 }
 
 #[test]
@@ -54,10 +51,7 @@ async fn play_in_chromium(cluster: &Cluster, scheme: &str) {
     let opened = Instant::now();
     let mut stats = Value::Null;
     while opened.elapsed() < Duration::from_secs(6) {
-        stats = browser
-            .eval("window.avatarEdge.stats()")
-            .await
-            .expect("stats");
+        stats = browser.eval("window.avatarEdge.stats()").await.expect("stats");
         if stats["framesDecoded"].as_u64().unwrap_or(0) >= 100 {
             break;
         }
@@ -95,13 +89,7 @@ async fn play_in_chromium(cluster: &Cluster, scheme: &str) {
             .is_some_and(|s| s.contains("WebSocket: open") && s.contains("ICE: connected")),
         "{status}"
     );
-    let ws_url = browser
-        .eval("window.avatarEdge.state.ws.url")
-        .await
-        .expect("url");
+    let ws_url = browser.eval("window.avatarEdge.state.ws.url").await.expect("url");
     let want = if scheme == "https" { "wss://" } else { "ws://" };
-    assert!(
-        ws_url.as_str().is_some_and(|u| u.starts_with(want)),
-        "{ws_url}"
-    );
+    assert!(ws_url.as_str().is_some_and(|u| u.starts_with(want)), "{ws_url}");
 }

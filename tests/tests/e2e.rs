@@ -42,136 +42,106 @@ fn error_code(ev: &serde_json::Value) -> &str {
 
 #[test]
 fn rust_client_plays_idle_avatar_through_relay_and_tunnel() {
-    netns::run(
-        "rust_client_plays_idle_avatar_through_relay_and_tunnel",
-        || async {
-            let cluster = Cluster::start().await;
-            let mut sig = Signaling::connect(&cluster.ws_url("rust-1"))
-                .await
-                .expect("ws");
-            let client = RtcClient::new(true).await.expect("client");
-            sig.send_offer(&client.offer().await.expect("offer"), "avatar_tutor_13")
-                .await
-                .expect("send");
-            let assigned = sig.next_event(SECS(10)).await.expect("event");
-            assert_eq!(assigned["type"], "session_assigned", "{assigned}");
-            assert_eq!(assigned["worker_id"], "worker-1");
-            let answer = sig
-                .wait_for("webrtc_answer", SECS(10))
-                .await
-                .expect("answer");
-            let sdp = answer["sdp"].as_str().expect("sdp");
-            assert!(
-                answer["timestamp"].as_str().is_some_and(|t| t.len() >= 19),
-                "{answer}"
-            );
-            let candidates = sdp
-                .lines()
-                .filter(|l| l.starts_with("a=candidate:"))
-                .count();
-            assert!(
-                candidates > 0,
-                "answer carries no candidates (non-trickle):\n{sdp}"
-            );
-            assert!(sdp.contains("H264"), "answer negotiated H.264:\n{sdp}");
-            if std::env::var_os("AE_SHOW_SDP").is_some() {
-                eprintln!("{sdp}");
-            }
-            client.accept_answer(sdp).await.expect("accept");
-            client.connected(SECS(10)).await.expect("ICE connects");
-            let connected = Instant::now();
-            let stats = client.wait_frames(100, SECS(6)).await;
-            assert!(
-                stats.frames_decoded >= 100,
-                "decoded {} frames in 6 s: {stats:?}",
-                stats.frames_decoded
-            );
-            assert_eq!((stats.width, stats.height), (512, 512));
-            assert_eq!(stats.codec.to_ascii_lowercase(), "video/h264");
-            assert_eq!(stats.decode_errors, 0);
-            eprintln!(
-                "100 frames {:?} after connect; stats {stats:?}",
-                connected.elapsed()
-            );
-            client.close().await;
-            sig.close().await;
-        },
-    );
+    netns::run("rust_client_plays_idle_avatar_through_relay_and_tunnel", || async {
+        let cluster = Cluster::start().await;
+        let mut sig = Signaling::connect(&cluster.ws_url("rust-1")).await.expect("ws");
+        let client = RtcClient::new(true).await.expect("client");
+        sig.send_offer(&client.offer().await.expect("offer"), "avatar_tutor_13")
+            .await
+            .expect("send");
+        let assigned = sig.next_event(SECS(10)).await.expect("event");
+        assert_eq!(assigned["type"], "session_assigned", "{assigned}");
+        assert_eq!(assigned["worker_id"], "worker-1");
+        let answer = sig.wait_for("webrtc_answer", SECS(10)).await.expect("answer");
+        let sdp = answer["sdp"].as_str().expect("sdp");
+        assert!(answer["timestamp"].as_str().is_some_and(|t| t.len() >= 19), "{answer}");
+        let candidates = sdp.lines().filter(|l| l.starts_with("a=candidate:")).count();
+        assert!(candidates > 0, "answer carries no candidates (non-trickle):\n{sdp}");
+        assert!(sdp.contains("H264"), "answer negotiated H.264:\n{sdp}");
+        if std::env::var_os("AE_SHOW_SDP").is_some() {
+            eprintln!("{sdp}");
+        }
+        client.accept_answer(sdp).await.expect("accept");
+        client.connected(SECS(10)).await.expect("ICE connects");
+        let connected = Instant::now();
+        let stats = client.wait_frames(100, SECS(6)).await;
+        assert!(
+            stats.frames_decoded >= 100,
+            "decoded {} frames in 6 s: {stats:?}",
+            stats.frames_decoded
+        );
+        assert_eq!((stats.width, stats.height), (512, 512));
+        assert_eq!(stats.codec.to_ascii_lowercase(), "video/h264");
+        assert_eq!(stats.decode_errors, 0);
+        eprintln!("100 frames {:?} after connect; stats {stats:?}", connected.elapsed());
+        client.close().await;
+        sig.close().await;
+    });
 }
 
 #[test]
 fn bad_input_gets_error_events_and_the_socket_still_works() {
-    netns::run(
-        "bad_input_gets_error_events_and_the_socket_still_works",
-        || async {
-            let cluster = Cluster::start().await;
-            let mut sig = Signaling::connect(&cluster.ws_url("bad-input"))
-                .await
-                .expect("ws");
-            let candidate = json!({"type": "webrtc_ice_candidate", "user_id": 5,
+    netns::run("bad_input_gets_error_events_and_the_socket_still_works", || async {
+        let cluster = Cluster::start().await;
+        let mut sig = Signaling::connect(&cluster.ws_url("bad-input")).await.expect("ws");
+        let candidate = json!({"type": "webrtc_ice_candidate", "user_id": 5,
             "candidate": {"candidate": "candidate:1 1 udp 2122260223 127.0.0.1 5000 typ host", "sdpMid": "0", "sdpMLineIndex": 0}});
-            let huge = json!({"type": "text_webrtc", "message": "x".repeat(1 << 20)}).to_string();
-            let no_media = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n";
-            let cases: Vec<(String, &str)> = vec![
-                ("this is not json".into(), "bad_json"),
-                ("[1,2,3]".into(), "bad_json"),
-                (json!({"type": "make_coffee"}).to_string(), "unknown_type"),
-                (
-                    json!({"type": "webrtc_answer", "sdp": "v=0"}).to_string(),
-                    "unknown_type",
-                ),
-                (
-                    json!({"type": "webrtc_offer", "user_id": 5}).to_string(),
-                    "invalid_message",
-                ),
-                (
-                    json!({"type": "text_webrtc"}).to_string(),
-                    "invalid_message",
-                ),
-                (
-                    json!({"type": "webrtc_offer", "sdp": "hello, I am not SDP"}).to_string(),
-                    "bad_sdp",
-                ),
-                (
-                    json!({"type": "webrtc_offer", "sdp": no_media}).to_string(),
-                    "offer_without_media",
-                ),
-                (huge, "message_too_large"),
-                (candidate.to_string(), "no_session"),
-                (
-                    json!({"type": "text_webrtc", "message": "hi"}).to_string(),
-                    "no_session",
-                ),
-            ];
-            for (input, want) in &cases {
-                sig.send_text(input.clone()).await.expect("send");
-                let ev = sig
-                    .next_event(SECS(5))
-                    .await
-                    .unwrap_or_else(|e| panic!("no reply to {:.60}: {e}", input));
-                assert_eq!(error_code(&ev), *want, "for input {:.80}", input);
-            }
-            // An SDP the worker's WebRTC stack cannot use passes the relay's quick check but is
-            // refused by the worker, also as an error event.
-            let broken = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=rtpmap:96 H264/90000\r\n";
-            sig.send_offer(broken, "a").await.expect("send");
-            let ev = sig.wait_for("error", SECS(10)).await.expect("error");
-            assert_eq!(error_code(&ev), "bad_sdp", "{ev}");
-            // The socket survived all of it: a valid offer now plays.
-            let client = play(&mut sig, &cluster, "a").await;
-            let stats = client.wait_frames(25, SECS(5)).await;
-            assert!(stats.frames_decoded >= 25, "{stats:?}");
-        },
-    );
+        let huge = json!({"type": "text_webrtc", "message": "x".repeat(1 << 20)}).to_string();
+        let no_media = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n";
+        let cases: Vec<(String, &str)> = vec![
+            ("this is not json".into(), "bad_json"),
+            ("[1,2,3]".into(), "bad_json"),
+            (json!({"type": "make_coffee"}).to_string(), "unknown_type"),
+            (
+                json!({"type": "webrtc_answer", "sdp": "v=0"}).to_string(),
+                "unknown_type",
+            ),
+            (
+                json!({"type": "webrtc_offer", "user_id": 5}).to_string(),
+                "invalid_message",
+            ),
+            (json!({"type": "text_webrtc"}).to_string(), "invalid_message"),
+            (
+                json!({"type": "webrtc_offer", "sdp": "hello, I am not SDP"}).to_string(),
+                "bad_sdp",
+            ),
+            (
+                json!({"type": "webrtc_offer", "sdp": no_media}).to_string(),
+                "offer_without_media",
+            ),
+            (huge, "message_too_large"),
+            (candidate.to_string(), "no_session"),
+            (
+                json!({"type": "text_webrtc", "message": "hi"}).to_string(),
+                "no_session",
+            ),
+        ];
+        for (input, want) in &cases {
+            sig.send_text(input.clone()).await.expect("send");
+            let ev = sig
+                .next_event(SECS(5))
+                .await
+                .unwrap_or_else(|e| panic!("no reply to {:.60}: {e}", input));
+            assert_eq!(error_code(&ev), *want, "for input {:.80}", input);
+        }
+        // An SDP the worker's WebRTC stack cannot use passes the relay's quick check but is
+        // refused by the worker, also as an error event.
+        let broken = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=rtpmap:96 H264/90000\r\n";
+        sig.send_offer(broken, "a").await.expect("send");
+        let ev = sig.wait_for("error", SECS(10)).await.expect("error");
+        assert_eq!(error_code(&ev), "bad_sdp", "{ev}");
+        // The socket survived all of it: a valid offer now plays.
+        let client = play(&mut sig, &cluster, "a").await;
+        let stats = client.wait_frames(25, SECS(5)).await;
+        assert!(stats.frames_decoded >= 25, "{stats:?}");
+    });
 }
 
 #[test]
 fn offer_without_media_gets_the_fix_in_the_error() {
     netns::run("offer_without_media_gets_the_fix_in_the_error", || async {
         let cluster = Cluster::start().await;
-        let mut sig = Signaling::connect(&cluster.ws_url("customer-page"))
-            .await
-            .expect("ws");
+        let mut sig = Signaling::connect(&cluster.ws_url("customer-page")).await.expect("ws");
         // What the customer's page does: createOffer() with no transceiver and no track.
         let client = RtcClient::new(false).await.expect("client");
         let offer = client.offer().await.expect("offer");
@@ -179,9 +149,7 @@ fn offer_without_media_gets_the_fix_in_the_error() {
             !offer.contains("m="),
             "a peer without transceivers offers no media:\n{offer}"
         );
-        sig.send_offer(&offer, "avatar_tutor_13")
-            .await
-            .expect("send");
+        sig.send_offer(&offer, "avatar_tutor_13").await.expect("send");
         let ev = sig.next_event(SECS(5)).await.expect("event");
         assert_eq!(error_code(&ev), "offer_without_media");
         let message = ev["message"].as_str().expect("message");
@@ -195,308 +163,290 @@ fn offer_without_media_gets_the_fix_in_the_error() {
 
 #[test]
 fn no_worker_is_an_error_and_the_socket_stays_open() {
-    netns::run(
-        "no_worker_is_an_error_and_the_socket_stays_open",
-        || async {
-            let mut cluster = Cluster::relay_only("").await;
-            let mut sig = Signaling::connect(&cluster.ws_url("early"))
-                .await
-                .expect("ws");
-            let client = RtcClient::new(true).await.expect("client");
-            sig.send_offer(&client.offer().await.expect("offer"), "avatar_tutor_13")
-                .await
-                .expect("send");
-            let ev = sig.next_event(SECS(5)).await.expect("event");
-            assert_eq!(error_code(&ev), "no_worker");
-            cluster.add_worker("late-worker", 2, "").await;
-            let client = play(&mut sig, &cluster, "avatar_tutor_13").await;
-            assert!(client.wait_frames(10, SECS(5)).await.frames_decoded >= 10);
-        },
-    );
+    netns::run("no_worker_is_an_error_and_the_socket_stays_open", || async {
+        let mut cluster = Cluster::relay_only("").await;
+        let mut sig = Signaling::connect(&cluster.ws_url("early")).await.expect("ws");
+        let client = RtcClient::new(true).await.expect("client");
+        sig.send_offer(&client.offer().await.expect("offer"), "avatar_tutor_13")
+            .await
+            .expect("send");
+        let ev = sig.next_event(SECS(5)).await.expect("event");
+        assert_eq!(error_code(&ev), "no_worker");
+        cluster.add_worker("late-worker", 2, "").await;
+        let client = play(&mut sig, &cluster, "avatar_tutor_13").await;
+        assert!(client.wait_frames(10, SECS(5)).await.frames_decoded >= 10);
+    });
 }
 
 #[test]
 fn worker_restart_reports_worker_lost_then_serves_again() {
-    netns::run(
-        "worker_restart_reports_worker_lost_then_serves_again",
-        || async {
-            let mut cluster = Cluster::start().await;
-            let mut sig = Signaling::connect(&cluster.ws_url("restart"))
-                .await
-                .expect("ws");
-            let client = play(&mut sig, &cluster, "a").await;
-            assert!(client.wait_frames(10, SECS(5)).await.frames_decoded >= 10);
-            let killed = Instant::now();
-            cluster.kill_worker(0);
-            let ev = sig
-                .wait_for("error", SECS(10))
-                .await
-                .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
-            assert_eq!(error_code(&ev), "worker_lost");
-            eprintln!("worker_lost {:?} after SIGKILL", killed.elapsed());
-            client.close().await;
-            // The same worker id comes back and a new session on the same socket works.
-            while cluster.worker_count().await > 0 {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            cluster.add_worker("worker-1", 4, "").await;
-            let client = play(&mut sig, &cluster, "a").await;
-            let stats = client.wait_frames(25, SECS(5)).await;
-            assert!(stats.frames_decoded >= 25, "{stats:?}");
-        },
-    );
+    netns::run("worker_restart_reports_worker_lost_then_serves_again", || async {
+        let mut cluster = Cluster::start().await;
+        let mut sig = Signaling::connect(&cluster.ws_url("restart")).await.expect("ws");
+        let client = play(&mut sig, &cluster, "a").await;
+        assert!(client.wait_frames(10, SECS(5)).await.frames_decoded >= 10);
+        let killed = Instant::now();
+        cluster.kill_worker(0);
+        let ev = sig
+            .wait_for("error", SECS(10))
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+        assert_eq!(error_code(&ev), "worker_lost");
+        eprintln!("worker_lost {:?} after SIGKILL", killed.elapsed());
+        client.close().await;
+        // The same worker id comes back and a new session on the same socket works.
+        while cluster.worker_count().await > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        cluster.add_worker("worker-1", 4, "").await;
+        let client = play(&mut sig, &cluster, "a").await;
+        let stats = client.wait_frames(25, SECS(5)).await;
+        assert!(stats.frames_decoded >= 25, "{stats:?}");
+    });
 }
 
 #[test]
 fn avatar_directory_is_decoded_and_routed_by_avatar_id() {
-    netns::run(
-        "avatar_directory_is_decoded_and_routed_by_avatar_id",
-        || async {
-            let mut cluster = Cluster::relay_only("").await;
-            let avatars = cluster.dir.path().join("avatars");
-            let tutor = avatars.join("tutor_7");
-            std::fs::create_dir_all(&tutor).expect("mkdir");
-            let status = std::process::Command::new("ffmpeg")
-                .args([
-                    "-hide_banner",
-                    "-loglevel",
-                    "error",
-                    "-f",
-                    "lavfi",
-                    "-i",
-                    "testsrc=size=320x240:rate=25:duration=2",
-                ])
-                .args(["-pix_fmt", "yuv420p", "-c:v", "libx264", "-y"])
-                .arg(tutor.join("idle.mp4"))
-                .status()
-                .expect("ffmpeg CLI (scripts/test installs it)");
-            assert!(status.success());
-            std::fs::write(
-                tutor.join("avatar.toml"),
-                "name = \"Tutor seven\"\nvideo = \"idle.mp4\"\nface_box = [100, 40, 120, 150]\n",
-            )
-            .expect("write meta");
-            cluster
-                .add_worker(
-                    "dir-worker",
-                    2,
-                    &format!("avatar_dir = \"{}\"", avatars.display()),
-                )
-                .await;
+    netns::run("avatar_directory_is_decoded_and_routed_by_avatar_id", || async {
+        let mut cluster = Cluster::relay_only("").await;
+        let avatars = cluster.dir.path().join("avatars");
+        let tutor = avatars.join("tutor_7");
+        std::fs::create_dir_all(&tutor).expect("mkdir");
+        let status = std::process::Command::new("ffmpeg")
+            .args([
+                "-hide_banner",
+                "-loglevel",
+                "error",
+                "-f",
+                "lavfi",
+                "-i",
+                "testsrc=size=320x240:rate=25:duration=2",
+            ])
+            .args(["-pix_fmt", "yuv420p", "-c:v", "libx264", "-y"])
+            .arg(tutor.join("idle.mp4"))
+            .status()
+            .expect("ffmpeg CLI (scripts/test installs it)");
+        assert!(status.success());
+        std::fs::write(
+            tutor.join("avatar.toml"),
+            "name = \"Tutor seven\"\nvideo = \"idle.mp4\"\nface_box = [100, 40, 120, 150]\n",
+        )
+        .expect("write meta");
+        cluster
+            .add_worker("dir-worker", 2, &format!("avatar_dir = \"{}\"", avatars.display()))
+            .await;
 
-            let mut sig = Signaling::connect(&cluster.ws_url("dir"))
-                .await
-                .expect("ws");
-            let client = RtcClient::new(true).await.expect("client");
-            sig.send_offer(&client.offer().await.expect("offer"), "someone_else")
-                .await
-                .expect("send");
-            assert_eq!(
-                error_code(&sig.next_event(SECS(5)).await.expect("event")),
-                "no_worker"
-            );
+        let mut sig = Signaling::connect(&cluster.ws_url("dir")).await.expect("ws");
+        let client = RtcClient::new(true).await.expect("client");
+        sig.send_offer(&client.offer().await.expect("offer"), "someone_else")
+            .await
+            .expect("send");
+        assert_eq!(error_code(&sig.next_event(SECS(5)).await.expect("event")), "no_worker");
 
-            let client = play(&mut sig, &cluster, "tutor_7").await;
-            let stats = client.wait_frames(50, SECS(6)).await;
-            assert!(stats.frames_decoded >= 50, "{stats:?}");
-            assert_eq!(
-                (stats.width, stats.height),
-                (512, 512),
-                "the 320×240 source is scaled to the output size"
-            );
-        },
-    );
+        let client = play(&mut sig, &cluster, "tutor_7").await;
+        let stats = client.wait_frames(50, SECS(6)).await;
+        assert!(stats.frames_decoded >= 50, "{stats:?}");
+        assert_eq!(
+            (stats.width, stats.height),
+            (512, 512),
+            "the 320×240 source is scaled to the output size"
+        );
+    });
 }
 
 #[test]
 fn closing_the_socket_returns_the_workers_capacity() {
-    netns::run(
-        "closing_the_socket_returns_the_workers_capacity",
-        || async {
-            let mut cluster = Cluster::relay_only("").await;
-            cluster.add_worker("one-slot", 1, "").await;
-            let mut first = Signaling::connect(&cluster.ws_url("first"))
-                .await
-                .expect("ws");
-            let client = play(&mut first, &cluster, "a").await;
-            assert!(client.wait_frames(5, SECS(5)).await.frames_decoded >= 5);
+    netns::run("closing_the_socket_returns_the_workers_capacity", || async {
+        let mut cluster = Cluster::relay_only("").await;
+        cluster.add_worker("one-slot", 1, "").await;
+        let mut first = Signaling::connect(&cluster.ws_url("first")).await.expect("ws");
+        let client = play(&mut first, &cluster, "a").await;
+        assert!(client.wait_frames(5, SECS(5)).await.frames_decoded >= 5);
 
-            // The only slot is taken.
-            let mut second = Signaling::connect(&cluster.ws_url("second"))
-                .await
-                .expect("ws");
-            let waiting = RtcClient::new(true).await.expect("client");
+        // The only slot is taken.
+        let mut second = Signaling::connect(&cluster.ws_url("second")).await.expect("ws");
+        let waiting = RtcClient::new(true).await.expect("client");
+        second
+            .send_offer(&waiting.offer().await.expect("offer"), "a")
+            .await
+            .expect("send");
+        assert_eq!(error_code(&second.next_event(SECS(5)).await.expect("event")), "busy");
+
+        // The first browser leaves: its session ends and the slot comes back.
+        first.close().await;
+        client.close().await;
+        let deadline = Instant::now() + SECS(5);
+        let played = loop {
+            let client = RtcClient::new(true).await.expect("client");
             second
-                .send_offer(&waiting.offer().await.expect("offer"), "a")
+                .send_offer(&client.offer().await.expect("offer"), "a")
                 .await
                 .expect("send");
-            assert_eq!(
-                error_code(&second.next_event(SECS(5)).await.expect("event")),
-                "busy"
+            let ev = second
+                .wait_for_any(&["webrtc_answer", "error"], SECS(10))
+                .await
+                .expect("event");
+            if ev["type"] == "webrtc_answer" {
+                client
+                    .accept_answer(ev["sdp"].as_str().expect("sdp"))
+                    .await
+                    .expect("accept");
+                break client;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "slot never returned: {ev}\n{}",
+                cluster.logs()
             );
-
-            // The first browser leaves: its session ends and the slot comes back.
-            first.close().await;
-            client.close().await;
-            let deadline = Instant::now() + SECS(5);
-            let played = loop {
-                let client = RtcClient::new(true).await.expect("client");
-                second
-                    .send_offer(&client.offer().await.expect("offer"), "a")
-                    .await
-                    .expect("send");
-                let ev = second
-                    .wait_for_any(&["webrtc_answer", "error"], SECS(10))
-                    .await
-                    .expect("event");
-                if ev["type"] == "webrtc_answer" {
-                    client
-                        .accept_answer(ev["sdp"].as_str().expect("sdp"))
-                        .await
-                        .expect("accept");
-                    break client;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "slot never returned: {ev}\n{}",
-                    cluster.logs()
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            };
-            assert!(played.wait_frames(5, SECS(5)).await.frames_decoded >= 5);
-        },
-    );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert!(played.wait_frames(5, SECS(5)).await.frames_decoded >= 5);
+    });
 }
 
 #[test]
 fn a_failed_peer_ends_the_session_and_frees_the_slot() {
-    netns::run(
-        "a_failed_peer_ends_the_session_and_frees_the_slot",
-        || async {
-            let mut cluster = Cluster::relay_only("").await;
-            cluster.add_worker("one-slot", 1, "").await;
-            let mut sig = Signaling::connect(&cluster.ws_url("peer-fails"))
-                .await
-                .expect("ws");
-            let client = play(&mut sig, &cluster, "a").await;
-            assert!(client.wait_frames(5, SECS(5)).await.frames_decoded >= 5);
-            // The browser's peer goes away but its socket stays.
-            let closed = Instant::now();
-            client.close().await;
-            let ev = sig
-                .wait_for("error", SECS(30))
-                .await
-                .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
-            assert_eq!(error_code(&ev), "peer_failed");
-            eprintln!(
-                "peer_failed {:?} after the browser peer closed",
-                closed.elapsed()
-            );
-            // The slot is free again: a new offer on the same socket plays.
-            let client = play(&mut sig, &cluster, "a").await;
-            assert!(client.wait_frames(5, SECS(5)).await.frames_decoded >= 5);
-        },
-    );
+    netns::run("a_failed_peer_ends_the_session_and_frees_the_slot", || async {
+        let mut cluster = Cluster::relay_only("").await;
+        cluster.add_worker("one-slot", 1, "").await;
+        let mut sig = Signaling::connect(&cluster.ws_url("peer-fails")).await.expect("ws");
+        let client = play(&mut sig, &cluster, "a").await;
+        assert!(client.wait_frames(5, SECS(5)).await.frames_decoded >= 5);
+        // The browser's peer goes away but its socket stays.
+        let closed = Instant::now();
+        client.close().await;
+        let ev = sig
+            .wait_for("error", SECS(30))
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+        assert_eq!(error_code(&ev), "peer_failed");
+        eprintln!("peer_failed {:?} after the browser peer closed", closed.elapsed());
+        // The slot is free again: a new offer on the same socket plays.
+        let client = play(&mut sig, &cluster, "a").await;
+        assert!(client.wait_frames(5, SECS(5)).await.frames_decoded >= 5);
+    });
 }
 
 #[test]
 fn demo_script_serves_a_session_and_stops_cleanly_on_sigterm() {
-    netns::run(
-        "demo_script_serves_a_session_and_stops_cleanly_on_sigterm",
-        || async {
-            let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .parent()
-                .expect("workspace root")
-                .to_path_buf();
-            let log = tempfile::NamedTempFile::new().expect("log");
-            // `--no-build`: cargo holds the build lock while tests run; scripts/test built everything.
-            let mut demo = std::process::Command::new(root.join("scripts/demo"))
-                .arg("--no-build")
-                .current_dir(&root)
-                .stdin(std::process::Stdio::null())
-                .stdout(log.reopen().expect("log"))
-                .stderr(log.reopen().expect("log"))
-                .spawn()
-                .expect("scripts/demo");
-            let http: std::net::SocketAddr = "127.0.0.1:8080".parse().expect("addr");
-            let deadline = Instant::now() + SECS(120);
-            loop {
-                if let Ok((200, body)) =
-                    avatar_edge_tests::cluster::http_get(http, "/healthz").await
-                {
-                    if body.contains("\"workers\":1") {
-                        break;
-                    }
+    netns::run("demo_script_serves_a_session_and_stops_cleanly_on_sigterm", || async {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("workspace root")
+            .to_path_buf();
+        let log = tempfile::NamedTempFile::new().expect("log");
+        // `--no-build`: cargo holds the build lock while tests run; scripts/test built everything.
+        let mut demo = std::process::Command::new(root.join("scripts/demo"))
+            .arg("--no-build")
+            .current_dir(&root)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.reopen().expect("log"))
+            .stderr(log.reopen().expect("log"))
+            .spawn()
+            .expect("scripts/demo");
+        let http: std::net::SocketAddr = "127.0.0.1:8080".parse().expect("addr");
+        let deadline = Instant::now() + SECS(120);
+        loop {
+            if let Ok((200, body)) = avatar_edge_tests::cluster::http_get(http, "/healthz").await {
+                if body.contains("\"workers\":1") {
+                    break;
                 }
-                assert!(
-                    Instant::now() < deadline,
-                    "demo did not come up:\n{}",
-                    std::fs::read_to_string(log.path()).unwrap_or_default()
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            let (status, page) = avatar_edge_tests::cluster::http_get(http, "/")
-                .await
-                .expect("page");
-            assert_eq!(status, 200);
-            assert!(page.contains("avatar-edge"));
-            let mut sig = Signaling::connect("ws://127.0.0.1:8080/ws/demo-session")
-                .await
-                .expect("ws");
-            let client = RtcClient::new(true).await.expect("client");
-            sig.send_offer(&client.offer().await.expect("offer"), "avatar_tutor_13")
-                .await
-                .expect("send");
-            let answer = sig
-                .wait_for("webrtc_answer", SECS(10))
-                .await
-                .expect("answer");
-            client
-                .accept_answer(answer["sdp"].as_str().expect("sdp"))
-                .await
-                .expect("accept");
-            assert!(client.wait_frames(25, SECS(6)).await.frames_decoded >= 25);
+            assert!(
+                Instant::now() < deadline,
+                "demo did not come up:\n{}",
+                std::fs::read_to_string(log.path()).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (status, page) = avatar_edge_tests::cluster::http_get(http, "/").await.expect("page");
+        assert_eq!(status, 200);
+        assert!(page.contains("avatar-edge"));
+        let mut sig = Signaling::connect("ws://127.0.0.1:8080/ws/demo-session")
+            .await
+            .expect("ws");
+        let client = RtcClient::new(true).await.expect("client");
+        sig.send_offer(&client.offer().await.expect("offer"), "avatar_tutor_13")
+            .await
+            .expect("send");
+        let answer = sig.wait_for("webrtc_answer", SECS(10)).await.expect("answer");
+        client
+            .accept_answer(answer["sdp"].as_str().expect("sdp"))
+            .await
+            .expect("accept");
+        assert!(client.wait_frames(25, SECS(6)).await.frames_decoded >= 25);
 
-            // SIGTERM the script: it stops relay and worker and exits 0; the browser sees a close.
-            let pid = demo.id() as i32;
-            let killed = std::process::Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
-                .status()
-                .expect("kill");
-            assert!(killed.success());
-            let deadline = Instant::now() + SECS(10);
-            let status = loop {
-                if let Some(status) = demo.try_wait().expect("wait") {
-                    break status;
-                }
-                assert!(Instant::now() < deadline, "demo did not stop within 10 s");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            };
-            let output = std::fs::read_to_string(log.path()).unwrap_or_default();
-            assert!(status.success(), "demo exited with {status}:\n{output}");
-            assert!(
-                output.contains("relay stopped") && output.contains("worker stopped"),
-                "{output}"
-            );
-            // The browser may first hear that its worker left; then its socket is closed.
-            let mut seen = Vec::new();
-            let closed = loop {
-                match sig.next_event(SECS(3)).await {
-                    Ok(ev) if seen.len() < 5 => seen.push(ev),
-                    Ok(ev) => panic!("socket still open after events {seen:?} {ev}"),
-                    Err(e) => break e.to_string(),
-                }
-            };
-            assert!(
-                closed.contains("closed") || closed.contains("ended"),
-                "{closed} after {seen:?}"
-            );
-            assert!(
-                avatar_edge_tests::cluster::http_get(http, "/healthz")
-                    .await
-                    .is_err(),
-                "nothing listens any more"
-            );
-        },
-    );
+        // SIGTERM the script: it stops relay and worker and exits 0; the browser sees a close.
+        let pid = demo.id() as i32;
+        let killed = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(killed.success());
+        let deadline = Instant::now() + SECS(10);
+        let status = loop {
+            if let Some(status) = demo.try_wait().expect("wait") {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "demo did not stop within 10 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let output = std::fs::read_to_string(log.path()).unwrap_or_default();
+        assert!(status.success(), "demo exited with {status}:\n{output}");
+        assert!(
+            output.contains("relay stopped") && output.contains("worker stopped"),
+            "{output}"
+        );
+        // The browser may first hear that its worker left; then its socket is closed.
+        let mut seen = Vec::new();
+        let closed = loop {
+            match sig.next_event(SECS(3)).await {
+                Ok(ev) if seen.len() < 5 => seen.push(ev),
+                Ok(ev) => panic!("socket still open after events {seen:?} {ev}"),
+                Err(e) => break e.to_string(),
+            }
+        };
+        assert!(
+            closed.contains("closed") || closed.contains("ended"),
+            "{closed} after {seen:?}"
+        );
+        assert!(
+            avatar_edge_tests::cluster::http_get(http, "/healthz").await.is_err(),
+            "nothing listens any more"
+        );
+    });
+}
+
+#[test]
+fn workers_with_a_wrong_secret_or_pin_are_refused() {
+    netns::run("workers_with_a_wrong_secret_or_pin_are_refused", || async {
+        let mut cluster = Cluster::relay_only("").await;
+        let pin = cluster.relay.fingerprint.clone();
+        let wrong_secret = cluster.spawn_worker("intruder", 1, "not-the-secret-at-all", &pin, "");
+        cluster
+            .wait_for_log(&wrong_secret, "relay refused us: authentication failed", SECS(10))
+            .await;
+        let wrong_pin = cluster.spawn_worker(
+            "mitm-victim",
+            1,
+            avatar_edge_tests::cluster::SECRET,
+            &"ab".repeat(32),
+            "",
+        );
+        cluster.wait_for_log(&wrong_pin, "tunnel failed", SECS(10)).await;
+        let relay_log = std::fs::read_to_string(&cluster.relay.log).expect("relay log");
+        assert!(
+            relay_log.contains("worker failed authentication worker_id=intruder"),
+            "{relay_log}"
+        );
+        assert!(!relay_log.contains("worker registered"), "{relay_log}");
+        assert!(
+            !relay_log.contains("not-the-secret-at-all"),
+            "secrets never reach the logs"
+        );
+        assert_eq!(cluster.worker_count().await, 0);
+        // A worker with the right credentials still gets in.
+        cluster.add_worker("honest", 1, "").await;
+        assert_eq!(cluster.worker_count().await, 1);
+    });
 }

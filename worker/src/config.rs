@@ -117,10 +117,7 @@ impl Default for VideoConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{0}")]
     Parse(#[from] toml::de::Error),
     #[error("`{key}`: {message}")]
@@ -152,9 +149,7 @@ impl WorkerConfig {
                 fingerprint_file: Some(PathBuf::from(".avatar-edge-dev/relay.fingerprint")),
                 ca_file: None,
             }],
-            ice: IceConfig {
-                include_loopback: true,
-            },
+            ice: IceConfig { include_loopback: true },
             ..Self::default()
         }
     }
@@ -201,17 +196,8 @@ impl WorkerConfig {
             }
         }
         let v = &self.video;
-        if v.width == 0
-            || v.height == 0
-            || v.width % 2 == 1
-            || v.height % 2 == 1
-            || v.width > 4096
-            || v.height > 4096
-        {
-            return invalid(
-                "video.width",
-                "width and height must be even and between 2 and 4096",
-            );
+        if v.width == 0 || v.height == 0 || v.width % 2 == 1 || v.height % 2 == 1 || v.width > 4096 || v.height > 4096 {
+            return invalid("video.width", "width and height must be even and between 2 and 4096");
         }
         if !(1..=60).contains(&v.fps) {
             return invalid("video.fps", "must be 1..=60");

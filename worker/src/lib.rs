@@ -94,9 +94,7 @@ impl Context {
     pub fn try_acquire(&self) -> Option<Slot<'_>> {
         let cap = self.config.capacity;
         self.active
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < cap).then_some(n + 1)
-            })
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < cap).then_some(n + 1))
             .ok()
             .map(|_| Slot(&self.active))
     }
@@ -132,10 +130,7 @@ impl Worker {
                 for c in &clips {
                     info!(id = %c.id, name = %c.name, frames = c.frames.len(), "avatar loaded");
                 }
-                let by_id: HashMap<_, _> = clips
-                    .into_iter()
-                    .map(|c| (c.id.clone(), Arc::new(c)))
-                    .collect();
+                let by_id: HashMap<_, _> = clips.into_iter().map(|c| (c.id.clone(), Arc::new(c))).collect();
                 // Sorted so the fallback does not depend on hash order; `load_dir` never returns empty.
                 let mut ids: Vec<&String> = by_id.keys().collect();
                 ids.sort();
@@ -143,9 +138,7 @@ impl Worker {
                     .first()
                     .and_then(|id| by_id.get(*id))
                     .cloned()
-                    .unwrap_or_else(|| {
-                        Arc::new(media::avatar::synthetic(v.width, v.height, v.fps))
-                    });
+                    .unwrap_or_else(|| Arc::new(media::avatar::synthetic(v.width, v.height, v.fps)));
                 Avatars {
                     by_id,
                     fallback,
@@ -190,19 +183,12 @@ impl Worker {
     pub async fn run(self, shutdown: CancellationToken, grace: Duration) {
         let tunnels = TaskTracker::new();
         for target in self.ctx.config.relays.clone() {
-            tunnels.spawn(tunnel::maintain(
-                target,
-                Arc::clone(&self.ctx),
-                shutdown.clone(),
-            ));
+            tunnels.spawn(tunnel::maintain(target, Arc::clone(&self.ctx), shutdown.clone()));
         }
         tunnels.close();
         tunnels.wait().await;
         self.ctx.sessions.close();
-        if tokio::time::timeout(grace, self.ctx.sessions.wait())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(grace, self.ctx.sessions.wait()).await.is_err() {
             warn!(
                 active = self.ctx.active_sessions(),
                 "sessions did not end within the grace period"

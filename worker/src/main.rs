@@ -54,9 +54,7 @@ fn main() -> std::process::ExitCode {
 
 fn load_config(args: &Args) -> anyhow::Result<WorkerConfig> {
     let mut config = match (&args.config, args.dev) {
-        (Some(path), _) => {
-            WorkerConfig::load(path).with_context(|| format!("loading {}", path.display()))?
-        }
+        (Some(path), _) => WorkerConfig::load(path).with_context(|| format!("loading {}", path.display()))?,
         (None, true) => WorkerConfig::dev(),
         (None, false) => anyhow::bail!("pass --config FILE, or --dev for local development"),
     };
@@ -104,9 +102,8 @@ async fn wait_for_signal() {
 }
 
 fn init_tracing(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,webrtc=warn,webrtc_ice=warn,quinn=warn")
-    });
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,webrtc=warn,webrtc_ice=warn,quinn=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

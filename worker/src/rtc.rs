@@ -32,8 +32,7 @@ use webrtc::track::track_local::track_local_static_sample::TrackLocalStaticSampl
 use webrtc::track::track_local::TrackLocal;
 
 /// H.264 Constrained Baseline level 3.1, packetization mode 1: what every browser decodes.
-pub const H264_FMTP: &str =
-    "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f";
+pub const H264_FMTP: &str = "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RtcError {
@@ -83,18 +82,10 @@ impl RtcEngine {
 
     /// Answer `offer_sdp` with all our candidates inside.
     pub async fn answer(&self, offer_sdp: String) -> Result<Answer, RtcError> {
-        let pc = Arc::new(
-            self.api
-                .new_peer_connection(RTCConfiguration::default())
-                .await?,
-        );
+        let pc = Arc::new(self.api.new_peer_connection(RTCConfiguration::default()).await?);
         match self.negotiate(&pc, offer_sdp).await {
             Ok((video, keyframe, states, sdp)) => Ok(Answer {
-                peer: Arc::new(Peer {
-                    pc,
-                    video,
-                    keyframe,
-                }),
+                peer: Arc::new(Peer { pc, video, keyframe }),
                 states,
                 sdp,
             }),
@@ -159,9 +150,7 @@ impl RtcEngine {
         // The track is added *before* the offer is applied, so that webrtc-rs pairs it with the
         // browser's recvonly video section instead of creating a new, unnegotiated transceiver.
         let offer = RTCSessionDescription::offer(offer_sdp).map_err(RtcError::BadOffer)?;
-        pc.set_remote_description(offer)
-            .await
-            .map_err(RtcError::BadOffer)?;
+        pc.set_remote_description(offer).await.map_err(RtcError::BadOffer)?;
         let answer = pc.create_answer(None).await.map_err(RtcError::BadOffer)?;
         let mut gathered = pc.gathering_complete_promise().await;
         pc.set_local_description(answer).await?;
@@ -171,10 +160,7 @@ impl RtcEngine {
         {
             return Err(RtcError::GatheringTimeout);
         }
-        let local = pc
-            .local_description()
-            .await
-            .ok_or(RtcError::GatheringTimeout)?;
+        let local = pc.local_description().await.ok_or(RtcError::GatheringTimeout)?;
         Ok((video, keyframe, states, local.sdp))
     }
 }
@@ -204,17 +190,10 @@ impl Peer {
             sdp_mline_index: c.sdp_mline_index,
             username_fragment: c.username_fragment,
         };
-        self.pc
-            .add_ice_candidate(init)
-            .await
-            .map_err(RtcError::BadCandidate)
+        self.pc.add_ice_candidate(init).await.map_err(RtcError::BadCandidate)
     }
 
-    pub async fn write_video(
-        &self,
-        data: bytes::Bytes,
-        duration: Duration,
-    ) -> Result<(), RtcError> {
+    pub async fn write_video(&self, data: bytes::Bytes, duration: Duration) -> Result<(), RtcError> {
         let sample = webrtc::media::Sample {
             data,
             duration,

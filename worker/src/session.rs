@@ -15,9 +15,9 @@
 
 use crate::media::stream::{EncodedFrame, VideoStream};
 use crate::rtc::{Peer, RtcError};
-use crate::tunnel::{send_frame, FramedRecv};
 use crate::Context;
 use avatar_proto::signaling::{ClientMessage, ErrorCode, ServerEvent};
+use avatar_proto::stream::{send_frame, FramedRecv};
 use avatar_proto::tunnel::SessionFrame;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +25,17 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
 use webrtc::peer_connection::peer_connection_state::RTCPeerConnectionState as PcState;
+
+/// How a session ended, and what the relay must hear about it.
+enum End {
+    /// The relay already knows (it closed the stream) or cannot be told (the tunnel is gone).
+    Quiet,
+    /// Send `event` (if any) for the browser, then a `Close` with `reason`.
+    Tell {
+        event: Option<ServerEvent>,
+        reason: &'static str,
+    },
+}
 
 /// A negotiated peer and, once connected, its running media.
 struct Active {
@@ -51,16 +62,14 @@ pub async fn run_session(
     shutdown: CancellationToken,
 ) {
     let mut recv = FramedRecv::new(recv);
-    let open = match tokio::time::timeout(Duration::from_secs(5), recv.next::<SessionFrame>()).await
-    {
+    let open = match tokio::time::timeout(Duration::from_secs(5), recv.next::<SessionFrame>()).await {
         Ok(Ok(Some(SessionFrame::Open(open)))) => open,
         other => {
             warn!(?other, "session stream did not start with an open frame");
             return;
         }
     };
-    let span =
-        info_span!("session", session_id = %open.session_id, worker_id = %ctx.config.worker_id);
+    let span = info_span!("session", session_id = %open.session_id, worker_id = %ctx.config.worker_id);
     Session {
         send,
         recv,
@@ -103,7 +112,7 @@ impl Session {
             active.stop().await;
         }
         drop(slot);
-        if let Some((event, reason)) = farewell {
+        if let End::Tell { event, reason } = farewell {
             if let Some(event) = event {
                 self.event(event).await;
             }
@@ -113,11 +122,7 @@ impl Session {
     }
 
     /// Run until the session ends; returns what to tell the relay, if anything.
-    async fn serve(
-        &mut self,
-        clip: &Arc<crate::media::avatar::AvatarClip>,
-        shutdown: &CancellationToken,
-    ) -> Option<(Option<ServerEvent>, &'static str)> {
+    async fn serve(&mut self, clip: &Arc<crate::media::avatar::AvatarClip>, shutdown: &CancellationToken) -> End {
         loop {
             let frame = async {
                 if self.detached {
@@ -133,23 +138,23 @@ impl Session {
                 }
             };
             tokio::select! {
-                _ = shutdown.cancelled() => return Some((None, "worker shutting down")),
+                _ = shutdown.cancelled() => return End::Tell { event: None, reason: "worker shutting down" },
                 frame = frame => match frame {
                     Ok(Some(SessionFrame::Client(msg))) => self.on_client(msg).await,
                     Ok(Some(SessionFrame::Close { reason })) => {
                         info!(%reason, "relay closed the session");
-                        return None;
+                        return End::Quiet;
                     }
-                    Ok(None) => return None,
+                    Ok(None) => return End::Quiet,
                     Ok(Some(other)) => {
                         warn!(?other, "unexpected frame; ending the session");
-                        return Some((None, "protocol error"));
+                        return End::Tell { event: None, reason: "protocol error" };
                     }
                     Err(e) => {
                         info!(error = %e, "tunnel stream lost; media continues while the peer lives");
                         self.detached = true;
                         if self.active.is_none() {
-                            return None;
+                            return End::Quiet;
                         }
                     }
                 },
@@ -161,7 +166,7 @@ impl Session {
                             ErrorCode::PeerFailed,
                             "the WebRTC connection failed; send a new webrtc_offer to retry",
                         );
-                        return Some((Some(event), "peer failed"));
+                        return End::Tell { event: Some(event), reason: "peer failed" };
                     }
                     Some(other) => debug!(state = ?other, "peer state"),
                 },
@@ -179,18 +184,13 @@ impl Session {
                 let started = std::time::Instant::now();
                 match self.ctx.rtc.answer(offer.sdp).await {
                     Ok(answer) => {
-                        info!(
-                            elapsed_ms = started.elapsed().as_millis() as u64,
-                            "answered"
-                        );
+                        info!(elapsed_ms = started.elapsed().as_millis() as u64, "answered");
                         self.active = Some(Active {
                             peer: answer.peer,
                             states: answer.states,
                             media: None,
                         });
-                        let timestamp = chrono::Local::now()
-                            .format("%Y-%m-%dT%H:%M:%S%.6f")
-                            .to_string();
+                        let timestamp = chrono::Local::now().format("%Y-%m-%dT%H:%M:%S%.6f").to_string();
                         self.event(ServerEvent::WebrtcAnswer {
                             sdp: answer.sdp,
                             timestamp,
@@ -283,13 +283,7 @@ impl Session {
         if self.detached {
             return;
         }
-        let _ = send_frame(
-            &mut self.send,
-            &SessionFrame::Close {
-                reason: reason.into(),
-            },
-        )
-        .await;
+        let _ = send_frame(&mut self.send, &SessionFrame::Close { reason: reason.into() }).await;
         let _ = self.send.finish();
     }
 }

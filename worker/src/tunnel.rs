@@ -9,15 +9,12 @@
 use crate::config::RelayTarget;
 use crate::session::run_session;
 use crate::Context;
-use avatar_proto::tunnel::{
-    auth_proof, encode_frame, Control, FrameDecoder, FrameError, Registration, ALPN,
-    EXPORTER_LABEL, EXPORTER_LEN, PROTOCOL_VERSION,
-};
+use avatar_proto::stream::{send_frame, FramedRecv, StreamError};
+use avatar_proto::tunnel::{auth_proof, Control, Registration, ALPN, EXPORTER_LABEL, EXPORTER_LEN, PROTOCOL_VERSION};
 use rand::Rng;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
-use serde::{de::DeserializeOwned, Serialize};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,12 +27,8 @@ pub enum TunnelError {
     Connect(#[from] quinn::ConnectError),
     #[error("connection: {0}")]
     Connection(#[from] quinn::ConnectionError),
-    #[error("read: {0}")]
-    Read(#[from] quinn::ReadError),
-    #[error("write: {0}")]
-    Write(#[from] quinn::WriteError),
-    #[error("frame: {0}")]
-    Frame(#[from] FrameError),
+    #[error("{0}")]
+    Stream(#[from] StreamError),
     #[error("relay refused us: {0}")]
     Rejected(String),
     #[error("protocol: {0}")]
@@ -44,45 +37,6 @@ pub enum TunnelError {
     Trust(String),
     #[error("resolving {0}: no address")]
     Resolve(String),
-}
-
-/// A receive stream that yields decoded frames; `next` is cancel-safe.
-pub struct FramedRecv {
-    recv: quinn::RecvStream,
-    decoder: FrameDecoder,
-}
-
-impl FramedRecv {
-    pub fn new(recv: quinn::RecvStream) -> Self {
-        Self {
-            recv,
-            decoder: FrameDecoder::default(),
-        }
-    }
-
-    /// The next message, or `None` at a clean end of stream.
-    pub async fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, TunnelError> {
-        loop {
-            if let Some(msg) = self.decoder.next_message()? {
-                return Ok(Some(msg));
-            }
-            match self.recv.read_chunk(64 * 1024, true).await? {
-                Some(chunk) => self.decoder.push(&chunk.bytes),
-                None => {
-                    self.decoder.finish()?;
-                    return Ok(None);
-                }
-            }
-        }
-    }
-}
-
-pub async fn send_frame<T: Serialize>(
-    send: &mut quinn::SendStream,
-    msg: &T,
-) -> Result<(), TunnelError> {
-    send.write_all(&encode_frame(msg)?).await?;
-    Ok(())
 }
 
 /// Accepts exactly the certificate with the pinned SHA-256 fingerprint; signatures are still
@@ -117,12 +71,7 @@ impl ServerCertVerifier for PinnedCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -131,30 +80,19 @@ impl ServerCertVerifier for PinnedCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
 
 /// Parse a fingerprint: 64 hex digits, colons and whitespace ignored.
 pub fn parse_fingerprint(text: &str) -> Result<[u8; 32], TunnelError> {
-    let cleaned: String = text
-        .chars()
-        .filter(|c| !c.is_whitespace() && *c != ':')
-        .collect();
+    let cleaned: String = text.chars().filter(|c| !c.is_whitespace() && *c != ':').collect();
     let cleaned = cleaned.strip_prefix("sha256/").unwrap_or(&cleaned);
-    let bytes = hex::decode(cleaned)
-        .map_err(|e| TunnelError::Trust(format!("fingerprint is not hex: {e}")))?;
+    let bytes = hex::decode(cleaned).map_err(|e| TunnelError::Trust(format!("fingerprint is not hex: {e}")))?;
     bytes
         .try_into()
         .map_err(|_| TunnelError::Trust("fingerprint must be 32 bytes (SHA-256)".into()))
@@ -181,18 +119,13 @@ fn client_config(
     let mut tls = match (pinned, &target.ca_file) {
         (Some(fingerprint), _) => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinnedCert {
-                fingerprint,
-                provider,
-            }))
+            .with_custom_certificate_verifier(Arc::new(PinnedCert { fingerprint, provider }))
             .with_no_client_auth(),
         (None, Some(ca)) => {
-            let pem = std::fs::read(ca)
-                .map_err(|e| TunnelError::Trust(format!("reading {}: {e}", ca.display())))?;
+            let pem = std::fs::read(ca).map_err(|e| TunnelError::Trust(format!("reading {}: {e}", ca.display())))?;
             let mut roots = rustls::RootCertStore::empty();
             for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-                let cert =
-                    cert.map_err(|e| TunnelError::Trust(format!("{}: {e}", ca.display())))?;
+                let cert = cert.map_err(|e| TunnelError::Trust(format!("{}: {e}", ca.display())))?;
                 roots
                     .add(cert)
                     .map_err(|e| TunnelError::Trust(format!("{}: {e}", ca.display())))?;
@@ -202,8 +135,8 @@ fn client_config(
         (None, None) => return Err(TunnelError::Trust("no fingerprint or CA configured".into())),
     };
     tls.alpn_protocols = vec![ALPN.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
-        .map_err(|e| TunnelError::Trust(e.to_string()))?;
+    let crypto =
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| TunnelError::Trust(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
     transport
@@ -221,9 +154,7 @@ const BACKOFF_CAP: Duration = Duration::from_secs(10);
 
 /// Full jitter: uniform in `[0, min(cap, base·2^attempt)]`.
 pub fn backoff(attempt: u32, rng: &mut impl Rng) -> Duration {
-    let ceiling = BACKOFF_BASE
-        .saturating_mul(1u32 << attempt.min(16))
-        .min(BACKOFF_CAP);
+    let ceiling = BACKOFF_BASE.saturating_mul(1u32 << attempt.min(16)).min(BACKOFF_CAP);
     ceiling.mul_f64(rng.gen::<f64>())
 }
 
@@ -273,15 +204,10 @@ async fn connect_and_serve(
             .unwrap_or_default()
     });
     let config = client_config(target, ctx.tunnel_idle, ctx.tunnel_keepalive)?;
-    let bind: std::net::SocketAddr = if addr.is_ipv6() {
-        "[::]:0"
-    } else {
-        "0.0.0.0:0"
-    }
-    .parse()
-    .map_err(|_| TunnelError::Protocol("bind address".into()))?;
-    let endpoint = quinn::Endpoint::client(bind)
-        .map_err(|e| TunnelError::Protocol(format!("binding UDP: {e}")))?;
+    let bind: std::net::SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
+        .parse()
+        .map_err(|_| TunnelError::Protocol("bind address".into()))?;
+    let endpoint = quinn::Endpoint::client(bind).map_err(|e| TunnelError::Protocol(format!("binding UDP: {e}")))?;
     let conn = endpoint.connect_with(config, addr, &server_name)?.await?;
     let result = serve(&conn, ctx, shutdown).await;
     conn.close(quinn::VarInt::from_u32(0), b"worker closing");
@@ -290,11 +216,7 @@ async fn connect_and_serve(
     result
 }
 
-async fn serve(
-    conn: &quinn::Connection,
-    ctx: &Arc<Context>,
-    shutdown: &CancellationToken,
-) -> Result<(), TunnelError> {
+async fn serve(conn: &quinn::Connection, ctx: &Arc<Context>, shutdown: &CancellationToken) -> Result<(), TunnelError> {
     let (mut send, recv) = conn.open_bi().await?;
     let mut recv = FramedRecv::new(recv);
     let worker_id = ctx.config.worker_id.clone();
@@ -314,26 +236,15 @@ async fn serve(
             nonce,
         }) if protocol == PROTOCOL_VERSION => (relay_id, nonce),
         Some(Control::Challenge { protocol, .. }) => {
-            return Err(TunnelError::Protocol(format!(
-                "relay speaks protocol {protocol}"
-            )))
+            return Err(TunnelError::Protocol(format!("relay speaks protocol {protocol}")))
         }
         Some(Control::Rejected { reason }) => return Err(TunnelError::Rejected(reason)),
-        other => {
-            return Err(TunnelError::Protocol(format!(
-                "expected a challenge, got {other:?}"
-            )))
-        }
+        other => return Err(TunnelError::Protocol(format!("expected a challenge, got {other:?}"))),
     };
     let mut exporter = [0u8; EXPORTER_LEN];
     conn.export_keying_material(&mut exporter, EXPORTER_LABEL, b"")
         .map_err(|_| TunnelError::Protocol("TLS exporter unavailable".into()))?;
-    let proof = auth_proof(
-        ctx.config.secret.expose().as_bytes(),
-        &nonce,
-        &worker_id,
-        &exporter,
-    );
+    let proof = auth_proof(ctx.config.secret.expose().as_bytes(), &nonce, &worker_id, &exporter);
     send_frame(&mut send, &Control::Auth { proof }).await?;
     let registration = Registration {
         avatars: ctx.avatars.ids(),
@@ -344,23 +255,24 @@ async fn serve(
     match recv.next::<Control>().await {
         Ok(Some(Control::Registered { .. })) => {}
         Ok(Some(Control::Rejected { reason })) => return Err(TunnelError::Rejected(reason)),
-        Ok(other) => {
-            return Err(TunnelError::Protocol(format!(
-                "expected registered, got {other:?}"
-            )))
-        }
-        Err(TunnelError::Connection(quinn::ConnectionError::ApplicationClosed(c))) => {
-            return Err(TunnelError::Rejected(
-                String::from_utf8_lossy(&c.reason).into_owned(),
-            ))
-        }
-        Err(e) => return Err(e),
+        Ok(other) => return Err(TunnelError::Protocol(format!("expected registered, got {other:?}"))),
+        // A relay that refuses us may close the connection before our read sees `Rejected`.
+        Err(e) => match e.close_reason() {
+            Some(reason) => return Err(TunnelError::Rejected(reason)),
+            None => return Err(e.into()),
+        },
     }
     info!(%relay_id, "registered with relay");
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => {
                 let _ = send_frame(&mut send, &Control::Draining {}).await;
+                // Sessions obey the same token and say goodbye over this connection: let them
+                // finish before the caller closes it.
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+                while ctx.active_sessions() > 0 && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
                 return Ok(());
             }
             stream = conn.accept_bi() => {
@@ -397,10 +309,7 @@ mod tests {
         let hex64 = "ab".repeat(32);
         let colons = vec!["AB"; 32].join(":");
         assert_eq!(parse_fingerprint(&hex64).expect("hex"), [0xab; 32]);
-        assert_eq!(
-            parse_fingerprint(&format!("{colons}\n")).expect("colons"),
-            [0xab; 32]
-        );
+        assert_eq!(parse_fingerprint(&format!("{colons}\n")).expect("colons"), [0xab; 32]);
         assert!(parse_fingerprint("abcd").is_err());
         assert!(parse_fingerprint("zz").is_err());
     }

@@ -30,10 +30,7 @@ struct Series {
 
 impl Series {
     fn new(name: &'static str) -> Self {
-        Self {
-            name,
-            ms: Vec::new(),
-        }
+        Self { name, ms: Vec::new() }
     }
     fn push(&mut self, d: Duration) {
         self.ms.push(d.as_secs_f64() * 1000.0);
@@ -56,10 +53,7 @@ impl Series {
 
 fn main() {
     avatar_edge_tests::netns::reexec_isolated();
-    let sessions: usize = std::env::args()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(200);
+    let sessions: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(200);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -86,9 +80,7 @@ async fn run(sessions: usize) {
             .await
             .expect("ws");
         let t1 = Instant::now();
-        sig.send_offer(&offer, "avatar_tutor_13")
-            .await
-            .expect("send");
+        sig.send_offer(&offer, "avatar_tutor_13").await.expect("send");
         let answer = sig
             .wait_for("webrtc_answer", Duration::from_secs(10))
             .await
@@ -107,19 +99,14 @@ async fn run(sessions: usize) {
         sig.send_text(r#"{"type":"text_webrtc","message":"ping"}"#)
             .await
             .expect("send");
-        sig.wait_for("error", Duration::from_secs(5))
-            .await
-            .expect("event");
+        sig.wait_for("error", Duration::from_secs(5)).await.expect("event");
         rtt.push(t3.elapsed());
         client.close().await;
         sig.close().await;
     }
 
     // The anchor: the worker's answer logic, called directly with the same kind of offer.
-    let engine = RtcEngine::new(&RtcSettings {
-        include_loopback: true,
-    })
-    .expect("engine");
+    let engine = RtcEngine::new(&RtcSettings { include_loopback: true }).expect("engine");
     for _ in 0..sessions {
         let client = RtcClient::new(true).await.expect("client");
         let offer = client.offer().await.expect("offer");
@@ -137,10 +124,7 @@ async fn run(sessions: usize) {
         "| {:<46} | {:>5} | {:>8} | {:>8} | {:>8} |",
         "metric", "n", "p50 ms", "p99 ms", "mean ms"
     );
-    println!(
-        "|{:-<48}|{:-<7}|{:-<10}|{:-<10}|{:-<10}|",
-        "", "", "", "", ""
-    );
+    println!("|{:-<48}|{:-<7}|{:-<10}|{:-<10}|{:-<10}|", "", "", "", "", "");
     open_to_answer.row();
     let (relay_p50, relay_p99) = offer_to_answer.row();
     let (direct_p50, direct_p99) = direct.row();

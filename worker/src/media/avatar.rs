@@ -57,17 +57,11 @@ pub struct AvatarClip {
 #[derive(Debug, thiserror::Error)]
 pub enum AvatarError {
     #[error("reading {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{path}: {message}")]
     Metadata { path: PathBuf, message: String },
     #[error("decoding {path}: {source}")]
-    Decode {
-        path: PathBuf,
-        source: ffmpeg_next::Error,
-    },
+    Decode { path: PathBuf, source: ffmpeg_next::Error },
     #[error("{path}: no video stream")]
     NoVideo { path: PathBuf },
     #[error("{path}: decoded no frames")]
@@ -100,9 +94,7 @@ const SYNTHETIC_SECONDS: u32 = 4;
 /// Draw the built-in avatar: a face on a gradient that breathes and blinks.
 pub fn synthetic(width: u32, height: u32, fps: u32) -> AvatarClip {
     let n = (SYNTHETIC_SECONDS * fps).max(1);
-    let frames = (0..n)
-        .map(|i| draw_face(width, height, i as f32 / n as f32))
-        .collect();
+    let frames = (0..n).map(|i| draw_face(width, height, i as f32 / n as f32)).collect();
     let s = |v: f32| (v * width.min(height) as f32) as u32;
     AvatarClip {
         id: "synthetic".into(),
@@ -209,12 +201,7 @@ fn rgb_to_yuv420(width: u32, height: u32, rgb: &[Rgb]) -> Yuv420 {
 }
 
 /// Load every avatar under `dir`, scaled to `width`×`height`.
-pub fn load_dir(
-    dir: &Path,
-    width: u32,
-    height: u32,
-    fps: u32,
-) -> Result<Vec<AvatarClip>, AvatarError> {
+pub fn load_dir(dir: &Path, width: u32, height: u32, fps: u32) -> Result<Vec<AvatarClip>, AvatarError> {
     let entries = std::fs::read_dir(dir).map_err(|source| AvatarError::Read {
         path: dir.into(),
         source,
@@ -239,13 +226,7 @@ pub fn load_dir(
     Ok(clips)
 }
 
-fn load_one(
-    id: &str,
-    meta_path: &Path,
-    width: u32,
-    height: u32,
-    fps: u32,
-) -> Result<AvatarClip, AvatarError> {
+fn load_one(id: &str, meta_path: &Path, width: u32, height: u32, fps: u32) -> Result<AvatarClip, AvatarError> {
     let text = std::fs::read_to_string(meta_path).map_err(|source| AvatarError::Read {
         path: meta_path.into(),
         source,
@@ -254,24 +235,13 @@ fn load_one(
         path: meta_path.into(),
         message: e.to_string(),
     })?;
-    let video = meta_path
-        .parent()
-        .unwrap_or(Path::new("."))
-        .join(&meta.video);
-    let (frames, src_w, src_h) = decode_video(
-        &video,
-        width,
-        height,
-        (meta.max_seconds * fps).max(1) as usize,
-    )?;
+    let video = meta_path.parent().unwrap_or(Path::new(".")).join(&meta.video);
+    let (frames, src_w, src_h) = decode_video(&video, width, height, (meta.max_seconds * fps).max(1) as usize)?;
     let [x, y, w, h] = meta.face_box;
     if w == 0 || h == 0 || x + w > src_w || y + h > src_h {
         return Err(AvatarError::Metadata {
             path: meta_path.into(),
-            message: format!(
-                "face_box {:?} lies outside the {src_w}×{src_h} video",
-                meta.face_box
-            ),
+            message: format!("face_box {:?} lies outside the {src_w}×{src_h} video", meta.face_box),
         });
     }
     let sx = |v: u32| (v as u64 * width as u64 / src_w as u64) as u32;
@@ -307,8 +277,7 @@ fn decode_video(
         .best(media::Type::Video)
         .ok_or_else(|| AvatarError::NoVideo { path: path.into() })?;
     let index = stream.index();
-    let ctx =
-        ffmpeg_next::codec::context::Context::from_parameters(stream.parameters()).map_err(err)?;
+    let ctx = ffmpeg_next::codec::context::Context::from_parameters(stream.parameters()).map_err(err)?;
     let mut decoder = ctx.decoder().video().map_err(err)?;
     let (src_w, src_h) = (decoder.width(), decoder.height());
     let mut scaler = scaling::Context::get(
@@ -323,9 +292,7 @@ fn decode_video(
     .map_err(err)?;
     let mut frames = Vec::new();
     let mut decoded = Video::empty();
-    let mut take = |decoder: &mut ffmpeg_next::decoder::Video,
-                    frames: &mut Vec<Yuv420>|
-     -> Result<(), AvatarError> {
+    let mut take = |decoder: &mut ffmpeg_next::decoder::Video, frames: &mut Vec<Yuv420>| -> Result<(), AvatarError> {
         while frames.len() < max_frames && decoder.receive_frame(&mut decoded).is_ok() {
             let mut scaled = Video::empty();
             scaler.run(&decoded, &mut scaled).map_err(err)?;
@@ -383,11 +350,7 @@ mod tests {
         // Frames differ over the loop (breathing), and the eye whites vanish in the blink.
         assert_ne!(clip.frames[0].y, clip.frames[25].y);
         let whites = |f: &Yuv420| f.y.iter().filter(|&&v| v > 225).count();
-        assert!(
-            whites(&clip.frames[0]) > 20,
-            "eyes open: {}",
-            whites(&clip.frames[0])
-        );
+        assert!(whites(&clip.frames[0]) > 20, "eyes open: {}", whites(&clip.frames[0]));
         assert!(
             whites(&clip.frames[55]) * 4 < whites(&clip.frames[0]),
             "eyes closed at 55 %"

@@ -15,10 +15,7 @@ pub enum EncodeError {
     #[error("FFmpeg has no encoder named {0}")]
     NotFound(&'static str),
     #[error("{name}: {source}")]
-    Ffmpeg {
-        name: &'static str,
-        source: ffmpeg::Error,
-    },
+    Ffmpeg { name: &'static str, source: ffmpeg::Error },
 }
 
 /// What to encode.
@@ -48,10 +45,7 @@ pub fn init() -> Result<(), ffmpeg::Error> {
 
 /// Pick the encoder for this process according to `preference` (`auto`, `h264_nvenc`,
 /// `libx264`), proving it by opening it once.
-pub fn select_encoder(
-    preference: &str,
-    settings: &EncoderSettings,
-) -> Result<&'static str, EncodeError> {
+pub fn select_encoder(preference: &str, settings: &EncoderSettings) -> Result<&'static str, EncodeError> {
     match preference {
         "h264_nvenc" => H264Encoder::open("h264_nvenc", settings).map(|_| "h264_nvenc"),
         "libx264" => H264Encoder::open("libx264", settings).map(|_| "libx264"),
@@ -115,12 +109,7 @@ impl H264Encoder {
     }
 
     /// Encode one picture; returns the Annex B access unit (empty if the encoder buffered it).
-    pub fn encode(
-        &mut self,
-        picture: &Yuv420,
-        pts: i64,
-        keyframe: bool,
-    ) -> Result<Vec<u8>, EncodeError> {
+    pub fn encode(&mut self, picture: &Yuv420, pts: i64, keyframe: bool) -> Result<Vec<u8>, EncodeError> {
         let err = |source| EncodeError::Ffmpeg {
             name: self.name,
             source,
@@ -134,8 +123,7 @@ impl H264Encoder {
             let stride = self.frame.stride(plane);
             let dst = self.frame.data_mut(plane);
             for row in 0..ph {
-                dst[row * stride..row * stride + pw]
-                    .copy_from_slice(&src[row * pw..(row + 1) * pw]);
+                dst[row * stride..row * stride + pw].copy_from_slice(&src[row * pw..(row + 1) * pw]);
             }
         }
         self.frame.set_pts(Some(pts));

@@ -52,20 +52,10 @@ impl VideoStream {
         let thread = {
             let (stop, stats) = (Arc::clone(&stop), Arc::clone(&stats));
             let span = tracing::Span::current();
-            std::thread::Builder::new()
-                .name("video-clock".into())
-                .spawn(move || {
-                    let _entered = span.enter();
-                    run_clock(
-                        &clip,
-                        encoder_name,
-                        &settings,
-                        &keyframe,
-                        &out,
-                        &stop,
-                        &stats,
-                    );
-                })?
+            std::thread::Builder::new().name("video-clock".into()).spawn(move || {
+                let _entered = span.enter();
+                run_clock(&clip, encoder_name, &settings, &keyframe, &out, &stop, &stats);
+            })?
         };
         Ok(Self {
             stop,
