@@ -22,6 +22,8 @@ pub mod signaling;
 pub mod tls;
 pub mod tunnel;
 
+use axum_server::accept::NoDelayAcceptor;
+use axum_server::tls_rustls::RustlsAcceptor;
 use config::RelayConfig;
 use registry::{LeastLoaded, Registry, RoutePolicy};
 use std::net::SocketAddr;
@@ -172,14 +174,18 @@ impl Relay {
             let mut tls = tls;
             tls.alpn_protocols = vec![b"http/1.1".to_vec()];
             let config = axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(tls));
-            axum_server::from_tcp_rustls(http, config)
+            // TCP_NODELAY: signaling sends small messages back to back (session_assigned, then the
+            // answer); with Nagle the second waits for the browser's delayed ACK, ~40 ms.
+            axum_server::from_tcp(http)
                 .map_err(RelayError::Serve)?
+                .acceptor(RustlsAcceptor::new(config).acceptor(NoDelayAcceptor::new()))
                 .handle(handle)
                 .serve(app)
                 .await
         } else {
             axum_server::from_tcp(http)
                 .map_err(RelayError::Serve)?
+                .acceptor(NoDelayAcceptor::new())
                 .handle(handle)
                 .serve(app)
                 .await
