@@ -133,6 +133,27 @@ mod tests {
         assert_eq!(v["workers"], 0);
     }
 
+    #[tokio::test]
+    async fn a_web_client_directory_replaces_the_embedded_page() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("index.html"), "<p>operator page 你好</p>").expect("write");
+        let mut config = RelayConfig::dev();
+        config.http.web_client_dir = Some(dir.path().to_path_buf());
+        let state = AppState::new(config, tokio_util::sync::CancellationToken::new());
+        let res = app(state)
+            .oneshot(
+                axum::http::Request::get("/")
+                    .body(axum::body::Body::empty())
+                    .expect("request"),
+            )
+            .await
+            .expect("response");
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(res.headers()[header::CONTENT_TYPE], "text/html; charset=utf-8");
+        let body = res.into_body().collect().await.expect("body").to_bytes();
+        assert_eq!(String::from_utf8_lossy(&body), "<p>operator page 你好</p>");
+    }
+
     #[test]
     fn session_ids_are_checked() {
         assert!(valid_session_id("test-session-1767600000000"));

@@ -64,12 +64,17 @@ impl Cluster {
     /// Just the relay; `extra_toml` goes at the top of its config; `tls` serves HTTPS/WSS with
     /// the relay's self-signed certificate.
     pub async fn relay_with(extra_toml: &str, tls: bool) -> Self {
+        Self::relay_with_tls(extra_toml, tls, "self_signed = true").await
+    }
+
+    /// As [`Cluster::relay_with`], with the body of the relay's `[tls]` section given.
+    pub async fn relay_with_tls(extra_toml: &str, tls: bool, tls_section: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("relay.toml");
         std::fs::write(
             &config,
             format!(
-                "relay_id = \"test-relay\"\n{extra_toml}\n[http]\nlisten = \"127.0.0.1:0\"\ntls = {tls}\n[tunnel]\nlisten = \"127.0.0.1:0\"\nsecret = \"{SECRET}\"\n[tls]\nself_signed = true\n"
+                "relay_id = \"test-relay\"\n{extra_toml}\n[http]\nlisten = \"127.0.0.1:0\"\ntls = {tls}\n[tunnel]\nlisten = \"127.0.0.1:0\"\nsecret = \"{SECRET}\"\n[tls]\n{tls_section}\n"
             ),
         )
         .expect("write relay config");
@@ -110,27 +115,21 @@ impl Cluster {
 
     /// Start a worker and wait until it reports its registration with the relay.
     pub async fn add_worker(&mut self, id: &str, capacity: u32, extra_toml: &str) -> usize {
-        let fingerprint = self.relay.fingerprint.clone();
-        let log = self.spawn_worker(id, capacity, SECRET, &fingerprint, extra_toml);
+        let trust = format!("fingerprint = \"{}\"", self.relay.fingerprint);
+        let log = self.spawn_worker(id, capacity, SECRET, &trust, extra_toml);
         self.wait_for_log(&log, "registered with relay", Duration::from_secs(15))
             .await;
         self.workers.len() - 1
     }
 
-    /// Start a worker with the given credentials and return its log path, without waiting.
-    pub fn spawn_worker(
-        &mut self,
-        id: &str,
-        capacity: u32,
-        secret: &str,
-        fingerprint: &str,
-        extra_toml: &str,
-    ) -> PathBuf {
+    /// Start a worker with the given secret and trust setting (a TOML line for its `[[relays]]`
+    /// entry, e.g. `fingerprint = "…"`), and return its log path without waiting.
+    pub fn spawn_worker(&mut self, id: &str, capacity: u32, secret: &str, trust: &str, extra_toml: &str) -> PathBuf {
         let config = self.dir.path().join(format!("{id}.toml"));
         std::fs::write(
             &config,
             format!(
-                "worker_id = \"{id}\"\ncapacity = {capacity}\nsecret = \"{secret}\"\n{extra_toml}\n[ice]\ninclude_loopback = true\n[[relays]]\naddress = \"{}\"\nserver_name = \"localhost\"\nfingerprint = \"{fingerprint}\"\n",
+                "worker_id = \"{id}\"\ncapacity = {capacity}\nsecret = \"{secret}\"\n{extra_toml}\n[ice]\ninclude_loopback = true\n[[relays]]\naddress = \"{}\"\nserver_name = \"localhost\"\n{trust}\n",
                 self.relay.tunnel
             ),
         )

@@ -422,7 +422,13 @@ fn workers_with_a_wrong_secret_or_pin_are_refused() {
     netns::run("workers_with_a_wrong_secret_or_pin_are_refused", || async {
         let mut cluster = Cluster::relay_only("").await;
         let pin = cluster.relay.fingerprint.clone();
-        let wrong_secret = cluster.spawn_worker("intruder", 1, "not-the-secret-at-all", &pin, "");
+        let wrong_secret = cluster.spawn_worker(
+            "intruder",
+            1,
+            "not-the-secret-at-all",
+            &format!("fingerprint = \"{pin}\""),
+            "",
+        );
         cluster
             .wait_for_log(&wrong_secret, "relay refused us: authentication failed", SECS(10))
             .await;
@@ -430,7 +436,7 @@ fn workers_with_a_wrong_secret_or_pin_are_refused() {
             "mitm-victim",
             1,
             avatar_edge_tests::cluster::SECRET,
-            &"ab".repeat(32),
+            &format!("fingerprint = \"{}\"", "ab".repeat(32)),
             "",
         );
         cluster.wait_for_log(&wrong_pin, "tunnel failed", SECS(10)).await;
@@ -448,5 +454,51 @@ fn workers_with_a_wrong_secret_or_pin_are_refused() {
         // A worker with the right credentials still gets in.
         cluster.add_worker("honest", 1, "").await;
         assert_eq!(cluster.worker_count().await, 1);
+    });
+}
+
+#[test]
+fn worker_trusts_the_relay_through_a_ca_file() {
+    netns::run("worker_trusts_the_relay_through_a_ca_file", || async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca_key = rcgen::KeyPair::generate().expect("key");
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).expect("CA");
+        let leaf_key = rcgen::KeyPair::generate().expect("key");
+        let leaf = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .expect("params")
+            .signed_by(&leaf_key, &ca)
+            .expect("leaf");
+        let (cert, key, ca_file) = (
+            dir.path().join("relay.pem"),
+            dir.path().join("relay.key"),
+            dir.path().join("ca.pem"),
+        );
+        std::fs::write(&cert, leaf.pem()).expect("write");
+        std::fs::write(&key, leaf_key.serialize_pem()).expect("write");
+        std::fs::write(&ca_file, ca.pem()).expect("write");
+
+        let tls = format!("cert = \"{}\"\nkey = \"{}\"", cert.display(), key.display());
+        let mut cluster = Cluster::relay_with_tls("", false, &tls).await;
+        let trusted = format!("ca_file = \"{}\"", ca_file.display());
+        let log = cluster.spawn_worker("ca-worker", 1, avatar_edge_tests::cluster::SECRET, &trusted, "");
+        cluster.wait_for_log(&log, "registered with relay", SECS(10)).await;
+
+        // A CA that did not issue the relay's certificate is not trusted.
+        let other_key = rcgen::KeyPair::generate().expect("key");
+        let mut other_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        other_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let other = rcgen::CertifiedIssuer::self_signed(other_params, other_key).expect("CA");
+        let other_file = dir.path().join("other-ca.pem");
+        std::fs::write(&other_file, other.pem()).expect("write");
+        let untrusted = format!("ca_file = \"{}\"", other_file.display());
+        let log = cluster.spawn_worker("wrong-ca", 1, avatar_edge_tests::cluster::SECRET, &untrusted, "");
+        cluster.wait_for_log(&log, "tunnel failed", SECS(10)).await;
+        assert_eq!(
+            cluster.worker_count().await,
+            1,
+            "only the worker that trusts the right CA registered"
+        );
     });
 }
