@@ -145,6 +145,12 @@ pub enum ErrorCode {
     Unsupported,
     /// The connection or message was refused by policy.
     Unauthorized,
+    /// Another live socket already uses this `session_id`.
+    SessionInUse,
+    /// The socket sat idle (no session, no message) past the relay's limit.
+    IdleTimeout,
+    /// The session reached the relay's maximum duration.
+    SessionExpired,
     /// Something failed on our side; the details are in the server log.
     Internal,
 }
@@ -165,6 +171,9 @@ impl ErrorCode {
             ErrorCode::PeerFailed => "peer_failed",
             ErrorCode::Unsupported => "unsupported",
             ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::SessionInUse => "session_in_use",
+            ErrorCode::IdleTimeout => "idle_timeout",
+            ErrorCode::SessionExpired => "session_expired",
             ErrorCode::Internal => "internal",
         }
     }

@@ -43,6 +43,28 @@ pub struct RelayConfig {
     pub http: HttpConfig,
     pub tunnel: TunnelConfig,
     pub tls: TlsConfig,
+    pub limits: LimitsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// New WebSocket connections one IP address may open per minute (burst included); 0: no limit.
+    pub connections_per_ip_per_minute: u32,
+    /// Close a socket that has no worker session and sends nothing for this long.
+    pub idle_timeout_ms: u64,
+    /// End any session after this long, however busy.
+    pub max_session_ms: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            connections_per_ip_per_minute: 120,
+            idle_timeout_ms: 120_000,
+            max_session_ms: 4 * 3600 * 1000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -97,6 +119,7 @@ impl Default for RelayConfig {
             http: HttpConfig::default(),
             tunnel: TunnelConfig::default(),
             tls: TlsConfig::default(),
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -197,6 +220,12 @@ impl RelayConfig {
         }
         if self.http.max_message_bytes == 0 || self.http.max_message_bytes > self.http.max_frame_bytes {
             return invalid("http.max_message_bytes", "must be between 1 and http.max_frame_bytes");
+        }
+        if self.limits.idle_timeout_ms == 0 || self.limits.max_session_ms == 0 {
+            return invalid(
+                "limits.idle_timeout_ms",
+                "idle_timeout_ms and max_session_ms must be above 0",
+            );
         }
         if self.tunnel.keepalive_ms == 0 || self.tunnel.keepalive_ms >= self.tunnel.idle_timeout_ms {
             return invalid(

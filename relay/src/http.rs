@@ -24,7 +24,9 @@ const STYLE_CSS: &str = include_str!("../../web-client/style.css");
 pub fn app(state: Arc<AppState>) -> Router {
     let router = Router::new()
         .route("/ws/{session_id}", get(ws_upgrade))
-        .route("/healthz", get(healthz));
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics));
     let router = match &state.config.http.web_client_dir {
         Some(dir) => router.fallback_service(tower_http::services::ServeDir::new(dir)),
         None => router
@@ -64,6 +66,29 @@ async fn healthz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     Json(serde_json::json!({ "status": "ok", "workers": state.registry.len() }))
 }
 
+/// Ready to take sessions: at least one worker is registered and not draining.
+async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    let available = state.registry.views().len();
+    let status = if available > 0 {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(serde_json::json!({ "ready": available > 0, "workers_available": available })),
+    )
+}
+
+/// Prometheus text exposition.
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let Some(handle) = &state.metrics else {
+        return (StatusCode::NOT_FOUND, "metrics are not enabled").into_response();
+    };
+    crate::metrics::refresh_gauges(&state);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render()).into_response()
+}
+
 /// Session ids appear in logs and tunnel frames: keep them short and printable.
 fn valid_session_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 128 && id.chars().all(|c| c.is_ascii_graphic())
@@ -81,6 +106,16 @@ async fn ws_upgrade(
             "session id must be 1-128 printable ASCII characters",
         )
             .into_response();
+    }
+    if let Some(limiter) = &state.connect_limiter {
+        if limiter.check_key(&remote.ip()).is_err() {
+            ::metrics::counter!("relay_connections_rate_limited_total").increment(1);
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many connections from this address; retry in a minute",
+            )
+                .into_response();
+        }
     }
     let shutdown = state.shutdown.clone();
     let max_frame = state.config.http.max_frame_bytes;

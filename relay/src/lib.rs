@@ -17,6 +17,7 @@
 
 pub mod config;
 pub mod http;
+pub mod metrics;
 pub mod registry;
 pub mod signaling;
 pub mod tls;
@@ -61,16 +62,60 @@ pub struct AppState {
     /// The routing seam: the built-in rule unless a policy replaces it.
     pub router: Box<dyn RoutePolicy>,
     pub shutdown: CancellationToken,
+    /// New connections per client IP; `None` when unlimited.
+    pub connect_limiter: Option<governor::DefaultKeyedRateLimiter<std::net::IpAddr>>,
+    /// Session ids with a live socket: a second socket claiming one is refused.
+    live_sessions: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Renders `/metrics`; `None` when no recorder is installed (library use, unit tests).
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
 impl AppState {
     pub fn new(config: RelayConfig, shutdown: CancellationToken) -> Arc<Self> {
+        Self::with_metrics(config, shutdown, None)
+    }
+
+    pub fn with_metrics(
+        config: RelayConfig,
+        shutdown: CancellationToken,
+        metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    ) -> Arc<Self> {
+        let connect_limiter = std::num::NonZeroU32::new(config.limits.connections_per_ip_per_minute)
+            .map(|n| governor::RateLimiter::keyed(governor::Quota::per_minute(n)));
         Arc::new(Self {
             config,
             registry: Registry::default(),
             router: Box::new(LeastLoaded),
             shutdown,
+            connect_limiter,
+            live_sessions: Default::default(),
+            metrics,
         })
+    }
+
+    /// Claim `session_id` for one socket; `None` if another live socket holds it.
+    pub fn claim_session(self: &Arc<Self>, session_id: &str) -> Option<SessionClaim> {
+        let mut live = self.live_sessions.lock().unwrap_or_else(|e| e.into_inner());
+        live.insert(session_id.to_owned()).then(|| SessionClaim {
+            state: Arc::clone(self),
+            id: session_id.to_owned(),
+        })
+    }
+}
+
+/// A claimed session id, released on drop.
+pub struct SessionClaim {
+    state: Arc<AppState>,
+    id: String,
+}
+
+impl Drop for SessionClaim {
+    fn drop(&mut self) {
+        self.state
+            .live_sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
     }
 }
 
@@ -86,6 +131,16 @@ impl Relay {
     /// Validate the config, load or generate the certificate, bind HTTP and QUIC. Must be called
     /// inside a tokio runtime (the QUIC endpoint registers its socket with it).
     pub fn bind(config: RelayConfig, shutdown: CancellationToken) -> Result<Self, RelayError> {
+        Self::bind_with_metrics(config, shutdown, None)
+    }
+
+    /// As [`Relay::bind`], serving `/metrics` from `metrics` (the handle of the installed
+    /// Prometheus recorder).
+    pub fn bind_with_metrics(
+        config: RelayConfig,
+        shutdown: CancellationToken,
+        metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    ) -> Result<Self, RelayError> {
         config.validate()?;
         let identity = match (&config.tls.cert, &config.tls.key) {
             (Some(cert), Some(key)) => Identity::load(cert, key)?,
@@ -118,7 +173,7 @@ impl Relay {
             Duration::from_millis(config.tunnel.keepalive_ms),
         )?;
         Ok(Self {
-            state: AppState::new(config, shutdown),
+            state: AppState::with_metrics(config, shutdown, metrics),
             identity,
             http,
             endpoint,
@@ -153,6 +208,24 @@ impl Relay {
         } = self;
         let shutdown = state.shutdown.clone();
         let tunnels = tokio::spawn(tunnel::serve(endpoint, Arc::clone(&state), shutdown.clone()));
+        // Forget idle per-IP rate-limit entries so the table does not grow without bound.
+        let sweeper = {
+            let (state, shutdown) = (Arc::clone(&state), shutdown.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(60));
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tick.tick() => {
+                            if let Some(l) = &state.connect_limiter {
+                                l.retain_recent();
+                                l.shrink_to_fit();
+                            }
+                        }
+                    }
+                }
+            })
+        };
         let grace = Duration::from_millis(state.config.http.shutdown_grace_ms);
         let handle = axum_server::Handle::new();
         let app = http::app(Arc::clone(&state)).into_make_service_with_connect_info::<SocketAddr>();
@@ -194,6 +267,7 @@ impl Relay {
         shutdown.cancel();
         let _ = watcher.await;
         let _ = tunnels.await;
+        let _ = sweeper.await;
         info!("relay stopped");
         served.map_err(RelayError::Serve)
     }

@@ -68,7 +68,8 @@ fn load_config(args: &Args) -> anyhow::Result<RelayConfig> {
 #[tokio::main]
 async fn run(config: RelayConfig, ready_file: Option<PathBuf>) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
-    let relay = Relay::bind(config, shutdown.clone())?;
+    let metrics = avatar_relay::metrics::install().context("installing the metrics recorder")?;
+    let relay = Relay::bind_with_metrics(config, shutdown.clone(), Some(metrics))?;
     if let Some(path) = ready_file {
         let ready = serde_json::json!({
             "http": relay.http_addr().to_string(),

@@ -27,38 +27,114 @@ struct Attached {
     recv: FramedRecv,
 }
 
-/// WebSocket close code 1001: the server is going away.
+/// WebSocket close codes used here.
+const NORMAL: u16 = 1000;
 const GOING_AWAY: u16 = 1001;
+const POLICY: u16 = 1008;
+
+/// Send `ev` to the browser, counting error events by code.
+async fn send_event<S: Sink<Message> + Unpin>(socket: &mut S, ev: &ServerEvent) -> bool {
+    if let ServerEvent::Error { code, .. } = ev {
+        metrics::counter!("relay_signaling_errors_total", "code" => code.as_str()).increment(1);
+    }
+    socket.send(Message::Text(ev.to_json().into())).await.is_ok()
+}
+
+async fn close<S: Sink<Message> + Unpin>(socket: &mut S, code: u16, reason: &'static str) {
+    let _ = socket
+        .send(Message::Close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        })))
+        .await;
+}
+
+/// Counts a live browser socket in `relay_sessions_active` for as long as it exists.
+struct ActiveGauge;
+
+impl ActiveGauge {
+    fn new() -> Self {
+        metrics::counter!("relay_sessions_total").increment(1);
+        metrics::gauge!("relay_sessions_active").increment(1.0);
+        Self
+    }
+}
+
+impl Drop for ActiveGauge {
+    fn drop(&mut self) {
+        metrics::gauge!("relay_sessions_active").decrement(1.0);
+    }
+}
 
 pub async fn run_session<S, E>(mut socket: S, session_id: String, state: Arc<AppState>, shutdown: CancellationToken)
 where
     S: Sink<Message> + Stream<Item = Result<Message, E>> + Unpin,
     E: std::fmt::Display,
 {
+    let Some(_claim) = state.claim_session(&session_id) else {
+        info!("refused: another live socket uses this session id");
+        let ev = ServerEvent::error(
+            ErrorCode::SessionInUse,
+            "another connection is using this session_id; pick a fresh one for each connection",
+        );
+        send_event(&mut socket, &ev).await;
+        close(&mut socket, POLICY, "session id in use").await;
+        return;
+    };
+    let _gauge = ActiveGauge::new();
+    let limits = &state.config.limits;
+    let idle = Duration::from_millis(limits.idle_timeout_ms);
+    let expires = tokio::time::Instant::now() + Duration::from_millis(limits.max_session_ms);
+    let mut idle_deadline = tokio::time::Instant::now() + idle;
     let mut session = SignalingSession::new(state.config.http.max_message_bytes);
     let mut attached: Option<Attached> = None;
     info!("browser connected");
-    loop {
+    'session: loop {
+        let can_idle = attached.is_none();
         let worker_frame = async {
             match attached.as_mut() {
                 Some(a) => a.recv.next::<SessionFrame>().await,
                 None => std::future::pending().await,
             }
         };
+        // Only a socket with no worker session can be idle: a user watching the avatar sends nothing.
+        let idle_timer = async move {
+            if !can_idle {
+                std::future::pending::<()>().await
+            }
+            tokio::time::sleep_until(idle_deadline).await
+        };
         let out: Vec<ServerEvent> = tokio::select! {
             _ = shutdown.cancelled() => {
-                let _ = socket.send(Message::Close(Some(CloseFrame { code: GOING_AWAY, reason: "relay shutting down".into() }))).await;
+                close(&mut socket, GOING_AWAY, "relay shutting down").await;
                 break;
             }
-            msg = socket.next() => match msg {
-                None | Some(Ok(Message::Close(_))) => break,
-                Some(Err(e)) => { debug!(error = %e, "websocket error"); break; }
-                Some(Ok(Message::Text(text))) => {
-                    let action = session.on_text(text.as_str());
-                    perform(action, &mut session, &mut attached, &session_id, &state).await
+            _ = idle_timer => {
+                info!("idle timeout");
+                let ev = ServerEvent::error(ErrorCode::IdleTimeout, format!("no session and no message for {} s; reconnect to start again", idle.as_secs()));
+                send_event(&mut socket, &ev).await;
+                close(&mut socket, NORMAL, "idle").await;
+                break;
+            }
+            _ = tokio::time::sleep_until(expires) => {
+                info!("maximum session duration reached");
+                let ev = ServerEvent::error(ErrorCode::SessionExpired, "this session reached its maximum duration; reconnect to continue");
+                send_event(&mut socket, &ev).await;
+                close(&mut socket, NORMAL, "session expired").await;
+                break;
+            }
+            msg = socket.next() => {
+                idle_deadline = tokio::time::Instant::now() + idle;
+                match msg {
+                    None | Some(Ok(Message::Close(_))) => break,
+                    Some(Err(e)) => { debug!(error = %e, "websocket error"); break; }
+                    Some(Ok(Message::Text(text))) => {
+                        let action = session.on_text(text.as_str());
+                        perform(action, &mut session, &mut attached, &session_id, &state).await
+                    }
+                    Some(Ok(Message::Binary(_))) => vec![ServerEvent::error(ErrorCode::BadJson, "binary messages are not supported; send JSON text")],
+                    Some(Ok(_)) => vec![], // ping/pong are answered by the server itself
                 }
-                Some(Ok(Message::Binary(_))) => vec![ServerEvent::error(ErrorCode::BadJson, "binary messages are not supported; send JSON text")],
-                Some(Ok(_)) => vec![], // ping/pong are answered by the server itself
             },
             frame = worker_frame => match frame {
                 Ok(Some(SessionFrame::Event(ev))) => vec![ev],
@@ -66,6 +142,7 @@ where
                     info!(%reason, "worker closed the session");
                     session.worker_closed();
                     attached = None;
+                    idle_deadline = tokio::time::Instant::now() + idle;
                     vec![]
                 }
                 Ok(Some(other)) => {
@@ -76,13 +153,14 @@ where
                 Ok(None) | Err(_) => {
                     if let Err(e) = &frame { info!(error = %e, "worker stream failed"); }
                     attached = None;
+                    idle_deadline = tokio::time::Instant::now() + idle;
                     session.worker_lost().into_iter().collect()
                 }
             },
         };
         for ev in out {
-            if socket.send(Message::Text(ev.to_json().into())).await.is_err() {
-                break;
+            if !send_event(&mut socket, &ev).await {
+                break 'session;
             }
         }
     }
@@ -123,6 +201,7 @@ async fn perform(
         }
         Action::Route(offer) => match route(offer, session_id, state).await {
             Ok((a, worker_id)) => {
+                metrics::counter!("relay_sessions_routed_total").increment(1);
                 session.attached(worker_id.clone());
                 *attached = Some(a);
                 vec![ServerEvent::SessionAssigned {

@@ -145,6 +145,7 @@ async fn handle_connection(
     };
     let span = info_span!("worker", worker_id = %worker.id);
     async {
+        metrics::counter!("relay_tunnel_registrations_total").increment(1);
         if let Some(old) = state.registry.insert(Arc::clone(&worker)) {
             info!(old_generation = old.generation, "replaced stale registration of the same worker");
         }

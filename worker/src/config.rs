@@ -45,6 +45,8 @@ pub struct WorkerConfig {
     pub avatar_dir: Option<PathBuf>,
     /// Labels sent to the relay at registration (for routing policies).
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Serve Prometheus metrics at `http://<this address>/metrics`. Unset: no listener.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -97,6 +99,7 @@ impl Default for WorkerConfig {
             video: VideoConfig::default(),
             avatar_dir: None,
             labels: Default::default(),
+            metrics_listen: None,
         }
     }
 }

@@ -65,6 +65,12 @@ fn load_config(args: &Args) -> anyhow::Result<WorkerConfig> {
 
 #[tokio::main]
 async fn run(config: WorkerConfig, grace: Duration) -> anyhow::Result<()> {
+    if let Some(addr) = config.metrics_listen {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .with_context(|| format!("serving metrics on {addr}"))?;
+    }
     let worker_id = config.worker_id.clone();
     let relays: Vec<String> = config.relays.iter().map(|r| r.address.clone()).collect();
     let worker = tokio::task::spawn_blocking(move || Worker::new(config)).await??;
@@ -74,6 +80,7 @@ async fn run(config: WorkerConfig, grace: Duration) -> anyhow::Result<()> {
         ?relays,
         encoder = worker.context().encoder,
         capacity = worker.context().config.capacity,
+        metrics = ?worker.context().config.metrics_listen,
         "worker started"
     );
     let shutdown = CancellationToken::new();

@@ -106,12 +106,15 @@ impl Session {
         };
         let clip = self.ctx.avatars.get(avatar_id.as_deref());
         info!(avatar = %clip.id, "session started");
+        metrics::counter!("worker_sessions_total").increment(1);
+        metrics::gauge!("worker_sessions_active").increment(1.0);
         let farewell = self.serve(&clip, &shutdown).await;
         // Free everything *before* telling the relay, so the browser's next offer finds the slot.
         if let Some(active) = self.active.take() {
             active.stop().await;
         }
         drop(slot);
+        metrics::gauge!("worker_sessions_active").decrement(1.0);
         if let End::Tell { event, reason } = farewell {
             if let Some(event) = event {
                 self.event(event).await;

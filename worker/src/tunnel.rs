@@ -168,6 +168,7 @@ pub async fn maintain(target: RelayTarget, ctx: Arc<Context>, shutdown: Cancella
                 Ok(()) => attempt = 0,
                 Err(e) => {
                     warn!(error = %e, "tunnel failed");
+                    metrics::counter!("worker_tunnel_failures_total").increment(1);
                     attempt = attempt.saturating_add(1);
                 }
             }
@@ -263,6 +264,8 @@ async fn serve(conn: &quinn::Connection, ctx: &Arc<Context>, shutdown: &Cancella
         },
     }
     info!(%relay_id, "registered with relay");
+    metrics::counter!("worker_tunnel_registrations_total").increment(1);
+    let mut rtt_tick = tokio::time::interval(Duration::from_secs(2));
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => {
@@ -280,6 +283,9 @@ async fn serve(conn: &quinn::Connection, ctx: &Arc<Context>, shutdown: &Cancella
                 let ctx = Arc::clone(ctx);
                 let shutdown = shutdown.clone();
                 ctx.sessions.spawn(run_session(s, r, Arc::clone(&ctx), shutdown));
+            }
+            _ = rtt_tick.tick() => {
+                metrics::gauge!("worker_tunnel_rtt_seconds", "relay" => relay_id.clone()).set(conn.rtt().as_secs_f64());
             }
             msg = recv.next::<Control>() => match msg? {
                 Some(Control::Ping { seq, sent_ms }) => send_frame(&mut send, &Control::Pong { seq, sent_ms }).await?,

@@ -100,18 +100,22 @@ fn run_clock(
         let started = Instant::now();
         match encoder.encode(picture, pts, force) {
             Ok(data) if !data.is_empty() => {
+                let took = started.elapsed();
                 stats
                     .encode_micros_total
-                    .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                    .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+                metrics::histogram!("worker_encode_seconds").record(took.as_secs_f64());
                 match out.try_send(EncodedFrame {
                     data: Bytes::from(data),
                     duration: interval,
                 }) {
                     Ok(()) => {
                         stats.frames_sent.fetch_add(1, Ordering::Relaxed);
+                        metrics::counter!("worker_frames_sent_total").increment(1);
                     }
                     Err(mpsc::error::TrySendError::Full(_)) => {
                         stats.frames_dropped.fetch_add(1, Ordering::Relaxed);
+                        metrics::counter!("worker_frames_dropped_total").increment(1);
                         keyframe.store(true, Ordering::Release); // the receiver lost a reference
                     }
                     Err(mpsc::error::TrySendError::Closed(_)) => break,
@@ -129,6 +133,7 @@ fn run_clock(
         if now > next + interval {
             let behind = ((now - next).as_secs_f64() / interval.as_secs_f64()) as u64;
             stats.frames_late.fetch_add(behind, Ordering::Relaxed);
+            metrics::counter!("worker_frames_late_total").increment(behind);
             next = now;
         } else if next > now {
             std::thread::sleep(next - now);

@@ -1,0 +1,36 @@
+//! Prometheus metrics of the relay.
+//!
+//! Counters and histograms are recorded where things happen (`metrics::counter!` and friends);
+//! gauges that describe current state (workers, their tunnel RTT) are refreshed from the registry
+//! when `/metrics` is scraped, so they can never drift. Without an installed recorder (library use,
+//! unit tests) every macro is a no-op.
+//!
+//! | name | kind | meaning |
+//! |---|---|---|
+//! | `relay_sessions_active` | gauge | browser sockets open now |
+//! | `relay_sessions_total` | counter | browser sockets accepted |
+//! | `relay_sessions_routed_total` | counter | sessions handed to a worker |
+//! | `relay_signaling_errors_total{code}` | counter | error events sent, by code |
+//! | `relay_connections_rate_limited_total` | counter | upgrades refused by the per-IP limit |
+//! | `relay_workers_registered` | gauge | workers with a live tunnel |
+//! | `relay_worker_sessions{worker}` | gauge | sessions on each worker |
+//! | `relay_tunnel_rtt_seconds{worker}` | gauge | QUIC RTT estimate of each tunnel |
+//! | `relay_tunnel_registrations_total` | counter | successful worker registrations (reconnects included) |
+
+use crate::AppState;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+/// Install the process-wide Prometheus recorder; call once, from `main`.
+pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
+    PrometheusBuilder::new().install_recorder()
+}
+
+/// Set the state gauges from the registry.
+pub fn refresh_gauges(state: &AppState) {
+    let workers = state.registry.all();
+    metrics::gauge!("relay_workers_registered").set(workers.len() as f64);
+    for w in workers {
+        metrics::gauge!("relay_worker_sessions", "worker" => w.id.clone()).set(w.active() as f64);
+        metrics::gauge!("relay_tunnel_rtt_seconds", "worker" => w.id.clone()).set(w.connection.rtt().as_secs_f64());
+    }
+}

@@ -1,0 +1,171 @@
+//! Operating limits, health and metrics endpoints, and log hygiene, against the real binaries.
+
+use avatar_edge_tests::cluster::{http_get, Cluster, SECRET};
+use avatar_edge_tests::netns;
+use avatar_edge_tests::rtc_client::RtcClient;
+use avatar_edge_tests::signaling::Signaling;
+use std::time::{Duration, Instant};
+
+const SECS: fn(u64) -> Duration = Duration::from_secs;
+
+async fn play(sig: &mut Signaling) -> RtcClient {
+    let client = RtcClient::new(true).await.expect("client");
+    sig.send_offer(&client.offer().await.expect("offer"), "a")
+        .await
+        .expect("send");
+    let answer = sig.wait_for("webrtc_answer", SECS(10)).await.expect("answer");
+    client
+        .accept_answer(answer["sdp"].as_str().expect("sdp"))
+        .await
+        .expect("accept");
+    client.connected(SECS(10)).await.expect("connected");
+    client
+}
+
+#[test]
+fn connections_per_ip_are_rate_limited() {
+    netns::run("connections_per_ip_are_rate_limited", || async {
+        let cluster = Cluster::relay_only("[limits]\nconnections_per_ip_per_minute = 3").await;
+        let mut open = Vec::new();
+        for i in 0..3 {
+            open.push(
+                Signaling::connect(&cluster.ws_url(&format!("rl-{i}")))
+                    .await
+                    .expect("within the limit"),
+            );
+        }
+        let refused = Signaling::connect(&cluster.ws_url("rl-4"))
+            .await
+            .err()
+            .expect("fourth connection refused");
+        assert!(refused.to_string().contains("429"), "{refused}");
+        // Other routes are not limited.
+        assert_eq!(http_get(cluster.relay.http, "/healthz").await.expect("healthz").0, 200);
+    });
+}
+
+#[test]
+fn a_second_socket_cannot_claim_a_live_session_id() {
+    netns::run("a_second_socket_cannot_claim_a_live_session_id", || async {
+        let cluster = Cluster::start().await;
+        let mut first = Signaling::connect(&cluster.ws_url("mine")).await.expect("ws");
+        let mut second = Signaling::connect(&cluster.ws_url("mine")).await.expect("ws");
+        let ev = second.next_event(SECS(5)).await.expect("event");
+        assert_eq!(ev["code"], "session_in_use", "{ev}");
+        assert!(second.next_event(SECS(5)).await.is_err(), "the second socket is closed");
+        // The first socket is untouched and plays.
+        let client = play(&mut first).await;
+        assert!(client.wait_frames(10, SECS(5)).await.frames_decoded >= 10);
+        // Once it leaves, the id is free again.
+        first.close().await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut third = Signaling::connect(&cluster.ws_url("mine")).await.expect("ws");
+        let client = play(&mut third).await;
+        assert!(client.wait_frames(5, SECS(5)).await.frames_decoded >= 5);
+    });
+}
+
+#[test]
+fn idle_sockets_and_overlong_sessions_are_closed() {
+    netns::run("idle_sockets_and_overlong_sessions_are_closed", || async {
+        let mut cluster = Cluster::relay_only("[limits]\nidle_timeout_ms = 600\nmax_session_ms = 3000").await;
+        cluster.add_worker("w", 2, "").await;
+        let started = Instant::now();
+        let mut idle = Signaling::connect(&cluster.ws_url("idle")).await.expect("ws");
+        let ev = idle.next_event(SECS(5)).await.expect("event");
+        assert_eq!(ev["code"], "idle_timeout", "{ev}");
+        assert!(started.elapsed() >= Duration::from_millis(500), "not before the limit");
+        assert!(idle.next_event(SECS(2)).await.is_err(), "closed after the event");
+
+        // A playing session is not idle, but it does expire.
+        let started = Instant::now();
+        let mut busy = Signaling::connect(&cluster.ws_url("busy")).await.expect("ws");
+        let client = play(&mut busy).await;
+        let ev = busy.wait_for("error", SECS(6)).await.expect("expiry");
+        assert_eq!(ev["code"], "session_expired", "{ev}");
+        let lived = started.elapsed();
+        assert!(lived >= Duration::from_millis(2900), "expired early: {lived:?}");
+        assert!(client.snapshot().frames_decoded >= 25, "it played until then");
+    });
+}
+
+#[test]
+fn readyz_and_metrics_describe_the_system() {
+    netns::run("readyz_and_metrics_describe_the_system", || async {
+        let mut cluster = Cluster::relay_only("").await;
+        let http = cluster.relay.http;
+        let (status, body) = http_get(http, "/readyz").await.expect("readyz");
+        assert_eq!(status, 503, "not ready without workers: {body}");
+        // In its own network namespace this fixed port cannot collide with anything.
+        cluster
+            .add_worker("metered", 2, "metrics_listen = \"127.0.0.1:9464\"")
+            .await;
+        let (status, body) = http_get(http, "/readyz").await.expect("readyz");
+        assert_eq!(status, 200, "{body}");
+
+        let mut sig = Signaling::connect(&cluster.ws_url("metrics")).await.expect("ws");
+        let client = play(&mut sig).await;
+        assert!(client.wait_frames(25, SECS(5)).await.frames_decoded >= 25);
+        sig.send_text("not json").await.expect("send");
+        sig.wait_for("error", SECS(5)).await.expect("error");
+
+        let (status, relay) = http_get(http, "/metrics").await.expect("metrics");
+        assert_eq!(status, 200);
+        for line in [
+            "relay_sessions_total 1",
+            "relay_sessions_active 1",
+            "relay_sessions_routed_total 1",
+            "relay_workers_registered 1",
+            "relay_signaling_errors_total{code=\"bad_json\"} 1",
+            "relay_worker_sessions{worker=\"metered\"} 1",
+        ] {
+            assert!(
+                relay.lines().any(|l| l == line),
+                "relay metrics lack `{line}`:\n{relay}"
+            );
+        }
+        assert!(
+            relay.contains("relay_tunnel_rtt_seconds{worker=\"metered\"}"),
+            "{relay}"
+        );
+
+        let worker_addr = "127.0.0.1:9464".parse().expect("addr");
+        let (status, worker) = http_get(worker_addr, "/metrics").await.expect("worker metrics");
+        assert_eq!(status, 200);
+        let value = |name: &str| {
+            worker
+                .lines()
+                .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse::<f64>().ok()))
+                .unwrap_or_else(|| panic!("worker metrics lack {name}:\n{worker}"))
+        };
+        assert!(value("worker_frames_sent_total ") >= 25.0);
+        assert_eq!(value("worker_sessions_active "), 1.0);
+        assert_eq!(value("worker_sessions_total "), 1.0);
+        assert!(worker.contains("worker_encode_seconds"), "{worker}");
+    });
+}
+
+#[test]
+fn secrets_never_appear_in_logs() {
+    netns::run("secrets_never_appear_in_logs", || async {
+        // Debug logging for our crates, in this test's own process (each test runs alone in its
+        // namespace), so that anything logged at any level is checked.
+        std::env::set_var("AE_LOG", "debug,webrtc=warn,webrtc_ice=warn,webrtc_dtls=warn,webrtc_srtp=warn,webrtc_sctp=warn,webrtc_mdns=warn,interceptor=warn");
+        let mut cluster = Cluster::relay_only("").await;
+        cluster.add_worker("honest", 2, "").await;
+        let pin = format!("fingerprint = \"{}\"", cluster.relay.fingerprint);
+        let wrong = "wrong-secret-that-must-not-leak";
+        let intruder = cluster.spawn_worker("intruder", 1, wrong, &pin, "");
+        cluster.wait_for_log(&intruder, "authentication failed", SECS(10)).await;
+        let mut sig = Signaling::connect(&cluster.ws_url("secrets")).await.expect("ws");
+        let client = play(&mut sig).await;
+        assert!(client.wait_frames(10, SECS(5)).await.frames_decoded >= 10);
+        drop(client);
+        drop(sig);
+        let logs = cluster.logs();
+        assert!(logs.contains("DEBUG"), "debug logging was on");
+        for secret in [SECRET, wrong] {
+            assert!(!logs.contains(secret), "`{secret}` leaked into the logs");
+        }
+    });
+}
