@@ -25,6 +25,9 @@ struct Attached {
     _slot: SessionSlot,
     send: quinn::SendStream,
     recv: FramedRecv,
+    /// An offer sent to the worker and not yet answered. If the worker closes the session before
+    /// answering (it was ending as the offer crossed), the offer is routed again, not lost.
+    pending_offer: Option<Offer>,
 }
 
 /// WebSocket close codes used here.
@@ -104,7 +107,10 @@ where
             }
             tokio::time::sleep_until(idle_deadline).await
         };
+        // Biased: shutdown first, then the worker's frames before the browser's next message, so
+        // a session the worker has just ended is detached before a new offer is handled.
         let out: Vec<ServerEvent> = tokio::select! {
+            biased;
             _ = shutdown.cancelled() => {
                 close(&mut socket, GOING_AWAY, "relay shutting down").await;
                 break;
@@ -123,27 +129,30 @@ where
                 close(&mut socket, NORMAL, "session expired").await;
                 break;
             }
-            msg = socket.next() => {
-                idle_deadline = tokio::time::Instant::now() + idle;
-                match msg {
-                    None | Some(Ok(Message::Close(_))) => break,
-                    Some(Err(e)) => { debug!(error = %e, "websocket error"); break; }
-                    Some(Ok(Message::Text(text))) => {
-                        let action = session.on_text(text.as_str());
-                        perform(action, &mut session, &mut attached, &session_id, &state).await
-                    }
-                    Some(Ok(Message::Binary(_))) => vec![ServerEvent::error(ErrorCode::BadJson, "binary messages are not supported; send JSON text")],
-                    Some(Ok(_)) => vec![], // ping/pong are answered by the server itself
-                }
-            },
             frame = worker_frame => match frame {
-                Ok(Some(SessionFrame::Event(ev))) => vec![ev],
+                Ok(Some(SessionFrame::Event(ev))) => {
+                    if matches!(ev, ServerEvent::WebrtcAnswer { .. } | ServerEvent::Error { .. }) {
+                        if let Some(a) = attached.as_mut() {
+                            a.pending_offer = None;
+                        }
+                    }
+                    vec![ev]
+                }
                 Ok(Some(SessionFrame::Close { reason })) => {
                     info!(%reason, "worker closed the session");
                     session.worker_closed();
-                    attached = None;
                     idle_deadline = tokio::time::Instant::now() + idle;
-                    vec![]
+                    match attached.take().and_then(|a| a.pending_offer) {
+                        Some(offer) => {
+                            let out = attach(offer, &mut session, &mut attached, &session_id, &state).await;
+                            // One second chance per offer: a worker that keeps closing cannot loop us.
+                            if let Some(a) = attached.as_mut() {
+                                a.pending_offer = None;
+                            }
+                            out
+                        }
+                        None => vec![],
+                    }
                 }
                 Ok(Some(other)) => {
                     warn!(?other, "unexpected frame from worker; dropping the session");
@@ -155,6 +164,19 @@ where
                     attached = None;
                     idle_deadline = tokio::time::Instant::now() + idle;
                     session.worker_lost().into_iter().collect()
+                }
+            },
+            msg = socket.next() => {
+                idle_deadline = tokio::time::Instant::now() + idle;
+                match msg {
+                    None | Some(Ok(Message::Close(_))) => break,
+                    Some(Err(e)) => { debug!(error = %e, "websocket error"); break; }
+                    Some(Ok(Message::Text(text))) => {
+                        let action = session.on_text(text.as_str());
+                        perform(action, &mut session, &mut attached, &session_id, &state).await
+                    }
+                    Some(Ok(Message::Binary(_))) => vec![ServerEvent::error(ErrorCode::BadJson, "binary messages are not supported; send JSON text")],
+                    Some(Ok(_)) => vec![], // ping/pong are answered by the server itself
                 }
             },
         };
@@ -192,25 +214,48 @@ async fn perform(
             let Some(a) = attached.as_mut() else {
                 return vec![];
             };
+            // Kept in case the worker turns out to be gone: an offer then starts a new session.
+            let offer = match &msg {
+                ClientMessage::WebrtcOffer(o) => Some(o.clone()),
+                _ => None,
+            };
             if let Err(e) = send_frame(&mut a.send, &SessionFrame::Client(msg)).await {
                 info!(error = %e, "worker stream failed while forwarding");
                 *attached = None;
-                return session.worker_lost().into_iter().collect();
+                let lost = session.worker_lost();
+                return match offer {
+                    Some(offer) => attach(offer, session, attached, session_id, state).await,
+                    None => lost.into_iter().collect(),
+                };
+            }
+            if offer.is_some() {
+                a.pending_offer = offer;
             }
             vec![]
         }
-        Action::Route(offer) => match route(offer, session_id, state).await {
-            Ok((a, worker_id)) => {
-                metrics::counter!("relay_sessions_routed_total").increment(1);
-                session.attached(worker_id.clone());
-                *attached = Some(a);
-                vec![ServerEvent::SessionAssigned {
-                    session_id: session_id.to_owned(),
-                    worker_id,
-                }]
-            }
-            Err((code, message)) => vec![session.route_failed(code, message)],
-        },
+        Action::Route(offer) => attach(offer, session, attached, session_id, state).await,
+    }
+}
+
+/// Route `offer` to a worker and attach the session to it.
+async fn attach(
+    offer: Offer,
+    session: &mut SignalingSession,
+    attached: &mut Option<Attached>,
+    session_id: &str,
+    state: &AppState,
+) -> Vec<ServerEvent> {
+    match route(offer, session_id, state).await {
+        Ok((a, worker_id)) => {
+            metrics::counter!("relay_sessions_routed_total").increment(1);
+            session.attached(worker_id.clone());
+            *attached = Some(a);
+            vec![ServerEvent::SessionAssigned {
+                session_id: session_id.to_owned(),
+                worker_id,
+            }]
+        }
+        Err((code, message)) => vec![session.route_failed(code, message)],
     }
 }
 
@@ -255,6 +300,7 @@ async fn route(offer: Offer, session_id: &str, state: &AppState) -> Result<(Atta
         avatar_id: avatar,
         user_id: offer.user_id.clone(),
     };
+    let pending_offer = Some(offer.clone());
     let opened = tokio::time::timeout(
         Duration::from_secs(3),
         open_session(&slot, open, SessionFrame::Client(ClientMessage::WebrtcOffer(offer))),
@@ -268,6 +314,7 @@ async fn route(offer: Offer, session_id: &str, state: &AppState) -> Result<(Atta
                     _slot: slot,
                     send,
                     recv,
+                    pending_offer,
                 },
                 worker_id,
             ))
