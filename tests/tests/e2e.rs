@@ -502,3 +502,42 @@ fn worker_trusts_the_relay_through_a_ca_file() {
         );
     });
 }
+
+#[test]
+fn a_worker_serves_sessions_through_every_relay_it_dials() {
+    netns::run("a_worker_serves_sessions_through_every_relay_it_dials", || async {
+        let first = Cluster::relay_only("").await;
+        let mut second = Cluster::relay_only("").await;
+        let also_first = format!(
+            "[[relays]]\naddress = \"{}\"\nserver_name = \"localhost\"\nfingerprint = \"{}\"",
+            first.relay.tunnel, first.relay.fingerprint
+        );
+        let trust = format!("fingerprint = \"{}\"", second.relay.fingerprint);
+        let log = second.spawn_worker(
+            "multi-homed",
+            4,
+            avatar_edge_tests::cluster::SECRET,
+            &trust,
+            &also_first,
+        );
+        let deadline = Instant::now() + SECS(15);
+        while std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("registered with relay")
+            .count()
+            < 2
+        {
+            assert!(
+                Instant::now() < deadline,
+                "not registered with both relays:\n{}",
+                second.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for cluster in [&first, &second] {
+            let mut sig = Signaling::connect(&cluster.ws_url("via-each")).await.expect("ws");
+            let client = play(&mut sig, cluster, "a").await;
+            assert!(client.wait_frames(10, SECS(5)).await.frames_decoded >= 10);
+        }
+    });
+}
