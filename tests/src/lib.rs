@@ -30,6 +30,20 @@ pub fn bin_path(name: &str) -> std::path::PathBuf {
     path
 }
 
+/// Play a session on an open signaling socket: offer, answer, and wait for ICE to connect.
+pub async fn play(sig: &mut signaling::Signaling, avatar: &str) -> anyhow::Result<rtc_client::RtcClient> {
+    use std::time::Duration;
+    let client = rtc_client::RtcClient::new(true).await?;
+    sig.send_offer(&client.offer().await?, avatar).await?;
+    let answer = sig.wait_for("webrtc_answer", Duration::from_secs(10)).await?;
+    let sdp = answer["sdp"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("answer without sdp: {answer}"))?;
+    client.accept_answer(sdp).await?;
+    client.connected(Duration::from_secs(10)).await?;
+    Ok(client)
+}
+
 /// Log to stderr for test debugging (RUST_LOG controls it).
 pub fn init_logging() {
     let _ = tracing_subscriber::fmt()

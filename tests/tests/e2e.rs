@@ -11,24 +11,11 @@ use std::time::{Duration, Instant};
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 
-/// Offer, answer, connect; returns the client once ICE is connected.
+/// Offer, answer, connect; on failure, panic with every process's log.
 async fn play(sig: &mut Signaling, cluster: &Cluster, avatar: &str) -> RtcClient {
-    let client = RtcClient::new(true).await.expect("client");
-    let offer = client.offer().await.expect("offer");
-    sig.send_offer(&offer, avatar).await.expect("send offer");
-    let answer = sig
-        .wait_for("webrtc_answer", SECS(10))
+    avatar_edge_tests::play(sig, avatar)
         .await
-        .unwrap_or_else(|e| panic!("no answer: {e}\n{}", cluster.logs()));
-    client
-        .accept_answer(answer["sdp"].as_str().expect("sdp"))
-        .await
-        .expect("answer");
-    client
-        .connected(SECS(10))
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
-    client
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()))
 }
 
 fn error_code(ev: &serde_json::Value) -> &str {

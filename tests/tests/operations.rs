@@ -9,17 +9,7 @@ use std::time::{Duration, Instant};
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 
 async fn play(sig: &mut Signaling) -> RtcClient {
-    let client = RtcClient::new(true).await.expect("client");
-    sig.send_offer(&client.offer().await.expect("offer"), "a")
-        .await
-        .expect("send");
-    let answer = sig.wait_for("webrtc_answer", SECS(10)).await.expect("answer");
-    client
-        .accept_answer(answer["sdp"].as_str().expect("sdp"))
-        .await
-        .expect("accept");
-    client.connected(SECS(10)).await.expect("connected");
-    client
+    avatar_edge_tests::play(sig, "a").await.expect("session plays")
 }
 
 #[test]
