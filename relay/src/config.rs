@@ -221,11 +221,12 @@ impl RelayConfig {
         if self.http.max_message_bytes == 0 || self.http.max_message_bytes > self.http.max_frame_bytes {
             return invalid("http.max_message_bytes", "must be between 1 and http.max_frame_bytes");
         }
-        if self.limits.idle_timeout_ms == 0 || self.limits.max_session_ms == 0 {
-            return invalid(
-                "limits.idle_timeout_ms",
-                "idle_timeout_ms and max_session_ms must be above 0",
-            );
+        const DAY_MS: u64 = 24 * 3600 * 1000;
+        if !(1..=DAY_MS).contains(&self.limits.idle_timeout_ms) {
+            return invalid("limits.idle_timeout_ms", "must be between 1 ms and one day");
+        }
+        if !(1..=30 * DAY_MS).contains(&self.limits.max_session_ms) {
+            return invalid("limits.max_session_ms", "must be between 1 ms and 30 days");
         }
         if self.tunnel.keepalive_ms == 0 || self.tunnel.keepalive_ms >= self.tunnel.idle_timeout_ms {
             return invalid(
@@ -263,6 +264,13 @@ mod tests {
             .expect_err("short")
             .to_string()
             .starts_with("`tunnel.secret`"));
+        let mut c = RelayConfig::dev();
+        c.limits.max_session_ms = u64::MAX;
+        assert!(c
+            .validate()
+            .expect_err("huge")
+            .to_string()
+            .starts_with("`limits.max_session_ms`"));
         let mut c = RelayConfig::dev();
         c.tls.self_signed = false;
         assert!(c.validate().expect_err("no cert").to_string().starts_with("`tls.cert`"));

@@ -1,7 +1,7 @@
 //! One browser WebSocket, from upgrade to close.
 //!
-//! The loop waits on three things at once: the browser's next message, the worker's next frame
-//! (once a worker is attached), and shutdown. Every browser message goes through the pure
+//! The loop waits on several things at once: shutdown, the idle and session-length timers, the
+//! worker's next frame (once a worker is attached) and the browser's next message. Every browser message goes through the pure
 //! [`SignalingSession`] state machine, which says what to do; this module only does it. The loop
 //! is generic over `Sink`/`Stream` of axum messages, so tests can drive it with channels.
 
