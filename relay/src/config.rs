@@ -142,7 +142,7 @@ impl Default for TunnelConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 4433)),
             secret: Secret::default(),
-            idle_timeout_ms: 4000,
+            idle_timeout_ms: 3000,
             keepalive_ms: 1000,
             handshake_timeout_ms: 5000,
         }

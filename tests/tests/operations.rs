@@ -159,3 +159,81 @@ fn secrets_never_appear_in_logs() {
         }
     });
 }
+
+/// Run iptables in this test's own network namespace (never the host's: `netns::run` put us in
+/// a fresh one).
+fn iptables(args: &str) {
+    assert!(
+        netns::loopback_only(),
+        "refusing to touch iptables outside the test's namespace"
+    );
+    let status = std::process::Command::new("iptables")
+        .args(args.split(' '))
+        .status()
+        .expect("iptables (scripts/test installs it)");
+    assert!(status.success(), "iptables {args}");
+}
+
+#[test]
+fn a_tunnel_partition_does_not_stop_the_video_and_the_worker_returns_quickly() {
+    netns::run(
+        "a_tunnel_partition_does_not_stop_the_video_and_the_worker_returns_quickly",
+        || async {
+            let cluster = Cluster::start().await;
+            let mut sig = Signaling::connect(&cluster.ws_url("partition")).await.expect("ws");
+            let client = play(&mut sig).await;
+            assert!(client.wait_frames(25, SECS(5)).await.frames_decoded >= 25);
+
+            // Drop every packet between worker and relay (the tunnel's UDP port), both ways.
+            let port = cluster.relay.tunnel.port();
+            let rules = [
+                format!("OUTPUT -p udp --dport {port} -j DROP"),
+                format!("OUTPUT -p udp --sport {port} -j DROP"),
+            ];
+            for r in &rules {
+                iptables(&format!("-I {r}"));
+            }
+            let cut = Instant::now();
+            let before = client.snapshot().frames_decoded;
+            let mut noticed = None;
+            while cut.elapsed() < SECS(10) {
+                if noticed.is_none() && cluster.worker_count().await == 0 {
+                    noticed = Some(cut.elapsed());
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let during = client.snapshot().frames_decoded - before;
+            let noticed = noticed.expect("the relay noticed the dead tunnel");
+            // The path returns.
+            for r in &rules {
+                iptables(&format!("-D {r}"));
+            }
+            let healed = Instant::now();
+            while cluster.worker_count().await == 0 {
+                assert!(
+                    healed.elapsed() < SECS(10),
+                    "worker never came back\n{}",
+                    cluster.logs()
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let back = healed.elapsed();
+            eprintln!("partition: relay noticed after {noticed:?}; {during} frames decoded during the 10 s cut; re-registered {back:?} after the path returned");
+            assert!(noticed <= SECS(5), "dead tunnel noticed within 5 s: {noticed:?}");
+            assert!(
+                during >= 225,
+                "the video kept playing during the partition: {during} frames in 10 s"
+            );
+            assert!(
+                back <= Duration::from_millis(1500),
+                "re-registered {back:?} after the path returned"
+            );
+            // The browser was told its worker went away; the picture kept playing regardless, and a
+            // new offer now reaches the returned worker.
+            let ev = sig.wait_for("error", SECS(1)).await.expect("worker_lost event");
+            assert_eq!(ev["code"], "worker_lost");
+            let again = play(&mut sig).await;
+            assert!(again.wait_frames(10, SECS(5)).await.frames_decoded >= 10);
+        },
+    );
+}

@@ -167,7 +167,7 @@ impl Worker {
             encoder,
             encoder_settings,
             sessions: TaskTracker::new(),
-            tunnel_idle: Duration::from_secs(4),
+            tunnel_idle: Duration::from_secs(3),
             tunnel_keepalive: Duration::from_secs(1),
             active: AtomicU32::new(0),
             config,

@@ -143,14 +143,21 @@ fn client_config(
         .max_idle_timeout(Some(
             quinn::IdleTimeout::try_from(idle).map_err(|e| TunnelError::Trust(e.to_string()))?,
         ))
-        .keep_alive_interval(Some(keepalive));
+        .keep_alive_interval(Some(keepalive))
+        // Before the first RTT sample, retransmit a lost handshake after ~300 ms, not ~1 s: a
+        // tunnel comes back quickly when its path returns mid-attempt.
+        .initial_rtt(Duration::from_millis(100));
     config.transport_config(Arc::new(transport));
     Ok(config)
 }
 
-/// Backoff bounds for reconnecting.
-const BACKOFF_BASE: Duration = Duration::from_millis(200);
-const BACKOFF_CAP: Duration = Duration::from_secs(10);
+/// Backoff bounds for reconnecting. The cap is low on purpose: a relay is one host the operator
+/// runs, not a shared service, and a GPU box that waits 10 s to return wastes sessions; the full
+/// jitter still spreads a fleet's attempts.
+const BACKOFF_BASE: Duration = Duration::from_millis(100);
+const BACKOFF_CAP: Duration = Duration::from_secs(1);
+/// A connection attempt that has not completed its handshake by then is abandoned and retried.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Full jitter: uniform in `[0, min(cap, base·2^attempt)]`.
 pub fn backoff(attempt: u32, rng: &mut impl Rng) -> Duration {
@@ -209,7 +216,10 @@ async fn connect_and_serve(
         .parse()
         .map_err(|_| TunnelError::Protocol("bind address".into()))?;
     let endpoint = quinn::Endpoint::client(bind).map_err(|e| TunnelError::Protocol(format!("binding UDP: {e}")))?;
-    let conn = endpoint.connect_with(config, addr, &server_name)?.await?;
+    let connecting = endpoint.connect_with(config, addr, &server_name)?;
+    let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+        .await
+        .map_err(|_| TunnelError::Protocol(format!("no handshake within {CONNECT_TIMEOUT:?}")))??;
     let result = serve(&conn, ctx, shutdown).await;
     conn.close(quinn::VarInt::from_u32(0), b"worker closing");
     // Give the close a moment to reach the relay so it unregisters us at once.
