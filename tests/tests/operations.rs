@@ -39,6 +39,10 @@ fn a_second_socket_cannot_claim_a_live_session_id() {
     netns::run("a_second_socket_cannot_claim_a_live_session_id", || async {
         let cluster = Cluster::start().await;
         let mut first = Signaling::connect(&cluster.ws_url("mine")).await.expect("ws");
+        // Make sure the first socket's session is running (and holds the id) before the second
+        // arrives: an upgrade completes before the relay's session task starts.
+        first.send_text("ping?").await.expect("send");
+        assert_eq!(first.next_event(SECS(5)).await.expect("reply")["code"], "bad_json");
         let mut second = Signaling::connect(&cluster.ws_url("mine")).await.expect("ws");
         let ev = second.next_event(SECS(5)).await.expect("event");
         assert_eq!(ev["code"], "session_in_use", "{ev}");
