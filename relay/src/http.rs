@@ -132,40 +132,43 @@ mod tests {
     use http_body_util::BodyExt;
     use tower::ServiceExt;
 
-    fn state() -> Arc<AppState> {
-        AppState::new(RelayConfig::dev(), tokio_util::sync::CancellationToken::new())
+    fn state_with(config: RelayConfig) -> Arc<AppState> {
+        AppState::new(config, tokio_util::sync::CancellationToken::new())
+    }
+
+    /// GET `path` from the app; returns status, content type and body.
+    async fn get(state: Arc<AppState>, path: &str) -> (StatusCode, String, String) {
+        let request = axum::http::Request::get(path)
+            .body(axum::body::Body::empty())
+            .expect("request");
+        let res = app(state).oneshot(request).await.expect("response");
+        let content_type = res
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let status = res.status();
+        let body = res.into_body().collect().await.expect("body").to_bytes();
+        (status, content_type, String::from_utf8_lossy(&body).into_owned())
     }
 
     #[tokio::test]
     async fn index_is_served_as_utf8_html() {
-        let res = app(state())
-            .oneshot(
-                axum::http::Request::get("/")
-                    .body(axum::body::Body::empty())
-                    .expect("request"),
-            )
-            .await
-            .expect("response");
-        assert_eq!(res.status(), StatusCode::OK);
-        assert_eq!(res.headers()[header::CONTENT_TYPE], "text/html; charset=utf-8");
-        let body = res.into_body().collect().await.expect("body").to_bytes();
-        assert!(String::from_utf8_lossy(&body).contains("app.js"));
+        let (status, content_type, body) = get(state_with(RelayConfig::dev()), "/").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(content_type, "text/html; charset=utf-8");
+        assert!(body.contains("app.js"));
     }
 
     #[tokio::test]
-    async fn healthz_reports_workers() {
-        let res = app(state())
-            .oneshot(
-                axum::http::Request::get("/healthz")
-                    .body(axum::body::Body::empty())
-                    .expect("request"),
-            )
-            .await
-            .expect("response");
-        assert_eq!(res.status(), StatusCode::OK);
-        let body = res.into_body().collect().await.expect("body").to_bytes();
-        let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    async fn healthz_reports_workers_and_readyz_wants_one() {
+        let (status, _, body) = get(state_with(RelayConfig::dev()), "/healthz").await;
+        assert_eq!(status, StatusCode::OK);
+        let v: serde_json::Value = serde_json::from_str(&body).expect("json");
         assert_eq!(v["workers"], 0);
+        let (status, _, _) = get(state_with(RelayConfig::dev()), "/readyz").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     }
 
     #[tokio::test]
@@ -174,19 +177,10 @@ mod tests {
         std::fs::write(dir.path().join("index.html"), "<p>operator page 你好</p>").expect("write");
         let mut config = RelayConfig::dev();
         config.http.web_client_dir = Some(dir.path().to_path_buf());
-        let state = AppState::new(config, tokio_util::sync::CancellationToken::new());
-        let res = app(state)
-            .oneshot(
-                axum::http::Request::get("/")
-                    .body(axum::body::Body::empty())
-                    .expect("request"),
-            )
-            .await
-            .expect("response");
-        assert_eq!(res.status(), StatusCode::OK);
-        assert_eq!(res.headers()[header::CONTENT_TYPE], "text/html; charset=utf-8");
-        let body = res.into_body().collect().await.expect("body").to_bytes();
-        assert_eq!(String::from_utf8_lossy(&body), "<p>operator page 你好</p>");
+        let (status, content_type, body) = get(state_with(config), "/").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(content_type, "text/html; charset=utf-8");
+        assert_eq!(body, "<p>operator page 你好</p>");
     }
 
     #[test]
