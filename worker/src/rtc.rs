@@ -84,11 +84,7 @@ impl RtcEngine {
     pub async fn answer(&self, offer_sdp: String) -> Result<Answer, RtcError> {
         let pc = Arc::new(self.api.new_peer_connection(RTCConfiguration::default()).await?);
         match self.negotiate(&pc, offer_sdp).await {
-            Ok((video, keyframe, states, sdp)) => Ok(Answer {
-                peer: Arc::new(Peer { pc, video, keyframe }),
-                states,
-                sdp,
-            }),
+            Ok(answer) => Ok(answer),
             Err(e) => {
                 let _ = pc.close().await;
                 Err(e)
@@ -96,20 +92,7 @@ impl RtcEngine {
         }
     }
 
-    #[allow(clippy::type_complexity)]
-    async fn negotiate(
-        &self,
-        pc: &Arc<RTCPeerConnection>,
-        offer_sdp: String,
-    ) -> Result<
-        (
-            Arc<TrackLocalStaticSample>,
-            Arc<AtomicBool>,
-            mpsc::Receiver<RTCPeerConnectionState>,
-            String,
-        ),
-        RtcError,
-    > {
+    async fn negotiate(&self, pc: &Arc<RTCPeerConnection>, offer_sdp: String) -> Result<Answer, RtcError> {
         let (state_tx, states) = mpsc::channel(16);
         pc.on_peer_connection_state_change(Box::new(move |s| {
             let tx = state_tx.clone();
@@ -161,7 +144,16 @@ impl RtcEngine {
             return Err(RtcError::GatheringTimeout);
         }
         let local = pc.local_description().await.ok_or(RtcError::GatheringTimeout)?;
-        Ok((video, keyframe, states, local.sdp))
+        let peer = Arc::new(Peer {
+            pc: Arc::clone(pc),
+            video,
+            keyframe,
+        });
+        Ok(Answer {
+            peer,
+            states,
+            sdp: local.sdp,
+        })
     }
 }
 
