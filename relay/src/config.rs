@@ -44,6 +44,99 @@ pub struct RelayConfig {
     pub tunnel: TunnelConfig,
     pub tls: TlsConfig,
     pub limits: LimitsConfig,
+    pub policies: PoliciesConfig,
+}
+
+/// `[policies]`: operator-written WebAssembly modules that decide admission and routing.
+///
+/// See `docs/policies.md`. With no `auth` module everyone is admitted; with no `router` module the
+/// built-in least-loaded rule routes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoliciesConfig {
+    /// The `auth` world module: admits connects, checks messages. Fails closed.
+    pub auth: Option<PolicyModuleConfig>,
+    /// The `router` world module: picks a worker. Takes `fallback` when it fails.
+    pub router: Option<PolicyModuleConfig>,
+    /// Wall-clock budget of one decision (instantiate + call), in milliseconds.
+    pub deadline_ms: u64,
+    /// Linear memory one decision may use.
+    pub max_memory_bytes: usize,
+    /// Largest module file accepted.
+    pub max_module_bytes: u64,
+    /// Largest decision accepted (user id, claims and reasons together).
+    pub max_output_bytes: usize,
+    /// Decisions running at once; more wait for a free slot.
+    pub max_concurrent: u32,
+    /// How often module and config files are checked for changes; 0 turns polling off
+    /// (SIGHUP still reloads).
+    pub reload_poll_ms: u64,
+    /// Keep compiled modules here so a restart or reload of an unchanged module skips compiling.
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl Default for PoliciesConfig {
+    fn default() -> Self {
+        Self {
+            auth: None,
+            router: None,
+            deadline_ms: 10,
+            max_memory_bytes: 16 << 20,
+            max_module_bytes: 8 << 20,
+            max_output_bytes: 64 << 10,
+            max_concurrent: 64,
+            reload_poll_ms: 1000,
+            cache_dir: None,
+        }
+    }
+}
+
+/// One policy module.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyModuleConfig {
+    /// The component file (`.wasm`), built with `scripts/build-policies` or the SDK.
+    pub path: PathBuf,
+    /// The module's settings, handed to it by `host.config()`: a TOML table (passed as JSON) or
+    /// a string (passed as is). Never logged.
+    pub config: Option<ModuleSettings>,
+    /// Read the settings from this file instead (for secrets: keep it readable by the relay
+    /// only). Re-read on reload.
+    pub config_file: Option<PathBuf>,
+    /// Router only: what to do when the module fails (`builtin`: the least-loaded rule;
+    /// `reject`: the session gets `no_worker`).
+    pub fallback: Option<RouterFallback>,
+}
+
+/// A module's settings as written in the relay config. `Debug` hides them: they hold keys.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct ModuleSettings(pub toml::Value);
+
+impl fmt::Debug for ModuleSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl ModuleSettings {
+    /// The string the module sees: strings verbatim, anything else as JSON.
+    pub fn to_module_string(&self) -> String {
+        match &self.0 {
+            toml::Value::String(s) => s.clone(),
+            // Serializing a parsed TOML value to JSON cannot fail (no non-string keys, no NaN
+            // keys); fall back to an empty config rather than panic.
+            other => serde_json::to_string(other).unwrap_or_default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouterFallback {
+    #[default]
+    Builtin,
+    Reject,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -120,6 +213,7 @@ impl Default for RelayConfig {
             tunnel: TunnelConfig::default(),
             tls: TlsConfig::default(),
             limits: LimitsConfig::default(),
+            policies: PoliciesConfig::default(),
         }
     }
 }
@@ -234,6 +328,31 @@ impl RelayConfig {
                 "must be above 0 and below tunnel.idle_timeout_ms",
             );
         }
+        let p = &self.policies;
+        if !(1..=10_000).contains(&p.deadline_ms) {
+            return invalid("policies.deadline_ms", "must be between 1 and 10000");
+        }
+        if !(1 << 16..=4 << 30).contains(&p.max_memory_bytes) {
+            return invalid("policies.max_memory_bytes", "must be between 64 KiB and 4 GiB");
+        }
+        if !(1..=4096).contains(&p.max_concurrent) {
+            return invalid("policies.max_concurrent", "must be between 1 and 4096");
+        }
+        if p.max_output_bytes == 0 || p.max_module_bytes == 0 {
+            return invalid("policies.max_output_bytes", "size caps must be above 0");
+        }
+        for (key, module) in [("policies.auth", &p.auth), ("policies.router", &p.router)] {
+            let Some(m) = module else { continue };
+            if m.config.is_some() && m.config_file.is_some() {
+                return invalid(key, "set `config` or `config_file`, not both");
+            }
+            if key == "policies.auth" && m.fallback.is_some() {
+                return invalid(
+                    "policies.auth.fallback",
+                    "auth always fails closed; `fallback` is for the router",
+                );
+            }
+        }
         Ok(())
     }
 }
@@ -274,5 +393,34 @@ mod tests {
         let mut c = RelayConfig::dev();
         c.tls.self_signed = false;
         assert!(c.validate().expect_err("no cert").to_string().starts_with("`tls.cert`"));
+    }
+
+    #[test]
+    fn policy_modules_take_a_table_or_a_string_and_hide_it() {
+        let c = RelayConfig::from_toml(
+            r#"
+            [policies.auth]
+            path = "hmac-token.wasm"
+            config = { secret = "0123456789abcdef-topsecret", max_lifetime_s = 60 }
+            [policies.router]
+            path = "router.wasm"
+            config = "raw text"
+            fallback = "reject"
+            "#,
+        )
+        .expect("parses");
+        let auth = c.policies.auth.as_ref().expect("auth");
+        let json: serde_json::Value =
+            serde_json::from_str(&auth.config.as_ref().expect("config").to_module_string()).expect("json");
+        assert_eq!(json["secret"], "0123456789abcdef-topsecret");
+        assert_eq!(json["max_lifetime_s"], 60);
+        let router = c.policies.router.as_ref().expect("router");
+        assert_eq!(router.config.as_ref().expect("config").to_module_string(), "raw text");
+        assert_eq!(router.fallback, Some(RouterFallback::Reject));
+        assert!(!format!("{c:?}").contains("topsecret"));
+        let mut bad = RelayConfig::dev();
+        bad.policies.auth = c.policies.auth.clone();
+        bad.policies.auth.as_mut().expect("auth").fallback = Some(RouterFallback::Builtin);
+        assert!(bad.validate().expect_err("auth fallback").to_string().starts_with("`policies.auth.fallback`"));
     }
 }

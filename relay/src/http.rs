@@ -5,16 +5,17 @@
 //! carry `charset=utf-8`: the customer's page has no `<meta charset>`, and without it Chromium
 //! decodes the page as windows-1252 and the Chinese messages it sends arrive garbled.
 
-use crate::signaling::run_session;
+use crate::policy::{self, ConnectDecision, ConnectRequest, Header, Principal};
+use crate::signaling::{refuse, run_session};
 use crate::AppState;
 use axum::extract::{ConnectInfo, Path, State, WebSocketUpgrade};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use tracing::{info_span, Instrument};
+use tracing::{info, info_span, warn, Instrument};
 
 const INDEX_HTML: &str = include_str!("../../web-client/index.html");
 const APP_JS: &str = include_str!("../../web-client/app.js");
@@ -94,11 +95,57 @@ fn valid_session_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 128 && id.chars().all(|c| c.is_ascii_graphic())
 }
 
+/// Ask the auth module about a connect: `Ok(None)` without a module, `Ok(Some)` with the
+/// principal it admitted, `Err(reason)` when refused (by the module, or because it failed).
+async fn authorize(
+    state: &AppState,
+    session_id: &str,
+    uri: &Uri,
+    headers: &HeaderMap,
+    remote: SocketAddr,
+) -> Result<Option<Principal>, String> {
+    let Some(policies) = state.policies.as_ref().filter(|p| p.has_auth()) else {
+        return Ok(None);
+    };
+    let headers = policy::FORWARDED_HEADERS
+        .iter()
+        .flat_map(|name| headers.get_all(*name).iter().map(move |v| (name, v)))
+        .filter_map(|(name, value)| {
+            Some(Header {
+                name: name.to_string(),
+                value: value.to_str().ok()?.to_owned(),
+            })
+        })
+        .collect();
+    let request = ConnectRequest {
+        session_id: session_id.to_owned(),
+        path: uri.path().to_owned(),
+        query: uri.query().unwrap_or("").to_owned(),
+        headers,
+        remote_addr: remote.to_string(),
+        now_ms: policy::now_ms(),
+    };
+    match policies.authorize_connect(request).await {
+        None => Ok(None),
+        Some(Ok(ConnectDecision::Allow(principal))) => Ok(Some(principal)),
+        Some(Ok(ConnectDecision::Deny(reason))) => {
+            info!(%reason, "connect refused by the auth policy");
+            Err(reason)
+        }
+        Some(Err(e)) => {
+            warn!(error = %e, "auth policy failed; refusing the connect (fail closed)");
+            Err("authorization is unavailable right now (policy error); try again later".into())
+        }
+    }
+}
+
 async fn ws_upgrade(
     ws: WebSocketUpgrade,
     Path(session_id): Path<String>,
     ConnectInfo(remote): ConnectInfo<SocketAddr>,
     State(state): State<Arc<AppState>>,
+    uri: Uri,
+    headers: HeaderMap,
 ) -> Response {
     if !valid_session_id(&session_id) {
         return (
@@ -117,12 +164,25 @@ async fn ws_upgrade(
                 .into_response();
         }
     }
+    let span = info_span!("session", %session_id, %remote, user = tracing::field::Empty);
+    let principal = match authorize(&state, &session_id, &uri, &headers, remote)
+        .instrument(span.clone())
+        .await
+    {
+        Ok(principal) => {
+            if let Some(p) = &principal {
+                span.record("user", p.user_id.as_str());
+            }
+            principal
+        }
+        // Upgrade anyway: a browser reads the reason from an `error` event, not from a 403.
+        Err(reason) => return ws.on_upgrade(move |socket| refuse(socket, reason).instrument(span)),
+    };
     let shutdown = state.shutdown.clone();
     let max_frame = state.config.http.max_frame_bytes;
-    let span = info_span!("session", %session_id, %remote);
     ws.max_message_size(max_frame)
         .max_frame_size(max_frame)
-        .on_upgrade(move |socket| run_session(socket, session_id, state, shutdown).instrument(span))
+        .on_upgrade(move |socket| run_session(socket, session_id, principal, state, shutdown).instrument(span))
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@
 pub mod config;
 pub mod http;
 pub mod metrics;
+pub mod policy;
 pub mod registry;
 pub mod signaling;
 pub mod tls;
@@ -53,14 +54,18 @@ pub enum RelayError {
     Write { path: String, source: std::io::Error },
     #[error("HTTP server: {0}")]
     Serve(std::io::Error),
+    #[error("policy: {0}")]
+    Policy(#[from] policy::LoadError),
 }
 
 /// Shared state of one relay.
 pub struct AppState {
     pub config: RelayConfig,
     pub registry: Registry,
-    /// The routing seam: the built-in rule unless a policy replaces it.
+    /// The built-in routing rule: used without a router module, and as its fallback.
     pub router: Box<dyn RoutePolicy>,
+    /// Operator policy modules (auth, router); `None` when none is configured.
+    pub policies: Option<Arc<policy::Policies>>,
     pub shutdown: CancellationToken,
     /// New connections per client IP; `None` when unlimited.
     pub connect_limiter: Option<governor::DefaultKeyedRateLimiter<std::net::IpAddr>>,
@@ -72,13 +77,14 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(config: RelayConfig, shutdown: CancellationToken) -> Arc<Self> {
-        Self::with_metrics(config, shutdown, None)
+        Self::with_metrics(config, shutdown, None, None)
     }
 
     pub fn with_metrics(
         config: RelayConfig,
         shutdown: CancellationToken,
         metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+        policies: Option<Arc<policy::Policies>>,
     ) -> Arc<Self> {
         let connect_limiter = std::num::NonZeroU32::new(config.limits.connections_per_ip_per_minute)
             .map(|n| governor::RateLimiter::keyed(governor::Quota::per_minute(n)));
@@ -86,6 +92,7 @@ impl AppState {
             config,
             registry: Registry::default(),
             router: Box::new(LeastLoaded),
+            policies,
             shutdown,
             connect_limiter,
             live_sessions: Default::default(),
@@ -158,6 +165,8 @@ impl Relay {
                 source,
             })?;
         }
+        // Compiled here, before any socket is bound: a broken module stops the start, not a request.
+        let policies = policy::Policies::load(&config.policies)?;
         let http_addr = config.http.listen;
         let http = std::net::TcpListener::bind(http_addr)
             .and_then(|l| l.set_nonblocking(true).map(|()| l))
@@ -173,7 +182,7 @@ impl Relay {
             Duration::from_millis(config.tunnel.keepalive_ms),
         )?;
         Ok(Self {
-            state: AppState::with_metrics(config, shutdown, metrics),
+            state: AppState::with_metrics(config, shutdown, metrics, policies),
             identity,
             http,
             endpoint,
@@ -226,6 +235,10 @@ impl Relay {
                 }
             })
         };
+        let policy_watcher = state
+            .policies
+            .clone()
+            .map(|p| tokio::spawn(p.watch(shutdown.clone())));
         let grace = Duration::from_millis(state.config.http.shutdown_grace_ms);
         let handle = axum_server::Handle::new();
         let app = http::app(Arc::clone(&state)).into_make_service_with_connect_info::<SocketAddr>();
@@ -268,6 +281,9 @@ impl Relay {
         let _ = watcher.await;
         let _ = tunnels.await;
         let _ = sweeper.await;
+        if let Some(w) = policy_watcher {
+            let _ = w.await;
+        }
         info!("relay stopped");
         served.map_err(RelayError::Serve)
     }

@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use avatar_relay::config::RelayConfig;
-use avatar_relay::Relay;
+use avatar_relay::{Relay, RelayError};
 use clap::Parser;
 use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
@@ -42,6 +42,11 @@ fn main() -> std::process::ExitCode {
         }
     };
     if args.check_config {
+        // Policy modules are part of the configuration: compile and check them too.
+        if let Err(e) = avatar_relay::policy::Policies::load(&config.policies) {
+            eprintln!("relay: bad configuration: policy: {e}");
+            return std::process::ExitCode::from(64);
+        }
         println!("configuration OK");
         return std::process::ExitCode::SUCCESS;
     }
@@ -49,7 +54,11 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("relay failed: {e:#}");
-            std::process::ExitCode::FAILURE
+            let bad_config = matches!(
+                e.downcast_ref::<RelayError>(),
+                Some(RelayError::Config(_) | RelayError::Policy(_))
+            );
+            std::process::ExitCode::from(if bad_config { 64 } else { 1 })
         }
     }
 }
@@ -70,6 +79,17 @@ async fn run(config: RelayConfig, ready_file: Option<PathBuf>) -> anyhow::Result
     let shutdown = CancellationToken::new();
     let metrics = avatar_relay::metrics::install().context("installing the metrics recorder")?;
     let relay = Relay::bind_with_metrics(config, shutdown.clone(), Some(metrics))?;
+    if relay.state().policies.is_none() {
+        // SIGHUP reloads policies; without any, it must not kill the relay (its default action).
+        #[cfg(unix)]
+        if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    tracing::info!("SIGHUP: no policy modules configured, nothing to reload");
+                }
+            });
+        }
+    }
     if let Some(path) = ready_file {
         let ready = serde_json::json!({
             "http": relay.http_addr().to_string(),

@@ -5,11 +5,13 @@
 //! [`SignalingSession`] state machine, which says what to do; this module only does it. The loop
 //! is generic over `Sink`/`Stream` of axum messages, so tests can drive it with channels.
 
-use crate::registry::{RouteRequest, SessionSlot};
+use crate::config::RouterFallback;
+use crate::policy::{self, MessageKind, MessageRequest, Principal, RouteDecision, Verdict};
+use crate::registry::{RouteRequest, SessionSlot, WorkerView};
 use crate::tunnel::open_session;
 use crate::AppState;
 use avatar_proto::session::{Action, SignalingSession};
-use avatar_proto::signaling::{ClientMessage, ErrorCode, Offer, ServerEvent};
+use avatar_proto::signaling::{decode_client_message, ClientMessage, ErrorCode, Id, Offer, ServerEvent};
 use avatar_proto::stream::{send_frame, FramedRecv};
 use avatar_proto::tunnel::{SessionFrame, SessionOpen};
 use axum::extract::ws::{CloseFrame, Message};
@@ -69,8 +71,58 @@ impl Drop for ActiveGauge {
     }
 }
 
-pub async fn run_session<S, E>(mut socket: S, session_id: String, state: Arc<AppState>, shutdown: CancellationToken)
-where
+/// A socket the auth policy refused: tell the browser why, then close (1008, policy violation).
+pub async fn refuse<S: Sink<Message> + Unpin>(mut socket: S, reason: String) {
+    send_event(&mut socket, &ServerEvent::error(ErrorCode::Unauthorized, reason)).await;
+    close(&mut socket, POLICY, "unauthorized").await;
+}
+
+/// Ask the auth module about one message; `Err` carries the event to send instead of acting.
+async fn check_message(
+    state: &AppState,
+    session_id: &str,
+    principal: Option<&Principal>,
+    msg: &ClientMessage,
+) -> Result<(), ServerEvent> {
+    let Some(policies) = state.policies.as_ref().filter(|p| p.has_auth()) else {
+        return Ok(());
+    };
+    let (kind, avatar_id) = match msg {
+        ClientMessage::WebrtcOffer(o) => (MessageKind::Offer, o.avatar_id.clone()),
+        ClientMessage::WebrtcIceCandidate(_) => (MessageKind::IceCandidate, None),
+        ClientMessage::TextWebrtc(t) => (MessageKind::Text, t.avatar_id.clone()),
+        ClientMessage::Interrupt {} => (MessageKind::Interrupt, None),
+    };
+    let request = MessageRequest {
+        session_id: session_id.to_owned(),
+        kind,
+        user_id: principal.map(|p| p.user_id.clone()).unwrap_or_default(),
+        avatar_id,
+        now_ms: policy::now_ms(),
+    };
+    match policies.authorize_message(request).await {
+        None | Some(Ok(Verdict::Allow)) => Ok(()),
+        Some(Ok(Verdict::Deny(reason))) => {
+            info!(kind = msg.kind(), %reason, "message refused by the auth policy");
+            Err(ServerEvent::error(ErrorCode::Unauthorized, reason))
+        }
+        Some(Err(e)) => {
+            warn!(kind = msg.kind(), error = %e, "auth policy failed; refusing the message (fail closed)");
+            Err(ServerEvent::error(
+                ErrorCode::Unauthorized,
+                format!("`{}` refused: authorization is unavailable right now (policy error)", msg.kind()),
+            ))
+        }
+    }
+}
+
+pub async fn run_session<S, E>(
+    mut socket: S,
+    session_id: String,
+    principal: Option<Principal>,
+    state: Arc<AppState>,
+    shutdown: CancellationToken,
+) where
     S: Sink<Message> + Stream<Item = Result<Message, E>> + Unpin,
     E: std::fmt::Display,
 {
@@ -144,7 +196,8 @@ where
                     idle_deadline = tokio::time::Instant::now() + idle;
                     match attached.take().and_then(|a| a.pending_offer) {
                         Some(offer) => {
-                            let out = attach(offer, &mut session, &mut attached, &session_id, &state).await;
+                            let ctx = Ctx { session_id: &session_id, principal: principal.as_ref(), state: &state };
+                            let out = attach(offer, &mut session, &mut attached, &ctx).await;
                             // One second chance per offer: a worker that keeps closing cannot loop us.
                             if let Some(a) = attached.as_mut() {
                                 a.pending_offer = None;
@@ -172,8 +225,17 @@ where
                     None | Some(Ok(Message::Close(_))) => break,
                     Some(Err(e)) => { debug!(error = %e, "websocket error"); break; }
                     Some(Ok(Message::Text(text))) => {
-                        let action = session.on_text(text.as_str());
-                        perform(action, &mut session, &mut attached, &session_id, &state).await
+                        match decode_client_message(text.as_str(), state.config.http.max_message_bytes) {
+                            Err(e) => vec![e.to_event()],
+                            Ok(msg) => match check_message(&state, &session_id, principal.as_ref(), &msg).await {
+                                Err(refused) => vec![refused],
+                                Ok(()) => {
+                                    let action = session.on_message(msg);
+                                    let ctx = Ctx { session_id: &session_id, principal: principal.as_ref(), state: &state };
+                                    perform(action, &mut session, &mut attached, &ctx).await
+                                }
+                            },
+                        }
                     }
                     Some(Ok(Message::Binary(_))) => vec![ServerEvent::error(ErrorCode::BadJson, "binary messages are not supported; send JSON text")],
                     Some(Ok(_)) => vec![], // ping/pong are answered by the server itself
@@ -200,12 +262,18 @@ where
     info!("browser disconnected");
 }
 
+/// Who the session is, for routing.
+struct Ctx<'a> {
+    session_id: &'a str,
+    principal: Option<&'a Principal>,
+    state: &'a AppState,
+}
+
 async fn perform(
     action: Action,
     session: &mut SignalingSession,
     attached: &mut Option<Attached>,
-    session_id: &str,
-    state: &AppState,
+    ctx: &Ctx<'_>,
 ) -> Vec<ServerEvent> {
     match action {
         Action::Ignore => vec![],
@@ -224,7 +292,7 @@ async fn perform(
                 *attached = None;
                 let lost = session.worker_lost();
                 return match offer {
-                    Some(offer) => attach(offer, session, attached, session_id, state).await,
+                    Some(offer) => attach(offer, session, attached, ctx).await,
                     None => lost.into_iter().collect(),
                 };
             }
@@ -233,7 +301,7 @@ async fn perform(
             }
             vec![]
         }
-        Action::Route(offer) => attach(offer, session, attached, session_id, state).await,
+        Action::Route(offer) => attach(offer, session, attached, ctx).await,
     }
 }
 
@@ -242,10 +310,10 @@ async fn attach(
     offer: Offer,
     session: &mut SignalingSession,
     attached: &mut Option<Attached>,
-    session_id: &str,
-    state: &AppState,
+    ctx: &Ctx<'_>,
 ) -> Vec<ServerEvent> {
-    match route(offer, session_id, state).await {
+    let session_id = ctx.session_id;
+    match route(offer, ctx).await {
         Ok((a, worker_id)) => {
             metrics::counter!("relay_sessions_routed_total").increment(1);
             session.attached(worker_id.clone());
@@ -259,34 +327,101 @@ async fn attach(
     }
 }
 
-async fn route(offer: Offer, session_id: &str, state: &AppState) -> Result<(Attached, String), (ErrorCode, String)> {
-    let avatar = offer.avatar_id.clone();
-    let request = RouteRequest {
-        session_id,
-        user_id: offer.user_id.as_ref().map(|u| u.to_string()),
-        avatar_id: avatar.as_deref(),
-    };
-    let views = state.registry.views();
+/// Pick a worker for the session: the router module when one is configured, else the built-in
+/// rule. `Err` is the error to send the browser.
+async fn choose_worker(
+    request: &RouteRequest<'_>,
+    principal: Option<&Principal>,
+    state: &AppState,
+) -> Result<String, (ErrorCode, String)> {
+    let avatar = request.avatar_id;
     let what = avatar
-        .as_deref()
         .map(|a| format!("avatar `{a}`"))
         .unwrap_or_else(|| "this session".into());
-    let Some(worker_id) = state.router.choose(&request, &views) else {
-        let serving = views
-            .iter()
-            .any(|w| w.avatars.is_empty() || avatar.as_ref().is_none_or(|a| w.avatars.contains(a)));
-        return Err(if serving {
-            (
-                ErrorCode::Busy,
-                format!("every worker that serves {what} is at capacity; try again shortly"),
-            )
-        } else {
-            (
-                ErrorCode::NoWorker,
-                format!("no connected worker serves {what}; the socket stays open, retry the offer later"),
-            )
-        });
+    let serving: Vec<WorkerView> = state
+        .registry
+        .views()
+        .into_iter()
+        .filter(|w| w.avatars.is_empty() || avatar.is_none_or(|a| w.avatars.iter().any(|x| x == a)))
+        .collect();
+    if serving.is_empty() {
+        return Err((
+            ErrorCode::NoWorker,
+            format!("no connected worker serves {what}; the socket stays open, retry the offer later"),
+        ));
+    }
+    let free: Vec<WorkerView> = serving.into_iter().filter(|w| w.active < w.capacity).collect();
+    let busy = || {
+        (
+            ErrorCode::Busy,
+            format!("every worker that serves {what} is at capacity; try again shortly"),
+        )
     };
+    if free.is_empty() {
+        return Err(busy());
+    }
+    let builtin = || state.router.choose(request, &free).ok_or_else(busy);
+    let Some(policies) = state.policies.as_ref().filter(|p| p.has_router()) else {
+        return builtin();
+    };
+    let route_request = policy::RouteRequest {
+        session_id: request.session_id.to_owned(),
+        principal: principal.cloned().unwrap_or_else(|| Principal {
+            user_id: request.user_id.clone().unwrap_or_default(),
+            claims: Vec::new(),
+        }),
+        avatar_id: avatar.map(str::to_owned),
+        workers: free.iter().map(policy_worker).collect(),
+        now_ms: policy::now_ms(),
+    };
+    match policies.route(route_request).await {
+        None => builtin(),
+        Some(Ok(RouteDecision::Worker(id))) => Ok(id),
+        Some(Ok(RouteDecision::Reject(reason))) => {
+            info!(%reason, "routing policy rejected the session");
+            Err((ErrorCode::NoWorker, reason))
+        }
+        Some(Err(e)) => match policies.router_fallback() {
+            RouterFallback::Builtin => {
+                warn!(error = %e, "routing policy failed; using the built-in rule");
+                builtin()
+            }
+            RouterFallback::Reject => {
+                warn!(error = %e, "routing policy failed; rejecting the session (fallback = reject)");
+                Err((
+                    ErrorCode::NoWorker,
+                    "no worker could be chosen (routing policy error); retry the offer later".into(),
+                ))
+            }
+        },
+    }
+}
+
+fn policy_worker(w: &WorkerView) -> policy::Worker {
+    policy::Worker {
+        id: w.id.clone(),
+        avatars: w.avatars.clone(),
+        capacity: w.capacity,
+        active: w.active,
+        labels: w.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        rtt_us: w.rtt.as_micros() as u64,
+    }
+}
+
+async fn route(offer: Offer, ctx: &Ctx<'_>) -> Result<(Attached, String), (ErrorCode, String)> {
+    let (session_id, state) = (ctx.session_id, ctx.state);
+    let avatar = offer.avatar_id.clone();
+    // The admitted principal is who the user is; the offer's `user_id` is only a claim.
+    let user_id = match ctx.principal {
+        Some(p) => Some(Id::Str(p.user_id.clone())),
+        None => offer.user_id.clone(),
+    };
+    let request = RouteRequest {
+        session_id,
+        user_id: user_id.as_ref().map(|u| u.to_string()),
+        avatar_id: avatar.as_deref(),
+    };
+    let worker_id = choose_worker(&request, ctx.principal, state).await?;
     let worker = state
         .registry
         .get(&worker_id)
@@ -298,7 +433,7 @@ async fn route(offer: Offer, session_id: &str, state: &AppState) -> Result<(Atta
     let open = SessionOpen {
         session_id: session_id.to_owned(),
         avatar_id: avatar,
-        user_id: offer.user_id.clone(),
+        user_id,
     };
     let pending_offer = Some(offer.clone());
     let opened = tokio::time::timeout(
