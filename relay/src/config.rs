@@ -421,6 +421,10 @@ mod tests {
         let mut bad = RelayConfig::dev();
         bad.policies.auth = c.policies.auth.clone();
         bad.policies.auth.as_mut().expect("auth").fallback = Some(RouterFallback::Builtin);
-        assert!(bad.validate().expect_err("auth fallback").to_string().starts_with("`policies.auth.fallback`"));
+        assert!(bad
+            .validate()
+            .expect_err("auth fallback")
+            .to_string()
+            .starts_with("`policies.auth.fallback`"));
     }
 }

@@ -171,7 +171,7 @@ async fn ws_upgrade(
     {
         Ok(principal) => {
             if let Some(p) = &principal {
-                span.record("user", p.user_id.as_str());
+                span.record("user", tracing::field::display(&p.user_id));
             }
             principal
         }

@@ -235,10 +235,7 @@ impl Relay {
                 }
             })
         };
-        let policy_watcher = state
-            .policies
-            .clone()
-            .map(|p| tokio::spawn(p.watch(shutdown.clone())));
+        let policy_watcher = state.policies.clone().map(|p| tokio::spawn(p.watch(shutdown.clone())));
         let grace = Duration::from_millis(state.config.http.shutdown_grace_ms);
         let handle = axum_server::Handle::new();
         let app = http::app(Arc::clone(&state)).into_make_service_with_connect_info::<SocketAddr>();

@@ -110,7 +110,10 @@ async fn check_message(
             warn!(kind = msg.kind(), error = %e, "auth policy failed; refusing the message (fail closed)");
             Err(ServerEvent::error(
                 ErrorCode::Unauthorized,
-                format!("`{}` refused: authorization is unavailable right now (policy error)", msg.kind()),
+                format!(
+                    "`{}` refused: authorization is unavailable right now (policy error)",
+                    msg.kind()
+                ),
             ))
         }
     }

@@ -95,7 +95,10 @@ async fn message(p: &Policies, kind: MessageKind, avatar: Option<&str>) -> Verdi
         avatar_id: avatar.map(str::to_owned),
         now_ms: now_ms(),
     };
-    p.authorize_message(request).await.expect("auth configured").expect("decision")
+    p.authorize_message(request)
+        .await
+        .expect("auth configured")
+        .expect("decision")
 }
 
 const SECRET: &str = "policy-test-secret-0123456789";
@@ -103,14 +106,29 @@ const SECRET: &str = "policy-test-secret-0123456789";
 fn hmac_token(secret: &str, user: &str, expiry: u64) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("key");
     mac.update(format!("{user}.{expiry}").as_bytes());
-    format!("{user}.{expiry}.{}", URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes()))
+    format!(
+        "{user}.{expiry}.{}",
+        URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
+    )
 }
 
 #[tokio::test]
 async fn allow_all_admits_everyone() {
     let p = auth("allow-all", "");
-    assert_eq!(admit(&p, connect("user=li", &[], "127.0.0.1:1")).await.expect("allowed").user_id, "li");
-    assert_eq!(admit(&p, connect("", &[], "127.0.0.1:1")).await.expect("allowed").user_id, "anonymous");
+    assert_eq!(
+        admit(&p, connect("user=li", &[], "127.0.0.1:1"))
+            .await
+            .expect("allowed")
+            .user_id,
+        "li"
+    );
+    assert_eq!(
+        admit(&p, connect("", &[], "127.0.0.1:1"))
+            .await
+            .expect("allowed")
+            .user_id,
+        "anonymous"
+    );
     assert!(matches!(message(&p, MessageKind::Text, None).await, Verdict::Allow));
 }
 
@@ -120,19 +138,30 @@ async fn hmac_token_allows_valid_tokens_and_names_every_refusal() {
     let p = auth("hmac-token", &config);
     let now = now_ms() / 1000;
     let good = hmac_token(SECRET, "alice", now + 600);
-    let who = admit(&p, connect(&format!("token={good}"), &[], "127.0.0.1:1")).await.expect("query token");
+    let who = admit(&p, connect(&format!("token={good}"), &[], "127.0.0.1:1"))
+        .await
+        .expect("query token");
     assert_eq!(who.user_id, "alice");
     assert!(who.claims.contains(&("auth".into(), "hmac-token".into())));
     let bearer = format!("Bearer {}", hmac_token(SECRET, "bob.smith", now + 600));
-    let who = admit(&p, connect("", &[("authorization", &bearer)], "127.0.0.1:1")).await.expect("header token");
+    let who = admit(&p, connect("", &[("authorization", &bearer)], "127.0.0.1:1"))
+        .await
+        .expect("header token");
     assert_eq!(who.user_id, "bob.smith", "user ids may contain dots");
 
     let refused = |query: String| {
         let p = Arc::clone(&p);
-        async move { admit(&p, connect(&query, &[], "127.0.0.1:1")).await.expect_err("refused") }
+        async move {
+            admit(&p, connect(&query, &[], "127.0.0.1:1"))
+                .await
+                .expect_err("refused")
+        }
     };
     assert!(refused(String::new()).await.starts_with("missing token"));
-    assert_eq!(refused(format!("token={}", hmac_token(SECRET, "alice", now - 1))).await, "token expired");
+    assert_eq!(
+        refused(format!("token={}", hmac_token(SECRET, "alice", now - 1))).await,
+        "token expired"
+    );
     let forged = hmac_token("another-secret-0123456789", "alice", now + 600);
     assert_eq!(refused(format!("token={forged}")).await, "bad signature");
     let tampered = good.replacen("alice", "admin", 1);
@@ -142,13 +171,21 @@ async fn hmac_token_allows_valid_tokens_and_names_every_refusal() {
     assert!(refused(format!("token={forever}")).await.contains("lifetime"));
 
     // Per-message: offers only for the configured avatars.
-    assert!(matches!(message(&p, MessageKind::Offer, Some("tutor")).await, Verdict::Allow));
+    assert!(matches!(
+        message(&p, MessageKind::Offer, Some("tutor")).await,
+        Verdict::Allow
+    ));
     assert!(matches!(message(&p, MessageKind::Offer, Some("ceo")).await, Verdict::Deny(r) if r.contains("ceo")));
-    assert!(matches!(message(&p, MessageKind::IceCandidate, None).await, Verdict::Allow));
+    assert!(matches!(
+        message(&p, MessageKind::IceCandidate, None).await,
+        Verdict::Allow
+    ));
 
     // A misconfigured module denies (it never lets anyone in by accident).
     let p = auth("hmac-token", r#"{"secret": "short"}"#);
-    let reason = admit(&p, connect(&format!("token={good}"), &[], "127.0.0.1:1")).await.expect_err("denied");
+    let reason = admit(&p, connect(&format!("token={good}"), &[], "127.0.0.1:1"))
+        .await
+        .expect_err("denied");
     assert!(reason.contains("misconfigured"), "{reason}");
 }
 
@@ -159,27 +196,35 @@ fn jwt_hs256(secret: &str, claims: &serde_json::Value) -> String {
 
 #[tokio::test]
 async fn jwt_hs256_checks_signature_expiry_issuer_and_audience() {
-    let config = format!(r#"{{"algorithm": "HS256", "secret": "{SECRET}", "issuer": "https://id.example", "audience": "tutor"}}"#);
+    let config = format!(
+        r#"{{"algorithm": "HS256", "secret": "{SECRET}", "issuer": "https://id.example", "audience": "tutor"}}"#
+    );
     let p = auth("jwt", &config);
     let now = now_ms() / 1000;
-    let claims = |exp: u64| {
-        serde_json::json!({"sub": "alice", "exp": exp, "iss": "https://id.example", "aud": "tutor", "region": "eu"})
-    };
+    let claims = |exp: u64| serde_json::json!({"sub": "alice", "exp": exp, "iss": "https://id.example", "aud": "tutor", "region": "eu"});
     let token = jwt_hs256(SECRET, &claims(now + 600));
-    let who = admit(&p, connect(&format!("token={token}"), &[], "127.0.0.1:1")).await.expect("valid");
+    let who = admit(&p, connect(&format!("token={token}"), &[], "127.0.0.1:1"))
+        .await
+        .expect("valid");
     assert_eq!(who.user_id, "alice");
     assert!(who.claims.contains(&("region".into(), "eu".into())), "{:?}", who.claims);
 
     let refused = |token: String| {
         let p = Arc::clone(&p);
         async move {
-            admit(&p, connect("", &[("authorization", &format!("Bearer {token}"))], "127.0.0.1:1"))
-                .await
-                .expect_err("refused")
+            admit(
+                &p,
+                connect("", &[("authorization", &format!("Bearer {token}"))], "127.0.0.1:1"),
+            )
+            .await
+            .expect_err("refused")
         }
     };
     assert_eq!(refused(jwt_hs256(SECRET, &claims(now - 120))).await, "token expired");
-    assert_eq!(refused(jwt_hs256("wrong-secret-0123456789", &claims(now + 600))).await, "bad signature");
+    assert_eq!(
+        refused(jwt_hs256("wrong-secret-0123456789", &claims(now + 600))).await,
+        "bad signature"
+    );
     let mut other_iss = claims(now + 600);
     other_iss["iss"] = "https://evil.example".into();
     assert_eq!(refused(jwt_hs256(SECRET, &other_iss)).await, "wrong issuer");
@@ -213,28 +258,52 @@ async fn jwt_rs256_verifies_with_the_public_key_and_refuses_other_algorithms() {
     let config = serde_json::json!({"algorithm": "RS256", "public_key_pem": public_pem}).to_string();
     let p = auth("jwt", &config);
     let claims = serde_json::json!({"sub": "carol", "exp": now_ms() / 1000 + 600, "plan": "pro"});
-    let who = admit(&p, connect(&format!("token={}", sign(&key, &claims)), &[], "127.0.0.1:1"))
-        .await
-        .expect("valid RS256");
+    let who = admit(
+        &p,
+        connect(&format!("token={}", sign(&key, &claims)), &[], "127.0.0.1:1"),
+    )
+    .await
+    .expect("valid RS256");
     assert_eq!(who.user_id, "carol");
     let forged = sign(&other, &claims);
-    let reason = admit(&p, connect(&format!("token={forged}"), &[], "127.0.0.1:1")).await.expect_err("forged");
+    let reason = admit(&p, connect(&format!("token={forged}"), &[], "127.0.0.1:1"))
+        .await
+        .expect_err("forged");
     assert_eq!(reason, "bad signature");
     // Key confusion: an HS256 token "signed" with the public key text must not pass.
     let confused = jwt_hs256(&public_pem, &claims);
-    let reason = admit(&p, connect(&format!("token={confused}"), &[], "127.0.0.1:1")).await.expect_err("HS256");
-    assert!(reason.starts_with("wrong algorithm: token is signed with HS256"), "{reason}");
+    let reason = admit(&p, connect(&format!("token={confused}"), &[], "127.0.0.1:1"))
+        .await
+        .expect_err("HS256");
+    assert!(
+        reason.starts_with("wrong algorithm: token is signed with HS256"),
+        "{reason}"
+    );
 }
 
 #[tokio::test]
 async fn ip_allowlist_matches_networks_and_mapped_addresses() {
     let p = auth("ip-allowlist", r#"{"allow": ["203.0.113.0/24", "2001:db8::/32"]}"#);
-    assert_eq!(admit(&p, connect("", &[], "203.0.113.7:5000")).await.expect("in list").user_id, "ip:203.0.113.7");
-    admit(&p, connect("", &[], "[::ffff:203.0.113.9]:5000")).await.expect("IPv4-mapped");
-    admit(&p, connect("", &[], "[2001:db8::1]:5000")).await.expect("IPv6 net");
-    let reason = admit(&p, connect("", &[], "198.51.100.1:5000")).await.expect_err("not listed");
+    assert_eq!(
+        admit(&p, connect("", &[], "203.0.113.7:5000"))
+            .await
+            .expect("in list")
+            .user_id,
+        "ip:203.0.113.7"
+    );
+    admit(&p, connect("", &[], "[::ffff:203.0.113.9]:5000"))
+        .await
+        .expect("IPv4-mapped");
+    admit(&p, connect("", &[], "[2001:db8::1]:5000"))
+        .await
+        .expect("IPv6 net");
+    let reason = admit(&p, connect("", &[], "198.51.100.1:5000"))
+        .await
+        .expect_err("not listed");
     assert!(reason.contains("198.51.100.1"), "{reason}");
-    admit(&p, connect("", &[], "[::1]:5000")).await.expect_err("loopback not listed");
+    admit(&p, connect("", &[], "[::1]:5000"))
+        .await
+        .expect_err("loopback not listed");
 }
 
 fn worker(id: &str, avatars: &[&str], capacity: u32, active: u32, rtt_us: u64, labels: &[(&str, &str)]) -> Worker {
@@ -248,7 +317,13 @@ fn worker(id: &str, avatars: &[&str], capacity: u32, active: u32, rtt_us: u64, l
     }
 }
 
-async fn route(p: &Policies, user: &str, claims: &[(&str, &str)], avatar: Option<&str>, workers: Vec<Worker>) -> String {
+async fn route(
+    p: &Policies,
+    user: &str,
+    claims: &[(&str, &str)],
+    avatar: Option<&str>,
+    workers: Vec<Worker>,
+) -> String {
     let request = RouteRequest {
         session_id: "s-1".into(),
         principal: Principal {
@@ -275,8 +350,16 @@ async fn affinity_router_prefers_preloaded_avatar_then_region_then_load() {
             worker("tutor-eu", &["tutor"], 8, 7, 900, &[("region", "eu")]),
         ]
     };
-    assert_eq!(route(&p, "u", &[], Some("tutor"), ws()).await, "tutor-busy", "preloaded, then load");
-    assert_eq!(route(&p, "u", &[("region", "eu")], Some("tutor"), ws()).await, "tutor-eu", "region claim");
+    assert_eq!(
+        route(&p, "u", &[], Some("tutor"), ws()).await,
+        "tutor-busy",
+        "preloaded, then load"
+    );
+    assert_eq!(
+        route(&p, "u", &[("region", "eu")], Some("tutor"), ws()).await,
+        "tutor-eu",
+        "region claim"
+    );
     assert_eq!(route(&p, "u", &[], None, ws()).await, "generic-idle", "least loaded");
     let tie = vec![worker("far", &[], 4, 1, 9000, &[]), worker("near", &[], 4, 1, 200, &[])];
     assert_eq!(route(&p, "u", &[], None, tie).await, "near", "RTT breaks ties");
@@ -303,7 +386,11 @@ async fn sticky_router_keeps_users_on_their_worker() {
         *homes.entry(home).or_insert(0) += 1;
     }
     assert_eq!(homes.len(), 4, "40 users spread over all 4 workers: {homes:?}");
-    assert_eq!(route(&p, "", &[], None, ws.clone()).await, "w0", "no user: least loaded");
+    assert_eq!(
+        route(&p, "", &[], None, ws.clone()).await,
+        "w0",
+        "no user: least loaded"
+    );
 }
 
 /// Copy `name` to `path` (replacing it atomically, as a deploy would).
@@ -330,8 +417,17 @@ fn swappable(name: &str, dir: &Path, deadline_ms: u64) -> (Arc<Policies>, PathBu
 async fn recovers(p: &Policies, path: &Path) {
     install("allow-all", path);
     let report = p.reload(false);
-    assert!(matches!(report.as_slice(), [(_, Reload::Reloaded { .. })]), "{report:?}");
-    assert_eq!(admit(p, connect("user=ok", &[], "127.0.0.1:1")).await.expect("allowed").user_id, "ok");
+    assert!(
+        matches!(report.as_slice(), [(_, Reload::Reloaded { .. })]),
+        "{report:?}"
+    );
+    assert_eq!(
+        admit(p, connect("user=ok", &[], "127.0.0.1:1"))
+            .await
+            .expect("allowed")
+            .user_id,
+        "ok"
+    );
 }
 
 #[tokio::test]
@@ -385,7 +481,10 @@ async fn a_huge_answer_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (p, path) = swappable("hostile-huge-output", dir.path(), 1000);
     let err = decide(&p, connect("", &[], "127.0.0.1:1")).await.expect_err("too big");
-    assert!(matches!(err, CallError::Output { size, max } if size == 4 << 20 && max == 64 << 10), "{err}");
+    assert!(
+        matches!(err, CallError::Output { size, max } if size == 4 << 20 && max == 64 << 10),
+        "{err}"
+    );
     recovers(&p, &path).await;
 }
 
@@ -479,26 +578,42 @@ async fn hot_reload_swaps_versions_and_keeps_the_old_one_when_the_new_one_is_bro
         ..Default::default()
     };
     let p = Policies::load(&config).expect("loads").expect("configured");
-    admit(&p, connect("", &[], "127.0.0.1:1")).await.expect("allow-all admits");
+    admit(&p, connect("", &[], "127.0.0.1:1"))
+        .await
+        .expect("allow-all admits");
     assert!(p.reload(false).is_empty(), "nothing changed, nothing reloaded");
 
     install("hmac-token", &path);
     assert!(matches!(p.reload(false).as_slice(), [(_, Reload::Reloaded { .. })]));
-    admit(&p, connect("", &[], "127.0.0.1:1")).await.expect_err("hmac-token wants a token");
+    admit(&p, connect("", &[], "127.0.0.1:1"))
+        .await
+        .expect_err("hmac-token wants a token");
     let token = hmac_token(SECRET, "dana", now_ms() / 1000 + 60);
-    admit(&p, connect(&format!("token={token}"), &[], "127.0.0.1:1")).await.expect("token accepted");
+    admit(&p, connect(&format!("token={token}"), &[], "127.0.0.1:1"))
+        .await
+        .expect("token accepted");
 
     // A changed config file is a new version too: the old token's secret no longer matches.
     std::fs::write(&config_file, r#"{"secret": "a-rotated-secret-0123456789"}"#).expect("write");
     assert!(matches!(p.reload(false).as_slice(), [(_, Reload::Reloaded { .. })]));
-    let reason = admit(&p, connect(&format!("token={token}"), &[], "127.0.0.1:1")).await.expect_err("rotated");
+    let reason = admit(&p, connect(&format!("token={token}"), &[], "127.0.0.1:1"))
+        .await
+        .expect_err("rotated");
     assert_eq!(reason, "bad signature");
 
     // A broken version is refused and the running one stays.
     install("hostile-wasi-import", &path);
     let report = p.reload(false);
-    assert!(matches!(report.as_slice(), [(_, Reload::Failed(LoadError::ForbiddenImport { .. }))]), "{report:?}");
-    let reason = admit(&p, connect(&format!("token={token}"), &[], "127.0.0.1:1")).await.expect_err("still hmac");
+    assert!(
+        matches!(
+            report.as_slice(),
+            [(_, Reload::Failed(LoadError::ForbiddenImport { .. }))]
+        ),
+        "{report:?}"
+    );
+    let reason = admit(&p, connect(&format!("token={token}"), &[], "127.0.0.1:1"))
+        .await
+        .expect_err("still hmac");
     assert_eq!(reason, "bad signature");
     // Reported once, not on every poll.
     assert!(p.reload(false).is_empty());

@@ -30,6 +30,37 @@ pub fn bin_path(name: &str) -> std::path::PathBuf {
     path
 }
 
+/// A compiled policy module from `scripts/build-policies` (`wasm-policies/dist/<name>.wasm`).
+pub fn policy_module(name: &str) -> std::path::PathBuf {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../wasm-policies/dist")
+        .join(format!("{name}.wasm"));
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/build-policies (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+/// A token for the `hmac-token` example policy: `<user>.<expiry>.<base64url HMAC-SHA256>`.
+pub fn hmac_token(secret: &str, user: &str, expiry_unix_s: u64) -> String {
+    use base64::Engine as _;
+    use hmac::Mac;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
+    mac.update(format!("{user}.{expiry_unix_s}").as_bytes());
+    let sig = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+    format!("{user}.{expiry_unix_s}.{sig}")
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 /// Play a session on an open signaling socket: offer, answer, and wait for ICE to connect.
 pub async fn play(sig: &mut signaling::Signaling, avatar: &str) -> anyhow::Result<rtc_client::RtcClient> {
     use std::time::Duration;

@@ -23,8 +23,8 @@ pub mod runtime;
 
 use crate::config::{PoliciesConfig, PolicyModuleConfig, RouterFallback};
 use arc_swap::ArcSwap;
-use runtime::{Prepared, Runtime, World};
 pub use runtime::{CallError, Limits, LoadError, CONTRACT};
+use runtime::{Prepared, Runtime, World};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -207,11 +207,7 @@ impl Policies {
             runtime,
             auth,
             router,
-            fallback: config
-                .router
-                .as_ref()
-                .and_then(|r| r.fallback)
-                .unwrap_or_default(),
+            fallback: config.router.as_ref().and_then(|r| r.fallback).unwrap_or_default(),
             reload_poll: Duration::from_millis(config.reload_poll_ms),
         })))
     }
@@ -251,7 +247,9 @@ impl Policies {
         };
         metrics::histogram!("relay_policy_decision_seconds", "hook" => hook).record(started.elapsed().as_secs_f64());
         match &result {
-            Ok(v) => metrics::counter!("relay_policy_decisions_total", "hook" => hook, "outcome" => outcome(v)).increment(1),
+            Ok(v) => {
+                metrics::counter!("relay_policy_decisions_total", "hook" => hook, "outcome" => outcome(v)).increment(1)
+            }
             Err(e) => {
                 metrics::counter!("relay_policy_decisions_total", "hook" => hook, "outcome" => "failed").increment(1);
                 metrics::counter!("relay_policy_failures_total", "hook" => hook, "kind" => e.kind()).increment(1);
@@ -404,7 +402,13 @@ fn load_version(runtime: &Runtime, source: &Source) -> Result<Loaded, LoadError>
     prepare(runtime, source, &bytes, config, digest)
 }
 
-fn prepare(runtime: &Runtime, source: &Source, bytes: &[u8], config: String, digest: String) -> Result<Loaded, LoadError> {
+fn prepare(
+    runtime: &Runtime,
+    source: &Source,
+    bytes: &[u8],
+    config: String,
+    digest: String,
+) -> Result<Loaded, LoadError> {
     let prepared = runtime.load(&source.path, bytes, source.world)?;
     Ok(Loaded {
         name: module_name(source).into(),

@@ -429,7 +429,9 @@ impl Runtime {
         self.check_output(size)?;
         if let types::RouteDecision::Worker(id) = &decision {
             if !request.workers.iter().any(|w| &w.id == id) {
-                return Err(CallError::Invalid(format!("chose worker `{id}`, which was not offered")));
+                return Err(CallError::Invalid(format!(
+                    "chose worker `{id}`, which was not offered"
+                )));
             }
         }
         Ok(decision)

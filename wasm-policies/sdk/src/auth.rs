@@ -2,6 +2,9 @@
 //!
 //! Implement [`Guest`] and export it with [`export_auth!`](crate::export_auth).
 
+// The generated ABI glue passes flattened records as many arguments.
+#![allow(clippy::too_many_arguments)]
+
 wit_bindgen::generate!({
     world: "auth",
     path: "../wit",

@@ -4,7 +4,7 @@
 //! `wasm-policies/wit/policy.wit`. This crate generates the bindings, so a policy is one small
 //! `impl`:
 //!
-//! ```ignore
+//! ```no_run
 //! use avatar_policy_sdk::auth::*;
 //!
 //! struct AllowAll;
@@ -94,7 +94,10 @@ fn percent_decode(s: &str) -> Option<String> {
 /// The token of an `Authorization: Bearer <token>` header value.
 pub fn bearer(authorization: &str) -> Option<&str> {
     let (scheme, token) = authorization.trim().split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
 }
 
 #[cfg(test)]
@@ -129,7 +132,10 @@ mod tests {
             secret: String,
         }
         assert_eq!(parse_config::<C>("").unwrap(), C { secret: String::new() });
-        assert_eq!(parse_config::<C>(r#"{"secret":"s"}"#).unwrap(), C { secret: "s".into() });
+        assert_eq!(
+            parse_config::<C>(r#"{"secret":"s"}"#).unwrap(),
+            C { secret: "s".into() }
+        );
         assert!(parse_config::<C>("secret = 1").unwrap_err().contains("not valid"));
     }
 }

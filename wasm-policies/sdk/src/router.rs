@@ -2,6 +2,9 @@
 //!
 //! Implement [`Guest`] and export it with [`export_router!`](crate::export_router).
 
+// The generated ABI glue passes flattened records as many arguments.
+#![allow(clippy::too_many_arguments)]
+
 wit_bindgen::generate!({
     world: "router",
     path: "../wit",

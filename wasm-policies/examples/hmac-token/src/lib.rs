@@ -100,7 +100,12 @@ impl Guest for HmacToken {
                 config.param
             ));
         };
-        match verify(&token, config.secret.as_bytes(), request.now_ms / 1000, config.max_lifetime_s) {
+        match verify(
+            &token,
+            config.secret.as_bytes(),
+            request.now_ms / 1000,
+            config.max_lifetime_s,
+        ) {
             Ok(user) => ConnectDecision::Allow(Principal::user(user).with_claim("auth", "hmac-token")),
             Err(reason) => ConnectDecision::deny(reason),
         }

@@ -95,7 +95,14 @@ struct Checker {
 fn checker() -> Result<Checker, String> {
     let config: Config = avatar_policy_sdk::config_json()?;
     let key = match config.algorithm.as_str() {
-        "HS256" => Key::Hs256(config.secret.as_deref().ok_or("HS256 needs `secret`")?.as_bytes().to_vec()),
+        "HS256" => Key::Hs256(
+            config
+                .secret
+                .as_deref()
+                .ok_or("HS256 needs `secret`")?
+                .as_bytes()
+                .to_vec(),
+        ),
         "RS256" => {
             let pem = config.public_key_pem.as_deref().ok_or("RS256 needs `public_key_pem`")?;
             let key = RsaPublicKey::from_public_key_pem(pem)
@@ -205,7 +212,6 @@ impl Guest for Jwt {
 }
 
 avatar_policy_sdk::export_auth!(Jwt);
-
 
 /// Verifying signatures needs no randomness, and a policy has no entropy source: anything that
 /// asks for random bytes gets an error instead of a silently weak seed.
