@@ -331,3 +331,53 @@ fn a_router_module_picks_the_worker_and_its_failure_takes_the_fallback() {
         },
     );
 }
+
+fn hangup(cluster: &Cluster) {
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &cluster.relay.child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+#[test]
+fn sighup_reloads_policies_and_a_relay_without_policies_survives_it() {
+    netns::run(
+        "sighup_reloads_policies_and_a_relay_without_policies_survives_it",
+        || async {
+            let modules = tempfile::tempdir().expect("tempdir");
+            let path = modules.path().join("auth.wasm");
+            install("allow-all", &path);
+            // Polling off: only SIGHUP reloads.
+            let toml = format!(
+            "[policies]\nreload_poll_ms = 0\n[policies.auth]\npath = \"{}\"\nconfig = {{ secret = \"{POLICY_SECRET}\" }}\n",
+            path.display()
+        );
+            let cluster = Cluster::relay_only(&toml).await;
+            install("hmac-token", &path);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let mut sig = Signaling::connect(&cluster.ws_url("still-old")).await.expect("ws");
+            sig.send_json(&serde_json::json!({"type": "interrupt"}))
+                .await
+                .expect("send");
+            let ev = sig.next_event(SECS(5)).await.expect("event");
+            assert_eq!(ev["code"], "no_session", "allow-all still admits before SIGHUP: {ev}");
+            hangup(&cluster);
+            cluster
+                .wait_for_log(&cluster.relay.log, "policy reloaded", SECS(5))
+                .await;
+            assert!(refused(&cluster, "").await.starts_with("missing token"));
+
+            let plain = Cluster::relay_only("").await;
+            hangup(&plain);
+            plain.wait_for_log(&plain.relay.log, "nothing to reload", SECS(5)).await;
+            assert_eq!(
+                http_get(plain.relay.http, "/healthz")
+                    .await
+                    .expect("alive after SIGHUP")
+                    .0,
+                200
+            );
+        },
+    );
+}

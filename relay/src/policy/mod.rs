@@ -306,6 +306,28 @@ impl Policies {
         )
     }
 
+    /// [`Policies::authorize_connect`] on the calling thread, without the decision pool: for
+    /// benchmarks and tools. Blocks for up to the deadline.
+    pub fn authorize_connect_blocking(&self, request: &ConnectRequest) -> Option<Result<ConnectDecision, CallError>> {
+        let loaded = self.auth.as_ref()?.current.load();
+        Some(match &loaded.prepared {
+            Prepared::Auth(pre) => self
+                .runtime
+                .authorize_connect(pre, &loaded.name, &loaded.config, request),
+            Prepared::Router(_) => Err(CallError::Invalid("not an auth module".into())),
+        })
+    }
+
+    /// [`Policies::route`] on the calling thread, without the decision pool (see
+    /// [`Policies::authorize_connect_blocking`]).
+    pub fn route_blocking(&self, request: &RouteRequest) -> Option<Result<RouteDecision, CallError>> {
+        let loaded = self.router.as_ref()?.current.load();
+        Some(match &loaded.prepared {
+            Prepared::Router(pre) => self.runtime.route(pre, &loaded.name, &loaded.config, request),
+            Prepared::Auth(_) => Err(CallError::Invalid("not a router module".into())),
+        })
+    }
+
     /// Look at every module's files and reload those that changed (all of them when `force`).
     /// Blocking: compiles. Returns what happened to each module.
     pub fn reload(&self, force: bool) -> Vec<(String, Reload)> {
