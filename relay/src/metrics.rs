@@ -16,6 +16,10 @@
 //! | `relay_worker_sessions{worker}` | gauge | sessions on each worker |
 //! | `relay_tunnel_rtt_seconds{worker}` | gauge | QUIC RTT estimate of each tunnel |
 //! | `relay_tunnel_registrations_total` | counter | successful worker registrations (reconnects included) |
+//! | `relay_policy_decisions_total{hook,outcome}` | counter | policy decisions (`connect`, `message`, `route`; `allow`, `deny`, `failed`) |
+//! | `relay_policy_failures_total{hook,kind}` | counter | failed decisions (`deadline`, `memory`, `trap`, `output`, `invalid`, `busy`) |
+//! | `relay_policy_decision_seconds{hook}` | histogram | decision latency, pool wait included |
+//! | `relay_policy_reloads_total{module,result}` | counter | module reloads (`reloaded`, `failed`) |
 
 use crate::AppState;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};

@@ -45,8 +45,11 @@ fn load(world_auth: bool, name: &str, config: &str) -> Arc<Policies> {
     Policies::load(&config).expect("module loads").expect("configured")
 }
 
-/// Run `f` `n` times after a warm-up; p50 and p99 in microseconds.
-fn measure(n: usize, mut f: impl FnMut()) -> (f64, f64) {
+/// p50 and p99, in microseconds.
+type Percentiles = (f64, f64);
+
+/// Run `f` `n` times after a warm-up.
+fn measure(n: usize, mut f: impl FnMut()) -> Percentiles {
     for _ in 0..n / 10 + 10 {
         f();
     }
@@ -118,7 +121,8 @@ fn native_sticky(user: &str, workers: &[Worker]) -> Option<String> {
 
 fn main() {
     let n: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(20_000);
-    let mut rows: Vec<(&str, (f64, f64), Option<(f64, f64)>)> = Vec::new();
+    // (decision, wasm, native)
+    let mut rows: Vec<(&str, Percentiles, Percentiles)> = Vec::new();
 
     // allow-all: the floor (instantiate + call + teardown of a tiny module).
     let p = load(true, "allow-all", "");
@@ -132,7 +136,7 @@ fn main() {
             claims: vec![],
         }));
     });
-    rows.push(("allow-all", wasm, Some(native)));
+    rows.push(("allow-all", wasm, native));
 
     // The same, the way the relay calls it: semaphore slot + blocking pool hop.
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -144,7 +148,7 @@ fn main() {
         let decision = rt.block_on(p.authorize_connect(connect("user=li".into(), None)));
         assert!(allowed(decision));
     });
-    rows.push(("allow-all via pool (relay path)", via_pool, Some(native)));
+    rows.push(("allow-all via pool (relay path)", via_pool, native));
 
     // hmac-token: a real check (base64, HMAC-SHA256, expiry).
     let p = load(true, "hmac-token", &format!(r#"{{"secret": "{SECRET}"}}"#));
@@ -158,7 +162,7 @@ fn main() {
         let r = connect(format!("token={token}"), None);
         assert!(native_hmac(&r.query[6..], r.now_ms / 1000).is_some());
     });
-    rows.push(("hmac-token", wasm, Some(native)));
+    rows.push(("hmac-token", wasm, native));
 
     // jwt HS256 against jsonwebtoken natively.
     let p = load(
@@ -187,7 +191,7 @@ fn main() {
         let data = jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(token, &key, &validation);
         assert!(data.is_ok());
     });
-    rows.push(("jwt HS256", wasm, Some(native)));
+    rows.push(("jwt HS256", wasm, native));
 
     // router-sticky over 8 workers.
     let p = load(false, "router-sticky", "");
@@ -221,18 +225,13 @@ fn main() {
         let r = request();
         assert!(native_sticky(&r.principal.user_id, &r.workers).is_some());
     });
-    rows.push(("router-sticky (8 workers)", wasm, Some(native)));
+    rows.push(("router-sticky (8 workers)", wasm, native));
 
     println!("\npolicy decisions, {n} each, fresh instance per wasm decision (µs)\n");
     println!("| decision | wasm p50 | wasm p99 | native p50 | native p99 | ratio p50 |");
     println!("|---|---:|---:|---:|---:|---:|");
-    for (name, (w50, w99), native) in rows {
-        match native {
-            Some((n50, n99)) => println!(
-                "| {name} | {w50:.1} | {w99:.1} | {n50:.2} | {n99:.2} | {:.0}× |",
-                w50 / n50.max(0.01)
-            ),
-            None => println!("| {name} | {w50:.1} | {w99:.1} | — | — | — |"),
-        }
+    for (name, (w50, w99), (n50, n99)) in rows {
+        let ratio = w50 / n50.max(0.01);
+        println!("| {name} | {w50:.1} | {w99:.1} | {n50:.2} | {n99:.2} | {ratio:.0}× |");
     }
 }
