@@ -440,7 +440,10 @@ async fn an_infinite_loop_is_stopped_at_the_deadline() {
         let took = started.elapsed();
         assert!(matches!(err, CallError::Deadline(_)), "{err}");
         // Deadline plus one 1 ms tick, plus scheduling slack on a busy 2-core machine.
-        assert!(took >= Duration::from_millis(10), "stopped before its deadline: {took:?}");
+        assert!(
+            took >= Duration::from_millis(10),
+            "stopped before its deadline: {took:?}"
+        );
         assert!(took < Duration::from_millis(10 + 1 + 40), "took {took:?}");
         eprintln!("infinite loop stopped after {took:?} (deadline 10 ms)");
     }

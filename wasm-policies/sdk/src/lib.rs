@@ -37,6 +37,13 @@
 
 pub mod host;
 
+#[cfg(all(feature = "arena", target_family = "wasm"))]
+mod arena;
+
+#[cfg(all(feature = "arena", target_family = "wasm"))]
+#[global_allocator]
+static ALLOCATOR: arena::BumpAllocator = arena::BumpAllocator;
+
 #[cfg(feature = "auth")]
 pub mod auth;
 
