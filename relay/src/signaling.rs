@@ -147,6 +147,8 @@ pub async fn run_session<S, E>(
     let mut session = SignalingSession::new(state.config.http.max_message_bytes);
     let mut attached: Option<Attached> = None;
     info!("browser connected");
+    // Set when the relay itself is going away: the session's media must outlive it.
+    let mut relay_stopping = false;
     'session: loop {
         let can_idle = attached.is_none();
         let worker_frame = async {
@@ -168,6 +170,7 @@ pub async fn run_session<S, E>(
             biased;
             _ = shutdown.cancelled() => {
                 close(&mut socket, GOING_AWAY, "relay shutting down").await;
+                relay_stopping = true;
                 break;
             }
             _ = idle_timer => {
@@ -252,6 +255,14 @@ pub async fn run_session<S, E>(
         }
     }
     if let Some(mut a) = attached {
+        if relay_stopping {
+            // Not the browser leaving: the relay is. Abort the stream instead of closing the
+            // session, so the worker detaches it and the video plays on (media never rides the
+            // relay) until the browser's peer goes away.
+            let _ = a.send.reset(quinn::VarInt::from_u32(0));
+            info!("relay stopping; the session is left to play on");
+            return;
+        }
         // Best effort: tell the worker to end the session now rather than when the stream drops.
         let _ = send_frame(
             &mut a.send,

@@ -113,6 +113,56 @@ impl Cluster {
         }
     }
 
+    /// Stop the relay the way systemd does (SIGTERM) and wait for it to exit.
+    pub fn stop_relay(&mut self) -> std::process::ExitStatus {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.relay.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -TERM relay");
+        self.relay.child.wait().expect("relay exits")
+    }
+
+    /// Start the relay again with its config, on the same HTTP and tunnel ports, logging to a
+    /// fresh file; waits until it is listening.
+    pub async fn restart_relay(&mut self) {
+        let original = std::fs::read_to_string(self.dir.path().join("relay.toml")).expect("relay config");
+        let any_port = "listen = \"127.0.0.1:0\"";
+        let config = original
+            .replacen(any_port, &format!("listen = \"{}\"", self.relay.http), 1)
+            .replacen(any_port, &format!("listen = \"{}\"", self.relay.tunnel), 1);
+        let restarts = std::fs::read_dir(self.dir.path())
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("relay-restart"))
+                    .count()
+            })
+            .unwrap_or(0);
+        let path = self.dir.path().join(format!("relay-restart-{restarts}.toml"));
+        std::fs::write(&path, config).expect("write relay config");
+        let ready = self.dir.path().join(format!("relay-restart-{restarts}.ready"));
+        let log = self.dir.path().join(format!("relay-restart-{restarts}.log"));
+        let child = spawn(
+            "relay",
+            &path,
+            &log,
+            &["--ready-file", ready.to_str().expect("utf-8 path")],
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !ready.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "relay did not restart:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let _ = self.relay.child.kill();
+        let _ = self.relay.child.wait();
+        self.relay.child = child;
+        self.relay.log = log;
+    }
+
     /// Start a worker and wait until it reports its registration with the relay.
     pub async fn add_worker(&mut self, id: &str, capacity: u32, extra_toml: &str) -> usize {
         let trust = format!("fingerprint = \"{}\"", self.relay.fingerprint);

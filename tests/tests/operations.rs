@@ -241,3 +241,69 @@ fn a_tunnel_partition_does_not_stop_the_video_and_the_worker_returns_quickly() {
         },
     );
 }
+
+#[test]
+fn a_relay_restart_closes_cleanly_and_the_worker_returns_at_once() {
+    netns::run(
+        "a_relay_restart_closes_cleanly_and_the_worker_returns_at_once",
+        || async {
+            // A certificate from files, so the restarted relay has the one the worker pinned.
+            let certs = tempfile::tempdir().expect("tempdir");
+            let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
+            let (cert_path, key_path) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
+            std::fs::write(&cert_path, cert.cert.pem()).expect("write cert");
+            std::fs::write(&key_path, cert.signing_key.serialize_pem()).expect("write key");
+            let tls = format!("cert = \"{}\"\nkey = \"{}\"", cert_path.display(), key_path.display());
+            let mut cluster = Cluster::relay_with_tls("", false, &tls).await;
+            cluster.add_worker("worker-1", 4, "").await;
+            let mut sig = Signaling::connect(&cluster.ws_url("before-restart")).await.expect("ws");
+            let client = play(&mut sig).await;
+            assert!(client.wait_frames(25, SECS(5)).await.frames_decoded >= 25);
+
+            let stop = Instant::now();
+            let status = cluster.stop_relay();
+            let stopped = stop.elapsed();
+            assert!(status.success(), "relay exits 0 on SIGTERM: {status}");
+            // The browser got a close frame, not a dropped connection.
+            let closed = sig.next_event(SECS(2)).await.expect_err("socket closed");
+            assert!(closed.to_string().contains("relay shutting down"), "{closed}");
+            // The worker saw the QUIC close at once, not after an idle timeout.
+            let worker_log = cluster.workers[0].log.clone();
+            cluster.wait_for_log(&worker_log, "tunnel failed", SECS(2)).await;
+            let noticed = stop.elapsed();
+            // The picture keeps playing without any relay: media never rode it.
+            let before = client.snapshot().frames_decoded;
+            tokio::time::sleep(SECS(1)).await;
+            let without_relay = client.snapshot().frames_decoded - before;
+            assert!(
+                without_relay >= 20,
+                "video stalled without the relay: {without_relay} frames in 1 s"
+            );
+
+            let restart = Instant::now();
+            cluster.restart_relay().await;
+            let listening = restart.elapsed();
+            while cluster.worker_count().await == 0 {
+                assert!(
+                    restart.elapsed() < SECS(5),
+                    "worker never came back\n{}",
+                    cluster.logs()
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let back = restart.elapsed();
+            eprintln!(
+            "relay restart: stopped in {stopped:?}, worker noticed within {noticed:?}, {without_relay} frames/s with no relay, \
+             relay listening {listening:?} after start, worker registered {back:?} after start"
+        );
+            assert!(
+                back <= Duration::from_millis(2500),
+                "worker re-registered {back:?} after the restart"
+            );
+            let mut sig = Signaling::connect(&cluster.ws_url("after-restart")).await.expect("ws");
+            let again = play(&mut sig).await;
+            assert!(again.wait_frames(10, SECS(5)).await.frames_decoded >= 10);
+            client.close().await;
+        },
+    );
+}
