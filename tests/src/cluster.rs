@@ -30,9 +30,22 @@ pub struct Cluster {
 }
 
 fn spawn(bin: &str, config: &Path, log: &Path, extra: &[&str]) -> Child {
+    spawn_in(None, bin, config, log, extra)
+}
+
+/// Spawn `bin`, inside the network namespace of process `netns` when given (via `nsenter`).
+fn spawn_in(netns: Option<u32>, bin: &str, config: &Path, log: &Path, extra: &[&str]) -> Child {
     let out = std::fs::File::create(log).expect("log file");
     let err = out.try_clone().expect("log file");
-    Command::new(crate::bin_path(bin))
+    let mut command = match netns {
+        Some(pid) => {
+            let mut c = Command::new("nsenter");
+            c.args(["-t", &pid.to_string(), "-n", "--"]).arg(crate::bin_path(bin));
+            c
+        }
+        None => Command::new(crate::bin_path(bin)),
+    };
+    command
         .arg("--config")
         .arg(config)
         .args(extra)
@@ -69,12 +82,17 @@ impl Cluster {
 
     /// As [`Cluster::relay_with`], with the body of the relay's `[tls]` section given.
     pub async fn relay_with_tls(extra_toml: &str, tls: bool, tls_section: &str) -> Self {
+        Self::relay_on("127.0.0.1", extra_toml, tls, tls_section).await
+    }
+
+    /// As [`Cluster::relay_with_tls`], listening (HTTP and tunnel) on `ip` instead of loopback.
+    pub async fn relay_on(ip: &str, extra_toml: &str, tls: bool, tls_section: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("relay.toml");
         std::fs::write(
             &config,
             format!(
-                "relay_id = \"test-relay\"\n{extra_toml}\n[http]\nlisten = \"127.0.0.1:0\"\ntls = {tls}\n[tunnel]\nlisten = \"127.0.0.1:0\"\nsecret = \"{SECRET}\"\n[tls]\n{tls_section}\n"
+                "relay_id = \"test-relay\"\n{extra_toml}\n[http]\nlisten = \"{ip}:0\"\ntls = {tls}\n[tunnel]\nlisten = \"{ip}:0\"\nsecret = \"{SECRET}\"\n[tls]\n{tls_section}\n"
             ),
         )
         .expect("write relay config");
@@ -175,6 +193,19 @@ impl Cluster {
     /// Start a worker with the given secret and trust setting (a TOML line for its `[[relays]]`
     /// entry, e.g. `fingerprint = "…"`), and return its log path without waiting.
     pub fn spawn_worker(&mut self, id: &str, capacity: u32, secret: &str, trust: &str, extra_toml: &str) -> PathBuf {
+        self.spawn_worker_in(None, id, capacity, secret, trust, extra_toml)
+    }
+
+    /// As [`Cluster::spawn_worker`], inside the network namespace of process `netns` if given.
+    pub fn spawn_worker_in(
+        &mut self,
+        netns: Option<u32>,
+        id: &str,
+        capacity: u32,
+        secret: &str,
+        trust: &str,
+        extra_toml: &str,
+    ) -> PathBuf {
         let config = self.dir.path().join(format!("{id}.toml"));
         std::fs::write(
             &config,
@@ -186,7 +217,7 @@ impl Cluster {
         .expect("write worker config");
         // A restarted worker logs to a fresh file of its own.
         let log = self.dir.path().join(format!("{id}-{}.log", self.workers.len()));
-        let child = spawn("worker", &config, &log, &[]);
+        let child = spawn_in(netns, "worker", &config, &log, &[]);
         self.workers.push(WorkerProc {
             child,
             log: log.clone(),

@@ -77,3 +77,73 @@ pub fn run<F: std::future::Future<Output = ()>>(test_name: &str, body: impl FnOn
         .expect("runtime")
         .block_on(body());
 }
+
+/// A network namespace inside the test's own, held open by a sleeping child process; it dies with
+/// the holder (on drop). Commands run in it through `nsenter`. Used to build NAT topologies from
+/// veth pairs, with addresses from the documentation ranges only (192.0.2.0/24, 198.51.100.0/24,
+/// 203.0.113.0/24).
+pub struct ChildNs {
+    holder: std::process::Child,
+}
+
+impl ChildNs {
+    pub fn new() -> Self {
+        assert!(
+            loopback_or_test_links(),
+            "child namespaces are only made inside a test's own namespace"
+        );
+        let ours = std::fs::read_link("/proc/self/ns/net").expect("own netns");
+        let holder = Command::new("unshare")
+            .args(["-n", "--", "sleep", "600"])
+            .spawn()
+            .expect("unshare");
+        let ns = format!("/proc/{}/ns/net", holder.id());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while std::fs::read_link(&ns).ok().is_none_or(|n| n == ours) {
+            assert!(std::time::Instant::now() < deadline, "namespace holder never unshared");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let ns = Self { holder };
+        ns.sh("ip link set lo up");
+        ns
+    }
+
+    /// The holder's pid: `ip link set DEV netns PID`, `nsenter -t PID -n`.
+    pub fn pid(&self) -> u32 {
+        self.holder.id()
+    }
+
+    /// Run a shell command inside this namespace; panics if it fails.
+    pub fn sh(&self, script: &str) {
+        let status = Command::new("nsenter")
+            .args(["-t", &self.pid().to_string(), "-n", "--", "sh", "-c", script])
+            .status()
+            .expect("nsenter (util-linux)");
+        assert!(status.success(), "in namespace {}: {script}", self.pid());
+    }
+}
+
+impl Default for ChildNs {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for ChildNs {
+    fn drop(&mut self) {
+        let _ = self.holder.kill();
+        let _ = self.holder.wait();
+    }
+}
+
+/// Run a shell command in the test's own namespace (never the host's); panics if it fails.
+pub fn sh(script: &str) {
+    assert!(loopback_or_test_links(), "refusing to configure the host's network");
+    let status = Command::new("sh").args(["-c", script]).status().expect("sh");
+    assert!(status.success(), "{script}");
+}
+
+/// Inside a test's namespace: `lo` plus links the test made (named `ae-*`).
+fn loopback_or_test_links() -> bool {
+    interfaces().iter().all(|i| i == "lo" || i.starts_with("ae-"))
+}

@@ -1,7 +1,7 @@
 //! Operating limits, health and metrics endpoints, and log hygiene, against the real binaries.
 
 use avatar_edge_tests::cluster::{http_get, Cluster, SECRET};
-use avatar_edge_tests::netns;
+use avatar_edge_tests::netns::{self, ChildNs};
 use avatar_edge_tests::rtc_client::RtcClient;
 use avatar_edge_tests::signaling::Signaling;
 use std::time::{Duration, Instant};
@@ -304,6 +304,111 @@ fn a_relay_restart_closes_cleanly_and_the_worker_returns_at_once() {
             let again = play(&mut sig).await;
             assert!(again.wait_frames(10, SECS(5)).await.frames_decoded >= 10);
             client.close().await;
+        },
+    );
+}
+
+/// The GPU box behind a NAT, as in production: three namespaces (the test's own is "public").
+///
+/// ```text
+///  public (test ns)             nat                            gpu
+///  relay, browser  ae-pub ── wan0          lan0 ── gpu0        worker
+///  203.0.113.1/24        203.0.113.2/24  198.51.100.1/24  198.51.100.2/24
+///                        MASQUERADE out of wan0               default via 198.51.100.1
+/// ```
+///
+/// The public side has no route to 198.51.100.0/24: the worker is reachable only through the
+/// connections it opens (the tunnel, and its ICE checks towards the browser).
+struct NatTopology {
+    nat: ChildNs,
+    gpu: ChildNs,
+}
+
+impl NatTopology {
+    fn new() -> Self {
+        let (nat, gpu) = (ChildNs::new(), ChildNs::new());
+        netns::sh(&format!(
+            "ip link add ae-pub type veth peer name wan0 && ip link set wan0 netns {nat} && \
+             ip addr add 203.0.113.1/24 dev ae-pub && ip link set ae-pub up && \
+             ip link add ae-lan type veth peer name ae-gpu && ip link set ae-lan netns {nat} && ip link set ae-gpu netns {gpu}",
+            nat = nat.pid(),
+            gpu = gpu.pid()
+        ));
+        nat.sh(
+            "ip link set ae-lan name lan0 && ip addr add 203.0.113.2/24 dev wan0 && ip link set wan0 up && \
+             ip addr add 198.51.100.1/24 dev lan0 && ip link set lan0 up && \
+             echo 1 > /proc/sys/net/ipv4/ip_forward && \
+             iptables -t nat -A POSTROUTING -o wan0 -j MASQUERADE",
+        );
+        gpu.sh(
+            "ip link set ae-gpu name gpu0 && ip addr add 198.51.100.2/24 dev gpu0 && ip link set gpu0 up && \
+             ip route add default via 198.51.100.1",
+        );
+        Self { nat, gpu }
+    }
+}
+
+#[test]
+fn a_partition_between_a_natted_worker_and_the_relay_does_not_stop_the_video() {
+    netns::run(
+        "a_partition_between_a_natted_worker_and_the_relay_does_not_stop_the_video",
+        || async {
+            let topo = NatTopology::new();
+            let mut cluster = Cluster::relay_on("203.0.113.1", "", false, "self_signed = true").await;
+            let trust = format!("fingerprint = \"{}\"", cluster.relay.fingerprint);
+            let log = cluster.spawn_worker_in(Some(topo.gpu.pid()), "gpu-1", 4, SECRET, &trust, "");
+            cluster.wait_for_log(&log, "registered with relay", SECS(15)).await;
+            let mut sig = Signaling::connect(&cluster.ws_url("natted")).await.expect("ws");
+            let client = avatar_edge_tests::play(&mut sig, "a")
+                .await
+                .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+            assert!(client.wait_frames(25, SECS(5)).await.frames_decoded >= 25);
+
+            // Cut the tunnel at the NAT router, both directions; media uses other ports.
+            let port = cluster.relay.tunnel.port();
+            let rules = [
+                format!("FORWARD -p udp --dport {port} -j DROP"),
+                format!("FORWARD -p udp --sport {port} -j DROP"),
+            ];
+            for r in &rules {
+                topo.nat.sh(&format!("iptables -I {r}"));
+            }
+            let cut = Instant::now();
+            let before = client.snapshot().frames_decoded;
+            let mut noticed = None;
+            while cut.elapsed() < SECS(10) {
+                if noticed.is_none() && cluster.worker_count().await == 0 {
+                    noticed = Some(cut.elapsed());
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let during = client.snapshot().frames_decoded - before;
+            for r in &rules {
+                topo.nat.sh(&format!("iptables -D {r}"));
+            }
+            let healed = Instant::now();
+            while cluster.worker_count().await == 0 {
+                assert!(
+                    healed.elapsed() < SECS(10),
+                    "worker never came back\n{}",
+                    cluster.logs()
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let back = healed.elapsed();
+            let noticed = noticed.expect("the relay noticed the dead tunnel");
+            eprintln!(
+                "NAT partition: relay noticed after {noticed:?}; {during} frames decoded during the 10 s cut; \
+                 re-registered {back:?} after the path returned"
+            );
+            assert!(noticed <= SECS(5), "dead tunnel noticed within 5 s: {noticed:?}");
+            assert!(during >= 225, "the video kept playing: {during} frames in 10 s");
+            assert!(
+                back <= Duration::from_millis(1500),
+                "re-registered {back:?} after the path returned"
+            );
+            let again = avatar_edge_tests::play(&mut sig, "a").await.expect("a new offer plays");
+            assert!(again.wait_frames(10, SECS(5)).await.frames_decoded >= 10);
         },
     );
 }
