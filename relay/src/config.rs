@@ -203,6 +203,37 @@ pub struct TlsConfig {
     pub self_signed: bool,
     /// Write the certificate's SHA-256 fingerprint here, for workers to pin.
     pub fingerprint_file: Option<PathBuf>,
+    /// Obtain and renew the certificate from an ACME CA (Let's Encrypt by default) instead of
+    /// `cert`/`key`. Workers then trust the CA (`ca_file`), not a pin.
+    pub acme: Option<AcmeConfig>,
+}
+
+/// `[tls.acme]`: certificates by ACME (TLS-ALPN-01 on the HTTPS port, which must be 443 for a
+/// public CA), cached on disk and renewed in the background.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcmeConfig {
+    /// DNS names for the certificate; they must resolve to this relay.
+    pub domains: Vec<String>,
+    /// Contacts for the CA, e.g. `mailto:ops@example.com`.
+    #[serde(default)]
+    pub contact: Vec<String>,
+    /// Account key and certificates live here (keep it across restarts: CAs rate-limit).
+    pub cache_dir: PathBuf,
+    /// The CA's ACME directory URL.
+    #[serde(default = "AcmeConfig::lets_encrypt")]
+    pub directory: String,
+    /// PEM roots to trust for the ACME server's own HTTPS (a private CA); default: the public
+    /// web roots.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl AcmeConfig {
+    pub const LETS_ENCRYPT: &'static str = "https://acme-v02.api.letsencrypt.org/directory";
+
+    fn lets_encrypt() -> String {
+        Self::LETS_ENCRYPT.into()
+    }
 }
 
 impl Default for RelayConfig {
@@ -298,18 +329,39 @@ impl RelayConfig {
                 "set a secret of at least 16 characters (or AVATAR_EDGE_TUNNEL_SECRET)",
             );
         }
-        match (&self.tls.cert, &self.tls.key, self.tls.self_signed) {
-            (Some(_), Some(_), false) | (None, None, true) => {}
-            (Some(_), None, _) => return invalid("tls.key", "`tls.cert` is set but `tls.key` is not"),
-            (None, Some(_), _) => return invalid("tls.cert", "`tls.key` is set but `tls.cert` is not"),
-            (Some(_), Some(_), true) => {
-                return invalid("tls.self_signed", "set either cert/key or self_signed, not both")
+        if let Some(acme) = &self.tls.acme {
+            if self.tls.cert.is_some() || self.tls.key.is_some() || self.tls.self_signed {
+                return invalid("tls.acme", "ACME replaces cert/key/self_signed: set only one of them");
             }
-            (None, None, false) => {
+            if acme.domains.is_empty() {
+                return invalid("tls.acme.domains", "name at least one domain");
+            }
+            if self.tls.fingerprint_file.is_some() {
                 return invalid(
-                    "tls.cert",
-                    "the QUIC tunnel needs a certificate: set cert and key, or self_signed = true",
-                )
+                    "tls.fingerprint_file",
+                    "an ACME certificate changes at every renewal: workers must trust the CA (ca_file), not a pin",
+                );
+            }
+            if !self.http.tls {
+                return invalid(
+                    "http.tls",
+                    "ACME needs the HTTPS listener (its TLS-ALPN-01 challenge is answered there)",
+                );
+            }
+        } else {
+            match (&self.tls.cert, &self.tls.key, self.tls.self_signed) {
+                (Some(_), Some(_), false) | (None, None, true) => {}
+                (Some(_), None, _) => return invalid("tls.key", "`tls.cert` is set but `tls.key` is not"),
+                (None, Some(_), _) => return invalid("tls.cert", "`tls.key` is set but `tls.cert` is not"),
+                (Some(_), Some(_), true) => {
+                    return invalid("tls.self_signed", "set either cert/key or self_signed, not both")
+                }
+                (None, None, false) => {
+                    return invalid(
+                        "tls.cert",
+                        "the QUIC tunnel needs a certificate: set cert and key, [tls.acme], or self_signed = true",
+                    )
+                }
             }
         }
         if self.http.max_message_bytes == 0 || self.http.max_message_bytes > self.http.max_frame_bytes {
@@ -393,6 +445,43 @@ mod tests {
         let mut c = RelayConfig::dev();
         c.tls.self_signed = false;
         assert!(c.validate().expect_err("no cert").to_string().starts_with("`tls.cert`"));
+    }
+
+    #[test]
+    fn acme_replaces_certificate_files_and_pins() {
+        let mut c = RelayConfig::from_toml(
+            "[http]\ntls = true\n[tunnel]\nsecret = \"0123456789abcdef\"\n[tls.acme]\ndomains = [\"relay.example.com\"]\ncache_dir = \"/var/lib/avatar-edge/acme\"\n",
+        )
+        .expect("parses");
+        c.validate().expect("valid");
+        let acme = c.tls.acme.clone().expect("acme");
+        assert_eq!(acme.directory, AcmeConfig::LETS_ENCRYPT);
+        c.tls.self_signed = true;
+        assert!(c.validate().expect_err("both").to_string().starts_with("`tls.acme`"));
+        c.tls.self_signed = false;
+        c.tls.fingerprint_file = Some("pin".into());
+        assert!(c
+            .validate()
+            .expect_err("pin")
+            .to_string()
+            .starts_with("`tls.fingerprint_file`"));
+        c.tls.fingerprint_file = None;
+        c.http.tls = false;
+        assert!(c
+            .validate()
+            .expect_err("no https")
+            .to_string()
+            .starts_with("`http.tls`"));
+        c.http.tls = true;
+        c.tls.acme = Some(AcmeConfig {
+            domains: vec![],
+            ..acme
+        });
+        assert!(c
+            .validate()
+            .expect_err("no domain")
+            .to_string()
+            .starts_with("`tls.acme.domains`"));
     }
 
     #[test]

@@ -31,7 +31,7 @@ use registry::{LeastLoaded, Registry, RoutePolicy};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tls::Identity;
+use tls::{Identity, ServerCerts};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -129,7 +129,9 @@ impl Drop for SessionClaim {
 /// A relay with its sockets bound, ready to [`run`](Relay::run).
 pub struct Relay {
     state: Arc<AppState>,
-    identity: Identity,
+    certs: ServerCerts,
+    /// The ACME client to drive while serving, with `[tls.acme]`.
+    acme: Option<tls::acme::Acme>,
     http: std::net::TcpListener,
     endpoint: quinn::Endpoint,
 }
@@ -149,18 +151,27 @@ impl Relay {
         metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     ) -> Result<Self, RelayError> {
         config.validate()?;
-        let identity = match (&config.tls.cert, &config.tls.key) {
-            (Some(cert), Some(key)) => Identity::load(cert, key)?,
-            _ => Identity::self_signed()?,
+        let (certs, acme) = match &config.tls.acme {
+            Some(acme) => {
+                let acme = tls::acme::Acme::new(acme)?;
+                (ServerCerts::Resolver(acme.resolver()), Some(acme))
+            }
+            None => {
+                let identity = match (&config.tls.cert, &config.tls.key) {
+                    (Some(cert), Some(key)) => Identity::load(cert, key)?,
+                    _ => Identity::self_signed()?,
+                };
+                (ServerCerts::Static(identity), None)
+            }
         };
-        if let Some(path) = &config.tls.fingerprint_file {
+        if let (Some(path), Some(fingerprint)) = (&config.tls.fingerprint_file, certs.fingerprint()) {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir).map_err(|source| RelayError::Write {
                     path: dir.display().to_string(),
                     source,
                 })?;
             }
-            std::fs::write(path, format!("{}\n", identity.fingerprint())).map_err(|source| RelayError::Write {
+            std::fs::write(path, format!("{fingerprint}\n")).map_err(|source| RelayError::Write {
                 path: path.display().to_string(),
                 source,
             })?;
@@ -177,13 +188,14 @@ impl Relay {
             })?;
         let endpoint = tunnel::endpoint(
             config.tunnel.listen,
-            &identity,
+            &certs,
             Duration::from_millis(config.tunnel.idle_timeout_ms),
             Duration::from_millis(config.tunnel.keepalive_ms),
         )?;
         Ok(Self {
             state: AppState::with_metrics(config, shutdown, metrics, policies),
-            identity,
+            certs,
+            acme,
             http,
             endpoint,
         })
@@ -198,9 +210,9 @@ impl Relay {
         self.endpoint.local_addr().unwrap_or(self.state.config.tunnel.listen)
     }
 
-    /// SHA-256 of the certificate workers must pin.
+    /// SHA-256 of the certificate workers may pin; empty with ACME (trust the CA instead).
     pub fn fingerprint(&self) -> String {
-        self.identity.fingerprint()
+        self.certs.fingerprint().unwrap_or_default()
     }
 
     pub fn state(&self) -> &Arc<AppState> {
@@ -211,10 +223,12 @@ impl Relay {
     pub async fn run(self) -> Result<(), RelayError> {
         let Self {
             state,
-            identity,
+            certs,
+            acme,
             http,
             endpoint,
         } = self;
+        let acme_driver = acme.map(|a| tokio::spawn(a.drive(state.shutdown.clone())));
         let shutdown = state.shutdown.clone();
         let tunnels = tokio::spawn(tunnel::serve(endpoint, Arc::clone(&state), shutdown.clone()));
         // Forget idle per-IP rate-limit entries so the table does not grow without bound.
@@ -248,14 +262,12 @@ impl Relay {
             })
         };
         let served = if state.config.http.tls {
-            let tls = rustls::ServerConfig::builder_with_provider(tls::provider())
-                .with_safe_default_protocol_versions()
-                .map_err(tls::TlsError::from)?
-                .with_no_client_auth()
-                .with_single_cert(identity.chain.clone(), identity.key.clone_key())
-                .map_err(tls::TlsError::from)?;
-            let mut tls = tls;
-            tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+            let mut alpn = vec![b"http/1.1".to_vec()];
+            if acme_driver.is_some() {
+                // The CA's TLS-ALPN-01 check arrives on this listener.
+                alpn.push(tls::acme::ACME_TLS_ALPN.to_vec());
+            }
+            let tls = certs.server_config(false, alpn)?;
             let config = axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(tls));
             // TCP_NODELAY: signaling sends small messages back to back (session_assigned, then the
             // answer); with Nagle the second waits for the browser's delayed ACK, ~40 ms.
@@ -280,6 +292,9 @@ impl Relay {
         let _ = sweeper.await;
         if let Some(w) = policy_watcher {
             let _ = w.await;
+        }
+        if let Some(a) = acme_driver {
+            let _ = a.await;
         }
         info!("relay stopped");
         served.map_err(RelayError::Serve)

@@ -7,7 +7,7 @@
 //! unless a newer tunnel from the same worker id has already replaced it.
 
 use crate::registry::{SessionSlot, WorkerHandle};
-use crate::tls::Identity;
+use crate::tls::ServerCerts;
 use crate::AppState;
 use avatar_proto::stream::{send_frame, FramedRecv, StreamError};
 use avatar_proto::tunnel::{
@@ -55,17 +55,11 @@ async fn expect<T: DeserializeOwned>(recv: &mut FramedRecv, what: &str) -> Resul
 /// Build the QUIC endpoint workers dial.
 pub fn endpoint(
     listen: SocketAddr,
-    identity: &Identity,
+    certs: &ServerCerts,
     idle_timeout: Duration,
     keepalive: Duration,
 ) -> Result<quinn::Endpoint, crate::RelayError> {
-    let mut tls = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(crate::tls::TlsError::from)?
-        .with_no_client_auth()
-        .with_single_cert(identity.chain.clone(), identity.key.clone_key())
-        .map_err(crate::tls::TlsError::from)?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let tls = certs.server_config(true, vec![ALPN.to_vec()])?;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| crate::RelayError::Quic(format!("TLS config unusable for QUIC: {e}")))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));

@@ -87,12 +87,17 @@ impl Cluster {
 
     /// As [`Cluster::relay_with_tls`], listening (HTTP and tunnel) on `ip` instead of loopback.
     pub async fn relay_on(ip: &str, extra_toml: &str, tls: bool, tls_section: &str) -> Self {
+        Self::relay_at(&format!("{ip}:0"), &format!("{ip}:0"), extra_toml, tls, tls_section).await
+    }
+
+    /// A relay with HTTP and tunnel on the given addresses (`IP:0` for any port).
+    pub async fn relay_at(http: &str, tunnel: &str, extra_toml: &str, tls: bool, tls_section: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("relay.toml");
         std::fs::write(
             &config,
             format!(
-                "relay_id = \"test-relay\"\n{extra_toml}\n[http]\nlisten = \"{ip}:0\"\ntls = {tls}\n[tunnel]\nlisten = \"{ip}:0\"\nsecret = \"{SECRET}\"\n[tls]\n{tls_section}\n"
+                "relay_id = \"test-relay\"\n{extra_toml}\n[http]\nlisten = \"{http}\"\ntls = {tls}\n[tunnel]\nlisten = \"{tunnel}\"\nsecret = \"{SECRET}\"\n[tls]\n{tls_section}\n"
             ),
         )
         .expect("write relay config");
@@ -207,10 +212,16 @@ impl Cluster {
         extra_toml: &str,
     ) -> PathBuf {
         let config = self.dir.path().join(format!("{id}.toml"));
+        // `trust` may name the server itself (a certificate for a real domain).
+        let server_name = if trust.contains("server_name") {
+            ""
+        } else {
+            "server_name = \"localhost\"\n"
+        };
         std::fs::write(
             &config,
             format!(
-                "worker_id = \"{id}\"\ncapacity = {capacity}\nsecret = \"{secret}\"\n{extra_toml}\n[ice]\ninclude_loopback = true\n[[relays]]\naddress = \"{}\"\nserver_name = \"localhost\"\n{trust}\n",
+                "worker_id = \"{id}\"\ncapacity = {capacity}\nsecret = \"{secret}\"\n{extra_toml}\n[ice]\ninclude_loopback = true\n[[relays]]\naddress = \"{}\"\n{server_name}{trust}\n",
                 self.relay.tunnel
             ),
         )

@@ -1,7 +1,11 @@
-//! Certificates: loading PEM files, generating a development certificate, and fingerprints.
+//! Certificates: loading PEM files, generating a development certificate, ACME, fingerprints.
 //!
 //! The same certificate secures the QUIC tunnel and, when enabled, HTTPS/WSS. Workers pin it by
-//! its SHA-256 fingerprint ([`fingerprint`]) or trust the CA that issued it.
+//! its SHA-256 fingerprint ([`fingerprint`]) or trust the CA that issued it. With `[tls.acme]`
+//! the certificate comes from an ACME CA ([`acme`]) through a rustls resolver that both
+//! listeners share, so a renewal reaches HTTPS and the tunnel at once.
+
+pub mod acme;
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::{Digest, Sha256};
@@ -19,6 +23,42 @@ pub enum TlsError {
     Generate(#[from] rcgen::Error),
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
+    #[error("ACME: {0}")]
+    Acme(String),
+}
+
+/// The relay's certificate: fixed, or resolved per handshake (ACME).
+#[derive(Clone)]
+pub enum ServerCerts {
+    Static(Identity),
+    Resolver(std::sync::Arc<dyn rustls::server::ResolvesServerCert>),
+}
+
+impl ServerCerts {
+    /// A rustls server config offering `alpn`; TLS 1.3 only when `tls13_only` (QUIC).
+    pub fn server_config(&self, tls13_only: bool, alpn: Vec<Vec<u8>>) -> Result<rustls::ServerConfig, TlsError> {
+        let builder = rustls::ServerConfig::builder_with_provider(provider());
+        let builder = if tls13_only {
+            builder.with_protocol_versions(&[&rustls::version::TLS13])?
+        } else {
+            builder.with_safe_default_protocol_versions()?
+        }
+        .with_no_client_auth();
+        let mut config = match self {
+            ServerCerts::Static(id) => builder.with_single_cert(id.chain.clone(), id.key.clone_key())?,
+            ServerCerts::Resolver(r) => builder.with_cert_resolver(std::sync::Arc::clone(r)),
+        };
+        config.alpn_protocols = alpn;
+        Ok(config)
+    }
+
+    /// The pin for workers; `None` for ACME (the certificate changes at every renewal).
+    pub fn fingerprint(&self) -> Option<String> {
+        match self {
+            ServerCerts::Static(id) => Some(id.fingerprint()),
+            ServerCerts::Resolver(_) => None,
+        }
+    }
 }
 
 /// A certificate chain and its key.
