@@ -412,3 +412,47 @@ fn a_partition_between_a_natted_worker_and_the_relay_does_not_stop_the_video() {
         },
     );
 }
+
+#[test]
+fn a_worker_shutdown_tells_the_browser_and_exits_within_its_grace_period() {
+    netns::run(
+        "a_worker_shutdown_tells_the_browser_and_exits_within_its_grace_period",
+        || async {
+            let mut cluster = Cluster::start().await;
+            let mut sig = Signaling::connect(&cluster.ws_url("drain")).await.expect("ws");
+            let client = play(&mut sig).await;
+            assert!(client.wait_frames(25, SECS(5)).await.frames_decoded >= 25);
+            let started = Instant::now();
+            let status = std::process::Command::new("kill")
+                .args(["-TERM", &cluster.workers[0].child.id().to_string()])
+                .status()
+                .expect("kill");
+            assert!(status.success());
+            let ev = sig.wait_for("error", SECS(3)).await.expect("the browser is told");
+            assert_eq!(ev["code"], "worker_lost", "{ev}");
+            assert!(
+                ev["message"].as_str().is_some_and(|m| m.contains("shutting down")),
+                "{ev}"
+            );
+            let told = started.elapsed();
+            let exit = cluster.workers[0].child.wait().expect("worker exits");
+            let exited = started.elapsed();
+            assert!(exit.success(), "worker exits 0 on SIGTERM: {exit}");
+            eprintln!("worker shutdown: browser told after {told:?}, process exited after {exited:?}");
+            assert!(exited < SECS(5), "worker exited within its grace period: {exited:?}");
+            // Gone from the relay: the next offer has nowhere to go, and says so.
+            let deadline = Instant::now() + SECS(5);
+            while cluster.worker_count().await > 0 {
+                assert!(Instant::now() < deadline, "worker still registered");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let again = RtcClient::new(true).await.expect("client");
+            sig.send_offer(&again.offer().await.expect("offer"), "a")
+                .await
+                .expect("send");
+            let ev = sig.wait_for("error", SECS(5)).await.expect("error");
+            assert_eq!(ev["code"], "no_worker", "{ev}");
+            client.close().await;
+        },
+    );
+}

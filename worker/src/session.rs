@@ -141,7 +141,13 @@ impl Session {
                 }
             };
             tokio::select! {
-                _ = shutdown.cancelled() => return End::Tell { event: None, reason: "worker shutting down" },
+                _ = shutdown.cancelled() => {
+                    let event = ServerEvent::error(
+                        ErrorCode::WorkerLost,
+                        "the worker is shutting down; send a new webrtc_offer to continue on another worker",
+                    );
+                    return End::Tell { event: Some(event), reason: "worker shutting down" };
+                }
                 frame = frame => match frame {
                     Ok(Some(SessionFrame::Client(msg))) => self.on_client(msg).await,
                     Ok(Some(SessionFrame::Close { reason })) => {

@@ -3,8 +3,9 @@
 //! Every decision gets a fresh [`Store`] and a fresh instance (from an [`InstancePre`], so
 //! instantiation is a few microseconds from a pooled slot), under three limits:
 //!
-//! * **time**: an epoch deadline. A ticker thread advances the engine's epoch every millisecond;
-//!   a store may run `deadline_ms` ticks, so a module is stopped within the deadline plus one tick;
+//! * **time**: epoch interruption. A ticker thread advances the engine's epoch every millisecond;
+//!   at each tick a running guest is interrupted and the wall clock since the decision started
+//!   decides whether it may go on, so a module is stopped within the deadline plus one tick;
 //! * **memory**: a [`ResourceLimiter`] refuses linear-memory growth past the cap, and the refusal
 //!   traps (rather than letting the guest see a failed `memory.grow` and carry on);
 //! * **output**: the decision's strings are measured before the relay uses them.
@@ -104,6 +105,7 @@ pub struct HostState {
     config: Arc<str>,
     max_memory: usize,
     memory_refused: bool,
+    deadline_hit: bool,
     logs_left: u32,
 }
 
@@ -342,15 +344,24 @@ impl Runtime {
                 config: Arc::clone(config),
                 max_memory: self.limits.max_memory_bytes,
                 memory_refused: false,
+                deadline_hit: false,
                 logs_left: LOGS_PER_DECISION,
             },
         );
         store.limiter(|s| s as &mut dyn ResourceLimiter);
-        // One tick per millisecond. The store starts part-way into the current tick, so the
-        // deadline is one tick more: a module gets at least `deadline`, at most one tick beyond.
-        let ticks = self.limits.deadline.as_millis() as u64 + 1;
-        store.set_epoch_deadline(ticks);
-        store.epoch_deadline_trap();
+        // The epoch ticks every millisecond; at each tick the guest is interrupted and the
+        // wall clock decides: under the deadline it runs one more tick, past it the call traps.
+        // A module gets at least its deadline and at most one tick more, however late or bursty
+        // the ticker thread is scheduled.
+        let (started, deadline) = (std::time::Instant::now(), self.limits.deadline);
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |mut ctx| {
+            if started.elapsed() < deadline {
+                return Ok(wasmtime::UpdateDeadline::Continue(1));
+            }
+            ctx.data_mut().deadline_hit = true;
+            Err(wasmtime::format_err!("deadline of {deadline:?} exceeded"))
+        });
         store
     }
 
@@ -358,6 +369,9 @@ impl Runtime {
     fn classify(&self, store: &Store<HostState>, error: wasmtime::Error) -> CallError {
         if store.data().memory_refused {
             return CallError::Memory(self.limits.max_memory_bytes);
+        }
+        if store.data().deadline_hit {
+            return CallError::Deadline(self.limits.deadline);
         }
         match error.downcast_ref::<wasmtime::Trap>() {
             Some(wasmtime::Trap::Interrupt) => CallError::Deadline(self.limits.deadline),
