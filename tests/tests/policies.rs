@@ -35,6 +35,20 @@ async fn relay_with_swappable_auth(first: &str, deadline_ms: u64) -> (Cluster, t
     (cluster, modules)
 }
 
+/// Install module `name` at `path` and wait until the relay's log shows its `reloads`-th reload.
+async fn swap_and_wait(cluster: &Cluster, name: &str, path: &Path, reloads: usize) {
+    install(name, path);
+    let deadline = Instant::now() + SECS(5);
+    loop {
+        let log = std::fs::read_to_string(&cluster.relay.log).unwrap_or_default();
+        if log.matches("policy reloaded").count() >= reloads {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{name} never loaded:\n{}", cluster.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Connect and expect the relay to refuse with `unauthorized`, then close; returns the reason.
 async fn refused(cluster: &Cluster, url_suffix: &str) -> String {
     let mut sig = Signaling::connect(&format!("{}{url_suffix}", cluster.ws_url(&format!("r-{}", rand_id()))))
@@ -166,20 +180,8 @@ fn hostile_auth_modules_fail_closed_and_the_relay_keeps_serving() {
                 ("hostile-huge-output", "output"),
             ] {
                 if module != "hostile-infinite-loop" {
-                    install(module, &path);
                     reloads += 1;
-                    let needle = "policy reloaded";
-                    // Wait for this reload (the log holds one line per reload).
-                    let deadline = Instant::now() + SECS(5);
-                    while std::fs::read_to_string(&cluster.relay.log)
-                        .unwrap_or_default()
-                        .matches(needle)
-                        .count()
-                        < reloads
-                    {
-                        assert!(Instant::now() < deadline, "{module} never loaded:\n{}", cluster.logs());
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
+                    swap_and_wait(&cluster, module, &path, reloads).await;
                 }
                 let started = Instant::now();
                 let reason = refused(&cluster, "?token=whatever").await;
@@ -195,18 +197,8 @@ fn hostile_auth_modules_fail_closed_and_the_relay_keeps_serving() {
                 assert_eq!(http_get(cluster.relay.http, "/healthz").await.expect("healthz").0, 200);
             }
             // A good module again: sessions play on the same relay process.
-            install("allow-all", &path);
             reloads += 1;
-            let deadline = Instant::now() + SECS(5);
-            while std::fs::read_to_string(&cluster.relay.log)
-                .unwrap_or_default()
-                .matches("policy reloaded")
-                .count()
-                < reloads
-            {
-                assert!(Instant::now() < deadline, "allow-all never loaded:\n{}", cluster.logs());
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            swap_and_wait(&cluster, "allow-all", &path, reloads).await;
             let mut sig = Signaling::connect(&cluster.ws_url("after-hostile")).await.expect("ws");
             let client = play(&mut sig, "a")
                 .await
