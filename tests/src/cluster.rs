@@ -138,11 +138,7 @@ impl Cluster {
 
     /// Stop the relay the way systemd does (SIGTERM) and wait for it to exit.
     pub fn stop_relay(&mut self) -> std::process::ExitStatus {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.relay.child.id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success(), "kill -TERM relay");
+        signal(&self.relay.child, "TERM");
         self.relay.child.wait().expect("relay exits")
     }
 
@@ -303,6 +299,16 @@ impl Drop for Cluster {
             eprintln!("{}", self.logs());
         }
     }
+}
+
+/// Send signal `name` (`TERM`, `HUP` ...) to a child process.
+pub fn signal(child: &Child, name: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(child.id().to_string())
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill -{name} {}", child.id());
 }
 
 /// A minimal HTTP/1.1 GET (status, body) over a fresh TCP connection. Reads until the

@@ -414,11 +414,7 @@ fn a_worker_shutdown_tells_the_browser_and_exits_within_its_grace_period() {
             let client = play(&mut sig).await;
             assert!(client.wait_frames(25, SECS(5)).await.frames_decoded >= 25);
             let started = Instant::now();
-            let status = std::process::Command::new("kill")
-                .args(["-TERM", &cluster.workers[0].child.id().to_string()])
-                .status()
-                .expect("kill");
-            assert!(status.success());
+            avatar_edge_tests::cluster::signal(&cluster.workers[0].child, "TERM");
             let ev = sig.wait_for("error", SECS(3)).await.expect("the browser is told");
             assert_eq!(ev["code"], "worker_lost", "{ev}");
             assert!(

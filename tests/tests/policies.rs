@@ -325,11 +325,7 @@ fn a_router_module_picks_the_worker_and_its_failure_takes_the_fallback() {
 }
 
 fn hangup(cluster: &Cluster) {
-    let status = std::process::Command::new("kill")
-        .args(["-HUP", &cluster.relay.child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
+    avatar_edge_tests::cluster::signal(&cluster.relay.child, "HUP");
 }
 
 #[test]
