@@ -380,6 +380,17 @@ impl Runtime {
         }
     }
 
+    /// One decision: a fresh store, `f` (instantiate and call), and what went wrong if anything.
+    fn call<T>(
+        &self,
+        name: &Arc<str>,
+        config: &Arc<str>,
+        f: impl FnOnce(&mut Store<HostState>) -> wasmtime::Result<T>,
+    ) -> Result<T, CallError> {
+        let mut store = self.store(name, config);
+        f(&mut store).map_err(|e| self.classify(&store, e))
+    }
+
     fn check_output(&self, size: usize) -> Result<(), CallError> {
         if size > self.limits.max_output_bytes {
             return Err(CallError::Output {
@@ -397,11 +408,9 @@ impl Runtime {
         config: &Arc<str>,
         request: &types::ConnectRequest,
     ) -> Result<types::ConnectDecision, CallError> {
-        let mut store = self.store(name, config);
-        let result = pre
-            .instantiate(&mut store)
-            .and_then(|instance| instance.call_authorize_connect(&mut store, request));
-        let decision = result.map_err(|e| self.classify(&store, e))?;
+        let decision = self.call(name, config, |store| {
+            pre.instantiate(&mut *store)?.call_authorize_connect(store, request)
+        })?;
         let size = match &decision {
             types::ConnectDecision::Allow(p) => principal_size(p),
             types::ConnectDecision::Deny(reason) => reason.len(),
@@ -422,11 +431,9 @@ impl Runtime {
         config: &Arc<str>,
         request: &types::MessageRequest,
     ) -> Result<types::Verdict, CallError> {
-        let mut store = self.store(name, config);
-        let result = pre
-            .instantiate(&mut store)
-            .and_then(|instance| instance.call_authorize_message(&mut store, request));
-        let verdict = result.map_err(|e| self.classify(&store, e))?;
+        let verdict = self.call(name, config, |store| {
+            pre.instantiate(&mut *store)?.call_authorize_message(store, request)
+        })?;
         if let types::Verdict::Deny(reason) = &verdict {
             self.check_output(reason.len())?;
         }
@@ -440,11 +447,9 @@ impl Runtime {
         config: &Arc<str>,
         request: &types::RouteRequest,
     ) -> Result<types::RouteDecision, CallError> {
-        let mut store = self.store(name, config);
-        let result = pre
-            .instantiate(&mut store)
-            .and_then(|instance| instance.call_route(&mut store, request));
-        let decision = result.map_err(|e| self.classify(&store, e))?;
+        let decision = self.call(name, config, |store| {
+            pre.instantiate(&mut *store)?.call_route(store, request)
+        })?;
         let size = match &decision {
             types::RouteDecision::Worker(id) | types::RouteDecision::Reject(id) => id.len(),
         };
