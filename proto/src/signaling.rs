@@ -153,6 +153,9 @@ pub enum ErrorCode {
     SessionExpired,
     /// Something failed on our side; the details are in the server log.
     Internal,
+    /// The answer to a `text_webrtc` could not be produced (language model, speech or lip-sync
+    /// failed or timed out). The avatar is back to idle and the session goes on.
+    TalkFailed,
 }
 
 impl ErrorCode {
@@ -173,6 +176,7 @@ impl ErrorCode {
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::SessionInUse => "session_in_use",
             ErrorCode::IdleTimeout => "idle_timeout",
+            ErrorCode::TalkFailed => "talk_failed",
             ErrorCode::SessionExpired => "session_expired",
             ErrorCode::Internal => "internal",
         }
@@ -228,6 +232,19 @@ pub enum ServerEvent {
         session_id: String,
         worker_id: String,
     },
+    /// The answer's text as the language model writes it: deltas (`final: false`), then the whole
+    /// answer once (`final: true`). `turn` numbers the answers of a session.
+    AssistantText {
+        turn: u64,
+        text: String,
+        #[serde(rename = "final")]
+        is_final: bool,
+    },
+    /// The avatar started speaking answer `turn` (its first talking frame and audio left).
+    SpeechStarted { turn: u64 },
+    /// The avatar stopped speaking answer `turn`: it finished, or was `interrupted` by an
+    /// `interrupt` or a new `text_webrtc`.
+    SpeechEnded { turn: u64, interrupted: bool },
 }
 
 impl ServerEvent {

@@ -47,6 +47,189 @@ pub struct WorkerConfig {
     pub labels: std::collections::BTreeMap<String, String>,
     /// Serve Prometheus metrics at `http://<this address>/metrics`. Unset: no listener.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The talking pipeline: language model, speech, lip-sync.
+    pub talk: TalkConfig,
+}
+
+/// `[talk]`: what answers a `text_webrtc`. Every backend has a built-in default that needs no
+/// service, so a worker with no `[talk]` section talks (scripted answers, espeak-ng, the built-in
+/// mouth).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TalkConfig {
+    /// `false`: `text_webrtc` is answered with `unsupported`; the idle avatar still streams.
+    pub enabled: bool,
+    /// System prompt for the language model (per avatar: `[talk.avatars.<id>]`).
+    pub system_prompt: String,
+    /// TTS voice. Unset: `en-us`, or `cmn` when the answer is Chinese (espeak-ng voice names;
+    /// for an OpenAI-compatible server e.g. `alloy`).
+    pub voice: Option<String>,
+    /// Earlier exchanges sent along with each message (0: none).
+    pub history: usize,
+    pub llm: LlmConfig,
+    pub tts: TtsConfig,
+    pub lipsync: LipSyncConfig,
+    /// Per-avatar overrides, by avatar id.
+    pub avatars: std::collections::BTreeMap<String, AvatarTalkConfig>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AvatarTalkConfig {
+    pub system_prompt: Option<String>,
+    pub voice: Option<String>,
+    pub llm: Option<LlmConfig>,
+    pub tts: Option<TtsConfig>,
+}
+
+/// `[talk.llm]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LlmConfig {
+    /// `scripted` (built in, offline) or `openai` (any OpenAI-compatible chat-completions server).
+    pub backend: String,
+    /// e.g. `https://api.openai.com/v1` or `http://127.0.0.1:8000/v1`.
+    pub base_url: Option<String>,
+    pub model: String,
+    /// Prefer `api_key_env`: the name of an environment variable holding the key.
+    pub api_key: Option<Secret>,
+    pub api_key_env: Option<String>,
+    pub temperature: Option<f32>,
+    /// Longest wait for the first byte and between streamed events.
+    pub timeout_ms: u64,
+    /// `scripted` only: pause between words.
+    pub word_delay_ms: u64,
+}
+
+/// `[talk.tts]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TtsConfig {
+    /// `espeak` (built in; the `espeak-ng` program) or `openai` (`/v1/audio/speech`).
+    pub backend: String,
+    /// `espeak` only: the program to run.
+    pub program: String,
+    /// `espeak` only: words per minute.
+    pub speed: u32,
+    pub base_url: Option<String>,
+    pub model: String,
+    pub api_key: Option<Secret>,
+    pub api_key_env: Option<String>,
+    /// Longest wait for one sentence's audio.
+    pub timeout_ms: u64,
+}
+
+/// `[talk.lipsync]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LipSyncConfig {
+    /// `builtin` (no model: the mouth opens with loudness) or `onnx`.
+    pub backend: String,
+    /// The ONNX model (Wav2Lip contract; see docs/models.md).
+    pub model: Option<PathBuf>,
+    /// `libonnxruntime.so`, loaded at run time. Overridden by `AVATAR_EDGE_ONNXRUNTIME`.
+    pub onnxruntime: PathBuf,
+    /// `cpu` or `cuda`. `cuda` fails at start-up if the CUDA provider cannot be used.
+    pub execution_provider: String,
+    pub device_id: i32,
+    /// ONNX Runtime intra-op threads per runner.
+    pub threads: usize,
+    /// Model instances (threads) shared by all sessions. 0: one per CPU core (CPU), 1 (CUDA).
+    pub runners: usize,
+    /// Most frames one inference runs, across sessions.
+    pub max_batch: usize,
+    /// Frames a session submits at once.
+    pub session_batch: usize,
+    pub input_mel: String,
+    pub input_video: String,
+    pub output: String,
+    /// Width of the blend between the generated face and the frame, in pixels.
+    pub feather_px: u32,
+}
+
+impl Default for TalkConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            system_prompt: "You are a friendly tutor. Answer briefly, in the language of the question.".into(),
+            voice: None,
+            history: 6,
+            llm: LlmConfig::default(),
+            tts: TtsConfig::default(),
+            lipsync: LipSyncConfig::default(),
+            avatars: Default::default(),
+        }
+    }
+}
+
+impl Default for LlmConfig {
+    fn default() -> Self {
+        Self {
+            backend: "scripted".into(),
+            base_url: None,
+            model: "gpt-4o-mini".into(),
+            api_key: None,
+            api_key_env: None,
+            temperature: None,
+            timeout_ms: 15_000,
+            word_delay_ms: 30,
+        }
+    }
+}
+
+impl Default for TtsConfig {
+    fn default() -> Self {
+        Self {
+            backend: "espeak".into(),
+            program: "espeak-ng".into(),
+            speed: 170,
+            base_url: None,
+            model: "tts-1".into(),
+            api_key: None,
+            api_key_env: None,
+            timeout_ms: 15_000,
+        }
+    }
+}
+
+impl Default for LipSyncConfig {
+    fn default() -> Self {
+        Self {
+            backend: "builtin".into(),
+            model: None,
+            onnxruntime: PathBuf::from("/usr/local/lib/libonnxruntime.so"),
+            execution_provider: "cpu".into(),
+            device_id: 0,
+            threads: 1,
+            runners: 0,
+            max_batch: 16,
+            session_batch: 4,
+            input_mel: "mel_spectrogram".into(),
+            input_video: "video_frames".into(),
+            output: "predicted_frames".into(),
+            feather_px: 6,
+        }
+    }
+}
+
+impl LlmConfig {
+    /// The API key: `api_key_env`'s variable, else `api_key`.
+    pub fn key(&self) -> Option<String> {
+        resolve_key(&self.api_key, &self.api_key_env)
+    }
+}
+
+impl TtsConfig {
+    pub fn key(&self) -> Option<String> {
+        resolve_key(&self.api_key, &self.api_key_env)
+    }
+}
+
+fn resolve_key(key: &Option<Secret>, env: &Option<String>) -> Option<String> {
+    env.as_ref()
+        .and_then(|name| std::env::var(name).ok())
+        .or_else(|| key.as_ref().map(|k| k.expose().to_owned()))
+        .filter(|k| !k.is_empty())
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -100,6 +283,7 @@ impl Default for WorkerConfig {
             avatar_dir: None,
             labels: Default::default(),
             metrics_listen: None,
+            talk: TalkConfig::default(),
         }
     }
 }
@@ -161,6 +345,9 @@ impl WorkerConfig {
         if let Ok(s) = std::env::var("AVATAR_EDGE_TUNNEL_SECRET") {
             self.secret = Secret::new(s);
         }
+        if let Ok(p) = std::env::var("AVATAR_EDGE_ONNXRUNTIME") {
+            self.talk.lipsync.onnxruntime = PathBuf::from(p);
+        }
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -207,6 +394,53 @@ impl WorkerConfig {
         }
         if !["auto", "h264_nvenc", "libx264"].contains(&v.encoder.as_str()) {
             return invalid("video.encoder", "must be auto, h264_nvenc or libx264");
+        }
+        self.validate_talk()
+    }
+
+    fn validate_talk(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: String| Err(ConfigError::Invalid { key, message });
+        let t = &self.talk;
+        let llms = std::iter::once(&t.llm).chain(t.avatars.values().filter_map(|a| a.llm.as_ref()));
+        for llm in llms {
+            match llm.backend.as_str() {
+                "scripted" => {}
+                "openai" if llm.base_url.is_none() => {
+                    return invalid("talk.llm.base_url", "the openai backend needs base_url".into())
+                }
+                "openai" => {}
+                other => return invalid("talk.llm.backend", format!("`{other}`: use scripted or openai")),
+            }
+        }
+        let ttss = std::iter::once(&t.tts).chain(t.avatars.values().filter_map(|a| a.tts.as_ref()));
+        for tts in ttss {
+            match tts.backend.as_str() {
+                "espeak" => {}
+                "openai" if tts.base_url.is_none() => {
+                    return invalid("talk.tts.base_url", "the openai backend needs base_url".into())
+                }
+                "openai" => {}
+                other => return invalid("talk.tts.backend", format!("`{other}`: use espeak or openai")),
+            }
+        }
+        let voices = t.voice.iter().chain(t.avatars.values().filter_map(|a| a.voice.as_ref()));
+        for voice in voices {
+            if !crate::talk::tts::valid_voice(voice) {
+                return invalid("talk.voice", format!("{voice:?}: letters, digits and -_+. only"));
+            }
+        }
+        let l = &t.lipsync;
+        match l.backend.as_str() {
+            "builtin" => {}
+            "onnx" if l.model.is_none() => return invalid("talk.lipsync.model", "the onnx backend needs a model".into()),
+            "onnx" => {}
+            other => return invalid("talk.lipsync.backend", format!("`{other}`: use builtin or onnx")),
+        }
+        if !["cpu", "cuda"].contains(&l.execution_provider.as_str()) {
+            return invalid("talk.lipsync.execution_provider", "must be cpu or cuda".into());
+        }
+        if !(1..=256).contains(&l.max_batch) || !(1..=64).contains(&l.session_batch) {
+            return invalid("talk.lipsync.max_batch", "max_batch 1..=256, session_batch 1..=64".into());
         }
         Ok(())
     }

@@ -3,7 +3,8 @@
 //! It dials out to one or more relays over QUIC ([`tunnel`]) — no inbound port needed — and serves
 //! each browser session the relay hands it ([`session`]): a WebRTC peer ([`rtc`]) that answers the
 //! browser's offer with every candidate inside, then streams the avatar as H.264 from a per-session
-//! video clock ([`media`]).
+//! media clock ([`media`]); on `text_webrtc` the talking pipeline ([`talk`]) turns the answer into
+//! speech and lip-synced frames that the clock plays.
 //!
 //! Driving it: [`Worker::new`] does the slow start-up work once (FFmpeg, choosing NVENC or x264,
 //! decoding or drawing the idle avatars, the WebRTC engine); [`Worker::run`] keeps a tunnel to every
@@ -13,6 +14,7 @@ pub mod config;
 pub mod media;
 pub mod rtc;
 pub mod session;
+pub mod talk;
 pub mod tunnel;
 
 use config::WorkerConfig;
@@ -38,6 +40,8 @@ pub enum WorkerError {
     Avatar(#[from] media::avatar::AvatarError),
     #[error("WebRTC: {0}")]
     Rtc(#[from] rtc::RtcError),
+    #[error("talking pipeline: {0}")]
+    Talk(#[from] talk::TalkError),
 }
 
 /// The idle avatars this worker serves.
@@ -75,6 +79,8 @@ pub struct Context {
     pub avatars: Avatars,
     pub encoder: &'static str,
     pub encoder_settings: EncoderSettings,
+    /// The talking pipeline (None when `[talk] enabled = false`).
+    pub talk: Option<Arc<talk::Talk>>,
     pub sessions: TaskTracker,
     pub tunnel_idle: Duration,
     pub tunnel_keepalive: Duration,
@@ -161,7 +167,14 @@ impl Worker {
         if config.ice.include_loopback {
             warn!("ICE loopback candidates are on: fine for tests and a single-host demo, not for production");
         }
+        let talk = if config.talk.enabled {
+            Some(Arc::new(talk::Talk::new(&config.talk, v.fps)?))
+        } else {
+            info!("talking pipeline disabled: text_webrtc is answered with `unsupported`");
+            None
+        };
         let ctx = Context {
+            talk,
             rtc,
             avatars,
             encoder,

@@ -6,9 +6,10 @@
 //! and this costs only milliseconds with host candidates. Browser candidates may still trickle in
 //! through [`Peer::add_candidate`].
 //!
-//! Each peer sends one H.264 video track. RTCP from the sender is read continuously — that keeps
-//! the interceptors (NACK, reports) running — and a PLI or FIR sets the `keyframe` flag that the
-//! video clock consumes to emit an IDR.
+//! Each peer sends one H.264 video track and, when the offer has an audio section, one Opus audio
+//! track (the avatar's voice; silence while idle). RTCP from the senders is read continuously —
+//! that keeps the interceptors (NACK, reports) running — and a PLI or FIR sets the `keyframe`
+//! flag that the video clock consumes to emit an IDR.
 
 use avatar_proto::signaling::CandidateInit;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
 use webrtc::api::interceptor_registry::register_default_interceptors;
-use webrtc::api::media_engine::{MediaEngine, MIME_TYPE_H264};
+use webrtc::api::media_engine::{MediaEngine, MIME_TYPE_H264, MIME_TYPE_OPUS};
 use webrtc::api::setting_engine::SettingEngine;
 use webrtc::api::{APIBuilder, API};
 use webrtc::ice_transport::ice_candidate::RTCIceCandidateInit;
@@ -114,6 +115,29 @@ impl RtcEngine {
         let sender = pc
             .add_track(Arc::clone(&video) as Arc<dyn TrackLocal + Send + Sync>)
             .await?;
+        // Audio only if the browser asked for it: a track the offer has no section for would
+        // get a transceiver that no answer can negotiate.
+        let wants_audio = avatar_proto::sdp::inspect_offer(&offer_sdp).is_ok_and(|o| o.audio_sections > 0);
+        let audio = if wants_audio {
+            let audio = Arc::new(TrackLocalStaticSample::new(
+                RTCRtpCodecCapability {
+                    mime_type: MIME_TYPE_OPUS.to_owned(),
+                    clock_rate: 48_000,
+                    channels: 2,
+                    sdp_fmtp_line: "minptime=10;useinbandfec=1".to_owned(),
+                    rtcp_feedback: vec![],
+                },
+                "audio".to_owned(),
+                "avatar".to_owned(),
+            ));
+            let sender = pc
+                .add_track(Arc::clone(&audio) as Arc<dyn TrackLocal + Send + Sync>)
+                .await?;
+            tokio::spawn(async move { while sender.read_rtcp().await.is_ok() {} });
+            Some(audio)
+        } else {
+            None
+        };
         let keyframe = Arc::new(AtomicBool::new(true));
         {
             let keyframe = Arc::clone(&keyframe);
@@ -147,6 +171,7 @@ impl RtcEngine {
         let peer = Arc::new(Peer {
             pc: Arc::clone(pc),
             video,
+            audio,
             keyframe,
         });
         Ok(Answer {
@@ -170,6 +195,7 @@ pub struct Answer {
 pub struct Peer {
     pc: Arc<RTCPeerConnection>,
     video: Arc<TrackLocalStaticSample>,
+    audio: Option<Arc<TrackLocalStaticSample>>,
     /// Set on PLI/FIR; the video clock emits an IDR and clears it.
     pub keyframe: Arc<AtomicBool>,
 }
@@ -194,6 +220,24 @@ impl Peer {
         };
         self.video.write_sample(&sample).await?;
         Ok(())
+    }
+
+    /// Write one Opus packet (dropped if the browser did not ask for audio).
+    pub async fn write_audio(&self, data: bytes::Bytes, duration: Duration) -> Result<(), RtcError> {
+        if let Some(audio) = &self.audio {
+            let sample = webrtc::media::Sample {
+                data,
+                duration,
+                timestamp: SystemTime::now(),
+                ..Default::default()
+            };
+            audio.write_sample(&sample).await?;
+        }
+        Ok(())
+    }
+
+    pub fn has_audio(&self) -> bool {
+        self.audio.is_some()
     }
 
     pub async fn close(&self) {

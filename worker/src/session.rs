@@ -2,7 +2,9 @@
 //!
 //! The session waits on three things: the next frame from the relay, the peer connection's state,
 //! and shutdown. An offer creates (or replaces) the peer and answers with every candidate inside;
-//! when ICE connects, the video clock starts and idle avatar frames flow at once.
+//! when ICE connects, the media clock starts and idle avatar frames flow at once. A `text_webrtc`
+//! starts an answer in the session's [`Conversation`]; its text deltas, speech start/end and
+//! failures come back here and go to the browser as events.
 //!
 //! How a session ends, and why:
 //! * the relay sends `Close` or finishes the stream (the browser left): stop at once;
@@ -13,8 +15,9 @@
 //!
 //! Either way the encoder thread is stopped and the capacity slot returned (both on drop).
 
-use crate::media::stream::{EncodedFrame, VideoStream};
+use crate::media::stream::{ClockEvent, Feed, MediaOut, VideoStream, OPUS_FRAME};
 use crate::rtc::{Peer, RtcError};
+use crate::talk::{Conversation, TalkEvent};
 use crate::Context;
 use avatar_proto::signaling::{ClientMessage, ErrorCode, ServerEvent};
 use avatar_proto::stream::{send_frame, FramedRecv};
@@ -70,14 +73,23 @@ pub async fn run_session(
         }
     };
     let span = info_span!("session", session_id = %open.session_id, worker_id = %ctx.config.worker_id);
+    let (talk_tx, talk_events) = mpsc::unbounded_channel();
+    let clip = ctx.avatars.get(open.avatar_id.as_deref());
+    let conv = ctx.talk.as_ref().map(|talk| {
+        let avatar_id = open.avatar_id.clone().unwrap_or_else(|| clip.id.clone());
+        Conversation::new(Arc::clone(talk), Arc::clone(&clip), avatar_id, talk_tx)
+    });
     Session {
         send,
         recv,
         ctx,
         active: None,
         detached: false,
+        conv,
+        talk_events,
+        clock_events: None,
     }
-    .run(open.avatar_id, shutdown)
+    .run(clip, shutdown)
     .instrument(span)
     .await
 }
@@ -89,10 +101,15 @@ struct Session {
     active: Option<Active>,
     /// The tunnel broke; media continues until the peer ends.
     detached: bool,
+    /// The talking pipeline (None when `[talk] enabled = false`).
+    conv: Option<Conversation>,
+    talk_events: mpsc::UnboundedReceiver<TalkEvent>,
+    /// Speech start/end from the running media clock.
+    clock_events: Option<mpsc::UnboundedReceiver<ClockEvent>>,
 }
 
 impl Session {
-    async fn run(mut self, avatar_id: Option<String>, shutdown: CancellationToken) {
+    async fn run(mut self, clip: Arc<crate::media::avatar::AvatarClip>, shutdown: CancellationToken) {
         let ctx = Arc::clone(&self.ctx);
         let Some(slot) = ctx.try_acquire() else {
             info!("at capacity: refusing session");
@@ -104,12 +121,14 @@ impl Session {
             self.close("busy").await;
             return;
         };
-        let clip = self.ctx.avatars.get(avatar_id.as_deref());
         info!(avatar = %clip.id, "session started");
         metrics::counter!("worker_sessions_total").increment(1);
         metrics::gauge!("worker_sessions_active").increment(1.0);
         let farewell = self.serve(&clip, &shutdown).await;
         // Free everything *before* telling the relay, so the browser's next offer finds the slot.
+        if let Some(conv) = self.conv.as_mut() {
+            conv.interrupt();
+        }
         if let Some(active) = self.active.take() {
             active.stop().await;
         }
@@ -140,7 +159,15 @@ impl Session {
                     None => std::future::pending().await,
                 }
             };
+            let clock = async {
+                match self.clock_events.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
+                Some(ev) = self.talk_events.recv() => self.on_talk(ev).await,
+                Some(ev) = clock => self.on_clock(ev).await,
                 _ = shutdown.cancelled() => {
                     let event = ServerEvent::error(
                         ErrorCode::WorkerLost,
@@ -233,15 +260,70 @@ impl Session {
                         .await;
                 }
             }
-            ClientMessage::TextWebrtc(_) => {
-                self.event(ServerEvent::error(
-                    ErrorCode::Unsupported,
-                    "this worker streams the idle avatar only; the talking pipeline is not enabled",
-                ))
-                .await;
+            ClientMessage::TextWebrtc(t) => {
+                let message = t.message.trim().to_owned();
+                let refusal = match self.conv.as_mut() {
+                    None => Some((
+                        ErrorCode::Unsupported,
+                        "this worker streams the idle avatar only; the talking pipeline is disabled ([talk] enabled = false)",
+                    )),
+                    Some(_) if message.is_empty() => Some((ErrorCode::InvalidMessage, "`message` is empty")),
+                    Some(conv) if !conv.ready() => Some((
+                        ErrorCode::NoSession,
+                        "the video is not playing yet: send webrtc_offer, wait for the connection, then text_webrtc",
+                    )),
+                    Some(conv) => {
+                        if let Some(turn) = conv.say(message) {
+                            info!(turn, "answering");
+                            metrics::counter!("worker_talk_turns_total").increment(1);
+                        }
+                        None
+                    }
+                };
+                if let Some((code, message)) = refusal {
+                    self.event(ServerEvent::error(code, message)).await;
+                }
             }
-            ClientMessage::Interrupt {} => {}
+            ClientMessage::Interrupt {} => {
+                if let Some(conv) = self.conv.as_mut() {
+                    info!("interrupted by the browser");
+                    conv.interrupt();
+                }
+            }
         }
+    }
+
+    async fn on_talk(&mut self, ev: TalkEvent) {
+        let event = match ev {
+            TalkEvent::Text { turn, text } => ServerEvent::AssistantText {
+                turn,
+                text,
+                is_final: false,
+            },
+            TalkEvent::Done { turn, user, answer } => {
+                if let Some(conv) = self.conv.as_mut() {
+                    conv.remember(user, answer.clone());
+                }
+                ServerEvent::AssistantText {
+                    turn,
+                    text: answer,
+                    is_final: true,
+                }
+            }
+            TalkEvent::Failed { turn, message } => {
+                metrics::counter!("worker_talk_failures_total").increment(1);
+                ServerEvent::error(ErrorCode::TalkFailed, format!("answer {turn} failed: {message}"))
+            }
+        };
+        self.event(event).await;
+    }
+
+    async fn on_clock(&mut self, ev: ClockEvent) {
+        let event = match ev {
+            ClockEvent::SpeechStarted { turn } => ServerEvent::SpeechStarted { turn },
+            ClockEvent::SpeechEnded { turn, interrupted } => ServerEvent::SpeechEnded { turn, interrupted },
+        };
+        self.event(event).await;
     }
 
     fn start_media(&mut self, clip: &Arc<crate::media::avatar::AvatarClip>) {
@@ -251,13 +333,25 @@ impl Session {
         if active.media.is_some() {
             return;
         }
-        let (tx, mut rx) = mpsc::channel::<EncodedFrame>(4);
+        let (tx, mut rx) = mpsc::channel::<MediaOut>(12);
+        let (clock_tx, clock_rx) = mpsc::unbounded_channel();
+        let feed = match self.conv.as_mut() {
+            Some(conv) => conv.feed(clock_tx),
+            None => Feed {
+                units: std::sync::mpsc::sync_channel(0).1,
+                current_turn: Default::default(),
+                idle_index: Default::default(),
+                events: clock_tx,
+            },
+        };
+        self.clock_events = Some(clock_rx);
         let stream = match VideoStream::start(
             Arc::clone(clip),
             self.ctx.encoder,
             self.ctx.encoder_settings.clone(),
             Arc::clone(&active.peer.keyframe),
             tx,
+            feed,
         ) {
             Ok(s) => s,
             Err(e) => {
@@ -267,9 +361,14 @@ impl Session {
         };
         let peer = Arc::clone(&active.peer);
         let writer = tokio::spawn(async move {
-            while let Some(frame) = rx.recv().await {
-                if let Err(e) = peer.write_video(frame.data, frame.duration).await {
-                    debug!(error = %e, "video write failed");
+            let packet = Duration::from_secs_f64(OPUS_FRAME as f64 / 48_000.0);
+            while let Some(media) = rx.recv().await {
+                let written = match media {
+                    MediaOut::Video(frame) => peer.write_video(frame.data, frame.duration).await,
+                    MediaOut::Audio(data) => peer.write_audio(data, packet).await,
+                };
+                if let Err(e) = written {
+                    debug!(error = %e, "media write failed");
                     break;
                 }
             }

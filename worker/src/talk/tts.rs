@@ -1,0 +1,154 @@
+//! The speech stage: one sentence in, PCM out.
+//!
+//! * [`EspeakTts`]: built in, runs the `espeak-ng` program (installed by the scripts) with the text
+//!   on standard input (never on the command line), reading the WAV it writes to standard output.
+//!   Voices are espeak-ng's: `en-us`, `cmn` (Mandarin), …
+//! * [`OpenAiTts`]: any OpenAI-compatible `POST {base_url}/audio/speech` (`model`, `input`, `voice`,
+//!   `response_format: "wav"`).
+//!
+//! Both are bounded by a timeout, and a cancelled answer kills the espeak-ng process.
+
+use super::audio::{decode_wav, Pcm};
+use super::llm::{snippet, without_url};
+use super::TalkError;
+use futures::future::BoxFuture;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+
+pub trait Tts: Send + Sync {
+    fn name(&self) -> String;
+    fn synthesize<'a>(&'a self, text: &'a str, voice: &'a str) -> BoxFuture<'a, Result<Pcm, TalkError>>;
+}
+
+/// Is `voice` a plain voice name (no options smuggled in)?
+pub fn valid_voice(voice: &str) -> bool {
+    !voice.is_empty()
+        && voice.len() <= 64
+        && voice.chars().all(|c| c.is_ascii_alphanumeric() || "-_+.".contains(c))
+        && !voice.starts_with('-')
+}
+
+pub struct EspeakTts {
+    pub program: String,
+    /// Words per minute.
+    pub speed: u32,
+    pub timeout: Duration,
+}
+
+impl Tts for EspeakTts {
+    fn name(&self) -> String {
+        "espeak-ng".into()
+    }
+
+    fn synthesize<'a>(&'a self, text: &'a str, voice: &'a str) -> BoxFuture<'a, Result<Pcm, TalkError>> {
+        Box::pin(async move {
+            if !valid_voice(voice) {
+                return Err(TalkError::Tts(format!("invalid voice name {voice:?}")));
+            }
+            let mut child = tokio::process::Command::new(&self.program)
+                .args(["--stdout", "-b", "1", "-v", voice, "-s", &self.speed.to_string()])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .map_err(|e| TalkError::Tts(format!("cannot run {}: {e} (scripts/install-deps installs espeak-ng)", self.program)))?;
+            if let Some(mut stdin) = child.stdin.take() {
+                // `-b 1`: the input is UTF-8. A newline-free line keeps it one utterance.
+                let line = text.replace(['\n', '\r'], " ");
+                stdin
+                    .write_all(line.as_bytes())
+                    .await
+                    .map_err(|e| TalkError::Tts(format!("espeak-ng stdin: {e}")))?;
+            }
+            let output = tokio::time::timeout(self.timeout, child.wait_with_output())
+                .await
+                .map_err(|_| TalkError::Timeout("espeak-ng took too long"))?
+                .map_err(|e| TalkError::Tts(format!("espeak-ng: {e}")))?;
+            if !output.status.success() {
+                return Err(TalkError::Tts(format!(
+                    "espeak-ng failed ({}): {}",
+                    output.status,
+                    snippet(&String::from_utf8_lossy(&output.stderr))
+                )));
+            }
+            decode_wav(&output.stdout).map_err(|e| TalkError::Tts(format!("espeak-ng output: {e}")))
+        })
+    }
+}
+
+pub struct OpenAiTts {
+    pub client: reqwest::Client,
+    pub base_url: String,
+    pub model: String,
+    pub api_key: Option<String>,
+    pub timeout: Duration,
+}
+
+impl Tts for OpenAiTts {
+    fn name(&self) -> String {
+        format!("openai:{} at {}", self.model, self.base_url)
+    }
+
+    fn synthesize<'a>(&'a self, text: &'a str, voice: &'a str) -> BoxFuture<'a, Result<Pcm, TalkError>> {
+        Box::pin(async move {
+            let url = format!("{}/audio/speech", self.base_url.trim_end_matches('/'));
+            let body = serde_json::json!({
+                "model": self.model, "input": text, "voice": voice, "response_format": "wav",
+            });
+            let mut req = self.client.post(&url).json(&body);
+            if let Some(key) = &self.api_key {
+                req = req.bearer_auth(key);
+            }
+            let work = async {
+                let response = req
+                    .send()
+                    .await
+                    .map_err(|e| TalkError::Tts(format!("request failed: {}", without_url(&e))))?;
+                let status = response.status();
+                let bytes = response
+                    .bytes()
+                    .await
+                    .map_err(|e| TalkError::Tts(format!("reading the audio: {}", without_url(&e))))?;
+                if !status.is_success() {
+                    return Err(TalkError::Tts(format!(
+                        "HTTP {status}: {}",
+                        snippet(&String::from_utf8_lossy(&bytes))
+                    )));
+                }
+                decode_wav(&bytes).map_err(|e| TalkError::Tts(format!("the speech server's audio: {e}")))
+            };
+            tokio::time::timeout(self.timeout, work)
+                .await
+                .map_err(|_| TalkError::Timeout("the speech server took too long"))?
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn voice_names_cannot_carry_options() {
+        assert!(valid_voice("en-us") && valid_voice("cmn") && valid_voice("alloy"));
+        assert!(!valid_voice("--stdout") && !valid_voice("en us") && !valid_voice("") && !valid_voice("a;b"));
+    }
+
+    #[tokio::test]
+    async fn espeak_speaks_english_and_chinese() {
+        let tts = EspeakTts {
+            program: "espeak-ng".into(),
+            speed: 175,
+            timeout: Duration::from_secs(20),
+        };
+        for (voice, text) in [("en-us", "Hello there, how are you?"), ("cmn", "你好，今天我们学习数学。")] {
+            let pcm = tts.synthesize(text, voice).await.expect("espeak-ng (scripts/install-deps)");
+            assert_eq!(pcm.rate, 22_050);
+            assert!(pcm.seconds() > 0.8, "{voice}: {} s", pcm.seconds());
+            assert!(super::super::audio::rms(&pcm.samples) > 0.02, "{voice}: audible");
+        }
+        let err = tts.synthesize("hi", "-x").await.expect_err("bad voice");
+        assert!(err.to_string().contains("invalid voice"), "{err}");
+    }
+}
