@@ -10,6 +10,7 @@
 pub mod cdp;
 pub mod cluster;
 pub mod netns;
+pub mod openai;
 pub mod rtc_client;
 pub mod signaling;
 

@@ -3,7 +3,9 @@
 //! It plays the browser: recvonly video and audio transceivers, an offer, the answer from the
 //! server. Every H.264 RTP packet it receives is depacketised into Annex B access units (one per
 //! RTP marker bit) and decoded by FFmpeg on a plain thread, so the tests check *decoded pictures*,
-//! not just packets.
+//! not just packets. For each decoded picture it records the mean luma of the built-in avatar's
+//! mouth area, and it decodes the Opus audio track and records each packet's loudness, so tests
+//! can tell a talking avatar from an idle one by what a viewer would see and hear.
 
 use bytes::Bytes;
 use ffmpeg_next as ffmpeg;
@@ -35,6 +37,29 @@ pub struct ReceiverStats {
     pub height: u32,
     pub first_frame_at: Option<Instant>,
     pub codec: String,
+    /// (arrival, mean luma of the mouth area) per decoded picture.
+    pub mouth: Vec<(Instant, f32)>,
+    /// (arrival, RMS of the decoded samples) per Opus packet.
+    pub audio: Vec<(Instant, f32)>,
+}
+
+impl ReceiverStats {
+    /// Mouth luma samples in [from, to).
+    pub fn mouth_between(&self, from: Instant, to: Instant) -> Vec<f32> {
+        self.mouth.iter().filter(|(t, _)| *t >= from && *t < to).map(|(_, v)| *v).collect()
+    }
+
+    /// Audio RMS samples in [from, to).
+    pub fn audio_between(&self, from: Instant, to: Instant) -> Vec<f32> {
+        self.audio.iter().filter(|(t, _)| *t >= from && *t < to).map(|(_, v)| *v).collect()
+    }
+}
+
+/// The mouth area of the built-in avatar at 512×512 (see `talk::face::mouth_luma`).
+fn mouth_region() -> (u32, u32, u32, u32) {
+    let clip_box = avatar_worker::media::avatar::synthetic_face_box(512, 512);
+    let r = avatar_worker::talk::face::crop_region(clip_box, 512, 512);
+    (r.x + r.w * 3 / 8, r.x + r.w * 5 / 8, r.y + r.h * 5 / 8, r.y + r.h * 6 / 8)
 }
 
 pub struct RtcClient {
@@ -77,7 +102,19 @@ impl RtcClient {
         pc.on_track(Box::new(move |track, _receiver, _transceiver| {
             let stats = Arc::clone(&track_stats);
             Box::pin(async move {
-                if track.kind() != RTPCodecType::Video {
+                if track.kind() == RTPCodecType::Audio {
+                    tokio::spawn(async move {
+                        let Ok(mut decoder) = opus::Decoder::new(48_000, opus::Channels::Mono) else {
+                            return;
+                        };
+                        let mut pcm = vec![0f32; 5760];
+                        while let Ok((packet, _)) = track.read_rtp().await {
+                            if let Ok(n) = decoder.decode_float(&packet.payload, &mut pcm, false) {
+                                let rms = (pcm[..n].iter().map(|v| v * v).sum::<f32>() / n.max(1) as f32).sqrt();
+                                stats.lock().expect("stats").audio.push((Instant::now(), rms));
+                            }
+                        }
+                    });
                     return;
                 }
                 let codec = track.codec().capability.mime_type.clone();
@@ -171,7 +208,19 @@ fn decode_loop(rx: std::sync::mpsc::Receiver<Bytes>, stats: &Mutex<ReceiverStats
             continue;
         }
         while decoder.receive_frame(&mut frame).is_ok() {
+            let (x0, x1, y0, y1) = mouth_region();
+            let (stride, luma) = (frame.stride(0), frame.data(0));
+            let mut sum = 0u64;
+            if frame.width() >= x1 && frame.height() >= y1 {
+                for y in y0..y1 {
+                    for x in x0..x1 {
+                        sum += luma[y as usize * stride + x as usize] as u64;
+                    }
+                }
+            }
+            let mouth = sum as f32 / ((x1 - x0) * (y1 - y0)).max(1) as f32;
             let mut s = stats.lock().expect("stats");
+            s.mouth.push((Instant::now(), mouth));
             s.frames_decoded += 1;
             s.width = frame.width();
             s.height = frame.height();

@@ -95,17 +95,22 @@ const SYNTHETIC_SECONDS: u32 = 4;
 pub fn synthetic(width: u32, height: u32, fps: u32) -> AvatarClip {
     let n = (SYNTHETIC_SECONDS * fps).max(1);
     let frames = (0..n).map(|i| draw_face(width, height, i as f32 / n as f32)).collect();
-    let s = |v: f32| (v * width.min(height) as f32) as u32;
     AvatarClip {
         id: "synthetic".into(),
         name: "Built-in synthetic tutor".into(),
-        face_box: FaceBox {
-            x: width / 2 - s(0.22),
-            y: s(0.2),
-            w: s(0.44),
-            h: s(0.54),
-        },
+        face_box: synthetic_face_box(width, height),
         frames,
+    }
+}
+
+/// The built-in avatar's face box at `width`×`height`.
+pub fn synthetic_face_box(width: u32, height: u32) -> FaceBox {
+    let s = |v: f32| (v * width.min(height) as f32) as u32;
+    FaceBox {
+        x: width / 2 - s(0.22),
+        y: s(0.2),
+        w: s(0.44),
+        h: s(0.54),
     }
 }
 
