@@ -5,6 +5,8 @@
 // transceivers *before* createOffer(), so the offer has media sections the server can answer.
 // Everything it learns (socket state, ICE state, the selected candidate pair, decoded frames)
 // is shown in the status line and exposed as window.avatarEdge for tests and debugging.
+// The tutor's answer streams into the answer panel (assistant_text deltas), a badge shows while
+// the avatar speaks (speech_started / speech_ended), and Stop sends {"type":"interrupt"}.
 'use strict';
 
 const params = new URLSearchParams(location.search);
@@ -21,6 +23,8 @@ const state = {
   width: 0,
   height: 0,
   iceServers: [],
+  answers: {},
+  speaking: null,
 };
 
 function newSessionId() {
@@ -36,6 +40,7 @@ function renderStatus() {
 
 function logEvent(ev) {
   state.events.push(ev);
+  if (ev.type === 'assistant_text' && !ev.final) return; // deltas go to the answer panel only
   const li = document.createElement('li');
   li.textContent = JSON.stringify(ev).slice(0, 300);
   if (ev.type === 'error') li.className = 'error';
@@ -65,6 +70,7 @@ async function startPeer() {
     if (!video.srcObject) video.srcObject = event.streams[0] || new MediaStream([event.track]);
     else if (!video.srcObject.getTracks().includes(event.track)) video.srcObject.addTrack(event.track);
     video.play().catch(() => {});
+    if (event.track.kind === 'audio') meterVoice(event.track);
   };
   pc.onicecandidate = (event) => {
     if (event.candidate && event.candidate.candidate) {
@@ -83,6 +89,31 @@ async function startPeer() {
   });
 }
 
+// A voice meter: the level of the avatar's audio as the page receives it (WebAudio), shown next
+// to the "speaking" badge and kept in state.voiceLevel (RMS, 0..1) for tests.
+function meterVoice(track) {
+  try {
+    const ctx = new AudioContext();
+    const analyser = ctx.createAnalyser();
+    analyser.fftSize = 1024;
+    ctx.createMediaStreamSource(new MediaStream([track])).connect(analyser);
+    const buf = new Float32Array(analyser.fftSize);
+    const measure = () => {
+      if (track.readyState === 'ended') { ctx.close(); return; }
+      analyser.getFloatTimeDomainData(buf);
+      let sum = 0;
+      for (const v of buf) sum += v * v;
+      state.voiceLevel = Math.sqrt(sum / buf.length);
+      state.voicePeak = Math.max(state.voicePeak || 0, state.voiceLevel);
+      $('level').value = Math.min(1, state.voiceLevel * 4);
+    };
+    ctx.resume().catch(() => {});
+    state.meter = setInterval(measure, 50);
+  } catch (e) {
+    logEvent({ type: 'client_error', message: `voice meter: ${e}` });
+  }
+}
+
 function userId() {
   return params.get('user_id') || 'web-user';
 }
@@ -95,6 +126,15 @@ async function onMessage(event) {
     await state.pc.setRemoteDescription({ type: 'answer', sdp: msg.sdp });
   } else if (msg.type === 'ice_servers' && Array.isArray(msg.ice_servers)) {
     state.iceServers = msg.ice_servers;
+  } else if (msg.type === 'assistant_text') {
+    state.answers[msg.turn] = msg.final ? msg.text : (state.answers[msg.turn] || '') + msg.text;
+    $('answer').textContent = state.answers[msg.turn];
+  } else if (msg.type === 'speech_started') {
+    state.speaking = msg.turn;
+    $('speaking').hidden = false;
+  } else if (msg.type === 'speech_ended' && state.speaking === msg.turn) {
+    state.speaking = null;
+    $('speaking').hidden = true;
   }
 }
 
@@ -122,7 +162,10 @@ function disconnect() {
 }
 
 async function collectStats() {
-  const out = { framesDecoded: 0, frameWidth: 0, frameHeight: 0, localCandidateType: null, remoteCandidateType: null, iceState: state.iceState };
+  const out = {
+    framesDecoded: 0, frameWidth: 0, frameHeight: 0, localCandidateType: null, remoteCandidateType: null,
+    iceState: state.iceState, audioLevel: 0, totalAudioEnergy: 0, audioSamplesReceived: 0,
+  };
   if (!state.pc) return out;
   const report = await state.pc.getStats();
   let pairId = null;
@@ -132,6 +175,11 @@ async function collectStats() {
       out.framesDecoded = s.framesDecoded || 0;
       out.frameWidth = s.frameWidth || 0;
       out.frameHeight = s.frameHeight || 0;
+    }
+    if (s.type === 'inbound-rtp' && s.kind === 'audio') {
+      out.audioLevel = s.audioLevel || 0;
+      out.totalAudioEnergy = s.totalAudioEnergy || 0;
+      out.audioSamplesReceived = s.totalSamplesReceived || 0;
     }
     if (!pairId && s.type === 'candidate-pair' && s.nominated && s.state === 'succeeded') pairId = s.id;
   });
@@ -171,4 +219,20 @@ setInterval(tick, 500);
 if (params.get('avatar')) $('avatar').value = params.get('avatar');
 if (params.get('autoconnect') === '1') connect();
 
-window.avatarEdge = { state, stats: collectStats, connect, disconnect, send };
+// Mean luma (0-255) of a rectangle of the current video picture, in video pixels: lets a test or
+// an operator check what is on screen (e.g. the mouth area) without a screenshot.
+function lumaAt(x0, y0, x1, y1) {
+  const v = $('video');
+  if (!v.videoWidth) return null;
+  const c = document.createElement('canvas');
+  c.width = v.videoWidth;
+  c.height = v.videoHeight;
+  const g = c.getContext('2d', { willReadFrequently: true });
+  g.drawImage(v, 0, 0);
+  const px = g.getImageData(x0, y0, x1 - x0, y1 - y0).data;
+  let sum = 0;
+  for (let i = 0; i < px.length; i += 4) sum += 0.299 * px[i] + 0.587 * px[i + 1] + 0.114 * px[i + 2];
+  return sum / (px.length / 4);
+}
+
+window.avatarEdge = { state, stats: collectStats, connect, disconnect, send, lumaAt, say: (m) => { $('message').value = m; $('chat').requestSubmit(); } };
