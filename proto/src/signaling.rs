@@ -241,10 +241,15 @@ pub enum ServerEvent {
         is_final: bool,
     },
     /// The avatar started speaking answer `turn` (its first talking frame and audio left).
-    SpeechStarted { turn: u64 },
+    SpeechStarted {
+        turn: u64,
+    },
     /// The avatar stopped speaking answer `turn`: it finished, or was `interrupted` by an
     /// `interrupt` or a new `text_webrtc`.
-    SpeechEnded { turn: u64, interrupted: bool },
+    SpeechEnded {
+        turn: u64,
+        interrupted: bool,
+    },
 }
 
 impl ServerEvent {

@@ -80,7 +80,11 @@ async fn chat(State(seen): State<Arc<Mutex<Seen>>>, headers: HeaderMap, Json(req
         .unwrap_or_default()
         .to_owned();
     if user.contains("FAIL") {
-        return (StatusCode::INTERNAL_SERVER_ERROR, r#"{"error":{"message":"model overloaded"}}"#).into_response();
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            r#"{"error":{"message":"model overloaded"}}"#,
+        )
+            .into_response();
     }
     let hang = user.contains("HANG");
     let mut answer = format!("Sure. You asked: {user}. Here is my answer.");
@@ -143,8 +147,8 @@ async fn speech(State(seen): State<Arc<Mutex<Seen>>>, headers: HeaderMap, Json(r
     for i in 0..n {
         let t = i as f32 / rate as f32;
         let syllable = (std::f32::consts::PI * t * 4.0).sin().abs(); // 4 syllables a second
-        // A buzz rich in harmonics up to ~5 kHz, like a voice (a pure tone would barely register
-        // in the upper mel bands).
+                                                                     // A buzz rich in harmonics up to ~5 kHz, like a voice (a pure tone would barely register
+                                                                     // in the upper mel bands).
         let voiced: f32 = (1..40)
             .map(|k| (std::f32::consts::TAU * 125.0 * k as f32 * t).sin() / (k as f32).sqrt())
             .sum::<f32>()

@@ -46,12 +46,20 @@ pub struct ReceiverStats {
 impl ReceiverStats {
     /// Mouth luma samples in [from, to).
     pub fn mouth_between(&self, from: Instant, to: Instant) -> Vec<f32> {
-        self.mouth.iter().filter(|(t, _)| *t >= from && *t < to).map(|(_, v)| *v).collect()
+        self.mouth
+            .iter()
+            .filter(|(t, _)| *t >= from && *t < to)
+            .map(|(_, v)| *v)
+            .collect()
     }
 
     /// Audio RMS samples in [from, to).
     pub fn audio_between(&self, from: Instant, to: Instant) -> Vec<f32> {
-        self.audio.iter().filter(|(t, _)| *t >= from && *t < to).map(|(_, v)| *v).collect()
+        self.audio
+            .iter()
+            .filter(|(t, _)| *t >= from && *t < to)
+            .map(|(_, v)| *v)
+            .collect()
     }
 }
 
@@ -59,7 +67,12 @@ impl ReceiverStats {
 fn mouth_region() -> (u32, u32, u32, u32) {
     let clip_box = avatar_worker::media::avatar::synthetic_face_box(512, 512);
     let r = avatar_worker::talk::face::crop_region(clip_box, 512, 512);
-    (r.x + r.w * 3 / 8, r.x + r.w * 5 / 8, r.y + r.h * 5 / 8, r.y + r.h * 6 / 8)
+    (
+        r.x + r.w * 3 / 8,
+        r.x + r.w * 5 / 8,
+        r.y + r.h * 5 / 8,
+        r.y + r.h * 6 / 8,
+    )
 }
 
 pub struct RtcClient {

@@ -119,9 +119,17 @@ fn chromium_plays_the_talking_avatar_and_stops_it() {
             |v| v.as_u64().unwrap_or(0) >= 25,
         )
         .await;
-        assert!(frames.as_u64().unwrap_or(0) >= 25, "playing: {frames}\n{}", cluster.logs());
+        assert!(
+            frames.as_u64().unwrap_or(0) >= 25,
+            "playing: {frames}\n{}",
+            cluster.logs()
+        );
         // The mouth area of the built-in avatar, in video pixels.
-        let b = avatar_worker::talk::face::crop_region(avatar_worker::media::avatar::synthetic_face_box(512, 512), 512, 512);
+        let b = avatar_worker::talk::face::crop_region(
+            avatar_worker::media::avatar::synthetic_face_box(512, 512),
+            512,
+            512,
+        );
         let mouth = format!(
             "window.avatarEdge.lumaAt({}, {}, {}, {})",
             b.x + b.w * 3 / 8,
@@ -133,11 +141,27 @@ fn chromium_plays_the_talking_avatar_and_stops_it() {
         let before = browser.eval("window.avatarEdge.stats()").await.expect("stats");
 
         let sent = Instant::now();
-        browser.eval("window.avatarEdge.say('Hello, who are you?')").await.expect("say");
-        let speaking = poll(&mut browser, "window.avatarEdge.state.speaking", Duration::from_secs(15), |v| !v.is_null()).await;
-        assert!(!speaking.is_null(), "speech_started reached the page\n{}", cluster.logs());
+        browser
+            .eval("window.avatarEdge.say('Hello, who are you?')")
+            .await
+            .expect("say");
+        let speaking = poll(
+            &mut browser,
+            "window.avatarEdge.state.speaking",
+            Duration::from_secs(15),
+            |v| !v.is_null(),
+        )
+        .await;
+        assert!(
+            !speaking.is_null(),
+            "speech_started reached the page\n{}",
+            cluster.logs()
+        );
         eprintln!("chromium: text -> speech_started {:?}", sent.elapsed());
-        let open = poll(&mut browser, &mouth, Duration::from_secs(3), |v| v.as_f64().is_some_and(|l| l < idle - 25.0)).await;
+        let open = poll(&mut browser, &mouth, Duration::from_secs(3), |v| {
+            v.as_f64().is_some_and(|l| l < idle - 25.0)
+        })
+        .await;
         // Headless Chromium has no audio sink, so its playout levels (audioLevel, the page's
         // WebAudio meter) stay 0 there; what it does show is the Opus track arriving and being
         // decoded at 48 kHz. The Rust client in tests/talk.rs decodes the same audio and checks
@@ -150,19 +174,40 @@ fn chromium_plays_the_talking_avatar_and_stops_it() {
             samples(&before),
             samples(&talking),
         );
-        assert!(open.as_f64().is_some_and(|l| l < idle - 25.0), "the mouth opens: {open} vs idle {idle}");
-        assert!(samples(&talking) >= samples(&before) + 48_000.0, "the audio track plays: {before} -> {talking}");
+        assert!(
+            open.as_f64().is_some_and(|l| l < idle - 25.0),
+            "the mouth opens: {open} vs idle {idle}"
+        );
+        assert!(
+            samples(&talking) >= samples(&before) + 48_000.0,
+            "the audio track plays: {before} -> {talking}"
+        );
 
         // Stop: the badge goes, the audio falls silent, the mouth closes.
         let stopped = Instant::now();
-        browser.eval("document.getElementById('stop').click()").await.expect("stop");
-        let after = poll(&mut browser, "window.avatarEdge.state.speaking", Duration::from_secs(2), Value::is_null).await;
+        browser
+            .eval("document.getElementById('stop').click()")
+            .await
+            .expect("stop");
+        let after = poll(
+            &mut browser,
+            "window.avatarEdge.state.speaking",
+            Duration::from_secs(2),
+            Value::is_null,
+        )
+        .await;
         assert!(after.is_null(), "speech_ended after stop");
         eprintln!("chromium: stop -> speech_ended seen after {:?}", stopped.elapsed());
         tokio::time::sleep(Duration::from_millis(700)).await;
         let closed = browser.eval(&mouth).await.expect("luma").as_f64().unwrap_or(0.0);
         assert!((closed - idle).abs() < 8.0, "mouth idle after stop: {closed} vs {idle}");
-        let answer = browser.eval("document.getElementById('answer').textContent").await.expect("answer");
-        assert!(answer.as_str().is_some_and(|a| a.contains("Hello")), "the answer panel shows the text: {answer}");
+        let answer = browser
+            .eval("document.getElementById('answer').textContent")
+            .await
+            .expect("answer");
+        assert!(
+            answer.as_str().is_some_and(|a| a.contains("Hello")),
+            "the answer panel shows the text: {answer}"
+        );
     });
 }

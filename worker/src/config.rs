@@ -1,5 +1,7 @@
 //! The worker's configuration: one TOML file, every key optional except what `validate` demands,
-//! unknown keys rejected. Secrets can come from `AVATAR_EDGE_TUNNEL_SECRET` instead of the file.
+//! unknown keys rejected. Secrets can come from `AVATAR_EDGE_TUNNEL_SECRET` instead of the file;
+//! `AVATAR_EDGE_ONNXRUNTIME` and `AVATAR_EDGE_LIPSYNC_MODEL` point the lip-sync stage at ONNX
+//! Runtime and a model without a file (the demo uses them with `--dev`).
 
 use serde::Deserialize;
 use std::fmt;
@@ -348,6 +350,10 @@ impl WorkerConfig {
         if let Ok(p) = std::env::var("AVATAR_EDGE_ONNXRUNTIME") {
             self.talk.lipsync.onnxruntime = PathBuf::from(p);
         }
+        if let Ok(p) = std::env::var("AVATAR_EDGE_LIPSYNC_MODEL") {
+            self.talk.lipsync.backend = "onnx".into();
+            self.talk.lipsync.model = Some(PathBuf::from(p));
+        }
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -423,7 +429,10 @@ impl WorkerConfig {
                 other => return invalid("talk.tts.backend", format!("`{other}`: use espeak or openai")),
             }
         }
-        let voices = t.voice.iter().chain(t.avatars.values().filter_map(|a| a.voice.as_ref()));
+        let voices = t
+            .voice
+            .iter()
+            .chain(t.avatars.values().filter_map(|a| a.voice.as_ref()));
         for voice in voices {
             if !crate::talk::tts::valid_voice(voice) {
                 return invalid("talk.voice", format!("{voice:?}: letters, digits and -_+. only"));
@@ -432,7 +441,9 @@ impl WorkerConfig {
         let l = &t.lipsync;
         match l.backend.as_str() {
             "builtin" => {}
-            "onnx" if l.model.is_none() => return invalid("talk.lipsync.model", "the onnx backend needs a model".into()),
+            "onnx" if l.model.is_none() => {
+                return invalid("talk.lipsync.model", "the onnx backend needs a model".into())
+            }
             "onnx" => {}
             other => return invalid("talk.lipsync.backend", format!("`{other}`: use builtin or onnx")),
         }
@@ -440,7 +451,10 @@ impl WorkerConfig {
             return invalid("talk.lipsync.execution_provider", "must be cpu or cuda".into());
         }
         if !(1..=256).contains(&l.max_batch) || !(1..=64).contains(&l.session_batch) {
-            return invalid("talk.lipsync.max_batch", "max_batch 1..=256, session_batch 1..=64".into());
+            return invalid(
+                "talk.lipsync.max_batch",
+                "max_batch 1..=256, session_batch 1..=64".into(),
+            );
         }
         Ok(())
     }
@@ -459,6 +473,35 @@ mod tests {
     fn unknown_keys_are_rejected() {
         let err = WorkerConfig::from_toml("capacity = 2\n[video]\nfsp = 3\n").expect_err("typo");
         assert!(err.to_string().contains("fsp"), "{err}");
+    }
+
+    #[test]
+    fn talk_settings_are_checked_with_the_key_named() {
+        let base = "secret = \"0123456789abcdef0123\"\n[[relays]]\naddress = \"r:1\"\nca_file = \"/x\"\n";
+        let check = |extra: &str| {
+            WorkerConfig::from_toml(&format!("{base}{extra}"))
+                .map_err(|e| e.to_string())
+                .and_then(|c| c.validate().map_err(|e| e.to_string()))
+        };
+        check("").expect("no [talk] at all is valid (built-in backends)");
+        let cases = [
+            ("[talk.llm]\nbackend = \"gpt\"\n", "talk.llm.backend"),
+            ("[talk.llm]\nbackend = \"openai\"\n", "talk.llm.base_url"),
+            ("[talk.tts]\nbackend = \"openai\"\n", "talk.tts.base_url"),
+            ("[talk]\nvoice = \"--stdout\"\n", "talk.voice"),
+            ("[talk.avatars.a]\nvoice = \"en us\"\n", "talk.voice"),
+            ("[talk.lipsync]\nbackend = \"onnx\"\n", "talk.lipsync.model"),
+            (
+                "[talk.lipsync]\nexecution_provider = \"tpu\"\n",
+                "talk.lipsync.execution_provider",
+            ),
+            ("[talk.lipsync]\nmax_batch = 0\n", "talk.lipsync.max_batch"),
+            ("[talk.llm]\nmodle = \"x\"\n", "modle"),
+        ];
+        for (extra, key) in cases {
+            let err = check(extra).expect_err(extra);
+            assert!(err.contains(key), "{extra}: {err}");
+        }
     }
 
     #[test]

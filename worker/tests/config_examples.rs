@@ -8,4 +8,5 @@ fn worker_example_config_loads() {
     config.validate().expect("validates");
     assert_eq!(config.worker_id, "gpu-box-1");
     assert_eq!(config.relays.len(), 1);
+    assert_eq!(config.talk.avatars["avatar_tutor_13"].voice.as_deref(), Some("cmn"));
 }

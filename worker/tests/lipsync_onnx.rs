@@ -34,7 +34,10 @@ fn inputs() -> (Vec<FrameInput>, Vec<f32>) {
     let mel = read_f32(tools().join("models/lipsync_mel.f32"));
     let video = read_f32(tools().join("models/lipsync_video.f32"));
     let expected = read_f32(tools().join("models/lipsync_expected.f32"));
-    assert_eq!((mel.len(), video.len(), expected.len()), (2 * MEL_LEN, 2 * 6 * 96 * 96, 2 * FACE_LEN));
+    assert_eq!(
+        (mel.len(), video.len(), expected.len()),
+        (2 * MEL_LEN, 2 * 6 * 96 * 96, 2 * FACE_LEN)
+    );
     // Python fed random (B,6,96,96) frames; the wrapper builds both halves from one face. The test
     // model reads only the reference half (channels 3..6), so that half is the face to give it.
     let frames = (0..2)
@@ -104,7 +107,10 @@ fn a_missing_runtime_or_model_or_tensor_name_is_a_clear_error() {
     let mut c = config();
     c.input_mel = "mel".into();
     let err = OnnxLipSync::load(&c).err().expect("wrong name").to_string();
-    assert!(err.contains("no input `mel`") && err.contains("mel_spectrogram"), "{err}");
+    assert!(
+        err.contains("no input `mel`") && err.contains("mel_spectrogram"),
+        "{err}"
+    );
     let mut c = config();
     c.execution_provider = "cuda".into();
     // No GPU here: registering CUDA must fail loudly, never fall back to the CPU in silence.

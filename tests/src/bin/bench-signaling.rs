@@ -5,8 +5,8 @@
 //! ```
 //!
 //! For each session: open the WebSocket, send an offer, wait for the answer, connect, wait for the
-//! first decoded frame, measure one pure signaling round trip (a `text_webrtc` the idle worker
-//! answers with an event), close. Separately, the worker's own answer logic is timed in-process
+//! first decoded frame, measure one pure signaling round trip (an empty `text_webrtc` the worker
+//! refuses with an error event), close. Separately, the worker's own answer logic is timed in-process
 //! with the same offer (the anchor: what answering costs without relay and tunnel). Prints a table.
 
 use avatar_edge_tests::cluster::Cluster;
@@ -97,7 +97,7 @@ async fn run(sessions: usize) {
         let first = stats.first_frame_at.expect("a frame was decoded");
         answer_to_frame.push(first - t2);
         let t3 = Instant::now();
-        sig.send_text(r#"{"type":"text_webrtc","message":"ping"}"#)
+        sig.send_text(r#"{"type":"text_webrtc","message":""}"#)
             .await
             .expect("send");
         sig.wait_for("error", Duration::from_secs(5)).await.expect("event");

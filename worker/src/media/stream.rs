@@ -186,7 +186,8 @@ impl Clock<'_> {
         let mut idle = self.feed.idle_index.load(Ordering::Acquire);
         let mut packet = vec![0u8; 1500];
         while !stop.load(Ordering::Acquire) && !self.clip.frames.is_empty() {
-            let samples = (((pts + 1) * AUDIO_RATE as i64) / fps as i64 - (pts * AUDIO_RATE as i64) / fps as i64) as usize;
+            let samples =
+                (((pts + 1) * AUDIO_RATE as i64) / fps as i64 - (pts * AUDIO_RATE as i64) / fps as i64) as usize;
             let unit = self.next_unit();
             let (picture, audio) = match &unit {
                 Some(u) => {
@@ -236,7 +237,8 @@ impl Clock<'_> {
             match audio {
                 Some(a) => {
                     self.pending_audio.extend(a.iter().take(samples));
-                    self.pending_audio.extend(std::iter::repeat_n(0.0, samples.saturating_sub(a.len())));
+                    self.pending_audio
+                        .extend(std::iter::repeat_n(0.0, samples.saturating_sub(a.len())));
                 }
                 None => self.pending_audio.extend(std::iter::repeat_n(0.0, samples)),
             }
@@ -245,7 +247,11 @@ impl Clock<'_> {
                     let pcm: Vec<f32> = self.pending_audio.drain(..OPUS_FRAME).collect();
                     match opus.encode_float(&pcm, &mut packet) {
                         Ok(n) => {
-                            if self.out.try_send(MediaOut::Audio(Bytes::copy_from_slice(&packet[..n]))).is_ok() {
+                            if self
+                                .out
+                                .try_send(MediaOut::Audio(Bytes::copy_from_slice(&packet[..n])))
+                                .is_ok()
+                            {
                                 self.stats.audio_packets.fetch_add(1, Ordering::Relaxed);
                             }
                         }

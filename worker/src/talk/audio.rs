@@ -168,7 +168,11 @@ mod tests {
             let level = rms(&out[to as usize / 10..to as usize * 9 / 10]);
             assert!((level - 0.3536).abs() < 0.01, "{from}->{to}: rms {level}");
             let expected = 0.5 * (std::f32::consts::TAU * 440.0 * 100.0 / to as f32).sin();
-            assert!((out[100] - expected).abs() < 0.05, "{from}->{to}: {} vs {expected}", out[100]);
+            assert!(
+                (out[100] - expected).abs() < 0.05,
+                "{from}->{to}: {} vs {expected}",
+                out[100]
+            );
         }
     }
 

@@ -114,7 +114,13 @@ pub fn paste(frame: &mut Yuv420, region: FaceBox, face: &[f32], feather: u32) {
         let dy = (py - region.y).min(region.y + region.h - 1 - py) as f32;
         ((dx.min(dy) + 0.5) / feather).min(1.0)
     };
-    let at = |px: u32, py: u32| face_rgb(face, (px - region.x) as f32 * sx + 0.5 * sx, (py - region.y) as f32 * sy + 0.5 * sy);
+    let at = |px: u32, py: u32| {
+        face_rgb(
+            face,
+            (px - region.x) as f32 * sx + 0.5 * sx,
+            (py - region.y) as f32 * sy + 0.5 * sy,
+        )
+    };
     for py in region.y..region.y + region.h {
         for px in region.x..region.x + region.w {
             let a = alpha(px, py);
@@ -196,7 +202,11 @@ mod tests {
         let at = |f: &Yuv420, x: u32, y: u32| f.y[(y * 256 + x) as usize];
         let (cx, cy) = (region.x + region.w / 2, region.y + region.h / 2);
         assert!(at(&frame, cx, cy) <= 17, "centre is black");
-        assert_eq!(at(&frame, region.x - 1, cy), at(&before, region.x - 1, cy), "outside untouched");
+        assert_eq!(
+            at(&frame, region.x - 1, cy),
+            at(&before, region.x - 1, cy),
+            "outside untouched"
+        );
         let edge = at(&frame, region.x, cy) as i32;
         assert!(
             (edge - at(&before, region.x, cy) as i32).abs() < 30,

@@ -157,12 +157,17 @@ impl OnnxLipSync {
         for name in [&cfg.input_mel, &cfg.input_video] {
             if !session.inputs().iter().any(|i| i.name() == name.as_str()) {
                 let have: Vec<_> = session.inputs().iter().map(|i| i.name().to_owned()).collect();
-                return Err(model_err(format!("has no input `{name}` (inputs: {have:?}); set lipsync.input_mel / input_video")));
+                return Err(model_err(format!(
+                    "has no input `{name}` (inputs: {have:?}); set lipsync.input_mel / input_video"
+                )));
             }
         }
         if !session.outputs().iter().any(|o| o.name() == cfg.output.as_str()) {
             let have: Vec<_> = session.outputs().iter().map(|o| o.name().to_owned()).collect();
-            return Err(model_err(format!("has no output `{}` (outputs: {have:?}); set lipsync.output", cfg.output)));
+            return Err(model_err(format!(
+                "has no output `{}` (outputs: {have:?}); set lipsync.output",
+                cfg.output
+            )));
         }
         Ok(Self {
             session,
@@ -203,8 +208,11 @@ impl LipSyncModel for OnnxLipSync {
         let mut video = ndarray::Array4::<f32>::zeros((b, 6, SIZE, SIZE));
         {
             let (mel_s, video_s) = (
-                mel.as_slice_mut().ok_or_else(|| LipSyncError::Inference("mel layout".into()))?,
-                video.as_slice_mut().ok_or_else(|| LipSyncError::Inference("video layout".into()))?,
+                mel.as_slice_mut()
+                    .ok_or_else(|| LipSyncError::Inference("mel layout".into()))?,
+                video
+                    .as_slice_mut()
+                    .ok_or_else(|| LipSyncError::Inference("video layout".into()))?,
             );
             for (i, input) in batch.iter().enumerate() {
                 mel_s[i * MEL_LEN..(i + 1) * MEL_LEN].copy_from_slice(&input.mel);
@@ -325,14 +333,23 @@ impl LipSyncService {
         if let Ok(mut tx) = self.tx.lock() {
             tx.take();
         }
-        let threads = self.threads.lock().map(|mut t| std::mem::take(&mut *t)).unwrap_or_default();
+        let threads = self
+            .threads
+            .lock()
+            .map(|mut t| std::mem::take(&mut *t))
+            .unwrap_or_default();
         for t in threads {
             let _ = t.join();
         }
     }
 }
 
-fn run_runner(mut model: Box<dyn LipSyncModel>, rx: &Mutex<mpsc::Receiver<Job>>, max_batch: usize, stats: &LipSyncStats) {
+fn run_runner(
+    mut model: Box<dyn LipSyncModel>,
+    rx: &Mutex<mpsc::Receiver<Job>>,
+    max_batch: usize,
+    stats: &LipSyncStats,
+) {
     use std::sync::atomic::Ordering::Relaxed;
     loop {
         // Take one job, then whatever else is already queued (other sessions), up to max_batch frames.

@@ -33,7 +33,11 @@ pub struct ChatMessage {
 /// complete; dropping the future cancels the request.
 pub trait Llm: Send + Sync {
     fn name(&self) -> String;
-    fn stream<'a>(&'a self, messages: &'a [ChatMessage], out: mpsc::Sender<String>) -> BoxFuture<'a, Result<(), TalkError>>;
+    fn stream<'a>(
+        &'a self,
+        messages: &'a [ChatMessage],
+        out: mpsc::Sender<String>,
+    ) -> BoxFuture<'a, Result<(), TalkError>>;
 }
 
 /// The built-in responder.
@@ -64,7 +68,11 @@ impl Llm for ScriptedLlm {
         "scripted".into()
     }
 
-    fn stream<'a>(&'a self, messages: &'a [ChatMessage], out: mpsc::Sender<String>) -> BoxFuture<'a, Result<(), TalkError>> {
+    fn stream<'a>(
+        &'a self,
+        messages: &'a [ChatMessage],
+        out: mpsc::Sender<String>,
+    ) -> BoxFuture<'a, Result<(), TalkError>> {
         Box::pin(async move {
             let last = messages
                 .iter()
@@ -127,7 +135,11 @@ impl Llm for OpenAiLlm {
         format!("openai:{} at {}", self.model, self.base_url)
     }
 
-    fn stream<'a>(&'a self, messages: &'a [ChatMessage], out: mpsc::Sender<String>) -> BoxFuture<'a, Result<(), TalkError>> {
+    fn stream<'a>(
+        &'a self,
+        messages: &'a [ChatMessage],
+        out: mpsc::Sender<String>,
+    ) -> BoxFuture<'a, Result<(), TalkError>> {
         Box::pin(async move {
             let url = format!("{}/chat/completions", self.base_url.trim_end_matches('/'));
             let mut body = serde_json::json!({ "model": self.model, "messages": messages, "stream": true });

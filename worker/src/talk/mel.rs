@@ -264,7 +264,10 @@ mod tests {
         let streamed = cols.len();
         cols.extend(stream.finish());
         assert_eq!(cols.len(), frames);
-        assert!(streamed >= frames - 3, "only the last columns wait for finish: {streamed}/{frames}");
+        assert!(
+            streamed >= frames - 3,
+            "only the last columns wait for finish: {streamed}/{frames}"
+        );
         let mut max_err = 0.0f32;
         for (t, col) in cols.iter().enumerate() {
             for m in 0..N_MELS {

@@ -183,10 +183,20 @@ impl Drop for Talk {
 #[derive(Debug)]
 pub enum TalkEvent {
     /// A text delta of the answer.
-    Text { turn: u64, text: String },
+    Text {
+        turn: u64,
+        text: String,
+    },
     /// The answer's text is complete (speech may still be playing).
-    Done { turn: u64, user: String, answer: String },
-    Failed { turn: u64, message: String },
+    Done {
+        turn: u64,
+        user: String,
+        answer: String,
+    },
+    Failed {
+        turn: u64,
+        message: String,
+    },
 }
 
 /// One session's conversation.
@@ -462,9 +472,10 @@ impl Producer {
 
     fn run(self, mut audio: mpsc::Receiver<AudioChunk>) -> Result<(), TalkError> {
         let fps = self.talk.fps;
-        let first = self.clip.frames.first().ok_or_else(|| {
-            TalkError::LipSync(lipsync::LipSyncError::Inference("the avatar has no frames".into()))
-        })?;
+        let first =
+            self.clip.frames.first().ok_or_else(|| {
+                TalkError::LipSync(lipsync::LipSyncError::Inference("the avatar has no frames".into()))
+            })?;
         let region = face::crop_region(self.clip.face_box, first.width, first.height);
         let per_frame16 = mel::SAMPLE_RATE as usize / fps as usize;
         let audio_end = |i: usize| ((i as u64 + 1) * AUDIO_RATE as u64 / fps as u64) as usize;
@@ -495,7 +506,9 @@ impl Producer {
                 total
             } else {
                 (0..total)
-                    .take_while(|&i| mel::window_start(i, fps) + mel::WINDOW <= cols.len() && audio_end(i) <= pcm48.len())
+                    .take_while(|&i| {
+                        mel::window_start(i, fps) + mel::WINDOW <= cols.len() && audio_end(i) <= pcm48.len()
+                    })
                     .count()
             };
             while next < ready {

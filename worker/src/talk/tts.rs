@@ -52,7 +52,12 @@ impl Tts for EspeakTts {
                 .stderr(std::process::Stdio::piped())
                 .kill_on_drop(true)
                 .spawn()
-                .map_err(|e| TalkError::Tts(format!("cannot run {}: {e} (scripts/install-deps installs espeak-ng)", self.program)))?;
+                .map_err(|e| {
+                    TalkError::Tts(format!(
+                        "cannot run {}: {e} (scripts/install-deps installs espeak-ng)",
+                        self.program
+                    ))
+                })?;
             if let Some(mut stdin) = child.stdin.take() {
                 // `-b 1`: the input is UTF-8. A newline-free line keeps it one utterance.
                 let line = text.replace(['\n', '\r'], " ");
@@ -142,8 +147,14 @@ mod tests {
             speed: 175,
             timeout: Duration::from_secs(20),
         };
-        for (voice, text) in [("en-us", "Hello there, how are you?"), ("cmn", "你好，今天我们学习数学。")] {
-            let pcm = tts.synthesize(text, voice).await.expect("espeak-ng (scripts/install-deps)");
+        for (voice, text) in [
+            ("en-us", "Hello there, how are you?"),
+            ("cmn", "你好，今天我们学习数学。"),
+        ] {
+            let pcm = tts
+                .synthesize(text, voice)
+                .await
+                .expect("espeak-ng (scripts/install-deps)");
             assert_eq!(pcm.rate, 22_050);
             assert!(pcm.seconds() > 0.8, "{voice}: {} s", pcm.seconds());
             assert!(super::super::audio::rms(&pcm.samples) > 0.02, "{voice}: audible");
