@@ -138,8 +138,18 @@ async function onMessage(event) {
   }
 }
 
-function connect() {
+// STUN/TURN servers with fresh credentials, before the peer is created (the relay also sends them
+// as the first event on the socket; that copy refreshes them for the next connection).
+async function fetchIceServers() {
+  try {
+    const r = await fetch(`/api/ice-servers${location.search}`, { cache: 'no-store' });
+    if (r.ok) state.iceServers = (await r.json()).ice_servers || [];
+  } catch { /* no list: direct and server-reflexive candidates still work */ }
+}
+
+async function connect() {
   disconnect();
+  await fetchIceServers();
   state.sessionId = newSessionId();
   const scheme = location.protocol === 'https:' ? 'wss' : 'ws';
   const ws = new WebSocket(`${scheme}://${location.host}/ws/${encodeURIComponent(state.sessionId)}${location.search}`);
@@ -204,7 +214,7 @@ async function tick() {
   } catch { /* the peer closed between calls */ }
 }
 
-$('connect').onclick = connect;
+$('connect').onclick = () => { connect(); };
 $('disconnect').onclick = disconnect;
 $('unmute').onclick = () => { $('video').muted = false; };
 $('stop').onclick = () => send({ type: 'interrupt' });

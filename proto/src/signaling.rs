@@ -213,6 +213,16 @@ impl SignalError {
     }
 }
 
+/// One entry of an `RTCConfiguration.iceServers` list, as browsers take it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IceServer {
+    pub urls: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
+}
+
 /// Server → browser.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -240,6 +250,10 @@ pub enum ServerEvent {
         #[serde(rename = "final")]
         is_final: bool,
     },
+    /// Sent right after connect when the relay hands out STUN/TURN servers: use them for the
+    /// `RTCPeerConnection` (TURN credentials expire after `ttl_s` seconds). The customer's page
+    /// ignores it; the worker's answer carries relay candidates either way.
+    IceServers { ice_servers: Vec<IceServer>, ttl_s: u64 },
     /// The avatar started speaking answer `turn` (its first talking frame and audio left).
     SpeechStarted {
         turn: u64,

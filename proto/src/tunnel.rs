@@ -119,6 +119,10 @@ pub struct SessionOpen {
     pub session_id: String,
     pub avatar_id: Option<String>,
     pub user_id: Option<Id>,
+    /// STUN/TURN servers (with fresh credentials of its own) for the worker's peer, so its answer
+    /// carries relay candidates. Empty when the relay hands out none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ice_servers: Vec<crate::signaling::IceServer>,
 }
 
 /// Errors reading or writing tunnel frames.
@@ -296,6 +300,11 @@ mod tests {
             session_id: "s".into(),
             avatar_id: Some("a".into()),
             user_id: Some(Id::Int(5)),
+            ice_servers: vec![crate::signaling::IceServer {
+                urls: vec!["turn:203.0.113.1:3478".into()],
+                username: Some("1700000000:worker:w".into()),
+                credential: Some("c2VjcmV0".into()),
+            }],
         }));
         round_trip(SessionFrame::Client(ClientMessage::WebrtcOffer(Offer {
             session_id: None,

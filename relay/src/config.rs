@@ -45,6 +45,37 @@ pub struct RelayConfig {
     pub tls: TlsConfig,
     pub limits: LimitsConfig,
     pub policies: PoliciesConfig,
+    pub turn: TurnConfig,
+}
+
+/// `[turn]`: the STUN/TURN servers handed to browsers (the `ice_servers` event,
+/// `GET /api/ice-servers`) and to workers (with each session), with coturn REST-API credentials.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TurnConfig {
+    /// `off` (hand out nothing), or `external`: an existing coturn with `use-auth-secret` and
+    /// `static-auth-secret` equal to `secret`; the relay only mints credentials for it.
+    pub mode: String,
+    /// Shared with coturn's `static-auth-secret`. Overridden by `AVATAR_EDGE_TURN_SECRET`.
+    pub secret: Secret,
+    /// TURN URLs, e.g. `turn:turn.example.com:3478?transport=udp`, `turns:turn.example.com:443?transport=tcp`.
+    pub urls: Vec<String>,
+    /// STUN URLs handed out without credentials, e.g. `stun:turn.example.com:3478`.
+    pub stun_urls: Vec<String>,
+    /// Lifetime of minted credentials (keep it short: a leaked credential is a relay for anyone).
+    pub ttl_s: u64,
+}
+
+impl Default for TurnConfig {
+    fn default() -> Self {
+        Self {
+            mode: "off".into(),
+            secret: Secret::default(),
+            urls: Vec::new(),
+            stun_urls: Vec::new(),
+            ttl_s: 300,
+        }
+    }
 }
 
 /// `[policies]`: operator-written WebAssembly modules that decide admission and routing.
@@ -245,6 +276,7 @@ impl Default for RelayConfig {
             tls: TlsConfig::default(),
             limits: LimitsConfig::default(),
             policies: PoliciesConfig::default(),
+            turn: TurnConfig::default(),
         }
     }
 }
@@ -313,6 +345,9 @@ impl RelayConfig {
         if let Ok(s) = std::env::var("AVATAR_EDGE_TUNNEL_SECRET") {
             self.tunnel.secret = Secret::new(s);
         }
+        if let Ok(s) = std::env::var("AVATAR_EDGE_TURN_SECRET") {
+            self.turn.secret = Secret::new(s);
+        }
     }
 
     /// Check what serde cannot: presence of secrets, coherent TLS settings, sane limits.
@@ -379,6 +414,37 @@ impl RelayConfig {
                 "tunnel.keepalive_ms",
                 "must be above 0 and below tunnel.idle_timeout_ms",
             );
+        }
+        let t = &self.turn;
+        match t.mode.as_str() {
+            "off" => {}
+            "external" => {
+                if t.secret.expose().len() < 16 {
+                    return invalid(
+                        "turn.secret",
+                        "external TURN needs coturn's static-auth-secret (at least 16 characters, or AVATAR_EDGE_TURN_SECRET)",
+                    );
+                }
+                if t.urls.is_empty() {
+                    return invalid("turn.urls", "name the TURN URLs to hand out (turn:HOST:PORT?transport=udp, ...)");
+                }
+            }
+            "embedded" => {
+                return invalid(
+                    "turn.mode",
+                    "the embedded TURN server is not available in this version; run coturn and use mode = \"external\"",
+                )
+            }
+            _ => return invalid("turn.mode", "must be off or external"),
+        }
+        for url in t.urls.iter().chain(&t.stun_urls) {
+            let scheme_ok = ["turn:", "turns:", "stun:", "stuns:"].iter().any(|s| url.starts_with(s));
+            if !scheme_ok || url.chars().any(char::is_whitespace) {
+                return invalid("turn.urls", "URLs look like turn:HOST:PORT, turns:HOST:PORT or stun:HOST:PORT");
+            }
+        }
+        if !(30..=86_400).contains(&t.ttl_s) {
+            return invalid("turn.ttl_s", "must be between 30 s and one day");
         }
         let p = &self.policies;
         if !(1..=10_000).contains(&p.deadline_ms) {

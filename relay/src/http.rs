@@ -25,6 +25,7 @@ const STYLE_CSS: &str = include_str!("../../web-client/style.css");
 pub fn app(state: Arc<AppState>) -> Router {
     let router = Router::new()
         .route("/ws/{session_id}", get(ws_upgrade))
+        .route("/api/ice-servers", get(ice_servers))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics));
@@ -137,6 +138,32 @@ async fn authorize(
             Err("authorization is unavailable right now (policy error); try again later".into())
         }
     }
+}
+
+/// `GET /api/ice-servers`: the same list the `ice_servers` event carries, for front ends that
+/// build their own `RTCPeerConnection` before opening the socket. Admitted like a connect (the
+/// auth module sees session id `api-ice-servers`); credentials are minted for the admitted user,
+/// or for the caller's address without an auth module.
+async fn ice_servers(
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    State(state): State<Arc<AppState>>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    let user = match authorize(&state, "api-ice-servers", &uri, &headers, remote).await {
+        Ok(Some(p)) => p.user_id,
+        Ok(None) => remote.ip().to_string(),
+        Err(reason) => return (StatusCode::UNAUTHORIZED, reason).into_response(),
+    };
+    let body = serde_json::json!({
+        "ice_servers": state.ice.servers(&user, crate::ice::unix_now()),
+        "ttl_s": state.ice.ttl_s(),
+    });
+    (
+        [(axum::http::header::CACHE_CONTROL, "no-store")],
+        axum::Json(body),
+    )
+        .into_response()
 }
 
 async fn ws_upgrade(

@@ -17,6 +17,7 @@
 
 pub mod config;
 pub mod http;
+pub mod ice;
 pub mod metrics;
 pub mod policy;
 pub mod registry;
@@ -73,6 +74,8 @@ pub struct AppState {
     live_sessions: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Renders `/metrics`; `None` when no recorder is installed (library use, unit tests).
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// STUN/TURN servers handed to browsers and workers (`[turn]`).
+    pub ice: ice::IceServers,
 }
 
 impl AppState {
@@ -89,6 +92,7 @@ impl AppState {
         let connect_limiter = std::num::NonZeroU32::new(config.limits.connections_per_ip_per_minute)
             .map(|n| governor::RateLimiter::keyed(governor::Quota::per_minute(n)));
         Arc::new(Self {
+            ice: ice::IceServers::new(&config.turn),
             config,
             registry: Registry::default(),
             router: Box::new(LeastLoaded),

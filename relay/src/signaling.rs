@@ -149,6 +149,14 @@ pub async fn run_session<S, E>(
     info!("browser connected");
     // Set when the relay itself is going away: the session's media must outlive it.
     let mut relay_stopping = false;
+    if state.ice.enabled() {
+        let user = principal.as_ref().map_or(session_id.as_str(), |p| p.user_id.as_str());
+        let ev = ServerEvent::IceServers {
+            ice_servers: state.ice.servers(user, crate::ice::unix_now()),
+            ttl_s: state.ice.ttl_s(),
+        };
+        send_event(&mut socket, &ev).await;
+    }
     'session: loop {
         let can_idle = attached.is_none();
         let worker_frame = async {
@@ -448,6 +456,8 @@ async fn route(offer: Offer, ctx: &Ctx<'_>) -> Result<(Attached, String), (Error
         session_id: session_id.to_owned(),
         avatar_id: avatar,
         user_id,
+        // The worker's own credentials: its answer then carries relay candidates too.
+        ice_servers: state.ice.servers(&format!("worker-{worker_id}"), crate::ice::unix_now()),
     };
     let pending_offer = Some(offer.clone());
     let opened = tokio::time::timeout(

@@ -84,6 +84,16 @@ pub struct RtcClient {
 impl RtcClient {
     /// A receiver; `with_media = false` makes an offer with no media sections (the customer's bug).
     pub async fn new(with_media: bool) -> anyhow::Result<Self> {
+        Self::with_ice(with_media, Vec::new(), false).await
+    }
+
+    /// A receiver using `ice_servers`; with `relay_only` it offers and uses relay candidates only
+    /// (`iceTransportPolicy: "relay"`), so media must flow through the TURN server.
+    pub async fn with_ice(
+        with_media: bool,
+        ice_servers: Vec<webrtc::ice_transport::ice_server::RTCIceServer>,
+        relay_only: bool,
+    ) -> anyhow::Result<Self> {
         let _ = ffmpeg::init();
         let mut media = MediaEngine::default();
         media.register_default_codecs()?;
@@ -95,7 +105,16 @@ impl RtcClient {
             .with_interceptor_registry(registry)
             .with_setting_engine(se)
             .build();
-        let pc = Arc::new(api.new_peer_connection(RTCConfiguration::default()).await?);
+        let config = RTCConfiguration {
+            ice_servers,
+            ice_transport_policy: if relay_only {
+                webrtc::peer_connection::policy::ice_transport_policy::RTCIceTransportPolicy::Relay
+            } else {
+                Default::default()
+            },
+            ..Default::default()
+        };
+        let pc = Arc::new(api.new_peer_connection(config).await?);
         if with_media {
             for kind in [RTPCodecType::Video, RTPCodecType::Audio] {
                 let init = RTCRtpTransceiverInit {

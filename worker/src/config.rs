@@ -258,6 +258,12 @@ pub struct RelayTarget {
 pub struct IceConfig {
     /// Offer loopback candidates (tests and single-host demos only).
     pub include_loopback: bool,
+    /// NAT 1:1 (a cloud VM with a public IP mapped onto a private one): announce these
+    /// addresses in host candidates instead of the machine's own.
+    pub public_ips: Vec<String>,
+    /// Use only local UDP ports in this range for media (for a firewall rule). Both or neither.
+    pub udp_port_min: Option<u16>,
+    pub udp_port_max: Option<u16>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -338,7 +344,10 @@ impl WorkerConfig {
                 fingerprint_file: Some(PathBuf::from(".avatar-edge-dev/relay.fingerprint")),
                 ca_file: None,
             }],
-            ice: IceConfig { include_loopback: true },
+            ice: IceConfig {
+                include_loopback: true,
+                ..IceConfig::default()
+            },
             ..Self::default()
         }
     }
@@ -390,6 +399,15 @@ impl WorkerConfig {
                     "set exactly one of fingerprint, fingerprint_file, ca_file per relay",
                 );
             }
+        }
+        let ice = &self.ice;
+        if let Some(ip) = ice.public_ips.iter().find(|ip| ip.parse::<std::net::IpAddr>().is_err()) {
+            return invalid("ice.public_ips", &format!("{ip:?} is not an IP address"));
+        }
+        match (ice.udp_port_min, ice.udp_port_max) {
+            (None, None) => {}
+            (Some(min), Some(max)) if min > 0 && min <= max => {}
+            _ => return invalid("ice.udp_port_min", "set udp_port_min and udp_port_max together, 1 <= min <= max"),
         }
         let v = &self.video;
         if v.width == 0 || v.height == 0 || v.width % 2 == 1 || v.height % 2 == 1 || v.width > 4096 || v.height > 4096 {

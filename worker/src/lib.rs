@@ -163,6 +163,8 @@ impl Worker {
         };
         let rtc = rtc::RtcEngine::new(&rtc::RtcSettings {
             include_loopback: config.ice.include_loopback,
+            public_ips: config.ice.public_ips.clone(),
+            udp_ports: config.ice.udp_port_min.zip(config.ice.udp_port_max),
         })?;
         if config.ice.include_loopback {
             warn!("ICE loopback candidates are on: fine for tests and a single-host demo, not for production");

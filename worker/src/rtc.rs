@@ -11,7 +11,8 @@
 //! that keeps the interceptors (NACK, reports) running — and a PLI or FIR sets the `keyframe`
 //! flag that the video clock consumes to emit an IDR.
 
-use avatar_proto::signaling::CandidateInit;
+use avatar_proto::signaling::{CandidateInit, IceServer};
+use webrtc::ice_transport::ice_server::RTCIceServer;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -52,6 +53,10 @@ pub enum RtcError {
 #[derive(Debug, Clone, Default)]
 pub struct RtcSettings {
     pub include_loopback: bool,
+    /// NAT 1:1: the public addresses to announce instead of the host's own (host candidates).
+    pub public_ips: Vec<String>,
+    /// Local UDP ports for ICE, inclusive (both or neither).
+    pub udp_ports: Option<(u16, u16)>,
 }
 
 /// Builds peers. One per worker process.
@@ -66,6 +71,17 @@ impl RtcEngine {
         let registry = register_default_interceptors(Registry::new(), &mut media)?;
         let mut se = SettingEngine::default();
         se.set_include_loopback_candidate(settings.include_loopback);
+        if !settings.public_ips.is_empty() {
+            se.set_nat_1to1_ips(
+                settings.public_ips.clone(),
+                webrtc::ice_transport::ice_candidate_type::RTCIceCandidateType::Host,
+            );
+        }
+        if let Some((min, max)) = settings.udp_ports {
+            let ports = webrtc::ice::udp_network::EphemeralUDP::new(min, max)
+                .map_err(|e| RtcError::Internal(webrtc::Error::Ice(e)))?;
+            se.set_udp_network(webrtc::ice::udp_network::UDPNetwork::Ephemeral(ports));
+        }
         // Notice a vanished browser within seconds (3 s disconnected + 5 s failed), not the
         // default half-minute: its capacity slot goes back to the pool sooner.
         se.set_ice_timeouts(
@@ -81,9 +97,21 @@ impl RtcEngine {
         Ok(Self { api })
     }
 
-    /// Answer `offer_sdp` with all our candidates inside.
-    pub async fn answer(&self, offer_sdp: String) -> Result<Answer, RtcError> {
-        let pc = Arc::new(self.api.new_peer_connection(RTCConfiguration::default()).await?);
+    /// Answer `offer_sdp` with all our candidates inside: host, server-reflexive and (with a TURN
+    /// server in `ice_servers`) relay candidates.
+    pub async fn answer(&self, offer_sdp: String, ice_servers: &[IceServer]) -> Result<Answer, RtcError> {
+        let config = RTCConfiguration {
+            ice_servers: ice_servers
+                .iter()
+                .map(|s| RTCIceServer {
+                    urls: s.urls.clone(),
+                    username: s.username.clone().unwrap_or_default(),
+                    credential: s.credential.clone().unwrap_or_default(),
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let pc = Arc::new(self.api.new_peer_connection(config).await?);
         match self.negotiate(&pc, offer_sdp).await {
             Ok(answer) => Ok(answer),
             Err(e) => {
@@ -161,11 +189,13 @@ impl RtcEngine {
         let answer = pc.create_answer(None).await.map_err(RtcError::BadOffer)?;
         let mut gathered = pc.gathering_complete_promise().await;
         pc.set_local_description(answer).await?;
-        if tokio::time::timeout(Duration::from_secs(5), gathered.recv())
+        // Host candidates take milliseconds; a STUN or TURN server that does not answer would hold
+        // the answer until its own timeouts. After 3 s, answer with what has been gathered.
+        if tokio::time::timeout(Duration::from_secs(3), gathered.recv())
             .await
             .is_err()
         {
-            return Err(RtcError::GatheringTimeout);
+            tracing::warn!("ICE gathering incomplete after 3 s (a STUN/TURN server did not answer); answering with the candidates gathered so far");
         }
         let local = pc.local_description().await.ok_or(RtcError::GatheringTimeout)?;
         let peer = Arc::new(Peer {

@@ -88,6 +88,7 @@ pub async fn run_session(
         conv,
         talk_events,
         clock_events: None,
+        ice_servers: open.ice_servers,
     }
     .run(clip, shutdown)
     .instrument(span)
@@ -106,6 +107,8 @@ struct Session {
     talk_events: mpsc::UnboundedReceiver<TalkEvent>,
     /// Speech start/end from the running media clock.
     clock_events: Option<mpsc::UnboundedReceiver<ClockEvent>>,
+    /// STUN/TURN servers from the relay, for this session's peers.
+    ice_servers: Vec<avatar_proto::signaling::IceServer>,
 }
 
 impl Session {
@@ -218,7 +221,7 @@ impl Session {
                     old.stop().await;
                 }
                 let started = std::time::Instant::now();
-                match self.ctx.rtc.answer(offer.sdp).await {
+                match self.ctx.rtc.answer(offer.sdp, &self.ice_servers).await {
                     Ok(answer) => {
                         info!(elapsed_ms = started.elapsed().as_millis() as u64, "answered");
                         self.active = Some(Active {

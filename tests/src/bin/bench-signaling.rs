@@ -107,12 +107,15 @@ async fn run(sessions: usize) {
     }
 
     // The anchor: the worker's answer logic, called directly with the same kind of offer.
-    let engine = RtcEngine::new(&RtcSettings { include_loopback: true }).expect("engine");
+    let engine = RtcEngine::new(&RtcSettings {
+        include_loopback: true,
+        ..RtcSettings::default()
+    }).expect("engine");
     for _ in 0..sessions {
         let client = RtcClient::new(true).await.expect("client");
         let offer = client.offer().await.expect("offer");
         let t = Instant::now();
-        let answer = engine.answer(offer).await.expect("answer");
+        let answer = engine.answer(offer, &[]).await.expect("answer");
         direct.push(t.elapsed());
         answer.peer.close().await;
         client.close().await;

@@ -1,0 +1,133 @@
+//! STUN/TURN servers for browsers and workers, with coturn REST-API credentials.
+//!
+//! A TURN server relays for whoever holds a valid credential, so credentials must be short-lived
+//! and minted per user. coturn's `use-auth-secret` scheme (the "TURN REST API") needs no shared
+//! state between the relay and coturn beyond one secret: the username is
+//! `<unix expiry>:<user>`, the password `base64(HMAC-SHA1(secret, username))`. coturn recomputes
+//! the password from the username and refuses it after the expiry; browsers take the pair as
+//! ordinary `username` / `credential` of an `RTCIceServer`.
+//!
+//! The relay hands them out three ways: an `ice_servers` event right after a browser connects,
+//! `GET /api/ice-servers` for custom front ends, and inside each session's `Open` frame for the
+//! worker, whose answer then carries relay candidates — which is what lets the customer's page,
+//! which ignores new events, still connect through TURN.
+
+use crate::config::TurnConfig;
+use avatar_proto::signaling::IceServer;
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// coturn REST-API credentials for `user`, valid until `expiry` (Unix seconds).
+pub fn rest_credentials(secret: &str, user: &str, expiry: u64) -> (String, String) {
+    let username = format!("{expiry}:{user}");
+    // HMAC accepts keys of any length: `new_from_slice` cannot fail for it.
+    let password = match Hmac::<sha1::Sha1>::new_from_slice(secret.as_bytes()) {
+        Ok(mut mac) => {
+            mac.update(username.as_bytes());
+            base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+        }
+        Err(_) => String::new(),
+    };
+    (username, password)
+}
+
+/// A user name safe inside a TURN username (`:` separates the expiry; keep it printable).
+fn sanitize(user: &str) -> String {
+    let s: String = user
+        .chars()
+        .filter(|c| c.is_ascii_graphic() && *c != ':')
+        .take(64)
+        .collect();
+    if s.is_empty() {
+        "anonymous".into()
+    } else {
+        s
+    }
+}
+
+/// Mints the ICE server list from `[turn]`.
+#[derive(Debug, Clone)]
+pub struct IceServers {
+    cfg: TurnConfig,
+}
+
+impl IceServers {
+    pub fn new(cfg: &TurnConfig) -> Self {
+        Self { cfg: cfg.clone() }
+    }
+
+    /// Whether anything is handed out.
+    pub fn enabled(&self) -> bool {
+        self.cfg.mode != "off" && !(self.cfg.urls.is_empty() && self.cfg.stun_urls.is_empty())
+    }
+
+    pub fn ttl_s(&self) -> u64 {
+        self.cfg.ttl_s
+    }
+
+    /// The list for `user` at time `now`: STUN without credentials, TURN with fresh ones.
+    pub fn servers(&self, user: &str, now: u64) -> Vec<IceServer> {
+        if !self.enabled() {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        if !self.cfg.stun_urls.is_empty() {
+            out.push(IceServer {
+                urls: self.cfg.stun_urls.clone(),
+                username: None,
+                credential: None,
+            });
+        }
+        if !self.cfg.urls.is_empty() {
+            let (username, password) =
+                rest_credentials(self.cfg.secret.expose(), &sanitize(user), now + self.cfg.ttl_s);
+            out.push(IceServer {
+                urls: self.cfg.urls.clone(),
+                username: Some(username),
+                credential: Some(password),
+            });
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+
+    #[test]
+    fn credentials_follow_the_coturn_rest_api() {
+        // Reference: printf '%s' '1700000300:alice' | openssl dgst -sha1 -hmac 'north-star-secret' -binary | base64
+        let (user, pass) = rest_credentials("north-star-secret", "alice", 1_700_000_300);
+        assert_eq!(user, "1700000300:alice");
+        assert_eq!(pass, "vrMTbz7LFHUArX/HUJp975yviSU=");
+    }
+
+    #[test]
+    fn servers_carry_fresh_credentials_and_stun_without() {
+        let ice = IceServers::new(&TurnConfig {
+            mode: "external".into(),
+            secret: Secret::new("north-star-secret"),
+            urls: vec!["turn:203.0.113.1:3478?transport=udp".into()],
+            stun_urls: vec!["stun:203.0.113.1:3478".into()],
+            ttl_s: 300,
+        });
+        let list = ice.servers("bob:evil\nname", 1_700_000_000);
+        assert_eq!(list.len(), 2);
+        assert_eq!(list[0].username, None);
+        let turn = &list[1];
+        assert_eq!(turn.username.as_deref(), Some("1700000300:bobevilname"));
+        let (_, expected) = rest_credentials("north-star-secret", "bobevilname", 1_700_000_300);
+        assert_eq!(turn.credential.as_deref(), Some(expected.as_str()));
+        assert!(IceServers::new(&TurnConfig::default()).servers("x", 0).is_empty());
+    }
+}
