@@ -253,7 +253,10 @@ pub enum ServerEvent {
     /// Sent right after connect when the relay hands out STUN/TURN servers: use them for the
     /// `RTCPeerConnection` (TURN credentials expire after `ttl_s` seconds). The customer's page
     /// ignores it; the worker's answer carries relay candidates either way.
-    IceServers { ice_servers: Vec<IceServer>, ttl_s: u64 },
+    IceServers {
+        ice_servers: Vec<IceServer>,
+        ttl_s: u64,
+    },
     /// The avatar started speaking answer `turn` (its first talking frame and audio left).
     SpeechStarted {
         turn: u64,

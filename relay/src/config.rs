@@ -426,7 +426,10 @@ impl RelayConfig {
                     );
                 }
                 if t.urls.is_empty() {
-                    return invalid("turn.urls", "name the TURN URLs to hand out (turn:HOST:PORT?transport=udp, ...)");
+                    return invalid(
+                        "turn.urls",
+                        "name the TURN URLs to hand out (turn:HOST:PORT?transport=udp, ...)",
+                    );
                 }
             }
             "embedded" => {
@@ -438,9 +441,14 @@ impl RelayConfig {
             _ => return invalid("turn.mode", "must be off or external"),
         }
         for url in t.urls.iter().chain(&t.stun_urls) {
-            let scheme_ok = ["turn:", "turns:", "stun:", "stuns:"].iter().any(|s| url.starts_with(s));
+            let scheme_ok = ["turn:", "turns:", "stun:", "stuns:"]
+                .iter()
+                .any(|s| url.starts_with(s));
             if !scheme_ok || url.chars().any(char::is_whitespace) {
-                return invalid("turn.urls", "URLs look like turn:HOST:PORT, turns:HOST:PORT or stun:HOST:PORT");
+                return invalid(
+                    "turn.urls",
+                    "URLs look like turn:HOST:PORT, turns:HOST:PORT or stun:HOST:PORT",
+                );
             }
         }
         if !(30..=86_400).contains(&t.ttl_s) {
@@ -483,6 +491,37 @@ mod tests {
     fn unknown_keys_are_rejected_with_their_name() {
         let err = RelayConfig::from_toml("[http]\nlisten = \"127.0.0.1:1\"\nlsiten = 2\n").expect_err("typo");
         assert!(err.to_string().contains("lsiten"), "{err}");
+    }
+
+    #[test]
+    fn turn_settings_are_checked() {
+        let check = |turn: &str| {
+            let mut c = RelayConfig::dev();
+            c.turn = RelayConfig::from_toml(turn).expect("parses").turn;
+            c.validate().map_err(|e| e.to_string())
+        };
+        let ok = "[turn]\nmode = \"external\"\nsecret = \"0123456789abcdef\"\nurls = [\"turn:203.0.113.1:3478\"]\n";
+        check(ok).expect("valid external");
+        let cases = [
+            ("[turn]\nmode = \"external\"\nurls = [\"turn:h:1\"]\n", "turn.secret"),
+            (
+                "[turn]\nmode = \"external\"\nsecret = \"0123456789abcdef\"\n",
+                "turn.urls",
+            ),
+            ("[turn]\nmode = \"embedded\"\n", "not available"),
+            ("[turn]\nmode = \"maybe\"\n", "turn.mode"),
+            ("[turn]\nstun_urls = [\"http://x\"]\n", "turn.urls"),
+            ("[turn]\nttl_s = 5\n", "turn.ttl_s"),
+        ];
+        for (toml, want) in cases {
+            let err = check(toml).expect_err(toml);
+            assert!(err.contains(want), "{toml}: {err}");
+        }
+        let c = RelayConfig::from_toml(ok).expect("parses");
+        assert!(
+            !format!("{c:?}").contains("0123456789abcdef"),
+            "the TURN secret is never printed"
+        );
     }
 
     #[test]

@@ -159,11 +159,7 @@ async fn ice_servers(
         "ice_servers": state.ice.servers(&user, crate::ice::unix_now()),
         "ttl_s": state.ice.ttl_s(),
     });
-    (
-        [(axum::http::header::CACHE_CONTROL, "no-store")],
-        axum::Json(body),
-    )
-        .into_response()
+    ([(axum::http::header::CACHE_CONTROL, "no-store")], axum::Json(body)).into_response()
 }
 
 async fn ws_upgrade(

@@ -457,7 +457,9 @@ async fn route(offer: Offer, ctx: &Ctx<'_>) -> Result<(Attached, String), (Error
         avatar_id: avatar,
         user_id,
         // The worker's own credentials: its answer then carries relay candidates too.
-        ice_servers: state.ice.servers(&format!("worker-{worker_id}"), crate::ice::unix_now()),
+        ice_servers: state
+            .ice
+            .servers(&format!("worker-{worker_id}"), crate::ice::unix_now()),
     };
     let pending_offer = Some(offer.clone());
     let opened = tokio::time::timeout(

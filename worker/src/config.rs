@@ -407,7 +407,12 @@ impl WorkerConfig {
         match (ice.udp_port_min, ice.udp_port_max) {
             (None, None) => {}
             (Some(min), Some(max)) if min > 0 && min <= max => {}
-            _ => return invalid("ice.udp_port_min", "set udp_port_min and udp_port_max together, 1 <= min <= max"),
+            _ => {
+                return invalid(
+                    "ice.udp_port_min",
+                    "set udp_port_min and udp_port_max together, 1 <= min <= max",
+                )
+            }
         }
         let v = &self.video;
         if v.width == 0 || v.height == 0 || v.width % 2 == 1 || v.height % 2 == 1 || v.width > 4096 || v.height > 4096 {
@@ -502,6 +507,8 @@ mod tests {
                 .and_then(|c| c.validate().map_err(|e| e.to_string()))
         };
         check("").expect("no [talk] at all is valid (built-in backends)");
+        check("[ice]\npublic_ips = [\"203.0.113.7\"]\nudp_port_min = 50000\nudp_port_max = 50100\n")
+            .expect("ice settings");
         let cases = [
             ("[talk.llm]\nbackend = \"gpt\"\n", "talk.llm.backend"),
             ("[talk.llm]\nbackend = \"openai\"\n", "talk.llm.base_url"),
@@ -515,6 +522,12 @@ mod tests {
             ),
             ("[talk.lipsync]\nmax_batch = 0\n", "talk.lipsync.max_batch"),
             ("[talk.llm]\nmodle = \"x\"\n", "modle"),
+            ("[ice]\npublic_ips = [\"not-an-ip\"]\n", "ice.public_ips"),
+            ("[ice]\nudp_port_min = 50000\n", "ice.udp_port_min"),
+            (
+                "[ice]\nudp_port_min = 50010\nudp_port_max = 50000\n",
+                "ice.udp_port_min",
+            ),
         ];
         for (extra, key) in cases {
             let err = check(extra).expect_err(extra);

@@ -110,7 +110,8 @@ async fn run(sessions: usize) {
     let engine = RtcEngine::new(&RtcSettings {
         include_loopback: true,
         ..RtcSettings::default()
-    }).expect("engine");
+    })
+    .expect("engine");
     for _ in 0..sessions {
         let client = RtcClient::new(true).await.expect("client");
         let offer = client.offer().await.expect("offer");
