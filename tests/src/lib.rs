@@ -13,6 +13,7 @@ pub mod netns;
 pub mod openai;
 pub mod rtc_client;
 pub mod signaling;
+pub mod topology;
 
 /// Where `cargo build --release` put the workspace binaries: next to this test executable's
 /// `deps/` directory.

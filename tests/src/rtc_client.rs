@@ -220,6 +220,18 @@ impl RtcClient {
         }
     }
 
+    /// Candidate types (`host`, `srflx`, `prflx`, `relay`) of the selected pair: (ours, theirs).
+    pub async fn selected_pair(&self) -> Option<(String, String)> {
+        let pair = self
+            .pc
+            .sctp()
+            .transport()
+            .ice_transport()
+            .get_selected_candidate_pair()
+            .await?;
+        Some((pair.local.typ.to_string(), pair.remote.typ.to_string()))
+    }
+
     pub async fn close(&self) {
         let _ = self.pc.close().await;
     }

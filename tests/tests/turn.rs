@@ -29,10 +29,11 @@ impl Drop for Coturn {
 }
 
 impl Coturn {
-    /// coturn 4.6 from Debian, REST-API auth, loopback peers allowed (the worker is on loopback).
-    async fn start() -> Self {
+    /// coturn 4.6 from Debian on `ip`, REST-API auth, loopback peers allowed (the worker is on
+    /// loopback in the single-namespace test).
+    async fn start(ip: &str) -> Self {
         let port = {
-            let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("free port");
+            let s = std::net::UdpSocket::bind((ip, 0)).expect("free port");
             s.local_addr().expect("addr").port()
         };
         let log = tempfile::NamedTempFile::new().expect("log");
@@ -46,7 +47,7 @@ impl Coturn {
                 "--simple-log",
                 "--allow-loopback-peers",
             ])
-            .args(["--listening-ip", "127.0.0.1", "--relay-ip", "127.0.0.1"])
+            .args(["--listening-ip", ip, "--relay-ip", ip])
             .args(["--listening-port", &port.to_string()])
             .args(["--min-port", "49152", "--max-port", "49252"])
             .args([
@@ -62,7 +63,7 @@ impl Coturn {
             .spawn()
             .expect("turnserver (scripts/install-deps installs coturn)");
         let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while std::net::TcpStream::connect((ip, port)).is_err() {
             assert!(Instant::now() < deadline, "coturn did not start");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -97,7 +98,7 @@ fn external_coturn_relays_the_media_with_credentials_the_relay_minted() {
     netns::run(
         "external_coturn_relays_the_media_with_credentials_the_relay_minted",
         || async {
-            let coturn = Coturn::start().await;
+            let coturn = Coturn::start("127.0.0.1").await;
             let turn = format!(
             "[turn]\nmode = \"external\"\nsecret = \"{SECRET}\"\nttl_s = 300\nurls = [\"turn:127.0.0.1:{}?transport=udp\"]\n",
             coturn.port

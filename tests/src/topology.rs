@@ -1,0 +1,70 @@
+//! Network-namespace topologies for media tests: a worker and a browser, each behind its own NAT.
+//!
+//! Not used by a test yet: with coturn as the TURN server, a relay-to-relay path between the two
+//! NATs did not connect (webrtc-rs created permissions for the peers' host addresses only; see the
+//! TURN issue's notes). Kept, with `probe-client`, for the topology tests that come with the
+//! embedded TURN server.
+
+use crate::netns::{self, ChildNs};
+
+/// A worker and a browser, each behind its own NAT; the relay and coturn in the middle.
+///
+/// ```text
+///  gpu ns                 worker NAT ns                 public (test ns)                browser NAT ns           browser ns
+///  worker  198.51.100.2 ─ lan0 .1 | wan0 203.0.113.2 ─ ae-wpub 203.0.113.1            ae-bpub 192.0.2.1 ─ wan0 192.0.2.2 | lan0 198.51.100.129 ─ 198.51.100.130 probe-client
+///                         MASQUERADE                   relay + coturn on 203.0.113.1                      MASQUERADE
+/// ```
+///
+/// `symmetric`: both NATs map every new destination to a random port (`--random-fully`), so
+/// server-reflexive candidates are useless and only TURN connects them. Otherwise the NATs keep
+/// ports (port-restricted cone) and hole punching may work.
+pub struct Topology {
+    _wnat: ChildNs,
+    pub gpu: ChildNs,
+    _bnat: ChildNs,
+    pub browser: ChildNs,
+}
+
+impl Topology {
+    pub fn new(symmetric: bool) -> Self {
+        let (wnat, gpu, bnat, browser) = (ChildNs::new(), ChildNs::new(), ChildNs::new(), ChildNs::new());
+        netns::sh(&format!(
+            "echo 1 > /proc/sys/net/ipv4/ip_forward && \
+             ip link add ae-wpub type veth peer name ae-wwan && ip link set ae-wwan netns {w} && \
+             ip addr add 203.0.113.1/24 dev ae-wpub && ip link set ae-wpub up && \
+             ip link add ae-bpub type veth peer name ae-bwan && ip link set ae-bwan netns {b} && \
+             ip addr add 192.0.2.1/24 dev ae-bpub && ip link set ae-bpub up && \
+             ip link add ae-wlan type veth peer name ae-gpu && ip link set ae-wlan netns {w} && ip link set ae-gpu netns {g} && \
+             ip link add ae-blan type veth peer name ae-web && ip link set ae-blan netns {b} && ip link set ae-web netns {br}",
+            w = wnat.pid(),
+            b = bnat.pid(),
+            g = gpu.pid(),
+            br = browser.pid(),
+        ));
+        let masquerade = if symmetric {
+            "MASQUERADE --random-fully"
+        } else {
+            "MASQUERADE"
+        };
+        for (ns, wan, wan_ip, gw, lan_ip) in [
+            (&wnat, "ae-wwan", "203.0.113.2/24", "203.0.113.1", "198.51.100.1/25"),
+            (&bnat, "ae-bwan", "192.0.2.2/24", "192.0.2.1", "198.51.100.129/25"),
+        ] {
+            let lan = if wan == "ae-wwan" { "ae-wlan" } else { "ae-blan" };
+            ns.sh(&format!(
+                "ip link set {wan} name wan0 && ip addr add {wan_ip} dev wan0 && ip link set wan0 up && \
+                 ip link set {lan} name lan0 && ip addr add {lan_ip} dev lan0 && ip link set lan0 up && \
+                 ip route add default via {gw} && echo 1 > /proc/sys/net/ipv4/ip_forward && \
+                 iptables -t nat -A POSTROUTING -o wan0 -j {masquerade}"
+            ));
+        }
+        gpu.sh("ip link set ae-gpu name eth0 && ip addr add 198.51.100.2/25 dev eth0 && ip link set eth0 up && ip route add default via 198.51.100.1");
+        browser.sh("ip link set ae-web name eth0 && ip addr add 198.51.100.130/25 dev eth0 && ip link set eth0 up && ip route add default via 198.51.100.129");
+        Self {
+            _wnat: wnat,
+            gpu,
+            _bnat: bnat,
+            browser,
+        }
+    }
+}
