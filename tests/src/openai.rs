@@ -6,7 +6,8 @@
 //! * a user message containing `FAIL` → HTTP 500; `HANG` → headers, then silence forever;
 //! * otherwise it streams `Sure. You asked: <message>. Here is my answer, BADTTS/SLOWTTS if asked.`
 //!   in small deltas;
-//! * speech for text containing `BADTTS` → HTTP 500; `SLOWTTS` → never answers; otherwise a
+//! * speech for text containing `BADTTS` → HTTP 500; `SLOWTTS` → never answers; `HUGETTS` → 40 MiB;
+//!   otherwise a
 //!   voiced, loud 24 kHz WAV (a 125 Hz harmonic buzz with a syllable envelope) of ~60 ms per char.
 
 use axum::body::Body;
@@ -88,7 +89,7 @@ async fn chat(State(seen): State<Arc<Mutex<Seen>>>, headers: HeaderMap, Json(req
     }
     let hang = user.contains("HANG");
     let mut answer = format!("Sure. You asked: {user}. Here is my answer.");
-    for word in ["BADTTS", "SLOWTTS"] {
+    for word in ["BADTTS", "SLOWTTS", "HUGETTS"] {
         if user.contains(word) {
             answer = format!("Sure. Now {word} speaks.");
         }
@@ -128,6 +129,9 @@ async fn speech(State(seen): State<Arc<Mutex<Seen>>>, headers: HeaderMap, Json(r
     }
     if text.contains("SLOWTTS") {
         tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
+    if text.contains("HUGETTS") {
+        return ([("content-type", "audio/wav")], vec![0u8; 40 << 20]).into_response();
     }
     let rate = 24_000u32;
     let n = (text.chars().count() as f32 * 0.06 * rate as f32) as usize;

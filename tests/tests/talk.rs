@@ -307,6 +307,7 @@ fn openai_compatible_backends_speak_and_their_failures_leave_the_session_usable(
                 ("please HANG", "language model stopped sending", 4),
                 ("say BADTTS", "voice unavailable", 3),
                 ("say SLOWTTS", "took too long", 4),
+                ("say HUGETTS", "larger than", 4),
             ] {
                 let t0 = Instant::now();
                 say(&mut sig, text).await;

@@ -156,8 +156,11 @@ impl Llm for OpenAiLlm {
                 .map_err(|e| TalkError::Llm(format!("request failed: {}", without_url(&e))))?;
             let status = response.status();
             if !status.is_success() {
-                let text = response.text().await.unwrap_or_default();
-                return Err(TalkError::Llm(format!("HTTP {status}: {}", snippet(&text))));
+                let body = read_capped(response, ERROR_BODY_LIMIT).await.unwrap_or_default();
+                return Err(TalkError::Llm(format!(
+                    "HTTP {status}: {}",
+                    snippet(&String::from_utf8_lossy(&body))
+                )));
             }
             let mut bytes = response.bytes_stream();
             let mut buf = Vec::new();
@@ -197,6 +200,24 @@ impl Llm for OpenAiLlm {
             }
         })
     }
+}
+
+/// How much of an error response is read (only a snippet is reported).
+pub(crate) const ERROR_BODY_LIMIT: usize = 64 * 1024;
+
+/// Read a response body, refusing one larger than `limit` bytes (a server cannot make the worker
+/// buffer without bound).
+pub(crate) async fn read_capped(response: reqwest::Response, limit: usize) -> Result<Vec<u8>, String> {
+    let mut body = Vec::new();
+    let mut stream = response.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| without_url(&e))?;
+        if body.len() + chunk.len() > limit {
+            return Err(format!("the response is larger than {limit} bytes"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 /// A reqwest error without its URL (which may carry a key in a query string).

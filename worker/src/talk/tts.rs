@@ -9,7 +9,7 @@
 //! Both are bounded by a timeout, and a cancelled answer kills the espeak-ng process.
 
 use super::audio::{decode_wav, Pcm};
-use super::llm::{snippet, without_url};
+use super::llm::{read_capped, snippet, without_url, ERROR_BODY_LIMIT};
 use super::TalkError;
 use futures::future::BoxFuture;
 use std::time::Duration;
@@ -82,6 +82,9 @@ impl Tts for EspeakTts {
     }
 }
 
+/// Largest audio answer accepted for one sentence (about 10 minutes of 24 kHz 16-bit speech).
+pub const MAX_AUDIO_BYTES: usize = 32 * 1024 * 1024;
+
 pub struct OpenAiTts {
     pub client: reqwest::Client,
     pub base_url: String,
@@ -111,10 +114,14 @@ impl Tts for OpenAiTts {
                     .await
                     .map_err(|e| TalkError::Tts(format!("request failed: {}", without_url(&e))))?;
                 let status = response.status();
-                let bytes = response
-                    .bytes()
+                let limit = if status.is_success() {
+                    MAX_AUDIO_BYTES
+                } else {
+                    ERROR_BODY_LIMIT
+                };
+                let bytes = read_capped(response, limit)
                     .await
-                    .map_err(|e| TalkError::Tts(format!("reading the audio: {}", without_url(&e))))?;
+                    .map_err(|e| TalkError::Tts(format!("reading the audio: {e}")))?;
                 if !status.is_success() {
                     return Err(TalkError::Tts(format!(
                         "HTTP {status}: {}",
