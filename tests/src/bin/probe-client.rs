@@ -6,6 +6,8 @@
 //! ```text
 //! probe-client WS_URL [relay-only] [FRAMES]
 //! ```
+//!
+//! `AE_DUMP_SDP=1` prints the offer and the answer to stderr.
 
 use avatar_edge_tests::rtc_client::RtcClient;
 use avatar_edge_tests::signaling::Signaling;
@@ -37,6 +39,9 @@ async fn probe(url: &str, relay_only: bool, frames: u64) -> anyhow::Result<serde
     sig.send_offer(&offer, "avatar_tutor_13").await?;
     let answer = sig.wait_for("webrtc_answer", Duration::from_secs(10)).await?;
     let sdp = answer["sdp"].as_str().unwrap_or_default().to_owned();
+    if std::env::var_os("AE_DUMP_SDP").is_some() {
+        eprintln!("OFFER\n{offer}\nANSWER\n{sdp}");
+    }
     client.accept_answer(&sdp).await?;
     client.connected(Duration::from_secs(15)).await?;
     let stats = client.wait_frames(frames, Duration::from_secs(15)).await;
