@@ -19,10 +19,7 @@ use hmac::{Hmac, Mac};
 
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    crate::policy::now_ms() / 1000
 }
 
 /// coturn REST-API credentials for `user`, valid until `expiry` (Unix seconds).

@@ -63,16 +63,11 @@ impl ReceiverStats {
     }
 }
 
-/// The mouth area of the built-in avatar at 512×512 (see `talk::face::mouth_luma`).
+/// The mouth area of the built-in avatar at 512×512: (x0, x1, y0, y1).
 fn mouth_region() -> (u32, u32, u32, u32) {
-    let clip_box = avatar_worker::media::avatar::synthetic_face_box(512, 512);
-    let r = avatar_worker::talk::face::crop_region(clip_box, 512, 512);
-    (
-        r.x + r.w * 3 / 8,
-        r.x + r.w * 5 / 8,
-        r.y + r.h * 5 / 8,
-        r.y + r.h * 6 / 8,
-    )
+    let face_box = avatar_worker::media::avatar::synthetic_face_box(512, 512);
+    let m = avatar_worker::talk::face::mouth_area(face_box, 512, 512);
+    (m.x, m.x + m.w, m.y, m.y + m.h)
 }
 
 pub struct RtcClient {

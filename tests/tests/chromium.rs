@@ -32,31 +32,19 @@ async fn play_in_chromium(cluster: &Cluster, scheme: &str) {
         cluster.relay.http
     );
     let mut browser = Chromium::launch(&url).await.expect("chromium");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let ws = browser
-            .eval("window.avatarEdge ? window.avatarEdge.state.wsState : 'loading'")
-            .await
-            .expect("eval");
-        if ws == "open" {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "page socket never opened ({ws})\n{}",
-            cluster.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let ws = poll(
+        &mut browser,
+        "window.avatarEdge ? window.avatarEdge.state.wsState : 'loading'",
+        Duration::from_secs(15),
+        |v| v == "open",
+    )
+    .await;
+    assert_eq!(ws, "open", "page socket never opened\n{}", cluster.logs());
     let opened = Instant::now();
-    let mut stats = Value::Null;
-    while opened.elapsed() < Duration::from_secs(6) {
-        stats = browser.eval("window.avatarEdge.stats()").await.expect("stats");
-        if stats["framesDecoded"].as_u64().unwrap_or(0) >= 100 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let stats = poll(&mut browser, "window.avatarEdge.stats()", Duration::from_secs(6), |s| {
+        s["framesDecoded"].as_u64().unwrap_or(0) >= 100
+    })
+    .await;
     let events = browser
         .eval("JSON.stringify(window.avatarEdge.state.events)")
         .await
@@ -125,17 +113,14 @@ fn chromium_plays_the_talking_avatar_and_stops_it() {
             cluster.logs()
         );
         // The mouth area of the built-in avatar, in video pixels.
-        let b = avatar_worker::talk::face::crop_region(
-            avatar_worker::media::avatar::synthetic_face_box(512, 512),
-            512,
-            512,
-        );
+        let m =
+            avatar_worker::talk::face::mouth_area(avatar_worker::media::avatar::synthetic_face_box(512, 512), 512, 512);
         let mouth = format!(
             "window.avatarEdge.lumaAt({}, {}, {}, {})",
-            b.x + b.w * 3 / 8,
-            b.y + b.h * 5 / 8,
-            b.x + b.w * 5 / 8,
-            b.y + b.h * 6 / 8
+            m.x,
+            m.y,
+            m.x + m.w,
+            m.y + m.h
         );
         let idle = browser.eval(&mouth).await.expect("luma").as_f64().expect("a picture");
         let before = browser.eval("window.avatarEdge.stats()").await.expect("stats");

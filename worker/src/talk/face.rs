@@ -151,12 +151,23 @@ pub fn paste(frame: &mut Yuv420, region: FaceBox, face: &[f32], feather: u32) {
     }
 }
 
-/// Mean luma of the mouth area of `face_box` (the middle of the lower third): how tests and the
-/// bench tell a talking frame from an idle one.
+/// The mouth area of `face_box` in a `width`×`height` frame: the middle quarter of the crop's
+/// width, rows 5/8..6/8 of its height. Where tests and the bench look to tell a talking frame from
+/// an idle one.
+pub fn mouth_area(face_box: FaceBox, width: u32, height: u32) -> FaceBox {
+    let r = crop_region(face_box, width, height);
+    FaceBox {
+        x: r.x + r.w * 3 / 8,
+        y: r.y + r.h * 5 / 8,
+        w: r.w / 4,
+        h: r.h / 8,
+    }
+}
+
+/// Mean luma of [`mouth_area`].
 pub fn mouth_luma(frame: &Yuv420, face_box: FaceBox) -> f32 {
-    let r = crop_region(face_box, frame.width, frame.height);
-    let (x0, x1) = (r.x + r.w * 3 / 8, r.x + r.w * 5 / 8);
-    let (y0, y1) = (r.y + r.h * 5 / 8, r.y + r.h * 6 / 8);
+    let m = mouth_area(face_box, frame.width, frame.height);
+    let (x0, x1, y0, y1) = (m.x, m.x + m.w, m.y, m.y + m.h);
     let mut sum = 0u64;
     let mut n = 0u64;
     for y in y0..y1 {
