@@ -218,6 +218,9 @@ impl Session {
             ClientMessage::WebrtcOffer(offer) => {
                 if let Some(old) = self.active.take() {
                     info!("new offer: replacing the peer");
+                    if let Some(conv) = self.conv.as_mut() {
+                        conv.detach();
+                    }
                     old.stop().await;
                 }
                 let started = std::time::Instant::now();

@@ -249,6 +249,13 @@ impl Conversation {
         }
     }
 
+    /// The media clock went away (the peer is being replaced): stop any answer, and take no new
+    /// one until [`Conversation::feed`] attaches the next clock.
+    pub fn detach(&mut self) {
+        self.interrupt();
+        self.units = None;
+    }
+
     /// Whether a media clock is attached.
     pub fn ready(&self) -> bool {
         self.units.is_some()
