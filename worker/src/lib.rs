@@ -13,6 +13,7 @@
 pub mod config;
 pub mod media;
 pub mod rtc;
+pub mod selftest;
 pub mod session;
 pub mod talk;
 pub mod tunnel;

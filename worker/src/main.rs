@@ -21,6 +21,13 @@ struct Args {
     /// Check the configuration and exit.
     #[arg(long)]
     check_config: bool,
+    /// Prove the configured encoder and lip-sync model run here (GPU or CPU), print a table of
+    /// their speed, and exit (non-zero if any failed).
+    #[arg(long)]
+    self_test: bool,
+    /// Frames per self-test measurement.
+    #[arg(long, default_value_t = 250)]
+    self_test_frames: usize,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
@@ -42,6 +49,15 @@ fn main() -> std::process::ExitCode {
     if args.check_config {
         println!("configuration OK");
         return std::process::ExitCode::SUCCESS;
+    }
+    if args.self_test {
+        let report = avatar_worker::selftest::run(&config, args.self_test_frames);
+        print!("{}", report.render());
+        return if report.ok() {
+            std::process::ExitCode::SUCCESS
+        } else {
+            std::process::ExitCode::FAILURE
+        };
     }
     match run(config, Duration::from_secs(args.grace_secs)) {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -16,6 +16,22 @@ pub enum EncodeError {
     NotFound(&'static str),
     #[error("{name}: {source}")]
     Ffmpeg { name: &'static str, source: ffmpeg::Error },
+    #[error(
+        "{name}: {source} (NVENC needs the NVIDIA driver's libcuda.so.1 and libnvidia-encode.so.1, and a GPU \
+         with an NVENC engine: data-centre A100, H100 and H200 have none; L4, L40S, A10 and RTX cards do)"
+    )]
+    NvencUnavailable { name: &'static str, source: ffmpeg::Error },
+}
+
+impl EncodeError {
+    /// FFmpeg's NVENC errors ("Operation not permitted", "Generic error in an external library") do
+    /// not say what to check; add the two causes seen in practice.
+    fn nvenc_hint(self) -> Self {
+        match self {
+            EncodeError::Ffmpeg { name, source } => EncodeError::NvencUnavailable { name, source },
+            other => other,
+        }
+    }
 }
 
 /// What to encode.
@@ -47,7 +63,9 @@ pub fn init() -> Result<(), ffmpeg::Error> {
 /// `libx264`), proving it by opening it once.
 pub fn select_encoder(preference: &str, settings: &EncoderSettings) -> Result<&'static str, EncodeError> {
     match preference {
-        "h264_nvenc" => H264Encoder::open("h264_nvenc", settings).map(|_| "h264_nvenc"),
+        "h264_nvenc" => H264Encoder::open("h264_nvenc", settings)
+            .map(|_| "h264_nvenc")
+            .map_err(EncodeError::nvenc_hint),
         "libx264" => H264Encoder::open("libx264", settings).map(|_| "libx264"),
         _ => match H264Encoder::open("h264_nvenc", settings) {
             Ok(_) => {
@@ -55,6 +73,7 @@ pub fn select_encoder(preference: &str, settings: &EncoderSettings) -> Result<&'
                 Ok("h264_nvenc")
             }
             Err(e) => {
+                let e = EncodeError::nvenc_hint(e);
                 warn!(error = %e, "h264_nvenc unavailable; FALLING BACK TO CPU ENCODING with libx264");
                 H264Encoder::open("libx264", settings).map(|_| "libx264")
             }
