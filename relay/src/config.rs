@@ -6,7 +6,7 @@
 
 use serde::Deserialize;
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 /// A secret string that never appears in logs or `Debug` output.
@@ -64,6 +64,123 @@ pub struct TurnConfig {
     pub stun_urls: Vec<String>,
     /// Lifetime of minted credentials (keep it short: a leaked credential is a relay for anyone).
     pub ttl_s: u64,
+    /// The embedded server (`mode = "embedded"`).
+    pub embedded: EmbeddedTurnConfig,
+}
+
+/// `[turn.embedded]`: TURN/STUN inside the relay process.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmbeddedTurnConfig {
+    /// STUN/TURN over UDP (the usual 3478). Unset: no UDP listener.
+    pub listen_udp: Option<SocketAddr>,
+    /// TURN over TCP (usually the same port as UDP).
+    pub listen_tcp: Option<SocketAddr>,
+    /// TURN over TLS with the relay's certificate (5349, or 443 on a host without HTTPS there).
+    pub listen_tls: Option<SocketAddr>,
+    /// Realm in the long-term credentials.
+    pub realm: String,
+    /// Address the relayed sockets bind to.
+    pub relay_ip: IpAddr,
+    /// Address announced to clients as the relayed address (the VPS's public IP; NAT 1:1 clouds
+    /// bind to a private one). Defaults to `relay_ip` when that is not 0.0.0.0.
+    pub public_ip: Option<IpAddr>,
+    /// Relayed ports are taken from this range (open it in the firewall).
+    pub relay_port_min: u16,
+    pub relay_port_max: u16,
+    /// Allocations one credential may hold at once.
+    pub max_allocations_per_credential: usize,
+    /// Allocations the whole server holds at once.
+    pub max_allocations: usize,
+    /// Longest lifetime one Allocate/Refresh grants, seconds.
+    pub max_lifetime_s: u64,
+    /// Longest an allocation lives however often it is refreshed, seconds.
+    pub max_allocation_age_s: u64,
+    /// Relayed bandwidth per allocation and direction, kbit/s (bursts of one second allowed).
+    pub bandwidth_kbps: u32,
+    /// 401 answers per source IP per minute (bursts of that size); further ones are dropped.
+    pub unauthorized_per_minute: u32,
+    /// Peers in these ranges are relayed to even though they are special-purpose (tests, LANs).
+    pub allow_peers: Vec<ipnet::IpNet>,
+    /// More ranges to refuse, on top of the built-in special-purpose list.
+    pub deny_peers: Vec<ipnet::IpNet>,
+    /// SO_RCVBUF/SO_SNDBUF of every TURN socket (bursts of many clients; capped by the kernel's
+    /// net.core.rmem_max/wmem_max).
+    pub socket_buffer_bytes: usize,
+}
+
+impl EmbeddedTurnConfig {
+    /// The relayed address announced to clients.
+    pub fn announced_ip(&self) -> Option<IpAddr> {
+        self.public_ip
+            .or((!self.relay_ip.is_unspecified()).then_some(self.relay_ip))
+    }
+}
+
+impl TurnConfig {
+    /// TURN URLs to hand out: `urls`, or for the embedded server with none configured, its UDP
+    /// and TCP listeners at the announced address (`turns:` needs a host name matching the
+    /// certificate, so list it in `urls`).
+    pub fn turn_urls(&self) -> Vec<String> {
+        if !self.urls.is_empty() || self.mode != "embedded" {
+            return self.urls.clone();
+        }
+        let Some(host) = self.embedded_host() else {
+            return Vec::new();
+        };
+        let mut urls = Vec::new();
+        if let Some(a) = self.embedded.listen_udp {
+            urls.push(format!("turn:{host}:{}?transport=udp", a.port()));
+        }
+        if let Some(a) = self.embedded.listen_tcp {
+            urls.push(format!("turn:{host}:{}?transport=tcp", a.port()));
+        }
+        urls
+    }
+
+    /// STUN URLs to hand out: `stun_urls`, or the embedded server's UDP listener.
+    pub fn stun_urls(&self) -> Vec<String> {
+        if !self.stun_urls.is_empty() || self.mode != "embedded" {
+            return self.stun_urls.clone();
+        }
+        match (self.embedded_host(), self.embedded.listen_udp) {
+            (Some(host), Some(a)) => vec![format!("stun:{host}:{}", a.port())],
+            _ => Vec::new(),
+        }
+    }
+
+    /// The announced address as it goes into a URL (IPv6 in brackets).
+    fn embedded_host(&self) -> Option<String> {
+        let ip = self.embedded.announced_ip()?;
+        Some(match ip {
+            IpAddr::V4(v4) => v4.to_string(),
+            IpAddr::V6(v6) => format!("[{v6}]"),
+        })
+    }
+}
+
+impl Default for EmbeddedTurnConfig {
+    fn default() -> Self {
+        Self {
+            listen_udp: Some(SocketAddr::from(([0, 0, 0, 0], 3478))),
+            listen_tcp: Some(SocketAddr::from(([0, 0, 0, 0], 3478))),
+            listen_tls: None,
+            realm: "avatar-edge".into(),
+            relay_ip: IpAddr::from([0, 0, 0, 0]),
+            public_ip: None,
+            relay_port_min: 49152,
+            relay_port_max: 65535,
+            max_allocations_per_credential: 12,
+            max_allocations: 10_000,
+            max_lifetime_s: 3600,
+            max_allocation_age_s: 4 * 3600,
+            bandwidth_kbps: 16_000,
+            unauthorized_per_minute: 30,
+            allow_peers: Vec::new(),
+            deny_peers: Vec::new(),
+            socket_buffer_bytes: 8 << 20,
+        }
+    }
 }
 
 impl Default for TurnConfig {
@@ -74,6 +191,7 @@ impl Default for TurnConfig {
             urls: Vec::new(),
             stun_urls: Vec::new(),
             ttl_s: 300,
+            embedded: EmbeddedTurnConfig::default(),
         }
     }
 }
@@ -433,12 +551,54 @@ impl RelayConfig {
                 }
             }
             "embedded" => {
-                return invalid(
-                    "turn.mode",
-                    "the embedded TURN server is not available in this version; run coturn and use mode = \"external\"",
-                )
+                let e = &t.embedded;
+                if !t.secret.expose().is_empty() && t.secret.expose().len() < 16 {
+                    return invalid(
+                        "turn.secret",
+                        "at least 16 characters (or leave it unset for a random one)",
+                    );
+                }
+                if e.listen_udp.is_none() && e.listen_tcp.is_none() && e.listen_tls.is_none() {
+                    return invalid(
+                        "turn.embedded.listen_udp",
+                        "set at least one of listen_udp, listen_tcp, listen_tls",
+                    );
+                }
+                if e.announced_ip().is_none() {
+                    return invalid(
+                        "turn.embedded.public_ip",
+                        "set the address clients reach the relay at (relay_ip is 0.0.0.0)",
+                    );
+                }
+                if e.relay_port_min < 1024 || e.relay_port_min > e.relay_port_max {
+                    return invalid(
+                        "turn.embedded.relay_port_min",
+                        "need 1024 <= relay_port_min <= relay_port_max",
+                    );
+                }
+                if e.max_allocations_per_credential == 0 || e.max_allocations == 0 {
+                    return invalid(
+                        "turn.embedded.max_allocations_per_credential",
+                        "allocation caps must be above 0",
+                    );
+                }
+                if !(60..=86_400).contains(&e.max_lifetime_s) || e.max_allocation_age_s < e.max_lifetime_s {
+                    return invalid(
+                        "turn.embedded.max_lifetime_s",
+                        "between 60 s and one day, and at most max_allocation_age_s",
+                    );
+                }
+                if e.bandwidth_kbps == 0 || e.unauthorized_per_minute == 0 {
+                    return invalid(
+                        "turn.embedded.bandwidth_kbps",
+                        "bandwidth and 401 rate caps must be above 0",
+                    );
+                }
+                if e.realm.is_empty() || e.realm.len() > 127 {
+                    return invalid("turn.embedded.realm", "1 to 127 characters");
+                }
             }
-            _ => return invalid("turn.mode", "must be off or external"),
+            _ => return invalid("turn.mode", "must be off, external or embedded"),
         }
         for url in t.urls.iter().chain(&t.stun_urls) {
             let scheme_ok = ["turn:", "turns:", "stun:", "stuns:"]
@@ -508,7 +668,19 @@ mod tests {
                 "[turn]\nmode = \"external\"\nsecret = \"0123456789abcdef\"\n",
                 "turn.urls",
             ),
-            ("[turn]\nmode = \"embedded\"\n", "not available"),
+            ("[turn]\nmode = \"embedded\"\n", "turn.embedded.public_ip"),
+            (
+                "[turn]\nmode = \"embedded\"\n[turn.embedded]\npublic_ip = \"203.0.113.1\"\nrelay_port_min = 50000\nrelay_port_max = 40000\n",
+                "turn.embedded.relay_port_min",
+            ),
+            (
+                "[turn]\nmode = \"embedded\"\nsecret = \"short\"\n[turn.embedded]\npublic_ip = \"203.0.113.1\"\n",
+                "turn.secret",
+            ),
+            (
+                "[turn]\nmode = \"embedded\"\n[turn.embedded]\npublic_ip = \"203.0.113.1\"\nbandwidth_kbps = 0\n",
+                "turn.embedded.bandwidth_kbps",
+            ),
             ("[turn]\nmode = \"maybe\"\n", "turn.mode"),
             ("[turn]\nstun_urls = [\"http://x\"]\n", "turn.urls"),
             ("[turn]\nttl_s = 5\n", "turn.ttl_s"),
@@ -517,6 +689,17 @@ mod tests {
             let err = check(toml).expect_err(toml);
             assert!(err.contains(want), "{toml}: {err}");
         }
+        let embedded = "[turn]\nmode = \"embedded\"\n[turn.embedded]\npublic_ip = \"203.0.113.1\"\n";
+        check(embedded).expect("valid embedded, random secret");
+        let t = RelayConfig::from_toml(embedded).expect("parses").turn;
+        assert_eq!(
+            t.turn_urls(),
+            [
+                "turn:203.0.113.1:3478?transport=udp",
+                "turn:203.0.113.1:3478?transport=tcp"
+            ]
+        );
+        assert_eq!(t.stun_urls(), ["stun:203.0.113.1:3478"]);
         let c = RelayConfig::from_toml(ok).expect("parses");
         assert!(
             !format!("{c:?}").contains("0123456789abcdef"),

@@ -25,15 +25,20 @@ pub fn unix_now() -> u64 {
 /// coturn REST-API credentials for `user`, valid until `expiry` (Unix seconds).
 pub fn rest_credentials(secret: &str, user: &str, expiry: u64) -> (String, String) {
     let username = format!("{expiry}:{user}");
+    let password = rest_password(secret, &username);
+    (username, password)
+}
+
+/// The REST-API password of `username`: base64(HMAC-SHA1(secret, username)).
+pub fn rest_password(secret: &str, username: &str) -> String {
     // HMAC accepts keys of any length: `new_from_slice` cannot fail for it.
-    let password = match Hmac::<sha1::Sha1>::new_from_slice(secret.as_bytes()) {
+    match Hmac::<sha1::Sha1>::new_from_slice(secret.as_bytes()) {
         Ok(mut mac) => {
             mac.update(username.as_bytes());
             base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
         }
         Err(_) => String::new(),
-    };
-    (username, password)
+    }
 }
 
 /// A user name safe inside a TURN username (`:` separates the expiry; keep it printable).
@@ -53,21 +58,32 @@ fn sanitize(user: &str) -> String {
 /// Mints the ICE server list from `[turn]`.
 #[derive(Debug, Clone)]
 pub struct IceServers {
-    cfg: TurnConfig,
+    mode: String,
+    secret: crate::config::Secret,
+    turn_urls: Vec<String>,
+    stun_urls: Vec<String>,
+    ttl_s: u64,
 }
 
 impl IceServers {
+    /// From `[turn]`; the embedded server's URLs are derived from its listeners when none are set.
     pub fn new(cfg: &TurnConfig) -> Self {
-        Self { cfg: cfg.clone() }
+        Self {
+            mode: cfg.mode.clone(),
+            secret: cfg.secret.clone(),
+            turn_urls: cfg.turn_urls(),
+            stun_urls: cfg.stun_urls(),
+            ttl_s: cfg.ttl_s,
+        }
     }
 
     /// Whether anything is handed out.
     pub fn enabled(&self) -> bool {
-        self.cfg.mode != "off" && !(self.cfg.urls.is_empty() && self.cfg.stun_urls.is_empty())
+        self.mode != "off" && !(self.turn_urls.is_empty() && self.stun_urls.is_empty())
     }
 
     pub fn ttl_s(&self) -> u64 {
-        self.cfg.ttl_s
+        self.ttl_s
     }
 
     /// The list for `user` at time `now`: STUN without credentials, TURN with fresh ones.
@@ -76,18 +92,17 @@ impl IceServers {
             return Vec::new();
         }
         let mut out = Vec::new();
-        if !self.cfg.stun_urls.is_empty() {
+        if !self.stun_urls.is_empty() {
             out.push(IceServer {
-                urls: self.cfg.stun_urls.clone(),
+                urls: self.stun_urls.clone(),
                 username: None,
                 credential: None,
             });
         }
-        if !self.cfg.urls.is_empty() {
-            let (username, password) =
-                rest_credentials(self.cfg.secret.expose(), &sanitize(user), now + self.cfg.ttl_s);
+        if !self.turn_urls.is_empty() {
+            let (username, password) = rest_credentials(self.secret.expose(), &sanitize(user), now + self.ttl_s);
             out.push(IceServer {
-                urls: self.cfg.urls.clone(),
+                urls: self.turn_urls.clone(),
                 username: Some(username),
                 credential: Some(password),
             });
@@ -117,6 +132,7 @@ mod tests {
             urls: vec!["turn:203.0.113.1:3478?transport=udp".into()],
             stun_urls: vec!["stun:203.0.113.1:3478".into()],
             ttl_s: 300,
+            ..TurnConfig::default()
         });
         let list = ice.servers("bob:evil\nname", 1_700_000_000);
         assert_eq!(list.len(), 2);

@@ -24,6 +24,7 @@ pub mod registry;
 pub mod signaling;
 pub mod tls;
 pub mod tunnel;
+pub mod turn;
 
 use axum_server::accept::NoDelayAcceptor;
 use axum_server::tls_rustls::RustlsAcceptor;
@@ -57,6 +58,8 @@ pub enum RelayError {
     Serve(std::io::Error),
     #[error("policy: {0}")]
     Policy(#[from] policy::LoadError),
+    #[error("{0}")]
+    Turn(#[from] turn::TurnError),
 }
 
 /// Shared state of one relay.
@@ -138,6 +141,8 @@ pub struct Relay {
     acme: Option<tls::acme::Acme>,
     http: std::net::TcpListener,
     endpoint: quinn::Endpoint,
+    /// The embedded TURN server, with `[turn] mode = "embedded"`.
+    turn: Option<turn::TurnServer>,
 }
 
 impl Relay {
@@ -154,7 +159,12 @@ impl Relay {
         shutdown: CancellationToken,
         metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     ) -> Result<Self, RelayError> {
+        let mut config = config;
         config.validate()?;
+        if config.turn.mode == "embedded" && config.turn.secret.is_empty() {
+            // Nobody else needs it: the relay both mints and checks the credentials.
+            config.turn.secret = config::Secret::new(hex::encode(rand::random::<[u8; 32]>()));
+        }
         let (certs, acme) = match &config.tls.acme {
             Some(acme) => {
                 let acme = tls::acme::Acme::new(acme)?;
@@ -196,12 +206,19 @@ impl Relay {
             Duration::from_millis(config.tunnel.idle_timeout_ms),
             Duration::from_millis(config.tunnel.keepalive_ms),
         )?;
+        let turn = if config.turn.mode == "embedded" {
+            let own = [config.http.listen.ip(), config.tunnel.listen.ip()];
+            Some(turn::TurnServer::bind(&config.turn, &certs, &own, shutdown.clone())?)
+        } else {
+            None
+        };
         Ok(Self {
             state: AppState::with_metrics(config, shutdown, metrics, policies),
             certs,
             acme,
             http,
             endpoint,
+            turn,
         })
     }
 
@@ -223,6 +240,11 @@ impl Relay {
         &self.state
     }
 
+    /// The embedded TURN server, if configured (its addresses and counters).
+    pub fn turn(&self) -> Option<&turn::TurnServer> {
+        self.turn.as_ref()
+    }
+
     /// Serve until the shutdown token fires; returns when HTTP and every tunnel have stopped.
     pub async fn run(self) -> Result<(), RelayError> {
         let Self {
@@ -231,7 +253,9 @@ impl Relay {
             acme,
             http,
             endpoint,
+            turn,
         } = self;
+        let turn = turn.map(|t| tokio::spawn(t.run()));
         let acme_driver = acme.map(|a| tokio::spawn(a.drive(state.shutdown.clone())));
         let shutdown = state.shutdown.clone();
         let tunnels = tokio::spawn(tunnel::serve(endpoint, Arc::clone(&state), shutdown.clone()));
@@ -294,6 +318,9 @@ impl Relay {
         let _ = watcher.await;
         let _ = tunnels.await;
         let _ = sweeper.await;
+        if let Some(t) = turn {
+            let _ = t.await;
+        }
         if let Some(w) = policy_watcher {
             let _ = w.await;
         }

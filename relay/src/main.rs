@@ -95,6 +95,9 @@ async fn run(config: RelayConfig, ready_file: Option<PathBuf>) -> anyhow::Result
             "http": relay.http_addr().to_string(),
             "tunnel": relay.tunnel_addr().to_string(),
             "fingerprint": relay.fingerprint(),
+            "turn_udp": relay.turn().and_then(|t| t.udp_addr()).map(|a| a.to_string()),
+            "turn_tcp": relay.turn().and_then(|t| t.tcp_addr()).map(|a| a.to_string()),
+            "turn_tls": relay.turn().and_then(|t| t.tls_addr()).map(|a| a.to_string()),
         });
         // Write then rename, so a reader never sees half a file.
         let tmp = path.with_extension("tmp");
@@ -108,6 +111,9 @@ async fn run(config: RelayConfig, ready_file: Option<PathBuf>) -> anyhow::Result
         tls_fingerprint = %relay.fingerprint(),
         "relay listening"
     );
+    if let Some(t) = relay.turn() {
+        tracing::info!(udp = ?t.udp_addr(), tcp = ?t.tcp_addr(), tls = ?t.tls_addr(), "embedded TURN listening");
+    }
     tokio::spawn(async move {
         wait_for_signal().await;
         tracing::info!("shutdown requested");
