@@ -1,0 +1,343 @@
+//! The embedded TURN server, driven over real UDP on loopback by a minimal STUN client written
+//! with the `stun` codecs: exact error codes for each safety rule (coturn's own tools, in
+//! `tests/tests/turn.rs`, prove interoperability; this proves the rules).
+
+use avatar_relay::config::{EmbeddedTurnConfig, Secret, TurnConfig};
+use avatar_relay::tls::{Identity, ServerCerts};
+use avatar_relay::turn::TurnServer;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use stun::agent::TransactionId;
+use stun::attributes::*;
+use stun::error_code::ErrorCodeAttribute;
+use stun::integrity::MessageIntegrity;
+use stun::message::*;
+use stun::textattrs::TextAttribute;
+use stun::xoraddr::XorMappedAddress;
+use tokio::net::UdpSocket;
+use tokio_util::sync::CancellationToken;
+
+const SECRET: &str = "test-secret-0123456789";
+
+fn config(f: impl FnOnce(&mut EmbeddedTurnConfig)) -> TurnConfig {
+    let mut e = EmbeddedTurnConfig {
+        listen_udp: Some("127.0.0.1:0".parse().expect("addr")),
+        listen_tcp: None,
+        relay_ip: "127.0.0.1".parse().expect("ip"),
+        relay_port_min: 20000,
+        relay_port_max: 29999,
+        ..EmbeddedTurnConfig::default()
+    };
+    f(&mut e);
+    TurnConfig {
+        mode: "embedded".into(),
+        secret: Secret::new(SECRET),
+        embedded: e,
+        ..TurnConfig::default()
+    }
+}
+
+struct Running {
+    addr: SocketAddr,
+    server: std::sync::Arc<avatar_relay::turn::server::Server>,
+    stop: CancellationToken,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+fn start(cfg: TurnConfig) -> Running {
+    let stop = CancellationToken::new();
+    let certs = ServerCerts::Static(Identity::self_signed().expect("cert"));
+    let turn = TurnServer::bind(&cfg, &certs, &[], stop.clone()).expect("bind");
+    let addr = turn.udp_addr().expect("udp");
+    let server = turn.server();
+    tokio::spawn(turn.run());
+    Running { addr, server, stop }
+}
+
+/// A TURN client: one UDP socket, long-term credentials once challenged.
+struct Client {
+    sock: UdpSocket,
+    server: SocketAddr,
+    username: String,
+    password: String,
+    realm: String,
+    nonce: String,
+}
+
+fn setter<T: Setter + 'static>(t: T) -> Box<dyn Setter> {
+    Box::new(t)
+}
+
+struct Raw(AttrType, Vec<u8>);
+impl Setter for Raw {
+    fn add_to(&self, m: &mut Message) -> Result<(), stun::Error> {
+        m.add(self.0, &self.1);
+        Ok(())
+    }
+}
+
+fn peer(attr: AttrType, addr: SocketAddr) -> Box<dyn Setter> {
+    struct P(AttrType, SocketAddr);
+    impl Setter for P {
+        fn add_to(&self, m: &mut Message) -> Result<(), stun::Error> {
+            XorMappedAddress {
+                ip: self.1.ip(),
+                port: self.1.port(),
+            }
+            .add_to_as(m, self.0)
+        }
+    }
+    Box::new(P(attr, addr))
+}
+
+fn code(m: &Message) -> Option<u16> {
+    let mut e = ErrorCodeAttribute::default();
+    e.get_from(m).ok().map(|()| e.code.0)
+}
+
+impl Client {
+    async fn new(server: SocketAddr, user: &str, expiry: u64, secret: &str) -> Self {
+        let username = format!("{expiry}:{user}");
+        let password = avatar_relay::ice::rest_password(secret, &username);
+        Self {
+            sock: UdpSocket::bind("127.0.0.1:0").await.expect("bind"),
+            server,
+            username,
+            password,
+            realm: String::new(),
+            nonce: String::new(),
+        }
+    }
+
+    async fn valid(server: SocketAddr, user: &str) -> Self {
+        Self::new(server, user, avatar_relay::ice::unix_now() + 300, SECRET).await
+    }
+
+    /// Send and wait for the answer with the same transaction id; `None` after a second of silence.
+    async fn roundtrip(&self, m: &Message) -> Option<Message> {
+        self.sock.send_to(&m.raw, self.server).await.expect("send");
+        let mut buf = vec![0u8; 2048];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        loop {
+            let (n, _) = tokio::time::timeout_at(deadline, self.sock.recv_from(&mut buf)).await.ok()?.ok()?;
+            let mut r = Message::new();
+            r.raw = buf[..n].to_vec();
+            if r.decode().is_ok() && r.transaction_id == m.transaction_id {
+                return Some(r);
+            }
+        }
+    }
+
+    fn build(&self, method: Method, attrs: Vec<Box<dyn Setter>>, auth: bool) -> Message {
+        let mut setters = vec![
+            setter(TransactionId::new()),
+            setter(MessageType::new(method, CLASS_REQUEST)),
+        ];
+        setters.extend(attrs);
+        if auth {
+            setters.push(setter(TextAttribute::new(ATTR_USERNAME, self.username.clone())));
+            setters.push(setter(TextAttribute::new(ATTR_REALM, self.realm.clone())));
+            setters.push(setter(TextAttribute::new(ATTR_NONCE, self.nonce.clone())));
+            setters.push(setter(MessageIntegrity::new_long_term_integrity(
+                self.username.clone(),
+                self.realm.clone(),
+                self.password.clone(),
+            )));
+        }
+        let mut m = Message::new();
+        m.build(&setters).expect("build");
+        m
+    }
+
+    /// An authenticated request (challenged first if needed); the answer.
+    async fn request(&mut self, method: Method, attrs: impl Fn() -> Vec<Box<dyn Setter>>) -> Message {
+        if self.nonce.is_empty() {
+            let r = self.roundtrip(&self.build(method, attrs(), false)).await.expect("challenge");
+            assert_eq!(code(&r), Some(401), "first answer is the challenge");
+            self.nonce = TextAttribute::get_from_as(&r, ATTR_NONCE).expect("nonce").text;
+            self.realm = TextAttribute::get_from_as(&r, ATTR_REALM).expect("realm").text;
+        }
+        self.roundtrip(&self.build(method, attrs(), true)).await.expect("answer")
+    }
+
+    async fn allocate(&mut self) -> Message {
+        self.request(METHOD_ALLOCATE, || vec![setter(Raw(ATTR_REQUESTED_TRANSPORT, vec![17, 0, 0, 0]))])
+            .await
+    }
+
+    async fn permit(&mut self, to: SocketAddr) -> Message {
+        self.request(METHOD_CREATE_PERMISSION, || vec![peer(ATTR_XOR_PEER_ADDRESS, to)]).await
+    }
+}
+
+fn relayed(m: &Message) -> SocketAddr {
+    let mut a = XorMappedAddress::default();
+    a.get_from_as(m, ATTR_XOR_RELAYED_ADDRESS).expect("relayed address");
+    SocketAddr::new(a.ip, a.port)
+}
+
+#[tokio::test]
+async fn binding_answers_the_mapped_address() {
+    let s = start(config(|_| {}));
+    let c = Client::valid(s.addr, "alice").await;
+    let r = c.roundtrip(&c.build(METHOD_BINDING, vec![], false)).await.expect("answer");
+    assert_eq!(r.typ, MessageType::new(METHOD_BINDING, CLASS_SUCCESS_RESPONSE));
+    let mut mapped = XorMappedAddress::default();
+    mapped.get_from(&r).expect("mapped");
+    assert_eq!(SocketAddr::new(mapped.ip, mapped.port), c.sock.local_addr().expect("addr"));
+}
+
+#[tokio::test]
+async fn wrong_password_and_expired_credentials_get_401() {
+    let s = start(config(|_| {}));
+    let mut wrong = Client::new(s.addr, "mallory", avatar_relay::ice::unix_now() + 300, "not-the-secret-xxxx").await;
+    let r = wrong.allocate().await;
+    assert_eq!(code(&r), Some(401), "wrong password");
+    let mut expired = Client::new(s.addr, "alice", avatar_relay::ice::unix_now() - 1, SECRET).await;
+    assert_eq!(code(&expired.allocate().await), Some(401), "expired");
+    let mut good = Client::valid(s.addr, "alice").await;
+    let r = good.allocate().await;
+    assert_eq!(r.typ.class, CLASS_SUCCESS_RESPONSE, "{:?}", code(&r));
+    assert_eq!(relayed(&r).ip(), "127.0.0.1".parse::<IpAddr>().expect("ip"));
+    // A forged nonce is stale: 438 with a fresh one.
+    good.nonce = "1-00".into();
+    let r = good.permit("198.51.100.1:9".parse().expect("addr")).await;
+    assert_eq!(code(&r), Some(438));
+}
+
+#[tokio::test]
+async fn special_purpose_peers_are_refused_with_403_unless_allow_listed() {
+    let s = start(config(|_| {}));
+    let mut c = Client::valid(s.addr, "alice").await;
+    assert_eq!(c.allocate().await.typ.class, CLASS_SUCCESS_RESPONSE);
+    for p in [
+        "127.0.0.1:9",
+        "169.254.169.254:80",
+        "[::ffff:127.0.0.1]:9",
+        "10.0.0.1:9",
+        "[::ffff:169.254.169.254]:80",
+        "[::1]:9",
+    ] {
+        let to: SocketAddr = p.parse().expect("addr");
+        assert_eq!(code(&c.permit(to).await), Some(403), "CreatePermission {p}");
+        let r = c
+            .request(METHOD_CHANNEL_BIND, || {
+                vec![setter(Raw(ATTR_CHANNEL_NUMBER, vec![0x40, 0x01, 0, 0])), peer(ATTR_XOR_PEER_ADDRESS, to)]
+            })
+            .await;
+        assert_eq!(code(&r), Some(403), "ChannelBind {p}");
+    }
+    assert!(s.server.stats.peer_denied.load(Ordering::Relaxed) >= 12);
+    // A public address is fine.
+    let r = c.permit("8.8.8.8:53".parse().expect("addr")).await;
+    assert_eq!(r.typ.class, CLASS_SUCCESS_RESPONSE);
+
+    let allowed = start(config(|e| e.allow_peers = vec!["127.0.0.0/8".parse().expect("net")]));
+    let mut c = Client::valid(allowed.addr, "alice").await;
+    assert_eq!(c.allocate().await.typ.class, CLASS_SUCCESS_RESPONSE);
+    for p in ["127.0.0.1:9", "[::ffff:127.0.0.1]:9"] {
+        let r = c.permit(p.parse().expect("addr")).await;
+        assert_eq!(r.typ.class, CLASS_SUCCESS_RESPONSE, "{p} is allow-listed: {:?}", code(&r));
+    }
+    assert_eq!(code(&c.permit("169.254.169.254:80".parse().expect("addr")).await), Some(403));
+}
+
+#[tokio::test]
+async fn allocations_per_credential_are_capped() {
+    let s = start(config(|e| e.max_allocations_per_credential = 2));
+    let expiry = avatar_relay::ice::unix_now() + 300;
+    let mut answers = Vec::new();
+    for _ in 0..3 {
+        let mut c = Client::new(s.addr, "alice", expiry, SECRET).await;
+        answers.push(code(&c.allocate().await));
+    }
+    assert_eq!(answers, [None, None, Some(486)]);
+    // Another credential is not affected.
+    let mut other = Client::valid(s.addr, "bob").await;
+    assert_eq!(code(&other.allocate().await), None);
+    assert_eq!(s.server.stats.allocations.load(Ordering::Relaxed), 3);
+}
+
+#[tokio::test]
+async fn failed_authentications_are_answered_at_a_limited_rate() {
+    let s = start(config(|e| e.unauthorized_per_minute = 5));
+    let mut c = Client::new(s.addr, "mallory", avatar_relay::ice::unix_now() + 300, "not-the-secret-xxxx").await;
+    assert_eq!(code(&c.allocate().await), Some(401));
+    let mut answered = 1;
+    for _ in 0..20 {
+        let m = c.build(METHOD_ALLOCATE, vec![setter(Raw(ATTR_REQUESTED_TRANSPORT, vec![17, 0, 0, 0]))], true);
+        c.sock.send_to(&m.raw, s.addr).await.expect("send");
+        let mut buf = [0u8; 1024];
+        if tokio::time::timeout(Duration::from_millis(100), c.sock.recv_from(&mut buf)).await.is_ok() {
+            answered += 1;
+        }
+    }
+    assert_eq!(answered, 5, "five 401s a minute, then silence");
+    assert!(s.server.stats.unauthorized_dropped.load(Ordering::Relaxed) >= 16);
+}
+
+/// Data goes both ways through a channel and through Send/Data indications; the bandwidth cap drops
+/// what exceeds it.
+#[tokio::test]
+async fn data_is_relayed_both_ways_and_bandwidth_is_capped() {
+    let s = start(config(|e| {
+        e.allow_peers = vec!["127.0.0.0/8".parse().expect("net")];
+        e.bandwidth_kbps = 100; // 12.5 kB/s, bursts of 64 KiB
+    }));
+    let peer_sock = UdpSocket::bind("127.0.0.1:0").await.expect("peer");
+    let peer_addr = peer_sock.local_addr().expect("addr");
+    let mut c = Client::valid(s.addr, "alice").await;
+    let relay = relayed(&c.allocate().await);
+    let r = c
+        .request(METHOD_CHANNEL_BIND, || {
+            vec![setter(Raw(ATTR_CHANNEL_NUMBER, vec![0x40, 0x00, 0, 0])), peer(ATTR_XOR_PEER_ADDRESS, peer_addr)]
+        })
+        .await;
+    assert_eq!(r.typ.class, CLASS_SUCCESS_RESPONSE, "{:?}", code(&r));
+
+    // Client → peer through the channel.
+    let mut frame = vec![0x40, 0x00, 0x00, 0x05];
+    frame.extend_from_slice(b"hello");
+    c.sock.send_to(&frame, s.addr).await.expect("send");
+    let mut buf = vec![0u8; 2048];
+    let (n, from) = tokio::time::timeout(Duration::from_secs(1), peer_sock.recv_from(&mut buf))
+        .await
+        .expect("peer got it")
+        .expect("recv");
+    assert_eq!((&buf[..n], from), (&b"hello"[..], relay));
+
+    // Peer → client arrives as ChannelData on channel 0x4000.
+    peer_sock.send_to(b"world", relay).await.expect("send");
+    let (n, _) = tokio::time::timeout(Duration::from_secs(1), c.sock.recv_from(&mut buf))
+        .await
+        .expect("client got it")
+        .expect("recv");
+    assert_eq!(&buf[..n], &[0x40, 0x00, 0x00, 0x05, b'w', b'o', b'r', b'l', b'd']);
+
+    // A peer without permission is not relayed.
+    let stranger = UdpSocket::bind("127.0.0.2:0").await.expect("stranger");
+    stranger.send_to(b"spam", relay).await.expect("send");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), c.sock.recv_from(&mut buf)).await.is_err(),
+        "no permission for 127.0.0.2"
+    );
+
+    // 200 × 1200 B at once: far over 12.5 kB/s; the one-burst allowance (64 KiB) passes, the rest drops.
+    let mut big = vec![0x40, 0x00, 0x04, 0xB0];
+    big.extend_from_slice(&[7u8; 1200]);
+    for _ in 0..200 {
+        c.sock.send_to(&big, s.addr).await.expect("send");
+    }
+    let mut got = 0;
+    while let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(300), peer_sock.recv_from(&mut buf)).await {
+        got += 1;
+    }
+    assert!((40..=60).contains(&got), "bandwidth cap let {got} of 200 through");
+    assert!(s.server.stats.bandwidth_dropped.load(Ordering::Relaxed) >= 140);
+}
