@@ -14,6 +14,7 @@ pub mod openai;
 pub mod rtc_client;
 pub mod signaling;
 pub mod topology;
+pub mod turnutils;
 
 /// Where `cargo build --release` put the workspace binaries: next to this test executable's
 /// `deps/` directory.

@@ -1,6 +1,8 @@
-//! TURN with an external coturn (`[turn] mode = "external"`): the relay mints coturn REST-API
-//! credentials, hands them to the browser (`ice_servers` event, `GET /api/ice-servers`) and to the
-//! worker (in the session's `Open` frame), and media flows through a real coturn process.
+//! TURN, both modes. `external`: the relay mints coturn REST-API credentials, hands them to the
+//! browser (`ice_servers` event, `GET /api/ice-servers`) and to the worker (in the session's `Open`
+//! frame), and media flows through a real coturn process. `embedded`: coturn's own client tools
+//! (`turnutils_stunclient`, `turnutils_uclient`) against the relay's TURN over UDP, TCP and TLS,
+//! its safety rules seen from those tools, and media through it.
 //!
 //! Each test runs in its own loopback-only network namespace (see `netns`).
 
@@ -8,6 +10,7 @@ use avatar_edge_tests::cluster::{http_get, Cluster};
 use avatar_edge_tests::netns;
 use avatar_edge_tests::rtc_client::RtcClient;
 use avatar_edge_tests::signaling::Signaling;
+use avatar_edge_tests::turnutils::{self, Uclient};
 use serde_json::Value;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -182,4 +185,161 @@ fn external_coturn_relays_the_media_with_credentials_the_relay_minted() {
             sig.close().await;
         },
     );
+}
+
+const EMBEDDED_SECRET: &str = "embedded-turn-secret-for-tests";
+
+/// `[turn]` for an embedded server on loopback: UDP and TCP on `port`, TLS on `tls_port`.
+fn embedded_toml(port: u16, tls_port: u16, allow: &str) -> String {
+    format!(
+        "[turn]\nmode = \"embedded\"\nsecret = \"{EMBEDDED_SECRET}\"\nttl_s = 300\n\
+         [turn.embedded]\nlisten_udp = \"127.0.0.1:{port}\"\nlisten_tcp = \"127.0.0.1:{port}\"\n\
+         listen_tls = \"127.0.0.1:{tls_port}\"\nrelay_ip = \"127.0.0.1\"\nrelay_port_min = 45000\n\
+         relay_port_max = 47999\nallow_peers = [{allow}]\nmax_allocations_per_credential = 64\n"
+    )
+}
+
+#[test]
+fn embedded_turn_passes_coturns_client_tools_over_udp_tcp_and_tls() {
+    netns::run(
+        "embedded_turn_passes_coturns_client_tools_over_udp_tcp_and_tls",
+        || async {
+            let (port, tls_port, peer_port) = (
+                turnutils::free_port("127.0.0.1"),
+                turnutils::free_port("127.0.0.1"),
+                turnutils::free_port("127.0.0.2"),
+            );
+            // Only the echo peer's address is allow-listed: 127.0.0.1 itself stays forbidden.
+            let cluster = Cluster::relay_only(&embedded_toml(port, tls_port, "\"127.0.0.2/32\"")).await;
+            let _peer = turnutils::echo_peer("127.0.0.2", peer_port);
+
+            let (done, out) = turnutils::run(
+                "turnutils_stunclient",
+                &["-p".into(), port.to_string(), "127.0.0.1".into()],
+                Duration::from_secs(10),
+            );
+            assert!(done && out.contains("UDP reflexive addr: 127.0.0.1:"), "{out}");
+
+            for transport in ["udp", "tcp", "tls"] {
+                let run = Uclient {
+                    server_ip: "127.0.0.1",
+                    port: if transport == "tls" { tls_port } else { port },
+                    secret: EMBEDDED_SECRET,
+                    peer_ip: "127.0.0.2",
+                    peer_port,
+                    clients: 5,
+                    messages: 200,
+                    bytes: 1200,
+                    interval_ms: 1,
+                    transport,
+                };
+                // -v: the tool then reports each step (allocate, refresh, channel bind).
+                let mut args = run.args();
+                args.insert(0, "-v".into());
+                let (done, out) = turnutils::run("turnutils_uclient", &args, Duration::from_secs(60));
+                let report =
+                    turnutils::parse_uclient(&out).unwrap_or_else(|| panic!("{transport}: no summary:\n{out}"));
+                assert!(done, "{transport}: did not finish");
+                for step in [
+                    "allocate response received",
+                    "refresh response received",
+                    "channel bind sent",
+                    "success",
+                ] {
+                    assert!(out.contains(step), "{transport}: no `{step}`:\n{out}");
+                }
+                assert_eq!((report.sent, report.received), (1000, 1000), "{transport}: {report:?}");
+                assert_eq!(report.lost_percent, 0.0, "{transport}: {report:?}");
+                println!("embedded TURN over {transport}: {report:?}");
+            }
+
+            // Forbidden peers: the tool's channel bind is answered 403.
+            for forbidden in ["127.0.0.1", "169.254.169.254", "10.0.0.1"] {
+                let run = Uclient {
+                    server_ip: "127.0.0.1",
+                    port,
+                    secret: EMBEDDED_SECRET,
+                    peer_ip: forbidden,
+                    peer_port,
+                    clients: 1,
+                    messages: 5,
+                    bytes: 100,
+                    interval_ms: 1,
+                    transport: "udp",
+                };
+                let (_, out) = turnutils::run("turnutils_uclient", &run.args(), Duration::from_secs(5));
+                assert!(
+                    out.contains("error 403"),
+                    "{forbidden} must be refused with 403:\n{out}"
+                );
+            }
+
+            // A wrong secret never gets an allocation: the tool keeps being told 401 and gives nothing.
+            let wrong = Uclient {
+                server_ip: "127.0.0.1",
+                port,
+                secret: "not-the-embedded-secret",
+                peer_ip: "127.0.0.2",
+                peer_port,
+                clients: 1,
+                messages: 5,
+                bytes: 100,
+                interval_ms: 1,
+                transport: "udp",
+            };
+            let mut args = wrong.args();
+            args.insert(0, "-v".into());
+            let (_, out) = turnutils::run("turnutils_uclient", &args, Duration::from_secs(3));
+            assert!(out.contains("allocate response received"), "answered:\n{out}");
+            assert!(!out.contains("success"), "a wrong secret must not allocate:\n{out}");
+            assert!(turnutils::parse_uclient(&out).is_none(), "{out}");
+            drop(cluster);
+        },
+    );
+}
+
+#[test]
+fn embedded_turn_relays_the_media_for_a_relay_only_browser() {
+    netns::run("embedded_turn_relays_the_media_for_a_relay_only_browser", || async {
+        let (port, tls_port) = (turnutils::free_port("127.0.0.1"), turnutils::free_port("127.0.0.1"));
+        // Everything is on loopback here, so loopback must be allow-listed for media to flow.
+        let mut cluster = Cluster::relay_only(&embedded_toml(port, tls_port, "\"127.0.0.0/8\"")).await;
+        cluster.add_worker("worker-1", 2, "").await;
+        let mut sig = Signaling::connect(&cluster.ws_url("turn-embedded")).await.expect("ws");
+        let ev = sig.next_event(Duration::from_secs(5)).await.expect("event");
+        assert_eq!(ev["type"], "ice_servers", "{ev}");
+        let urls = ev["ice_servers"][1]["urls"].to_string();
+        assert!(urls.contains(&format!("turn:127.0.0.1:{port}?transport=udp")), "{urls}");
+        let client = RtcClient::with_ice(true, to_rtc(&ev["ice_servers"]), true)
+            .await
+            .expect("client");
+        let offer = client.offer().await.expect("offer");
+        assert!(offer.contains("typ relay"), "the embedded TURN allocated:\n{offer}");
+        sig.send_offer(&offer, "avatar_tutor_13").await.expect("send");
+        let answer = sig
+            .wait_for("webrtc_answer", Duration::from_secs(10))
+            .await
+            .expect("answer");
+        let sdp = answer["sdp"].as_str().expect("sdp");
+        assert!(sdp.contains("typ relay"), "the worker allocated too:\n{sdp}");
+        client.accept_answer(sdp).await.expect("accept");
+        client
+            .connected(Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+        let stats = client.wait_frames(100, Duration::from_secs(8)).await;
+        assert!(
+            stats.frames_decoded >= 100,
+            "decoded {} frames through the embedded TURN",
+            stats.frames_decoded
+        );
+        let (local, remote) = client.selected_pair().await.expect("a selected pair");
+        assert_eq!(
+            local, "relay",
+            "a relay-only client's pair starts at its relay candidate"
+        );
+        println!("selected pair: local {local}, remote {remote}");
+        client.close().await;
+        sig.close().await;
+    });
 }
