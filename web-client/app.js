@@ -199,6 +199,7 @@ async function collectStats() {
     const remote = report.get(pair.remoteCandidateId);
     out.localCandidateType = local && local.candidateType;
     out.remoteCandidateType = remote && remote.candidateType;
+    out.localRelayProtocol = (local && local.relayProtocol) || null;
   }
   return out;
 }

@@ -125,7 +125,10 @@ impl Client {
         let mut buf = vec![0u8; 2048];
         let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
         loop {
-            let (n, _) = tokio::time::timeout_at(deadline, self.sock.recv_from(&mut buf)).await.ok()?.ok()?;
+            let (n, _) = tokio::time::timeout_at(deadline, self.sock.recv_from(&mut buf))
+                .await
+                .ok()?
+                .ok()?;
             let mut r = Message::new();
             r.raw = buf[..n].to_vec();
             if r.decode().is_ok() && r.transaction_id == m.transaction_id {
@@ -158,21 +161,29 @@ impl Client {
     /// An authenticated request (challenged first if needed); the answer.
     async fn request(&mut self, method: Method, attrs: impl Fn() -> Vec<Box<dyn Setter>>) -> Message {
         if self.nonce.is_empty() {
-            let r = self.roundtrip(&self.build(method, attrs(), false)).await.expect("challenge");
+            let r = self
+                .roundtrip(&self.build(method, attrs(), false))
+                .await
+                .expect("challenge");
             assert_eq!(code(&r), Some(401), "first answer is the challenge");
             self.nonce = TextAttribute::get_from_as(&r, ATTR_NONCE).expect("nonce").text;
             self.realm = TextAttribute::get_from_as(&r, ATTR_REALM).expect("realm").text;
         }
-        self.roundtrip(&self.build(method, attrs(), true)).await.expect("answer")
+        self.roundtrip(&self.build(method, attrs(), true))
+            .await
+            .expect("answer")
     }
 
     async fn allocate(&mut self) -> Message {
-        self.request(METHOD_ALLOCATE, || vec![setter(Raw(ATTR_REQUESTED_TRANSPORT, vec![17, 0, 0, 0]))])
-            .await
+        self.request(METHOD_ALLOCATE, || {
+            vec![setter(Raw(ATTR_REQUESTED_TRANSPORT, vec![17, 0, 0, 0]))]
+        })
+        .await
     }
 
     async fn permit(&mut self, to: SocketAddr) -> Message {
-        self.request(METHOD_CREATE_PERMISSION, || vec![peer(ATTR_XOR_PEER_ADDRESS, to)]).await
+        self.request(METHOD_CREATE_PERMISSION, || vec![peer(ATTR_XOR_PEER_ADDRESS, to)])
+            .await
     }
 }
 
@@ -186,17 +197,29 @@ fn relayed(m: &Message) -> SocketAddr {
 async fn binding_answers_the_mapped_address() {
     let s = start(config(|_| {}));
     let c = Client::valid(s.addr, "alice").await;
-    let r = c.roundtrip(&c.build(METHOD_BINDING, vec![], false)).await.expect("answer");
+    let r = c
+        .roundtrip(&c.build(METHOD_BINDING, vec![], false))
+        .await
+        .expect("answer");
     assert_eq!(r.typ, MessageType::new(METHOD_BINDING, CLASS_SUCCESS_RESPONSE));
     let mut mapped = XorMappedAddress::default();
     mapped.get_from(&r).expect("mapped");
-    assert_eq!(SocketAddr::new(mapped.ip, mapped.port), c.sock.local_addr().expect("addr"));
+    assert_eq!(
+        SocketAddr::new(mapped.ip, mapped.port),
+        c.sock.local_addr().expect("addr")
+    );
 }
 
 #[tokio::test]
 async fn wrong_password_and_expired_credentials_get_401() {
     let s = start(config(|_| {}));
-    let mut wrong = Client::new(s.addr, "mallory", avatar_relay::ice::unix_now() + 300, "not-the-secret-xxxx").await;
+    let mut wrong = Client::new(
+        s.addr,
+        "mallory",
+        avatar_relay::ice::unix_now() + 300,
+        "not-the-secret-xxxx",
+    )
+    .await;
     let r = wrong.allocate().await;
     assert_eq!(code(&r), Some(401), "wrong password");
     let mut expired = Client::new(s.addr, "alice", avatar_relay::ice::unix_now() - 1, SECRET).await;
@@ -228,7 +251,10 @@ async fn special_purpose_peers_are_refused_with_403_unless_allow_listed() {
         assert_eq!(code(&c.permit(to).await), Some(403), "CreatePermission {p}");
         let r = c
             .request(METHOD_CHANNEL_BIND, || {
-                vec![setter(Raw(ATTR_CHANNEL_NUMBER, vec![0x40, 0x01, 0, 0])), peer(ATTR_XOR_PEER_ADDRESS, to)]
+                vec![
+                    setter(Raw(ATTR_CHANNEL_NUMBER, vec![0x40, 0x01, 0, 0])),
+                    peer(ATTR_XOR_PEER_ADDRESS, to),
+                ]
             })
             .await;
         assert_eq!(code(&r), Some(403), "ChannelBind {p}");
@@ -243,9 +269,17 @@ async fn special_purpose_peers_are_refused_with_403_unless_allow_listed() {
     assert_eq!(c.allocate().await.typ.class, CLASS_SUCCESS_RESPONSE);
     for p in ["127.0.0.1:9", "[::ffff:127.0.0.1]:9"] {
         let r = c.permit(p.parse().expect("addr")).await;
-        assert_eq!(r.typ.class, CLASS_SUCCESS_RESPONSE, "{p} is allow-listed: {:?}", code(&r));
+        assert_eq!(
+            r.typ.class,
+            CLASS_SUCCESS_RESPONSE,
+            "{p} is allow-listed: {:?}",
+            code(&r)
+        );
     }
-    assert_eq!(code(&c.permit("169.254.169.254:80".parse().expect("addr")).await), Some(403));
+    assert_eq!(
+        code(&c.permit("169.254.169.254:80".parse().expect("addr")).await),
+        Some(403)
+    );
 }
 
 #[tokio::test]
@@ -267,14 +301,27 @@ async fn allocations_per_credential_are_capped() {
 #[tokio::test]
 async fn failed_authentications_are_answered_at_a_limited_rate() {
     let s = start(config(|e| e.unauthorized_per_minute = 5));
-    let mut c = Client::new(s.addr, "mallory", avatar_relay::ice::unix_now() + 300, "not-the-secret-xxxx").await;
+    let mut c = Client::new(
+        s.addr,
+        "mallory",
+        avatar_relay::ice::unix_now() + 300,
+        "not-the-secret-xxxx",
+    )
+    .await;
     assert_eq!(code(&c.allocate().await), Some(401));
     let mut answered = 1;
     for _ in 0..20 {
-        let m = c.build(METHOD_ALLOCATE, vec![setter(Raw(ATTR_REQUESTED_TRANSPORT, vec![17, 0, 0, 0]))], true);
+        let m = c.build(
+            METHOD_ALLOCATE,
+            vec![setter(Raw(ATTR_REQUESTED_TRANSPORT, vec![17, 0, 0, 0]))],
+            true,
+        );
         c.sock.send_to(&m.raw, s.addr).await.expect("send");
         let mut buf = [0u8; 1024];
-        if tokio::time::timeout(Duration::from_millis(100), c.sock.recv_from(&mut buf)).await.is_ok() {
+        if tokio::time::timeout(Duration::from_millis(100), c.sock.recv_from(&mut buf))
+            .await
+            .is_ok()
+        {
             answered += 1;
         }
     }
@@ -296,7 +343,10 @@ async fn data_is_relayed_both_ways_and_bandwidth_is_capped() {
     let relay = relayed(&c.allocate().await);
     let r = c
         .request(METHOD_CHANNEL_BIND, || {
-            vec![setter(Raw(ATTR_CHANNEL_NUMBER, vec![0x40, 0x00, 0, 0])), peer(ATTR_XOR_PEER_ADDRESS, peer_addr)]
+            vec![
+                setter(Raw(ATTR_CHANNEL_NUMBER, vec![0x40, 0x00, 0, 0])),
+                peer(ATTR_XOR_PEER_ADDRESS, peer_addr),
+            ]
         })
         .await;
     assert_eq!(r.typ.class, CLASS_SUCCESS_RESPONSE, "{:?}", code(&r));
@@ -324,7 +374,9 @@ async fn data_is_relayed_both_ways_and_bandwidth_is_capped() {
     let stranger = UdpSocket::bind("127.0.0.2:0").await.expect("stranger");
     stranger.send_to(b"spam", relay).await.expect("send");
     assert!(
-        tokio::time::timeout(Duration::from_millis(200), c.sock.recv_from(&mut buf)).await.is_err(),
+        tokio::time::timeout(Duration::from_millis(200), c.sock.recv_from(&mut buf))
+            .await
+            .is_err(),
         "no permission for 127.0.0.2"
     );
 
@@ -340,4 +392,44 @@ async fn data_is_relayed_both_ways_and_bandwidth_is_capped() {
     }
     assert!((40..=60).contains(&got), "bandwidth cap let {got} of 200 through");
     assert!(s.server.stats.bandwidth_dropped.load(Ordering::Relaxed) >= 140);
+}
+
+/// Two clients of this server relay to each other (both behind symmetric NATs): the server's own
+/// address is otherwise forbidden, its relayed ports are not, and the data never leaves the process.
+#[tokio::test]
+async fn two_allocations_of_this_server_reach_each_other() {
+    let s = start(config(|_| {}));
+    let mut a = Client::valid(s.addr, "alice").await;
+    let mut b = Client::valid(s.addr, "bob").await;
+    let (ra, rb) = (relayed(&a.allocate().await), relayed(&b.allocate().await));
+    assert_eq!(code(&a.permit(rb).await), None, "permission for the other allocation");
+    assert_eq!(code(&b.permit(ra).await), None);
+    // Not for any other port of this host.
+    assert_eq!(code(&a.permit("127.0.0.1:9".parse().expect("addr")).await), Some(403));
+    let r = a
+        .request(METHOD_CHANNEL_BIND, || {
+            vec![
+                setter(Raw(ATTR_CHANNEL_NUMBER, vec![0x40, 0x00, 0, 0])),
+                peer(ATTR_XOR_PEER_ADDRESS, rb),
+            ]
+        })
+        .await;
+    assert_eq!(code(&r), None);
+    let mut frame = vec![0x40, 0x00, 0x00, 0x04];
+    frame.extend_from_slice(b"ping");
+    a.sock.send_to(&frame, s.addr).await.expect("send");
+    let mut buf = vec![0u8; 2048];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(1), b.sock.recv_from(&mut buf))
+        .await
+        .expect("b got it")
+        .expect("recv");
+    // No channel on b's side: a Data indication from a's relayed address.
+    let mut m = Message::new();
+    m.raw = buf[..n].to_vec();
+    m.decode().expect("STUN");
+    assert_eq!(m.typ, MessageType::new(METHOD_DATA, CLASS_INDICATION));
+    let mut from = XorMappedAddress::default();
+    from.get_from_as(&m, ATTR_XOR_PEER_ADDRESS).expect("peer");
+    assert_eq!(SocketAddr::new(from.ip, from.port), ra);
+    assert_eq!(m.get(ATTR_DATA).expect("data"), b"ping");
 }

@@ -104,10 +104,11 @@ impl RtcEngine {
             ice_servers: ice_servers
                 .iter()
                 .map(|s| RTCIceServer {
-                    urls: s.urls.clone(),
+                    urls: s.urls.iter().filter(|u| udp_url(u)).cloned().collect(),
                     username: s.username.clone().unwrap_or_default(),
                     credential: s.credential.clone().unwrap_or_default(),
                 })
+                .filter(|s| !s.urls.is_empty())
                 .collect(),
             ..Default::default()
         };
@@ -272,5 +273,28 @@ impl Peer {
 
     pub async fn close(&self) {
         let _ = self.pc.close().await;
+    }
+}
+
+/// Whether the ICE agent can use `url`: webrtc-rs gathers over UDP only, so `turn:…?transport=tcp`
+/// and `turns:` (meant for browsers behind firewalls) are left out instead of warned about per session.
+fn udp_url(url: &str) -> bool {
+    let (scheme, rest) = url.split_once(':').unwrap_or((url, ""));
+    match scheme {
+        "stun" => true,
+        "turn" => !rest.contains("transport=tcp"),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_udp_ice_urls_reach_the_agent() {
+        assert!(super::udp_url("stun:203.0.113.1:3478"));
+        assert!(super::udp_url("turn:203.0.113.1:3478?transport=udp"));
+        assert!(super::udp_url("turn:203.0.113.1:3478"));
+        assert!(!super::udp_url("turn:203.0.113.1:3478?transport=tcp"));
+        assert!(!super::udp_url("turns:relay.example.com:5349?transport=tcp"));
     }
 }

@@ -113,6 +113,8 @@ pub struct Allocation {
     username: String,
     key: Vec<u8>,
     relay: Arc<UdpSocket>,
+    /// The relayed transport address as announced to the client.
+    relayed: SocketAddr,
     created: Instant,
     client: ClientTx,
     state: Mutex<AllocState>,
@@ -141,6 +143,8 @@ impl Allocation {
 
 struct Table {
     by_five: HashMap<FiveTuple, Arc<Allocation>>,
+    /// Allocations by relayed port: two clients of this server relaying to each other.
+    by_port: HashMap<u16, Arc<Allocation>>,
     per_credential: HashMap<String, usize>,
 }
 
@@ -212,6 +216,7 @@ impl Server {
             announced,
             table: Mutex::new(Table {
                 by_five: HashMap::new(),
+                by_port: HashMap::new(),
                 per_credential: HashMap::new(),
             }),
             failures: RateLimiter::keyed(per_minute(cfg.unauthorized_per_minute)),
@@ -243,6 +248,7 @@ impl Server {
             let mut t = self.table();
             let a = t.by_five.remove(five);
             if let Some(a) = &a {
+                t.by_port.remove(&a.relayed.port());
                 if let Some(n) = t.per_credential.get_mut(&a.username) {
                     *n = n.saturating_sub(1);
                     if *n == 0 {
@@ -451,6 +457,7 @@ impl Server {
             username: username.clone(),
             key: key.clone(),
             relay: Arc::new(relay),
+            relayed: SocketAddr::new(self.announced, port),
             created: now,
             client: tx.clone(),
             state: Mutex::new(AllocState {
@@ -475,6 +482,7 @@ impl Server {
             }
             *n += 1;
             t.by_five.insert(*five, Arc::clone(&alloc));
+            t.by_port.insert(port, Arc::clone(&alloc));
         }
         self.stats.allocations.fetch_add(1, Ordering::Relaxed);
         self.stats.allocations_total.fetch_add(1, Ordering::Relaxed);
@@ -545,7 +553,7 @@ impl Server {
                 ));
             }
             let ip = canonical(addr.ip);
-            if !self.filter.allows(ip) {
+            if !self.filter.allows(ip) && !self.is_relayed_address(SocketAddr::new(ip, addr.port)) {
                 self.stats.peer_denied.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("relay_turn_peer_denied_total").increment(1);
                 tracing::info!(client = %a.five.client, user = %a.username, peer = %ip, "TURN peer refused (special-purpose or own address)");
@@ -568,6 +576,14 @@ impl Server {
             ));
         }
         Ok(peers)
+    }
+
+    /// Whether `peer` is one of this server's relayed addresses: the server's own address is
+    /// otherwise refused, but relaying between two of its own allocations (both sides behind
+    /// symmetric NATs) must work, and is delivered inside the process ([`Server::to_peer`]).
+    fn is_relayed_address(&self, peer: SocketAddr) -> bool {
+        (peer.ip() == self.announced || peer.ip() == self.cfg.relay_ip)
+            && (self.cfg.relay_port_min..=self.cfg.relay_port_max).contains(&peer.port())
     }
 
     fn create_permission(&self, a: &Arc<Allocation>, m: &Message) -> Reply {
@@ -647,6 +663,16 @@ impl Server {
         if !Allocation::within(&a.to_peers, payload.len()) {
             self.stats.bandwidth_dropped.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("relay_turn_bandwidth_dropped_total").increment(1);
+            return;
+        }
+        if self.is_relayed_address(peer) {
+            // Hand it to the other allocation directly: a VPS behind 1:1 NAT cannot send to its
+            // own public address, and this skips a trip through the kernel besides.
+            let other = self.table().by_port.get(&peer.port()).cloned();
+            if let Some(other) = other {
+                self.stats.relayed_to_peers.fetch_add(1, Ordering::Relaxed);
+                self.peer_to_client(&other, a.relayed, payload);
+            }
             return;
         }
         if a.relay.try_send_to(payload, peer).is_ok() {
