@@ -1,23 +1,20 @@
-//! Network-namespace topologies for media tests: a worker and a browser, each behind its own NAT.
-//!
-//! Not used by a test yet: with coturn as the TURN server, a relay-to-relay path between the two
-//! NATs did not connect (webrtc-rs created permissions for the peers' host addresses only; see the
-//! TURN issue's notes). Kept, with `probe-client`, for the topology tests that come with the
-//! embedded TURN server.
+//! Network-namespace topologies for media tests: a worker and a browser, each behind its own NAT,
+//! the relay (with its embedded TURN) in the "public" namespace between them. Used by
+//! `tests/tests/topologies.rs` with headless Chromium (`chromium-probe`) in the browser namespace.
 
 use crate::netns::{self, ChildNs};
 
-/// A worker and a browser, each behind its own NAT; the relay and coturn in the middle.
+/// A worker and a browser, each behind its own NAT; the relay and its TURN in the middle.
 ///
 /// ```text
 ///  gpu ns                 worker NAT ns                 public (test ns)                browser NAT ns           browser ns
 ///  worker  198.51.100.2 ─ lan0 .1 | wan0 203.0.113.2 ─ ae-wpub 203.0.113.1            ae-bpub 192.0.2.1 ─ wan0 192.0.2.2 | lan0 198.51.100.129 ─ 198.51.100.130 probe-client
-///                         MASQUERADE                   relay + coturn on 203.0.113.1                      MASQUERADE
+///                         MASQUERADE                   relay + TURN on 203.0.113.1                        MASQUERADE
 /// ```
 ///
-/// `symmetric`: both NATs map every new destination to a random port (`--random-fully`), so
-/// server-reflexive candidates are useless and only TURN connects them. Otherwise the NATs keep
-/// ports (port-restricted cone) and hole punching may work.
+/// A symmetric NAT maps every new destination to a random port (`--random-fully`), so that side's
+/// server-reflexive candidates are useless and only TURN reaches it. Otherwise the NAT keeps ports
+/// (port-restricted cone) and hole punching may work.
 pub struct Topology {
     _wnat: ChildNs,
     pub gpu: ChildNs,
@@ -26,7 +23,7 @@ pub struct Topology {
 }
 
 impl Topology {
-    pub fn new(symmetric: bool) -> Self {
+    pub fn new(worker_symmetric: bool, browser_symmetric: bool) -> Self {
         let (wnat, gpu, bnat, browser) = (ChildNs::new(), ChildNs::new(), ChildNs::new(), ChildNs::new());
         netns::sh(&format!(
             "echo 1 > /proc/sys/net/ipv4/ip_forward && \
@@ -41,14 +38,30 @@ impl Topology {
             g = gpu.pid(),
             br = browser.pid(),
         ));
-        let masquerade = if symmetric {
-            "MASQUERADE --random-fully"
-        } else {
-            "MASQUERADE"
+        let masquerade = |symmetric| {
+            if symmetric {
+                "MASQUERADE --random-fully"
+            } else {
+                "MASQUERADE"
+            }
         };
-        for (ns, wan, wan_ip, gw, lan_ip) in [
-            (&wnat, "ae-wwan", "203.0.113.2/24", "203.0.113.1", "198.51.100.1/25"),
-            (&bnat, "ae-bwan", "192.0.2.2/24", "192.0.2.1", "198.51.100.129/25"),
+        for (ns, wan, wan_ip, gw, lan_ip, masquerade) in [
+            (
+                &wnat,
+                "ae-wwan",
+                "203.0.113.2/24",
+                "203.0.113.1",
+                "198.51.100.1/25",
+                masquerade(worker_symmetric),
+            ),
+            (
+                &bnat,
+                "ae-bwan",
+                "192.0.2.2/24",
+                "192.0.2.1",
+                "198.51.100.129/25",
+                masquerade(browser_symmetric),
+            ),
         ] {
             let lan = if wan == "ae-wwan" { "ae-wlan" } else { "ae-blan" };
             ns.sh(&format!(
@@ -60,11 +73,43 @@ impl Topology {
         }
         gpu.sh("ip link set ae-gpu name eth0 && ip addr add 198.51.100.2/25 dev eth0 && ip link set eth0 up && ip route add default via 198.51.100.1");
         browser.sh("ip link set ae-web name eth0 && ip addr add 198.51.100.130/25 dev eth0 && ip link set eth0 up && ip route add default via 198.51.100.129");
+        // Unsolicited packets from outside never reach either LAN, as with a home router.
+        for ns in [&wnat, &bnat] {
+            ns.sh(
+                "iptables -A FORWARD -i wan0 -o lan0 -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT && \
+                 iptables -A FORWARD -i wan0 -o lan0 -j DROP",
+            );
+        }
         Self {
             _wnat: wnat,
             gpu,
             _bnat: bnat,
             browser,
         }
+    }
+
+    /// Firewall the browser: no UDP at all, TCP only to `allowed` (the relay's HTTP port and its
+    /// TURN-over-TLS port), as on a corporate network that only lets HTTPS out.
+    pub fn block_browser_udp(&self, allowed: &[(&str, u16)]) {
+        let mut rules = String::from(
+            "iptables -A OUTPUT -o lo -j ACCEPT && \
+             iptables -A OUTPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT && ",
+        );
+        for (ip, port) in allowed {
+            rules += &format!("iptables -A OUTPUT -p tcp -d {ip} --dport {port} -j ACCEPT && ");
+        }
+        rules += "iptables -A OUTPUT -j DROP";
+        self.browser.sh(&rules);
+    }
+
+    /// Run a workspace binary inside the browser namespace; its stdout.
+    pub fn run_in_browser(&self, bin: &str, args: &[&str]) -> String {
+        let out = std::process::Command::new("nsenter")
+            .args(["-t", &self.browser.pid().to_string(), "-n", "--"])
+            .arg(crate::bin_path(bin))
+            .args(args)
+            .output()
+            .expect("nsenter");
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }
