@@ -432,4 +432,27 @@ async fn two_allocations_of_this_server_reach_each_other() {
     from.get_from_as(&m, ATTR_XOR_PEER_ADDRESS).expect("peer");
     assert_eq!(SocketAddr::new(from.ip, from.port), ra);
     assert_eq!(m.get(ATTR_DATA).expect("data"), b"ping");
+
+    // The permission for this host's address covers its relayed ports only: a Send indication to
+    // another port of it (a service on the relay host) goes nowhere.
+    let service = UdpSocket::bind("127.0.0.1:0").await.expect("a service on the relay host");
+    let send = |to: SocketAddr| {
+        let mut m = Message::new();
+        m.build(&[
+            setter(TransactionId::new()),
+            setter(MessageType::new(METHOD_SEND, CLASS_INDICATION)),
+            peer(ATTR_XOR_PEER_ADDRESS, to),
+            setter(Raw(ATTR_DATA, b"probe".to_vec())),
+        ])
+        .expect("build");
+        m
+    };
+    a.sock.send_to(&send(service.local_addr().expect("addr")).raw, s.addr).await.expect("send");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), service.recv_from(&mut buf)).await.is_err(),
+        "nothing reaches the relay host's other ports"
+    );
+    // While a Send indication to the other allocation still arrives.
+    a.sock.send_to(&send(rb).raw, s.addr).await.expect("send");
+    assert!(tokio::time::timeout(Duration::from_secs(1), b.sock.recv_from(&mut buf)).await.is_ok());
 }

@@ -660,12 +660,19 @@ impl Server {
         if !a.permitted(peer.ip(), Instant::now()) {
             return;
         }
+        let relayed = self.is_relayed_address(peer);
+        // Permissions are per IP (RFC 8656 §9): one granted for this server's own address (for a
+        // relayed port) must not let a Send indication reach its other ports.
+        if !relayed && !self.filter.allows(peer.ip()) {
+            self.stats.peer_denied.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         if !Allocation::within(&a.to_peers, payload.len()) {
             self.stats.bandwidth_dropped.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("relay_turn_bandwidth_dropped_total").increment(1);
             return;
         }
-        if self.is_relayed_address(peer) {
+        if relayed {
             // Hand it to the other allocation directly: a VPS behind 1:1 NAT cannot send to its
             // own public address, and this skips a trip through the kernel besides.
             let other = self.table().by_port.get(&peer.port()).cloned();
