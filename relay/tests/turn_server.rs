@@ -435,7 +435,9 @@ async fn two_allocations_of_this_server_reach_each_other() {
 
     // The permission for this host's address covers its relayed ports only: a Send indication to
     // another port of it (a service on the relay host) goes nowhere.
-    let service = UdpSocket::bind("127.0.0.1:0").await.expect("a service on the relay host");
+    let service = UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("a service on the relay host");
     let send = |to: SocketAddr| {
         let mut m = Message::new();
         m.build(&[
@@ -447,12 +449,19 @@ async fn two_allocations_of_this_server_reach_each_other() {
         .expect("build");
         m
     };
-    a.sock.send_to(&send(service.local_addr().expect("addr")).raw, s.addr).await.expect("send");
+    a.sock
+        .send_to(&send(service.local_addr().expect("addr")).raw, s.addr)
+        .await
+        .expect("send");
     assert!(
-        tokio::time::timeout(Duration::from_millis(300), service.recv_from(&mut buf)).await.is_err(),
+        tokio::time::timeout(Duration::from_millis(300), service.recv_from(&mut buf))
+            .await
+            .is_err(),
         "nothing reaches the relay host's other ports"
     );
     // While a Send indication to the other allocation still arrives.
     a.sock.send_to(&send(rb).raw, s.addr).await.expect("send");
-    assert!(tokio::time::timeout(Duration::from_secs(1), b.sock.recv_from(&mut buf)).await.is_ok());
+    assert!(tokio::time::timeout(Duration::from_secs(1), b.sock.recv_from(&mut buf))
+        .await
+        .is_ok());
 }
