@@ -96,6 +96,46 @@ fn to_rtc(servers: &Value) -> Vec<RTCIceServer> {
         .collect()
 }
 
+/// A client that may only use relay candidates offers (with a relay candidate: the TURN server took
+/// the minted credentials), gets the worker's answer (with relay candidates from the worker's own
+/// credentials), connects and decodes 100 frames. `server_log` explains a failure.
+async fn relay_only_plays(
+    cluster: &Cluster,
+    sig: &mut Signaling,
+    servers: &Value,
+    server_log: impl Fn() -> String,
+) -> RtcClient {
+    let client = RtcClient::with_ice(true, to_rtc(servers), true).await.expect("client");
+    let offer = client.offer().await.expect("offer");
+    assert!(
+        offer.contains("typ relay"),
+        "the TURN server accepted the minted credentials:\n{offer}\n{}",
+        server_log()
+    );
+    sig.send_offer(&offer, "avatar_tutor_13").await.expect("send");
+    let answer = sig
+        .wait_for("webrtc_answer", Duration::from_secs(10))
+        .await
+        .expect("answer");
+    let sdp = answer["sdp"].as_str().expect("sdp");
+    assert!(
+        sdp.contains("typ relay"),
+        "the worker's answer carries relay candidates from its own credentials:\n{sdp}"
+    );
+    client.accept_answer(sdp).await.expect("accept");
+    client
+        .connected(Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}\n{}", cluster.logs(), server_log()));
+    let stats = client.wait_frames(100, Duration::from_secs(8)).await;
+    assert!(
+        stats.frames_decoded >= 100,
+        "decoded {} frames through TURN",
+        stats.frames_decoded
+    );
+    client
+}
+
 #[test]
 fn external_coturn_relays_the_media_with_credentials_the_relay_minted() {
     netns::run(
@@ -134,36 +174,7 @@ fn external_coturn_relays_the_media_with_credentials_the_relay_minted() {
             assert_eq!(api["ice_servers"][0]["urls"], turn_entry["urls"]);
 
             // A browser that may only use relay candidates still plays: the media goes through coturn.
-            let client = RtcClient::with_ice(true, to_rtc(&ev["ice_servers"]), true)
-                .await
-                .expect("client");
-            let offer = client.offer().await.expect("offer");
-            assert!(
-                offer.contains("typ relay"),
-                "coturn accepted the minted credentials:\n{offer}\n{}",
-                coturn.log()
-            );
-            sig.send_offer(&offer, "avatar_tutor_13").await.expect("send");
-            let answer = sig
-                .wait_for("webrtc_answer", Duration::from_secs(10))
-                .await
-                .expect("answer");
-            let sdp = answer["sdp"].as_str().expect("sdp");
-            assert!(
-                sdp.contains("typ relay"),
-                "the worker's answer carries relay candidates from its own credentials:\n{sdp}"
-            );
-            client.accept_answer(sdp).await.expect("accept");
-            client
-                .connected(Duration::from_secs(10))
-                .await
-                .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
-            let stats = client.wait_frames(100, Duration::from_secs(8)).await;
-            assert!(
-                stats.frames_decoded >= 100,
-                "decoded {} frames through TURN",
-                stats.frames_decoded
-            );
+            let client = relay_only_plays(&cluster, &mut sig, &ev["ice_servers"], || coturn.log()).await;
             let log = coturn.log();
             assert!(
                 log.contains("worker-worker-1"),
@@ -310,29 +321,7 @@ fn embedded_turn_relays_the_media_for_a_relay_only_browser() {
         assert_eq!(ev["type"], "ice_servers", "{ev}");
         let urls = ev["ice_servers"][1]["urls"].to_string();
         assert!(urls.contains(&format!("turn:127.0.0.1:{port}?transport=udp")), "{urls}");
-        let client = RtcClient::with_ice(true, to_rtc(&ev["ice_servers"]), true)
-            .await
-            .expect("client");
-        let offer = client.offer().await.expect("offer");
-        assert!(offer.contains("typ relay"), "the embedded TURN allocated:\n{offer}");
-        sig.send_offer(&offer, "avatar_tutor_13").await.expect("send");
-        let answer = sig
-            .wait_for("webrtc_answer", Duration::from_secs(10))
-            .await
-            .expect("answer");
-        let sdp = answer["sdp"].as_str().expect("sdp");
-        assert!(sdp.contains("typ relay"), "the worker allocated too:\n{sdp}");
-        client.accept_answer(sdp).await.expect("accept");
-        client
-            .connected(Duration::from_secs(10))
-            .await
-            .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
-        let stats = client.wait_frames(100, Duration::from_secs(8)).await;
-        assert!(
-            stats.frames_decoded >= 100,
-            "decoded {} frames through the embedded TURN",
-            stats.frames_decoded
-        );
+        let client = relay_only_plays(&cluster, &mut sig, &ev["ice_servers"], String::new).await;
         let (local, remote) = client.selected_pair().await.expect("a selected pair");
         assert_eq!(
             local, "relay",

@@ -123,13 +123,7 @@ impl Worker {
         config.validate()?;
         media::encoder::init()?;
         let v = &config.video;
-        let encoder_settings = EncoderSettings {
-            width: v.width,
-            height: v.height,
-            fps: v.fps,
-            bitrate_kbps: v.bitrate_kbps,
-            gop: v.gop,
-        };
+        let encoder_settings = EncoderSettings::from(v);
         let encoder = media::encoder::select_encoder(&v.encoder, &encoder_settings)?;
         let avatars = match &config.avatar_dir {
             Some(dir) => {

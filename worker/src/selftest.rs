@@ -74,13 +74,7 @@ fn per_frame(mut samples: Vec<f64>, per: usize) -> (f64, f64) {
 
 fn encode_test(config: &WorkerConfig, frames: usize, report: &mut Report) {
     let v = &config.video;
-    let settings = EncoderSettings {
-        width: v.width,
-        height: v.height,
-        fps: v.fps,
-        bitrate_kbps: v.bitrate_kbps,
-        gop: v.gop,
-    };
+    let settings = EncoderSettings::from(v);
     if let Err(e) = encoder::init() {
         report.failures.push(format!("FFmpeg: {e}"));
         return;

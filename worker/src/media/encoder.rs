@@ -44,6 +44,18 @@ pub struct EncoderSettings {
     pub gop: u32,
 }
 
+impl From<&crate::config::VideoConfig> for EncoderSettings {
+    fn from(v: &crate::config::VideoConfig) -> Self {
+        Self {
+            width: v.width,
+            height: v.height,
+            fps: v.fps,
+            bitrate_kbps: v.bitrate_kbps,
+            gop: v.gop,
+        }
+    }
+}
+
 /// An open encoder for one session.
 pub struct H264Encoder {
     name: &'static str,
