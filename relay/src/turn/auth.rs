@@ -17,17 +17,6 @@ use std::net::IpAddr;
 /// How long a nonce is accepted. Long enough that browsers rarely see a 438 mid-session.
 pub const NONCE_LIFETIME_S: u64 = 3600;
 
-/// Why a request was not authenticated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AuthFailure {
-    /// No or unusable credentials: 401.
-    Unauthorized,
-    /// The nonce is old or not ours: 438.
-    StaleNonce,
-    /// Malformed attributes: 400.
-    BadRequest,
-}
-
 /// Mints and checks nonces; computes the long-term key of a REST-API username.
 pub struct Credentials {
     secret: String,
@@ -74,16 +63,14 @@ impl Credentials {
         issued <= now && now - issued <= NONCE_LIFETIME_S && self.nonce_mac(issued, ip) == mac
     }
 
-    /// The MESSAGE-INTEGRITY key for a new allocation by `username` in `realm`, or why not.
-    pub fn key_for_new(&self, username: &str, realm: &str, now: u64) -> Result<Vec<u8>, AuthFailure> {
+    /// The MESSAGE-INTEGRITY key for a new allocation by `username` in `realm`; `None` (answered
+    /// with 401) for another realm, a username without an expiry, or an expired one.
+    pub fn key_for_new(&self, username: &str, realm: &str, now: u64) -> Option<Vec<u8>> {
         if realm != self.realm {
-            return Err(AuthFailure::Unauthorized);
+            return None;
         }
-        let expiry = username.split(':').next().and_then(|e| e.parse::<u64>().ok());
-        match expiry {
-            Some(expiry) if expiry > now => Ok(self.key(username)),
-            _ => Err(AuthFailure::Unauthorized),
-        }
+        let expiry = username.split(':').next().and_then(|e| e.parse::<u64>().ok())?;
+        (expiry > now).then(|| self.key(username))
     }
 
     /// MD5(username ":" realm ":" password), the long-term credential key (RFC 8489 §9.2.2).
@@ -121,21 +108,9 @@ mod tests {
         let expected =
             stun::integrity::MessageIntegrity::new_long_term_integrity(username.into(), "avatar-edge".into(), password)
                 .0;
-        assert_eq!(c.key_for_new(username, "avatar-edge", 1999), Ok(expected));
-        assert_eq!(
-            c.key_for_new(username, "avatar-edge", 2000),
-            Err(AuthFailure::Unauthorized),
-            "expired"
-        );
-        assert_eq!(
-            c.key_for_new(username, "other", 10),
-            Err(AuthFailure::Unauthorized),
-            "realm"
-        );
-        assert_eq!(
-            c.key_for_new("alice", "avatar-edge", 10),
-            Err(AuthFailure::Unauthorized),
-            "no expiry"
-        );
+        assert_eq!(c.key_for_new(username, "avatar-edge", 1999), Some(expected));
+        assert_eq!(c.key_for_new(username, "avatar-edge", 2000), None, "expired");
+        assert_eq!(c.key_for_new(username, "other", 10), None, "realm");
+        assert_eq!(c.key_for_new("alice", "avatar-edge", 10), None, "no expiry");
     }
 }

@@ -10,7 +10,7 @@
 //! source), then the allocation's existence and owner (437/441), then the request's own
 //! attributes (400/442/440), then policy — caps (486/508) and the peer filter (403).
 
-use super::auth::{AuthFailure, Credentials};
+use super::auth::Credentials;
 use super::filter::{canonical, PeerFilter};
 use crate::config::EmbeddedTurnConfig;
 use bytes::Bytes;
@@ -364,6 +364,11 @@ impl Server {
         };
         let now = crate::ice::unix_now();
         if !self.creds.nonce_ok(&nonce, five.client.ip(), now) {
+            // Counted with the challenges: both are answers anyone can ask for.
+            if self.challenges.check_key(&five.client.ip()).is_err() {
+                self.stats.unauthorized_dropped.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
             return Some(self.with_nonce(CODE_STALE_NONCE, "Stale Nonce", five));
         }
         let existing = self.allocation(five);
@@ -373,15 +378,12 @@ impl Server {
                     return Some(Reply::error(CODE_WRONG_CREDENTIALS, "Wrong Credentials", None));
                 }
                 // An existing allocation keeps the key it was made with (see auth.rs).
-                Ok(a.key.clone())
+                Some(a.key.clone())
             }
             _ => self.creds.key_for_new(&username, &realm, now),
         };
-        let key = match key {
-            Ok(key) => key,
-            Err(AuthFailure::StaleNonce) => return Some(self.with_nonce(CODE_STALE_NONCE, "Stale Nonce", five)),
-            Err(AuthFailure::BadRequest) => return Some(Reply::error(CODE_BAD_REQUEST, "Bad Request", None)),
-            Err(AuthFailure::Unauthorized) => return self.unauthorized(five, false),
+        let Some(key) = key else {
+            return self.unauthorized(five, false);
         };
         if MessageIntegrity(key.clone()).check(&mut m.clone()).is_err() {
             return self.unauthorized(five, false);
