@@ -231,18 +231,27 @@ fn embedded_turn_passes_coturns_client_tools_over_udp_tcp_and_tls() {
             );
             assert!(done && out.contains("UDP reflexive addr: 127.0.0.1:"), "{out}");
 
+            // A small run over UDP to the allow-listed echo peer; the checks below vary one field.
+            let small = Uclient {
+                server_ip: "127.0.0.1",
+                port,
+                secret: EMBEDDED_SECRET,
+                peer_ip: "127.0.0.2",
+                peer_port,
+                clients: 1,
+                messages: 5,
+                bytes: 100,
+                interval_ms: 1,
+                transport: "udp",
+            };
             for transport in ["udp", "tcp", "tls"] {
                 let run = Uclient {
-                    server_ip: "127.0.0.1",
                     port: if transport == "tls" { tls_port } else { port },
-                    secret: EMBEDDED_SECRET,
-                    peer_ip: "127.0.0.2",
-                    peer_port,
                     clients: 5,
                     messages: 200,
                     bytes: 1200,
-                    interval_ms: 1,
                     transport,
+                    ..small
                 };
                 // -v: the tool then reports each step (allocate, refresh, channel bind).
                 let mut args = run.args();
@@ -267,16 +276,8 @@ fn embedded_turn_passes_coturns_client_tools_over_udp_tcp_and_tls() {
             // Forbidden peers: the tool's channel bind is answered 403.
             for forbidden in ["127.0.0.1", "169.254.169.254", "10.0.0.1"] {
                 let run = Uclient {
-                    server_ip: "127.0.0.1",
-                    port,
-                    secret: EMBEDDED_SECRET,
                     peer_ip: forbidden,
-                    peer_port,
-                    clients: 1,
-                    messages: 5,
-                    bytes: 100,
-                    interval_ms: 1,
-                    transport: "udp",
+                    ..small
                 };
                 let (_, out) = turnutils::run("turnutils_uclient", &run.args(), Duration::from_secs(5));
                 assert!(
@@ -287,16 +288,8 @@ fn embedded_turn_passes_coturns_client_tools_over_udp_tcp_and_tls() {
 
             // A wrong secret never gets an allocation: the tool keeps being told 401 and gives nothing.
             let wrong = Uclient {
-                server_ip: "127.0.0.1",
-                port,
                 secret: "not-the-embedded-secret",
-                peer_ip: "127.0.0.2",
-                peer_port,
-                clients: 1,
-                messages: 5,
-                bytes: 100,
-                interval_ms: 1,
-                transport: "udp",
+                ..small
             };
             let mut args = wrong.args();
             args.insert(0, "-v".into());
