@@ -494,7 +494,7 @@ impl Server {
         tokio::spawn(relay_task(Arc::clone(self), alloc));
         Reply::ok(
             vec![
-                Box::new(RelayedAddr(SocketAddr::new(self.announced, port))),
+                Box::new(XorAddr(ATTR_XOR_RELAYED_ADDRESS, SocketAddr::new(self.announced, port))),
                 Self::lifetime_attr(lifetime),
                 Box::new(XorMappedAddress {
                     ip: five.client.ip(),
@@ -725,7 +725,7 @@ impl Server {
                 let built = m.build(&[
                     Box::new(TransactionId::new()),
                     Box::new(MessageType::new(METHOD_DATA, CLASS_INDICATION)),
-                    Box::new(PeerAddr(peer)),
+                    Box::new(XorAddr(ATTR_XOR_PEER_ADDRESS, peer)),
                     Box::new(RawAttr(ATTR_DATA, payload.to_vec())),
                 ]);
                 if built.is_err() {
@@ -785,28 +785,15 @@ impl Setter for RawAttr {
     }
 }
 
-/// XOR-RELAYED-ADDRESS.
-struct RelayedAddr(SocketAddr);
+/// An address attribute XOR-encoded like XOR-MAPPED-ADDRESS (XOR-RELAYED-ADDRESS, XOR-PEER-ADDRESS).
+struct XorAddr(AttrType, SocketAddr);
 
-impl Setter for RelayedAddr {
+impl Setter for XorAddr {
     fn add_to(&self, m: &mut Message) -> Result<(), stun::Error> {
         XorMappedAddress {
-            ip: self.0.ip(),
-            port: self.0.port(),
+            ip: self.1.ip(),
+            port: self.1.port(),
         }
-        .add_to_as(m, ATTR_XOR_RELAYED_ADDRESS)
-    }
-}
-
-/// XOR-PEER-ADDRESS.
-struct PeerAddr(SocketAddr);
-
-impl Setter for PeerAddr {
-    fn add_to(&self, m: &mut Message) -> Result<(), stun::Error> {
-        XorMappedAddress {
-            ip: self.0.ip(),
-            port: self.0.port(),
-        }
-        .add_to_as(m, ATTR_XOR_PEER_ADDRESS)
+        .add_to_as(m, self.0)
     }
 }
