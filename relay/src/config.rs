@@ -576,22 +576,26 @@ impl RelayConfig {
                         "need 1024 <= relay_port_min <= relay_port_max",
                     );
                 }
-                if e.max_allocations_per_credential == 0 || e.max_allocations == 0 {
-                    return invalid(
+                for (key, value) in [
+                    (
                         "turn.embedded.max_allocations_per_credential",
-                        "allocation caps must be above 0",
-                    );
+                        e.max_allocations_per_credential as u64,
+                    ),
+                    ("turn.embedded.max_allocations", e.max_allocations as u64),
+                    ("turn.embedded.bandwidth_kbps", e.bandwidth_kbps as u64),
+                    (
+                        "turn.embedded.unauthorized_per_minute",
+                        e.unauthorized_per_minute as u64,
+                    ),
+                ] {
+                    if value == 0 {
+                        return invalid(key, "must be above 0");
+                    }
                 }
                 if !(60..=86_400).contains(&e.max_lifetime_s) || e.max_allocation_age_s < e.max_lifetime_s {
                     return invalid(
                         "turn.embedded.max_lifetime_s",
                         "between 60 s and one day, and at most max_allocation_age_s",
-                    );
-                }
-                if e.bandwidth_kbps == 0 || e.unauthorized_per_minute == 0 {
-                    return invalid(
-                        "turn.embedded.bandwidth_kbps",
-                        "bandwidth and 401 rate caps must be above 0",
                     );
                 }
                 if e.realm.is_empty() || e.realm.len() > 127 {
@@ -680,6 +684,14 @@ mod tests {
             (
                 "[turn]\nmode = \"embedded\"\n[turn.embedded]\npublic_ip = \"203.0.113.1\"\nbandwidth_kbps = 0\n",
                 "turn.embedded.bandwidth_kbps",
+            ),
+            (
+                "[turn]\nmode = \"embedded\"\n[turn.embedded]\npublic_ip = \"203.0.113.1\"\nmax_allocations = 0\n",
+                "`turn.embedded.max_allocations`",
+            ),
+            (
+                "[turn]\nmode = \"embedded\"\n[turn.embedded]\npublic_ip = \"203.0.113.1\"\nunauthorized_per_minute = 0\n",
+                "turn.embedded.unauthorized_per_minute",
             ),
             ("[turn]\nmode = \"maybe\"\n", "turn.mode"),
             ("[turn]\nstun_urls = [\"http://x\"]\n", "turn.urls"),
