@@ -16,6 +16,8 @@ use std::net::IpAddr;
 
 /// How long a nonce is accepted. Long enough that browsers rarely see a 438 mid-session.
 pub const NONCE_LIFETIME_S: u64 = 3600;
+/// Bytes of HMAC in a nonce: 96 bits, ample for a value that only proves the server issued it.
+const NONCE_TAG_LEN: usize = 12;
 
 /// Mints and checks nonces; computes the long-term key of a REST-API username.
 pub struct Credentials {
@@ -37,30 +39,34 @@ impl Credentials {
         &self.realm
     }
 
-    fn nonce_mac(&self, issued: u64, ip: IpAddr) -> String {
-        // HMAC takes keys of any length.
-        let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(&self.nonce_key) else {
-            return String::new();
-        };
+    /// The HMAC over a nonce's issue time and the client's IP; its first [`NONCE_TAG_LEN`] bytes
+    /// are the nonce's tag.
+    fn nonce_mac(&self, issued: u64, ip: IpAddr) -> Hmac<Sha256> {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.nonce_key).expect("HMAC takes keys of any length");
         mac.update(&issued.to_be_bytes());
         mac.update(ip.to_string().as_bytes());
-        hex::encode(&mac.finalize().into_bytes()[..12])
+        mac
     }
 
     /// A fresh nonce for a client at `ip`.
     pub fn nonce(&self, ip: IpAddr, now: u64) -> String {
-        format!("{now:x}-{}", self.nonce_mac(now, ip))
+        let tag = self.nonce_mac(now, ip).finalize().into_bytes();
+        format!("{now:x}-{}", hex::encode(&tag[..NONCE_TAG_LEN]))
     }
 
-    /// Whether `nonce` was minted by this server for `ip` and is still fresh.
+    /// Whether `nonce` was minted by this server for `ip` and is still fresh (the tag is compared
+    /// in constant time).
     pub fn nonce_ok(&self, nonce: &str, ip: IpAddr, now: u64) -> bool {
-        let Some((issued, mac)) = nonce.split_once('-') else {
+        let Some((issued, tag)) = nonce.split_once('-') else {
             return false;
         };
-        let Ok(issued) = u64::from_str_radix(issued, 16) else {
+        let (Ok(issued), Ok(tag)) = (u64::from_str_radix(issued, 16), hex::decode(tag)) else {
             return false;
         };
-        issued <= now && now - issued <= NONCE_LIFETIME_S && self.nonce_mac(issued, ip) == mac
+        issued <= now
+            && now - issued <= NONCE_LIFETIME_S
+            && tag.len() == NONCE_TAG_LEN
+            && self.nonce_mac(issued, ip).verify_truncated_left(&tag).is_ok()
     }
 
     /// The MESSAGE-INTEGRITY key for a new allocation by `username` in `realm`; `None` (answered
@@ -95,6 +101,9 @@ mod tests {
         assert!(!c.nonce_ok(&n, ip, 1001 + NONCE_LIFETIME_S), "expired");
         assert!(!c.nonce_ok(&n, other, 1000), "another client's");
         assert!(!c.nonce_ok("3e8-00", ip, 1000), "forged");
+        assert!(!c.nonce_ok(&format!("3e8-{}", "0".repeat(24)), ip, 1000), "forged, full length");
+        assert!(!c.nonce_ok(&n[..n.len() - 2], ip, 1000), "truncated tag");
+        assert!(!c.nonce_ok(&format!("{n}00"), ip, 1000), "extended tag");
         assert!(!c.nonce_ok("garbage", ip, 1000));
         let restarted = Credentials::new("0123456789abcdef", "avatar-edge");
         assert!(!restarted.nonce_ok(&n, ip, 1000), "keys are per process");
