@@ -104,6 +104,10 @@ pub struct EmbeddedTurnConfig {
     pub allow_peers: Vec<ipnet::IpNet>,
     /// More ranges to refuse, on top of the built-in special-purpose list.
     pub deny_peers: Vec<ipnet::IpNet>,
+    /// TCP and TLS connections held at once; further ones are closed on accept.
+    pub max_stream_connections: usize,
+    /// A TCP or TLS connection that holds no allocation this long after it opened is closed.
+    pub stream_allocate_within_s: u64,
     /// SO_RCVBUF/SO_SNDBUF of every TURN socket (bursts of many clients; capped by the kernel's
     /// net.core.rmem_max/wmem_max).
     pub socket_buffer_bytes: usize,
@@ -178,6 +182,8 @@ impl Default for EmbeddedTurnConfig {
             unauthorized_per_minute: 30,
             allow_peers: Vec::new(),
             deny_peers: Vec::new(),
+            max_stream_connections: 4096,
+            stream_allocate_within_s: 30,
             socket_buffer_bytes: 8 << 20,
         }
     }

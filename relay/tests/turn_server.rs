@@ -40,6 +40,7 @@ fn config(f: impl FnOnce(&mut EmbeddedTurnConfig)) -> TurnConfig {
 
 struct Running {
     addr: SocketAddr,
+    tcp: Option<SocketAddr>,
     server: std::sync::Arc<avatar_relay::turn::server::Server>,
     stop: CancellationToken,
 }
@@ -55,9 +56,15 @@ fn start(cfg: TurnConfig) -> Running {
     let certs = ServerCerts::Static(Identity::self_signed().expect("cert"));
     let turn = TurnServer::bind(&cfg, &certs, &[], stop.clone()).expect("bind");
     let addr = turn.udp_addr().expect("udp");
+    let tcp = turn.tcp_addr();
     let server = turn.server();
     tokio::spawn(turn.run());
-    Running { addr, server, stop }
+    Running {
+        addr,
+        tcp,
+        server,
+        stop,
+    }
 }
 
 /// A TURN client: one UDP socket, long-term credentials once challenged.
@@ -635,4 +642,67 @@ async fn hostile_messages_are_refused_without_harm() {
     assert_eq!(r.typ.class, CLASS_SUCCESS_RESPONSE);
     assert_eq!(newcomer.allocate().await.typ.class, CLASS_SUCCESS_RESPONSE);
     assert_eq!(code(&newcomer.permit("127.0.0.1:9".parse().expect("addr")).await), None);
+}
+
+/// TCP connections are capped, and one that holds no allocation is closed after
+/// `stream_allocate_within_s`; one with an allocation stays.
+#[tokio::test]
+async fn idle_and_excess_tcp_connections_are_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    let s = start(config(|e| {
+        e.listen_tcp = Some("127.0.0.1:0".parse().expect("addr"));
+        e.max_stream_connections = 2;
+        e.stream_allocate_within_s = 1;
+    }));
+    let tcp = s.tcp.expect("tcp listener");
+    let closed_within = |mut c: TcpStream, limit: Duration| async move {
+        let mut b = [0u8; 64];
+        matches!(
+            tokio::time::timeout(limit, c.read(&mut b)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        )
+    };
+
+    let first = TcpStream::connect(tcp).await.expect("connect");
+    let second = TcpStream::connect(tcp).await.expect("connect");
+    let third = TcpStream::connect(tcp).await.expect("connect");
+    assert!(
+        closed_within(third, Duration::from_millis(500)).await,
+        "over the cap: closed at once"
+    );
+    let started = std::time::Instant::now();
+    assert!(
+        closed_within(first, Duration::from_secs(3)).await,
+        "no allocation: closed"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(500), "not before its time");
+    assert!(closed_within(second, Duration::from_secs(3)).await);
+
+    // One that allocates over TCP outlives the limit.
+    let mut conn = TcpStream::connect(tcp).await.expect("connect");
+    let mut c = Client::valid(s.addr, "alice").await;
+    async fn ask(conn: &mut TcpStream, m: &Message) -> Message {
+        conn.write_all(&m.raw).await.expect("write");
+        let mut head = [0u8; 20];
+        conn.read_exact(&mut head).await.expect("header");
+        let mut raw = head.to_vec();
+        raw.resize(20 + u16::from_be_bytes([head[2], head[3]]) as usize, 0);
+        conn.read_exact(&mut raw[20..]).await.expect("body");
+        let mut r = Message::new();
+        r.raw = raw;
+        r.decode().expect("STUN");
+        r
+    }
+    let transport = || vec![setter(Raw(ATTR_REQUESTED_TRANSPORT, vec![17, 0, 0, 0]))];
+    let challenge = ask(&mut conn, &c.build(METHOD_ALLOCATE, transport(), false)).await;
+    assert_eq!(code(&challenge), Some(401));
+    c.nonce = TextAttribute::get_from_as(&challenge, ATTR_NONCE).expect("nonce").text;
+    c.realm = TextAttribute::get_from_as(&challenge, ATTR_REALM).expect("realm").text;
+    let r = ask(&mut conn, &c.build(METHOD_ALLOCATE, transport(), true)).await;
+    assert_eq!(r.typ.class, CLASS_SUCCESS_RESPONSE, "{:?}", code(&r));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let r = ask(&mut conn, &c.build(METHOD_BINDING, Vec::new(), false)).await;
+    assert_eq!(r.typ.class, CLASS_SUCCESS_RESPONSE, "still open after the limit");
 }

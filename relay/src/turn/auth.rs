@@ -101,7 +101,10 @@ mod tests {
         assert!(!c.nonce_ok(&n, ip, 1001 + NONCE_LIFETIME_S), "expired");
         assert!(!c.nonce_ok(&n, other, 1000), "another client's");
         assert!(!c.nonce_ok("3e8-00", ip, 1000), "forged");
-        assert!(!c.nonce_ok(&format!("3e8-{}", "0".repeat(24)), ip, 1000), "forged, full length");
+        assert!(
+            !c.nonce_ok(&format!("3e8-{}", "0".repeat(24)), ip, 1000),
+            "forged, full length"
+        );
         assert!(!c.nonce_ok(&n[..n.len() - 2], ip, 1000), "truncated tag");
         assert!(!c.nonce_ok(&format!("{n}00"), ip, 1000), "extended tag");
         assert!(!c.nonce_ok("garbage", ip, 1000));

@@ -37,7 +37,8 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-/// A TCP/TLS connection that sends nothing for this long is closed (its allocation goes with it).
+/// A TCP/TLS connection with an allocation that sends nothing for this long is closed (its
+/// allocation goes with it).
 const STREAM_IDLE: Duration = Duration::from_secs(300);
 /// A TLS handshake must finish within this.
 const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
@@ -218,6 +219,7 @@ async fn accept_loop(
     shutdown: CancellationToken,
 ) {
     let Ok(local) = listener.local_addr() else { return };
+    let max = server.config().max_stream_connections;
     let mut conns = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
@@ -225,6 +227,13 @@ async fn accept_loop(
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             r = listener.accept() => {
                 let Ok((stream, peer)) = r else { continue };
+                if conns.len() >= max {
+                    // Dropping the stream closes it: an idle-connection flood cannot use up the
+                    // relay's file descriptors, which its signaling needs too.
+                    metrics::counter!("relay_turn_connections_refused_total").increment(1);
+                    tracing::debug!(%peer, max, "TURN stream connection refused: at the cap");
+                    continue;
+                }
                 let _ = stream.set_nodelay(true);
                 let (server, shutdown, tls) = (Arc::clone(&server), shutdown.clone(), tls.clone());
                 conns.spawn(async move {
@@ -276,6 +285,8 @@ where
     });
     let client = ClientTx::Stream(tx);
     let mut buf = BytesMut::with_capacity(8192);
+    let opened = tokio::time::Instant::now();
+    let allocate_within = Duration::from_secs(server.config().stream_allocate_within_s);
     'conn: loop {
         loop {
             match frame_len(&buf) {
@@ -287,9 +298,18 @@ where
                 _ => break,
             }
         }
+        // Without an allocation a connection only gets `stream_allocate_within_s` from its start.
+        let idle = if server.has_allocation(&five) {
+            STREAM_IDLE
+        } else {
+            match allocate_within.checked_sub(opened.elapsed()) {
+                Some(left) if !left.is_zero() => left,
+                _ => break,
+            }
+        };
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            r = tokio::time::timeout(STREAM_IDLE, rd.read_buf(&mut buf)) => match r {
+            r = tokio::time::timeout(idle, rd.read_buf(&mut buf)) => match r {
                 Ok(Ok(n)) if n > 0 => {}
                 _ => break,
             }

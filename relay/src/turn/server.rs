@@ -242,6 +242,15 @@ impl Server {
         self.table().by_five.get(five).cloned()
     }
 
+    /// Whether `five` holds an allocation.
+    pub fn has_allocation(&self, five: &FiveTuple) -> bool {
+        self.table().by_five.contains_key(five)
+    }
+
+    pub fn config(&self) -> &EmbeddedTurnConfig {
+        &self.cfg
+    }
+
     /// Delete the allocation of `five`, if any.
     pub fn remove(&self, five: &FiveTuple) {
         let removed = {
