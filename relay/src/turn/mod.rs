@@ -16,7 +16,10 @@
 //! - peers in special-purpose ranges and the server's own addresses are refused with 403 unless
 //!   allow-listed, IPv4-mapped spellings canonicalised first ([`filter`]);
 //! - allocations per credential and in total are capped (486/508), each allocation's bandwidth is
-//!   capped per direction, and 401 answers are rate-limited per source address.
+//!   capped per direction, and 401 answers are rate-limited per source address;
+//! - TCP/TLS connections are capped in number, and one that has not allocated within
+//!   `stream_allocate_within_s` is closed, so idle connections cannot exhaust the descriptors the
+//!   relay's signaling needs.
 //!
 //! Layout: [`server`] is the state machine (it never awaits); this module binds the sockets and runs
 //! the listeners, each of which stops when the relay's shutdown token fires.
