@@ -423,8 +423,15 @@ async fn two_allocations_of_this_server_reach_each_other() {
     let (ra, rb) = (relayed(&a.allocate().await), relayed(&b.allocate().await));
     assert_eq!(code(&a.permit(rb).await), None, "permission for the other allocation");
     assert_eq!(code(&b.permit(ra).await), None);
-    // Not for any other port of this host.
+    // Not for any other port of this host, nor a port of the relay range that no allocation holds.
     assert_eq!(code(&a.permit("127.0.0.1:9".parse().expect("addr")).await), Some(403));
+    let unused = (20000..=29999u16)
+        .find(|p| ![ra.port(), rb.port()].contains(p))
+        .expect("a free relay port");
+    assert_eq!(
+        code(&a.permit(SocketAddr::from(([127, 0, 0, 1], unused))).await),
+        Some(403)
+    );
     let r = a
         .request(METHOD_CHANNEL_BIND, || {
             vec![

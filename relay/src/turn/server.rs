@@ -562,7 +562,7 @@ impl Server {
                 ));
             }
             let ip = canonical(addr.ip);
-            if !self.filter.allows(ip) && !self.is_relayed_address(SocketAddr::new(ip, addr.port)) {
+            if !self.filter.allows(ip) && self.relayed_allocation(SocketAddr::new(ip, addr.port)).is_none() {
                 self.stats.peer_denied.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("relay_turn_peer_denied_total").increment(1);
                 tracing::info!(client = %a.five.client, user = %a.username, peer = %ip, "TURN peer refused (special-purpose or own address)");
@@ -587,12 +587,15 @@ impl Server {
         Ok(peers)
     }
 
-    /// Whether `peer` is one of this server's relayed addresses: the server's own address is
+    /// The live allocation whose relayed address is `peer`, if any: the server's own address is
     /// otherwise refused, but relaying between two of its own allocations (both sides behind
     /// symmetric NATs) must work, and is delivered inside the process ([`Server::to_peer`]).
-    fn is_relayed_address(&self, peer: SocketAddr) -> bool {
-        (peer.ip() == self.announced || peer.ip() == self.cfg.relay_ip)
-            && (self.cfg.relay_port_min..=self.cfg.relay_port_max).contains(&peer.port())
+    fn relayed_allocation(&self, peer: SocketAddr) -> Option<Arc<Allocation>> {
+        let own = peer.ip() == self.announced || peer.ip() == self.cfg.relay_ip;
+        if !own {
+            return None;
+        }
+        self.table().by_port.get(&peer.port()).cloned()
     }
 
     fn create_permission(&self, a: &Arc<Allocation>, m: &Message) -> Reply {
@@ -669,10 +672,10 @@ impl Server {
         if !a.permitted(peer.ip(), Instant::now()) {
             return;
         }
-        let relayed = self.is_relayed_address(peer);
+        let relayed = self.relayed_allocation(peer);
         // Permissions are per IP (RFC 8656 §9): one granted for this server's own address (for a
         // relayed port) must not let a Send indication reach its other ports.
-        if !relayed && !self.filter.allows(peer.ip()) {
+        if relayed.is_none() && !self.filter.allows(peer.ip()) {
             self.stats.peer_denied.fetch_add(1, Ordering::Relaxed);
             return;
         }
@@ -681,13 +684,10 @@ impl Server {
             metrics::counter!("relay_turn_bandwidth_dropped_total").increment(1);
             return;
         }
-        if relayed {
+        if let Some(other) = relayed {
             // Hand it to the other allocation directly: a VPS behind 1:1 NAT cannot send to its
             // own public address, and this skips a trip through the kernel besides.
-            let other = self.table().by_port.get(&peer.port()).cloned();
-            if let Some(other) = other {
-                self.peer_to_client(&other, a.relayed, payload);
-            }
+            self.peer_to_client(&other, a.relayed, payload);
             return;
         }
         // A full socket buffer drops the datagram, as the network would.
