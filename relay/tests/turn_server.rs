@@ -204,6 +204,15 @@ impl Client {
         self.request(METHOD_CREATE_PERMISSION, || vec![peer(ATTR_XOR_PEER_ADDRESS, to)])
             .await
     }
+
+    async fn bind_channel(&mut self, number: u16, to: SocketAddr) -> Message {
+        self.request(METHOD_CHANNEL_BIND, || {
+            let mut value = number.to_be_bytes().to_vec();
+            value.extend([0, 0]);
+            vec![setter(Raw(ATTR_CHANNEL_NUMBER, value)), peer(ATTR_XOR_PEER_ADDRESS, to)]
+        })
+        .await
+    }
 }
 
 fn relayed(m: &Message) -> SocketAddr {
@@ -268,14 +277,7 @@ async fn special_purpose_peers_are_refused_with_403_unless_allow_listed() {
     ] {
         let to: SocketAddr = p.parse().expect("addr");
         assert_eq!(code(&c.permit(to).await), Some(403), "CreatePermission {p}");
-        let r = c
-            .request(METHOD_CHANNEL_BIND, || {
-                vec![
-                    setter(Raw(ATTR_CHANNEL_NUMBER, vec![0x40, 0x01, 0, 0])),
-                    peer(ATTR_XOR_PEER_ADDRESS, to),
-                ]
-            })
-            .await;
+        let r = c.bind_channel(0x4001, to).await;
         assert_eq!(code(&r), Some(403), "ChannelBind {p}");
     }
     assert!(s.server.stats.peer_denied.load(Ordering::Relaxed) >= 12);
@@ -360,14 +362,7 @@ async fn data_is_relayed_both_ways_and_bandwidth_is_capped() {
     let peer_addr = peer_sock.local_addr().expect("addr");
     let mut c = Client::valid(s.addr, "alice").await;
     let relay = relayed(&c.allocate().await);
-    let r = c
-        .request(METHOD_CHANNEL_BIND, || {
-            vec![
-                setter(Raw(ATTR_CHANNEL_NUMBER, vec![0x40, 0x00, 0, 0])),
-                peer(ATTR_XOR_PEER_ADDRESS, peer_addr),
-            ]
-        })
-        .await;
+    let r = c.bind_channel(0x4000, peer_addr).await;
     assert_eq!(r.typ.class, CLASS_SUCCESS_RESPONSE, "{:?}", code(&r));
 
     // Client → peer through the channel.
@@ -432,14 +427,7 @@ async fn two_allocations_of_this_server_reach_each_other() {
         code(&a.permit(SocketAddr::from(([127, 0, 0, 1], unused))).await),
         Some(403)
     );
-    let r = a
-        .request(METHOD_CHANNEL_BIND, || {
-            vec![
-                setter(Raw(ATTR_CHANNEL_NUMBER, vec![0x40, 0x00, 0, 0])),
-                peer(ATTR_XOR_PEER_ADDRESS, rb),
-            ]
-        })
-        .await;
+    let r = a.bind_channel(0x4000, rb).await;
     assert_eq!(code(&r), None);
     let mut frame = vec![0x40, 0x00, 0x00, 0x04];
     frame.extend_from_slice(b"ping");
