@@ -88,8 +88,17 @@ pub struct EmbeddedTurnConfig {
     /// Relayed ports are taken from this range (open it in the firewall).
     pub relay_port_min: u16,
     pub relay_port_max: u16,
-    /// Allocations one credential may hold at once.
-    pub max_allocations_per_credential: usize,
+    /// Allocations one browser user may hold at once, whatever credentials they were minted
+    /// (a fresh credential every second, or a fresh session id, gives no fresh quota). The user
+    /// is the auth policy's principal, or the session id without one.
+    #[serde(alias = "max_allocations_per_credential")]
+    pub max_allocations_per_user: usize,
+    /// Allocations held at once by browser credentials from one source address (IPv6: one /64):
+    /// the cap on an anonymous client that opens many sockets under many session ids.
+    pub max_allocations_per_ip: usize,
+    /// Allocations one worker may hold at once (a worker allocates for each of its sessions; its
+    /// identities are minted only for workers and never for a browser).
+    pub max_allocations_per_worker: usize,
     /// Allocations the whole server holds at once.
     pub max_allocations: usize,
     /// Longest lifetime one Allocate/Refresh grants, seconds.
@@ -174,7 +183,9 @@ impl Default for EmbeddedTurnConfig {
             public_ip: None,
             relay_port_min: 49152,
             relay_port_max: 65535,
-            max_allocations_per_credential: 12,
+            max_allocations_per_user: 12,
+            max_allocations_per_ip: 64,
+            max_allocations_per_worker: 2048,
             max_allocations: 10_000,
             max_lifetime_s: 3600,
             max_allocation_age_s: 4 * 3600,
@@ -297,8 +308,20 @@ pub enum RouterFallback {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
-    /// New WebSocket connections one IP address may open per minute (burst included); 0: no limit.
+    /// New WebSocket connections (and `/api/ice-servers` requests) one client address may make
+    /// per minute (burst included); 0: no limit.
     pub connections_per_ip_per_minute: u32,
+    /// WebSockets one client address may hold open at once; 0: no limit.
+    pub sockets_per_ip: usize,
+    /// IPv6 clients are counted per network of this prefix length (one subscriber usually holds
+    /// a whole /64, so counting single addresses would let one client multiply its quota).
+    pub ipv6_prefix_len: u8,
+    /// Reverse proxies whose `X-Forwarded-For` / `Forwarded` headers name the client. Requests
+    /// from any other address are taken to come from that address, headers ignored.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// With an auth policy that names a user, a session id stays bound to that user this long
+    /// after their socket closes: nobody else can take it over meanwhile.
+    pub session_binding_s: u64,
     /// Close a socket that has no worker session and sends nothing for this long.
     pub idle_timeout_ms: u64,
     /// End any session after this long, however busy.
@@ -309,6 +332,10 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
             connections_per_ip_per_minute: 120,
+            sockets_per_ip: 64,
+            ipv6_prefix_len: 64,
+            trusted_proxies: Vec::new(),
+            session_binding_s: 600,
             idle_timeout_ms: 120_000,
             max_session_ms: 4 * 3600 * 1000,
         }
@@ -326,10 +353,29 @@ pub struct HttpConfig {
     pub web_client_dir: Option<PathBuf>,
     /// Largest signaling message accepted; larger ones get `message_too_large`.
     pub max_message_bytes: usize,
-    /// Messages above this size close the socket (1009) instead of getting an error event.
+    /// Messages above this size close the socket (1009) instead of getting an error event;
+    /// nothing larger is ever buffered.
     pub max_frame_bytes: usize,
     /// How long open connections get to finish on shutdown.
     pub shutdown_grace_ms: u64,
+    /// A new connection must send a complete request head within this, and a kept-alive one
+    /// that sends nothing for this long is closed (slowloris and silent connections).
+    pub header_read_timeout_ms: u64,
+    /// A TLS handshake must complete within this (`tls = true`).
+    pub tls_handshake_timeout_ms: u64,
+    /// Connections held open at once, all clients together; further ones are closed on
+    /// accept. Lowered at start to fit the process's descriptor limit.
+    pub max_connections: usize,
+    /// Connections one client address (IPv6: one `limits.ipv6_prefix_len` network) may hold
+    /// open at once; trusted proxies are exempt. 0: no limit.
+    pub max_connections_per_ip: usize,
+    /// Browser origins allowed to open `/ws/…` (e.g. `https://tutor.example.com`); empty: any
+    /// origin. Requests without an `Origin` header (not a browser) are not affected. Set it when
+    /// an auth policy reads cookies, or a third-party page could use a visitor's cookies.
+    pub allowed_origins: Vec<String>,
+    /// Bearer token for `/metrics`. Without one, `/metrics` answers only requests from loopback
+    /// that did not come through a proxy.
+    pub metrics_token: Option<Secret>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -343,8 +389,17 @@ pub struct TunnelConfig {
     pub idle_timeout_ms: u64,
     /// QUIC keep-alive interval; keep it well under the idle timeout.
     pub keepalive_ms: u64,
-    /// Time a worker gets to complete hello, auth and registration.
+    /// Time a worker gets to complete the QUIC handshake, hello, auth and registration.
     pub handshake_timeout_ms: u64,
+    /// Connections that have not yet authenticated, at once; further ones are refused.
+    pub max_pending_handshakes: usize,
+    /// Above this many pending handshakes, a client whose address is not yet validated gets a
+    /// QUIC Retry first (proves its address, costs the relay no state).
+    pub retry_above_pending: usize,
+    /// Bytes a worker may have in flight to the relay on one tunnel (QUIC receive window).
+    pub receive_window_bytes: u32,
+    /// Bytes in flight on one stream of a tunnel.
+    pub stream_receive_window_bytes: u32,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -412,8 +467,14 @@ impl Default for HttpConfig {
             tls: false,
             web_client_dir: None,
             max_message_bytes: avatar_proto::signaling::DEFAULT_MAX_MESSAGE_LEN,
-            max_frame_bytes: 16 << 20,
+            max_frame_bytes: 2 * avatar_proto::signaling::DEFAULT_MAX_MESSAGE_LEN,
             shutdown_grace_ms: 3000,
+            header_read_timeout_ms: 10_000,
+            tls_handshake_timeout_ms: 10_000,
+            max_connections: 10_000,
+            max_connections_per_ip: 256,
+            allowed_origins: Vec::new(),
+            metrics_token: None,
         }
     }
 }
@@ -426,6 +487,10 @@ impl Default for TunnelConfig {
             idle_timeout_ms: 3000,
             keepalive_ms: 1000,
             handshake_timeout_ms: 5000,
+            max_pending_handshakes: 64,
+            retry_above_pending: 16,
+            receive_window_bytes: 4 << 20,
+            stream_receive_window_bytes: 256 << 10,
         }
     }
 }
@@ -527,6 +592,48 @@ impl RelayConfig {
             return invalid("http.max_message_bytes", "must be between 1 and http.max_frame_bytes");
         }
         const DAY_MS: u64 = 24 * 3600 * 1000;
+        for (key, ms) in [
+            ("http.header_read_timeout_ms", self.http.header_read_timeout_ms),
+            ("http.tls_handshake_timeout_ms", self.http.tls_handshake_timeout_ms),
+            ("tunnel.handshake_timeout_ms", self.tunnel.handshake_timeout_ms),
+        ] {
+            if !(1..=3_600_000).contains(&ms) {
+                return invalid(key, "must be between 1 ms and one hour");
+            }
+        }
+        if self.http.max_connections == 0 {
+            return invalid("http.max_connections", "must be above 0");
+        }
+        for origin in &self.http.allowed_origins {
+            let host = origin
+                .strip_prefix("https://")
+                .or_else(|| origin.strip_prefix("http://"));
+            let ok = origin == "*"
+                || host.is_some_and(|h| !h.is_empty() && !h.contains(|c: char| "/?#".contains(c) || c.is_whitespace()));
+            if !ok {
+                return invalid(
+                    "http.allowed_origins",
+                    "origins look like https://tutor.example.com (scheme and host, optional port, no path), or *",
+                );
+            }
+        }
+        if self.http.metrics_token.as_ref().is_some_and(|t| t.expose().len() < 16) {
+            return invalid("http.metrics_token", "at least 16 characters");
+        }
+        if !(1..=128).contains(&self.limits.ipv6_prefix_len) {
+            return invalid("limits.ipv6_prefix_len", "must be between 1 and 128");
+        }
+        if self.tunnel.max_pending_handshakes == 0 {
+            return invalid("tunnel.max_pending_handshakes", "must be above 0");
+        }
+        if self.tunnel.stream_receive_window_bytes < 16 << 10
+            || self.tunnel.receive_window_bytes < self.tunnel.stream_receive_window_bytes
+        {
+            return invalid(
+                "tunnel.stream_receive_window_bytes",
+                "at least 16 KiB, and at most tunnel.receive_window_bytes",
+            );
+        }
         if !(1..=DAY_MS).contains(&self.limits.idle_timeout_ms) {
             return invalid("limits.idle_timeout_ms", "must be between 1 ms and one day");
         }
@@ -584,8 +691,13 @@ impl RelayConfig {
                 }
                 for (key, value) in [
                     (
-                        "turn.embedded.max_allocations_per_credential",
-                        e.max_allocations_per_credential as u64,
+                        "turn.embedded.max_allocations_per_user",
+                        e.max_allocations_per_user as u64,
+                    ),
+                    ("turn.embedded.max_allocations_per_ip", e.max_allocations_per_ip as u64),
+                    (
+                        "turn.embedded.max_allocations_per_worker",
+                        e.max_allocations_per_worker as u64,
                     ),
                     ("turn.embedded.max_allocations", e.max_allocations as u64),
                     ("turn.embedded.bandwidth_kbps", e.bandwidth_kbps as u64),

@@ -1,21 +1,31 @@
-//! HTTP routes: the web client, `/ws/{session_id}`, `/healthz`.
+//! HTTP routes: the web client, `/ws/{session_id}`, `/api/ice-servers`, `/healthz`, `/readyz`,
+//! `/metrics`.
 //!
 //! The web client is compiled into the binary so the relay is one file to deploy; a directory
 //! named in the config replaces it (for operators who restyle the page). Text responses always
 //! carry `charset=utf-8`: the customer's page has no `<meta charset>`, and without it Chromium
 //! decodes the page as windows-1252 and the Chinese messages it sends arrive garbled.
+//!
+//! Everything here faces anonymous clients, so each route is bounded before it does work: a
+//! client is known by its address ([`crate::limits`]), each one may open so many sockets at once
+//! and so many per minute, a WebSocket from a browser page on another origin is refused before
+//! the upgrade when `allowed_origins` is set, and every response carries headers that keep the
+//! page out of frames and its scripts to its own origin. A web client directory serves neither
+//! dotfiles nor symlinks, and no path redirects off the site.
 
+use crate::limits::{client_ip, client_key};
 use crate::policy::{self, ConnectDecision, ConnectRequest, Header, Principal};
 use crate::signaling::{refuse, run_session};
 use crate::AppState;
-use axum::extract::{ConnectInfo, Path, State, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, Path, Request, State, WebSocketUpgrade};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use tracing::{info, info_span, warn, Instrument};
+use tracing::{debug, info, info_span, warn, Instrument};
 
 const INDEX_HTML: &str = include_str!("../../web-client/index.html");
 const APP_JS: &str = include_str!("../../web-client/app.js");
@@ -30,16 +40,88 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics));
     let router = match &state.config.http.web_client_dir {
-        Some(dir) => router.fallback_service(tower_http::services::ServeDir::new(dir)),
+        Some(dir) => {
+            let root = Arc::new(dir.clone());
+            router.fallback_service(
+                tower::ServiceBuilder::new()
+                    .layer(axum::middleware::from_fn(move |req: Request, next: Next| {
+                        let root = Arc::clone(&root);
+                        async move {
+                            if servable(&root, req.uri().path()) {
+                                next.run(req).await
+                            } else {
+                                StatusCode::NOT_FOUND.into_response()
+                            }
+                        }
+                    }))
+                    .service(tower_http::services::ServeDir::new(dir)),
+            )
+        }
         None => router
             .route("/", get(|| async { embedded("text/html", INDEX_HTML) }))
             .route("/index.html", get(|| async { embedded("text/html", INDEX_HTML) }))
             .route("/app.js", get(|| async { embedded("text/javascript", APP_JS) }))
             .route("/style.css", get(|| async { embedded("text/css", STYLE_CSS) })),
     };
+    let hsts = state.config.http.tls;
     router
         .layer(axum::middleware::map_response(utf8_text))
+        .layer(axum::middleware::map_response(move |r| security_headers(r, hsts)))
+        .layer(axum::middleware::from_fn(no_ambiguous_paths))
         .with_state(state)
+}
+
+/// The page's scripts, styles and connections stay on its own origin; no site may frame it.
+const CSP: &str = "default-src 'self'; connect-src 'self'; img-src 'self' data:; media-src 'self' blob: mediastream:; \
+                   object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'";
+
+async fn security_headers(mut response: Response, hsts: bool) -> Response {
+    let headers = response.headers_mut();
+    let mut set = |name: header::HeaderName, value: &'static str| {
+        headers.entry(name).or_insert(HeaderValue::from_static(value));
+    };
+    set(header::CONTENT_SECURITY_POLICY, CSP);
+    set(header::X_CONTENT_TYPE_OPTIONS, "nosniff");
+    set(header::X_FRAME_OPTIONS, "DENY");
+    set(header::REFERRER_POLICY, "no-referrer");
+    if hsts {
+        set(header::STRICT_TRANSPORT_SECURITY, "max-age=31536000");
+    }
+    response
+}
+
+/// Paths with an empty segment (`//evil.example`) or a backslash are refused: a redirect built
+/// from one (a directory's trailing-slash redirect) would send the browser to another site.
+async fn no_ambiguous_paths(req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    if path.contains("//") || path.contains('\\') || path.to_ascii_lowercase().contains("%5c") {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    next.run(req).await
+}
+
+/// Whether `path` may be served from the web client directory `root`: no segment starts with a
+/// dot (`.git`, `.env`, `..`), and no file or directory on the way is a symlink (which could lead
+/// out of the directory). The root itself may be a symlink: the operator chose it.
+fn servable(root: &std::path::Path, path: &str) -> bool {
+    let Ok(decoded) = percent_encoding::percent_decode_str(path).decode_utf8() else {
+        return false;
+    };
+    let mut at = root.to_path_buf();
+    for segment in decoded.split('/').filter(|s| !s.is_empty()) {
+        if segment.starts_with('.') || segment.contains('\\') || segment.contains('\0') {
+            return false;
+        }
+        at.push(segment);
+        match std::fs::symlink_metadata(&at) {
+            Ok(m) if m.file_type().is_symlink() => return false,
+            Ok(_) => {}
+            // Missing: ServeDir answers 404 itself.
+            Err(_) => return true,
+        }
+    }
+    // A directory is served as its index.html: that must not be a symlink either.
+    !std::fs::symlink_metadata(at.join("index.html")).is_ok_and(|m| m.file_type().is_symlink())
 }
 
 fn embedded(mime: &'static str, body: &'static str) -> Response {
@@ -82,13 +164,43 @@ async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     )
 }
 
-/// Prometheus text exposition.
-async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+/// Prometheus text exposition: with `http.metrics_token` to whoever presents it, otherwise to
+/// loopback callers that did not come through a proxy (a local Prometheus or script).
+async fn metrics(
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Response {
+    let allowed = match &state.config.http.metrics_token {
+        Some(token) => headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|given| constant_time_eq(given.as_bytes(), token.expose().as_bytes())),
+        None => {
+            let proxied = ["forwarded", "x-forwarded-for", "x-real-ip"]
+                .iter()
+                .any(|h| headers.contains_key(*h));
+            avatar_proto::netfilter::canonical(remote.ip()).is_loopback() && !proxied
+        }
+    };
+    if !allowed {
+        return (
+            StatusCode::NOT_FOUND,
+            "metrics are served to loopback, or with the bearer token of http.metrics_token",
+        )
+            .into_response();
+    }
     let Some(handle) = &state.metrics else {
         return (StatusCode::NOT_FOUND, "metrics are not enabled").into_response();
     };
     crate::metrics::refresh_gauges(&state);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render()).into_response()
+}
+
+/// Equal bytes, compared in time that depends only on the length.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Session ids appear in logs and tunnel frames: keep them short and printable.
@@ -130,7 +242,11 @@ async fn authorize(
         None => Ok(None),
         Some(Ok(ConnectDecision::Allow(principal))) => Ok(Some(principal)),
         Some(Ok(ConnectDecision::Deny(reason))) => {
-            info!(%reason, "connect refused by the auth policy");
+            if state.log_refusal() {
+                info!(%reason, "connect refused by the auth policy");
+            } else {
+                debug!(%reason, "connect refused by the auth policy");
+            }
             Err(reason)
         }
         Some(Err(e)) => {
@@ -150,13 +266,17 @@ async fn ice_servers(
     uri: Uri,
     headers: HeaderMap,
 ) -> Response {
+    let client = client_ip(remote.ip(), &headers, &state.config.limits.trusted_proxies);
+    if let Err(refused) = check_rate(&state, client) {
+        return refused.into_response();
+    }
     let user = match authorize(&state, "api-ice-servers", &uri, &headers, remote).await {
         Ok(Some(p)) => p.user_id,
-        Ok(None) => remote.ip().to_string(),
+        Ok(None) => client.to_string(),
         Err(reason) => return (StatusCode::UNAUTHORIZED, reason).into_response(),
     };
     let body = serde_json::json!({
-        "ice_servers": state.ice.servers(&user, crate::ice::unix_now()),
+        "ice_servers": state.ice.servers(crate::ice::TurnUser::Browser(&user), crate::ice::unix_now()),
         "ttl_s": state.ice.ttl_s(),
     });
     ([(axum::http::header::CACHE_CONTROL, "no-store")], axum::Json(body)).into_response()
@@ -177,17 +297,29 @@ async fn ws_upgrade(
         )
             .into_response();
     }
-    if let Some(limiter) = &state.connect_limiter {
-        if limiter.check_key(&remote.ip()).is_err() {
-            ::metrics::counter!("relay_connections_rate_limited_total").increment(1);
+    if let Err(refused) = check_origin(&state, &headers) {
+        return refused.into_response();
+    }
+    let client = client_ip(remote.ip(), &headers, &state.config.limits.trusted_proxies);
+    if let Err(refused) = check_rate(&state, client) {
+        return refused.into_response();
+    }
+    let key = client_key(client, state.config.limits.ipv6_prefix_len);
+    let socket_slot = match state
+        .sockets
+        .try_open(Some(key), state.config.limits.sockets_per_ip, usize::MAX)
+    {
+        Ok(slot) => slot,
+        Err(_) => {
+            ::metrics::counter!("relay_connections_rate_limited_total", "reason" => "open_sockets").increment(1);
             return (
                 StatusCode::TOO_MANY_REQUESTS,
-                "too many connections from this address; retry in a minute",
+                "too many open connections from this address; close one first",
             )
                 .into_response();
         }
-    }
-    let span = info_span!("session", %session_id, %remote, user = tracing::field::Empty);
+    };
+    let span = info_span!("session", %session_id, remote = %client, user = tracing::field::Empty);
     let principal = match authorize(&state, &session_id, &uri, &headers, remote)
         .instrument(span.clone())
         .await
@@ -205,7 +337,55 @@ async fn ws_upgrade(
     let max_frame = state.config.http.max_frame_bytes;
     ws.max_message_size(max_frame)
         .max_frame_size(max_frame)
-        .on_upgrade(move |socket| run_session(socket, session_id, principal, state, shutdown).instrument(span))
+        .on_upgrade(move |socket| {
+            async move {
+                run_session(socket, session_id, principal, state, shutdown).await;
+                drop(socket_slot);
+            }
+            .instrument(span)
+        })
+}
+
+/// A browser page may open a socket only from an allowed origin (`http.allowed_origins`), so a
+/// third-party page cannot act with a visitor's cookies. Checked before the upgrade: 403.
+fn check_origin(state: &AppState, headers: &HeaderMap) -> Result<(), (StatusCode, &'static str)> {
+    let allowed = &state.config.http.allowed_origins;
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return Ok(()); // not a browser page
+    };
+    if allowed.is_empty() || allowed.iter().any(|a| a == "*") {
+        return Ok(());
+    }
+    let origin = origin.to_str().unwrap_or("").trim_end_matches('/');
+    if allowed
+        .iter()
+        .any(|a| a.trim_end_matches('/').eq_ignore_ascii_case(origin))
+    {
+        return Ok(());
+    }
+    ::metrics::counter!("relay_connections_refused_total", "reason" => "origin").increment(1);
+    if state.log_refusal() {
+        info!(%origin, "WebSocket from an origin not in http.allowed_origins refused");
+    }
+    Err((StatusCode::FORBIDDEN, "this page's origin may not connect here"))
+}
+
+/// New connections (and ICE server requests) per client and minute.
+fn check_rate(state: &AppState, client: IpAddr) -> Result<(), (StatusCode, &'static str)> {
+    let Some(limiter) = &state.connect_limiter else {
+        return Ok(());
+    };
+    if limiter
+        .check_key(&client_key(client, state.config.limits.ipv6_prefix_len))
+        .is_ok()
+    {
+        return Ok(());
+    }
+    ::metrics::counter!("relay_connections_rate_limited_total", "reason" => "rate").increment(1);
+    Err((
+        StatusCode::TOO_MANY_REQUESTS,
+        "too many connections from this address; retry in a minute",
+    ))
 }
 
 #[cfg(test)]
@@ -264,6 +444,153 @@ mod tests {
         assert_eq!(status, StatusCode::OK);
         assert_eq!(content_type, "text/html; charset=utf-8");
         assert_eq!(body, "<p>operator page 你好</p>");
+    }
+
+    /// GET `path` from `from` with `headers`; status, headers and body.
+    async fn get_from(
+        state: Arc<AppState>,
+        path: &str,
+        from: &str,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, HeaderMap, String) {
+        let mut request = axum::http::Request::get(path);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let request = request.body(axum::body::Body::empty()).expect("request");
+        let from = SocketAddr::new(from.parse().expect("address"), 40000);
+        let res = app(state)
+            .layer(axum::extract::connect_info::MockConnectInfo(from))
+            .oneshot(request)
+            .await
+            .expect("response");
+        let (status, headers) = (res.status(), res.headers().clone());
+        let body = res.into_body().collect().await.expect("body").to_bytes();
+        (status, headers, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn every_response_carries_the_security_headers_and_hsts_over_tls() {
+        for path in ["/", "/app.js", "/healthz", "/no-such-page"] {
+            let (_, headers, _) = get_from(state_with(RelayConfig::dev()), path, "203.0.113.9", &[]).await;
+            let csp = headers[header::CONTENT_SECURITY_POLICY].to_str().expect("csp");
+            assert!(
+                csp.contains("default-src 'self'") && csp.contains("frame-ancestors 'none'"),
+                "{path}: {csp}"
+            );
+            assert_eq!(headers[header::X_CONTENT_TYPE_OPTIONS], "nosniff", "{path}");
+            assert_eq!(headers[header::X_FRAME_OPTIONS], "DENY", "{path}");
+            assert!(
+                !headers.contains_key(header::STRICT_TRANSPORT_SECURITY),
+                "no HSTS over plain HTTP"
+            );
+        }
+        let mut config = RelayConfig::dev();
+        config.http.tls = true;
+        let (_, headers, _) = get_from(state_with(config), "/", "203.0.113.9", &[]).await;
+        assert_eq!(headers[header::STRICT_TRANSPORT_SECURITY], "max-age=31536000");
+    }
+
+    #[tokio::test]
+    async fn the_web_client_directory_serves_no_dotfiles_no_symlinks_and_no_offsite_redirect() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        let outside = tempfile::tempdir().expect("outside");
+        std::fs::write(outside.path().join("secret.txt"), "outside the web root").expect("write");
+        std::fs::write(root.join("index.html"), "<p>page</p>").expect("write");
+        std::fs::write(root.join(".env"), "TOKEN=hunter2").expect("write");
+        std::fs::create_dir(root.join(".git")).expect("mkdir");
+        std::fs::write(root.join(".git/config"), "[remote]").expect("write");
+        std::fs::create_dir(root.join("evil.example")).expect("mkdir");
+        std::fs::write(root.join("evil.example/index.html"), "<p>sub</p>").expect("write");
+        std::os::unix::fs::symlink(outside.path().join("secret.txt"), root.join("leak.txt")).expect("symlink");
+        std::os::unix::fs::symlink(outside.path(), root.join("linked")).expect("symlink");
+        let mut config = RelayConfig::dev();
+        config.http.web_client_dir = Some(root.to_path_buf());
+        let state = state_with(config);
+        let status = |path: &'static str| {
+            let state = Arc::clone(&state);
+            async move { get_from(state, path, "203.0.113.9", &[]).await }
+        };
+        assert_eq!(status("/").await.0, StatusCode::OK);
+        assert_eq!(status("/evil.example/").await.0, StatusCode::OK);
+        for path in [
+            "/.env",
+            "/%2eenv",
+            "/.git/config",
+            "/%2Egit/config",
+            "/leak.txt",
+            "/linked/secret.txt",
+            "/evil.example/../.env",
+        ] {
+            let (code, _, body) = status(path).await;
+            assert_eq!(code, StatusCode::NOT_FOUND, "{path}");
+            assert!(!body.contains("hunter2") && !body.contains("outside"), "{path}: {body}");
+        }
+        // A directory's trailing-slash redirect stays on this site...
+        let (code, headers, _) = status("/evil.example").await;
+        assert!(code.is_redirection(), "{code}");
+        assert_eq!(headers[header::LOCATION], "/evil.example/");
+        // ...and a path that would make it point elsewhere is not served at all.
+        for path in ["//evil.example", "/%5Cevil.example"] {
+            let (code, headers, _) = status(path).await;
+            assert_eq!(code, StatusCode::NOT_FOUND, "{path}");
+            assert!(!headers.contains_key(header::LOCATION), "{path}");
+        }
+    }
+
+    #[tokio::test]
+    async fn metrics_are_served_to_loopback_or_with_the_token_only() {
+        let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .build_recorder()
+            .handle();
+        let state = |config: RelayConfig| {
+            AppState::with_metrics(
+                config,
+                tokio_util::sync::CancellationToken::new(),
+                Some(handle.clone()),
+                None,
+            )
+        };
+        let open = state(RelayConfig::dev());
+        assert_eq!(
+            get_from(Arc::clone(&open), "/metrics", "127.0.0.1", &[]).await.0,
+            StatusCode::OK
+        );
+        assert_eq!(
+            get_from(Arc::clone(&open), "/metrics", "::1", &[]).await.0,
+            StatusCode::OK
+        );
+        assert_eq!(
+            get_from(Arc::clone(&open), "/metrics", "203.0.113.9", &[]).await.0,
+            StatusCode::NOT_FOUND
+        );
+        let proxied = [("x-forwarded-for", "203.0.113.9")];
+        assert_eq!(
+            get_from(open, "/metrics", "127.0.0.1", &proxied).await.0,
+            StatusCode::NOT_FOUND,
+            "a local reverse proxy is not a local caller"
+        );
+        let mut config = RelayConfig::dev();
+        config.http.metrics_token = Some(crate::config::Secret::new("metrics-token-0123456789"));
+        let locked = state(config);
+        let bearer = [("authorization", "Bearer metrics-token-0123456789")];
+        let wrong = [("authorization", "Bearer metrics-token-0123456780")];
+        assert_eq!(
+            get_from(Arc::clone(&locked), "/metrics", "203.0.113.9", &bearer)
+                .await
+                .0,
+            StatusCode::OK
+        );
+        assert_eq!(
+            get_from(Arc::clone(&locked), "/metrics", "203.0.113.9", &wrong).await.0,
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            get_from(locked, "/metrics", "127.0.0.1", &[]).await.0,
+            StatusCode::NOT_FOUND,
+            "with a token, loopback needs it too"
+        );
     }
 
     #[test]

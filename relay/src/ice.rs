@@ -11,6 +11,12 @@
 //! `GET /api/ice-servers` for custom front ends, and inside each session's `Open` frame for the
 //! worker, whose answer then carries relay candidates — which is what lets the customer's page,
 //! which ignores new events, still connect through TURN.
+//!
+//! The user inside a username says **whose** it is, in a namespace a browser cannot enter:
+//! `b.<user>` for a browser (its principal, or its session id without an auth policy) and
+//! `w.<worker id>` for a worker. A browser that picks a session id shaped like a worker's id
+//! still gets a `b.` name, so it can never spend a worker's TURN quota ([`TurnUser::of`] reads
+//! the namespace back on the TURN server's side).
 
 use crate::config::TurnConfig;
 use avatar_proto::signaling::IceServer;
@@ -38,6 +44,38 @@ pub fn rest_password(secret: &str, username: &str) -> String {
             base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
         }
         Err(_) => String::new(),
+    }
+}
+
+/// Whose credential it is: the namespace inside a TURN username.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TurnUser<'a> {
+    /// A browser: its principal's user id, or its session id.
+    Browser(&'a str),
+    /// A worker, for its own side of a session.
+    Worker(&'a str),
+}
+
+impl<'a> TurnUser<'a> {
+    const BROWSER: &'static str = "b.";
+    const WORKER: &'static str = "w.";
+
+    /// The user part of a minted username (after `<expiry>:`).
+    fn user_part(self) -> String {
+        match self {
+            TurnUser::Browser(user) => format!("{}{}", Self::BROWSER, sanitize(user)),
+            TurnUser::Worker(id) => format!("{}{}", Self::WORKER, sanitize(id)),
+        }
+    }
+
+    /// Whose a TURN username (`<expiry>:<user part>`) is. Names not minted by this relay (an
+    /// operator's static ones) count as browsers: only the relay mints worker identities.
+    pub fn of(username: &'a str) -> TurnUser<'a> {
+        let user = username.split_once(':').map_or(username, |(_, u)| u);
+        match user.strip_prefix(Self::WORKER) {
+            Some(id) => TurnUser::Worker(id),
+            None => TurnUser::Browser(user.strip_prefix(Self::BROWSER).unwrap_or(user)),
+        }
     }
 }
 
@@ -86,8 +124,8 @@ impl IceServers {
         self.ttl_s
     }
 
-    /// The list for `user` at time `now`: STUN without credentials, TURN with fresh ones.
-    pub fn servers(&self, user: &str, now: u64) -> Vec<IceServer> {
+    /// The list for `who` at time `now`: STUN without credentials, TURN with fresh ones.
+    pub fn servers(&self, who: TurnUser<'_>, now: u64) -> Vec<IceServer> {
         if !self.enabled() {
             return Vec::new();
         }
@@ -100,7 +138,7 @@ impl IceServers {
             });
         }
         if !self.turn_urls.is_empty() {
-            let (username, password) = rest_credentials(self.secret.expose(), &sanitize(user), now + self.ttl_s);
+            let (username, password) = rest_credentials(self.secret.expose(), &who.user_part(), now + self.ttl_s);
             out.push(IceServer {
                 urls: self.turn_urls.clone(),
                 username: Some(username),
@@ -134,13 +172,38 @@ mod tests {
             ttl_s: 300,
             ..TurnConfig::default()
         });
-        let list = ice.servers("bob:evil\nname", 1_700_000_000);
+        let list = ice.servers(TurnUser::Browser("bob:evil\nname"), 1_700_000_000);
         assert_eq!(list.len(), 2);
         assert_eq!(list[0].username, None);
         let turn = &list[1];
-        assert_eq!(turn.username.as_deref(), Some("1700000300:bobevilname"));
-        let (_, expected) = rest_credentials("north-star-secret", "bobevilname", 1_700_000_300);
+        assert_eq!(turn.username.as_deref(), Some("1700000300:b.bobevilname"));
+        let (_, expected) = rest_credentials("north-star-secret", "b.bobevilname", 1_700_000_300);
         assert_eq!(turn.credential.as_deref(), Some(expected.as_str()));
-        assert!(IceServers::new(&TurnConfig::default()).servers("x", 0).is_empty());
+        assert!(IceServers::new(&TurnConfig::default())
+            .servers(TurnUser::Browser("x"), 0)
+            .is_empty());
+    }
+
+    #[test]
+    fn a_browser_can_never_be_handed_a_worker_identity() {
+        let ice = IceServers::new(&TurnConfig {
+            mode: "external".into(),
+            secret: Secret::new("north-star-secret"),
+            urls: vec!["turn:203.0.113.1:3478?transport=udp".into()],
+            ..TurnConfig::default()
+        });
+        let name = |who| ice.servers(who, 1000)[0].username.clone().expect("username");
+        let worker = name(TurnUser::Worker("gpu-1"));
+        assert_eq!(TurnUser::of(&worker), TurnUser::Worker("gpu-1"));
+        // Session ids shaped like every spelling of the worker's identity stay browsers.
+        for session_id in ["w.gpu-1", "worker-gpu-1", "gpu-1", "1300:w.gpu-1", ":w.gpu-1"] {
+            let browser = name(TurnUser::Browser(session_id));
+            assert_ne!(browser, worker, "{session_id}");
+            assert!(
+                matches!(TurnUser::of(&browser), TurnUser::Browser(_)),
+                "{session_id}: {browser}"
+            );
+        }
+        assert_eq!(TurnUser::of("1300:static-user"), TurnUser::Browser("static-user"));
     }
 }

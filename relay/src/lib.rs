@@ -18,6 +18,7 @@
 pub mod config;
 pub mod http;
 pub mod ice;
+pub mod limits;
 pub mod metrics;
 pub mod policy;
 pub mod registry;
@@ -36,6 +37,9 @@ use std::time::Duration;
 use tls::{Identity, ServerCerts};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
+
+/// Log directives applied over `RUST_LOG`: libraries that log message bodies below info.
+pub const QUIET_LOG_TARGETS: &[&str] = &["tungstenite=info", "tokio_tungstenite=info", "h2=info"];
 
 /// Errors that stop the relay from starting or running.
 #[derive(Debug, thiserror::Error)]
@@ -71,10 +75,17 @@ pub struct AppState {
     /// Operator policy modules (auth, router); `None` when none is configured.
     pub policies: Option<Arc<policy::Policies>>,
     pub shutdown: CancellationToken,
-    /// New connections per client IP; `None` when unlimited.
+    /// New connections per client (its [`limits::client_key`]); `None` when unlimited.
     pub connect_limiter: Option<governor::DefaultKeyedRateLimiter<std::net::IpAddr>>,
-    /// Session ids with a live socket: a second socket claiming one is refused.
-    live_sessions: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// TCP connections of the HTTP listener, per client and in total.
+    pub http_connections: Arc<limits::OpenCounts>,
+    /// Open WebSockets per client.
+    pub sockets: Arc<limits::OpenCounts>,
+    /// Log lines about refused requests, all clients together: a flood of refusals must not
+    /// become a flood of log lines.
+    refusal_logs: governor::DefaultDirectRateLimiter,
+    /// Session ids with a live socket, and those bound to a user who just left.
+    sessions: std::sync::Mutex<std::collections::HashMap<String, SessionEntry>>,
     /// Renders `/metrics`; `None` when no recorder is installed (library use, unit tests).
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// STUN/TURN servers handed to browsers and workers (`[turn]`).
@@ -102,22 +113,83 @@ impl AppState {
             policies,
             shutdown,
             connect_limiter,
-            live_sessions: Default::default(),
+            http_connections: Default::default(),
+            sockets: Default::default(),
+            refusal_logs: governor::RateLimiter::direct(governor::Quota::per_second(
+                std::num::NonZeroU32::MIN.saturating_add(9),
+            )),
+            sessions: Default::default(),
             metrics,
         })
     }
 
-    /// Claim `session_id` for one socket; `None` if another live socket holds it.
-    pub fn claim_session(self: &Arc<Self>, session_id: &str) -> Option<SessionClaim> {
-        let mut live = self.live_sessions.lock().unwrap_or_else(|e| e.into_inner());
-        live.insert(session_id.to_owned()).then(|| SessionClaim {
+    /// Whether a line about one more refused request may be logged now (ten a second at most).
+    pub fn log_refusal(&self) -> bool {
+        self.refusal_logs.check().is_ok()
+    }
+
+    fn sessions(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, SessionEntry>> {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Claim `session_id` for one socket of `owner` (the user an auth policy admitted, if any).
+    /// Refused while another socket holds it, and for `limits.session_binding_s` after its
+    /// owner's socket closed, to anyone but that owner.
+    pub fn claim_session(
+        self: &Arc<Self>,
+        session_id: &str,
+        owner: Option<&str>,
+    ) -> Result<SessionClaim, ClaimRefused> {
+        let binding = std::time::Duration::from_secs(self.config.limits.session_binding_s);
+        let now = std::time::Instant::now();
+        let mut sessions = self.sessions();
+        if let Some(entry) = sessions.get(session_id) {
+            match &entry.released {
+                None => return Err(ClaimRefused::InUse),
+                Some(at) if now.duration_since(*at) < binding && entry.owner.as_deref() != owner => {
+                    return Err(ClaimRefused::BoundToAnother)
+                }
+                Some(_) => {}
+            }
+        }
+        sessions.insert(
+            session_id.to_owned(),
+            SessionEntry {
+                owner: owner.map(str::to_owned),
+                released: None,
+            },
+        );
+        Ok(SessionClaim {
             state: Arc::clone(self),
             id: session_id.to_owned(),
         })
     }
+
+    /// Forget bindings older than `limits.session_binding_s` (called periodically).
+    fn sweep_sessions(&self) {
+        let binding = std::time::Duration::from_secs(self.config.limits.session_binding_s);
+        let now = std::time::Instant::now();
+        self.sessions()
+            .retain(|_, e| e.released.is_none_or(|at| now.duration_since(at) < binding));
+    }
 }
 
-/// A claimed session id, released on drop.
+/// A session id's holder: a live socket (`released` unset), or the owner who just left.
+struct SessionEntry {
+    owner: Option<String>,
+    released: Option<std::time::Instant>,
+}
+
+/// Why a socket may not use a session id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimRefused {
+    /// Another live socket uses it.
+    InUse,
+    /// Its owner left moments ago; only they may take it back.
+    BoundToAnother,
+}
+
+/// A claimed session id, released on drop (and kept bound to its owner for a while).
 pub struct SessionClaim {
     state: Arc<AppState>,
     id: String,
@@ -125,12 +197,30 @@ pub struct SessionClaim {
 
 impl Drop for SessionClaim {
     fn drop(&mut self) {
-        self.state
-            .live_sessions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.id);
+        let mut sessions = self.state.sessions();
+        match sessions.get_mut(&self.id) {
+            Some(entry) if entry.owner.is_some() => entry.released = Some(std::time::Instant::now()),
+            _ => {
+                sessions.remove(&self.id);
+            }
+        }
     }
+}
+
+/// Hyper's own timers: the header timer (kept-alive connections waiting for their next request
+/// included) for HTTP/1, and keep-alive pings that close a silent HTTP/2 connection.
+fn configure_http<A>(server: &mut axum_server::Server<SocketAddr, A>, header_read: Duration) {
+    let builder = server.http_builder();
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_read);
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(header_read)
+        .keep_alive_timeout(header_read)
+        .max_concurrent_streams(64);
 }
 
 /// A relay with its sockets bound, ready to [`run`](Relay::run).
@@ -200,12 +290,7 @@ impl Relay {
                 addr: http_addr,
                 source,
             })?;
-        let endpoint = tunnel::endpoint(
-            config.tunnel.listen,
-            &certs,
-            Duration::from_millis(config.tunnel.idle_timeout_ms),
-            Duration::from_millis(config.tunnel.keepalive_ms),
-        )?;
+        let endpoint = tunnel::endpoint(config.tunnel.listen, &certs, &config.tunnel)?;
         let turn = if config.turn.mode == "embedded" {
             let own = [config.http.listen.ip(), config.tunnel.listen.ip()];
             Some(turn::TurnServer::bind(&config.turn, &certs, &own, shutdown.clone())?)
@@ -272,6 +357,7 @@ impl Relay {
                                 l.retain_recent();
                                 l.shrink_to_fit();
                             }
+                            state.sweep_sessions();
                         }
                     }
                 }
@@ -281,6 +367,28 @@ impl Relay {
         let grace = Duration::from_millis(state.config.http.shutdown_grace_ms);
         let handle = axum_server::Handle::new();
         let app = http::app(Arc::clone(&state)).into_make_service_with_connect_info::<SocketAddr>();
+        let http_cfg = &state.config.http;
+        let (max_connections, nofile) = limits::fit_to_descriptor_limit(http_cfg.max_connections);
+        if max_connections < http_cfg.max_connections {
+            tracing::warn!(
+                configured = http_cfg.max_connections,
+                used = max_connections,
+                descriptor_limit = ?nofile,
+                "http.max_connections lowered to fit the descriptor limit (raise LimitNOFILE to allow more)"
+            );
+        }
+        let connection_limits = limits::ConnectionLimits {
+            counts: Arc::clone(&state.http_connections),
+            per_client: http_cfg.max_connections_per_ip,
+            total: max_connections,
+            v6_prefix_len: state.config.limits.ipv6_prefix_len,
+            trusted_proxies: state.config.limits.trusted_proxies.clone().into(),
+        };
+        let header_read = Duration::from_millis(http_cfg.header_read_timeout_ms);
+        // Slowloris and silent connections: the first request head must arrive within
+        // `header_read` (this also bounds hyper's protocol detection and, over TLS, the silence
+        // after the handshake); on a kept-alive connection hyper's header timer bounds the wait
+        // for the next request. A WebSocket, once upgraded, is timed by the signaling loop.
         let watcher = {
             let handle = handle.clone();
             let shutdown = shutdown.clone();
@@ -299,19 +407,23 @@ impl Relay {
             let config = axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(tls));
             // TCP_NODELAY: signaling sends small messages back to back (session_assigned, then the
             // answer); with Nagle the second waits for the browser's delayed ACK, ~40 ms.
-            axum_server::from_tcp(http)
+            // Connection caps first: a client over its cap costs no handshake.
+            let acceptor = RustlsAcceptor::new(config)
+                .handshake_timeout(Duration::from_millis(http_cfg.tls_handshake_timeout_ms))
+                .acceptor(limits::LimitAcceptor::new(connection_limits, NoDelayAcceptor::new()));
+            let mut server = axum_server::from_tcp(http)
                 .map_err(RelayError::Serve)?
-                .acceptor(RustlsAcceptor::new(config).acceptor(NoDelayAcceptor::new()))
-                .handle(handle)
-                .serve(app)
-                .await
+                .acceptor(acceptor)
+                .first_request_timeout(header_read);
+            configure_http(&mut server, header_read);
+            server.handle(handle).serve(app).await
         } else {
-            axum_server::from_tcp(http)
+            let mut server = axum_server::from_tcp(http)
                 .map_err(RelayError::Serve)?
-                .acceptor(NoDelayAcceptor::new())
-                .handle(handle)
-                .serve(app)
-                .await
+                .acceptor(limits::LimitAcceptor::new(connection_limits, NoDelayAcceptor::new()))
+                .first_request_timeout(header_read);
+            configure_http(&mut server, header_read);
+            server.handle(handle).serve(app).await
         };
         // Whatever ended the HTTP server, stop everything else too.
         shutdown.cancel();

@@ -143,8 +143,15 @@ async fn wait_for_signal() {
 }
 
 fn init_tracing(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,webrtc=warn,quinn=warn"));
+    // Whatever RUST_LOG says: these libraries log whole messages (signaling bodies with TURN
+    // credentials, HTTP/2 headers) at debug and trace, and message bodies never reach the logs.
+    for quiet in avatar_relay::QUIET_LOG_TARGETS {
+        if let Ok(directive) = quiet.parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

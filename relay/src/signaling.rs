@@ -9,7 +9,7 @@ use crate::config::RouterFallback;
 use crate::policy::{self, MessageKind, MessageRequest, Principal, RouteDecision, Verdict};
 use crate::registry::{RouteRequest, SessionSlot, WorkerView};
 use crate::tunnel::open_session;
-use crate::AppState;
+use crate::{AppState, ClaimRefused};
 use avatar_proto::session::{Action, SignalingSession};
 use avatar_proto::signaling::{decode_client_message, ClientMessage, ErrorCode, Id, Offer, ServerEvent};
 use avatar_proto::stream::{send_frame, FramedRecv};
@@ -19,7 +19,7 @@ use futures::{Sink, SinkExt, Stream, StreamExt};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, trace, warn};
 
 /// A session attached to a worker.
 struct Attached {
@@ -129,15 +129,24 @@ pub async fn run_session<S, E>(
     S: Sink<Message> + Stream<Item = Result<Message, E>> + Unpin,
     E: std::fmt::Display,
 {
-    let Some(_claim) = state.claim_session(&session_id) else {
-        info!("refused: another live socket uses this session id");
-        let ev = ServerEvent::error(
-            ErrorCode::SessionInUse,
-            "another connection is using this session_id; pick a fresh one for each connection",
-        );
-        send_event(&mut socket, &ev).await;
-        close(&mut socket, POLICY, "session id in use").await;
-        return;
+    let owner = principal.as_ref().map(|p| p.user_id.as_str());
+    let _claim = match state.claim_session(&session_id, owner) {
+        Ok(claim) => claim,
+        Err(refused) => {
+            let message = match refused {
+                ClaimRefused::InUse => {
+                    info!("refused: another live socket uses this session id");
+                    "another connection is using this session_id; pick a fresh one for each connection"
+                }
+                ClaimRefused::BoundToAnother => {
+                    info!("refused: the session id is bound to another user");
+                    "this session_id belongs to another user; pick a fresh one for each connection"
+                }
+            };
+            send_event(&mut socket, &ServerEvent::error(ErrorCode::SessionInUse, message)).await;
+            close(&mut socket, POLICY, "session id in use").await;
+            return;
+        }
     };
     let _gauge = ActiveGauge::new();
     let limits = &state.config.limits;
@@ -152,7 +161,9 @@ pub async fn run_session<S, E>(
     if state.ice.enabled() {
         let user = principal.as_ref().map_or(session_id.as_str(), |p| p.user_id.as_str());
         let ev = ServerEvent::IceServers {
-            ice_servers: state.ice.servers(user, crate::ice::unix_now()),
+            ice_servers: state
+                .ice
+                .servers(crate::ice::TurnUser::Browser(user), crate::ice::unix_now()),
             ttl_s: state.ice.ttl_s(),
         };
         send_event(&mut socket, &ev).await;
@@ -222,7 +233,9 @@ pub async fn run_session<S, E>(
                     }
                 }
                 Ok(Some(other)) => {
-                    warn!(?other, "unexpected frame from worker; dropping the session");
+                    // The frame itself is not logged: message bodies never reach the logs.
+                    let _ = other;
+                    warn!("unexpected frame from worker; dropping the session");
                     attached = None;
                     session.worker_lost().into_iter().collect()
                 }
@@ -234,16 +247,20 @@ pub async fn run_session<S, E>(
                 }
             },
             msg = socket.next() => {
-                idle_deadline = tokio::time::Instant::now() + idle;
+                // Only valid signaling keeps an idle socket open: pings, binary frames and
+                // messages that fail to decode or are refused do not reset the timer.
                 match msg {
                     None | Some(Ok(Message::Close(_))) => break,
                     Some(Err(e)) => { debug!(error = %e, "websocket error"); break; }
                     Some(Ok(Message::Text(text))) => {
+                        // Its kind and size only: bodies carry users' words and SDP.
+                        trace!(bytes = text.len(), "message from the browser");
                         match decode_client_message(text.as_str(), state.config.http.max_message_bytes) {
                             Err(e) => vec![e.to_event()],
                             Ok(msg) => match check_message(&state, &session_id, principal.as_ref(), &msg).await {
                                 Err(refused) => vec![refused],
                                 Ok(()) => {
+                                    idle_deadline = tokio::time::Instant::now() + idle;
                                     let action = session.on_message(msg);
                                     let ctx = Ctx { session_id: &session_id, principal: principal.as_ref(), state: &state };
                                     perform(action, &mut session, &mut attached, &ctx).await
@@ -459,7 +476,7 @@ async fn route(offer: Offer, ctx: &Ctx<'_>) -> Result<(Attached, String), (Error
         // The worker's own credentials: its answer then carries relay candidates too.
         ice_servers: state
             .ice
-            .servers(&format!("worker-{worker_id}"), crate::ice::unix_now()),
+            .servers(crate::ice::TurnUser::Worker(&worker_id), crate::ice::unix_now()),
     };
     let pending_offer = Some(offer.clone());
     let opened = tokio::time::timeout(

@@ -5,6 +5,13 @@
 //! so one slow or hostile worker cannot stall others. Once registered, the task watches the
 //! control stream (ping/pong, draining) until the connection ends, then unregisters the worker
 //! unless a newer tunnel from the same worker id has already replaced it.
+//!
+//! Before a worker has proved the secret it is anonymous, and anyone can start a QUIC handshake.
+//! What it may cost is bounded: at most `max_pending_handshakes` connections are between accept
+//! and registration at once (more are refused at once), above `retry_above_pending` a client must
+//! first prove its address with a stateless Retry, the whole handshake has one deadline, a worker
+//! may open one stream (the control stream; session streams are the relay's) and no
+//! unidirectional ones, and the receive windows are bounded, so unread data cannot pile up.
 
 use crate::registry::{SessionSlot, WorkerHandle};
 use crate::tls::ServerCerts;
@@ -17,6 +24,7 @@ use avatar_proto::tunnel::{
 use rand::RngCore;
 use serde::de::DeserializeOwned;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -52,13 +60,18 @@ async fn expect<T: DeserializeOwned>(recv: &mut FramedRecv, what: &str) -> Resul
         .ok_or_else(|| TunnelError::Protocol(format!("stream ended before {what}")))
 }
 
+/// Bidirectional streams a worker may open at once: its control stream, and one more so that a
+/// control stream being replaced never blocks the next.
+const WORKER_OPENED_STREAMS: u32 = 2;
+
 /// Build the QUIC endpoint workers dial.
 pub fn endpoint(
     listen: SocketAddr,
     certs: &ServerCerts,
-    idle_timeout: Duration,
-    keepalive: Duration,
+    cfg: &crate::config::TunnelConfig,
 ) -> Result<quinn::Endpoint, crate::RelayError> {
+    let idle_timeout = Duration::from_millis(cfg.idle_timeout_ms);
+    let keepalive = Duration::from_millis(cfg.keepalive_ms);
     let tls = certs.server_config(true, vec![ALPN.to_vec()])?;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| crate::RelayError::Quic(format!("TLS config unusable for QUIC: {e}")))?;
@@ -69,9 +82,15 @@ pub fn endpoint(
             quinn::IdleTimeout::try_from(idle_timeout).map_err(|e| crate::RelayError::Quic(e.to_string()))?,
         ))
         .keep_alive_interval(Some(keepalive))
-        // Each browser session is one bidirectional stream.
-        .max_concurrent_bidi_streams(quinn::VarInt::from_u32(4096));
+        // Session streams are opened by the relay (the worker's limit bounds those); the worker
+        // itself opens only its control stream.
+        .max_concurrent_bidi_streams(quinn::VarInt::from_u32(WORKER_OPENED_STREAMS))
+        .max_concurrent_uni_streams(quinn::VarInt::from_u32(0))
+        .receive_window(quinn::VarInt::from_u32(cfg.receive_window_bytes))
+        .stream_receive_window(quinn::VarInt::from_u32(cfg.stream_receive_window_bytes));
     server.transport_config(Arc::new(transport));
+    // Incoming connections the endpoint itself buffers before the accept loop sees them.
+    server.max_incoming(cfg.max_pending_handshakes.max(1));
     quinn::Endpoint::server(server, listen).map_err(|source| crate::RelayError::Bind {
         what: "tunnel (UDP)",
         addr: listen,
@@ -79,20 +98,74 @@ pub fn endpoint(
     })
 }
 
+/// Connections between accept and registration, counted until registered or gone.
+struct Pending(Arc<AtomicUsize>);
+
+impl Pending {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(count))
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What to do with a new connection while `pending` others are unauthenticated.
+#[derive(Debug, PartialEq, Eq)]
+enum Admission {
+    Accept,
+    /// Make the client prove its address first (stateless for the relay).
+    Retry,
+    Refuse,
+}
+
+fn admission(pending: usize, validated: bool, cfg: &crate::config::TunnelConfig) -> Admission {
+    if pending >= cfg.max_pending_handshakes {
+        Admission::Refuse
+    } else if pending >= cfg.retry_above_pending && !validated {
+        Admission::Retry
+    } else {
+        Admission::Accept
+    }
+}
+
 /// Accept tunnels until `shutdown`, then close every connection and wait for them to go idle.
 pub async fn serve(endpoint: quinn::Endpoint, state: Arc<AppState>, shutdown: CancellationToken) {
     let tasks = TaskTracker::new();
+    let pending = Arc::new(AtomicUsize::new(0));
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
+                let now = pending.load(Ordering::Relaxed);
+                match admission(now, incoming.remote_address_validated(), &state.config.tunnel) {
+                    Admission::Accept => {}
+                    Admission::Retry if incoming.may_retry() => {
+                        metrics::counter!("relay_tunnel_handshakes_refused_total", "reason" => "retry").increment(1);
+                        let _ = incoming.retry();
+                        continue;
+                    }
+                    Admission::Retry | Admission::Refuse => {
+                        metrics::counter!("relay_tunnel_handshakes_refused_total", "reason" => "pending").increment(1);
+                        if state.log_refusal() {
+                            info!(remote = %incoming.remote_address(), pending = now, "tunnel refused: too many unauthenticated connections");
+                        }
+                        incoming.refuse();
+                        continue;
+                    }
+                }
+                let guard = Pending::new(&pending);
                 let state = Arc::clone(&state);
                 let shutdown = shutdown.clone();
                 let remote = incoming.remote_address();
                 tasks.spawn(
                     async move {
-                        if let Err(e) = handle_connection(incoming, state, shutdown).await {
+                        if let Err(e) = handle_connection(incoming, state, shutdown, guard).await {
                             info!(error = %e, "tunnel ended");
                         }
                     }
@@ -118,11 +191,22 @@ async fn handle_connection(
     incoming: quinn::Incoming,
     state: Arc<AppState>,
     shutdown: CancellationToken,
+    pending: Pending,
 ) -> Result<(), TunnelError> {
-    let conn = incoming.await?;
-    let deadline = Duration::from_millis(state.config.tunnel.handshake_timeout_ms);
-    let (worker, mut send, mut recv) = match tokio::time::timeout(deadline, handshake(&conn, &state)).await {
-        Ok(Ok(done)) => done,
+    // One deadline for the QUIC handshake and ours together.
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(state.config.tunnel.handshake_timeout_ms);
+    let conn = match tokio::time::timeout_at(deadline, incoming).await {
+        Ok(conn) => conn?,
+        Err(_) => {
+            info!("QUIC handshake timed out");
+            return Err(TunnelError::Timeout);
+        }
+    };
+    let (worker, mut send, mut recv) = match tokio::time::timeout_at(deadline, handshake(&conn, &state)).await {
+        Ok(Ok(done)) => {
+            drop(pending);
+            done
+        }
         Ok(Err(e)) => {
             warn!(error = %e, "tunnel handshake failed");
             conn.close(
@@ -263,7 +347,7 @@ async fn control_loop(
                     info!("worker is draining: no new sessions");
                     worker.set_draining();
                 }
-                Some(other) => debug!(?other, "ignoring unexpected control message"),
+                Some(_) => debug!("ignoring an unexpected control message"),
                 None => return Ok(()),
             },
         }
@@ -280,4 +364,29 @@ pub async fn open_session(
     send_frame(&mut send, &SessionFrame::Open(open)).await?;
     send_frame(&mut send, &first).await?;
     Ok((send, FramedRecv::new(recv)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unauthenticated_connections_are_retried_then_refused_under_load() {
+        let cfg = crate::config::TunnelConfig {
+            max_pending_handshakes: 8,
+            retry_above_pending: 2,
+            ..Default::default()
+        };
+        assert_eq!(admission(0, false, &cfg), Admission::Accept);
+        assert_eq!(admission(1, false, &cfg), Admission::Accept);
+        assert_eq!(admission(2, false, &cfg), Admission::Retry);
+        assert_eq!(
+            admission(2, true, &cfg),
+            Admission::Accept,
+            "address proven by the Retry"
+        );
+        assert_eq!(admission(7, true, &cfg), Admission::Accept);
+        assert_eq!(admission(8, true, &cfg), Admission::Refuse);
+        assert_eq!(admission(100, false, &cfg), Admission::Refuse);
+    }
 }

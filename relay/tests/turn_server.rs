@@ -3,6 +3,7 @@
 //! `tests/tests/turn.rs`, prove interoperability; this proves the rules).
 
 use avatar_relay::config::{EmbeddedTurnConfig, Secret, TurnConfig};
+use avatar_relay::ice::{IceServers, TurnUser};
 use avatar_relay::tls::{Identity, ServerCerts};
 use avatar_relay::turn::TurnServer;
 use std::net::{IpAddr, SocketAddr};
@@ -304,19 +305,93 @@ async fn special_purpose_peers_are_refused_with_403_unless_allow_listed() {
 }
 
 #[tokio::test]
-async fn allocations_per_credential_are_capped() {
-    let s = start(config(|e| e.max_allocations_per_credential = 2));
+async fn allocations_per_user_are_capped_whatever_credentials_they_hold() {
+    let s = start(config(|e| e.max_allocations_per_user = 2));
     let expiry = avatar_relay::ice::unix_now() + 300;
     let mut answers = Vec::new();
-    for _ in 0..3 {
-        let mut c = Client::new(s.addr, "alice", expiry, SECRET).await;
+    // A fresh credential every second used to give a fresh quota: the user is what counts.
+    for (i, ip) in ["127.0.0.2", "127.0.0.3", "127.0.0.4"].into_iter().enumerate() {
+        let mut c = Client::new(s.addr, "b.alice", expiry + i as u64, SECRET).await;
+        c.sock = UdpSocket::bind((ip, 0)).await.expect("bind");
         answers.push(code(&c.allocate().await));
     }
     assert_eq!(answers, [None, None, Some(486)]);
-    // Another credential is not affected.
-    let mut other = Client::valid(s.addr, "bob").await;
+    // Another user is not affected.
+    let mut other = Client::valid(s.addr, "b.bob").await;
     assert_eq!(code(&other.allocate().await), None);
     assert_eq!(s.server.stats.allocations.load(Ordering::Relaxed), 3);
+}
+
+/// A client holding credentials the relay minted for it, as a browser gets them.
+async fn minted(s: &Running, ice: &IceServers, who: TurnUser<'_>, from: &str) -> Client {
+    let list = ice.servers(who, avatar_relay::ice::unix_now());
+    let turn = list.iter().find(|i| i.username.is_some()).expect("TURN entry");
+    Client {
+        sock: UdpSocket::bind((from, 0)).await.expect("bind"),
+        server: s.addr,
+        username: turn.username.clone().expect("username"),
+        password: turn.credential.clone().expect("credential"),
+        realm: String::new(),
+        nonce: String::new(),
+    }
+}
+
+/// The attack from the security review: an anonymous client opens 40 WebSockets under 40 session
+/// ids, so the relay mints 40 credentials, and allocates with each of them as fast as it can.
+#[tokio::test]
+async fn the_turn_exhaustion_sequence_gets_no_more_than_the_per_ip_cap() {
+    const PER_IP: usize = 8;
+    let cfg = config(|e| e.max_allocations_per_ip = PER_IP);
+    let ice = IceServers::new(&cfg);
+    let s = start(cfg);
+    let mut granted = 0;
+    let mut refused = 0;
+    for session in 0..40 {
+        for _ in 0..3 {
+            let session_id = format!("attacker-session-{session}");
+            let mut c = minted(&s, &ice, TurnUser::Browser(&session_id), "127.0.0.1").await;
+            match code(&c.allocate().await) {
+                None => granted += 1,
+                Some(486) => refused += 1,
+                other => panic!("unexpected answer {other:?}"),
+            }
+        }
+    }
+    assert_eq!((granted, refused), (PER_IP, 120 - PER_IP));
+    // Another client still allocates, and so does a worker at the attacker's address (NAT).
+    let mut student = minted(&s, &ice, TurnUser::Browser("student"), "127.0.0.9").await;
+    assert_eq!(code(&student.allocate().await), None, "another client allocates");
+    let mut worker = minted(&s, &ice, TurnUser::Worker("gpu-1"), "127.0.0.1").await;
+    assert_eq!(code(&worker.allocate().await), None, "the worker allocates");
+}
+
+/// The second attack: a browser opens sockets under session ids shaped like a worker's TURN user
+/// (the worker id is public) to use up the worker's quota, so its answers lose relay candidates.
+#[tokio::test]
+async fn a_browser_cannot_spend_a_workers_turn_quota() {
+    let cfg = config(|e| {
+        e.max_allocations_per_user = 2;
+        e.max_allocations_per_worker = 2;
+    });
+    let ice = IceServers::new(&cfg);
+    let s = start(cfg);
+    for (i, session_id) in ["worker-gpu-1", "w.gpu-1", "gpu-1", "b.w.gpu-1"]
+        .into_iter()
+        .enumerate()
+    {
+        for j in 0..3 {
+            let from = format!("127.0.1.{}", i * 3 + j + 1);
+            let mut c = minted(&s, &ice, TurnUser::Browser(session_id), &from).await;
+            let answer = code(&c.allocate().await);
+            assert!(answer.is_none() || answer == Some(486), "{session_id}: {answer:?}");
+        }
+    }
+    for i in 0..2 {
+        let mut worker = minted(&s, &ice, TurnUser::Worker("gpu-1"), &format!("127.0.2.{i}")).await;
+        assert_eq!(code(&worker.allocate().await), None, "the worker keeps its whole quota");
+    }
+    let mut third = minted(&s, &ice, TurnUser::Worker("gpu-1"), "127.0.2.9").await;
+    assert_eq!(code(&third.allocate().await), Some(486), "and its own cap holds");
 }
 
 #[tokio::test]
@@ -493,7 +568,7 @@ async fn hostile_messages_are_refused_without_harm() {
 
     let s = start(config(|e| {
         e.allow_peers = vec!["127.0.0.0/8".parse().expect("net")];
-        e.max_allocations_per_credential = 3;
+        e.max_allocations_per_user = 3;
     }));
     let mut c = Client::valid(s.addr, "mallory").await;
     assert_eq!(c.allocate().await.typ.class, CLASS_SUCCESS_RESPONSE);

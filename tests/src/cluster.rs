@@ -7,6 +7,10 @@ use std::time::{Duration, Instant};
 
 pub const SECRET: &str = "test-secret-0123456789abcdef";
 
+/// The worker takes browser candidates from the documentation ranges the namespace tests use
+/// (special-purpose, so dropped by default).
+const TEST_NETWORKS: &str = "allow_candidate_ranges = [\"192.0.2.0/24\", \"198.51.100.0/24\", \"203.0.113.0/24\"]";
+
 /// A running relay.
 pub struct RelayProc {
     pub child: Child,
@@ -92,12 +96,38 @@ impl Cluster {
 
     /// A relay with HTTP and tunnel on the given addresses (`IP:0` for any port).
     pub async fn relay_at(http: &str, tunnel: &str, extra_toml: &str, tls: bool, tls_section: &str) -> Self {
+        Self::relay_full(http, tunnel, extra_toml, "", "", tls, tls_section).await
+    }
+
+    /// A loopback relay with extra lines for its `[http]` and `[tunnel]` sections too.
+    pub async fn relay_sections(extra_toml: &str, http_toml: &str, tunnel_toml: &str, tls: bool) -> Self {
+        Self::relay_full(
+            "127.0.0.1:0",
+            "127.0.0.1:0",
+            extra_toml,
+            http_toml,
+            tunnel_toml,
+            tls,
+            "self_signed = true",
+        )
+        .await
+    }
+
+    async fn relay_full(
+        http: &str,
+        tunnel: &str,
+        extra_toml: &str,
+        http_toml: &str,
+        tunnel_toml: &str,
+        tls: bool,
+        tls_section: &str,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("relay.toml");
         std::fs::write(
             &config,
             format!(
-                "relay_id = \"test-relay\"\n{extra_toml}\n[http]\nlisten = \"{http}\"\ntls = {tls}\n[tunnel]\nlisten = \"{tunnel}\"\nsecret = \"{SECRET}\"\n[tls]\n{tls_section}\n"
+                "relay_id = \"test-relay\"\n{extra_toml}\n[http]\nlisten = \"{http}\"\ntls = {tls}\n{http_toml}\n[tunnel]\nlisten = \"{tunnel}\"\nsecret = \"{SECRET}\"\n{tunnel_toml}\n[tls]\n{tls_section}\n"
             ),
         )
         .expect("write relay config");
@@ -217,7 +247,7 @@ impl Cluster {
         std::fs::write(
             &config,
             format!(
-                "worker_id = \"{id}\"\ncapacity = {capacity}\nsecret = \"{secret}\"\n{extra_toml}\n[ice]\ninclude_loopback = true\n[[relays]]\naddress = \"{}\"\n{server_name}{trust}\n",
+                "worker_id = \"{id}\"\ncapacity = {capacity}\nsecret = \"{secret}\"\n{extra_toml}\n[ice]\ninclude_loopback = true\n{TEST_NETWORKS}\n[[relays]]\naddress = \"{}\"\n{server_name}{trust}\n",
                 self.relay.tunnel
             ),
         )

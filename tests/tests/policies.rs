@@ -369,3 +369,31 @@ fn sighup_reloads_policies_and_a_relay_without_policies_survives_it() {
         },
     );
 }
+
+/// Low finding of the security review: a session id was not bound to its user, so another user
+/// could take it over while its owner was away (a reload, a network change). With an auth policy
+/// that names users, the id stays its owner's for `limits.session_binding_s`.
+#[test]
+fn a_session_id_stays_bound_to_its_user_while_they_are_away() {
+    netns::run("a_session_id_stays_bound_to_its_user_while_they_are_away", || async {
+        let (cluster, _modules) = relay_with_swappable_auth("hmac-token", 10).await;
+        let token = |user: &str| hmac_token(POLICY_SECRET, user, unix_now() + 600);
+        let url = |user: &str| format!("{}?token={}", cluster.ws_url("lesson-7"), token(user));
+        let mut alice = Signaling::connect(&url("alice")).await.expect("alice connects");
+        alice.send_text("{}").await.expect("send");
+        assert_eq!(alice.next_event(SECS(5)).await.expect("event")["type"], "error");
+        alice.close().await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+
+        let mut mallory = Signaling::connect(&url("mallory")).await.expect("upgrade");
+        let ev = mallory.next_event(SECS(5)).await.expect("event");
+        assert_eq!(ev["code"], "session_in_use", "{ev}");
+        assert!(mallory.next_event(SECS(5)).await.is_err(), "and closed");
+
+        let mut back = Signaling::connect(&url("alice")).await.expect("alice returns");
+        back.send_text("{}").await.expect("send");
+        let ev = back.next_event(SECS(5)).await.expect("event");
+        assert_eq!(ev["type"], "error", "{ev}");
+        assert_ne!(ev["code"], "session_in_use", "alice has her session id back: {ev}");
+    });
+}

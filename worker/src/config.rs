@@ -253,7 +253,7 @@ pub struct RelayTarget {
     pub ca_file: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IceConfig {
     /// Offer loopback candidates (tests and single-host demos only).
@@ -264,6 +264,26 @@ pub struct IceConfig {
     /// Use only local UDP ports in this range for media (for a firewall rule). Both or neither.
     pub udp_port_min: Option<u16>,
     pub udp_port_max: Option<u16>,
+    /// Browser candidates in these ranges are used although they are special-purpose (a LAN
+    /// where browsers and the worker meet on private addresses). Others in special-purpose
+    /// ranges (loopback, link-local and cloud metadata, private networks) are dropped, so a
+    /// browser cannot make the worker send to them. `include_loopback` allows loopback too.
+    pub allow_candidate_ranges: Vec<ipnet::IpNet>,
+    /// Remote candidates one session may trickle per offer; more are dropped.
+    pub max_remote_candidates: usize,
+}
+
+impl Default for IceConfig {
+    fn default() -> Self {
+        Self {
+            include_loopback: false,
+            public_ips: Vec::new(),
+            udp_port_min: None,
+            udp_port_max: None,
+            allow_candidate_ranges: Vec::new(),
+            max_remote_candidates: 64,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -85,6 +85,8 @@ pub struct Context {
     pub sessions: TaskTracker,
     pub tunnel_idle: Duration,
     pub tunnel_keepalive: Duration,
+    /// Which trickled browser candidates sessions may add.
+    pub candidates: rtc::CandidateFilter,
     active: AtomicU32,
 }
 
@@ -171,6 +173,11 @@ impl Worker {
             None
         };
         let ctx = Context {
+            candidates: rtc::CandidateFilter::new(
+                &config.ice.allow_candidate_ranges,
+                config.ice.include_loopback,
+                config.ice.max_remote_candidates,
+            ),
             talk,
             rtc,
             avatars,

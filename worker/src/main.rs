@@ -125,8 +125,12 @@ async fn wait_for_signal() {
 }
 
 fn init_tracing(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,webrtc=warn,webrtc_ice=warn,quinn=warn"));
+    // Whatever RUST_LOG says: HTTP/2 frames to the LLM and TTS services carry their API keys.
+    if let Ok(directive) = "h2=info".parse() {
+        filter = filter.add_directive(directive);
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

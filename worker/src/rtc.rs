@@ -222,6 +222,61 @@ pub struct Answer {
     pub sdp: String,
 }
 
+/// Which remote candidates a session may add. ICE sends connectivity checks to every remote
+/// candidate, so a browser that trickles candidates chooses where the worker sends packets: only
+/// addresses outside the special-purpose ranges ([`avatar_proto::netfilter`]) are taken, unless
+/// allow-listed, and only so many per offer. Refused candidates are dropped quietly: a browser's
+/// private host candidates are normal, and ICE still finds the path (as peer-reflexive) from the
+/// browser's own checks to the candidates in our answer.
+#[derive(Debug, Clone)]
+pub struct CandidateFilter {
+    filter: avatar_proto::netfilter::PeerFilter,
+    max_per_offer: usize,
+}
+
+/// Why a remote candidate was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CandidateRefused {
+    /// The address is special-purpose and not allow-listed (or not an address at all).
+    Address,
+    /// The session already added its share for this offer.
+    TooMany,
+}
+
+impl CandidateFilter {
+    /// `allow`: ranges used although special-purpose; loopback too when `loopback`.
+    pub fn new(allow: &[ipnet::IpNet], loopback: bool, max_per_offer: usize) -> Self {
+        let mut allow = allow.to_vec();
+        if loopback {
+            allow.extend(
+                ["127.0.0.0/8", "::1/128"]
+                    .iter()
+                    .filter_map(|n| n.parse::<ipnet::IpNet>().ok()),
+            );
+        }
+        Self {
+            filter: avatar_proto::netfilter::PeerFilter::new(&[], &allow, &[]),
+            max_per_offer,
+        }
+    }
+
+    /// Check the `candidate:` line of a trickled candidate, the `added`-th of this offer.
+    /// mDNS names (`<uuid>.local`) pass: the ICE agent does not resolve them.
+    pub fn check(&self, candidate: &str, added: usize) -> Result<(), CandidateRefused> {
+        if added >= self.max_per_offer {
+            return Err(CandidateRefused::TooMany);
+        }
+        let address = candidate.split_whitespace().nth(4).unwrap_or("");
+        if address.ends_with(".local") {
+            return Ok(());
+        }
+        match address.parse::<std::net::IpAddr>() {
+            Ok(ip) if self.filter.allows(ip) => Ok(()),
+            _ => Err(CandidateRefused::Address),
+        }
+    }
+}
+
 /// One browser's peer connection.
 pub struct Peer {
     pc: Arc<RTCPeerConnection>,
@@ -289,6 +344,56 @@ fn udp_url(url: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use super::{CandidateFilter, CandidateRefused};
+
+    fn line(addr: &str) -> String {
+        format!("candidate:842163049 1 udp 1677729535 {addr} 51234 typ host generation 0")
+    }
+
+    #[test]
+    fn candidates_aimed_at_loopback_metadata_and_private_ranges_are_dropped() {
+        let f = CandidateFilter::new(&[], false, 64);
+        for denied in [
+            "127.0.0.1",
+            "169.254.169.254",
+            "10.1.2.3",
+            "192.168.1.5",
+            "::1",
+            "::ffff:127.0.0.1",
+            "fe80::1",
+            "0.0.0.0",
+            "not-an-address",
+        ] {
+            assert_eq!(f.check(&line(denied), 0), Err(CandidateRefused::Address), "{denied}");
+        }
+        for allowed in [
+            "8.8.8.8",
+            "2001:4860:4860::8888",
+            "1b4c7f1e-2f0a-4e36-9f7b-3b9d0c6b1d2e.local",
+        ] {
+            assert_eq!(f.check(&line(allowed), 0), Ok(()), "{allowed}");
+        }
+        assert_eq!(f.check("", 0), Err(CandidateRefused::Address));
+    }
+
+    #[test]
+    fn allow_lists_and_the_loopback_setting_open_their_ranges_only() {
+        let lan: Vec<ipnet::IpNet> = vec!["192.168.0.0/16".parse().expect("net")];
+        let f = CandidateFilter::new(&lan, true, 64);
+        assert_eq!(f.check(&line("192.168.1.5"), 0), Ok(()));
+        assert_eq!(f.check(&line("127.0.0.1"), 0), Ok(()));
+        assert_eq!(f.check(&line("::1"), 0), Ok(()));
+        assert_eq!(f.check(&line("169.254.169.254"), 0), Err(CandidateRefused::Address));
+        assert_eq!(f.check(&line("10.0.0.1"), 0), Err(CandidateRefused::Address));
+    }
+
+    #[test]
+    fn candidates_per_offer_are_capped() {
+        let f = CandidateFilter::new(&[], false, 3);
+        assert_eq!(f.check(&line("8.8.8.8"), 2), Ok(()));
+        assert_eq!(f.check(&line("8.8.8.8"), 3), Err(CandidateRefused::TooMany));
+    }
+
     #[test]
     fn only_udp_ice_urls_reach_the_agent() {
         assert!(super::udp_url("stun:203.0.113.1:3478"));

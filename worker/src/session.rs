@@ -16,7 +16,7 @@
 //! Either way the encoder thread is stopped and the capacity slot returned (both on drop).
 
 use crate::media::stream::{ClockEvent, Feed, MediaOut, VideoStream, OPUS_FRAME};
-use crate::rtc::{Peer, RtcError};
+use crate::rtc::{CandidateRefused, Peer, RtcError};
 use crate::talk::{Conversation, TalkEvent};
 use crate::Context;
 use avatar_proto::signaling::{ClientMessage, ErrorCode, ServerEvent};
@@ -45,6 +45,8 @@ struct Active {
     peer: Arc<Peer>,
     states: mpsc::Receiver<PcState>,
     media: Option<(VideoStream, tokio::task::JoinHandle<()>)>,
+    /// Remote candidates added since this offer (capped).
+    candidates: usize,
 }
 
 impl Active {
@@ -231,6 +233,7 @@ impl Session {
                             peer: answer.peer,
                             states: answer.states,
                             media: None,
+                            candidates: 0,
                         });
                         let timestamp = chrono::Local::now().format("%Y-%m-%dT%H:%M:%S%.6f").to_string();
                         self.event(ServerEvent::WebrtcAnswer {
@@ -258,9 +261,19 @@ impl Session {
                 }
             }
             ClientMessage::WebrtcIceCandidate(c) => {
-                let (Some(active), Some(candidate)) = (self.active.as_ref(), c.candidate) else {
+                let (Some(active), Some(candidate)) = (self.active.as_mut(), c.candidate) else {
                     return;
                 };
+                if let Err(refused) = self.ctx.candidates.check(&candidate.candidate, active.candidates) {
+                    metrics::counter!("worker_remote_candidates_dropped_total", "reason" => match refused {
+                        CandidateRefused::Address => "address",
+                        CandidateRefused::TooMany => "too_many",
+                    })
+                    .increment(1);
+                    debug!(?refused, "remote candidate dropped");
+                    return;
+                }
+                active.candidates += 1;
                 if let Err(e) = active.peer.add_candidate(candidate).await {
                     self.event(ServerEvent::error(ErrorCode::InvalidMessage, e.to_string()))
                         .await;

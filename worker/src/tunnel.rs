@@ -98,10 +98,38 @@ pub fn parse_fingerprint(text: &str) -> Result<[u8; 32], TunnelError> {
         .map_err(|_| TunnelError::Trust("fingerprint must be 32 bytes (SHA-256)".into()))
 }
 
-fn client_config(
+/// Session streams the relay may have open at once on one tunnel, for a worker of `capacity`:
+/// every session one stream, plus room for streams that are closing while their replacements
+/// open (quinn's default of 100 would cap a worker at 100 sessions whatever its capacity).
+pub fn session_stream_limit(capacity: u32) -> u32 {
+    capacity.saturating_add(capacity / 4).saturating_add(16)
+}
+
+/// The QUIC transport of a tunnel: timers, and stream limits that follow `capacity`.
+pub fn transport_config(
+    idle: Duration,
+    keepalive: Duration,
+    capacity: u32,
+) -> Result<quinn::TransportConfig, TunnelError> {
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(idle).map_err(|e| TunnelError::Trust(e.to_string()))?,
+        ))
+        .keep_alive_interval(Some(keepalive))
+        // Before the first RTT sample, retransmit a lost handshake after ~300 ms, not ~1 s: a
+        // tunnel comes back quickly when its path returns mid-attempt.
+        .initial_rtt(Duration::from_millis(100))
+        .max_concurrent_bidi_streams(quinn::VarInt::from_u32(session_stream_limit(capacity)))
+        .max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
+    Ok(transport)
+}
+
+pub fn client_config(
     target: &RelayTarget,
     idle: Duration,
     keepalive: Duration,
+    capacity: u32,
 ) -> Result<quinn::ClientConfig, TunnelError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
@@ -138,16 +166,7 @@ fn client_config(
     let crypto =
         quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| TunnelError::Trust(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    let mut transport = quinn::TransportConfig::default();
-    transport
-        .max_idle_timeout(Some(
-            quinn::IdleTimeout::try_from(idle).map_err(|e| TunnelError::Trust(e.to_string()))?,
-        ))
-        .keep_alive_interval(Some(keepalive))
-        // Before the first RTT sample, retransmit a lost handshake after ~300 ms, not ~1 s: a
-        // tunnel comes back quickly when its path returns mid-attempt.
-        .initial_rtt(Duration::from_millis(100));
-    config.transport_config(Arc::new(transport));
+    config.transport_config(Arc::new(transport_config(idle, keepalive, capacity)?));
     Ok(config)
 }
 
@@ -211,7 +230,7 @@ async fn connect_and_serve(
             .map(|(h, _)| h.trim_matches(['[', ']']).to_owned())
             .unwrap_or_default()
     });
-    let config = client_config(target, ctx.tunnel_idle, ctx.tunnel_keepalive)?;
+    let config = client_config(target, ctx.tunnel_idle, ctx.tunnel_keepalive, ctx.config.capacity)?;
     let bind: std::net::SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
         .parse()
         .map_err(|_| TunnelError::Protocol("bind address".into()))?;
@@ -318,6 +337,70 @@ mod tests {
             assert!(d <= BACKOFF_CAP);
             assert!(d <= BACKOFF_BASE.saturating_mul(1 << attempt.min(16)));
         }
+    }
+
+    /// A relay (a QUIC server with a fresh certificate) and a worker connected to it with the
+    /// worker's own client configuration for `capacity`. Returns how many session streams of
+    /// `wanted` the relay could open and hold at once.
+    async fn session_streams_held(capacity: u32, wanted: usize) -> usize {
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
+        let der = ck.cert.der().clone();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
+        let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3")
+            .with_no_client_auth()
+            .with_single_cert(vec![der.clone()], key)
+            .expect("certificate");
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).expect("QUIC TLS");
+        let loopback: std::net::SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        let relay =
+            quinn::Endpoint::server(quinn::ServerConfig::with_crypto(Arc::new(crypto)), loopback).expect("server");
+        let addr = relay.local_addr().expect("addr");
+        let target = RelayTarget {
+            address: addr.to_string(),
+            server_name: Some("localhost".into()),
+            fingerprint: Some(hex::encode(Sha256::digest(der.as_ref()))),
+            fingerprint_file: None,
+            ca_file: None,
+        };
+        let config = client_config(&target, Duration::from_secs(10), Duration::from_secs(1), capacity).expect("config");
+        let worker_end = quinn::Endpoint::client(loopback).expect("client");
+        let connecting = worker_end.connect_with(config, addr, "localhost").expect("connect");
+        let (worker, relay_conn) = tokio::join!(connecting, async { relay.accept().await.expect("incoming").await });
+        let (worker, relay_conn) = (worker.expect("worker side"), relay_conn.expect("relay side"));
+        // The worker takes every session stream and keeps it, as a live session does.
+        let held = tokio::spawn(async move {
+            let mut streams = Vec::new();
+            while let Ok(pair) = worker.accept_bi().await {
+                streams.push(pair);
+            }
+            streams.len()
+        });
+        let mut open = Vec::new();
+        for _ in 0..wanted {
+            match tokio::time::timeout(Duration::from_millis(300), relay_conn.open_bi()).await {
+                Ok(Ok((mut send, recv))) => {
+                    send.write_all(b"open").await.expect("write");
+                    open.push((send, recv));
+                }
+                _ => break,
+            }
+        }
+        relay_conn.close(quinn::VarInt::from_u32(0), b"done");
+        let _ = held.await;
+        open.len()
+    }
+
+    #[tokio::test]
+    async fn a_tunnel_carries_as_many_sessions_as_the_worker_has_capacity() {
+        assert_eq!(session_streams_held(150, 150).await, 150, "capacity 150 serves 150");
+        assert_eq!(session_streams_held(1000, 1000).await, 1000);
+        // And no more than the capacity allows: the relay cannot pile streams on a worker.
+        let small = session_streams_held(20, 150).await;
+        assert_eq!(small, session_stream_limit(20) as usize);
+        assert!(small < 150);
     }
 
     #[test]

@@ -14,7 +14,7 @@
 //! Safety, since a TURN server is an authenticated proxy:
 //! - credentials are coturn REST-API ones minted by the relay with a short TTL ([`auth`]);
 //! - peers in special-purpose ranges and the server's own addresses are refused with 403 unless
-//!   allow-listed, IPv4-mapped spellings canonicalised first ([`filter`]);
+//!   allow-listed, IPv4-mapped spellings canonicalised first ([`avatar_proto::netfilter`]);
 //! - allocations per credential and in total are capped (486/508), each allocation's bandwidth is
 //!   capped per direction, and 401 answers are rate-limited per source address;
 //! - TCP/TLS connections are capped in number, and one that has not allocated within
@@ -25,7 +25,6 @@
 //! the listeners, each of which stops when the relay's shutdown token fires.
 
 pub mod auth;
-pub mod filter;
 pub mod server;
 
 use crate::config::TurnConfig;

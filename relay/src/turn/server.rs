@@ -11,8 +11,9 @@
 //! attributes (400/442/440), then policy — caps (486/508) and the peer filter (403).
 
 use super::auth::Credentials;
-use super::filter::{canonical, PeerFilter};
 use crate::config::EmbeddedTurnConfig;
+use crate::ice::TurnUser;
+use avatar_proto::netfilter::{canonical, PeerFilter};
 use bytes::Bytes;
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 use std::collections::HashMap;
@@ -111,6 +112,8 @@ struct AllocState {
 pub struct Allocation {
     five: FiveTuple,
     username: String,
+    /// The quotas this allocation counts against, given back when it goes.
+    quotas: Vec<QuotaKey>,
     key: Vec<u8>,
     relay: Arc<UdpSocket>,
     /// The relayed transport address as announced to the client.
@@ -145,7 +148,35 @@ struct Table {
     by_five: HashMap<FiveTuple, Arc<Allocation>>,
     /// Allocations by relayed port: two clients of this server relaying to each other.
     by_port: HashMap<u16, Arc<Allocation>>,
-    per_credential: HashMap<String, usize>,
+    /// Allocations held per quota key.
+    held: HashMap<QuotaKey, usize>,
+}
+
+/// What an allocation counts against. A browser's allocations count against its user (so fresh
+/// credentials give no fresh quota) and its source address (so fresh session ids give none
+/// either); a worker's against the worker, whose identity only the relay can mint.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum QuotaKey {
+    User(String),
+    Source(IpAddr),
+    Worker(String),
+}
+
+impl Table {
+    fn held(&self, key: &QuotaKey) -> usize {
+        self.held.get(key).copied().unwrap_or(0)
+    }
+
+    fn give_back(&mut self, keys: &[QuotaKey]) {
+        for key in keys {
+            if let Some(n) = self.held.get_mut(key) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.held.remove(key);
+                }
+            }
+        }
+    }
 }
 
 /// The embedded TURN server's shared state.
@@ -217,7 +248,7 @@ impl Server {
             table: Mutex::new(Table {
                 by_five: HashMap::new(),
                 by_port: HashMap::new(),
-                per_credential: HashMap::new(),
+                held: HashMap::new(),
             }),
             failures: RateLimiter::keyed(per_minute(cfg.unauthorized_per_minute)),
             challenges: RateLimiter::keyed(per_minute(cfg.unauthorized_per_minute.saturating_mul(10))),
@@ -258,12 +289,7 @@ impl Server {
             let a = t.by_five.remove(five);
             if let Some(a) = &a {
                 t.by_port.remove(&a.relayed.port());
-                if let Some(n) = t.per_credential.get_mut(&a.username) {
-                    *n = n.saturating_sub(1);
-                    if *n == 0 {
-                        t.per_credential.remove(&a.username);
-                    }
-                }
+                t.give_back(&a.quotas);
             }
             a
         };
@@ -419,6 +445,36 @@ impl Server {
         Box::new(RawAttr(ATTR_LIFETIME, (d.as_secs() as u32).to_be_bytes().to_vec()))
     }
 
+    /// The quotas a new allocation by `username` from `client` counts against, with their caps.
+    fn quotas(&self, username: &str, client: IpAddr) -> Vec<(QuotaKey, usize)> {
+        match TurnUser::of(username) {
+            TurnUser::Worker(id) => vec![(QuotaKey::Worker(id.to_owned()), self.cfg.max_allocations_per_worker)],
+            TurnUser::Browser(user) => vec![
+                (QuotaKey::User(user.to_owned()), self.cfg.max_allocations_per_user),
+                (
+                    QuotaKey::Source(crate::limits::client_key(client, 64)),
+                    self.cfg.max_allocations_per_ip,
+                ),
+            ],
+        }
+    }
+
+    /// The refusal for a new allocation over one of its quotas (486) or the server's cap (508).
+    fn over_quota(&self, t: &Table, quotas: &[(QuotaKey, usize)], k: Option<&[u8]>) -> Option<Reply> {
+        if let Some((key, cap)) = quotas.iter().find(|(key, cap)| t.held(key) >= *cap) {
+            metrics::counter!("relay_turn_quota_refusals_total", "quota" => match key {
+                QuotaKey::User(_) => "user",
+                QuotaKey::Source(_) => "ip",
+                QuotaKey::Worker(_) => "worker",
+            })
+            .increment(1);
+            tracing::debug!(?key, cap, "TURN allocation over quota");
+            return Some(Reply::error(CODE_ALLOC_QUOTA_REACHED, "Allocation Quota Reached", k));
+        }
+        (t.by_five.len() >= self.cfg.max_allocations)
+            .then(|| Reply::error(CODE_INSUFFICIENT_CAPACITY, "Insufficient Capacity", k))
+    }
+
     fn allocate(
         self: &Arc<Self>,
         five: &FiveTuple,
@@ -447,14 +503,9 @@ impl Server {
         if m.contains(ATTR_RESERVATION_TOKEN) {
             return Reply::error(CODE_INSUFFICIENT_CAPACITY, "Reservations are not supported", k);
         }
-        {
-            let t = self.table();
-            if t.per_credential.get(&username).copied().unwrap_or(0) >= self.cfg.max_allocations_per_credential {
-                return Reply::error(CODE_ALLOC_QUOTA_REACHED, "Allocation Quota Reached", k);
-            }
-            if t.by_five.len() >= self.cfg.max_allocations {
-                return Reply::error(CODE_INSUFFICIENT_CAPACITY, "Insufficient Capacity", k);
-            }
+        let quotas = self.quotas(&username, five.client.ip());
+        if let Some(refused) = self.over_quota(&self.table(), &quotas, k) {
+            return refused;
         }
         let Some(relay) = self.bind_relay() else {
             return Reply::error(CODE_INSUFFICIENT_CAPACITY, "No relay port free", k);
@@ -465,6 +516,7 @@ impl Server {
         let alloc = Arc::new(Allocation {
             five: *five,
             username: username.clone(),
+            quotas: quotas.iter().map(|(key, _)| key.clone()).collect(),
             key: key.clone(),
             relay: Arc::new(relay),
             relayed: SocketAddr::new(self.announced, port),
@@ -486,11 +538,12 @@ impl Server {
             if t.by_five.contains_key(five) {
                 return Reply::error(CODE_ALLOC_MISMATCH, "Allocation Mismatch", k);
             }
-            let n = t.per_credential.entry(username.clone()).or_insert(0);
-            if *n >= self.cfg.max_allocations_per_credential {
-                return Reply::error(CODE_ALLOC_QUOTA_REACHED, "Allocation Quota Reached", k);
+            if let Some(refused) = self.over_quota(&t, &quotas, k) {
+                return refused;
             }
-            *n += 1;
+            for (key, _) in quotas {
+                *t.held.entry(key).or_insert(0) += 1;
+            }
             t.by_five.insert(*five, Arc::clone(&alloc));
             t.by_port.insert(port, Arc::clone(&alloc));
         }

@@ -64,7 +64,7 @@ fn main() {
 
 async fn run(sessions: usize) {
     // Hundreds of connections from one address: lift the per-IP connection limit.
-    let mut cluster = Cluster::relay_only("[limits]\nconnections_per_ip_per_minute = 0").await;
+    let mut cluster = Cluster::relay_only("[limits]\nconnections_per_ip_per_minute = 0\nsockets_per_ip = 0").await;
     cluster.add_worker("bench-worker", 16, "").await;
 
     let mut open_to_answer = Series::new("WebSocket open → webrtc_answer");

@@ -1,10 +1,12 @@
-//! Which peers the embedded TURN server relays to.
+//! Which addresses a server may send to on a stranger's word.
 //!
-//! A TURN server sends UDP wherever an authenticated client asks: without a filter it is a proxy
-//! into the relay host's own network (cloud metadata at 169.254.169.254, services on loopback, the
-//! private LAN). Peers in special-purpose ranges are refused with 403 unless an operator allow-lists
-//! them. Addresses are canonicalised first: `::ffff:127.0.0.1` is 127.0.0.1 (coturn's
-//! CVE-2020-26262 and CVE-2026-27624 were both bypasses through such spellings).
+//! Two places send UDP wherever a remote party asks. The relay's embedded TURN server relays to
+//! any peer an authenticated client names; the worker's ICE agent sends connectivity checks to
+//! every candidate a browser trickles. Without a filter either is a proxy into the host's own
+//! network (cloud metadata at 169.254.169.254, services on loopback, the private LAN). Addresses
+//! in special-purpose ranges are refused unless an operator allow-lists them. Addresses are
+//! canonicalised first: `::ffff:127.0.0.1` is 127.0.0.1 (coturn's CVE-2020-26262 and
+//! CVE-2026-27624 were both bypasses through such spellings).
 
 use ipnet::IpNet;
 use std::net::IpAddr;
