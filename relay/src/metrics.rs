@@ -11,7 +11,12 @@
 //! | `relay_sessions_total` | counter | browser sockets accepted |
 //! | `relay_sessions_routed_total` | counter | sessions handed to a worker |
 //! | `relay_signaling_errors_total{code}` | counter | error events sent, by code |
-//! | `relay_connections_rate_limited_total` | counter | upgrades refused by the per-IP limit |
+//! | `relay_connections_rate_limited_total{reason}` | counter | upgrades and ICE-server requests refused per client (`rate`: per minute, `open_sockets`: open at once) |
+//! | `relay_connections_refused_total{reason}` | counter | upgrades refused for their `origin` |
+//! | `relay_http_connections_refused_total{reason}` | counter | TCP connections closed on accept (`per_ip`, `total`) |
+//! | `relay_http_connections_open` | gauge | TCP connections of the HTTP listener open now |
+//! | `relay_tunnel_handshakes_refused_total{reason}` | counter | unauthenticated tunnels refused (`pending`) or sent a Retry (`retry`) |
+//! | `relay_turn_quota_refusals_total{quota}` | counter | TURN allocations over a quota (`user`, `ip`, `worker`) |
 //! | `relay_workers_registered` | gauge | workers with a live tunnel |
 //! | `relay_worker_sessions{worker}` | gauge | sessions on each worker |
 //! | `relay_tunnel_rtt_seconds{worker}` | gauge | QUIC RTT estimate of each tunnel |
@@ -33,6 +38,7 @@ pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildE
 pub fn refresh_gauges(state: &AppState) {
     let workers = state.registry.all();
     metrics::gauge!("relay_workers_registered").set(workers.len() as f64);
+    metrics::gauge!("relay_http_connections_open").set(state.http_connections.total() as f64);
     for w in workers {
         metrics::gauge!("relay_worker_sessions", "worker" => w.id.clone()).set(w.active() as f64);
         metrics::gauge!("relay_tunnel_rtt_seconds", "worker" => w.id.clone()).set(w.connection.rtt().as_secs_f64());

@@ -64,7 +64,13 @@ fn main() {
 
 async fn run(sessions: usize) {
     // Hundreds of connections from one address: lift the per-IP connection limit.
-    let mut cluster = Cluster::relay_only("[limits]\nconnections_per_ip_per_minute = 0\nsockets_per_ip = 0").await;
+    let mut cluster = Cluster::relay_sections(
+        "[limits]\nconnections_per_ip_per_minute = 0\nsockets_per_ip = 0",
+        "max_connections_per_ip = 0",
+        "",
+        false,
+    )
+    .await;
     cluster.add_worker("bench-worker", 16, "").await;
 
     let mut open_to_answer = Series::new("WebSocket open → webrtc_answer");

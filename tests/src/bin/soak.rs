@@ -47,7 +47,13 @@ fn main() {
 }
 
 async fn run(sessions: usize, length: Duration) {
-    let mut cluster = Cluster::relay_only("[limits]\nmax_session_ms = 86400000\nsockets_per_ip = 0").await;
+    let mut cluster = Cluster::relay_sections(
+        "[limits]\nmax_session_ms = 86400000\nsockets_per_ip = 0",
+        "max_connections_per_ip = 0",
+        "",
+        false,
+    )
+    .await;
     // Fixed port: this runs alone in its own network namespace.
     cluster
         .add_worker("soak-worker", sessions as u32, "metrics_listen = \"127.0.0.1:9464\"")
