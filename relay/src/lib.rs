@@ -443,3 +443,45 @@ impl Relay {
         served.map_err(RelayError::Serve)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(binding_s: u64) -> Arc<AppState> {
+        let mut config = RelayConfig::dev();
+        config.limits.session_binding_s = binding_s;
+        AppState::new(config, CancellationToken::new())
+    }
+
+    #[test]
+    fn a_session_id_stays_bound_to_its_owner_after_they_leave() {
+        let s = state(600);
+        let alice = s.claim_session("lesson", Some("alice")).expect("free");
+        assert_eq!(s.claim_session("lesson", Some("bob")).err(), Some(ClaimRefused::InUse));
+        drop(alice);
+        assert_eq!(
+            s.claim_session("lesson", Some("bob")).err(),
+            Some(ClaimRefused::BoundToAnother)
+        );
+        assert_eq!(
+            s.claim_session("lesson", None).err(),
+            Some(ClaimRefused::BoundToAnother),
+            "nor anyone anonymous"
+        );
+        let back = s.claim_session("lesson", Some("alice")).expect("the owner returns");
+        drop(back);
+        // Without an owner (no auth policy) the id is free once the socket goes.
+        drop(s.claim_session("open", None).expect("free"));
+        drop(s.claim_session("open", Some("bob")).expect("free again"));
+    }
+
+    #[test]
+    fn without_a_binding_time_a_left_session_id_is_free_for_anyone() {
+        let s = state(0);
+        drop(s.claim_session("lesson", Some("alice")).expect("free"));
+        drop(s.claim_session("lesson", Some("bob")).expect("no binding"));
+        s.sweep_sessions();
+        assert!(s.sessions().is_empty(), "swept");
+    }
+}

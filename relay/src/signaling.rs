@@ -232,9 +232,8 @@ pub async fn run_session<S, E>(
                         None => vec![],
                     }
                 }
-                Ok(Some(other)) => {
-                    // The frame itself is not logged: message bodies never reach the logs.
-                    let _ = other;
+                Ok(Some(_)) => {
+                    // Not the frame itself: message bodies never reach the logs.
                     warn!("unexpected frame from worker; dropping the session");
                     attached = None;
                     session.worker_lost().into_iter().collect()
@@ -253,7 +252,7 @@ pub async fn run_session<S, E>(
                     None | Some(Ok(Message::Close(_))) => break,
                     Some(Err(e)) => { debug!(error = %e, "websocket error"); break; }
                     Some(Ok(Message::Text(text))) => {
-                        // Its kind and size only: bodies carry users' words and SDP.
+                        // Its size only: bodies carry users' words, SDP and credentials.
                         trace!(bytes = text.len(), "message from the browser");
                         match decode_client_message(text.as_str(), state.config.http.max_message_bytes) {
                             Err(e) => vec![e.to_event()],

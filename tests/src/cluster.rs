@@ -31,6 +31,8 @@ pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub relay: RelayProc,
     pub workers: Vec<WorkerProc>,
+    /// The body of the `[ice]` section of workers started from now on.
+    pub worker_ice: String,
 }
 
 fn spawn(bin: &str, config: &Path, log: &Path, extra: &[&str]) -> Child {
@@ -163,6 +165,7 @@ impl Cluster {
             dir,
             relay,
             workers: Vec::new(),
+            worker_ice: format!("include_loopback = true\n{TEST_NETWORKS}"),
         }
     }
 
@@ -247,8 +250,8 @@ impl Cluster {
         std::fs::write(
             &config,
             format!(
-                "worker_id = \"{id}\"\ncapacity = {capacity}\nsecret = \"{secret}\"\n{extra_toml}\n[ice]\ninclude_loopback = true\n{TEST_NETWORKS}\n[[relays]]\naddress = \"{}\"\n{server_name}{trust}\n",
-                self.relay.tunnel
+                "worker_id = \"{id}\"\ncapacity = {capacity}\nsecret = \"{secret}\"\n{extra_toml}\n[ice]\n{}\n[[relays]]\naddress = \"{}\"\n{server_name}{trust}\n",
+                self.worker_ice, self.relay.tunnel
             ),
         )
         .expect("write worker config");

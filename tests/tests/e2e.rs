@@ -73,7 +73,8 @@ fn bad_input_gets_error_events_and_the_socket_still_works() {
         let mut sig = Signaling::connect(&cluster.ws_url("bad-input")).await.expect("ws");
         let candidate = json!({"type": "webrtc_ice_candidate", "user_id": 5,
             "candidate": {"candidate": "candidate:1 1 udp 2122260223 127.0.0.1 5000 typ host", "sdpMid": "0", "sdpMLineIndex": 0}});
-        let huge = json!({"type": "text_webrtc", "message": "x".repeat(1 << 20)}).to_string();
+        // Over the message cap (64 KiB), under the frame cap (128 KiB): an error event, socket kept.
+        let huge = json!({"type": "text_webrtc", "message": "x".repeat(100 << 10)}).to_string();
         let no_media = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n";
         let cases: Vec<(String, &str)> = vec![
             ("this is not json".into(), "bad_json"),

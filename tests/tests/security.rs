@@ -490,3 +490,70 @@ fn metrics_need_loopback_or_the_token() {
         assert!(proxied.await.starts_with("HTTP/1.1 404"), "through a proxy: not local");
     });
 }
+
+/// Low finding: candidates a browser trickled made the worker send STUN checks anywhere (100
+/// candidates: 3,200 packets to attacker-chosen loopback ports). Now candidates in
+/// special-purpose ranges are dropped, in the offer and trickled alike; allowed ones (here
+/// loopback, which this test's worker allows) are still checked, which shows the probe works.
+#[test]
+fn candidates_aimed_at_special_purpose_addresses_are_not_probed() {
+    netns::run(
+        "candidates_aimed_at_special_purpose_addresses_are_not_probed",
+        || async {
+            // 192.0.2.50 stands for a metadata or LAN address: special-purpose, on this namespace's lo.
+            netns::sh("ip addr add 192.0.2.50/32 dev lo");
+            let mut cluster = Cluster::relay_only("").await;
+            cluster.worker_ice = "include_loopback = true".into();
+            cluster.add_worker("w-ice", 2, "").await;
+            let target_udp = |ip: &'static str| async move {
+                let s = tokio::net::UdpSocket::bind((ip, 0)).await.expect("bind");
+                let port = s.local_addr().expect("addr").port();
+                (s, port)
+            };
+            let (denied_trickled, p1) = target_udp("192.0.2.50").await;
+            let (denied_in_offer, p2) = target_udp("192.0.2.50").await;
+            let (allowed, p3) = target_udp("127.0.0.1").await;
+
+            let client = avatar_edge_tests::rtc_client::RtcClient::new(true)
+                .await
+                .expect("client");
+            let offer = client.offer().await.expect("offer");
+            // One candidate inside the offer, after its first m= section's attributes.
+            let planted = format!("a=candidate:9 1 udp 2130706431 192.0.2.50 {p2} typ host\r\n");
+            let offer = offer.replacen("a=mid:", &format!("{planted}a=mid:"), 1);
+            let mut sig = Signaling::connect(&cluster.ws_url("probe")).await.expect("ws");
+            sig.send_offer(&offer, "a").await.expect("offer");
+            sig.wait_for("webrtc_answer", SECS(10)).await.expect("answer");
+            // The client never takes the answer: only our planted candidates can be checked.
+            for (ip, port) in [("192.0.2.50", p1), ("127.0.0.1", p3)] {
+                sig.send_json(&serde_json::json!({
+                    "type": "webrtc_ice_candidate",
+                    "user_id": 5,
+                    "candidate": {
+                        "candidate": format!("candidate:7 1 udp 2130706431 {ip} {port} typ host"),
+                        "sdpMid": "0",
+                        "sdpMLineIndex": 0,
+                    },
+                }))
+                .await
+                .expect("candidate");
+            }
+            let count = |s: tokio::net::UdpSocket| async move {
+                let mut n = 0;
+                let mut buf = [0u8; 1500];
+                let deadline = tokio::time::Instant::now() + SECS(3);
+                while let Ok(Ok(_)) = tokio::time::timeout_at(deadline, s.recv_from(&mut buf)).await {
+                    n += 1;
+                }
+                n
+            };
+            let (a, b, c) = tokio::join!(count(denied_trickled), count(denied_in_offer), count(allowed));
+            eprintln!(
+                "STUN checks received in 3 s: trickled special-purpose {a}, in-offer special-purpose {b}, allowed {c}"
+            );
+            assert_eq!((a, b), (0, 0), "no check reaches a special-purpose address");
+            assert!(c > 0, "an allowed candidate is checked (the probe works)");
+            client.close().await;
+        },
+    );
+}

@@ -163,7 +163,10 @@ fn external_coturn_relays_the_media_with_credentials_the_relay_minted() {
                 (now + 290..=now + 310).contains(&expiry),
                 "expires in ~300 s: {expiry} vs {now}"
             );
-            assert_eq!(user, "turn-1", "without an auth policy the session id names the user");
+            assert_eq!(
+                user, "b.turn-1",
+                "without an auth policy the session id names the (browser) user"
+            );
             let (_, password) = avatar_relay::ice::rest_credentials(SECRET, user, expiry);
             assert_eq!(turn_entry["credential"], password.as_str());
 
@@ -177,7 +180,7 @@ fn external_coturn_relays_the_media_with_credentials_the_relay_minted() {
             let client = relay_only_plays(&cluster, &mut sig, &ev["ice_servers"], || coturn.log()).await;
             let log = coturn.log();
             assert!(
-                log.contains("worker-worker-1"),
+                log.contains(":w.worker-1"),
                 "the worker allocated under its own name:\n{log}"
             );
             client.close().await;

@@ -275,6 +275,25 @@ impl CandidateFilter {
             _ => Err(CandidateRefused::Address),
         }
     }
+
+    /// The offer with the same rule applied to the candidates inside it (`a=candidate:` lines
+    /// are as good as trickled ones to an attacker), and how many it kept.
+    pub fn filter_offer(&self, sdp: &str) -> (String, usize) {
+        let mut kept = 0;
+        let mut out = String::with_capacity(sdp.len());
+        for line in sdp.split_inclusive('\n') {
+            if let Some(candidate) = line.trim_end().strip_prefix("a=") {
+                if candidate.starts_with("candidate:") {
+                    if self.check(candidate, kept).is_err() {
+                        continue;
+                    }
+                    kept += 1;
+                }
+            }
+            out.push_str(line);
+        }
+        (out, kept)
+    }
 }
 
 /// One browser's peer connection.
@@ -385,6 +404,28 @@ mod tests {
         assert_eq!(f.check(&line("::1"), 0), Ok(()));
         assert_eq!(f.check(&line("169.254.169.254"), 0), Err(CandidateRefused::Address));
         assert_eq!(f.check(&line("10.0.0.1"), 0), Err(CandidateRefused::Address));
+    }
+
+    #[test]
+    fn candidates_inside_the_offer_are_filtered_too() {
+        let f = CandidateFilter::new(&[], false, 2);
+        let sdp = "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n\
+                   a=candidate:1 1 udp 1 169.254.169.254 80 typ host\r\n\
+                   a=candidate:2 1 udp 1 8.8.8.8 4000 typ host\r\n\
+                   a=candidate:3 1 udp 1 127.0.0.1 5000 typ host\r\n\
+                   a=candidate:4 1 udp 1 8.8.4.4 4001 typ srflx\r\n\
+                   a=candidate:5 1 udp 1 1.1.1.1 4002 typ srflx\r\n\
+                   a=mid:0\r\n";
+        let (filtered, kept) = f.filter_offer(sdp);
+        assert_eq!(kept, 2);
+        assert!(
+            filtered.contains("8.8.8.8") && filtered.contains("8.8.4.4"),
+            "{filtered}"
+        );
+        for gone in ["169.254.169.254", "127.0.0.1", "1.1.1.1"] {
+            assert!(!filtered.contains(gone), "{gone}: {filtered}");
+        }
+        assert!(filtered.starts_with("v=0\r\n") && filtered.ends_with("a=mid:0\r\n"));
     }
 
     #[test]

@@ -226,14 +226,15 @@ impl Session {
                     old.stop().await;
                 }
                 let started = std::time::Instant::now();
-                match self.ctx.rtc.answer(offer.sdp, &self.ice_servers).await {
+                let (sdp, candidates) = self.ctx.candidates.filter_offer(&offer.sdp);
+                match self.ctx.rtc.answer(sdp, &self.ice_servers).await {
                     Ok(answer) => {
                         info!(elapsed_ms = started.elapsed().as_millis() as u64, "answered");
                         self.active = Some(Active {
                             peer: answer.peer,
                             states: answer.states,
                             media: None,
-                            candidates: 0,
+                            candidates,
                         });
                         let timestamp = chrono::Local::now().format("%Y-%m-%dT%H:%M:%S%.6f").to_string();
                         self.event(ServerEvent::WebrtcAnswer {
