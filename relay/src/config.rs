@@ -4,7 +4,7 @@
 //! from strings. Secrets live in [`Secret`], whose `Debug` prints `***`, and can come from the
 //! environment (`AVATAR_EDGE_TUNNEL_SECRET`) instead of the file.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -13,6 +13,13 @@ use std::path::PathBuf;
 #[derive(Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(transparent)]
 pub struct Secret(String);
+
+/// Serialized (the configuration reference test walks the keys) as `***`, never the value.
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(if self.0.is_empty() { "" } else { "***" })
+    }
+}
 
 impl Secret {
     pub fn new(s: impl Into<String>) -> Self {
@@ -35,7 +42,7 @@ impl fmt::Debug for Secret {
 /// Secret used by `--dev` on both binaries. Never use it on a network you do not own.
 pub const DEV_TUNNEL_SECRET: &str = "avatar-edge-dev-secret-do-not-deploy";
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RelayConfig {
     /// Shown to workers in the challenge and in logs.
@@ -50,7 +57,7 @@ pub struct RelayConfig {
 
 /// `[turn]`: the STUN/TURN servers handed to browsers (the `ice_servers` event,
 /// `GET /api/ice-servers`) and to workers (with each session), with coturn REST-API credentials.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TurnConfig {
     /// `off` (hand out nothing), or `external`: an existing coturn with `use-auth-secret` and
@@ -69,7 +76,7 @@ pub struct TurnConfig {
 }
 
 /// `[turn.embedded]`: TURN/STUN inside the relay process.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EmbeddedTurnConfig {
     /// STUN/TURN over UDP (the usual 3478). Unset: no UDP listener.
@@ -217,7 +224,7 @@ impl Default for TurnConfig {
 ///
 /// See `docs/policies.md`. With no `auth` module everyone is admitted; with no `router` module the
 /// built-in least-loaded rule routes.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PoliciesConfig {
     /// The `auth` world module: admits connects, checks messages. Fails closed.
@@ -258,7 +265,7 @@ impl Default for PoliciesConfig {
 }
 
 /// One policy module.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyModuleConfig {
     /// The component file (`.wasm`), built with `scripts/build-policies` or the SDK.
@@ -279,6 +286,12 @@ pub struct PolicyModuleConfig {
 #[serde(transparent)]
 pub struct ModuleSettings(pub toml::Value);
 
+impl Serialize for ModuleSettings {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("***")
+    }
+}
+
 impl fmt::Debug for ModuleSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("***")
@@ -297,7 +310,7 @@ impl ModuleSettings {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RouterFallback {
     #[default]
@@ -305,7 +318,7 @@ pub enum RouterFallback {
     Reject,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     /// New WebSocket connections (and `/api/ice-servers` requests) one client address may make
@@ -342,7 +355,7 @@ impl Default for LimitsConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
     /// Where browsers connect (web client, `/ws/{session_id}`, `/healthz`).
@@ -378,7 +391,7 @@ pub struct HttpConfig {
     pub metrics_token: Option<Secret>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TunnelConfig {
     /// UDP address for workers' QUIC tunnels.
@@ -402,7 +415,7 @@ pub struct TunnelConfig {
     pub stream_receive_window_bytes: u32,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsConfig {
     /// PEM certificate chain, used for the QUIC tunnel and (if `http.tls`) for HTTPS.
@@ -420,7 +433,7 @@ pub struct TlsConfig {
 
 /// `[tls.acme]`: certificates by ACME (TLS-ALPN-01 on the HTTPS port, which must be 443 for a
 /// public CA), cached on disk and renewed in the background.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AcmeConfig {
     /// DNS names for the certificate; they must resolve to this relay.

@@ -3,7 +3,7 @@
 //! `AVATAR_EDGE_ONNXRUNTIME` and `AVATAR_EDGE_LIPSYNC_MODEL` point the lip-sync stage at ONNX
 //! Runtime and a model without a file (the demo uses them with `--dev`).
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::path::PathBuf;
 
@@ -11,6 +11,13 @@ use std::path::PathBuf;
 #[derive(Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(transparent)]
 pub struct Secret(String);
+
+/// Serialized (the configuration reference test walks the keys) as `***`, never the value.
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(if self.0.is_empty() { "" } else { "***" })
+    }
+}
 
 impl Secret {
     pub fn new(s: impl Into<String>) -> Self {
@@ -30,7 +37,7 @@ impl fmt::Debug for Secret {
 /// Secret used by `--dev` on both binaries (same value as the relay's).
 pub const DEV_TUNNEL_SECRET: &str = "avatar-edge-dev-secret-do-not-deploy";
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkerConfig {
     /// This worker's id at the relay; a reconnect under the same id replaces the old entry.
@@ -56,7 +63,7 @@ pub struct WorkerConfig {
 /// `[talk]`: what answers a `text_webrtc`. Every backend has a built-in default that needs no
 /// service, so a worker with no `[talk]` section talks (scripted answers, espeak-ng, the built-in
 /// mouth).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TalkConfig {
     /// `false`: `text_webrtc` is answered with `unsupported`; the idle avatar still streams.
@@ -75,7 +82,7 @@ pub struct TalkConfig {
     pub avatars: std::collections::BTreeMap<String, AvatarTalkConfig>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AvatarTalkConfig {
     pub system_prompt: Option<String>,
@@ -85,7 +92,7 @@ pub struct AvatarTalkConfig {
 }
 
 /// `[talk.llm]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LlmConfig {
     /// `scripted` (built in, offline) or `openai` (any OpenAI-compatible chat-completions server).
@@ -104,7 +111,7 @@ pub struct LlmConfig {
 }
 
 /// `[talk.tts]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TtsConfig {
     /// `espeak` (built in; the `espeak-ng` program) or `openai` (`/v1/audio/speech`).
@@ -122,7 +129,7 @@ pub struct TtsConfig {
 }
 
 /// `[talk.lipsync]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LipSyncConfig {
     /// `builtin` (no model: the mouth opens with loudness) or `onnx`.
@@ -234,7 +241,7 @@ fn resolve_key(key: &Option<Secret>, env: &Option<String>) -> Option<String> {
         .filter(|k| !k.is_empty())
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RelayTarget {
     /// `host:port` of the relay's QUIC tunnel listener.
@@ -253,7 +260,7 @@ pub struct RelayTarget {
     pub ca_file: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IceConfig {
     /// Offer loopback candidates (tests and single-host demos only).
@@ -286,7 +293,7 @@ impl Default for IceConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct VideoConfig {
     pub width: u32,
