@@ -389,7 +389,16 @@ pub struct HttpConfig {
     /// Bearer token for `/metrics`. Without one, `/metrics` answers only requests from loopback
     /// that did not come through a proxy.
     pub metrics_token: Option<Secret>,
+    /// The `Content-Security-Policy` of every response. The default keeps the page's scripts,
+    /// styles and connections on its own origin and out of frames; a page in `web_client_dir`
+    /// with inline scripts or third-party assets needs its own. Empty: no header.
+    pub content_security_policy: String,
 }
+
+/// The default `http.content_security_policy`.
+pub const DEFAULT_CSP: &str = "default-src 'self'; connect-src 'self'; img-src 'self' data:; \
+    media-src 'self' blob: mediastream:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; \
+    form-action 'self'";
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -488,6 +497,7 @@ impl Default for HttpConfig {
             max_connections_per_ip: 256,
             allowed_origins: Vec::new(),
             metrics_token: None,
+            content_security_policy: DEFAULT_CSP.into(),
         }
     }
 }
@@ -629,6 +639,12 @@ impl RelayConfig {
                     "origins look like https://tutor.example.com (scheme and host, optional port, no path), or *",
                 );
             }
+        }
+        if axum::http::HeaderValue::from_str(&self.http.content_security_policy).is_err() {
+            return invalid(
+                "http.content_security_policy",
+                "must be a valid header value (printable ASCII, no line breaks)",
+            );
         }
         if self.http.metrics_token.as_ref().is_some_and(|t| t.expose().len() < 16) {
             return invalid("http.metrics_token", "at least 16 characters");

@@ -64,23 +64,29 @@ pub fn app(state: Arc<AppState>) -> Router {
             .route("/style.css", get(|| async { embedded("text/css", STYLE_CSS) })),
     };
     let hsts = state.config.http.tls;
+    // Checked by the config's validation; an empty policy sends no header.
+    let csp = HeaderValue::from_str(&state.config.http.content_security_policy)
+        .ok()
+        .filter(|v| !v.is_empty());
     router
         .layer(axum::middleware::map_response(utf8_text))
-        .layer(axum::middleware::map_response(move |r| security_headers(r, hsts)))
+        .layer(axum::middleware::map_response(move |r| {
+            security_headers(r, hsts, csp.clone())
+        }))
         .layer(axum::middleware::from_fn(no_ambiguous_paths))
         .with_state(state)
 }
 
-/// The page's scripts, styles and connections stay on its own origin; no site may frame it.
-const CSP: &str = "default-src 'self'; connect-src 'self'; img-src 'self' data:; media-src 'self' blob: mediastream:; \
-                   object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'";
-
-async fn security_headers(mut response: Response, hsts: bool) -> Response {
+/// Headers that keep the page out of frames, its types unsniffed and (with `csp`) its scripts
+/// and connections on its own origin; HSTS over TLS.
+async fn security_headers(mut response: Response, hsts: bool, csp: Option<HeaderValue>) -> Response {
     let headers = response.headers_mut();
+    if let Some(csp) = csp {
+        headers.entry(header::CONTENT_SECURITY_POLICY).or_insert(csp);
+    }
     let mut set = |name: header::HeaderName, value: &'static str| {
         headers.entry(name).or_insert(HeaderValue::from_static(value));
     };
-    set(header::CONTENT_SECURITY_POLICY, CSP);
     set(header::X_CONTENT_TYPE_OPTIONS, "nosniff");
     set(header::X_FRAME_OPTIONS, "DENY");
     set(header::REFERRER_POLICY, "no-referrer");
@@ -489,6 +495,19 @@ mod tests {
         config.http.tls = true;
         let (_, headers, _) = get_from(state_with(config), "/", "203.0.113.9", &[]).await;
         assert_eq!(headers[header::STRICT_TRANSPORT_SECURITY], "max-age=31536000");
+        // An operator's own page may need its own policy, or none.
+        let mut config = RelayConfig::dev();
+        config.http.content_security_policy = "default-src 'self' https://cdn.example.com".into();
+        let (_, headers, _) = get_from(state_with(config), "/", "203.0.113.9", &[]).await;
+        assert_eq!(
+            headers[header::CONTENT_SECURITY_POLICY],
+            "default-src 'self' https://cdn.example.com"
+        );
+        let mut config = RelayConfig::dev();
+        config.http.content_security_policy = String::new();
+        let (_, headers, _) = get_from(state_with(config), "/", "203.0.113.9", &[]).await;
+        assert!(!headers.contains_key(header::CONTENT_SECURITY_POLICY));
+        assert_eq!(headers[header::X_FRAME_OPTIONS], "DENY", "the others stay");
     }
 
     #[tokio::test]
