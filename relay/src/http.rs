@@ -341,8 +341,13 @@ async fn ws_upgrade(
     };
     let shutdown = state.shutdown.clone();
     let max_frame = state.config.http.max_frame_bytes;
+    // Buffers sized for signaling, grown only while a large message passes: the library's
+    // defaults (128 KiB to read, 128 KiB to write) cost ~137 KiB per idle socket.
     ws.max_message_size(max_frame)
         .max_frame_size(max_frame)
+        .read_buffer_size(WS_READ_BUFFER)
+        .write_buffer_size(0)
+        .max_write_buffer_size(max_frame.saturating_mul(4))
         .on_upgrade(move |socket| {
             async move {
                 run_session(socket, session_id, principal, state, shutdown).await;
@@ -351,6 +356,9 @@ async fn ws_upgrade(
             .instrument(span)
         })
 }
+
+/// The initial read buffer of a WebSocket: a typical signaling message fits, a 64 KiB offer grows it.
+const WS_READ_BUFFER: usize = 4 << 10;
 
 /// A browser page may open a socket only from an allowed origin (`http.allowed_origins`), so a
 /// third-party page cannot act with a visitor's cookies. Checked before the upgrade: 403.

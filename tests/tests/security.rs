@@ -557,3 +557,50 @@ fn candidates_aimed_at_special_purpose_addresses_are_not_probed() {
         },
     );
 }
+
+/// Memory is the other thing an anonymous client can hold: an idle signaling socket cost about
+/// 137 KiB (the WebSocket library's default 128 KiB read and write buffers). Buffers now start
+/// small and grow only while a large message passes.
+#[test]
+fn an_idle_websocket_costs_little_memory() {
+    netns::run("an_idle_websocket_costs_little_memory", || async {
+        let cluster = Cluster::relay_sections(
+            "[limits]\nsockets_per_ip = 0\nconnections_per_ip_per_minute = 0",
+            "max_connections_per_ip = 0",
+            "",
+            false,
+        )
+        .await;
+        let pid = cluster.relay.child.id();
+        let relay = cluster.relay.http;
+        let (before, _) = memory_kib(pid);
+        const SOCKETS: u64 = 2000;
+        let mut held = Vec::new();
+        for i in 0..SOCKETS {
+            let mut s = TcpStream::connect(relay).await.expect("connect");
+            let upgrade = format!(
+                "GET /ws/idle-{i} HTTP/1.1\r\nHost: relay\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                 Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+            );
+            s.write_all(upgrade.as_bytes()).await.expect("upgrade");
+            held.push(s);
+        }
+        for s in held.iter_mut() {
+            let mut buf = [0u8; 512];
+            let n = tokio::time::timeout(SECS(5), s.read(&mut buf))
+                .await
+                .expect("answer")
+                .expect("read");
+            assert!(
+                buf[..n].starts_with(b"HTTP/1.1 101"),
+                "{}",
+                String::from_utf8_lossy(&buf[..n])
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (after, _) = memory_kib(pid);
+        let per_socket = after.saturating_sub(before) as f64 / SOCKETS as f64;
+        eprintln!("{SOCKETS} idle WebSockets: relay RSS {before} -> {after} KiB, {per_socket:.1} KiB each");
+        assert!(per_socket < 24.0, "{per_socket:.1} KiB per idle socket (bound: 24 KiB)");
+    });
+}
