@@ -335,6 +335,9 @@ pub struct LimitsConfig {
     /// With an auth policy that names a user, a session id stays bound to that user this long
     /// after their socket closes: nobody else can take it over meanwhile.
     pub session_binding_s: u64,
+    /// A browser that has not taken an event this long after it was sent (it stopped reading)
+    /// is disconnected, so it cannot hold its session's task and buffers.
+    pub write_timeout_ms: u64,
     /// Close a socket that has no worker session and sends nothing for this long.
     pub idle_timeout_ms: u64,
     /// End any session after this long, however busy.
@@ -349,6 +352,7 @@ impl Default for LimitsConfig {
             ipv6_prefix_len: 64,
             trusted_proxies: Vec::new(),
             session_binding_s: 600,
+            write_timeout_ms: 10_000,
             idle_timeout_ms: 120_000,
             max_session_ms: 4 * 3600 * 1000,
         }
@@ -619,6 +623,7 @@ impl RelayConfig {
             ("http.header_read_timeout_ms", self.http.header_read_timeout_ms),
             ("http.tls_handshake_timeout_ms", self.http.tls_handshake_timeout_ms),
             ("tunnel.handshake_timeout_ms", self.tunnel.handshake_timeout_ms),
+            ("limits.write_timeout_ms", self.limits.write_timeout_ms),
         ] {
             if !(1..=3_600_000).contains(&ms) {
                 return invalid(key, "must be between 1 ms and one hour");

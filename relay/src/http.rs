@@ -337,7 +337,10 @@ async fn ws_upgrade(
             principal
         }
         // Upgrade anyway: a browser reads the reason from an `error` event, not from a 403.
-        Err(reason) => return ws.on_upgrade(move |socket| refuse(socket, reason).instrument(span)),
+        Err(reason) => {
+            let write = std::time::Duration::from_millis(state.config.limits.write_timeout_ms);
+            return ws.on_upgrade(move |socket| refuse(socket, reason, write).instrument(span));
+        }
     };
     let shutdown = state.shutdown.clone();
     let max_frame = state.config.http.max_frame_bytes;

@@ -12,6 +12,7 @@
 //! | `relay_sessions_routed_total` | counter | sessions handed to a worker |
 //! | `relay_signaling_errors_total{code}` | counter | error events sent, by code |
 //! | `relay_connections_rate_limited_total{reason}` | counter | upgrades and ICE-server requests refused per client (`rate`: per minute, `open_sockets`: open at once) |
+//! | `relay_sockets_not_reading_total` | counter | browsers disconnected for not reading their events (`limits.write_timeout_ms`) |
 //! | `relay_connections_refused_total{reason}` | counter | upgrades refused for their `origin` |
 //! | `relay_http_connections_refused_total{reason}` | counter | TCP connections closed on accept (`per_ip`, `total`) |
 //! | `relay_http_connections_open` | gauge | TCP connections of the HTTP listener open now |

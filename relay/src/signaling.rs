@@ -37,21 +37,29 @@ const NORMAL: u16 = 1000;
 const GOING_AWAY: u16 = 1001;
 const POLICY: u16 = 1008;
 
-/// Send `ev` to the browser, counting error events by code.
-async fn send_event<S: Sink<Message> + Unpin>(socket: &mut S, ev: &ServerEvent) -> bool {
+/// Send `ev` to the browser, counting error events by code. `false` when the socket failed, or
+/// when the browser did not take the event within `within`: a client that stops reading would
+/// otherwise hold this task (and the session) forever, since nothing else runs while it waits.
+async fn send_event<S: Sink<Message> + Unpin>(socket: &mut S, ev: &ServerEvent, within: Duration) -> bool {
     if let ServerEvent::Error { code, .. } = ev {
         metrics::counter!("relay_signaling_errors_total", "code" => code.as_str()).increment(1);
     }
-    socket.send(Message::Text(ev.to_json().into())).await.is_ok()
+    match tokio::time::timeout(within, socket.send(Message::Text(ev.to_json().into()))).await {
+        Ok(sent) => sent.is_ok(),
+        Err(_) => {
+            metrics::counter!("relay_sockets_not_reading_total").increment(1);
+            info!("the browser is not reading its events; closing the socket");
+            false
+        }
+    }
 }
 
-async fn close<S: Sink<Message> + Unpin>(socket: &mut S, code: u16, reason: &'static str) {
-    let _ = socket
-        .send(Message::Close(Some(CloseFrame {
-            code,
-            reason: reason.into(),
-        })))
-        .await;
+async fn close<S: Sink<Message> + Unpin>(socket: &mut S, code: u16, reason: &'static str, within: Duration) {
+    let frame = Message::Close(Some(CloseFrame {
+        code,
+        reason: reason.into(),
+    }));
+    let _ = tokio::time::timeout(within, socket.send(frame)).await;
 }
 
 /// Counts a live browser socket in `relay_sessions_active` for as long as it exists.
@@ -72,9 +80,14 @@ impl Drop for ActiveGauge {
 }
 
 /// A socket the auth policy refused: tell the browser why, then close (1008, policy violation).
-pub async fn refuse<S: Sink<Message> + Unpin>(mut socket: S, reason: String) {
-    send_event(&mut socket, &ServerEvent::error(ErrorCode::Unauthorized, reason)).await;
-    close(&mut socket, POLICY, "unauthorized").await;
+pub async fn refuse<S: Sink<Message> + Unpin>(mut socket: S, reason: String, within: Duration) {
+    send_event(
+        &mut socket,
+        &ServerEvent::error(ErrorCode::Unauthorized, reason),
+        within,
+    )
+    .await;
+    close(&mut socket, POLICY, "unauthorized", within).await;
 }
 
 /// Ask the auth module about one message; `Err` carries the event to send instead of acting.
@@ -129,6 +142,7 @@ pub async fn run_session<S, E>(
     S: Sink<Message> + Stream<Item = Result<Message, E>> + Unpin,
     E: std::fmt::Display,
 {
+    let write = Duration::from_millis(state.config.limits.write_timeout_ms);
     let owner = principal.as_ref().map(|p| p.user_id.as_str());
     let _claim = match state.claim_session(&session_id, owner) {
         Ok(claim) => claim,
@@ -143,8 +157,13 @@ pub async fn run_session<S, E>(
                     "this session_id belongs to another user; pick a fresh one for each connection"
                 }
             };
-            send_event(&mut socket, &ServerEvent::error(ErrorCode::SessionInUse, message)).await;
-            close(&mut socket, POLICY, "session id in use").await;
+            send_event(
+                &mut socket,
+                &ServerEvent::error(ErrorCode::SessionInUse, message),
+                write,
+            )
+            .await;
+            close(&mut socket, POLICY, "session id in use", write).await;
             return;
         }
     };
@@ -166,7 +185,7 @@ pub async fn run_session<S, E>(
                 .servers(crate::ice::TurnUser::Browser(user), crate::ice::unix_now()),
             ttl_s: state.ice.ttl_s(),
         };
-        send_event(&mut socket, &ev).await;
+        send_event(&mut socket, &ev, write).await;
     }
     'session: loop {
         let can_idle = attached.is_none();
@@ -188,22 +207,22 @@ pub async fn run_session<S, E>(
         let out: Vec<ServerEvent> = tokio::select! {
             biased;
             _ = shutdown.cancelled() => {
-                close(&mut socket, GOING_AWAY, "relay shutting down").await;
+                close(&mut socket, GOING_AWAY, "relay shutting down", write).await;
                 relay_stopping = true;
                 break;
             }
             _ = idle_timer => {
                 info!("idle timeout");
                 let ev = ServerEvent::error(ErrorCode::IdleTimeout, format!("no session and no message for {} s; reconnect to start again", idle.as_secs()));
-                send_event(&mut socket, &ev).await;
-                close(&mut socket, NORMAL, "idle").await;
+                send_event(&mut socket, &ev, write).await;
+                close(&mut socket, NORMAL, "idle", write).await;
                 break;
             }
             _ = tokio::time::sleep_until(expires) => {
                 info!("maximum session duration reached");
                 let ev = ServerEvent::error(ErrorCode::SessionExpired, "this session reached its maximum duration; reconnect to continue");
-                send_event(&mut socket, &ev).await;
-                close(&mut socket, NORMAL, "session expired").await;
+                send_event(&mut socket, &ev, write).await;
+                close(&mut socket, NORMAL, "session expired", write).await;
                 break;
             }
             frame = worker_frame => match frame {
@@ -273,7 +292,7 @@ pub async fn run_session<S, E>(
             },
         };
         for ev in out {
-            if !send_event(&mut socket, &ev).await {
+            if !send_event(&mut socket, &ev, write).await {
                 break 'session;
             }
         }

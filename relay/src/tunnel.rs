@@ -10,7 +10,7 @@
 //! What it may cost is bounded: at most `max_pending_handshakes` connections are between accept
 //! and registration at once (more are refused at once), above `retry_above_pending` a client must
 //! first prove its address with a stateless Retry, the whole handshake has one deadline, a worker
-//! may open one stream (the control stream; session streams are the relay's) and no
+//! may open two streams (its control stream and a spare; session streams are the relay's) and no
 //! unidirectional ones, and the receive windows are bounded, so unread data cannot pile up.
 
 use crate::registry::{SessionSlot, WorkerHandle};

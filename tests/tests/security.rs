@@ -421,15 +421,20 @@ fn only_valid_signaling_keeps_an_idle_socket_open() {
             .await
             .expect("connect");
         let started = Instant::now();
-        let closed = loop {
+        let closed = 'outer: loop {
             assert!(started.elapsed() < SECS(5), "still open after 5 s of pings and garbage");
             let _ = ws.send(Message::Ping(b"keep me".to_vec().into())).await;
             let _ = ws.send(Message::Text("not json".into())).await;
             let _ = ws.send(Message::Binary(vec![1, 2, 3].into())).await;
-            match tokio::time::timeout(Duration::from_millis(150), ws.next()).await {
-                Ok(Some(Ok(Message::Text(t)))) if t.contains("idle_timeout") => break started.elapsed(),
-                Ok(None) | Ok(Some(Err(_))) | Ok(Some(Ok(Message::Close(_)))) => break started.elapsed(),
-                _ => {}
+            // Read everything the relay answers for 150 ms, then send again.
+            let pause = tokio::time::Instant::now() + Duration::from_millis(150);
+            loop {
+                match tokio::time::timeout_at(pause, ws.next()).await {
+                    Err(_) => break,
+                    Ok(Some(Ok(Message::Text(t)))) if t.contains("idle_timeout") => break 'outer started.elapsed(),
+                    Ok(None) | Ok(Some(Err(_))) | Ok(Some(Ok(Message::Close(_)))) => break 'outer started.elapsed(),
+                    Ok(Some(Ok(_))) => {}
+                }
             }
         };
         assert!(closed >= Duration::from_millis(900) && closed < SECS(3), "{closed:?}");
@@ -602,5 +607,73 @@ fn an_idle_websocket_costs_little_memory() {
         let per_socket = after.saturating_sub(before) as f64 / SOCKETS as f64;
         eprintln!("{SOCKETS} idle WebSockets: relay RSS {before} -> {after} KiB, {per_socket:.1} KiB each");
         assert!(per_socket < 24.0, "{per_socket:.1} KiB per idle socket (bound: 24 KiB)");
+    });
+}
+
+/// A client that sends and never reads: each message earns an error event, the events pile up
+/// until the relay's writes stall, and the relay's task for that socket waited forever (the idle
+/// timer cannot fire while it waits). Now a browser that does not take an event within
+/// `limits.write_timeout_ms` is disconnected.
+#[test]
+fn a_client_that_never_reads_is_disconnected() {
+    netns::run("a_client_that_never_reads_is_disconnected", || async {
+        let cluster = Cluster::relay_only("[limits]\nwrite_timeout_ms = 1000").await;
+        let socket = TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(4096).expect("small receive buffer");
+        let mut s = socket.connect(cluster.relay.http).await.expect("connect");
+        s.write_all(
+            b"GET /ws/deaf HTTP/1.1\r\nHost: relay\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        )
+        .await
+        .expect("upgrade");
+        // Masked one-byte text frames ("x", not JSON: each gets a bad_json event back). The
+        // client never reads, so its receive window and the relay's send buffer fill up.
+        let frame = [0x81u8, 0x81, 0, 0, 0, 0, b'x'];
+        let burst: Vec<u8> = frame.iter().copied().cycle().take(frame.len() * 4096).collect();
+        let started = Instant::now();
+        while started.elapsed() < SECS(10) {
+            match tokio::time::timeout(Duration::from_millis(500), s.write_all(&burst)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => break, // the relay closed it
+                Err(_) => {}         // our writes stall too: the relay stopped reading
+            }
+            let log = std::fs::read_to_string(&cluster.relay.log).unwrap_or_default();
+            if log.contains("not reading its events") {
+                break;
+            }
+        }
+        let log = std::fs::read_to_string(&cluster.relay.log).expect("log");
+        assert!(
+            log.contains("not reading its events"),
+            "the relay never gave up on the deaf client:\n{log}"
+        );
+        eprintln!("deaf client disconnected after {:?}", started.elapsed());
+        assert!(started.elapsed() < SECS(8));
+        // The relay serves others meanwhile.
+        let (status, _) = http_get(cluster.relay.http, "/healthz").await.expect("healthz");
+        assert_eq!(status, 200);
+    });
+}
+
+/// Low finding: `/api/ice-servers` had no rate limit (13,000 requests/s, each running the auth
+/// module, logging a line and minting a TURN credential). It now shares the connect limit.
+#[test]
+fn ice_server_requests_share_the_connect_rate_limit() {
+    netns::run("ice_server_requests_share_the_connect_rate_limit", || async {
+        let cluster = Cluster::relay_only(
+            "[limits]\nconnections_per_ip_per_minute = 3\n[turn]\nmode = \"external\"\nsecret = \"0123456789abcdef-turn\"\nurls = [\"turn:203.0.113.1:3478\"]",
+        )
+        .await;
+        let mut statuses = Vec::new();
+        for _ in 0..4 {
+            statuses.push(http_get(cluster.relay.http, "/api/ice-servers").await.expect("get").0);
+        }
+        assert_eq!(statuses, [200, 200, 200, 429]);
+        let refused = Signaling::connect(&cluster.ws_url("after"))
+            .await
+            .err()
+            .expect("the same budget");
+        assert!(refused.to_string().contains("429"), "{refused}");
     });
 }
