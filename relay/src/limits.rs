@@ -367,6 +367,14 @@ mod tests {
     }
 
     #[test]
+    fn the_connection_cap_fits_three_quarters_of_the_descriptor_limit() {
+        let (fit, soft) = fit_to_descriptor_limit(usize::MAX);
+        let soft = soft.expect("Linux: /proc/self/limits is readable");
+        assert_eq!(fit as u64, soft / 4 * 3);
+        assert_eq!(fit_to_descriptor_limit(10).0, 10, "a lower setting is kept");
+    }
+
+    #[test]
     fn open_counts_cap_each_client_and_the_total_and_give_back_on_drop() {
         let counts = Arc::new(OpenCounts::default());
         let a = Some(ip("192.0.2.1"));

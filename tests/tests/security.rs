@@ -53,6 +53,14 @@ async fn healthz_from(from: &str, relay: SocketAddr) -> (u16, Duration) {
     (status, started.elapsed())
 }
 
+/// A WebSocket upgrade request for `/ws/{session}`, written by hand (no client library in the way).
+fn upgrade_request(session: &str) -> String {
+    format!(
+        "GET /ws/{session} HTTP/1.1\r\nHost: relay\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+}
+
 /// Resident memory and its high-water mark of process `pid`, in KiB.
 fn memory_kib(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
@@ -583,11 +591,9 @@ fn an_idle_websocket_costs_little_memory() {
         let mut held = Vec::new();
         for i in 0..SOCKETS {
             let mut s = TcpStream::connect(relay).await.expect("connect");
-            let upgrade = format!(
-                "GET /ws/idle-{i} HTTP/1.1\r\nHost: relay\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-                 Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-            );
-            s.write_all(upgrade.as_bytes()).await.expect("upgrade");
+            s.write_all(upgrade_request(&format!("idle-{i}")).as_bytes())
+                .await
+                .expect("upgrade");
             held.push(s);
         }
         for s in held.iter_mut() {
@@ -621,12 +627,7 @@ fn a_client_that_never_reads_is_disconnected() {
         let socket = TcpSocket::new_v4().expect("socket");
         socket.set_recv_buffer_size(4096).expect("small receive buffer");
         let mut s = socket.connect(cluster.relay.http).await.expect("connect");
-        s.write_all(
-            b"GET /ws/deaf HTTP/1.1\r\nHost: relay\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-        )
-        .await
-        .expect("upgrade");
+        s.write_all(upgrade_request("deaf").as_bytes()).await.expect("upgrade");
         // Masked one-byte text frames ("x", not JSON: each gets a bad_json event back). The
         // client never reads, so its receive window and the relay's send buffer fill up.
         let frame = [0x81u8, 0x81, 0, 0, 0, 0, b'x'];
