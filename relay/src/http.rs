@@ -273,7 +273,7 @@ async fn ice_servers(
     headers: HeaderMap,
 ) -> Response {
     let client = client_ip(remote.ip(), &headers, &state.config.limits.trusted_proxies);
-    if let Err(refused) = check_rate(&state, client) {
+    if let Err(refused) = check_rate(&state, client_key(client, state.config.limits.ipv6_prefix_len)) {
         return refused.into_response();
     }
     let user = match authorize(&state, "api-ice-servers", &uri, &headers, remote).await {
@@ -307,10 +307,10 @@ async fn ws_upgrade(
         return refused.into_response();
     }
     let client = client_ip(remote.ip(), &headers, &state.config.limits.trusted_proxies);
-    if let Err(refused) = check_rate(&state, client) {
+    let key = client_key(client, state.config.limits.ipv6_prefix_len);
+    if let Err(refused) = check_rate(&state, key) {
         return refused.into_response();
     }
-    let key = client_key(client, state.config.limits.ipv6_prefix_len);
     let socket_slot = match state
         .sockets
         .try_open(Some(key), state.config.limits.sockets_per_ip, usize::MAX)
@@ -387,15 +387,12 @@ fn check_origin(state: &AppState, headers: &HeaderMap) -> Result<(), (StatusCode
     Err((StatusCode::FORBIDDEN, "this page's origin may not connect here"))
 }
 
-/// New connections (and ICE server requests) per client and minute.
-fn check_rate(state: &AppState, client: IpAddr) -> Result<(), (StatusCode, &'static str)> {
+/// New connections (and ICE server requests) per client (its [`client_key`]) and minute.
+fn check_rate(state: &AppState, key: IpAddr) -> Result<(), (StatusCode, &'static str)> {
     let Some(limiter) = &state.connect_limiter else {
         return Ok(());
     };
-    if limiter
-        .check_key(&client_key(client, state.config.limits.ipv6_prefix_len))
-        .is_ok()
-    {
+    if limiter.check_key(&key).is_ok() {
         return Ok(());
     }
     ::metrics::counter!("relay_connections_rate_limited_total", "reason" => "rate").increment(1);

@@ -80,14 +80,20 @@ impl Drop for ActiveGauge {
 }
 
 /// A socket the auth policy refused: tell the browser why, then close (1008, policy violation).
-pub async fn refuse<S: Sink<Message> + Unpin>(mut socket: S, reason: String, within: Duration) {
-    send_event(
-        &mut socket,
-        &ServerEvent::error(ErrorCode::Unauthorized, reason),
+pub async fn refuse<S: Sink<Message> + Unpin>(socket: S, reason: String, within: Duration) {
+    turn_away(
+        socket,
+        ServerEvent::error(ErrorCode::Unauthorized, reason),
+        "unauthorized",
         within,
     )
     .await;
-    close(&mut socket, POLICY, "unauthorized", within).await;
+}
+
+/// Send the browser the error that refuses its socket, then close it (1008).
+async fn turn_away<S: Sink<Message> + Unpin>(mut socket: S, ev: ServerEvent, reason: &'static str, within: Duration) {
+    send_event(&mut socket, &ev, within).await;
+    close(&mut socket, POLICY, reason, within).await;
 }
 
 /// Ask the auth module about one message; `Err` carries the event to send instead of acting.
@@ -157,13 +163,8 @@ pub async fn run_session<S, E>(
                     "this session_id belongs to another user; pick a fresh one for each connection"
                 }
             };
-            send_event(
-                &mut socket,
-                &ServerEvent::error(ErrorCode::SessionInUse, message),
-                write,
-            )
-            .await;
-            close(&mut socket, POLICY, "session id in use", write).await;
+            let ev = ServerEvent::error(ErrorCode::SessionInUse, message);
+            turn_away(socket, ev, "session id in use", write).await;
             return;
         }
     };
