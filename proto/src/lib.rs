@@ -11,12 +11,14 @@
 //! [`session`] holds the relay's per-session rules as a state machine driven by decoded messages,
 //! and [`sdp`] the quick offer check that catches pages that forgot to add transceivers.
 //! [`netfilter`] is the special-purpose address list that both the TURN server's peers and the
-//! worker's remote ICE candidates are checked against.
+//! worker's remote ICE candidates are checked against. [`required`] finds the placeholders a shipped
+//! configuration file marks for the operator to fill in.
 //!
 //! Everything here is a pure function or a state machine: the relay and worker own the sockets,
 //! the tests and fuzz targets drive these types directly.
 
 pub mod netfilter;
+pub mod required;
 pub mod sdp;
 pub mod session;
 pub mod signaling;

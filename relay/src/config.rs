@@ -53,6 +53,9 @@ pub struct RelayConfig {
     pub limits: LimitsConfig,
     pub policies: PoliciesConfig,
     pub turn: TurnConfig,
+    /// Keys whose value is still a shipped `REQUIRED` placeholder (see `avatar_proto::required`).
+    #[serde(skip)]
+    pub unset_required: Vec<String>,
 }
 
 /// `[turn]`: the STUN/TURN servers handed to browsers (the `ice_servers` event,
@@ -411,6 +414,9 @@ pub struct TunnelConfig {
     pub listen: SocketAddr,
     /// Shared secret workers prove knowledge of. Overridden by `AVATAR_EDGE_TUNNEL_SECRET`.
     pub secret: Secret,
+    /// Read the secret from this file instead (its first line; the package generates
+    /// `/etc/avatar-edge/tunnel.secret`). `AVATAR_EDGE_TUNNEL_SECRET` still wins.
+    pub secret_file: Option<PathBuf>,
     /// A tunnel silent this long is dead (QUIC idle timeout).
     pub idle_timeout_ms: u64,
     /// QUIC keep-alive interval; keep it well under the idle timeout.
@@ -482,6 +488,7 @@ impl Default for RelayConfig {
             limits: LimitsConfig::default(),
             policies: PoliciesConfig::default(),
             turn: TurnConfig::default(),
+            unset_required: Vec::new(),
         }
     }
 }
@@ -511,6 +518,7 @@ impl Default for TunnelConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 4433)),
             secret: Secret::default(),
+            secret_file: None,
             idle_timeout_ms: 3000,
             keepalive_ms: 1000,
             handshake_timeout_ms: 5000,
@@ -531,11 +539,39 @@ pub enum ConfigError {
     Parse(#[from] toml::de::Error),
     #[error("`{key}`: {message}")]
     Invalid { key: &'static str, message: String },
+    #[error(
+        "still marked REQUIRED: {}. Set each to your own value (the comment beside it says what goes there; docs/deploy.md walks through them)",
+        .0.join(", ")
+    )]
+    Required(Vec<String>),
+}
+
+/// The first line of a secret file, without surrounding whitespace.
+fn read_secret_file(path: &std::path::Path) -> Result<String, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.into(),
+        source,
+    })?;
+    Ok(text.lines().next().unwrap_or_default().trim().to_owned())
 }
 
 impl RelayConfig {
+    /// Parse a config file's text. A file that still holds `REQUIRED` placeholders is refused
+    /// with every such key named, even where a placeholder is not of its key's type.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        Ok(toml::from_str(text)?)
+        let unset = toml::from_str::<toml::Table>(text)
+            .ok()
+            .and_then(|doc| serde_json::to_value(doc).ok())
+            .map(|doc| avatar_proto::required::unset_keys(&doc))
+            .unwrap_or_default();
+        match toml::from_str::<Self>(text) {
+            Ok(mut config) => {
+                config.unset_required = unset;
+                Ok(config)
+            }
+            Err(_) if !unset.is_empty() => Err(ConfigError::Required(unset)),
+            Err(e) => Err(e.into()),
+        }
     }
 
     pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
@@ -556,18 +592,46 @@ impl RelayConfig {
         c
     }
 
-    /// Apply environment overrides for secrets.
-    pub fn apply_env(&mut self) {
-        if let Ok(s) = std::env::var("AVATAR_EDGE_TUNNEL_SECRET") {
-            self.tunnel.secret = Secret::new(s);
+    /// Apply environment overrides for secrets, and read `tunnel.secret_file` where the
+    /// environment does not set the secret.
+    pub fn apply_env(&mut self) -> Result<(), ConfigError> {
+        match std::env::var("AVATAR_EDGE_TUNNEL_SECRET") {
+            Ok(s) => {
+                self.unset_required.retain(|k| !k.starts_with("tunnel.secret"));
+                if avatar_proto::required::is_marked(&s) {
+                    self.unset_required
+                        .push("AVATAR_EDGE_TUNNEL_SECRET (environment)".into());
+                }
+                self.tunnel.secret = Secret::new(s);
+            }
+            Err(_) => {
+                if let Some(path) = &self.tunnel.secret_file {
+                    if !self.tunnel.secret.expose().is_empty() {
+                        return Err(ConfigError::Invalid {
+                            key: "tunnel.secret_file",
+                            message: "set either tunnel.secret or tunnel.secret_file".into(),
+                        });
+                    }
+                    let secret = read_secret_file(path)?;
+                    if avatar_proto::required::is_marked(&secret) {
+                        self.unset_required
+                            .push(format!("tunnel.secret_file ({})", path.display()));
+                    }
+                    self.tunnel.secret = Secret::new(secret);
+                }
+            }
         }
         if let Ok(s) = std::env::var("AVATAR_EDGE_TURN_SECRET") {
             self.turn.secret = Secret::new(s);
         }
+        Ok(())
     }
 
     /// Check what serde cannot: presence of secrets, coherent TLS settings, sane limits.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.unset_required.is_empty() {
+            return Err(ConfigError::Required(self.unset_required.clone()));
+        }
         let invalid = |key, message: &str| {
             Err(ConfigError::Invalid {
                 key,
@@ -577,7 +641,7 @@ impl RelayConfig {
         if self.tunnel.secret.expose().len() < 16 {
             return invalid(
                 "tunnel.secret",
-                "set a secret of at least 16 characters (or AVATAR_EDGE_TUNNEL_SECRET)",
+                "set a secret of at least 16 characters (or secret_file, or AVATAR_EDGE_TUNNEL_SECRET)",
             );
         }
         if let Some(acme) = &self.tls.acme {

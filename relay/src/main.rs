@@ -69,7 +69,7 @@ fn load_config(args: &Args) -> anyhow::Result<RelayConfig> {
         (None, true) => RelayConfig::dev(),
         (None, false) => anyhow::bail!("pass --config FILE, or --dev for local development"),
     };
-    config.apply_env();
+    config.apply_env()?;
     config.validate()?;
     Ok(config)
 }

@@ -21,7 +21,18 @@ pub struct Chromium {
 
 impl Chromium {
     pub async fn launch(url: &str) -> anyhow::Result<Self> {
+        Self::launch_with(url, &[]).await
+    }
+
+    /// [`launch`](Self::launch) with more Chromium flags. With
+    /// `--ignore-certificate-errors-spki-list=…` among them the page's certificate is checked as
+    /// usual except for that one key (a test CA's certificate, as a browser trusts a public one),
+    /// instead of every certificate error being ignored.
+    pub async fn launch_with(url: &str, extra: &[String]) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
+        let pinned = extra
+            .iter()
+            .any(|a| a.starts_with("--ignore-certificate-errors-spki-list="));
         let child = Command::new(CHROMIUM)
             .args([
                 "--headless=new",
@@ -36,10 +47,11 @@ impl Chromium {
                 "--disable-features=WebRtcHideLocalIpsWithMdns",
                 "--autoplay-policy=no-user-gesture-required",
                 "--remote-debugging-port=0",
-                // The relay under test uses a fresh self-signed certificate in the WSS test.
-                "--ignore-certificate-errors",
                 "--remote-debugging-address=127.0.0.1",
             ])
+            // Unless a key is pinned, the relay under test has a fresh self-signed certificate.
+            .args((!pinned).then_some("--ignore-certificate-errors"))
+            .args(extra)
             .arg(format!("--user-data-dir={}", dir.path().display()))
             .arg(url)
             .stdin(Stdio::null())

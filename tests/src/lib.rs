@@ -6,9 +6,12 @@
 //! * [`signaling`] is a WebSocket client speaking the customer's JSON.
 //! * [`rtc_client`] is a Rust WebRTC receiver that depacketises and decodes the H.264 it gets.
 //! * [`cdp`] drives headless Chromium over the DevTools protocol.
+//! * [`debian`] makes fresh Debian 12 machines, installs the release's packages and starts
+//!   their systemd units, for the deploy tests.
 
 pub mod cdp;
 pub mod cluster;
+pub mod debian;
 pub mod netns;
 pub mod openai;
 pub mod rtc_client;

@@ -12,9 +12,14 @@ fn systemd_units_pass_systemd_analyze_verify() {
         .to_path_buf();
     for unit in ["avatar-edge-relay.service", "avatar-edge-worker.service"] {
         let text = std::fs::read_to_string(root.join("deploy/systemd").join(unit)).expect("unit");
-        assert!(text.contains("/usr/local/bin/"), "{unit} runs the installed binary");
+        assert!(
+            text.contains("ExecStart=/usr/bin/"),
+            "{unit} runs the binary its package installs"
+        );
         // The same unit, pointing at this build's binaries instead of the installed ones.
-        let local = text.replace("/usr/local/bin/", &format!("{}/", bin_dir.display()));
+        let local = text
+            .replace("/usr/bin/relay", &format!("{}/relay", bin_dir.display()))
+            .replace("/usr/bin/worker", &format!("{}/worker", bin_dir.display()));
         std::fs::write(dir.path().join(unit), local).expect("write");
     }
     let out = std::process::Command::new("systemd-analyze")

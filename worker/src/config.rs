@@ -46,6 +46,9 @@ pub struct WorkerConfig {
     pub capacity: u32,
     /// Shared tunnel secret. Overridden by `AVATAR_EDGE_TUNNEL_SECRET`.
     pub secret: Secret,
+    /// Read the secret from this file instead (its first line: a copy of the relay's
+    /// `/etc/avatar-edge/tunnel.secret`). `AVATAR_EDGE_TUNNEL_SECRET` still wins.
+    pub secret_file: Option<PathBuf>,
     /// Relays to keep a tunnel to.
     pub relays: Vec<RelayTarget>,
     pub ice: IceConfig,
@@ -58,6 +61,9 @@ pub struct WorkerConfig {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// The talking pipeline: language model, speech, lip-sync.
     pub talk: TalkConfig,
+    /// Keys whose value is still a shipped `REQUIRED` placeholder (see `avatar_proto::required`).
+    #[serde(skip)]
+    pub unset_required: Vec<String>,
 }
 
 /// `[talk]`: what answers a `text_webrtc`. Every backend has a built-in default that needs no
@@ -312,6 +318,7 @@ impl Default for WorkerConfig {
             worker_id: "worker-1".into(),
             capacity: 4,
             secret: Secret::default(),
+            secret_file: None,
             relays: Vec::new(),
             ice: IceConfig::default(),
             video: VideoConfig::default(),
@@ -319,6 +326,7 @@ impl Default for WorkerConfig {
             labels: Default::default(),
             metrics_listen: None,
             talk: TalkConfig::default(),
+            unset_required: Vec::new(),
         }
     }
 }
@@ -344,11 +352,30 @@ pub enum ConfigError {
     Parse(#[from] toml::de::Error),
     #[error("`{key}`: {message}")]
     Invalid { key: &'static str, message: String },
+    #[error(
+        "still marked REQUIRED: {}. Set each to your own value (the comment beside it says what goes there; docs/deploy.md walks through them)",
+        .0.join(", ")
+    )]
+    Required(Vec<String>),
 }
 
 impl WorkerConfig {
+    /// Parse a config file's text. A file that still holds `REQUIRED` placeholders is refused
+    /// with every such key named, even where a placeholder is not of its key's type.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        Ok(toml::from_str(text)?)
+        let unset = toml::from_str::<toml::Table>(text)
+            .ok()
+            .and_then(|doc| serde_json::to_value(doc).ok())
+            .map(|doc| avatar_proto::required::unset_keys(&doc))
+            .unwrap_or_default();
+        match toml::from_str::<Self>(text) {
+            Ok(mut config) => {
+                config.unset_required = unset;
+                Ok(config)
+            }
+            Err(_) if !unset.is_empty() => Err(ConfigError::Required(unset)),
+            Err(e) => Err(e.into()),
+        }
     }
 
     pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
@@ -379,9 +406,37 @@ impl WorkerConfig {
         }
     }
 
-    pub fn apply_env(&mut self) {
-        if let Ok(s) = std::env::var("AVATAR_EDGE_TUNNEL_SECRET") {
-            self.secret = Secret::new(s);
+    /// Apply environment overrides, and read `secret_file` where the environment does not set
+    /// the secret.
+    pub fn apply_env(&mut self) -> Result<(), ConfigError> {
+        match std::env::var("AVATAR_EDGE_TUNNEL_SECRET") {
+            Ok(s) => {
+                self.unset_required.retain(|k| !k.starts_with("secret"));
+                if avatar_proto::required::is_marked(&s) {
+                    self.unset_required
+                        .push("AVATAR_EDGE_TUNNEL_SECRET (environment)".into());
+                }
+                self.secret = Secret::new(s);
+            }
+            Err(_) => {
+                if let Some(path) = &self.secret_file {
+                    if !self.secret.expose().is_empty() {
+                        return Err(ConfigError::Invalid {
+                            key: "secret_file",
+                            message: "set either secret or secret_file".into(),
+                        });
+                    }
+                    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                        path: path.clone(),
+                        source,
+                    })?;
+                    let secret = text.lines().next().unwrap_or_default().trim().to_owned();
+                    if avatar_proto::required::is_marked(&secret) {
+                        self.unset_required.push(format!("secret_file ({})", path.display()));
+                    }
+                    self.secret = Secret::new(secret);
+                }
+            }
         }
         if let Ok(p) = std::env::var("AVATAR_EDGE_ONNXRUNTIME") {
             self.talk.lipsync.onnxruntime = PathBuf::from(p);
@@ -390,9 +445,13 @@ impl WorkerConfig {
             self.talk.lipsync.backend = "onnx".into();
             self.talk.lipsync.model = Some(PathBuf::from(p));
         }
+        Ok(())
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.unset_required.is_empty() {
+            return Err(ConfigError::Required(self.unset_required.clone()));
+        }
         let invalid = |key, message: &str| {
             Err(ConfigError::Invalid {
                 key,
@@ -408,7 +467,7 @@ impl WorkerConfig {
         if self.secret.expose().len() < 16 {
             return invalid(
                 "secret",
-                "set a secret of at least 16 characters (or AVATAR_EDGE_TUNNEL_SECRET)",
+                "set a secret of at least 16 characters (or secret_file, or AVATAR_EDGE_TUNNEL_SECRET)",
             );
         }
         if self.relays.is_empty() {

@@ -74,7 +74,7 @@ fn load_config(args: &Args) -> anyhow::Result<WorkerConfig> {
         (None, true) => WorkerConfig::dev(),
         (None, false) => anyhow::bail!("pass --config FILE, or --dev for local development"),
     };
-    config.apply_env();
+    config.apply_env()?;
     config.validate()?;
     Ok(config)
 }

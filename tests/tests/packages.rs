@@ -1,0 +1,539 @@
+//! The field deployment, as docs/deploy.md tells an operator to do it, on machines that are not
+//! the build machine.
+//!
+//! `packages_…`: two fresh Debian 12 root filesystems (debootstrap), a VPS and a GPU box, each in
+//! its own network namespace behind the documentation-range topology of [`Topology`] (the VPS is
+//! the public side, the GPU box and the browser each behind a NAT). The release's packages are
+//! installed with apt (dependencies from Debian's mirror, before the test's namespace is made,
+//! as on a real machine); the shipped configs, unedited, keep both services from starting and
+//! name their REQUIRED keys; then exactly the edits deploy.md shows (its `deploy-test` blocks,
+//! read from the file) are applied, the units are started as systemd would start them (see
+//! [`avatar_edge_tests::debian`]: systemd cannot be PID 1 in this sandbox), and headless Chromium
+//! in the browser namespace opens `https://relay.avatar-edge.test/`, plays and makes the avatar
+//! talk. Rebuilt packages (a new revision) are installed over the running ones: the edited
+//! configs and the secret stay, the services come back, and a session plays again.
+//!
+//! `images_…`: the OCI images (podman, runc), run with the compose file's settings (host
+//! networking, configs mounted read-only, the secret in the environment), serve a session.
+//!
+//! The test's internet is made of documentation ranges, which the worker's candidate filter and
+//! the TURN peer filter refuse by default; the one edit here that deploy.md does not show lets
+//! those ranges through (`[ice] allow_candidate_ranges`, `turn.embedded.allow_peers`).
+
+use avatar_edge_tests::debian::{self, apply_toml, doc_block, Root, Service};
+use avatar_edge_tests::netns;
+use avatar_edge_tests::topology::Topology;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const DOMAIN: &str = "relay.avatar-edge.test";
+/// The VPS's address on the public side of the topology (the relay runs in the test namespace).
+const VPS_IP: &str = "203.0.113.1";
+/// The same VPS as the browser's side of the topology reaches it.
+const VPS_IP_BROWSER_SIDE: &str = "192.0.2.1";
+const DOC_RANGES: &str = "[\"192.0.2.0/24\", \"198.51.100.0/24\", \"203.0.113.0/24\"]";
+
+fn work() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("deploy")
+}
+
+fn deploy_md() -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/deploy.md")).expect("docs/deploy.md")
+}
+
+/// deploy.md's example values, replaced by this test's.
+fn ours(block: &str) -> String {
+    block
+        .replace("relay.example.com", DOMAIN)
+        .replace("198.51.100.7", VPS_IP)
+}
+
+/// Rebuilt packages: the same binaries as the next revision, as an upgrade would bring.
+fn build_upgrade_packages() {
+    let out_dir = work().join("upgrade");
+    let _ = std::fs::remove_dir_all(&out_dir);
+    std::fs::create_dir_all(&out_dir).expect("mkdir");
+    for crate_name in ["avatar-relay", "avatar-worker"] {
+        let out = Command::new("cargo")
+            .args([
+                "deb",
+                "-p",
+                crate_name,
+                "--no-build",
+                "--fast",
+                "--deb-revision",
+                "2",
+                "-o",
+            ])
+            .arg(&out_dir)
+            .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
+            .output()
+            .expect("cargo deb (scripts/install-deps installs cargo-deb)");
+        assert!(
+            out.status.success(),
+            "cargo deb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// Outside the test's namespace (apt reaches Debian's mirror): two fresh machines, each with
+/// its package installed, and the next revision of both packages built.
+fn prepare_machines() {
+    let started = Instant::now();
+    let vps = Root::fresh(&work().join("vps"));
+    vps.apt_install(&[&debian::dist_package("avatar-edge-relay_")], true);
+    let gpu = Root::fresh(&work().join("gpu"));
+    gpu.apt_install(&[&debian::dist_package("avatar-edge-worker_")], true);
+    build_upgrade_packages();
+    eprintln!(
+        "deploy: two machines installed and packages rebuilt in {:?}",
+        started.elapsed()
+    );
+}
+
+/// A test CA and the relay's certificate from it, as certbot would leave them in
+/// /etc/letsencrypt/live/DOMAIN; and the SHA-256 of the certificate's key (Chromium's pin).
+struct Certificates {
+    ca_pem: String,
+    fullchain_pem: String,
+    key_pem: String,
+    spki_sha256_b64: String,
+}
+
+fn certificates() -> Certificates {
+    use base64::Engine;
+    use sha2::Digest;
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "avatar-edge deploy test CA");
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).expect("CA");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec![DOMAIN.to_owned()])
+        .expect("params")
+        .signed_by(&key, &ca)
+        .expect("leaf");
+    Certificates {
+        ca_pem: ca.pem(),
+        fullchain_pem: format!("{}{}", cert.pem(), ca.pem()),
+        key_pem: key.serialize_pem(),
+        spki_sha256_b64: base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(
+            rcgen::PublicKeyData::subject_public_key_info(&key),
+        )),
+    }
+}
+
+fn curl(ca: &Path, ip: &str, path: &str) -> Option<String> {
+    let out = Command::new("curl")
+        .args(["-sf", "--max-time", "3", "--cacert"])
+        .arg(ca)
+        .args([
+            "--resolve",
+            &format!("{DOMAIN}:443:{ip}"),
+            &format!("https://{DOMAIN}{path}"),
+        ])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Poll until `check` holds (true) or `secs` pass (false).
+fn wait_until(secs: u64, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    false
+}
+
+/// Headless Chromium (the `chromium-probe` binary) opening the relay's page by name, trusting the
+/// relay's key only; run in the namespace of `netns_pid` (None: this one). Its JSON line.
+fn browse(netns_pid: Option<u32>, relay_ip: &str, spki: &str, frames: u32, say: Option<&str>) -> serde_json::Value {
+    let probe = avatar_edge_tests::bin_path("chromium-probe");
+    let mut cmd = match netns_pid {
+        Some(pid) => {
+            let mut c = Command::new("nsenter");
+            c.args(["-t", &pid.to_string(), "-n", "--"]).arg(&probe);
+            c
+        }
+        None => Command::new(&probe),
+    };
+    cmd.arg(format!("https://{DOMAIN}/?autoconnect=1"))
+        .arg(frames.to_string())
+        .arg("--")
+        .arg(format!("--host-resolver-rules=MAP {DOMAIN} {relay_ip}"))
+        .arg(format!("--ignore-certificate-errors-spki-list={spki}"));
+    if let Some(text) = say {
+        cmd.env("PROBE_SAY", text);
+    }
+    let out = cmd.output().expect("chromium-probe");
+    let line = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(line.trim()).unwrap_or_else(|_| serde_json::json!({ "error": line.trim() }))
+}
+
+fn played(result: &serde_json::Value, frames: u64) -> bool {
+    result["frames"].as_u64().unwrap_or(0) >= frames
+}
+
+#[test]
+fn packages_install_on_fresh_debian_and_a_session_talks() {
+    const NAME: &str = "packages_install_on_fresh_debian_and_a_session_talks";
+    if !netns::loopback_only() {
+        prepare_machines();
+    }
+    if !netns::isolated(NAME) {
+        return;
+    }
+    let vps = Root::at(&work().join("vps"));
+    let gpu = Root::at(&work().join("gpu"));
+    let logs = tempfile::tempdir().expect("tempdir");
+    let topo = Topology::new(false, false);
+    let vps_ns = std::process::id();
+    let gpu_ns = topo.gpu.pid();
+    let relay_unit = "/usr/lib/systemd/system/avatar-edge-relay.service";
+    let worker_unit = "/usr/lib/systemd/system/avatar-edge-worker.service";
+
+    // The shipped configs, unedited: neither service starts, and each names what to set.
+    let refused = Service::start(&vps, relay_unit, vps_ns, &logs.path().join("relay-0.log"))
+        .err()
+        .expect("the relay must not start on its unedited config");
+    for key in [
+        "exit status: 64",
+        "still marked REQUIRED",
+        "tls.acme.domains",
+        "turn.embedded.public_ip",
+    ] {
+        assert!(refused.contains(key), "{key} in:\n{refused}");
+    }
+    let refused = Service::start(&gpu, worker_unit, gpu_ns, &logs.path().join("worker-0.log"))
+        .err()
+        .expect("the worker must not start on its unedited config");
+    for key in [
+        "exit status: 64",
+        "worker_id",
+        "relays[0].address",
+        "secret_file (/etc/avatar-edge/tunnel.secret)",
+    ] {
+        assert!(refused.contains(key), "{key} in:\n{refused}");
+    }
+    eprintln!("deploy: unedited configs refused:\n{refused}");
+
+    let docs = deploy_md();
+    let shipped_relay = vps.read("/etc/avatar-edge/relay.toml");
+    // Step 3a (ACME): the edit makes a config that passes the check (the order itself is
+    // tests/tests/acme.rs's business: no CA on the internet here).
+    vps.write(
+        "/tmp/relay-acme.toml",
+        &apply_toml(&shipped_relay, &ours(&doc_block(&docs, "relay-acme"))),
+    );
+    let check = vps.chroot(&["relay", "--config", "/tmp/relay-acme.toml", "--check-config"]);
+    assert!(
+        check.status.success(),
+        "step 3a: {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+
+    // Step 3b (certbot): certbot leaves the certificate under /etc/letsencrypt/live/DOMAIN and
+    // runs the deploy hook, which makes it readable for the service.
+    let certs = certificates();
+    let live = format!("/etc/letsencrypt/live/{DOMAIN}");
+    std::fs::create_dir_all(vps.file(&live)).expect("mkdir");
+    vps.write(&format!("{live}/fullchain.pem"), &certs.fullchain_pem);
+    vps.write(&format!("{live}/privkey.pem"), &certs.key_pem);
+    let hook = vps.chroot(&[
+        "env",
+        &format!("RENEWED_LINEAGE={live}"),
+        "/usr/share/avatar-edge/certbot-deploy-hook",
+    ]);
+    assert!(
+        hook.status.success(),
+        "deploy hook: {}",
+        String::from_utf8_lossy(&hook.stderr)
+    );
+    // "Delete the [tls.acme] section", then the block.
+    let mut without_acme: toml_edit::DocumentMut = shipped_relay.parse().expect("toml");
+    without_acme["tls"].as_table_mut().expect("[tls]").remove("acme");
+    let relay_toml = apply_toml(&without_acme.to_string(), &ours(&doc_block(&docs, "relay-certbot")));
+    let relay_toml = apply_toml(&relay_toml, &format!("[turn.embedded]\nallow_peers = {DOC_RANGES}\n"));
+    vps.write("/etc/avatar-edge/relay.toml", &relay_toml);
+
+    // Step 6: the relay's secret copied over the worker's placeholder; worker.toml's block. The
+    // test's DNS (the relay's name) and public CA (the test CA) on the GPU box.
+    std::fs::copy(
+        vps.file("/etc/avatar-edge/tunnel.secret"),
+        gpu.file("/etc/avatar-edge/tunnel.secret"),
+    )
+    .expect("copy the secret");
+    let worker_toml = apply_toml(
+        &gpu.read("/etc/avatar-edge/worker.toml"),
+        &ours(&doc_block(&docs, "worker-toml")),
+    );
+    let worker_toml = apply_toml(&worker_toml, &format!("[ice]\nallow_candidate_ranges = {DOC_RANGES}\n"));
+    gpu.write("/etc/avatar-edge/worker.toml", &worker_toml);
+    // (debootstrap's minimal system has no /etc/hosts yet.)
+    let hosts = std::fs::read_to_string(gpu.file("/etc/hosts")).unwrap_or_default();
+    gpu.write("/etc/hosts", &format!("{hosts}\n{VPS_IP} {DOMAIN}\n"));
+    gpu.write(
+        "/usr/local/share/ca-certificates/avatar-edge-test-ca.crt",
+        &certs.ca_pem,
+    );
+    assert!(gpu.chroot(&["update-ca-certificates"]).status.success());
+    let ca = logs.path().join("ca.pem");
+    std::fs::write(&ca, &certs.ca_pem).expect("ca");
+
+    // Step 4 and 6: start both, as systemd would.
+    let relay = Service::start(&vps, relay_unit, vps_ns, &logs.path().join("relay.log")).expect("the relay starts");
+    assert!(
+        wait_until(20, || curl(&ca, VPS_IP, "/healthz").is_some()),
+        "https://{DOMAIN}/healthz:\n{}",
+        relay.log()
+    );
+    let worker = Service::start(&gpu, worker_unit, gpu_ns, &logs.path().join("worker.log")).expect("the worker starts");
+    let ready = || curl(&ca, VPS_IP, "/readyz").is_some_and(|b| b.contains("\"ready\":true"));
+    assert!(
+        wait_until(30, ready),
+        "the worker registers:\nrelay:\n{}\nworker:\n{}",
+        relay.log(),
+        worker.log()
+    );
+
+    // Step 7: the first session, in a browser behind its own NAT.
+    let result = browse(
+        Some(topo.browser.pid()),
+        VPS_IP_BROWSER_SIDE,
+        &certs.spki_sha256_b64,
+        50,
+        Some("Hello, who are you?"),
+    );
+    eprintln!("deploy: first session {result}");
+    assert!(
+        played(&result, 50) && result["spoke"] == true,
+        "the page plays and the avatar talks: {result}\nrelay:\n{}\nworker:\n{}",
+        relay.log(),
+        worker.log()
+    );
+
+    // Step 8: upgrade while running; the unit is restarted (deb-systemd-invoke restart).
+    let upgrades = upgrade_packages_built();
+    let secret = vps.read("/etc/avatar-edge/tunnel.secret");
+    vps.apt_install(&[&upgrades[0]], false);
+    gpu.apt_install(&[&upgrades[1]], false);
+    assert_eq!(vps.package_version("avatar-edge-relay"), "0.1.0-2");
+    assert_eq!(gpu.package_version("avatar-edge-worker"), "0.1.0-2");
+    assert_eq!(
+        vps.read("/etc/avatar-edge/relay.toml"),
+        relay_toml,
+        "the edited relay.toml is kept"
+    );
+    assert_eq!(
+        gpu.read("/etc/avatar-edge/worker.toml"),
+        worker_toml,
+        "the edited worker.toml is kept"
+    );
+    assert_eq!(vps.read("/etc/avatar-edge/tunnel.secret"), secret, "the secret is kept");
+    drop((relay, worker));
+    let relay = Service::start(&vps, relay_unit, vps_ns, &logs.path().join("relay-2.log")).expect("relay restarts");
+    let worker = Service::start(&gpu, worker_unit, gpu_ns, &logs.path().join("worker-2.log")).expect("worker restarts");
+    assert!(
+        wait_until(30, ready),
+        "after the upgrade:\nrelay:\n{}\nworker:\n{}",
+        relay.log(),
+        worker.log()
+    );
+    let result = browse(
+        Some(topo.browser.pid()),
+        VPS_IP_BROWSER_SIDE,
+        &certs.spki_sha256_b64,
+        25,
+        None,
+    );
+    eprintln!("deploy: after the upgrade {result}");
+    assert!(played(&result, 25), "a session plays after the upgrade: {result}");
+}
+
+/// The packages [`build_upgrade_packages`] made (relay, worker).
+fn upgrade_packages_built() -> Vec<PathBuf> {
+    let dir = work().join("upgrade");
+    ["avatar-edge-relay_", "avatar-edge-worker_"]
+        .iter()
+        .map(|p| {
+            std::fs::read_dir(&dir)
+                .expect("upgrade dir")
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .find(|f| f.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(p)))
+                .expect("rebuilt package")
+        })
+        .collect()
+}
+
+/// Containers named for this test run, removed however the test ends.
+struct Containers(Vec<String>);
+
+impl Drop for Containers {
+    fn drop(&mut self) {
+        for name in &self.0 {
+            let _ = Command::new("podman")
+                .args(["--runtime", "runc", "rm", "-f", "-t", "5", name])
+                .output();
+        }
+    }
+}
+
+fn podman(args: &[&str]) -> std::process::Output {
+    Command::new("podman")
+        .args(["--runtime", "runc"])
+        .args(args)
+        .output()
+        .expect("podman (scripts/install-deps installs it)")
+}
+
+fn podman_logs(name: &str) -> String {
+    let out = podman(&["logs", name]);
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn images_run_with_the_compose_settings_and_a_session_plays() {
+    netns::run("images_run_with_the_compose_settings_and_a_session_plays", || async {
+        let version = env!("CARGO_PKG_VERSION");
+        let relay_image = format!("localhost/avatar-edge-relay:{version}");
+        let worker_image = format!("localhost/avatar-edge-worker:{version}");
+        for image in [&relay_image, &worker_image] {
+            let size = podman(&["image", "inspect", "--format", "{{.Size}}", image]);
+            assert!(
+                size.status.success(),
+                "{image} is not built: run scripts/release --images"
+            );
+            let bytes: u64 = String::from_utf8_lossy(&size.stdout).trim().parse().unwrap_or(0);
+            eprintln!("images: {image} {:.0} MB", bytes as f64 / 1e6);
+        }
+        // The host's public address, on an interface of this namespace (a veth pair: this kernel
+        // has no dummy interfaces).
+        netns::sh(&format!(
+            "ip link add ae-pub type veth peer name ae-pub-peer && ip addr add {VPS_IP}/24 dev ae-pub && \
+             ip link set ae-pub up && ip link set ae-pub-peer up"
+        ));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let certs = certificates();
+        let tls = dir.path().join("tls");
+        std::fs::create_dir(&tls).expect("mkdir");
+        std::fs::write(tls.join("fullchain.pem"), &certs.fullchain_pem).expect("cert");
+        std::fs::write(tls.join("privkey.pem"), &certs.key_pem).expect("key");
+        std::fs::write(dir.path().join("ca.pem"), &certs.ca_pem).expect("ca");
+        // The container's user reads what is mounted (the test's own throw-away key).
+        netns::sh(&format!(
+            "chmod 0755 {0} {1} && chmod 0644 {1}/*",
+            dir.path().display(),
+            tls.display()
+        ));
+
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let docs = deploy_md();
+        let shipped = std::fs::read_to_string(root.join("deploy/config/relay.toml")).expect("relay.toml");
+        let mut without_acme: toml_edit::DocumentMut = shipped.parse().expect("toml");
+        without_acme["tls"].as_table_mut().expect("[tls]").remove("acme");
+        let relay_toml = apply_toml(&without_acme.to_string(), &ours(&doc_block(&docs, "relay-certbot")));
+        let relay_toml = apply_toml(&relay_toml, &format!("[turn.embedded]\nallow_peers = {DOC_RANGES}\n"));
+        std::fs::write(dir.path().join("relay.toml"), relay_toml).expect("relay.toml");
+        let shipped = std::fs::read_to_string(root.join("deploy/config/worker.toml")).expect("worker.toml");
+        let worker_toml = apply_toml(&shipped, &ours(&doc_block(&docs, "worker-toml")));
+        let worker_toml = apply_toml(&worker_toml, &format!("[ice]\nallow_candidate_ranges = {DOC_RANGES}\n"));
+        std::fs::write(dir.path().join("worker.toml"), worker_toml).expect("worker.toml");
+        netns::sh(&format!(
+            "chmod 0644 {0}/relay.toml {0}/worker.toml",
+            dir.path().display()
+        ));
+
+        let tag = std::process::id();
+        let (relay, worker) = (format!("ae-relay-{tag}"), format!("ae-worker-{tag}"));
+        let _containers = Containers(vec![relay.clone(), worker.clone()]);
+        let secret = "AVATAR_EDGE_TUNNEL_SECRET=images-test-secret-0123456789";
+        let mount = |host: &Path, inside: &str| format!("{}:{inside}:ro", host.display());
+        // compose.yaml's settings: host networking, configs read-only, the secret in the environment.
+        let common = [
+            "run",
+            "-d",
+            "--network",
+            "host",
+            "--ulimit",
+            "nofile=20000:20000",
+            "--ulimit",
+            "nproc=4096:4096",
+            "-e",
+            secret,
+        ];
+        let out = podman(
+            &[
+                &common[..],
+                &[
+                    "--name",
+                    &relay,
+                    "-v",
+                    &mount(&dir.path().join("relay.toml"), "/etc/avatar-edge/relay.toml"),
+                    "-v",
+                    &mount(&tls, "/etc/avatar-edge/tls"),
+                    &relay_image,
+                ],
+            ]
+            .concat(),
+        );
+        assert!(
+            out.status.success(),
+            "podman run relay: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = podman(
+            &[
+                &common[..],
+                &[
+                    "--name",
+                    &worker,
+                    "--add-host",
+                    &format!("{DOMAIN}:{VPS_IP}"),
+                    "-v",
+                    &mount(&dir.path().join("worker.toml"), "/etc/avatar-edge/worker.toml"),
+                    // The test CA stands in for the public roots the image trusts.
+                    "-v",
+                    &mount(&dir.path().join("ca.pem"), "/etc/ssl/certs/ca-certificates.crt"),
+                    &worker_image,
+                ],
+            ]
+            .concat(),
+        );
+        assert!(
+            out.status.success(),
+            "podman run worker: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+
+        let ca = dir.path().join("ca.pem");
+        let ready = || curl(&ca, VPS_IP, "/readyz").is_some_and(|b| b.contains("\"ready\":true"));
+        assert!(
+            wait_until(40, ready),
+            "the worker container registers with the relay container:\nrelay:\n{}\nworker:\n{}",
+            podman_logs(&relay),
+            podman_logs(&worker)
+        );
+        let result = browse(None, VPS_IP, &certs.spki_sha256_b64, 50, None);
+        eprintln!("images: session {result}");
+        assert!(
+            played(&result, 50),
+            "a session plays through the images: {result}\nrelay:\n{}\nworker:\n{}",
+            podman_logs(&relay),
+            podman_logs(&worker)
+        );
+    });
+}
