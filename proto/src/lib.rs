@@ -22,7 +22,7 @@ pub mod required;
 pub mod sdp;
 pub mod session;
 pub mod signaling;
-#[cfg(feature = "quinn")]
+#[cfg(feature = "io")]
 pub mod stream;
 pub mod tunnel;
 

@@ -45,6 +45,24 @@ pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-avatar-edge-tunnel-auth";
 pub const EXPORTER_LEN: usize = 32;
 /// Length of the relay's challenge nonce in bytes.
 pub const NONCE_LEN: usize = 32;
+/// The tunnel secret of `relay --dev` and `worker --dev` (local development only: both refuse
+/// nothing, but it is public).
+pub const DEV_SECRET: &str = "avatar-edge-dev-secret-do-not-deploy";
+/// Most sessions one worker may announce (`capacity`), and most avatars it may serve; the relay
+/// refuses a registration above either.
+pub const MAX_WORKER_CAPACITY: u32 = 10_000;
+pub const MAX_WORKER_AVATARS: usize = 10_000;
+
+/// Application close codes of the tunnel's QUIC connection. Either side may close with
+/// [`SHUTDOWN`](close_code::SHUTDOWN); the others are the relay's.
+pub mod close_code {
+    /// A normal close: a side shutting down, or done.
+    pub const SHUTDOWN: u32 = 0;
+    /// The relay refused the worker (authentication, registration, handshake timeout).
+    pub const REJECTED: u32 = 1;
+    /// A newer connection of the same worker id took this one's place.
+    pub const REPLACED: u32 = 2;
+}
 
 /// Messages on the control stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

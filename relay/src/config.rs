@@ -40,7 +40,7 @@ impl fmt::Debug for Secret {
 }
 
 /// Secret used by `--dev` on both binaries. Never use it on a network you do not own.
-pub const DEV_TUNNEL_SECRET: &str = "avatar-edge-dev-secret-do-not-deploy";
+pub use avatar_proto::tunnel::DEV_SECRET as DEV_TUNNEL_SECRET;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]

@@ -151,8 +151,10 @@ impl Registry {
     pub fn insert(&self, worker: Arc<WorkerHandle>) -> Option<Arc<WorkerHandle>> {
         let old = self.lock().insert(worker.id.clone(), worker);
         if let Some(old) = &old {
-            old.connection
-                .close(quinn::VarInt::from_u32(2), b"replaced by a newer connection");
+            old.connection.close(
+                quinn::VarInt::from_u32(avatar_proto::tunnel::close_code::REPLACED),
+                b"replaced by a newer connection",
+            );
         }
         old
     }

@@ -26,7 +26,7 @@ struct Attached {
     // Dropping the slot returns the worker's capacity.
     _slot: SessionSlot,
     send: quinn::SendStream,
-    recv: FramedRecv,
+    recv: FramedRecv<quinn::RecvStream>,
     /// An offer sent to the worker and not yet answered. If the worker closes the session before
     /// answering (it was ending as the offer crossed), the offer is routed again, not lost.
     pending_offer: Option<Offer>,

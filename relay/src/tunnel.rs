@@ -31,12 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, info_span, warn, Instrument};
 
-/// QUIC application close codes on the tunnel.
-pub mod close_code {
-    pub const SHUTDOWN: u32 = 0;
-    pub const REJECTED: u32 = 1;
-    pub const REPLACED: u32 = 2;
-}
+pub use avatar_proto::tunnel::close_code;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
@@ -54,7 +49,7 @@ pub enum TunnelError {
 }
 
 /// The next message, which must be there: the stream ending first is a protocol error.
-async fn expect<T: DeserializeOwned>(recv: &mut FramedRecv, what: &str) -> Result<T, TunnelError> {
+async fn expect<T: DeserializeOwned>(recv: &mut FramedRecv<quinn::RecvStream>, what: &str) -> Result<T, TunnelError> {
     recv.next()
         .await?
         .ok_or_else(|| TunnelError::Protocol(format!("stream ended before {what}")))
@@ -250,7 +245,7 @@ fn truncate_reason(s: &str) -> &[u8] {
 async fn handshake(
     conn: &quinn::Connection,
     state: &AppState,
-) -> Result<(Arc<WorkerHandle>, quinn::SendStream, FramedRecv), TunnelError> {
+) -> Result<(Arc<WorkerHandle>, quinn::SendStream, FramedRecv<quinn::RecvStream>), TunnelError> {
     let (mut send, recv) = conn.accept_bi().await?;
     let mut recv = FramedRecv::new(recv);
     let (protocol, worker_id) = match expect::<Control>(&mut recv, "hello").await? {
@@ -310,8 +305,15 @@ async fn handshake(
         Control::Register(r) => r,
         other => return Err(TunnelError::Protocol(format!("expected register, got {other:?}"))),
     };
-    if registration.capacity == 0 || registration.capacity > 10_000 || registration.avatars.len() > 10_000 {
-        let reason = "capacity must be 1..=10000 and at most 10000 avatars".to_owned();
+    if registration.capacity == 0
+        || registration.capacity > avatar_proto::tunnel::MAX_WORKER_CAPACITY
+        || registration.avatars.len() > avatar_proto::tunnel::MAX_WORKER_AVATARS
+    {
+        let reason = format!(
+            "capacity must be 1..={} and at most {} avatars",
+            avatar_proto::tunnel::MAX_WORKER_CAPACITY,
+            avatar_proto::tunnel::MAX_WORKER_AVATARS
+        );
         send_frame(&mut send, &Control::Rejected { reason: reason.clone() }).await?;
         return Err(reject(reason));
     }
@@ -331,7 +333,7 @@ async fn control_loop(
     conn: &quinn::Connection,
     worker: &WorkerHandle,
     send: &mut quinn::SendStream,
-    recv: &mut FramedRecv,
+    recv: &mut FramedRecv<quinn::RecvStream>,
     shutdown: &CancellationToken,
 ) -> Result<(), TunnelError> {
     loop {
@@ -359,7 +361,7 @@ pub async fn open_session(
     slot: &SessionSlot,
     open: SessionOpen,
     first: SessionFrame,
-) -> Result<(quinn::SendStream, FramedRecv), TunnelError> {
+) -> Result<(quinn::SendStream, FramedRecv<quinn::RecvStream>), TunnelError> {
     let (mut send, recv) = slot.worker.connection.open_bi().await?;
     send_frame(&mut send, &SessionFrame::Open(open)).await?;
     send_frame(&mut send, &first).await?;

@@ -35,7 +35,7 @@ impl fmt::Debug for Secret {
 }
 
 /// Secret used by `--dev` on both binaries (same value as the relay's).
-pub const DEV_TUNNEL_SECRET: &str = "avatar-edge-dev-secret-do-not-deploy";
+pub use avatar_proto::tunnel::DEV_SECRET as DEV_TUNNEL_SECRET;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -461,8 +461,12 @@ impl WorkerConfig {
         if !avatar_proto::tunnel::valid_worker_id(&self.worker_id) {
             return invalid("worker_id", "1-64 characters of [A-Za-z0-9-_.:]");
         }
-        if self.capacity == 0 {
-            return invalid("capacity", "must be at least 1");
+        if !(1..=avatar_proto::tunnel::MAX_WORKER_CAPACITY).contains(&self.capacity) {
+            let most = avatar_proto::tunnel::MAX_WORKER_CAPACITY;
+            return invalid(
+                "capacity",
+                &format!("must be between 1 and {most} (what a relay accepts)"),
+            );
         }
         if self.secret.expose().len() < 16 {
             return invalid(

@@ -99,7 +99,7 @@ pub async fn run_session(
 
 struct Session {
     send: quinn::SendStream,
-    recv: FramedRecv,
+    recv: FramedRecv<quinn::RecvStream>,
     ctx: Arc<Context>,
     active: Option<Active>,
     /// The tunnel broke; media continues until the peer ends.

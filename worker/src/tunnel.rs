@@ -10,7 +10,9 @@ use crate::config::RelayTarget;
 use crate::session::run_session;
 use crate::Context;
 use avatar_proto::stream::{send_frame, FramedRecv, StreamError};
-use avatar_proto::tunnel::{auth_proof, Control, Registration, ALPN, EXPORTER_LABEL, EXPORTER_LEN, PROTOCOL_VERSION};
+use avatar_proto::tunnel::{
+    auth_proof, close_code, Control, Registration, ALPN, EXPORTER_LABEL, EXPORTER_LEN, PROTOCOL_VERSION,
+};
 use rand::Rng;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -240,7 +242,7 @@ async fn connect_and_serve(
         .await
         .map_err(|_| TunnelError::Protocol(format!("no handshake within {CONNECT_TIMEOUT:?}")))??;
     let result = serve(&conn, ctx, shutdown).await;
-    conn.close(quinn::VarInt::from_u32(0), b"worker closing");
+    conn.close(quinn::VarInt::from_u32(close_code::SHUTDOWN), b"worker closing");
     // Give the close a moment to reach the relay so it unregisters us at once.
     let _ = tokio::time::timeout(Duration::from_millis(500), endpoint.wait_idle()).await;
     result
@@ -287,7 +289,7 @@ async fn serve(conn: &quinn::Connection, ctx: &Arc<Context>, shutdown: &Cancella
         Ok(Some(Control::Rejected { reason })) => return Err(TunnelError::Rejected(reason)),
         Ok(other) => return Err(TunnelError::Protocol(format!("expected registered, got {other:?}"))),
         // A relay that refuses us may close the connection before our read sees `Rejected`.
-        Err(e) => match e.close_reason() {
+        Err(e) => match quic_close_reason(&e) {
             Some(reason) => return Err(TunnelError::Rejected(reason)),
             None => return Err(e.into()),
         },
@@ -322,6 +324,23 @@ async fn serve(conn: &quinn::Connection, ctx: &Arc<Context>, shutdown: &Cancella
                 None => return Err(TunnelError::Protocol("relay closed the control stream".into())),
             },
         }
+    }
+}
+
+/// Why the relay closed the QUIC connection, when a stream error says so: quinn's `ReadError` and
+/// `WriteError` travel inside the stream's `std::io::Error`.
+fn quic_close_reason(e: &StreamError) -> Option<String> {
+    let inner = e.io_error()?.get_ref()?;
+    let lost = match (
+        inner.downcast_ref::<quinn::ReadError>(),
+        inner.downcast_ref::<quinn::WriteError>(),
+    ) {
+        (Some(quinn::ReadError::ConnectionLost(c)), _) | (_, Some(quinn::WriteError::ConnectionLost(c))) => c,
+        _ => return None,
+    };
+    match lost {
+        quinn::ConnectionError::ApplicationClosed(close) => Some(String::from_utf8_lossy(&close.reason).into_owned()),
+        _ => None,
     }
 }
 
@@ -388,7 +407,7 @@ mod tests {
                 _ => break,
             }
         }
-        relay_conn.close(quinn::VarInt::from_u32(0), b"done");
+        relay_conn.close(quinn::VarInt::from_u32(close_code::SHUTDOWN), b"done");
         let _ = held.await;
         open.len()
     }
