@@ -58,6 +58,18 @@ pub struct RelayConfig {
     pub unset_required: Vec<String>,
 }
 
+/// `turn.mode`: where browsers' TURN comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TurnMode {
+    /// Hand out no STUN/TURN servers.
+    Off,
+    /// An existing coturn with `use-auth-secret`; the relay only mints its credentials.
+    External,
+    /// The relay's own TURN server (`[turn.embedded]`).
+    Embedded,
+}
+
 /// `[turn]`: the STUN/TURN servers handed to browsers (the `ice_servers` event,
 /// `GET /api/ice-servers`) and to workers (with each session), with coturn REST-API credentials.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -65,7 +77,7 @@ pub struct RelayConfig {
 pub struct TurnConfig {
     /// `off` (hand out nothing), or `external`: an existing coturn with `use-auth-secret` and
     /// `static-auth-secret` equal to `secret`; the relay only mints credentials for it.
-    pub mode: String,
+    pub mode: TurnMode,
     /// Shared with coturn's `static-auth-secret`. Overridden by `AVATAR_EDGE_TURN_SECRET`.
     pub secret: Secret,
     /// TURN URLs, e.g. `turn:turn.example.com:3478?transport=udp`, `turns:turn.example.com:443?transport=tcp`.
@@ -145,7 +157,7 @@ impl TurnConfig {
     /// and TCP listeners at the announced address (`turns:` needs a host name matching the
     /// certificate, so list it in `urls`).
     pub fn turn_urls(&self) -> Vec<String> {
-        if !self.urls.is_empty() || self.mode != "embedded" {
+        if !self.urls.is_empty() || self.mode != TurnMode::Embedded {
             return self.urls.clone();
         }
         let Some(host) = self.embedded_host() else {
@@ -163,7 +175,7 @@ impl TurnConfig {
 
     /// STUN URLs to hand out: `stun_urls`, or the embedded server's UDP listener.
     pub fn stun_urls(&self) -> Vec<String> {
-        if !self.stun_urls.is_empty() || self.mode != "embedded" {
+        if !self.stun_urls.is_empty() || self.mode != TurnMode::Embedded {
             return self.stun_urls.clone();
         }
         match (self.embedded_host(), self.embedded.listen_udp) {
@@ -213,7 +225,7 @@ impl Default for EmbeddedTurnConfig {
 impl Default for TurnConfig {
     fn default() -> Self {
         Self {
-            mode: "off".into(),
+            mode: TurnMode::Off,
             secret: Secret::default(),
             urls: Vec::new(),
             stun_urls: Vec::new(),
@@ -745,9 +757,9 @@ impl RelayConfig {
             );
         }
         let t = &self.turn;
-        match t.mode.as_str() {
-            "off" => {}
-            "external" => {
+        match t.mode {
+            TurnMode::Off => {}
+            TurnMode::External => {
                 if t.secret.expose().len() < 16 {
                     return invalid(
                         "turn.secret",
@@ -761,7 +773,7 @@ impl RelayConfig {
                     );
                 }
             }
-            "embedded" => {
+            TurnMode::Embedded => {
                 let e = &t.embedded;
                 if !t.secret.expose().is_empty() && t.secret.expose().len() < 16 {
                     return invalid(
@@ -818,7 +830,6 @@ impl RelayConfig {
                     return invalid("turn.embedded.realm", "1 to 127 characters");
                 }
             }
-            _ => return invalid("turn.mode", "must be off, external or embedded"),
         }
         for url in t.urls.iter().chain(&t.stun_urls) {
             let scheme_ok = ["turn:", "turns:", "stun:", "stuns:"]
@@ -877,7 +888,8 @@ mod tests {
     fn turn_settings_are_checked() {
         let check = |turn: &str| {
             let mut c = RelayConfig::dev();
-            c.turn = RelayConfig::from_toml(turn).expect("parses").turn;
+            // A bad mode is refused when parsed, the rest when validated.
+            c.turn = RelayConfig::from_toml(turn).map_err(|e| e.to_string())?.turn;
             c.validate().map_err(|e| e.to_string())
         };
         let ok = "[turn]\nmode = \"external\"\nsecret = \"0123456789abcdef\"\nurls = [\"turn:203.0.113.1:3478\"]\n";
@@ -909,7 +921,7 @@ mod tests {
                 "[turn]\nmode = \"embedded\"\n[turn.embedded]\npublic_ip = \"203.0.113.1\"\nunauthorized_per_minute = 0\n",
                 "turn.embedded.unauthorized_per_minute",
             ),
-            ("[turn]\nmode = \"maybe\"\n", "turn.mode"),
+            ("[turn]\nmode = \"maybe\"\n", "unknown variant `maybe`, expected one of `off`, `external`, `embedded`"),
             ("[turn]\nstun_urls = [\"http://x\"]\n", "turn.urls"),
             ("[turn]\nttl_s = 5\n", "turn.ttl_s"),
         ];

@@ -18,7 +18,7 @@
 //! still gets a `b.` name, so it can never spend a worker's TURN quota ([`TurnUser::of`] reads
 //! the namespace back on the TURN server's side).
 
-use crate::config::TurnConfig;
+use crate::config::{TurnConfig, TurnMode};
 use avatar_proto::signaling::IceServer;
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
@@ -96,7 +96,7 @@ fn sanitize(user: &str) -> String {
 /// Mints the ICE server list from `[turn]`.
 #[derive(Debug, Clone)]
 pub struct IceServers {
-    mode: String,
+    mode: TurnMode,
     secret: crate::config::Secret,
     turn_urls: Vec<String>,
     stun_urls: Vec<String>,
@@ -107,7 +107,7 @@ impl IceServers {
     /// From `[turn]`; the embedded server's URLs are derived from its listeners when none are set.
     pub fn new(cfg: &TurnConfig) -> Self {
         Self {
-            mode: cfg.mode.clone(),
+            mode: cfg.mode,
             secret: cfg.secret.clone(),
             turn_urls: cfg.turn_urls(),
             stun_urls: cfg.stun_urls(),
@@ -117,7 +117,7 @@ impl IceServers {
 
     /// Whether anything is handed out.
     pub fn enabled(&self) -> bool {
-        self.mode != "off" && !(self.turn_urls.is_empty() && self.stun_urls.is_empty())
+        self.mode != TurnMode::Off && !(self.turn_urls.is_empty() && self.stun_urls.is_empty())
     }
 
     pub fn ttl_s(&self) -> u64 {
@@ -165,7 +165,7 @@ mod tests {
     #[test]
     fn servers_carry_fresh_credentials_and_stun_without() {
         let ice = IceServers::new(&TurnConfig {
-            mode: "external".into(),
+            mode: TurnMode::External,
             secret: Secret::new("north-star-secret"),
             urls: vec!["turn:203.0.113.1:3478?transport=udp".into()],
             stun_urls: vec!["stun:203.0.113.1:3478".into()],
@@ -187,7 +187,7 @@ mod tests {
     #[test]
     fn a_browser_can_never_be_handed_a_worker_identity() {
         let ice = IceServers::new(&TurnConfig {
-            mode: "external".into(),
+            mode: TurnMode::External,
             secret: Secret::new("north-star-secret"),
             urls: vec!["turn:203.0.113.1:3478?transport=udp".into()],
             ..TurnConfig::default()

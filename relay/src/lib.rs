@@ -251,7 +251,7 @@ impl Relay {
     ) -> Result<Self, RelayError> {
         let mut config = config;
         config.validate()?;
-        if config.turn.mode == "embedded" && config.turn.secret.is_empty() {
+        if config.turn.mode == config::TurnMode::Embedded && config.turn.secret.is_empty() {
             // Nobody else needs it: the relay both mints and checks the credentials.
             config.turn.secret = config::Secret::new(hex::encode(rand::random::<[u8; 32]>()));
         }
@@ -291,7 +291,7 @@ impl Relay {
                 source,
             })?;
         let endpoint = tunnel::endpoint(config.tunnel.listen, &certs, &config.tunnel)?;
-        let turn = if config.turn.mode == "embedded" {
+        let turn = if config.turn.mode == config::TurnMode::Embedded {
             let own = [config.http.listen.ip(), config.tunnel.listen.ip()];
             Some(turn::TurnServer::bind(&config.turn, &certs, &own, shutdown.clone())?)
         } else {

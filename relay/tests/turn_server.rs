@@ -32,7 +32,7 @@ fn config(f: impl FnOnce(&mut EmbeddedTurnConfig)) -> TurnConfig {
     };
     f(&mut e);
     TurnConfig {
-        mode: "embedded".into(),
+        mode: avatar_relay::config::TurnMode::Embedded,
         secret: Secret::new(SECRET),
         embedded: e,
         ..TurnConfig::default()

@@ -66,6 +66,80 @@ pub struct WorkerConfig {
     pub unset_required: Vec<String>,
 }
 
+/// A closed set of names in the config: parsed by serde (an unknown one is refused with the valid
+/// ones listed), printed as written.
+macro_rules! config_names {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+        pub enum $name {
+            $($(#[$vdoc])* #[serde(rename = $text)] $variant),+
+        }
+
+        impl $name {
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $text),+
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+config_names! {
+    /// `video.encoder`.
+    VideoEncoder {
+        /// `h264_nvenc` if it opens, else `libx264` (logged loudly).
+        Auto = "auto",
+        H264Nvenc = "h264_nvenc",
+        Libx264 = "libx264",
+    }
+}
+
+config_names! {
+    /// `talk.llm.backend`.
+    LlmBackend {
+        /// Offline canned answers (no service).
+        Scripted = "scripted",
+        /// An OpenAI-compatible chat completions endpoint.
+        Openai = "openai",
+    }
+}
+
+config_names! {
+    /// `talk.tts.backend`.
+    TtsBackend {
+        /// The espeak-ng program.
+        Espeak = "espeak",
+        /// An OpenAI-compatible speech endpoint.
+        Openai = "openai",
+    }
+}
+
+config_names! {
+    /// `talk.lipsync.backend`.
+    LipSyncBackend {
+        /// A drawn mouth driven by the audio level (no model).
+        Builtin = "builtin",
+        /// A Wav2Lip-contract ONNX model.
+        Onnx = "onnx",
+    }
+}
+
+config_names! {
+    /// `talk.lipsync.execution_provider`.
+    ExecutionProvider {
+        Cpu = "cpu",
+        Cuda = "cuda",
+    }
+}
+
 /// `[talk]`: what answers a `text_webrtc`. Every backend has a built-in default that needs no
 /// service, so a worker with no `[talk]` section talks (scripted answers, espeak-ng, the built-in
 /// mouth).
@@ -102,7 +176,7 @@ pub struct AvatarTalkConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct LlmConfig {
     /// `scripted` (built in, offline) or `openai` (any OpenAI-compatible chat-completions server).
-    pub backend: String,
+    pub backend: LlmBackend,
     /// e.g. `https://api.openai.com/v1` or `http://127.0.0.1:8000/v1`.
     pub base_url: Option<String>,
     pub model: String,
@@ -121,7 +195,7 @@ pub struct LlmConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct TtsConfig {
     /// `espeak` (built in; the `espeak-ng` program) or `openai` (`/v1/audio/speech`).
-    pub backend: String,
+    pub backend: TtsBackend,
     /// `espeak` only: the program to run.
     pub program: String,
     /// `espeak` only: words per minute.
@@ -139,13 +213,13 @@ pub struct TtsConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct LipSyncConfig {
     /// `builtin` (no model: the mouth opens with loudness) or `onnx`.
-    pub backend: String,
+    pub backend: LipSyncBackend,
     /// The ONNX model (Wav2Lip contract; see docs/models.md).
     pub model: Option<PathBuf>,
     /// `libonnxruntime.so`, loaded at run time. Overridden by `AVATAR_EDGE_ONNXRUNTIME`.
     pub onnxruntime: PathBuf,
     /// `cpu` or `cuda`. `cuda` fails at start-up if the CUDA provider cannot be used.
-    pub execution_provider: String,
+    pub execution_provider: ExecutionProvider,
     pub device_id: i32,
     /// ONNX Runtime intra-op threads per runner.
     pub threads: usize,
@@ -180,7 +254,7 @@ impl Default for TalkConfig {
 impl Default for LlmConfig {
     fn default() -> Self {
         Self {
-            backend: "scripted".into(),
+            backend: LlmBackend::Scripted,
             base_url: None,
             model: "gpt-4o-mini".into(),
             api_key: None,
@@ -195,7 +269,7 @@ impl Default for LlmConfig {
 impl Default for TtsConfig {
     fn default() -> Self {
         Self {
-            backend: "espeak".into(),
+            backend: TtsBackend::Espeak,
             program: "espeak-ng".into(),
             speed: 170,
             base_url: None,
@@ -210,10 +284,10 @@ impl Default for TtsConfig {
 impl Default for LipSyncConfig {
     fn default() -> Self {
         Self {
-            backend: "builtin".into(),
+            backend: LipSyncBackend::Builtin,
             model: None,
             onnxruntime: PathBuf::from("/usr/local/lib/libonnxruntime.so"),
-            execution_provider: "cpu".into(),
+            execution_provider: ExecutionProvider::Cpu,
             device_id: 0,
             threads: 1,
             runners: 0,
@@ -309,7 +383,7 @@ pub struct VideoConfig {
     /// Keyframe interval in frames.
     pub gop: u32,
     /// `auto` (h264_nvenc if it opens, else libx264), `h264_nvenc` or `libx264`.
-    pub encoder: String,
+    pub encoder: VideoEncoder,
 }
 
 impl Default for WorkerConfig {
@@ -339,7 +413,7 @@ impl Default for VideoConfig {
             fps: 25,
             bitrate_kbps: 2000,
             gop: 50,
-            encoder: "auto".into(),
+            encoder: VideoEncoder::Auto,
         }
     }
 }
@@ -442,7 +516,7 @@ impl WorkerConfig {
             self.talk.lipsync.onnxruntime = PathBuf::from(p);
         }
         if let Ok(p) = std::env::var("AVATAR_EDGE_LIPSYNC_MODEL") {
-            self.talk.lipsync.backend = "onnx".into();
+            self.talk.lipsync.backend = LipSyncBackend::Onnx;
             self.talk.lipsync.model = Some(PathBuf::from(p));
         }
         Ok(())
@@ -511,9 +585,6 @@ impl WorkerConfig {
         if !(1..=60).contains(&v.fps) {
             return invalid("video.fps", "must be 1..=60");
         }
-        if !["auto", "h264_nvenc", "libx264"].contains(&v.encoder.as_str()) {
-            return invalid("video.encoder", "must be auto, h264_nvenc or libx264");
-        }
         self.validate_talk()
     }
 
@@ -522,24 +593,14 @@ impl WorkerConfig {
         let t = &self.talk;
         let llms = std::iter::once(&t.llm).chain(t.avatars.values().filter_map(|a| a.llm.as_ref()));
         for llm in llms {
-            match llm.backend.as_str() {
-                "scripted" => {}
-                "openai" if llm.base_url.is_none() => {
-                    return invalid("talk.llm.base_url", "the openai backend needs base_url".into())
-                }
-                "openai" => {}
-                other => return invalid("talk.llm.backend", format!("`{other}`: use scripted or openai")),
+            if llm.backend == LlmBackend::Openai && llm.base_url.is_none() {
+                return invalid("talk.llm.base_url", "the openai backend needs base_url".into());
             }
         }
         let ttss = std::iter::once(&t.tts).chain(t.avatars.values().filter_map(|a| a.tts.as_ref()));
         for tts in ttss {
-            match tts.backend.as_str() {
-                "espeak" => {}
-                "openai" if tts.base_url.is_none() => {
-                    return invalid("talk.tts.base_url", "the openai backend needs base_url".into())
-                }
-                "openai" => {}
-                other => return invalid("talk.tts.backend", format!("`{other}`: use espeak or openai")),
+            if tts.backend == TtsBackend::Openai && tts.base_url.is_none() {
+                return invalid("talk.tts.base_url", "the openai backend needs base_url".into());
             }
         }
         let voices = t
@@ -552,16 +613,8 @@ impl WorkerConfig {
             }
         }
         let l = &t.lipsync;
-        match l.backend.as_str() {
-            "builtin" => {}
-            "onnx" if l.model.is_none() => {
-                return invalid("talk.lipsync.model", "the onnx backend needs a model".into())
-            }
-            "onnx" => {}
-            other => return invalid("talk.lipsync.backend", format!("`{other}`: use builtin or onnx")),
-        }
-        if !["cpu", "cuda"].contains(&l.execution_provider.as_str()) {
-            return invalid("talk.lipsync.execution_provider", "must be cpu or cuda".into());
+        if l.backend == LipSyncBackend::Onnx && l.model.is_none() {
+            return invalid("talk.lipsync.model", "the onnx backend needs a model".into());
         }
         if !(1..=256).contains(&l.max_batch) || !(1..=64).contains(&l.session_batch) {
             return invalid(
@@ -600,7 +653,11 @@ mod tests {
         check("[ice]\npublic_ips = [\"203.0.113.7\"]\nudp_port_min = 50000\nudp_port_max = 50100\n")
             .expect("ice settings");
         let cases = [
-            ("[talk.llm]\nbackend = \"gpt\"\n", "talk.llm.backend"),
+            // Refused when parsed, with the valid names listed.
+            (
+                "[talk.llm]\nbackend = \"gpt\"\n",
+                "unknown variant `gpt`, expected `scripted` or `openai`",
+            ),
             ("[talk.llm]\nbackend = \"openai\"\n", "talk.llm.base_url"),
             ("[talk.tts]\nbackend = \"openai\"\n", "talk.tts.base_url"),
             ("[talk]\nvoice = \"--stdout\"\n", "talk.voice"),
@@ -608,8 +665,9 @@ mod tests {
             ("[talk.lipsync]\nbackend = \"onnx\"\n", "talk.lipsync.model"),
             (
                 "[talk.lipsync]\nexecution_provider = \"tpu\"\n",
-                "talk.lipsync.execution_provider",
+                "unknown variant `tpu`, expected `cpu` or `cuda`",
             ),
+            ("[video]\nencoder = \"vp8\"\n", "unknown variant `vp8`"),
             ("[talk.lipsync]\nmax_batch = 0\n", "talk.lipsync.max_batch"),
             ("[talk.llm]\nmodle = \"x\"\n", "modle"),
             ("[ice]\npublic_ips = [\"not-an-ip\"]\n", "ice.public_ips"),

@@ -126,7 +126,7 @@ impl Worker {
         media::encoder::init()?;
         let v = &config.video;
         let encoder_settings = EncoderSettings::from(v);
-        let encoder = media::encoder::select_encoder(&v.encoder, &encoder_settings)?;
+        let encoder = media::encoder::select_encoder(v.encoder, &encoder_settings)?;
         let avatars = match &config.avatar_dir {
             Some(dir) => {
                 let clips = media::avatar::load_dir(dir, v.width, v.height, v.fps)?;

@@ -79,7 +79,7 @@ fn encode_test(config: &WorkerConfig, frames: usize, report: &mut Report) {
         report.failures.push(format!("FFmpeg: {e}"));
         return;
     }
-    let name = match encoder::select_encoder(&v.encoder, &settings) {
+    let name = match encoder::select_encoder(v.encoder, &settings) {
         Ok(name) => name,
         Err(e) => {
             report.failures.push(format!("encoder `{}`: {e}", v.encoder));
@@ -176,7 +176,7 @@ mod tests {
     #[test]
     fn the_default_config_passes_with_libx264_and_the_builtin_mouth() {
         let mut config = WorkerConfig::dev();
-        config.video.encoder = "libx264".into();
+        config.video.encoder = crate::config::VideoEncoder::Libx264;
         let report = run(&config, 20);
         assert!(report.ok(), "{}", report.render());
         assert_eq!(report.rows.len(), 3, "{}", report.render());
@@ -188,8 +188,8 @@ mod tests {
     #[test]
     fn a_missing_model_is_a_failure_not_a_silent_fallback() {
         let mut config = WorkerConfig::dev();
-        config.video.encoder = "libx264".into();
-        config.talk.lipsync.backend = "onnx".into();
+        config.video.encoder = crate::config::VideoEncoder::Libx264;
+        config.talk.lipsync.backend = crate::config::LipSyncBackend::Onnx;
         config.talk.lipsync.model = Some("/nonexistent/model.onnx".into());
         let report = run(&config, 10);
         assert!(!report.ok());
@@ -203,7 +203,7 @@ mod tests {
     #[test]
     fn nvenc_without_a_gpu_fails_when_asked_for_by_name() {
         let mut config = WorkerConfig::dev();
-        config.video.encoder = "h264_nvenc".into();
+        config.video.encoder = crate::config::VideoEncoder::H264Nvenc;
         config.talk.enabled = false;
         let report = run(&config, 10);
         if report.ok() {

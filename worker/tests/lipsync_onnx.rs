@@ -22,7 +22,7 @@ fn read_f32(path: PathBuf) -> Vec<f32> {
 
 fn config() -> LipSyncConfig {
     LipSyncConfig {
-        backend: "onnx".into(),
+        backend: avatar_worker::config::LipSyncBackend::Onnx,
         model: Some(tools().join("models/lipsync-test.onnx")),
         onnxruntime: tools().join("onnxruntime/libonnxruntime.so"),
         runners: 2,
@@ -112,7 +112,7 @@ fn a_missing_runtime_or_model_or_tensor_name_is_a_clear_error() {
         "{err}"
     );
     let mut c = config();
-    c.execution_provider = "cuda".into();
+    c.execution_provider = avatar_worker::config::ExecutionProvider::Cuda;
     // No GPU here: registering CUDA must fail loudly, never fall back to the CPU in silence.
     match OnnxLipSync::load(&c) {
         Err(e) => println!("cuda refused as expected: {e}"),

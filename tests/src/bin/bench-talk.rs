@@ -43,7 +43,7 @@ fn talk_config(onnx: bool) -> TalkConfig {
     let mut cfg = TalkConfig::default();
     if onnx {
         let tools = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools");
-        cfg.lipsync.backend = "onnx".into();
+        cfg.lipsync.backend = avatar_worker::config::LipSyncBackend::Onnx;
         cfg.lipsync.model = Some(tools.join("models/lipsync-test.onnx"));
         cfg.lipsync.onnxruntime = tools.join("onnxruntime/libonnxruntime.so");
     }

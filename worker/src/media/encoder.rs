@@ -7,6 +7,7 @@
 //! join at any keyframe. [`H264Encoder::encode`] can force an IDR when a receiver sends PLI/FIR.
 
 use super::avatar::Yuv420;
+use crate::config::VideoEncoder;
 use ffmpeg_next as ffmpeg;
 use tracing::{info, warn};
 
@@ -73,13 +74,13 @@ pub fn init() -> Result<(), ffmpeg::Error> {
 
 /// Pick the encoder for this process according to `preference` (`auto`, `h264_nvenc`,
 /// `libx264`), proving it by opening it once.
-pub fn select_encoder(preference: &str, settings: &EncoderSettings) -> Result<&'static str, EncodeError> {
+pub fn select_encoder(preference: VideoEncoder, settings: &EncoderSettings) -> Result<&'static str, EncodeError> {
     match preference {
-        "h264_nvenc" => H264Encoder::open("h264_nvenc", settings)
+        VideoEncoder::H264Nvenc => H264Encoder::open("h264_nvenc", settings)
             .map(|_| "h264_nvenc")
             .map_err(EncodeError::nvenc_hint),
-        "libx264" => H264Encoder::open("libx264", settings).map(|_| "libx264"),
-        _ => match H264Encoder::open("h264_nvenc", settings) {
+        VideoEncoder::Libx264 => H264Encoder::open("libx264", settings).map(|_| "libx264"),
+        VideoEncoder::Auto => match H264Encoder::open("h264_nvenc", settings) {
             Ok(_) => {
                 info!("video encoder: h264_nvenc (GPU)");
                 Ok("h264_nvenc")
@@ -223,7 +224,7 @@ mod tests {
             bitrate_kbps: 200,
             gop: 50,
         };
-        let chosen = select_encoder("auto", &s).expect("some encoder");
+        let chosen = select_encoder(VideoEncoder::Auto, &s).expect("some encoder");
         assert!(chosen == "libx264" || chosen == "h264_nvenc");
     }
 }

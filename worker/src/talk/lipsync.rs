@@ -20,7 +20,7 @@
 
 use super::face::{Face, FACE_LEN, SIZE};
 use super::mel::{N_MELS, WINDOW};
-use crate::config::LipSyncConfig;
+use crate::config::{ExecutionProvider, LipSyncBackend, LipSyncConfig};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Instant;
 use tracing::{info, warn};
@@ -145,7 +145,7 @@ impl OnnxLipSync {
             path: path.display().to_string(),
             message,
         };
-        let cuda = cfg.execution_provider == "cuda";
+        let cuda = cfg.execution_provider == ExecutionProvider::Cuda;
         let session = build_session(env, path, cfg.threads, cuda.then_some(cfg.device_id)).map_err(|e| {
             let message = e.to_string();
             if cuda && message.to_ascii_lowercase().contains("cuda") {
@@ -249,9 +249,9 @@ impl LipSyncModel for OnnxLipSync {
 
 /// Build the model `cfg` asks for.
 pub fn load_model(cfg: &LipSyncConfig) -> Result<Box<dyn LipSyncModel>, LipSyncError> {
-    match cfg.backend.as_str() {
-        "onnx" => Ok(Box::new(OnnxLipSync::load(cfg)?)),
-        _ => Ok(Box::new(BuiltinMouth)),
+    match cfg.backend {
+        LipSyncBackend::Onnx => Ok(Box::new(OnnxLipSync::load(cfg)?)),
+        LipSyncBackend::Builtin => Ok(Box::new(BuiltinMouth)),
     }
 }
 

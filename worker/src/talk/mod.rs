@@ -24,7 +24,7 @@ pub mod mel;
 pub mod sentences;
 pub mod tts;
 
-use crate::config::{LlmConfig, TalkConfig, TtsConfig};
+use crate::config::{ExecutionProvider, LlmBackend, LlmConfig, TalkConfig, TtsBackend, TtsConfig};
 use crate::media::avatar::AvatarClip;
 use crate::media::stream::{ClockEvent, Feed, TalkUnit, AUDIO_RATE, PREBUFFER};
 use lipsync::{FrameInput, LipSyncService};
@@ -84,8 +84,8 @@ fn http_client() -> Result<reqwest::Client, TalkError> {
 }
 
 fn make_llm(cfg: &LlmConfig, client: &reqwest::Client) -> Arc<dyn Llm> {
-    match cfg.backend.as_str() {
-        "openai" => Arc::new(llm::OpenAiLlm {
+    match cfg.backend {
+        LlmBackend::Openai => Arc::new(llm::OpenAiLlm {
             client: client.clone(),
             base_url: cfg.base_url.clone().unwrap_or_default(),
             model: cfg.model.clone(),
@@ -93,22 +93,22 @@ fn make_llm(cfg: &LlmConfig, client: &reqwest::Client) -> Arc<dyn Llm> {
             temperature: cfg.temperature,
             timeout: Duration::from_millis(cfg.timeout_ms.max(1)),
         }),
-        _ => Arc::new(llm::ScriptedLlm {
+        LlmBackend::Scripted => Arc::new(llm::ScriptedLlm {
             delay: Duration::from_millis(cfg.word_delay_ms),
         }),
     }
 }
 
 fn make_tts(cfg: &TtsConfig, client: &reqwest::Client) -> Arc<dyn Tts> {
-    match cfg.backend.as_str() {
-        "openai" => Arc::new(tts::OpenAiTts {
+    match cfg.backend {
+        TtsBackend::Openai => Arc::new(tts::OpenAiTts {
             client: client.clone(),
             base_url: cfg.base_url.clone().unwrap_or_default(),
             model: cfg.model.clone(),
             api_key: cfg.key(),
             timeout: Duration::from_millis(cfg.timeout_ms.max(1)),
         }),
-        _ => Arc::new(tts::EspeakTts {
+        TtsBackend::Espeak => Arc::new(tts::EspeakTts {
             program: cfg.program.clone(),
             speed: cfg.speed,
             timeout: Duration::from_millis(cfg.timeout_ms.max(1)),
@@ -126,7 +126,7 @@ impl Talk {
             tts: make_tts(tts, &client),
             system_prompt: prompt.to_owned(),
             voice: voice.clone(),
-            openai_voices: tts.backend == "openai",
+            openai_voices: tts.backend == TtsBackend::Openai,
         };
         let default = backends(&cfg.llm, &cfg.tts, &cfg.system_prompt, &cfg.voice);
         let per_avatar = cfg
@@ -144,7 +144,7 @@ impl Talk {
             .collect();
         let mut lcfg = cfg.lipsync.clone();
         if lcfg.runners == 0 {
-            lcfg.runners = if lcfg.execution_provider == "cuda" {
+            lcfg.runners = if lcfg.execution_provider == ExecutionProvider::Cuda {
                 1
             } else {
                 std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
