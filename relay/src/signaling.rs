@@ -5,9 +5,9 @@
 //! [`SignalingSession`] state machine, which says what to do; this module only does it. The loop
 //! is generic over `Sink`/`Stream` of axum messages, so tests can drive it with channels.
 
-use crate::config::RouterFallback;
-use crate::policy::{self, MessageKind, MessageRequest, Principal, RouteDecision, Verdict};
-use crate::registry::{RouteRequest, SessionSlot, WorkerView};
+use crate::policy::{self, MessageKind, MessageRequest, Principal, Verdict};
+use crate::registry::SessionSlot;
+use crate::routing::{self, RouteRequest};
 use crate::tunnel::open_session;
 use crate::{AppState, ClaimRefused};
 use avatar_proto::session::{Action, SignalingSession};
@@ -385,87 +385,6 @@ async fn attach(
     }
 }
 
-/// Pick a worker for the session: the router module when one is configured, else the built-in
-/// rule. `Err` is the error to send the browser.
-async fn choose_worker(
-    request: &RouteRequest<'_>,
-    principal: Option<&Principal>,
-    state: &AppState,
-) -> Result<String, (ErrorCode, String)> {
-    let avatar = request.avatar_id;
-    let what = avatar
-        .map(|a| format!("avatar `{a}`"))
-        .unwrap_or_else(|| "this session".into());
-    let serving: Vec<WorkerView> = state
-        .registry
-        .views()
-        .into_iter()
-        .filter(|w| w.avatars.is_empty() || avatar.is_none_or(|a| w.avatars.iter().any(|x| x == a)))
-        .collect();
-    if serving.is_empty() {
-        return Err((
-            ErrorCode::NoWorker,
-            format!("no connected worker serves {what}; the socket stays open, retry the offer later"),
-        ));
-    }
-    let free: Vec<WorkerView> = serving.into_iter().filter(|w| w.active < w.capacity).collect();
-    let busy = || {
-        (
-            ErrorCode::Busy,
-            format!("every worker that serves {what} is at capacity; try again shortly"),
-        )
-    };
-    if free.is_empty() {
-        return Err(busy());
-    }
-    let builtin = || state.router.choose(request, &free).ok_or_else(busy);
-    let Some(policies) = state.policies.as_ref().filter(|p| p.has_router()) else {
-        return builtin();
-    };
-    let route_request = policy::RouteRequest {
-        session_id: request.session_id.to_owned(),
-        principal: principal.cloned().unwrap_or_else(|| Principal {
-            user_id: request.user_id.clone().unwrap_or_default(),
-            claims: Vec::new(),
-        }),
-        avatar_id: avatar.map(str::to_owned),
-        workers: free.iter().map(policy_worker).collect(),
-        now_ms: policy::now_ms(),
-    };
-    match policies.route(route_request).await {
-        None => builtin(),
-        Some(Ok(RouteDecision::Worker(id))) => Ok(id),
-        Some(Ok(RouteDecision::Reject(reason))) => {
-            info!(%reason, "routing policy rejected the session");
-            Err((ErrorCode::NoWorker, reason))
-        }
-        Some(Err(e)) => match policies.router_fallback() {
-            RouterFallback::Builtin => {
-                warn!(error = %e, "routing policy failed; using the built-in rule");
-                builtin()
-            }
-            RouterFallback::Reject => {
-                warn!(error = %e, "routing policy failed; rejecting the session (fallback = reject)");
-                Err((
-                    ErrorCode::NoWorker,
-                    "no worker could be chosen (routing policy error); retry the offer later".into(),
-                ))
-            }
-        },
-    }
-}
-
-fn policy_worker(w: &WorkerView) -> policy::Worker {
-    policy::Worker {
-        id: w.id.clone(),
-        avatars: w.avatars.clone(),
-        capacity: w.capacity,
-        active: w.active,
-        labels: w.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-        rtt_us: w.rtt.as_micros() as u64,
-    }
-}
-
 async fn route(offer: Offer, ctx: &Ctx<'_>) -> Result<(Attached, String), (ErrorCode, String)> {
     let (session_id, state) = (ctx.session_id, ctx.state);
     let avatar = offer.avatar_id.clone();
@@ -479,7 +398,14 @@ async fn route(offer: Offer, ctx: &Ctx<'_>) -> Result<(Attached, String), (Error
         user_id: user_id.as_ref().map(|u| u.to_string()),
         avatar_id: avatar.as_deref(),
     };
-    let worker_id = choose_worker(&request, ctx.principal, state).await?;
+    let worker_id = routing::choose_worker(
+        &request,
+        ctx.principal,
+        state.registry.views(),
+        state.router.as_ref(),
+        state.policies.as_deref(),
+    )
+    .await?;
     let worker = state
         .registry
         .get(&worker_id)
