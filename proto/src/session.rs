@@ -11,17 +11,26 @@
 //!       │                          ▼                     │
 //!       └──── error event ◀────────┘◀──── worker lost ───┘
 //! ```
+//!
+//! **The second chance.** An offer the worker has not answered yet is not lost when the worker
+//! closes the session (it was ending as the offer crossed): [`SignalingSession::worker_closed`]
+//! routes it again, once. An offer whose forwarding fails (the worker's stream is gone) is routed
+//! afresh.
 
 use crate::sdp::inspect_offer;
 use crate::signaling::{decode_client_message, ClientMessage, ErrorCode, Offer, ServerEvent};
 
 /// Where the session stands.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum SessionState {
     /// No worker yet: waiting for a valid `webrtc_offer`.
     AwaitingOffer,
-    /// A relay → worker stream is open for this session.
-    Attached { worker_id: String },
+    /// A relay → worker stream is open for this session. `unanswered`: the last offer sent to
+    /// this worker, until its answer (or error) comes back.
+    Attached {
+        worker_id: String,
+        unanswered: Option<Offer>,
+    },
 }
 
 /// What the relay must do next.
@@ -43,6 +52,8 @@ pub enum Action {
 pub struct SignalingSession {
     state: SessionState,
     max_message_len: usize,
+    /// The offer being routed is already a second chance: it gets no third.
+    rerouting: bool,
 }
 
 impl SignalingSession {
@@ -50,6 +61,7 @@ impl SignalingSession {
         Self {
             state: SessionState::AwaitingOffer,
             max_message_len,
+            rerouting: false,
         }
     }
 
@@ -77,33 +89,62 @@ impl SignalingSession {
                 return Action::Ignore;
             }
         }
-        match (&self.state, msg) {
+        match (&mut self.state, msg) {
             (SessionState::AwaitingOffer, ClientMessage::WebrtcOffer(offer)) => Action::Route(offer),
             (SessionState::AwaitingOffer, other) => Action::Reply(ServerEvent::error(
                 ErrorCode::NoSession,
                 format!("`{}` needs a session: send webrtc_offer first", other.kind()),
             )),
-            (SessionState::Attached { .. }, msg) => Action::Forward(msg),
+            (SessionState::Attached { unanswered, .. }, msg) => {
+                if let ClientMessage::WebrtcOffer(offer) = &msg {
+                    // A new offer: it gets its own second chance.
+                    *unanswered = Some(offer.clone());
+                }
+                Action::Forward(msg)
+            }
         }
     }
 
-    /// The worker accepted the session stream.
-    pub fn attached(&mut self, worker_id: impl Into<String>) {
+    /// The worker accepted the session stream that carries `offer`.
+    pub fn attached(&mut self, worker_id: impl Into<String>, offer: Offer) {
+        let second_chance_left = !std::mem::take(&mut self.rerouting);
         self.state = SessionState::Attached {
             worker_id: worker_id.into(),
+            unanswered: second_chance_left.then_some(offer),
         };
     }
 
     /// Routing failed; `event` goes to the browser and the socket stays open for another offer.
     pub fn route_failed(&mut self, code: ErrorCode, message: impl Into<String>) -> ServerEvent {
         self.state = SessionState::AwaitingOffer;
+        self.rerouting = false;
         ServerEvent::error(code, message)
+    }
+
+    /// An event from the worker is on its way to the browser: an answer (or an error) settles
+    /// the offer it answers.
+    pub fn worker_event(&mut self, event: &ServerEvent) {
+        if let SessionState::Attached { unanswered, .. } = &mut self.state {
+            if matches!(event, ServerEvent::WebrtcAnswer { .. } | ServerEvent::Error { .. }) {
+                *unanswered = None;
+            }
+        }
+    }
+
+    /// Forwarding `msg` failed: the worker's stream is gone. An offer is routed afresh; anything
+    /// else tells the browser the worker went away.
+    pub fn forward_failed(&mut self, msg: ClientMessage) -> Action {
+        let lost = self.worker_lost();
+        match msg {
+            ClientMessage::WebrtcOffer(offer) => Action::Route(offer),
+            _ => lost.map_or(Action::Ignore, Action::Reply),
+        }
     }
 
     /// The worker's stream ended without a `Close`: its connection was lost.
     pub fn worker_lost(&mut self) -> Option<ServerEvent> {
         match std::mem::replace(&mut self.state, SessionState::AwaitingOffer) {
-            SessionState::Attached { worker_id } => Some(ServerEvent::error(
+            SessionState::Attached { worker_id, .. } => Some(ServerEvent::error(
                 ErrorCode::WorkerLost,
                 format!("worker {worker_id} went away; send a new webrtc_offer to start again"),
             )),
@@ -111,9 +152,20 @@ impl SignalingSession {
         }
     }
 
-    /// The worker closed the session on purpose (peer failed, shutting down).
-    pub fn worker_closed(&mut self) {
-        self.state = SessionState::AwaitingOffer;
+    /// The worker closed the session on purpose (peer failed, shutting down). An offer it had
+    /// not answered is routed again ([`Action::Route`]), once: a worker that keeps closing
+    /// cannot loop the session.
+    pub fn worker_closed(&mut self) -> Action {
+        match std::mem::replace(&mut self.state, SessionState::AwaitingOffer) {
+            SessionState::Attached {
+                unanswered: Some(offer),
+                ..
+            } => {
+                self.rerouting = true;
+                Action::Route(offer)
+            }
+            _ => Action::Ignore,
+        }
     }
 }
 
@@ -128,6 +180,68 @@ mod tests {
     fn offer() -> String {
         format!(r#"{{"type":"webrtc_offer","user_id":5,"avatar_id":"a","sdp":"{OFFER_SDP}"}}"#)
     }
+    fn parsed_offer() -> Offer {
+        match decode_client_message(&offer(), DEFAULT_MAX_MESSAGE_LEN) {
+            Ok(ClientMessage::WebrtcOffer(o)) => o,
+            other => panic!("an offer: {other:?}"),
+        }
+    }
+
+    const ANSWER: fn() -> ServerEvent = || ServerEvent::WebrtcAnswer {
+        sdp: "v=0".into(),
+        timestamp: "0".into(),
+    };
+
+    #[test]
+    fn an_unanswered_offer_gets_one_second_chance_when_the_worker_closes() {
+        let mut s = SignalingSession::new(DEFAULT_MAX_MESSAGE_LEN);
+        assert!(matches!(s.on_text(&offer()), Action::Route(_)));
+        s.attached("w1", parsed_offer());
+        // w1 closes before answering: the same offer is routed again.
+        let again = s.worker_closed();
+        assert!(matches!(&again, Action::Route(o) if o.avatar_id.as_deref() == Some("a")));
+        s.attached("w2", parsed_offer());
+        // w2 closes too: no third try; the browser sends a new offer when it wants one.
+        assert_eq!(s.worker_closed(), Action::Ignore);
+        assert_eq!(s.state(), &SessionState::AwaitingOffer);
+    }
+
+    #[test]
+    fn an_answered_offer_is_settled_and_a_new_offer_has_its_own_chance() {
+        let mut s = SignalingSession::new(DEFAULT_MAX_MESSAGE_LEN);
+        assert!(matches!(s.on_text(&offer()), Action::Route(_)));
+        s.attached("w1", parsed_offer());
+        s.worker_event(&ANSWER());
+        assert_eq!(s.worker_closed(), Action::Ignore, "an answered session just ends");
+
+        assert!(matches!(s.on_text(&offer()), Action::Route(_)));
+        s.attached("w1", parsed_offer());
+        s.worker_event(&ANSWER());
+        // A renegotiation offer, forwarded and not answered yet, is the one kept.
+        assert!(matches!(s.on_text(&offer()), Action::Forward(_)));
+        assert!(matches!(s.worker_closed(), Action::Route(_)));
+    }
+
+    #[test]
+    fn a_failed_forward_routes_an_offer_afresh_and_reports_anything_else() {
+        let mut s = SignalingSession::new(DEFAULT_MAX_MESSAGE_LEN);
+        assert!(matches!(s.on_text(&offer()), Action::Route(_)));
+        s.attached("w1", parsed_offer());
+        let Action::Forward(msg) = s.on_text(TEXT) else {
+            panic!("forwarded")
+        };
+        match s.forward_failed(msg) {
+            Action::Reply(ServerEvent::Error { code, .. }) => assert_eq!(code, ErrorCode::WorkerLost),
+            other => panic!("worker_lost expected, got {other:?}"),
+        }
+        assert!(matches!(s.on_text(&offer()), Action::Route(_)));
+        s.attached("w1", parsed_offer());
+        let Action::Forward(msg) = s.on_text(&offer()) else {
+            panic!("forwarded")
+        };
+        assert!(matches!(s.forward_failed(msg), Action::Route(_)));
+    }
+
     const CAND: &str = r#"{"type":"webrtc_ice_candidate","candidate":{"candidate":"candidate:1 1 udp 1 ::1 9 typ host","sdpMid":"0","sdpMLineIndex":0}}"#;
     const TEXT: &str = r#"{"type":"text_webrtc","message":"hi"}"#;
 
@@ -168,7 +282,7 @@ mod tests {
     fn attached_session_forwards_everything() {
         let mut s = SignalingSession::new(DEFAULT_MAX_MESSAGE_LEN);
         assert!(matches!(s.on_text(&offer()), Action::Route(_)));
-        s.attached("w1");
+        s.attached("w1", parsed_offer());
         assert!(matches!(
             s.on_text(CAND),
             Action::Forward(ClientMessage::WebrtcIceCandidate(_))
@@ -191,7 +305,7 @@ mod tests {
             s.on_text(r#"{"type":"webrtc_ice_candidate","candidate":null}"#),
             Action::Ignore
         );
-        s.attached("w");
+        s.attached("w", parsed_offer());
         assert_eq!(s.on_text(eoc), Action::Ignore);
     }
 
@@ -211,7 +325,7 @@ mod tests {
         assert_eq!(s.worker_lost(), None, "no worker, nothing lost");
 
         assert!(matches!(s.on_text(&offer()), Action::Route(_)));
-        s.attached("w9");
+        s.attached("w9", parsed_offer());
         let lost = s.worker_lost().expect("event");
         assert!(matches!(&lost, ServerEvent::Error { code: ErrorCode::WorkerLost, message } if message.contains("w9")));
         assert_eq!(code(s.on_text(CAND)), ErrorCode::NoSession);

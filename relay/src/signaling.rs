@@ -27,9 +27,6 @@ struct Attached {
     _slot: SessionSlot,
     send: quinn::SendStream,
     recv: FramedRecv<quinn::RecvStream>,
-    /// An offer sent to the worker and not yet answered. If the worker closes the session before
-    /// answering (it was ending as the offer crossed), the offer is routed again, not lost.
-    pending_offer: Option<Offer>,
 }
 
 /// WebSocket close codes used here.
@@ -228,29 +225,16 @@ pub async fn run_session<S, E>(
             }
             frame = worker_frame => match frame {
                 Ok(Some(SessionFrame::Event(ev))) => {
-                    if matches!(ev, ServerEvent::WebrtcAnswer { .. } | ServerEvent::Error { .. }) {
-                        if let Some(a) = attached.as_mut() {
-                            a.pending_offer = None;
-                        }
-                    }
+                    session.worker_event(&ev);
                     vec![ev]
                 }
                 Ok(Some(SessionFrame::Close { reason })) => {
                     info!(%reason, "worker closed the session");
-                    session.worker_closed();
                     idle_deadline = tokio::time::Instant::now() + idle;
-                    match attached.take().and_then(|a| a.pending_offer) {
-                        Some(offer) => {
-                            let ctx = Ctx { session_id: &session_id, principal: principal.as_ref(), state: &state };
-                            let out = attach(offer, &mut session, &mut attached, &ctx).await;
-                            // One second chance per offer: a worker that keeps closing cannot loop us.
-                            if let Some(a) = attached.as_mut() {
-                                a.pending_offer = None;
-                            }
-                            out
-                        }
-                        None => vec![],
-                    }
+                    attached = None;
+                    let action = session.worker_closed();
+                    let ctx = Ctx { session_id: &session_id, principal: principal.as_ref(), state: &state };
+                    perform(action, &mut session, &mut attached, &ctx).await
                 }
                 Ok(Some(_)) => {
                     // Not the frame itself: message bodies never reach the logs.
@@ -340,22 +324,19 @@ async fn perform(
             let Some(a) = attached.as_mut() else {
                 return vec![];
             };
-            // Kept in case the worker turns out to be gone: an offer then starts a new session.
-            let offer = match &msg {
-                ClientMessage::WebrtcOffer(o) => Some(o.clone()),
-                _ => None,
-            };
-            if let Err(e) = send_frame(&mut a.send, &SessionFrame::Client(msg)).await {
+            let frame = SessionFrame::Client(msg);
+            if let Err(e) = send_frame(&mut a.send, &frame).await {
                 info!(error = %e, "worker stream failed while forwarding");
                 *attached = None;
-                let lost = session.worker_lost();
-                return match offer {
-                    Some(offer) => attach(offer, session, attached, ctx).await,
-                    None => lost.into_iter().collect(),
+                let SessionFrame::Client(msg) = frame else {
+                    return vec![];
                 };
-            }
-            if offer.is_some() {
-                a.pending_offer = offer;
+                // Not recursive: a forward failure yields a route or a reply, never a forward.
+                return match session.forward_failed(msg) {
+                    Action::Route(offer) => attach(offer, session, attached, ctx).await,
+                    Action::Reply(ev) => vec![ev],
+                    Action::Forward(_) | Action::Ignore => vec![],
+                };
             }
             vec![]
         }
@@ -371,10 +352,10 @@ async fn attach(
     ctx: &Ctx<'_>,
 ) -> Vec<ServerEvent> {
     let session_id = ctx.session_id;
-    match route(offer, ctx).await {
+    match route(offer.clone(), ctx).await {
         Ok((a, worker_id)) => {
             metrics::counter!("relay_sessions_routed_total").increment(1);
-            session.attached(worker_id.clone());
+            session.attached(worker_id.clone(), offer);
             *attached = Some(a);
             vec![ServerEvent::SessionAssigned {
                 session_id: session_id.to_owned(),
@@ -423,7 +404,6 @@ async fn route(offer: Offer, ctx: &Ctx<'_>) -> Result<(Attached, String), (Error
             .ice
             .servers(crate::ice::TurnUser::Worker(&worker_id), crate::ice::unix_now()),
     };
-    let pending_offer = Some(offer.clone());
     let opened = tokio::time::timeout(
         Duration::from_secs(3),
         open_session(&slot, open, SessionFrame::Client(ClientMessage::WebrtcOffer(offer))),
@@ -437,7 +417,6 @@ async fn route(offer: Offer, ctx: &Ctx<'_>) -> Result<(Attached, String), (Error
                     _slot: slot,
                     send,
                     recv,
-                    pending_offer,
                 },
                 worker_id,
             ))
