@@ -49,6 +49,24 @@ fn ours(block: &str) -> String {
         .replace("198.51.100.7", VPS_IP)
 }
 
+/// The shipped relay.toml after deploy.md's step 3b: "delete the [tls.acme] section", then its
+/// block; and the one edit for this test's documentation-range internet.
+fn relay_toml_step_3b(shipped: &str) -> String {
+    let mut without_acme: toml_edit::DocumentMut = shipped.parse().expect("toml");
+    without_acme["tls"].as_table_mut().expect("[tls]").remove("acme");
+    let edited = apply_toml(
+        &without_acme.to_string(),
+        &ours(&doc_block(&deploy_md(), "relay-certbot")),
+    );
+    apply_toml(&edited, &format!("[turn.embedded]\nallow_peers = {DOC_RANGES}\n"))
+}
+
+/// The shipped worker.toml after deploy.md's step 6, and the test network's one edit.
+fn worker_toml_step_6(shipped: &str) -> String {
+    let edited = apply_toml(shipped, &ours(&doc_block(&deploy_md(), "worker-toml")));
+    apply_toml(&edited, &format!("[ice]\nallow_candidate_ranges = {DOC_RANGES}\n"))
+}
+
 /// Rebuilt packages: the same binaries as the next revision, as an upgrade would bring.
 fn build_upgrade_packages() {
     let out_dir = work().join("upgrade");
@@ -259,11 +277,7 @@ fn packages_install_on_fresh_debian_and_a_session_talks() {
         "deploy hook: {}",
         String::from_utf8_lossy(&hook.stderr)
     );
-    // "Delete the [tls.acme] section", then the block.
-    let mut without_acme: toml_edit::DocumentMut = shipped_relay.parse().expect("toml");
-    without_acme["tls"].as_table_mut().expect("[tls]").remove("acme");
-    let relay_toml = apply_toml(&without_acme.to_string(), &ours(&doc_block(&docs, "relay-certbot")));
-    let relay_toml = apply_toml(&relay_toml, &format!("[turn.embedded]\nallow_peers = {DOC_RANGES}\n"));
+    let relay_toml = relay_toml_step_3b(&shipped_relay);
     vps.write("/etc/avatar-edge/relay.toml", &relay_toml);
 
     // Step 6: the relay's secret copied over the worker's placeholder; worker.toml's block. The
@@ -273,11 +287,7 @@ fn packages_install_on_fresh_debian_and_a_session_talks() {
         gpu.file("/etc/avatar-edge/tunnel.secret"),
     )
     .expect("copy the secret");
-    let worker_toml = apply_toml(
-        &gpu.read("/etc/avatar-edge/worker.toml"),
-        &ours(&doc_block(&docs, "worker-toml")),
-    );
-    let worker_toml = apply_toml(&worker_toml, &format!("[ice]\nallow_candidate_ranges = {DOC_RANGES}\n"));
+    let worker_toml = worker_toml_step_6(&gpu.read("/etc/avatar-edge/worker.toml"));
     gpu.write("/etc/avatar-edge/worker.toml", &worker_toml);
     // (debootstrap's minimal system has no /etc/hosts yet.)
     let hosts = std::fs::read_to_string(gpu.file("/etc/hosts")).unwrap_or_default();
@@ -441,17 +451,10 @@ fn images_run_with_the_compose_settings_and_a_session_plays() {
         ));
 
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let docs = deploy_md();
         let shipped = std::fs::read_to_string(root.join("deploy/config/relay.toml")).expect("relay.toml");
-        let mut without_acme: toml_edit::DocumentMut = shipped.parse().expect("toml");
-        without_acme["tls"].as_table_mut().expect("[tls]").remove("acme");
-        let relay_toml = apply_toml(&without_acme.to_string(), &ours(&doc_block(&docs, "relay-certbot")));
-        let relay_toml = apply_toml(&relay_toml, &format!("[turn.embedded]\nallow_peers = {DOC_RANGES}\n"));
-        std::fs::write(dir.path().join("relay.toml"), relay_toml).expect("relay.toml");
+        std::fs::write(dir.path().join("relay.toml"), relay_toml_step_3b(&shipped)).expect("relay.toml");
         let shipped = std::fs::read_to_string(root.join("deploy/config/worker.toml")).expect("worker.toml");
-        let worker_toml = apply_toml(&shipped, &ours(&doc_block(&docs, "worker-toml")));
-        let worker_toml = apply_toml(&worker_toml, &format!("[ice]\nallow_candidate_ranges = {DOC_RANGES}\n"));
-        std::fs::write(dir.path().join("worker.toml"), worker_toml).expect("worker.toml");
+        std::fs::write(dir.path().join("worker.toml"), worker_toml_step_6(&shipped)).expect("worker.toml");
         netns::sh(&format!(
             "chmod 0644 {0}/relay.toml {0}/worker.toml",
             dir.path().display()
