@@ -16,6 +16,12 @@
 //!
 //! Encoded media goes through a small bounded channel to an async task that writes it to the
 //! WebRTC tracks; if that task lags, the frame is dropped and counted instead of blocking the clock.
+//!
+//! The decisions are a function of what arrives, with no encoder, thread or sleep in them:
+//! [`ClockCore::tick`] says what one tick shows and plays (and which speech events it raises), and
+//! [`Pacer`] says, given the time, how long to sleep or how many frames were late. The thread in
+//! [`VideoStream`] only encodes, sends and sleeps as they say, so prebuffering, underruns,
+//! interrupts and the audio/video tie are tested tick by tick below.
 
 use super::avatar::{AvatarClip, Yuv420};
 use super::encoder::{EncoderSettings, H264Encoder};
@@ -83,6 +89,173 @@ pub enum MediaOut {
     Audio(Bytes),
 }
 
+/// What one tick shows.
+pub enum Picture {
+    /// The idle clip's frame at this index (modulo the clip's length).
+    Idle(usize),
+    /// A talking frame.
+    Talk(Yuv420),
+}
+
+/// Everything one tick decides.
+pub struct Tick {
+    /// The frame's presentation index (0 first: a key frame).
+    pub pts: i64,
+    pub picture: Picture,
+    /// Complete 20 ms blocks of 48 kHz audio to encode now: this tick's share of the speech, or
+    /// silence; samples short of a block wait for the next tick.
+    pub audio: Vec<Vec<f32>>,
+    pub events: Vec<ClockEvent>,
+    /// A speaking turn had no unit ready: the idle frame and silence show instead.
+    pub underrun: bool,
+}
+
+/// The clock's rules, tick by tick: which turn plays, when it starts (after [`PREBUFFER`] units,
+/// or its last), what an interrupt drops, and how many audio samples each frame carries.
+pub struct ClockCore {
+    fps: u32,
+    pts: i64,
+    /// The next idle frame.
+    idle: usize,
+    queue: VecDeque<TalkUnit>,
+    /// The turn being spoken.
+    playing: Option<u64>,
+    /// 48 kHz samples not yet in a whole Opus block.
+    pending_audio: VecDeque<f32>,
+}
+
+impl ClockCore {
+    pub fn new(fps: u32, idle_index: usize) -> Self {
+        Self {
+            fps: fps.max(1),
+            pts: 0,
+            idle: idle_index,
+            queue: VecDeque::new(),
+            playing: None,
+            pending_audio: VecDeque::new(),
+        }
+    }
+
+    /// The idle frame the next tick would show (the talking pipeline draws from there on).
+    pub fn idle_index(&self) -> usize {
+        self.idle
+    }
+
+    /// One tick: `arrived` are the units that came from the pipeline since the last tick,
+    /// `current_turn` the turn that may play (units of any other are dropped).
+    pub fn tick(&mut self, arrived: impl IntoIterator<Item = TalkUnit>, current_turn: u64) -> Tick {
+        let mut events = Vec::new();
+        let fps = i64::from(self.fps);
+        let rate = i64::from(AUDIO_RATE);
+        // Integer shares that add up exactly: 25 fps gives 1920 samples a frame.
+        let samples = (((self.pts + 1) * rate) / fps - (self.pts * rate) / fps) as usize;
+        self.queue
+            .extend(arrived.into_iter().filter(|u| u.turn == current_turn));
+        self.queue.retain(|u| u.turn == current_turn);
+        if self.playing.is_some_and(|turn| turn != current_turn) {
+            events.extend(self.end_turn(true));
+        }
+        if self.playing.is_none() {
+            let ready = self.queue.len() >= PREBUFFER || self.queue.iter().any(|u| u.last);
+            if let Some(first) = self.queue.front().filter(|_| ready) {
+                self.playing = Some(first.turn);
+                events.push(ClockEvent::SpeechStarted { turn: first.turn });
+            }
+        }
+        let unit = if self.playing.is_some() {
+            self.queue.pop_front()
+        } else {
+            None
+        };
+        let underrun = self.playing.is_some() && unit.is_none();
+        let (picture, last) = match unit {
+            Some(u) => {
+                self.idle = u.idle_index + 1;
+                self.pending_audio.extend(u.audio.iter().copied().take(samples));
+                self.pending_audio
+                    .extend(std::iter::repeat_n(0.0, samples.saturating_sub(u.audio.len())));
+                (Picture::Talk(u.frame), u.last)
+            }
+            None => {
+                let index = self.idle;
+                self.idle += 1;
+                self.pending_audio.extend(std::iter::repeat_n(0.0, samples));
+                (Picture::Idle(index), false)
+            }
+        };
+        let mut audio = Vec::new();
+        while self.pending_audio.len() >= OPUS_FRAME {
+            audio.push(self.pending_audio.drain(..OPUS_FRAME).collect());
+        }
+        if last {
+            events.extend(self.end_turn(false));
+        }
+        let pts = self.pts;
+        self.pts += 1;
+        Tick {
+            pts,
+            picture,
+            audio,
+            events,
+            underrun,
+        }
+    }
+
+    /// The clock stops: a turn still playing ends as interrupted.
+    pub fn stop(&mut self) -> Option<ClockEvent> {
+        self.end_turn(true)
+    }
+
+    fn end_turn(&mut self, interrupted: bool) -> Option<ClockEvent> {
+        self.playing
+            .take()
+            .map(|turn| ClockEvent::SpeechEnded { turn, interrupted })
+    }
+}
+
+/// Frames leave on a deadline: after each tick, sleep until the next one is due, or, more than a
+/// frame behind, count the late frames and start again from now rather than burst.
+pub struct Pacer {
+    interval: Duration,
+    next: Instant,
+}
+
+/// What the pacer says after a tick.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Pace {
+    Sleep(Duration),
+    /// Due now (less than a frame behind).
+    Now,
+    /// This many frames late; the schedule restarts from now.
+    Late(u64),
+}
+
+impl Pacer {
+    pub fn new(fps: u32, start: Instant) -> Self {
+        Self {
+            interval: Duration::from_secs_f64(1.0 / f64::from(fps.max(1))),
+            next: start,
+        }
+    }
+
+    pub fn interval(&self) -> Duration {
+        self.interval
+    }
+
+    pub fn after_tick(&mut self, now: Instant) -> Pace {
+        self.next += self.interval;
+        if now > self.next + self.interval {
+            let behind = ((now - self.next).as_secs_f64() / self.interval.as_secs_f64()) as u64;
+            self.next = now;
+            Pace::Late(behind)
+        } else if self.next > now {
+            Pace::Sleep(self.next - now)
+        } else {
+            Pace::Now
+        }
+    }
+}
+
 /// Handle to a running clock; dropping it stops the thread.
 pub struct VideoStream {
     stop: Arc<AtomicBool>,
@@ -121,9 +294,6 @@ impl VideoStream {
                     out: &out,
                     stats: &stats,
                     feed,
-                    queue: VecDeque::new(),
-                    playing: None,
-                    pending_audio: VecDeque::new(),
                 }
                 .run(encoder_name, &stop);
             })?
@@ -152,15 +322,11 @@ struct Clock<'a> {
     out: &'a mpsc::Sender<MediaOut>,
     stats: &'a StreamStats,
     feed: Feed,
-    queue: VecDeque<TalkUnit>,
-    /// The turn being spoken.
-    playing: Option<u64>,
-    /// 48 kHz samples not yet encoded (less than one Opus frame between ticks).
-    pending_audio: VecDeque<f32>,
 }
 
 impl Clock<'_> {
-    fn run(mut self, encoder_name: &'static str, stop: &AtomicBool) {
+    /// Encode, send and sleep as [`ClockCore`] and [`Pacer`] decide, until stopped.
+    fn run(self, encoder_name: &'static str, stop: &AtomicBool) {
         let mut encoder = match H264Encoder::open(encoder_name, self.settings) {
             Ok(e) => e,
             Err(e) => {
@@ -179,32 +345,30 @@ impl Clock<'_> {
             }
         };
         info!(encoder = encoder.name(), "media clock started");
-        let fps = self.settings.fps.max(1);
-        let interval = Duration::from_secs_f64(1.0 / fps as f64);
-        let mut next = Instant::now();
-        let mut pts: i64 = 0;
-        let mut idle = self.feed.idle_index.load(Ordering::Acquire);
+        let mut core = ClockCore::new(self.settings.fps, self.feed.idle_index.load(Ordering::Acquire));
+        let mut pacer = Pacer::new(self.settings.fps, Instant::now());
         let mut packet = vec![0u8; 1500];
         while !stop.load(Ordering::Acquire) && !self.clip.frames.is_empty() {
-            let samples =
-                (((pts + 1) * AUDIO_RATE as i64) / fps as i64 - (pts * AUDIO_RATE as i64) / fps as i64) as usize;
-            let unit = self.next_unit();
-            let (picture, audio) = match &unit {
-                Some(u) => {
-                    idle = u.idle_index + 1;
+            let current = self.feed.current_turn.load(Ordering::Acquire);
+            let tick = core.tick(self.feed.units.try_iter(), current);
+            self.feed.idle_index.store(core.idle_index(), Ordering::Release);
+            for ev in tick.events {
+                let _ = self.feed.events.send(ev);
+            }
+            if tick.underrun {
+                self.stats.underruns.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("worker_talk_underruns_total").increment(1);
+            }
+            let picture = match &tick.picture {
+                Picture::Talk(frame) => {
                     self.stats.talk_frames.fetch_add(1, Ordering::Relaxed);
-                    (&u.frame, Some(&u.audio))
+                    frame
                 }
-                None => {
-                    let p = &self.clip.frames[idle % self.clip.frames.len()];
-                    idle += 1;
-                    (p, None)
-                }
+                Picture::Idle(i) => &self.clip.frames[i % self.clip.frames.len()],
             };
-            self.feed.idle_index.store(idle, Ordering::Release);
-            let force = pts == 0 || self.keyframe.swap(false, Ordering::AcqRel);
+            let force = tick.pts == 0 || self.keyframe.swap(false, Ordering::AcqRel);
             let started = Instant::now();
-            match encoder.encode(picture, pts, force) {
+            match encoder.encode(picture, tick.pts, force) {
                 Ok(data) if !data.is_empty() => {
                     let took = started.elapsed();
                     self.stats
@@ -213,7 +377,7 @@ impl Clock<'_> {
                     metrics::histogram!("worker_encode_seconds").record(took.as_secs_f64());
                     let frame = EncodedFrame {
                         data: Bytes::from(data),
-                        duration: interval,
+                        duration: pacer.interval(),
                     };
                     match self.out.try_send(MediaOut::Video(frame)) {
                         Ok(()) => {
@@ -234,18 +398,9 @@ impl Clock<'_> {
                     break;
                 }
             }
-            match audio {
-                Some(a) => {
-                    self.pending_audio.extend(a.iter().take(samples));
-                    self.pending_audio
-                        .extend(std::iter::repeat_n(0.0, samples.saturating_sub(a.len())));
-                }
-                None => self.pending_audio.extend(std::iter::repeat_n(0.0, samples)),
-            }
             if let Some(opus) = opus.as_mut() {
-                while self.pending_audio.len() >= OPUS_FRAME {
-                    let pcm: Vec<f32> = self.pending_audio.drain(..OPUS_FRAME).collect();
-                    match opus.encode_float(&pcm, &mut packet) {
+                for pcm in &tick.audio {
+                    match opus.encode_float(pcm, &mut packet) {
                         Ok(n) => {
                             if self
                                 .out
@@ -258,67 +413,164 @@ impl Clock<'_> {
                         Err(e) => warn!(error = %e, "opus encode failed"),
                     }
                 }
-            } else {
-                self.pending_audio.clear();
             }
-            if let Some(u) = &unit {
-                if u.last {
-                    self.end_turn(false);
+            match pacer.after_tick(Instant::now()) {
+                Pace::Sleep(d) => std::thread::sleep(d),
+                Pace::Now => {}
+                Pace::Late(behind) => {
+                    self.stats.frames_late.fetch_add(behind, Ordering::Relaxed);
+                    metrics::counter!("worker_frames_late_total").increment(behind);
                 }
             }
-            pts += 1;
-            next += interval;
-            let now = Instant::now();
-            if now > next + interval {
-                let behind = ((now - next).as_secs_f64() / interval.as_secs_f64()) as u64;
-                self.stats.frames_late.fetch_add(behind, Ordering::Relaxed);
-                metrics::counter!("worker_frames_late_total").increment(behind);
-                next = now;
-            } else if next > now {
-                std::thread::sleep(next - now);
-            }
         }
-        if self.playing.is_some() {
-            self.end_turn(true);
+        if let Some(ev) = core.stop() {
+            let _ = self.feed.events.send(ev);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unit(turn: u64, idle_index: usize, last: bool) -> TalkUnit {
+        TalkUnit {
+            turn,
+            frame: Yuv420::new(16, 16),
+            idle_index,
+            audio: vec![0.5; 1920],
+            last,
         }
     }
 
-    /// The unit to show this tick, if the avatar is speaking and one is ready.
-    fn next_unit(&mut self) -> Option<TalkUnit> {
-        let current = self.feed.current_turn.load(Ordering::Acquire);
-        while let Ok(u) = self.feed.units.try_recv() {
-            if u.turn == current {
-                self.queue.push_back(u);
-            }
-        }
-        self.queue.retain(|u| u.turn == current);
-        if let Some(turn) = self.playing {
-            if turn != current {
-                self.end_turn(true);
-            }
-        }
-        if self.playing.is_none() {
-            let ready = self.queue.len() >= PREBUFFER || self.queue.iter().any(|u| u.last);
-            match self.queue.front() {
-                Some(first) if ready => {
-                    let turn = first.turn;
-                    self.playing = Some(turn);
-                    let _ = self.feed.events.send(ClockEvent::SpeechStarted { turn });
-                }
-                _ => return None,
-            }
-        }
-        let unit = self.queue.pop_front();
-        if unit.is_none() {
-            self.stats.underruns.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("worker_talk_underruns_total").increment(1);
-        }
-        unit
+    fn is_idle(t: &Tick) -> bool {
+        matches!(t.picture, Picture::Idle(_))
     }
 
-    fn end_turn(&mut self, interrupted: bool) {
-        if let Some(turn) = self.playing.take() {
-            let _ = self.feed.events.send(ClockEvent::SpeechEnded { turn, interrupted });
+    #[test]
+    fn idle_ticks_advance_the_clip_and_carry_exactly_their_share_of_silence() {
+        let mut core = ClockCore::new(25, 7);
+        let mut blocks = 0;
+        for pts in 0..50 {
+            let t = core.tick([], 0);
+            assert_eq!(t.pts, pts);
+            assert!(matches!(t.picture, Picture::Idle(i) if i == 7 + pts as usize));
+            assert!(t.events.is_empty() && !t.underrun);
+            assert!(t
+                .audio
+                .iter()
+                .all(|b| b.len() == OPUS_FRAME && b.iter().all(|s| *s == 0.0)));
+            blocks += t.audio.len();
         }
+        // Two seconds of frames carry exactly two seconds of audio: the tie cannot drift.
+        assert_eq!(blocks * OPUS_FRAME, 2 * AUDIO_RATE as usize);
+    }
+
+    #[test]
+    fn a_turn_waits_for_the_prebuffer_then_plays_its_audio_and_ends() {
+        let mut core = ClockCore::new(25, 0);
+        // Fewer units than the prebuffer: still idle, no event.
+        let t = core.tick([unit(1, 10, false), unit(1, 11, false)], 1);
+        assert!(is_idle(&t) && t.events.is_empty() && !t.underrun);
+        // The third arrives: speech starts on this very tick, with the first unit's picture.
+        let t = core.tick([unit(1, 12, false)], 1);
+        assert_eq!(t.events, [ClockEvent::SpeechStarted { turn: 1 }]);
+        assert!(matches!(t.picture, Picture::Talk(_)));
+        assert_eq!(
+            core.idle_index(),
+            11,
+            "idle playback resumes after the talking frame's source"
+        );
+        // Its audio is the unit's samples, not silence.
+        let t = core.tick([unit(1, 13, true)], 1);
+        assert!(t.audio.iter().flatten().any(|s| *s == 0.5));
+        let t = core.tick([], 1);
+        assert!(matches!(t.picture, Picture::Talk(_)) && t.events.is_empty());
+        let t = core.tick([], 1);
+        assert!(matches!(t.picture, Picture::Talk(_)));
+        assert_eq!(
+            t.events,
+            [ClockEvent::SpeechEnded {
+                turn: 1,
+                interrupted: false
+            }]
+        );
+        assert!(is_idle(&core.tick([], 1)));
+    }
+
+    #[test]
+    fn a_short_answer_plays_at_once_and_a_dry_buffer_is_an_underrun() {
+        let mut core = ClockCore::new(25, 0);
+        // One unit that is the answer's last: no need to wait for a prebuffer.
+        let t = core.tick([unit(4, 0, true)], 4);
+        assert_eq!(
+            t.events,
+            [
+                ClockEvent::SpeechStarted { turn: 4 },
+                ClockEvent::SpeechEnded {
+                    turn: 4,
+                    interrupted: false
+                }
+            ]
+        );
+        let mut core = ClockCore::new(25, 0);
+        core.tick([unit(5, 0, false), unit(5, 1, false), unit(5, 2, false)], 5);
+        core.tick([], 5);
+        core.tick([], 5);
+        let t = core.tick([], 5);
+        assert!(
+            t.underrun && is_idle(&t),
+            "the pipeline fell behind: idle frame, counted"
+        );
+        assert!(t.audio.iter().flatten().all(|s| *s == 0.0));
+    }
+
+    #[test]
+    fn an_interrupt_drops_the_turn_at_the_next_tick() {
+        let mut core = ClockCore::new(25, 0);
+        let units: Vec<_> = (0..6).map(|i| unit(2, i, false)).collect();
+        core.tick(units, 2);
+        // The session moved on to turn 3 (Stop, or a new question): one tick later turn 2 is gone.
+        let t = core.tick([unit(2, 9, false)], 3);
+        assert_eq!(
+            t.events,
+            [ClockEvent::SpeechEnded {
+                turn: 2,
+                interrupted: true
+            }]
+        );
+        assert!(is_idle(&t));
+        assert!(is_idle(&core.tick([], 3)), "nothing of turn 2 is left to show");
+        // Stopping the clock mid-turn ends that turn as interrupted too.
+        core.tick((0..3).map(|i| unit(3, i, false)), 3);
+        assert_eq!(
+            core.stop(),
+            Some(ClockEvent::SpeechEnded {
+                turn: 3,
+                interrupted: true
+            })
+        );
+        assert_eq!(core.stop(), None);
+    }
+
+    #[test]
+    fn the_pacer_keeps_deadlines_and_resynchronises_when_late() {
+        let start = Instant::now();
+        let mut pacer = Pacer::new(25, start);
+        let frame = Duration::from_millis(40);
+        // Encoding took 10 ms: sleep the remaining 30 ms (a deadline, not a fixed sleep).
+        assert_eq!(
+            pacer.after_tick(start + Duration::from_millis(10)),
+            Pace::Sleep(Duration::from_millis(30))
+        );
+        // Slightly behind (less than a frame): go on at once.
+        assert_eq!(
+            pacer.after_tick(start + frame * 2 + Duration::from_millis(5)),
+            Pace::Now
+        );
+        // Stalled 200 ms: five frames late, counted, and the schedule restarts from now.
+        let now = start + frame * 3 + Duration::from_millis(200);
+        assert_eq!(pacer.after_tick(now), Pace::Late(5));
+        assert_eq!(pacer.after_tick(now), Pace::Sleep(frame));
     }
 }
