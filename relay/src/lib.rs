@@ -38,6 +38,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tls::{Identity, ServerCerts};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::info;
 
 /// Log directives applied over `RUST_LOG`: libraries that log message bodies below info.
@@ -342,14 +343,22 @@ impl Relay {
             endpoint,
             turn,
         } = self;
-        let turn = turn.map(|t| tokio::spawn(t.run()));
-        let acme_driver = acme.map(|a| tokio::spawn(a.drive(state.shutdown.clone())));
+        // Every background task of the relay, so that shutdown waits for all of them in one place.
+        // Each ends when `shutdown` fires; none has a grace timer of its own.
+        let tasks = TaskTracker::new();
+        if let Some(t) = turn {
+            tasks.spawn(t.run());
+        }
+        let acme_running = acme.is_some();
+        if let Some(a) = acme {
+            tasks.spawn(a.drive(state.shutdown.clone()));
+        }
         let shutdown = state.shutdown.clone();
-        let tunnels = tokio::spawn(tunnel::serve(endpoint, Arc::clone(&state), shutdown.clone()));
+        tasks.spawn(tunnel::serve(endpoint, Arc::clone(&state), shutdown.clone()));
         // Forget idle per-IP rate-limit entries so the table does not grow without bound.
-        let sweeper = {
+        {
             let (state, shutdown) = (Arc::clone(&state), shutdown.clone());
-            tokio::spawn(async move {
+            tasks.spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_secs(60));
                 loop {
                     tokio::select! {
@@ -363,9 +372,11 @@ impl Relay {
                         }
                     }
                 }
-            })
-        };
-        let policy_watcher = state.policies.clone().map(|p| tokio::spawn(p.watch(shutdown.clone())));
+            });
+        }
+        if let Some(p) = state.policies.clone() {
+            tasks.spawn(p.watch(shutdown.clone()));
+        }
         let grace = Duration::from_millis(state.config.http.shutdown_grace_ms);
         let handle = axum_server::Handle::new();
         let app = http::app(Arc::clone(&state)).into_make_service_with_connect_info::<SocketAddr>();
@@ -391,17 +402,18 @@ impl Relay {
         // `header_read` (this also bounds hyper's protocol detection and, over TLS, the silence
         // after the handshake); on a kept-alive connection hyper's header timer bounds the wait
         // for the next request. A WebSocket, once upgraded, is timed by the signaling loop.
-        let watcher = {
+        {
+            // `http.shutdown_grace_ms`: how long open HTTP connections get to finish.
             let handle = handle.clone();
             let shutdown = shutdown.clone();
-            tokio::spawn(async move {
+            tasks.spawn(async move {
                 shutdown.cancelled().await;
                 handle.graceful_shutdown(Some(grace));
-            })
-        };
+            });
+        }
         let served = if state.config.http.tls {
             let mut alpn = vec![b"http/1.1".to_vec()];
-            if acme_driver.is_some() {
+            if acme_running {
                 // The CA's TLS-ALPN-01 check arrives on this listener.
                 alpn.push(tls::acme::ACME_TLS_ALPN.to_vec());
             }
@@ -429,18 +441,8 @@ impl Relay {
         };
         // Whatever ended the HTTP server, stop everything else too.
         shutdown.cancel();
-        let _ = watcher.await;
-        let _ = tunnels.await;
-        let _ = sweeper.await;
-        if let Some(t) = turn {
-            let _ = t.await;
-        }
-        if let Some(w) = policy_watcher {
-            let _ = w.await;
-        }
-        if let Some(a) = acme_driver {
-            let _ = a.await;
-        }
+        tasks.close();
+        tasks.wait().await;
         info!("relay stopped");
         served.map_err(RelayError::Serve)
     }
