@@ -17,6 +17,8 @@
 //! Everything here is a pure function or a state machine: the relay and worker own the sockets,
 //! the tests and fuzz targets drive these types directly.
 
+#[cfg(feature = "mux")]
+pub mod mux;
 pub mod netfilter;
 pub mod required;
 pub mod sdp;

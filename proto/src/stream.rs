@@ -70,6 +70,36 @@ impl<R: AsyncRead + Unpin> FramedRecv<R> {
     }
 }
 
+/// Read exactly one frame and nothing after it: for a handshake on a byte stream that another
+/// protocol takes over afterwards (the TLS/TCP tunnel), where [`FramedRecv`]'s read-ahead could
+/// swallow the next protocol's first bytes. `None` at a clean end before the frame.
+pub async fn recv_frame_exact<R: AsyncRead + Unpin, T: DeserializeOwned>(
+    recv: &mut R,
+) -> Result<Option<T>, StreamError> {
+    let mut header = [0u8; 4];
+    match recv.read_exact(&mut header).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(StreamError::Read(e)),
+    }
+    let mut decoder = FrameDecoder::default();
+    decoder.push(&header);
+    // The decoder checks the length against the limit before anything is read.
+    if let Some(msg) = decoder.next_message()? {
+        return Ok(Some(msg));
+    }
+    let len = u32::from_be_bytes(header) as usize;
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body).await.map_err(StreamError::Read)?;
+    decoder.push(&body);
+    match decoder.next_message()? {
+        Some(msg) => Ok(Some(msg)),
+        None => Err(StreamError::Frame(crate::tunnel::FrameError::Truncated {
+            buffered: len,
+        })),
+    }
+}
+
 /// Write one message as a frame.
 pub async fn send_frame<W: AsyncWrite + Unpin, T: Serialize>(send: &mut W, msg: &T) -> Result<(), StreamError> {
     let frame = encode_frame(msg)?;
@@ -110,6 +140,28 @@ mod tests {
         }
         writer.await.expect("writer");
         assert!(recv.next::<Control>().await.expect("clean end").is_none());
+    }
+
+    #[tokio::test]
+    async fn an_exact_read_takes_one_frame_and_leaves_what_follows() {
+        let mut bytes = encode_frame(&Control::Pong { seq: 7, sent_ms: 1 })
+            .expect("encode")
+            .to_vec();
+        bytes.extend_from_slice(b"next protocol");
+        let mut reader = &bytes[..];
+        let msg: Option<Control> = recv_frame_exact(&mut reader).await.expect("frame");
+        assert_eq!(msg, Some(Control::Pong { seq: 7, sent_ms: 1 }));
+        assert_eq!(reader, b"next protocol");
+        let mut huge = &(u32::MAX.to_be_bytes())[..];
+        assert!(matches!(
+            recv_frame_exact::<_, Control>(&mut huge).await,
+            Err(StreamError::Frame(_))
+        ));
+        let mut empty: &[u8] = &[];
+        assert!(recv_frame_exact::<_, Control>(&mut empty)
+            .await
+            .expect("clean end")
+            .is_none());
     }
 
     #[tokio::test]

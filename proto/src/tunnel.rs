@@ -37,6 +37,10 @@ use crate::signaling::{ClientMessage, Id, ServerEvent};
 pub const PROTOCOL_VERSION: u32 = 1;
 /// QUIC ALPN for the tunnel.
 pub const ALPN: &[u8] = b"avatar-edge/1";
+/// ALPN of the tunnel over TLS/TCP (the relay's HTTPS port serves it beside `http/1.1`). The
+/// handshake frames travel on the TLS stream itself; after `Registered` both sides run a yamux
+/// multiplexer over it, and every stream carries frames as on QUIC.
+pub const TCP_ALPN: &[u8] = b"avatar-edge-tcp/1";
 /// Largest frame payload either side accepts.
 pub const MAX_FRAME_LEN: usize = 256 * 1024;
 /// Label for the TLS keying-material exporter used in [`auth_proof`] (RFC 5705).
@@ -52,6 +56,13 @@ pub const DEV_SECRET: &str = "avatar-edge-dev-secret-do-not-deploy";
 /// refuses a registration above either.
 pub const MAX_WORKER_CAPACITY: u32 = 10_000;
 pub const MAX_WORKER_AVATARS: usize = 10_000;
+
+/// Session streams the relay may have open at once on one tunnel, for a worker of `capacity`:
+/// every session one stream, plus room for streams that are closing while their replacements
+/// open (quinn's default of 100 would cap a worker at 100 sessions whatever its capacity).
+pub fn session_stream_limit(capacity: u32) -> u32 {
+    capacity.saturating_add(capacity / 4).saturating_add(16)
+}
 
 /// Application close codes of the tunnel's QUIC connection. Either side may close with
 /// [`SHUTDOWN`](close_code::SHUTDOWN); the others are the relay's.
@@ -116,6 +127,40 @@ pub struct Registration {
     pub capacity: u32,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Random per worker process. A second tunnel from the same worker id **and** instance is the
+    /// same process moving to another transport: the relay keeps the old tunnel until its
+    /// sessions end instead of closing it as a stale ghost. Absent from older workers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
+}
+
+/// First frame of every stream the **worker** opens on a TLS/TCP tunnel after registration
+/// (on TCP the handshake runs on the TLS stream itself, before multiplexing starts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "stream", rename_all = "snake_case")]
+pub enum StreamHeader {
+    /// The control stream (pings, draining); exactly one, opened first.
+    Control,
+    /// TURN for this worker's media: after this frame the stream carries TURN messages framed
+    /// as on TURN over TCP (RFC 8656 §7.2, see [`turn_frame_len`]), fed to the relay's embedded
+    /// TURN server as coming from this worker.
+    Turn,
+}
+
+/// Length of the TURN message at the start of `b` as framed on a stream: a STUN message (20-byte
+/// header plus its length) or a ChannelData message (4-byte header plus its length, padded to a
+/// multiple of 4). `Ok(None)`: fewer than 4 bytes. `Err(())`: neither kind.
+#[allow(clippy::result_unit_err)]
+pub fn turn_frame_len(b: &[u8]) -> Result<Option<usize>, ()> {
+    if b.len() < 4 {
+        return Ok(None);
+    }
+    let len = usize::from(u16::from_be_bytes([b[2], b[3]]));
+    match b[0] >> 6 {
+        0 => Ok(Some(20 + len)),
+        1 => Ok(Some(4 + len.div_ceil(4) * 4)),
+        _ => Err(()),
+    }
 }
 
 /// Messages on a per-session stream.
@@ -288,6 +333,18 @@ mod tests {
     }
 
     #[test]
+    fn turn_frames_are_delimited_by_their_headers() {
+        // STUN binding request header: type 0x0001, length 8.
+        assert_eq!(turn_frame_len(&[0x00, 0x01, 0x00, 0x08]), Ok(Some(28)));
+        // ChannelData 0x4000 with 5 bytes: padded to 12 on a stream.
+        assert_eq!(turn_frame_len(&[0x40, 0x00, 0x00, 0x05]), Ok(Some(12)));
+        assert_eq!(turn_frame_len(&[0x40, 0x00, 0x00]), Ok(None));
+        assert_eq!(turn_frame_len(&[0xC0, 0, 0, 0]), Err(()));
+        let header: StreamHeader = serde_json::from_str(r#"{"stream":"turn"}"#).expect("header");
+        assert_eq!(header, StreamHeader::Turn);
+    }
+
+    #[test]
     fn every_control_message_round_trips() {
         round_trip(Control::Hello {
             protocol: 1,
@@ -304,7 +361,11 @@ mod tests {
             avatars: vec!["a".into()],
             capacity: 4,
             labels: BTreeMap::from([("zone".into(), "eu".into())]),
+            instance: Some("9f3a".into()),
         }));
+        // A registration from a worker that predates `instance` still parses.
+        let old: Control = serde_json::from_str(r#"{"t":"register","avatars":[],"capacity":1}"#).expect("old register");
+        assert!(matches!(old, Control::Register(Registration { instance: None, .. })));
         round_trip(Control::Registered { relay_id: "r".into() });
         round_trip(Control::Rejected { reason: "no".into() });
         round_trip(Control::Ping { seq: 1, sent_ms: 2 });

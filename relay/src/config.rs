@@ -444,6 +444,9 @@ pub struct TunnelConfig {
     pub receive_window_bytes: u32,
     /// Bytes in flight on one stream of a tunnel.
     pub stream_receive_window_bytes: u32,
+    /// Accept tunnels over TLS/TCP on the HTTPS listener (ALPN `avatar-edge-tcp/1`), for
+    /// workers whose network blocks UDP. Needs `http.tls`.
+    pub tcp_on_https: bool,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -538,6 +541,7 @@ impl Default for TunnelConfig {
             retry_above_pending: 16,
             receive_window_bytes: 4 << 20,
             stream_receive_window_bytes: 256 << 10,
+            tcp_on_https: true,
         }
     }
 }

@@ -346,6 +346,7 @@ impl Relay {
         // Every background task of the relay, so that shutdown waits for all of them in one place.
         // Each ends when `shutdown` fires; none has a grace timer of its own.
         let tasks = TaskTracker::new();
+        let turn_server = turn.as_ref().map(turn::TurnServer::server);
         if let Some(t) = turn {
             tasks.spawn(t.run());
         }
@@ -354,7 +355,14 @@ impl Relay {
             tasks.spawn(a.drive(state.shutdown.clone()));
         }
         let shutdown = state.shutdown.clone();
-        tasks.spawn(tunnel::serve(endpoint, Arc::clone(&state), shutdown.clone()));
+        // TLS/TCP tunnels come in through the HTTPS listener (`tunnel.tcp_on_https`).
+        let (tcp_tunnels, tcp_incoming) = tokio::sync::mpsc::channel(64);
+        let listeners = tunnel::Listeners {
+            endpoint,
+            tcp: tcp_incoming,
+            turn: turn_server,
+        };
+        tasks.spawn(tunnel::serve(listeners, Arc::clone(&state), shutdown.clone()));
         // Forget idle per-IP rate-limit entries so the table does not grow without bound.
         {
             let (state, shutdown) = (Arc::clone(&state), shutdown.clone());
@@ -413,6 +421,9 @@ impl Relay {
         }
         let served = if state.config.http.tls {
             let mut alpn = vec![b"http/1.1".to_vec()];
+            if state.config.tunnel.tcp_on_https {
+                alpn.push(avatar_proto::tunnel::TCP_ALPN.to_vec());
+            }
             if acme_running {
                 // The CA's TLS-ALPN-01 check arrives on this listener.
                 alpn.push(tls::acme::ACME_TLS_ALPN.to_vec());
@@ -425,6 +436,7 @@ impl Relay {
             let acceptor = RustlsAcceptor::new(config)
                 .handshake_timeout(Duration::from_millis(http_cfg.tls_handshake_timeout_ms))
                 .acceptor(limits::LimitAcceptor::new(connection_limits, NoDelayAcceptor::new()));
+            let acceptor = tunnel::tcp::TunnelDivert::new(acceptor, tcp_tunnels);
             let mut server = axum_server::from_tcp(http)
                 .map_err(RelayError::Serve)?
                 .acceptor(acceptor)

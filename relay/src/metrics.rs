@@ -20,8 +20,9 @@
 //! | `relay_turn_quota_refusals_total{quota}` | counter | TURN allocations over a quota (`user`, `ip`, `worker`) |
 //! | `relay_workers_registered` | gauge | workers with a live tunnel |
 //! | `relay_worker_sessions{worker}` | gauge | sessions on each worker |
-//! | `relay_tunnel_rtt_seconds{worker}` | gauge | QUIC RTT estimate of each tunnel |
-//! | `relay_tunnel_registrations_total` | counter | successful worker registrations (reconnects included) |
+//! | `relay_tunnel_rtt_seconds{worker,transport}` | gauge | RTT of each tunnel (QUIC's estimate, or the relay's pings over TCP); `transport` is `quic` or `tcp` |
+//! | `relay_tunnel_registrations_total{transport}` | counter | successful worker registrations (reconnects included), by transport (`quic`, `tcp`) |
+//! | `relay_tunnel_turn_streams_total` | counter | TURN streams opened by workers through TCP tunnels |
 //! | `relay_policy_decisions_total{hook,outcome}` | counter | policy decisions (`connect`, `message`, `route`; `allow`, `deny`, `failed`) |
 //! | `relay_policy_failures_total{hook,kind}` | counter | failed decisions (`deadline`, `memory`, `trap`, `output`, `invalid`, `busy`) |
 //! | `relay_policy_decision_seconds{hook}` | histogram | decision latency, pool wait included |
@@ -42,6 +43,8 @@ pub fn refresh_gauges(state: &AppState) {
     metrics::gauge!("relay_http_connections_open").set(state.http_connections.total() as f64);
     for w in workers {
         metrics::gauge!("relay_worker_sessions", "worker" => w.id.clone()).set(w.active() as f64);
-        metrics::gauge!("relay_tunnel_rtt_seconds", "worker" => w.id.clone()).set(w.connection.rtt().as_secs_f64());
+        let transport = w.connection.transport().as_str();
+        metrics::gauge!("relay_tunnel_rtt_seconds", "worker" => w.id.clone(), "transport" => transport)
+            .set(w.connection.rtt().as_secs_f64());
     }
 }

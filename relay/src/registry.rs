@@ -1,11 +1,14 @@
 //! Connected workers, their session slots, and what routing sees of them.
 //!
 //! A worker appears here once its tunnel handshake succeeds and disappears when its connection
-//! ends. A worker that reconnects under the same id **replaces** its stale entry at once (the old
-//! connection is closed), so a rebooted GPU box never waits for its ghost to time out. Choosing
-//! a worker is [`crate::routing`]'s.
+//! ends. A worker that reconnects under the same id **replaces** its entry at once. If it is a
+//! new process (a rebooted GPU box), the old connection is closed, so the box never waits for its
+//! ghost to time out. If it is the same process (the same `instance`) moving to another
+//! transport, the old tunnel stays open, draining, so the sessions on it play on. Choosing a
+//! worker is [`crate::routing`]'s.
 
 use crate::routing::WorkerView;
+use crate::tunnel::TunnelConn;
 use avatar_proto::tunnel::Registration;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -16,7 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 pub struct WorkerHandle {
     pub id: String,
     pub registration: Registration,
-    pub connection: quinn::Connection,
+    pub connection: TunnelConn,
     /// Distinguishes this tunnel from an earlier one with the same worker id.
     pub generation: u64,
     active: AtomicU32,
@@ -24,7 +27,7 @@ pub struct WorkerHandle {
 }
 
 impl WorkerHandle {
-    pub fn new(id: String, registration: Registration, connection: quinn::Connection, generation: u64) -> Self {
+    pub fn new(id: String, registration: Registration, connection: TunnelConn, generation: u64) -> Self {
         Self {
             id,
             registration,
@@ -75,6 +78,11 @@ impl Drop for SessionSlot {
     }
 }
 
+/// Whether two registrations come from one worker process (both name the same `instance`).
+pub fn same_process(a: &Registration, b: &Registration) -> bool {
+    a.instance.is_some() && a.instance == b.instance
+}
+
 /// All registered workers.
 #[derive(Default)]
 pub struct Registry {
@@ -92,14 +100,19 @@ impl Registry {
         self.next_generation.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Register `worker`, returning the stale entry it replaced (already closed).
+    /// Register `worker`, returning the entry it replaced: closed if it was another process,
+    /// left draining if it is the same process on another tunnel ([`same_process`]).
     pub fn insert(&self, worker: Arc<WorkerHandle>) -> Option<Arc<WorkerHandle>> {
-        let old = self.lock().insert(worker.id.clone(), worker);
+        let old = self.lock().insert(worker.id.clone(), Arc::clone(&worker));
         if let Some(old) = &old {
-            old.connection.close(
-                quinn::VarInt::from_u32(avatar_proto::tunnel::close_code::REPLACED),
-                b"replaced by a newer connection",
-            );
+            if same_process(&old.registration, &worker.registration) {
+                old.set_draining();
+            } else {
+                old.connection.close(
+                    avatar_proto::tunnel::close_code::REPLACED,
+                    b"replaced by a newer connection",
+                );
+            }
         }
         old
     }

@@ -8,6 +8,7 @@
 use crate::policy::{self, MessageKind, MessageRequest, Principal, Verdict};
 use crate::registry::SessionSlot;
 use crate::routing::{self, RouteRequest};
+use crate::tunnel::conn::{RecvHalf, SendHalf};
 use crate::tunnel::open_session;
 use crate::{AppState, ClaimRefused};
 use avatar_proto::session::{Action, SignalingSession};
@@ -25,8 +26,8 @@ use tracing::{debug, info, trace, warn};
 struct Attached {
     // Dropping the slot returns the worker's capacity.
     _slot: SessionSlot,
-    send: quinn::SendStream,
-    recv: FramedRecv<quinn::RecvStream>,
+    send: SendHalf,
+    recv: FramedRecv<RecvHalf>,
 }
 
 /// WebSocket close codes used here.
@@ -284,10 +285,10 @@ pub async fn run_session<S, E>(
     }
     if let Some(mut a) = attached {
         if relay_stopping {
-            // Not the browser leaving: the relay is. Abort the stream instead of closing the
-            // session, so the worker detaches it and the video plays on (media never rides the
-            // relay) until the browser's peer goes away.
-            let _ = a.send.reset(quinn::VarInt::from_u32(0));
+            // Not the browser leaving: the relay is. End the stream without a `Close` frame, which
+            // the worker takes as a lost tunnel, not the end of the session: it detaches it and
+            // the video plays on (media never rides the relay) until the browser's peer goes away.
+            drop(a);
             info!("relay stopping; the session is left to play on");
             return;
         }
@@ -299,7 +300,7 @@ pub async fn run_session<S, E>(
             },
         )
         .await;
-        let _ = a.send.finish();
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut a.send).await;
     }
     info!("browser disconnected");
 }

@@ -292,6 +292,7 @@ fn a_thousand_unauthenticated_quic_handshakes_stay_under_a_memory_bound() {
                 fingerprint: Some(cluster.relay.fingerprint.clone()),
                 fingerprint_file: None,
                 ca_file: None,
+                tcp_address: None,
             };
             let config = avatar_worker::tunnel::client_config(&target, SECS(10), SECS(1), 4).expect("client config");
             let mut endpoints = Vec::new();

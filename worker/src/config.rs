@@ -51,6 +51,8 @@ pub struct WorkerConfig {
     pub secret_file: Option<PathBuf>,
     /// Relays to keep a tunnel to.
     pub relays: Vec<RelayTarget>,
+    /// How the tunnels travel: QUIC, or TLS over TCP where UDP is blocked.
+    pub tunnel: TunnelSettings,
     pub ice: IceConfig,
     pub video: VideoConfig,
     /// Directory of avatars (`<id>/avatar.toml` + video). Unset: the built-in synthetic avatar.
@@ -90,6 +92,41 @@ macro_rules! config_names {
             }
         }
     };
+}
+
+config_names! {
+    /// `tunnel.transport`.
+    TunnelTransport {
+        /// QUIC first; TLS/TCP when QUIC cannot connect, and back to QUIC once it can.
+        Auto = "auto",
+        /// QUIC only (UDP to the relay's tunnel port).
+        Quic = "quic",
+        /// TLS over TCP only (the relay's HTTPS port).
+        Tcp = "tcp",
+    }
+}
+
+/// `[tunnel]`: the transport of the tunnels to the relays.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TunnelSettings {
+    /// `auto` (default), `quic` or `tcp`.
+    pub transport: TunnelTransport,
+    /// With `auto`: how long a QUIC attempt may take before the worker tries TLS/TCP.
+    pub quic_timeout_ms: u64,
+    /// With `auto`, while on TLS/TCP: how often to try QUIC again. When it connects, new sessions
+    /// go over QUIC at once and the TCP tunnel closes after its last session.
+    pub quic_probe_interval_s: u64,
+}
+
+impl Default for TunnelSettings {
+    fn default() -> Self {
+        Self {
+            transport: TunnelTransport::Auto,
+            quic_timeout_ms: 2000,
+            quic_probe_interval_s: 30,
+        }
+    }
 }
 
 config_names! {
@@ -338,6 +375,33 @@ pub struct RelayTarget {
     /// Trust certificates issued by the CA(s) in this PEM file.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// `host:port` of the relay's HTTPS listener, for the tunnel over TLS/TCP. Default: the host
+    /// of `address` at port 443.
+    #[serde(default)]
+    pub tcp_address: Option<String>,
+}
+
+impl RelayTarget {
+    /// Where the TLS/TCP tunnel goes: `tcp_address`, or port 443 on the QUIC address's host.
+    pub fn tcp_address(&self) -> String {
+        if let Some(a) = &self.tcp_address {
+            return a.clone();
+        }
+        match self.address.rsplit_once(':') {
+            Some((host, _)) => format!("{host}:443"),
+            None => format!("{}:443", self.address),
+        }
+    }
+
+    /// The TLS server name: `server_name`, or the host part of `address`.
+    pub fn server_name(&self) -> String {
+        self.server_name.clone().unwrap_or_else(|| {
+            self.address
+                .rsplit_once(':')
+                .map(|(h, _)| h.trim_matches(['[', ']']).to_owned())
+                .unwrap_or_default()
+        })
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -394,6 +458,7 @@ impl Default for WorkerConfig {
             secret: Secret::default(),
             secret_file: None,
             relays: Vec::new(),
+            tunnel: TunnelSettings::default(),
             ice: IceConfig::default(),
             video: VideoConfig::default(),
             avatar_dir: None,
@@ -471,6 +536,7 @@ impl WorkerConfig {
                 fingerprint: None,
                 fingerprint_file: Some(PathBuf::from(".avatar-edge-dev/relay.fingerprint")),
                 ca_file: None,
+                tcp_address: None,
             }],
             ice: IceConfig {
                 include_loopback: true,
@@ -550,6 +616,12 @@ impl WorkerConfig {
         }
         if self.relays.is_empty() {
             return invalid("relays", "name at least one relay");
+        }
+        if self.tunnel.quic_timeout_ms == 0 || self.tunnel.quic_probe_interval_s == 0 {
+            return invalid(
+                "tunnel.quic_timeout_ms",
+                "tunnel.quic_timeout_ms and tunnel.quic_probe_interval_s must be above 0",
+            );
         }
         for r in &self.relays {
             let trust = [

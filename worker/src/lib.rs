@@ -83,6 +83,9 @@ pub struct Context {
     /// The talking pipeline (None when `[talk] enabled = false`).
     pub talk: Option<Arc<talk::Talk>>,
     pub sessions: TaskTracker,
+    /// Random per process, sent at registration: lets a relay tell this process moving its
+    /// tunnel to another transport from a restarted worker with the same id.
+    pub instance: String,
     pub tunnel_idle: Duration,
     pub tunnel_keepalive: Duration,
     /// Which trickled browser candidates sessions may add.
@@ -184,6 +187,7 @@ impl Worker {
             encoder,
             encoder_settings,
             sessions: TaskTracker::new(),
+            instance: hex::encode(rand::random::<[u8; 8]>()),
             tunnel_idle: Duration::from_secs(3),
             tunnel_keepalive: Duration::from_secs(1),
             active: AtomicU32::new(0),

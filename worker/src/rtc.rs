@@ -350,6 +350,28 @@ impl Peer {
     }
 }
 
+/// The ICE servers of a session whose tunnel is TLS/TCP: each TURN server of the relay's, reached
+/// through the tunnel's loopback `gateway` with the same credentials. STUN and the relay's own
+/// TURN addresses are left out: they need UDP to the relay, and a non-trickle answer would wait
+/// for their gathering to time out.
+pub fn through_gateway(servers: &[IceServer], gateway: std::net::SocketAddr) -> Vec<IceServer> {
+    let mut out: Vec<IceServer> = Vec::new();
+    for s in servers {
+        let has_turn = s.urls.iter().any(|u| u.starts_with("turn:") && udp_url(u));
+        let duplicate = out
+            .iter()
+            .any(|o| o.username == s.username && o.credential == s.credential);
+        if has_turn && !duplicate {
+            out.push(IceServer {
+                urls: vec![format!("turn:{gateway}?transport=udp")],
+                username: s.username.clone(),
+                credential: s.credential.clone(),
+            });
+        }
+    }
+    out
+}
+
 /// Whether the ICE agent can use `url`: webrtc-rs gathers over UDP only, so `turn:…?transport=tcp`
 /// and `turns:` (meant for browsers behind firewalls) are left out instead of warned about per session.
 fn udp_url(url: &str) -> bool {
@@ -364,6 +386,35 @@ fn udp_url(url: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::{CandidateFilter, CandidateRefused};
+
+    #[test]
+    fn over_a_tcp_tunnel_turn_goes_to_the_gateway_and_stun_is_dropped() {
+        use avatar_proto::signaling::IceServer;
+        let relay = vec![
+            IceServer {
+                urls: vec!["stun:203.0.113.10:3478".into()],
+                username: None,
+                credential: None,
+            },
+            IceServer {
+                urls: vec![
+                    "turn:203.0.113.10:3478?transport=udp".into(),
+                    "turn:203.0.113.10:3478?transport=tcp".into(),
+                ],
+                username: Some("1700000000:w.gpu-1".into()),
+                credential: Some("c2VjcmV0".into()),
+            },
+        ];
+        let gateway: std::net::SocketAddr = "127.0.0.1:40000".parse().expect("addr");
+        let routed = super::through_gateway(&relay, gateway);
+        assert_eq!(routed.len(), 1);
+        assert_eq!(routed[0].urls, vec!["turn:127.0.0.1:40000?transport=udp".to_owned()]);
+        assert_eq!(routed[0].username.as_deref(), Some("1700000000:w.gpu-1"));
+        assert!(
+            super::through_gateway(&relay[..1], gateway).is_empty(),
+            "no TURN: nothing to route"
+        );
+    }
 
     fn line(addr: &str) -> String {
         format!("candidate:842163049 1 udp 1677729535 {addr} 51234 typ host generation 0")

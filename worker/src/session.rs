@@ -60,11 +60,19 @@ impl Active {
     }
 }
 
+/// The sending half of a session stream, whichever transport carries the tunnel.
+pub type SendHalf = Box<dyn tokio::io::AsyncWrite + Send + Unpin>;
+/// The receiving half of a session stream.
+pub type RecvHalf = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
+
+/// Serve one session stream. `turn_gateway`: the loopback TURN server of a TLS/TCP tunnel, which
+/// the session's TURN then goes through instead of to the relay's own address.
 pub async fn run_session(
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
+    send: SendHalf,
+    recv: RecvHalf,
     ctx: Arc<Context>,
     shutdown: CancellationToken,
+    turn_gateway: Option<std::net::SocketAddr>,
 ) {
     let mut recv = FramedRecv::new(recv);
     let open = match tokio::time::timeout(Duration::from_secs(5), recv.next::<SessionFrame>()).await {
@@ -90,7 +98,10 @@ pub async fn run_session(
         conv,
         talk_events,
         clock_events: None,
-        ice_servers: open.ice_servers,
+        ice_servers: match turn_gateway {
+            Some(gateway) => crate::rtc::through_gateway(&open.ice_servers, gateway),
+            None => open.ice_servers,
+        },
     }
     .run(clip, shutdown)
     .instrument(span)
@@ -98,8 +109,8 @@ pub async fn run_session(
 }
 
 struct Session {
-    send: quinn::SendStream,
-    recv: FramedRecv<quinn::RecvStream>,
+    send: SendHalf,
+    recv: FramedRecv<RecvHalf>,
     ctx: Arc<Context>,
     active: Option<Active>,
     /// The tunnel broke; media continues until the peer ends.
@@ -186,17 +197,16 @@ impl Session {
                         info!(%reason, "relay closed the session");
                         return End::Quiet;
                     }
-                    Ok(None) => return End::Quiet,
                     Ok(Some(other)) => {
                         warn!(?other, "unexpected frame; ending the session");
                         return End::Tell { event: None, reason: "protocol error" };
                     }
-                    Err(e) => {
-                        info!(error = %e, "tunnel stream lost; media continues while the peer lives");
+                    // The relay ends a session with a `Close` frame; a stream that ends without one
+                    // was lost (the tunnel broke, or the relay is stopping).
+                    Ok(None) | Err(_) if self.active.is_none() => return End::Quiet,
+                    lost => {
+                        info!(error = ?lost.err(), "tunnel stream lost; media continues while the peer lives");
                         self.detached = true;
-                        if self.active.is_none() {
-                            return End::Quiet;
-                        }
                     }
                 },
                 state = state => match state {
@@ -412,6 +422,6 @@ impl Session {
             return;
         }
         let _ = send_frame(&mut self.send, &SessionFrame::Close { reason: reason.into() }).await;
-        let _ = self.send.finish();
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut self.send).await;
     }
 }

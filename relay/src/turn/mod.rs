@@ -256,22 +256,8 @@ async fn accept_loop(
     conns.shutdown().await;
 }
 
-/// Length of the frame at the start of `b` (STUN message or padded ChannelData), once its header
-/// is in; `Err` for bytes that are neither.
-fn frame_len(b: &[u8]) -> Result<Option<usize>, ()> {
-    if b.len() < 4 {
-        return Ok(None);
-    }
-    let len = u16::from_be_bytes([b[2], b[3]]) as usize;
-    match b[0] >> 6 {
-        0 => Ok(Some(20 + len)),
-        1 => Ok(Some((4 + len).next_multiple_of(4))),
-        _ => Err(()),
-    }
-}
-
 /// One TCP or TLS client: split the byte stream into frames; write answers from a queue.
-async fn serve_stream<S>(server: Arc<Server>, stream: S, five: FiveTuple, shutdown: CancellationToken)
+pub(crate) async fn serve_stream<S>(server: Arc<Server>, stream: S, five: FiveTuple, shutdown: CancellationToken)
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
@@ -291,7 +277,7 @@ where
     let allocate_within = Duration::from_secs(server.config().stream_allocate_within_s);
     'conn: loop {
         loop {
-            match frame_len(&buf) {
+            match avatar_proto::tunnel::turn_frame_len(&buf) {
                 Err(()) => break 'conn,
                 Ok(Some(n)) if buf.len() >= n => {
                     let frame = buf.split_to(n);
@@ -321,20 +307,4 @@ where
     server.remove(&five);
     drop(client);
     let _ = writer.await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::frame_len;
-
-    #[test]
-    fn stream_frames_are_delimited_by_their_headers() {
-        assert_eq!(frame_len(&[0, 1]), Ok(None));
-        // Binding request with 8 bytes of attributes: 28 bytes.
-        assert_eq!(frame_len(&[0x00, 0x01, 0x00, 0x08]), Ok(Some(28)));
-        // ChannelData 0x4000 with 5 bytes: 9, padded to 12 on streams.
-        assert_eq!(frame_len(&[0x40, 0x00, 0x00, 0x05]), Ok(Some(12)));
-        assert_eq!(frame_len(&[0x40, 0x00, 0x00, 0x04]), Ok(Some(8)));
-        assert_eq!(frame_len(&[0x80, 0, 0, 0]), Err(()), "neither STUN nor ChannelData");
-    }
 }

@@ -1,0 +1,670 @@
+//! The relay's end of the worker tunnels: a QUIC listener, TLS/TCP tunnels handed over by the
+//! HTTPS listener ([`tcp`]), the handshake, the control stream.
+//!
+//! Both transports run the same handshake and control loop over tokio byte streams; what differs
+//! is where the streams come from (QUIC's own, or yamux over TLS) and, on TCP, that the relay
+//! pings the worker itself (TCP has no QUIC idle timer to notice a dead path, and the pings give
+//! routing its round-trip time) and accepts the worker's TURN streams ([`StreamHeader::Turn`]).
+//!
+//! Each accepted connection gets its own task, owned by a `TaskTracker` so shutdown can wait for
+//! all of them. The handshake runs inside that task under a deadline, never in the accept loop,
+//! so one slow or hostile worker cannot stall others. Once registered, the task watches the
+//! control stream (ping/pong, draining) until the connection ends, then unregisters the worker
+//! unless a newer tunnel from the same worker id has already replaced it.
+//!
+//! Before a worker has proved the secret it is anonymous, and anyone can start a QUIC handshake.
+//! What it may cost is bounded: at most `max_pending_handshakes` connections are between accept
+//! and registration at once (more are refused at once), above `retry_above_pending` a client must
+//! first prove its address with a stateless Retry, the whole handshake has one deadline, a worker
+//! may open two streams (its control stream and a spare; session streams are the relay's) and no
+//! unidirectional ones, and the receive windows are bounded, so unread data cannot pile up.
+
+pub mod conn;
+pub mod tcp;
+
+use crate::registry::{SessionSlot, WorkerHandle};
+use crate::tls::ServerCerts;
+use crate::turn::server::Server as TurnServer;
+use crate::AppState;
+use avatar_proto::mux::{self, Incoming, MuxError, MuxStream};
+use avatar_proto::stream::{recv_frame_exact, send_frame, FramedRecv, StreamError};
+use avatar_proto::tunnel::{
+    session_stream_limit, valid_worker_id, verify_auth_proof, Control, Registration, SessionFrame, SessionOpen,
+    StreamHeader, ALPN, EXPORTER_LABEL, EXPORTER_LEN, NONCE_LEN, PROTOCOL_VERSION,
+};
+use conn::{RecvHalf, SendHalf, TcpTunnel};
+use rand::RngCore;
+use serde::de::DeserializeOwned;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+pub use avatar_proto::tunnel::close_code;
+pub use conn::{Transport, TunnelConn};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("{0}")]
+    Open(#[from] conn::OpenError),
+    #[error("{0}")]
+    Mux(#[from] MuxError),
+    #[error("{0}")]
+    Stream(#[from] StreamError),
+    #[error("protocol: {0}")]
+    Protocol(String),
+    /// Refused on purpose; the text is sent to the worker as the close reason.
+    #[error("{0}")]
+    Rejected(String),
+    #[error("timed out")]
+    Timeout,
+}
+
+/// The next handshake message, which must be there: the stream ending first is a protocol
+/// error. Read exactly, so that on TCP nothing of what follows the handshake is taken.
+async fn expect<T: DeserializeOwned, R: AsyncRead + Unpin>(recv: &mut R, what: &str) -> Result<T, TunnelError> {
+    recv_frame_exact(recv)
+        .await?
+        .ok_or_else(|| TunnelError::Protocol(format!("stream ended before {what}")))
+}
+
+/// Bidirectional streams a worker may open at once: its control stream, and one more so that a
+/// control stream being replaced never blocks the next.
+const WORKER_OPENED_STREAMS: u32 = 2;
+
+/// Build the QUIC endpoint workers dial.
+pub fn endpoint(
+    listen: SocketAddr,
+    certs: &ServerCerts,
+    cfg: &crate::config::TunnelConfig,
+) -> Result<quinn::Endpoint, crate::RelayError> {
+    let idle_timeout = Duration::from_millis(cfg.idle_timeout_ms);
+    let keepalive = Duration::from_millis(cfg.keepalive_ms);
+    let tls = certs.server_config(true, vec![ALPN.to_vec()])?;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| crate::RelayError::Quic(format!("TLS config unusable for QUIC: {e}")))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(idle_timeout).map_err(|e| crate::RelayError::Quic(e.to_string()))?,
+        ))
+        .keep_alive_interval(Some(keepalive))
+        // Session streams are opened by the relay (the worker's limit bounds those); the worker
+        // itself opens only its control stream.
+        .max_concurrent_bidi_streams(quinn::VarInt::from_u32(WORKER_OPENED_STREAMS))
+        .max_concurrent_uni_streams(quinn::VarInt::from_u32(0))
+        .receive_window(quinn::VarInt::from_u32(cfg.receive_window_bytes))
+        .stream_receive_window(quinn::VarInt::from_u32(cfg.stream_receive_window_bytes));
+    server.transport_config(Arc::new(transport));
+    // Incoming connections the endpoint itself buffers before the accept loop sees them.
+    server.max_incoming(cfg.max_pending_handshakes.max(1));
+    quinn::Endpoint::server(server, listen).map_err(|source| crate::RelayError::Bind {
+        what: "tunnel (UDP)",
+        addr: listen,
+        source,
+    })
+}
+
+/// Connections between accept and registration, counted until registered or gone.
+struct Pending(Arc<AtomicUsize>);
+
+impl Pending {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(count))
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What to do with a new connection while `pending` others are unauthenticated.
+#[derive(Debug, PartialEq, Eq)]
+enum Admission {
+    Accept,
+    /// Make the client prove its address first (stateless for the relay).
+    Retry,
+    Refuse,
+}
+
+fn admission(pending: usize, validated: bool, cfg: &crate::config::TunnelConfig) -> Admission {
+    if pending >= cfg.max_pending_handshakes {
+        Admission::Refuse
+    } else if pending >= cfg.retry_above_pending && !validated {
+        Admission::Retry
+    } else {
+        Admission::Accept
+    }
+}
+
+/// Where tunnels come from, and what serving them needs besides the relay's state.
+pub struct Listeners {
+    /// QUIC tunnels.
+    pub endpoint: quinn::Endpoint,
+    /// TLS/TCP tunnels, handed over by the HTTPS listener after the TLS handshake.
+    pub tcp: mpsc::Receiver<tcp::TcpAccepted>,
+    /// The embedded TURN server, which TURN streams from TCP workers are fed to.
+    pub turn: Option<Arc<TurnServer>>,
+}
+
+/// What every tunnel task shares.
+struct Shared {
+    state: Arc<AppState>,
+    shutdown: CancellationToken,
+    turn: Option<Arc<TurnServer>>,
+    /// Client ports for TURN streams' five-tuples (see [`serve_turn_stream`]).
+    next_turn_port: AtomicU16,
+}
+
+/// Accept tunnels until `shutdown`, then close every connection and wait for them to go idle.
+pub async fn serve(listeners: Listeners, state: Arc<AppState>, shutdown: CancellationToken) {
+    let Listeners {
+        endpoint,
+        tcp: mut tcp_tunnels,
+        turn,
+    } = listeners;
+    let tasks = TaskTracker::new();
+    let pending = Arc::new(AtomicUsize::new(0));
+    let shared = Arc::new(Shared {
+        state: Arc::clone(&state),
+        shutdown: shutdown.clone(),
+        turn,
+        next_turn_port: AtomicU16::new(1),
+    });
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                let now = pending.load(Ordering::Relaxed);
+                match admission(now, incoming.remote_address_validated(), &state.config.tunnel) {
+                    Admission::Accept => {}
+                    Admission::Retry if incoming.may_retry() => {
+                        metrics::counter!("relay_tunnel_handshakes_refused_total", "reason" => "retry").increment(1);
+                        let _ = incoming.retry();
+                        continue;
+                    }
+                    Admission::Retry | Admission::Refuse => {
+                        metrics::counter!("relay_tunnel_handshakes_refused_total", "reason" => "pending").increment(1);
+                        if state.log_refusal() {
+                            info!(remote = %incoming.remote_address(), pending = now, "tunnel refused: too many unauthenticated connections");
+                        }
+                        incoming.refuse();
+                        continue;
+                    }
+                }
+                let guard = Pending::new(&pending);
+                let shared = Arc::clone(&shared);
+                let remote = incoming.remote_address();
+                tasks.spawn(
+                    async move {
+                        if let Err(e) = handle_quic(incoming, &shared, guard).await {
+                            info!(error = %e, "tunnel ended");
+                        }
+                    }
+                    .instrument(info_span!("tunnel", %remote, transport = "quic")),
+                );
+            }
+            Some(accepted) = tcp_tunnels.recv() => {
+                // The TLS handshake is done (the HTTPS listener bounded it); the address is
+                // proven by TCP, so there is no Retry step: only the pending cap.
+                let now = pending.load(Ordering::Relaxed);
+                if admission(now, true, &state.config.tunnel) != Admission::Accept {
+                    metrics::counter!("relay_tunnel_handshakes_refused_total", "reason" => "pending").increment(1);
+                    if state.log_refusal() {
+                        info!(remote = %accepted.remote, pending = now, "tunnel refused: too many unauthenticated connections");
+                    }
+                    continue;
+                }
+                let guard = Pending::new(&pending);
+                let shared = Arc::clone(&shared);
+                let remote = accepted.remote;
+                tasks.spawn(
+                    async move {
+                        if let Err(e) = handle_tcp(accepted, &shared, guard).await {
+                            info!(error = %e, "tunnel ended");
+                        }
+                    }
+                    .instrument(info_span!("tunnel", %remote, transport = "tcp")),
+                );
+            }
+        }
+    }
+    tasks.close();
+    endpoint.close(quinn::VarInt::from_u32(close_code::SHUTDOWN), b"relay shutting down");
+    if tokio::time::timeout(Duration::from_secs(3), async {
+        tasks.wait().await;
+        endpoint.wait_idle().await;
+    })
+    .await
+    .is_err()
+    {
+        warn!("tunnels did not close within 3 s");
+    }
+}
+
+async fn handle_quic(incoming: quinn::Incoming, shared: &Shared, pending: Pending) -> Result<(), TunnelError> {
+    let state = &shared.state;
+    // One deadline for the QUIC handshake and ours together.
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(state.config.tunnel.handshake_timeout_ms);
+    let conn = match tokio::time::timeout_at(deadline, incoming).await {
+        Ok(conn) => conn?,
+        Err(_) => {
+            info!("QUIC handshake timed out");
+            return Err(TunnelError::Timeout);
+        }
+    };
+    let handshake = async {
+        let (mut send, mut recv) = conn.accept_bi().await?;
+        let mut exporter = [0u8; EXPORTER_LEN];
+        conn.export_keying_material(&mut exporter, EXPORTER_LABEL, b"")
+            .map_err(|_| TunnelError::Protocol("TLS exporter unavailable".into()))?;
+        let registered = handshake(&mut send, &mut recv, &exporter, state).await?;
+        Ok::<_, TunnelError>((registered, send, recv))
+    };
+    let ((worker_id, registration), send, recv) = match tokio::time::timeout_at(deadline, handshake).await {
+        Ok(Ok(done)) => {
+            drop(pending);
+            done
+        }
+        Ok(Err(e)) => {
+            warn!(error = %e, "tunnel handshake failed");
+            conn.close(
+                quinn::VarInt::from_u32(close_code::REJECTED),
+                truncate_reason(&e.to_string()),
+            );
+            return Err(e);
+        }
+        Err(_) => {
+            warn!("tunnel handshake timed out");
+            conn.close(quinn::VarInt::from_u32(close_code::REJECTED), b"handshake timed out");
+            return Err(TunnelError::Timeout);
+        }
+    };
+    let worker = Arc::new(WorkerHandle::new(
+        worker_id,
+        registration,
+        TunnelConn::Quic(conn.clone()),
+        state.registry.next_generation(),
+    ));
+    let control = ControlStream::new(send, recv);
+    let result = registered(shared, &worker, control, None).await;
+    if let Some(reason) = conn.close_reason() {
+        info!(%reason, "tunnel closed");
+    }
+    result
+}
+
+async fn handle_tcp(accepted: tcp::TcpAccepted, shared: &Shared, pending: Pending) -> Result<(), TunnelError> {
+    let state = &shared.state;
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(state.config.tunnel.handshake_timeout_ms);
+    let tcp::TcpAccepted { io, remote, exporter } = accepted;
+    // The handshake runs on the TLS stream itself, before any multiplexing: an anonymous peer
+    // costs one bounded frame at a time and no yamux state.
+    let (mut recv, mut send) = tokio::io::split(io);
+    let (worker_id, registration) =
+        match tokio::time::timeout_at(deadline, handshake(&mut send, &mut recv, &exporter, state)).await {
+            Ok(Ok(done)) => done,
+            Ok(Err(e)) => {
+                warn!(error = %e, "tunnel handshake failed");
+                return Err(e);
+            }
+            Err(_) => {
+                warn!("tunnel handshake timed out");
+                return Err(TunnelError::Timeout);
+            }
+        };
+    let io = recv.unsplit(send);
+    // Session streams (the relay's), TURN streams and the control stream (the worker's).
+    let limit = session_stream_limit(registration.capacity) as usize;
+    let (mux, mut incoming, driver) = mux::start(io, mux::Side::Server, 2 * limit + 2, 16);
+    let driver = tokio::spawn(driver);
+    // The worker's first stream is its control stream.
+    let control = match tokio::time::timeout_at(deadline, first_control_stream(&mut incoming)).await {
+        Ok(Ok(stream)) => {
+            drop(pending);
+            stream
+        }
+        Ok(Err(e)) => {
+            mux.close();
+            return Err(e);
+        }
+        Err(_) => {
+            mux.close();
+            return Err(TunnelError::Timeout);
+        }
+    };
+    let tunnel = Arc::new(TcpTunnel::new(mux.clone(), remote));
+    let worker = Arc::new(WorkerHandle::new(
+        worker_id,
+        registration,
+        TunnelConn::Tcp(Arc::clone(&tunnel)),
+        state.registry.next_generation(),
+    ));
+    let (recv, send) = tokio::io::split(control);
+    let result = registered(
+        shared,
+        &worker,
+        ControlStream::new(send, recv),
+        Some((&tunnel, &mut incoming)),
+    )
+    .await;
+    mux.close();
+    let _ = driver.await;
+    result
+}
+
+async fn first_control_stream(incoming: &mut Incoming) -> Result<MuxStream, TunnelError> {
+    let mut stream = incoming
+        .recv()
+        .await
+        .ok_or_else(|| TunnelError::Protocol("tunnel closed before its control stream".into()))?;
+    match expect::<StreamHeader, _>(&mut stream, "the stream header").await? {
+        StreamHeader::Control => Ok(stream),
+        other => Err(TunnelError::Protocol(format!(
+            "expected the control stream first, got {other:?}"
+        ))),
+    }
+}
+
+fn truncate_reason(s: &str) -> &[u8] {
+    let b = s.as_bytes();
+    &b[..b.len().min(200)]
+}
+
+/// Hello, challenge, proof and registration, on any byte stream. Refusals are sent to the worker
+/// as `Rejected` before the error returns.
+async fn handshake<S: AsyncWrite + Unpin, R: AsyncRead + Unpin>(
+    send: &mut S,
+    recv: &mut R,
+    exporter: &[u8; EXPORTER_LEN],
+    state: &AppState,
+) -> Result<(String, Registration), TunnelError> {
+    let (protocol, worker_id) = match expect::<Control, _>(recv, "hello").await? {
+        Control::Hello {
+            protocol, worker_id, ..
+        } => (protocol, worker_id),
+        other => return Err(TunnelError::Protocol(format!("expected hello, got {other:?}"))),
+    };
+    let reject = TunnelError::Rejected;
+    if protocol != PROTOCOL_VERSION {
+        let reason = format!("protocol {protocol} not supported; this relay speaks {PROTOCOL_VERSION}");
+        send_frame(send, &Control::Rejected { reason: reason.clone() }).await?;
+        return Err(reject(reason));
+    }
+    if !valid_worker_id(&worker_id) {
+        let reason = "worker id must be 1-64 characters of [A-Za-z0-9-_.:]".to_owned();
+        send_frame(send, &Control::Rejected { reason: reason.clone() }).await?;
+        return Err(reject(reason));
+    }
+    let mut nonce = [0u8; NONCE_LEN];
+    rand::thread_rng().fill_bytes(&mut nonce);
+    let nonce = hex::encode(nonce);
+    send_frame(
+        send,
+        &Control::Challenge {
+            protocol: PROTOCOL_VERSION,
+            relay_id: state.config.relay_id.clone(),
+            nonce: nonce.clone(),
+        },
+    )
+    .await?;
+    let proof = match expect::<Control, _>(recv, "auth").await? {
+        Control::Auth { proof } => proof,
+        other => return Err(TunnelError::Protocol(format!("expected auth, got {other:?}"))),
+    };
+    if !verify_auth_proof(
+        state.config.tunnel.secret.expose().as_bytes(),
+        &nonce,
+        &worker_id,
+        exporter,
+        &proof,
+    ) {
+        warn!(%worker_id, "worker failed authentication");
+        send_frame(
+            send,
+            &Control::Rejected {
+                reason: "authentication failed".into(),
+            },
+        )
+        .await?;
+        return Err(reject("authentication failed".into()));
+    }
+    let registration = match expect::<Control, _>(recv, "register").await? {
+        Control::Register(r) => r,
+        other => return Err(TunnelError::Protocol(format!("expected register, got {other:?}"))),
+    };
+    if registration.capacity == 0
+        || registration.capacity > avatar_proto::tunnel::MAX_WORKER_CAPACITY
+        || registration.avatars.len() > avatar_proto::tunnel::MAX_WORKER_AVATARS
+    {
+        let reason = format!(
+            "capacity must be 1..={} and at most {} avatars",
+            avatar_proto::tunnel::MAX_WORKER_CAPACITY,
+            avatar_proto::tunnel::MAX_WORKER_AVATARS
+        );
+        send_frame(send, &Control::Rejected { reason: reason.clone() }).await?;
+        return Err(reject(reason));
+    }
+    send_frame(
+        send,
+        &Control::Registered {
+            relay_id: state.config.relay_id.clone(),
+        },
+    )
+    .await?;
+    Ok((worker_id, registration))
+}
+
+/// A control stream as the control loop uses it.
+struct ControlStream {
+    send: SendHalf,
+    recv: FramedRecv<RecvHalf>,
+}
+
+impl ControlStream {
+    fn new(send: impl AsyncWrite + Send + Unpin + 'static, recv: impl AsyncRead + Send + Unpin + 'static) -> Self {
+        Self {
+            send: Box::new(send),
+            recv: FramedRecv::new(Box::new(recv)),
+        }
+    }
+}
+
+/// Register the worker, run its control loop until the tunnel ends, then unregister it.
+async fn registered(
+    shared: &Shared,
+    worker: &Arc<WorkerHandle>,
+    control: ControlStream,
+    tcp: Option<(&Arc<TcpTunnel>, &mut Incoming)>,
+) -> Result<(), TunnelError> {
+    let state = &shared.state;
+    let transport = worker.connection.transport().as_str();
+    let span = info_span!("worker", worker_id = %worker.id, transport);
+    async {
+        metrics::counter!("relay_tunnel_registrations_total", "transport" => transport).increment(1);
+        if let Some(old) = state.registry.insert(Arc::clone(worker)) {
+            info!(
+                old_generation = old.generation,
+                old_transport = old.connection.transport().as_str(),
+                "replaced the registration of the same worker"
+            );
+        }
+        info!(
+            avatars = ?worker.registration.avatars,
+            capacity = worker.registration.capacity,
+            "worker registered"
+        );
+        let result = control_loop(shared, worker, control, tcp).await;
+        if state.registry.remove(&worker.id, worker.generation) {
+            info!("worker unregistered");
+        }
+        result
+    }
+    .instrument(span)
+    .await
+}
+
+async fn control_loop(
+    shared: &Shared,
+    worker: &WorkerHandle,
+    mut control: ControlStream,
+    mut tcp: Option<(&Arc<TcpTunnel>, &mut Incoming)>,
+) -> Result<(), TunnelError> {
+    let cfg = &shared.state.config.tunnel;
+    let idle = Duration::from_millis(cfg.idle_timeout_ms);
+    let mut ping = tokio::time::interval(Duration::from_millis(cfg.keepalive_ms));
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let started = Instant::now();
+    let mut last_heard = Instant::now();
+    let mut seq = 0u64;
+    let pinging = tcp.is_some();
+    let streams = TaskTracker::new();
+    let result = loop {
+        let incoming = async {
+            match tcp.as_mut() {
+                Some((_, incoming)) => incoming.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        let tick = async {
+            if pinging {
+                ping.tick().await
+            } else {
+                std::future::pending().await
+            }
+        };
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => {
+                worker.connection.close(close_code::SHUTDOWN, b"relay shutting down");
+                break Ok(());
+            }
+            msg = control.recv.next::<Control>() => {
+                last_heard = Instant::now();
+                match msg? {
+                    Some(Control::Ping { seq, sent_ms }) => send_frame(&mut control.send, &Control::Pong { seq, sent_ms }).await?,
+                    Some(Control::Pong { sent_ms, .. }) => {
+                        if let Some((tunnel, _)) = &tcp {
+                            let sent = Duration::from_millis(sent_ms);
+                            tunnel.set_rtt(started.elapsed().saturating_sub(sent));
+                        }
+                    }
+                    Some(Control::Draining {}) => {
+                        info!("worker is draining: no new sessions");
+                        worker.set_draining();
+                    }
+                    Some(_) => debug!("ignoring an unexpected control message"),
+                    None => break Ok(()),
+                }
+            }
+            _ = tick => {
+                if last_heard.elapsed() > idle {
+                    warn!(silent_ms = last_heard.elapsed().as_millis() as u64, "tunnel silent past tunnel.idle_timeout_ms; closing it");
+                    break Err(TunnelError::Timeout);
+                }
+                seq += 1;
+                let sent_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                send_frame(&mut control.send, &Control::Ping { seq, sent_ms }).await?;
+            }
+            Some(stream) = incoming => {
+                if let Some((tunnel, _)) = &tcp {
+                    streams.spawn(serve_turn_stream(stream, tunnel.remote, worker.id.clone(), shared.turn.clone(), shared.shutdown.clone(), next_port(shared)));
+                }
+            }
+        }
+    };
+    streams.close();
+    result
+}
+
+fn next_port(shared: &Shared) -> u16 {
+    shared.next_turn_port.fetch_add(1, Ordering::Relaxed).max(1)
+}
+
+/// A stream the worker opened after registration: TURN for its media, fed to the embedded TURN
+/// server as a TCP client at the worker's address. The five-tuple's server address is one no
+/// listener has (so no TURN TCP client can share it) and its client port a counter, so that
+/// every TURN stream is its own client, with the credentials, quotas and peer filter of any other.
+async fn serve_turn_stream(
+    mut stream: MuxStream,
+    remote: SocketAddr,
+    worker_id: String,
+    turn: Option<Arc<TurnServer>>,
+    shutdown: CancellationToken,
+    port: u16,
+) {
+    let header = tokio::time::timeout(
+        Duration::from_secs(5),
+        expect::<StreamHeader, _>(&mut stream, "the stream header"),
+    )
+    .await;
+    match (header, turn) {
+        (Ok(Ok(StreamHeader::Turn)), Some(turn)) => {
+            let five = crate::turn::server::FiveTuple {
+                client: SocketAddr::new(remote.ip(), port),
+                server: turn_stream_server_addr(),
+                transport: crate::turn::server::Transport::Tcp,
+            };
+            metrics::counter!("relay_tunnel_turn_streams_total").increment(1);
+            debug!(%worker_id, client = %five.client, "TURN stream through the tunnel");
+            crate::turn::serve_stream(turn, stream, five, shutdown).await;
+        }
+        (Ok(Ok(StreamHeader::Turn)), None) => {
+            info!(%worker_id, "worker asked for TURN through the tunnel, but this relay runs no embedded TURN server");
+        }
+        (other, _) => debug!(%worker_id, ?other, "unexpected stream from the worker; dropped"),
+    }
+}
+
+/// The server side of TURN streams' five-tuples: an address no socket of the relay uses.
+fn turn_stream_server_addr() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 0))
+}
+
+/// Open a session stream on the slot's worker and send the opening frames.
+pub async fn open_session(
+    slot: &SessionSlot,
+    open: SessionOpen,
+    first: SessionFrame,
+) -> Result<(SendHalf, FramedRecv<RecvHalf>), TunnelError> {
+    let (mut send, recv) = slot.worker.connection.open_bi().await?;
+    send_frame(&mut send, &SessionFrame::Open(open)).await?;
+    send_frame(&mut send, &first).await?;
+    Ok((send, FramedRecv::new(recv)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unauthenticated_connections_are_retried_then_refused_under_load() {
+        let cfg = crate::config::TunnelConfig {
+            max_pending_handshakes: 8,
+            retry_above_pending: 2,
+            ..Default::default()
+        };
+        assert_eq!(admission(0, false, &cfg), Admission::Accept);
+        assert_eq!(admission(1, false, &cfg), Admission::Accept);
+        assert_eq!(admission(2, false, &cfg), Admission::Retry);
+        assert_eq!(
+            admission(2, true, &cfg),
+            Admission::Accept,
+            "address proven by the Retry"
+        );
+        assert_eq!(admission(7, true, &cfg), Admission::Accept);
+        assert_eq!(admission(8, true, &cfg), Admission::Refuse);
+        assert_eq!(admission(100, false, &cfg), Admission::Refuse);
+    }
+}
