@@ -16,6 +16,9 @@ const state = {
   pc: null,
   sessionId: null,
   events: [],
+  // Round trips measured by the page (ms): offer → answer, and a text message → the first
+  // assistant text (browser → relay → worker and back).
+  timing: { offerToAnswerMs: null, textToFirstTextMs: null },
   wsState: 'closed',
   iceState: 'new',
   pair: '–',
@@ -40,6 +43,15 @@ function renderStatus() {
 
 function logEvent(ev) {
   state.events.push(ev);
+  const t = state.timing;
+  if (ev.type === 'webrtc_answer' && t.offerSentAt != null) {
+    t.offerToAnswerMs = performance.now() - t.offerSentAt;
+    t.offerSentAt = null;
+  }
+  if (ev.type === 'assistant_text' && t.textSentAt != null) {
+    t.textToFirstTextMs = performance.now() - t.textSentAt;
+    t.textSentAt = null;
+  }
   if (ev.type === 'assistant_text' && !ev.final) return; // deltas go to the answer panel only
   const li = document.createElement('li');
   li.textContent = JSON.stringify(ev).slice(0, 300);
@@ -49,7 +61,11 @@ function logEvent(ev) {
 }
 
 function send(msg) {
-  if (state.ws && state.ws.readyState === WebSocket.OPEN) state.ws.send(JSON.stringify(msg));
+  if (state.ws && state.ws.readyState === WebSocket.OPEN) {
+    if (msg.type === 'webrtc_offer') state.timing.offerSentAt = performance.now();
+    if (msg.type === 'text_webrtc') state.timing.textSentAt = performance.now();
+    state.ws.send(JSON.stringify(msg));
+  }
 }
 
 function setConnected(on) {
@@ -175,6 +191,7 @@ async function collectStats() {
   const out = {
     framesDecoded: 0, frameWidth: 0, frameHeight: 0, localCandidateType: null, remoteCandidateType: null,
     iceState: state.iceState, audioLevel: 0, totalAudioEnergy: 0, audioSamplesReceived: 0,
+    offerToAnswerMs: state.timing.offerToAnswerMs, textToFirstTextMs: state.timing.textToFirstTextMs,
   };
   if (!state.pc) return out;
   const report = await state.pc.getStats();
@@ -183,6 +200,11 @@ async function collectStats() {
   report.forEach((s) => {
     if (s.type === 'inbound-rtp' && s.kind === 'video') {
       out.framesDecoded = s.framesDecoded || 0;
+      out.framesDropped = s.framesDropped || 0;
+      out.freezeCount = s.freezeCount || 0;
+      out.totalFreezesDuration = s.totalFreezesDuration || 0;
+      out.videoPacketsLost = s.packetsLost || 0;
+      out.nackCount = s.nackCount || 0;
       out.frameWidth = s.frameWidth || 0;
       out.frameHeight = s.frameHeight || 0;
     }
@@ -199,6 +221,7 @@ async function collectStats() {
     const remote = report.get(pair.remoteCandidateId);
     out.localCandidateType = local && local.candidateType;
     out.remoteCandidateType = remote && remote.candidateType;
+    out.remoteAddress = remote && (remote.address || remote.ip);
     out.localRelayProtocol = (local && local.relayProtocol) || null;
   }
   return out;

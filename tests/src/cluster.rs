@@ -388,3 +388,36 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, Str
         .unwrap_or_default();
     Ok((status, body))
 }
+
+/// A log file's text without its ANSI colours.
+pub fn log_text(path: &Path) -> String {
+    let raw = std::fs::read_to_string(path).unwrap_or_default();
+    let mut out = String::with_capacity(raw.len());
+    let mut chars = raw.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // Skip the escape sequence up to its final letter.
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Wait until the log at `path` has `count` occurrences of `needle`; how long it took, or `None`
+/// after `timeout`.
+pub async fn wait_for_count(path: &Path, needle: &str, count: usize, timeout: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    while started.elapsed() < timeout {
+        if log_text(path).matches(needle).count() >= count {
+            return Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}

@@ -64,7 +64,7 @@ impl ReceiverStats {
 }
 
 /// The mouth area of the built-in avatar at 512×512: (x0, x1, y0, y1).
-fn mouth_region() -> (u32, u32, u32, u32) {
+pub fn mouth_region() -> (u32, u32, u32, u32) {
     let face_box = avatar_worker::media::avatar::synthetic_face_box(512, 512);
     let m = avatar_worker::talk::face::mouth_area(face_box, 512, 512);
     (m.x, m.x + m.w, m.y, m.y + m.h)

@@ -2,7 +2,45 @@
 //! the relay (with its embedded TURN) in the "public" namespace between them. Used by
 //! `tests/tests/topologies.rs` with headless Chromium (`chromium-probe`) in the browser namespace.
 
+use crate::cluster::{Cluster, SECRET};
 use crate::netns::{self, ChildNs};
+
+/// The relay's address in the "public" namespace.
+pub const PUBLIC: &str = "203.0.113.1";
+
+/// A relay on [`PUBLIC`] as an operator deploys one: HTTPS on 443 (which also takes tunnels over
+/// TLS/TCP), QUIC tunnels on 4433, embedded TURN on 3478 (UDP and TCP) and 5349 (TLS), with the
+/// test ranges allowed as TURN peers.
+pub async fn public_relay() -> Cluster {
+    let turn = format!(
+        "[turn]\nmode = \"embedded\"\nttl_s = 300\n\
+         urls = [\"turn:{PUBLIC}:3478?transport=udp\", \"turn:{PUBLIC}:3478?transport=tcp\", \"turns:{PUBLIC}:5349?transport=tcp\"]\n\
+         [turn.embedded]\nlisten_udp = \"{PUBLIC}:3478\"\nlisten_tcp = \"{PUBLIC}:3478\"\nlisten_tls = \"{PUBLIC}:5349\"\n\
+         relay_ip = \"{PUBLIC}\"\nallow_peers = [\"192.0.2.0/24\", \"198.51.100.0/24\", \"203.0.113.0/24\"]\n"
+    );
+    Cluster::relay_at(
+        &format!("{PUBLIC}:443"),
+        &format!("{PUBLIC}:4433"),
+        &turn,
+        true,
+        "self_signed = true",
+    )
+    .await
+}
+
+/// Start worker `gpu-1` (capacity 2) in the GPU namespace, naming only the relay's QUIC address,
+/// with `tunnel_toml` in its `[tunnel]` section; its log path.
+pub fn spawn_gpu_worker(cluster: &mut Cluster, topo: &Topology, tunnel_toml: &str) -> std::path::PathBuf {
+    let trust = format!("fingerprint = \"{}\"", cluster.relay.fingerprint);
+    cluster.spawn_worker_in(
+        Some(topo.gpu.pid()),
+        "gpu-1",
+        2,
+        SECRET,
+        &trust,
+        &format!("[tunnel]\n{tunnel_toml}\n"),
+    )
+}
 
 /// A worker and a browser, each behind its own NAT; the relay and its TURN in the middle.
 ///
@@ -16,7 +54,7 @@ use crate::netns::{self, ChildNs};
 /// server-reflexive candidates are useless and only TURN reaches it. Otherwise the NAT keeps ports
 /// (port-restricted cone) and hole punching may work.
 pub struct Topology {
-    _wnat: ChildNs,
+    wnat: ChildNs,
     pub gpu: ChildNs,
     _bnat: ChildNs,
     pub browser: ChildNs,
@@ -81,7 +119,7 @@ impl Topology {
             );
         }
         Self {
-            _wnat: wnat,
+            wnat,
             gpu,
             _bnat: bnat,
             browser,
@@ -100,6 +138,47 @@ impl Topology {
         }
         rules += "iptables -A OUTPUT -j DROP";
         self.browser.sh(&rules);
+    }
+
+    /// Firewall the GPU box at its NAT: no UDP out at all (flows already open included), and TCP
+    /// only to `allowed` (the relay's HTTPS port), as on a network that lets only HTTPS out.
+    /// Calling it again replaces the rules; [`Topology::unblock_worker`] lifts them.
+    pub fn block_worker_udp(&self, allowed: &[(&str, u16)]) {
+        let mut rules = String::from(
+            "(iptables -N AE-GPU-FW 2>/dev/null || true) && \
+             (iptables -C FORWARD -i lan0 -j AE-GPU-FW 2>/dev/null || iptables -I FORWARD 1 -i lan0 -j AE-GPU-FW) && \
+             iptables -F AE-GPU-FW && iptables -A AE-GPU-FW -p udp -j DROP && ",
+        );
+        for (ip, port) in allowed {
+            rules += &format!("iptables -A AE-GPU-FW -p tcp -d {ip} --dport {port} -j RETURN && ");
+        }
+        rules += "iptables -A AE-GPU-FW -p tcp -j DROP";
+        self.wnat.sh(&rules);
+    }
+
+    /// Lift [`Topology::block_worker_udp`].
+    pub fn unblock_worker(&self) {
+        self.wnat.sh("iptables -F AE-GPU-FW");
+    }
+
+    /// Run `script` in the worker's NAT namespace (e.g. `tc` on `wan0`, its link to the relay).
+    pub fn worker_nat_sh(&self, script: &str) {
+        self.wnat.sh(script);
+    }
+
+    /// `chromium-probe URL FRAMES` in the browser namespace with `env` set: its JSON line (or
+    /// `{"error": …}` with whatever it printed).
+    pub fn chromium_probe(&self, url: &str, frames: u32, env: &[(&str, String)]) -> serde_json::Value {
+        let out = std::process::Command::new("nsenter")
+            .args(["-t", &self.browser.pid().to_string(), "-n", "--"])
+            .arg(crate::bin_path("chromium-probe"))
+            .arg(url)
+            .arg(frames.to_string())
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .output()
+            .expect("nsenter chromium-probe");
+        let line = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(line.trim()).unwrap_or_else(|_| serde_json::json!({ "error": line.trim() }))
     }
 
     /// Run a workspace binary inside the browser namespace; its stdout.

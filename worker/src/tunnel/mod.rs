@@ -55,6 +55,9 @@ pub enum TunnelError {
     Trust(String),
     #[error("resolving {0}: no address")]
     Resolve(String),
+    /// The QUIC path went silent (idle timeout), as when UDP is blocked mid-session.
+    #[error("QUIC path lost (idle timeout): is UDP to the relay blocked?")]
+    PathLost,
 }
 
 /// Accepts exactly the certificate with the pinned SHA-256 fingerprint; signatures are still
@@ -249,6 +252,14 @@ impl Link {
                 let (recv, send) = tokio::io::split(incoming.recv().await?);
                 Some((Box::new(send), Box::new(recv)))
             }
+        }
+    }
+
+    /// Whether QUIC closed for silence (the path died) rather than by either side.
+    fn timed_out(&self) -> bool {
+        match self {
+            Link::Quic { conn, .. } => matches!(conn.close_reason(), Some(quinn::ConnectionError::TimedOut)),
+            Link::Tcp { .. } => false,
         }
     }
 
@@ -496,6 +507,12 @@ pub async fn maintain(target: RelayTarget, ctx: Arc<Context>, shutdown: Cancella
                     tokio::select! {
                         result = &mut task => match result {
                             Ok(Ok(())) => {}
+                            Ok(Err(TunnelError::PathLost)) if mode == TunnelTransport::Auto => {
+                                // Likely UDP went away: TLS/TCP first now; the probe finds QUIC again.
+                                warn!("QUIC path lost; reconnecting over TLS/TCP first");
+                                metrics::counter!("worker_tunnel_failures_total").increment(1);
+                                prefer_tcp = true;
+                            }
                             Ok(Err(e)) => {
                                 warn!(error = %e, "tunnel failed");
                                 metrics::counter!("worker_tunnel_failures_total").increment(1);
@@ -559,7 +576,7 @@ async fn serve(
     } = tunnel;
     let transport = link.transport().as_str();
     let gateway = link.turn_gateway();
-    info!(%relay_id, transport, "registered with relay");
+    info!(%relay_id, "registered with relay over {transport}");
     metrics::counter!("worker_tunnel_registrations_total", "transport" => transport).increment(1);
     metrics::gauge!("worker_tunnel_transport", "relay" => relay_id.clone(), "transport" => transport).set(1.0);
     // This tunnel's sessions (also in `ctx.sessions`, which shutdown waits for).
@@ -646,6 +663,10 @@ async fn serve(
         task.abort();
     }
     metrics::gauge!("worker_tunnel_transport", "relay" => relay_id, "transport" => transport).set(0.0);
+    let result = match result {
+        Err(_) if link.timed_out() => Err(TunnelError::PathLost),
+        other => other,
+    };
     link.close().await;
     result
 }
