@@ -38,7 +38,8 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/api/ice-servers", get(ice_servers))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics));
+        .route("/metrics", get(metrics))
+        .route("/api/workers", get(workers));
     let router = match &state.config.http.web_client_dir {
         Some(dir) => {
             let root = Arc::new(dir.clone());
@@ -172,12 +173,10 @@ async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
 
 /// Prometheus text exposition: with `http.metrics_token` to whoever presents it, otherwise to
 /// loopback callers that did not come through a proxy (a local Prometheus or script).
-async fn metrics(
-    ConnectInfo(remote): ConnectInfo<SocketAddr>,
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-) -> Response {
-    let allowed = match &state.config.http.metrics_token {
+/// Whether the operator's endpoints (`/metrics`, `/api/workers`) may answer: with
+/// `http.metrics_token`, to its bearer token; without, to loopback callers not behind a proxy.
+fn operator_allowed(state: &AppState, remote: SocketAddr, headers: &HeaderMap) -> bool {
+    match &state.config.http.metrics_token {
         Some(token) => headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -189,19 +188,55 @@ async fn metrics(
                 .any(|h| headers.contains_key(*h));
             avatar_proto::netfilter::canonical(remote.ip()).is_loopback() && !proxied
         }
-    };
-    if !allowed {
-        return (
-            StatusCode::NOT_FOUND,
-            "metrics are served to loopback, or with the bearer token of http.metrics_token",
-        )
-            .into_response();
+    }
+}
+
+const OPERATOR_ONLY: &str = "served to loopback, or with the bearer token of http.metrics_token";
+
+async fn metrics(
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Response {
+    if !operator_allowed(&state, remote, &headers) {
+        return (StatusCode::NOT_FOUND, OPERATOR_ONLY).into_response();
     }
     let Some(handle) = &state.metrics else {
         return (StatusCode::NOT_FOUND, "metrics are not enabled").into_response();
     };
     crate::metrics::refresh_gauges(&state);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render()).into_response()
+}
+
+/// The registered workers, for operators: id, transport, load, round trip.
+async fn workers(
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Response {
+    if !operator_allowed(&state, remote, &headers) {
+        return (StatusCode::NOT_FOUND, OPERATOR_ONLY).into_response();
+    }
+    let mut list: Vec<_> = state
+        .registry
+        .all()
+        .iter()
+        .map(|w| {
+            serde_json::json!({
+                "id": w.id,
+                "transport": w.connection.transport().as_str(),
+                "remote": w.connection.remote_address().to_string(),
+                "capacity": w.registration.capacity,
+                "active": w.active(),
+                "draining": w.is_draining(),
+                "rtt_ms": w.connection.rtt().as_secs_f64() * 1000.0,
+                "avatars": w.registration.avatars.len(),
+                "labels": w.registration.labels,
+            })
+        })
+        .collect();
+    list.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
+    Json(serde_json::json!({ "workers": list })).into_response()
 }
 
 /// Equal bytes, compared in time that depends only on the length.
@@ -614,9 +649,20 @@ mod tests {
             StatusCode::NOT_FOUND
         );
         assert_eq!(
-            get_from(locked, "/metrics", "127.0.0.1", &[]).await.0,
+            get_from(Arc::clone(&locked), "/metrics", "127.0.0.1", &[]).await.0,
             StatusCode::NOT_FOUND,
             "with a token, loopback needs it too"
+        );
+        // The worker list is the operator's too, under the same rule.
+        let (status, _, body) = get_from(Arc::clone(&locked), "/api/workers", "203.0.113.9", &bearer).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&body).expect("JSON")["workers"],
+            serde_json::json!([])
+        );
+        assert_eq!(
+            get_from(locked, "/api/workers", "203.0.113.9", &wrong).await.0,
+            StatusCode::NOT_FOUND
         );
     }
 
