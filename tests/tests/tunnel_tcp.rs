@@ -31,7 +31,11 @@ fn browse(topo: &Topology, frames: u32, say: Option<&str>, watch_ms: u64) -> Val
     if watch_ms > 0 {
         env.push(("PROBE_WATCH_MS", watch_ms.to_string()));
     }
-    topo.chromium_probe(&format!("https://{PUBLIC}/?autoconnect=1&avatar=avatar_tutor_13"), frames, &env)
+    topo.chromium_probe(
+        &format!("https://{PUBLIC}/?autoconnect=1&avatar=avatar_tutor_13"),
+        frames,
+        &env,
+    )
 }
 
 async fn browse_async(topo: &std::sync::Arc<Topology>, frames: u32, say: Option<&'static str>, watch_ms: u64) -> Value {
@@ -63,8 +67,14 @@ async fn plays_without_udp(name: &str, browser_symmetric: bool, say: Option<&'st
         "{name}: {report}\n{}",
         cluster.logs()
     );
-    assert_eq!(report["remote"], "relay", "{name}: the worker's side is a relay candidate: {report}");
-    assert_eq!(report["remote_address"], PUBLIC, "{name}: on the relay's address: {report}");
+    assert_eq!(
+        report["remote"], "relay",
+        "{name}: the worker's side is a relay candidate: {report}"
+    );
+    assert_eq!(
+        report["remote_address"], PUBLIC,
+        "{name}: on the relay's address: {report}"
+    );
     if say.is_some() {
         assert_eq!(report["spoke"], true, "{name}: the avatar answered aloud: {report}");
         assert!(
@@ -91,9 +101,12 @@ fn a_gpu_box_without_udp_registers_over_tcp_and_a_browser_behind_a_cone_nat_talk
 
 #[test]
 fn a_gpu_box_without_udp_serves_a_browser_behind_a_symmetric_nat() {
-    netns::run("a_gpu_box_without_udp_serves_a_browser_behind_a_symmetric_nat", || async {
-        plays_without_udp("no UDP, symmetric browser", true, None).await;
-    });
+    netns::run(
+        "a_gpu_box_without_udp_serves_a_browser_behind_a_symmetric_nat",
+        || async {
+            plays_without_udp("no UDP, symmetric browser", true, None).await;
+        },
+    );
 }
 
 #[test]
@@ -105,7 +118,11 @@ fn when_udp_returns_the_worker_moves_to_quic_and_the_playing_session_plays_on() 
             topo.block_worker_udp(&[(PUBLIC, 443)]);
             let mut cluster = public_relay().await;
             let probe_interval = 3;
-            let log = spawn_gpu_worker(&mut cluster, &topo, &format!("quic_probe_interval_s = {probe_interval}"));
+            let log = spawn_gpu_worker(
+                &mut cluster,
+                &topo,
+                &format!("quic_probe_interval_s = {probe_interval}"),
+            );
             wait_for_count(&log, "registered with relay over tcp", 1, SECS(15))
                 .await
                 .unwrap_or_else(|| panic!("never on TCP\n{}", log_text(&log)));

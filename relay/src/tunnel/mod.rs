@@ -667,4 +667,112 @@ mod tests {
         assert_eq!(admission(8, true, &cfg), Admission::Refuse);
         assert_eq!(admission(100, false, &cfg), Admission::Refuse);
     }
+
+    /// A worker in memory: hello, then (given the challenge) proof and registration, over one
+    /// end of a duplex; the relay's handshake runs on the other. What the worker read back.
+    async fn handshake_with(
+        secret: &str,
+        protocol: u32,
+        capacity: u32,
+        exporter_seen_by_worker: [u8; EXPORTER_LEN],
+    ) -> (Result<(String, Registration), TunnelError>, Vec<Control>) {
+        let mut config = crate::config::RelayConfig::dev();
+        config.tunnel.secret = crate::config::Secret::new("the-relays-secret-0123456789");
+        let state = AppState::new(config, CancellationToken::new());
+        let (relay_end, worker_end) = tokio::io::duplex(64 * 1024);
+        let exporter = [7u8; EXPORTER_LEN];
+        let relay = async {
+            let (mut recv, mut send) = tokio::io::split(relay_end);
+            handshake(&mut send, &mut recv, &exporter, &state).await
+        };
+        let worker = async {
+            let (mut recv, mut send) = tokio::io::split(worker_end);
+            let mut seen = Vec::new();
+            let hello = Control::Hello {
+                protocol,
+                worker_id: "gpu-1".into(),
+                software: "test".into(),
+            };
+            send_frame(&mut send, &hello).await.expect("hello");
+            let Ok(Some(first)) = recv_frame_exact::<_, Control>(&mut recv).await else {
+                return seen;
+            };
+            seen.push(first.clone());
+            if let Control::Challenge { nonce, .. } = first {
+                let proof =
+                    avatar_proto::tunnel::auth_proof(secret.as_bytes(), &nonce, "gpu-1", &exporter_seen_by_worker);
+                send_frame(&mut send, &Control::Auth { proof }).await.expect("auth");
+                let registration = Registration {
+                    avatars: vec![],
+                    capacity,
+                    labels: Default::default(),
+                    instance: Some("abc".into()),
+                };
+                send_frame(&mut send, &Control::Register(registration))
+                    .await
+                    .expect("register");
+                while let Ok(Some(msg)) = recv_frame_exact::<_, Control>(&mut recv).await {
+                    seen.push(msg);
+                }
+            }
+            seen
+        };
+        // When the relay's side returns, its halves drop and the worker's reads end.
+        let (result, seen) = tokio::join!(relay, worker);
+        (result, seen)
+    }
+
+    fn last(seen: &[Control]) -> &Control {
+        seen.last().expect("the worker heard something")
+    }
+
+    #[tokio::test]
+    async fn a_worker_with_the_secret_registers_on_any_byte_stream() {
+        let (result, seen) =
+            handshake_with("the-relays-secret-0123456789", PROTOCOL_VERSION, 4, [7; EXPORTER_LEN]).await;
+        let (id, registration) = result.expect("registered");
+        assert_eq!(id, "gpu-1");
+        assert_eq!(registration.capacity, 4);
+        assert_eq!(registration.instance.as_deref(), Some("abc"));
+        assert!(matches!(seen[0], Control::Challenge { .. }));
+        assert!(matches!(last(&seen), Control::Registered { .. }), "{seen:?}");
+    }
+
+    #[tokio::test]
+    async fn wrong_secrets_sessions_protocols_and_capacities_are_rejected_with_a_reason() {
+        // The wrong secret.
+        let (result, seen) = handshake_with("another-secret-0123456789", PROTOCOL_VERSION, 4, [7; EXPORTER_LEN]).await;
+        assert!(matches!(result, Err(TunnelError::Rejected(_))));
+        assert_eq!(
+            last(&seen),
+            &Control::Rejected {
+                reason: "authentication failed".into()
+            }
+        );
+        // The right secret, but a proof made for another TLS session (a relayed proof).
+        let (result, _) = handshake_with("the-relays-secret-0123456789", PROTOCOL_VERSION, 4, [8; EXPORTER_LEN]).await;
+        assert!(matches!(result, Err(TunnelError::Rejected(_))));
+        // Another protocol version: refused before any challenge.
+        let (result, seen) = handshake_with(
+            "the-relays-secret-0123456789",
+            PROTOCOL_VERSION + 1,
+            4,
+            [7; EXPORTER_LEN],
+        )
+        .await;
+        assert!(matches!(result, Err(TunnelError::Rejected(_))));
+        assert!(matches!(&seen[..], [Control::Rejected { .. }]), "{seen:?}");
+        // No capacity, or more than a relay accepts.
+        for capacity in [0, avatar_proto::tunnel::MAX_WORKER_CAPACITY + 1] {
+            let (result, seen) = handshake_with(
+                "the-relays-secret-0123456789",
+                PROTOCOL_VERSION,
+                capacity,
+                [7; EXPORTER_LEN],
+            )
+            .await;
+            assert!(matches!(result, Err(TunnelError::Rejected(_))), "{capacity}");
+            assert!(matches!(last(&seen), Control::Rejected { .. }), "{seen:?}");
+        }
+    }
 }

@@ -57,17 +57,20 @@ async fn run(transport: &str, block_udp: bool, loss: bool, watch_s: u64) -> Valu
     }
     let mut cluster = public_relay().await;
     let log = spawn_gpu_worker(&mut cluster, &topo, &format!("transport = \"{transport}\""));
-    if wait_for_count(&log, &format!("registered with relay over {transport}"), 1, Duration::from_secs(20))
-        .await
-        .is_none()
+    if wait_for_count(
+        &log,
+        &format!("registered with relay over {transport}"),
+        1,
+        Duration::from_secs(20),
+    )
+    .await
+    .is_none()
     {
         return serde_json::json!({ "error": format!("the worker never registered over {transport}") });
     }
     if loss {
         // Everything the worker's NAT forwards, both ways: tunnel, TURN and media alike.
-        topo.worker_nat_sh(
-            "iptables -I FORWARD 1 -m statistic --mode random --probability 0.01 -j DROP",
-        );
+        topo.worker_nat_sh("iptables -I FORWARD 1 -m statistic --mode random --probability 0.01 -j DROP");
     }
     let url = format!("https://{PUBLIC}/?autoconnect=1&avatar=avatar_tutor_13");
     let env = [
