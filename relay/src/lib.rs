@@ -286,13 +286,11 @@ impl Relay {
         // Compiled here, before any socket is bound: a broken module stops the start, not a request.
         let policies = policy::Policies::load(&config.policies)?;
         let http_addr = config.http.listen;
-        let http = std::net::TcpListener::bind(http_addr)
-            .and_then(|l| l.set_nonblocking(true).map(|()| l))
-            .map_err(|source| RelayError::Bind {
-                what: "http (TCP)",
-                addr: http_addr,
-                source,
-            })?;
+        let http = limits::listen_tcp(http_addr).map_err(|source| RelayError::Bind {
+            what: "http (TCP)",
+            addr: http_addr,
+            source,
+        })?;
         let endpoint = tunnel::endpoint(config.tunnel.listen, &certs, &config.tunnel)?;
         let turn = if config.turn.mode == config::TurnMode::Embedded {
             let own = [config.http.listen.ip(), config.tunnel.listen.ip()];

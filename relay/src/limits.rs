@@ -297,6 +297,26 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
     }
 }
 
+/// Connections the kernel may hold completed but not yet accepted, per listener (capped by
+/// `net.core.somaxconn`). The standard library's 128 overflows under a burst of connections (a
+/// page load storm, or an attacker), and a client whose SYN is dropped retries only after 1 s.
+pub const LISTEN_BACKLOG: i32 = 4096;
+
+/// A non-blocking TCP listener on `addr` with [`LISTEN_BACKLOG`].
+pub fn listen_tcp(addr: std::net::SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    // As the standard library does: a restarted relay can bind at once.
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
 /// The connection cap that fits this process: `configured`, lowered so that at most three
 /// quarters of the soft descriptor limit go to HTTP connections (the rest: tunnels, TURN,
 /// policy modules, logs). `None` when the limit cannot be read (not Linux).

@@ -119,7 +119,7 @@ fn readyz_and_metrics_describe_the_system() {
             );
         }
         assert!(
-            relay.contains("relay_tunnel_rtt_seconds{worker=\"metered\"}"),
+            relay.contains("relay_tunnel_rtt_seconds{worker=\"metered\",transport=\"quic\"}"),
             "{relay}"
         );
 

@@ -84,9 +84,7 @@ pub struct TurnServer {
 }
 
 fn bind_tcp(addr: SocketAddr, what: &'static str) -> Result<std::net::TcpListener, TurnError> {
-    std::net::TcpListener::bind(addr)
-        .and_then(|l| l.set_nonblocking(true).map(|()| l))
-        .map_err(|source| TurnError::Bind { what, addr, source })
+    crate::limits::listen_tcp(addr).map_err(|source| TurnError::Bind { what, addr, source })
 }
 
 impl TurnServer {

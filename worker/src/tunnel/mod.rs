@@ -615,9 +615,13 @@ async fn serve(
             _ = shutdown.cancelled() => {
                 let _ = send_frame(&mut send, &Control::Draining {}).await;
                 // Sessions obey the same token and say goodbye over this connection: let them
-                // finish before it closes.
+                // finish before it closes, and let their last frames cross (closing a QUIC
+                // connection drops what is still unsent): two round trips, within the same 2 s.
                 sessions.close();
-                let _ = tokio::time::timeout(Duration::from_secs(2), sessions.wait()).await;
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+                let _ = tokio::time::timeout_at(deadline, sessions.wait()).await;
+                let crossing = link.rtt().unwrap_or(Duration::ZERO) * 2 + Duration::from_millis(20);
+                tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + crossing)).await;
                 break Ok(());
             }
             stream = link.accept(), if !draining => match stream {
