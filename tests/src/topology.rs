@@ -144,15 +144,22 @@ impl Topology {
     /// only to `allowed` (the relay's HTTPS port), as on a network that lets only HTTPS out.
     /// Calling it again replaces the rules; [`Topology::unblock_worker`] lifts them.
     pub fn block_worker_udp(&self, allowed: &[(&str, u16)]) {
+        self.firewall_worker(&[], allowed);
+    }
+
+    /// Firewall the GPU box at its NAT: UDP only to `udp`, TCP only to `tcp`.
+    pub fn firewall_worker(&self, udp: &[(&str, u16)], tcp: &[(&str, u16)]) {
         let mut rules = String::from(
             "(iptables -N AE-GPU-FW 2>/dev/null || true) && \
              (iptables -C FORWARD -i lan0 -j AE-GPU-FW 2>/dev/null || iptables -I FORWARD 1 -i lan0 -j AE-GPU-FW) && \
-             iptables -F AE-GPU-FW && iptables -A AE-GPU-FW -p udp -j DROP && ",
+             iptables -F AE-GPU-FW && ",
         );
-        for (ip, port) in allowed {
-            rules += &format!("iptables -A AE-GPU-FW -p tcp -d {ip} --dport {port} -j RETURN && ");
+        for (proto, allowed) in [("udp", udp), ("tcp", tcp)] {
+            for (ip, port) in allowed {
+                rules += &format!("iptables -A AE-GPU-FW -p {proto} -d {ip} --dport {port} -j RETURN && ");
+            }
         }
-        rules += "iptables -A AE-GPU-FW -p tcp -j DROP";
+        rules += "iptables -A AE-GPU-FW -p udp -j DROP && iptables -A AE-GPU-FW -p tcp -j DROP";
         self.wnat.sh(&rules);
     }
 

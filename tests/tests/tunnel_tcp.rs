@@ -13,7 +13,9 @@
 //!   interval and the session plays on (the longest stall at the receiver is printed and bounded);
 //! - blocked mid-session: UDP goes while a session plays on QUIC; the worker falls back to TCP
 //!   and a new session plays. The session that was playing loses its media path (it ran over UDP),
-//!   and what it saw is printed.
+//!   and what it saw is printed;
+//! - UDP only to the tunnel port: QUIC works but TURN's ports do not; with `turn_via_quic` the
+//!   session's TURN rides the QUIC tunnel and the browser plays through the relay.
 
 use avatar_edge_tests::cluster::{log_text, wait_for_count};
 use avatar_edge_tests::netns;
@@ -203,6 +205,31 @@ fn when_udp_goes_mid_session_the_worker_falls_back_to_tcp_and_new_sessions_play(
             );
             assert_eq!(after["remote"], "relay", "{after}");
             let _ = on_tcp;
+        },
+    );
+}
+
+#[test]
+fn with_udp_only_to_the_tunnel_port_turn_rides_the_quic_tunnel() {
+    netns::run(
+        "with_udp_only_to_the_tunnel_port_turn_rides_the_quic_tunnel",
+        || async {
+            let topo = std::sync::Arc::new(Topology::new(false, false));
+            topo.firewall_worker(&[(PUBLIC, 4433)], &[]);
+            let mut cluster = public_relay().await;
+            let log = spawn_gpu_worker(&mut cluster, &topo, "turn_via_quic = true");
+            wait_for_count(&log, "registered with relay over quic", 1, SECS(15))
+                .await
+                .unwrap_or_else(|| panic!("never on QUIC\n{}", log_text(&log)));
+            let report = browse_async(&topo, 100, None, 0).await;
+            println!("UDP only to 4433, TURN through the QUIC tunnel: {report}");
+            assert!(
+                report["frames"].as_u64().unwrap_or(0) >= 100,
+                "{report}\n{}",
+                cluster.logs()
+            );
+            assert_eq!(report["remote"], "relay", "{report}");
+            assert_eq!(report["remote_address"], PUBLIC, "{report}");
         },
     );
 }

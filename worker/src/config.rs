@@ -117,6 +117,9 @@ pub struct TunnelSettings {
     /// With `auto`, while on TLS/TCP: how often to try QUIC again. When it connects, new sessions
     /// go over QUIC at once and the TCP tunnel closes after its last session.
     pub quic_probe_interval_s: u64,
+    /// Send the sessions' TURN through the tunnel on QUIC too (a network that lets UDP out only
+    /// to the relay's tunnel port). On TLS/TCP it always goes through the tunnel.
+    pub turn_via_quic: bool,
 }
 
 impl Default for TunnelSettings {
@@ -125,6 +128,7 @@ impl Default for TunnelSettings {
             transport: TunnelTransport::Auto,
             quic_timeout_ms: 2000,
             quic_probe_interval_s: 30,
+            turn_via_quic: false,
         }
     }
 }

@@ -4,7 +4,8 @@
 //! Both transports run the same handshake and control loop over tokio byte streams; what differs
 //! is where the streams come from (QUIC's own, or yamux over TLS) and, on TCP, that the relay
 //! pings the worker itself (TCP has no QUIC idle timer to notice a dead path, and the pings give
-//! routing its round-trip time) and accepts the worker's TURN streams ([`StreamHeader::Turn`]).
+//! routing its round-trip time). On either, streams the worker opens after registration carry its
+//! sessions' TURN ([`StreamHeader::Turn`]) to the embedded TURN server.
 //!
 //! Each accepted connection gets its own task, owned by a `TaskTracker` so shutdown can wait for
 //! all of them. The handshake runs inside that task under a deadline, never in the accept loop,
@@ -17,7 +18,8 @@
 //! and registration at once (more are refused at once), above `retry_above_pending` a client must
 //! first prove its address with a stateless Retry, the whole handshake has one deadline, a worker
 //! may open two streams (its control stream and a spare; session streams are the relay's) and no
-//! unidirectional ones, and the receive windows are bounded, so unread data cannot pile up.
+//! unidirectional ones, and the receive windows are bounded, so unread data cannot pile up. Only
+//! once registered may it open more: one TURN stream per session.
 
 pub mod conn;
 pub mod tcp;
@@ -292,6 +294,10 @@ async fn handle_quic(incoming: quinn::Incoming, shared: &Shared, pending: Pendin
             return Err(TunnelError::Timeout);
         }
     };
+    // Authenticated: the worker may now open a TURN stream per session (`tunnel.turn_via_quic`).
+    conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(
+        WORKER_OPENED_STREAMS.saturating_add(session_stream_limit(registration.capacity)),
+    ));
     let worker = Arc::new(WorkerHandle::new(
         worker_id,
         registration,
@@ -299,7 +305,7 @@ async fn handle_quic(incoming: quinn::Incoming, shared: &Shared, pending: Pendin
         state.registry.next_generation(),
     ));
     let control = ControlStream::new(send, recv);
-    let result = registered(shared, &worker, control, None).await;
+    let result = registered(shared, &worker, control, WorkerStreams::Quic(&conn)).await;
     if let Some(reason) = conn.close_reason() {
         info!(%reason, "tunnel closed");
     }
@@ -357,7 +363,7 @@ async fn handle_tcp(accepted: tcp::TcpAccepted, shared: &Shared, pending: Pendin
         shared,
         &worker,
         ControlStream::new(send, recv),
-        Some((&tunnel, &mut incoming)),
+        WorkerStreams::Tcp(&tunnel, &mut incoming),
     )
     .await;
     mux.close();
@@ -482,12 +488,38 @@ impl ControlStream {
     }
 }
 
+/// Streams the worker opens after registration (its TURN streams), on either transport.
+enum WorkerStreams<'a> {
+    Quic(&'a quinn::Connection),
+    Tcp(&'a Arc<TcpTunnel>, &'a mut Incoming),
+}
+
+impl WorkerStreams<'_> {
+    /// The next stream the worker opened; `None` when the tunnel has ended.
+    async fn next(&mut self) -> Option<Box<dyn tcp::Io>> {
+        match self {
+            WorkerStreams::Quic(conn) => {
+                let (send, recv) = conn.accept_bi().await.ok()?;
+                Some(Box::new(tokio::io::join(recv, send)))
+            }
+            WorkerStreams::Tcp(_, incoming) => Some(Box::new(incoming.recv().await?)),
+        }
+    }
+
+    fn tcp(&self) -> Option<&Arc<TcpTunnel>> {
+        match self {
+            WorkerStreams::Quic(_) => None,
+            WorkerStreams::Tcp(tunnel, _) => Some(tunnel),
+        }
+    }
+}
+
 /// Register the worker, run its control loop until the tunnel ends, then unregister it.
 async fn registered(
     shared: &Shared,
     worker: &Arc<WorkerHandle>,
     control: ControlStream,
-    tcp: Option<(&Arc<TcpTunnel>, &mut Incoming)>,
+    streams: WorkerStreams<'_>,
 ) -> Result<(), TunnelError> {
     let state = &shared.state;
     let transport = worker.connection.transport().as_str();
@@ -506,7 +538,7 @@ async fn registered(
             capacity = worker.registration.capacity,
             "worker registered"
         );
-        let result = control_loop(shared, worker, control, tcp).await;
+        let result = control_loop(shared, worker, control, streams).await;
         if state.registry.remove(&worker.id, worker.generation) {
             info!("worker unregistered");
         }
@@ -520,7 +552,7 @@ async fn control_loop(
     shared: &Shared,
     worker: &WorkerHandle,
     mut control: ControlStream,
-    mut tcp: Option<(&Arc<TcpTunnel>, &mut Incoming)>,
+    mut streams: WorkerStreams<'_>,
 ) -> Result<(), TunnelError> {
     let cfg = &shared.state.config.tunnel;
     let idle = Duration::from_millis(cfg.idle_timeout_ms);
@@ -529,15 +561,12 @@ async fn control_loop(
     let started = Instant::now();
     let mut last_heard = Instant::now();
     let mut seq = 0u64;
-    let pinging = tcp.is_some();
-    let streams = TaskTracker::new();
+    // Over QUIC the transport's own keep-alive and idle timer watch the path.
+    let pinging = streams.tcp().is_some();
+    let turn_streams = TaskTracker::new();
+    let remote = worker.connection.remote_address();
     let result = loop {
-        let incoming = async {
-            match tcp.as_mut() {
-                Some((_, incoming)) => incoming.recv().await,
-                None => std::future::pending().await,
-            }
-        };
+        let incoming = streams.next();
         let tick = async {
             if pinging {
                 ping.tick().await
@@ -555,7 +584,7 @@ async fn control_loop(
                 match msg? {
                     Some(Control::Ping { seq, sent_ms }) => send_frame(&mut control.send, &Control::Pong { seq, sent_ms }).await?,
                     Some(Control::Pong { sent_ms, .. }) => {
-                        if let Some((tunnel, _)) = &tcp {
+                        if let Some(tunnel) = streams.tcp() {
                             let sent = Duration::from_millis(sent_ms);
                             tunnel.set_rtt(started.elapsed().saturating_sub(sent));
                         }
@@ -578,13 +607,11 @@ async fn control_loop(
                 send_frame(&mut control.send, &Control::Ping { seq, sent_ms }).await?;
             }
             Some(stream) = incoming => {
-                if let Some((tunnel, _)) = &tcp {
-                    streams.spawn(serve_turn_stream(stream, tunnel.remote, worker.id.clone(), shared.turn.clone(), shared.shutdown.clone(), next_port(shared)));
-                }
+                turn_streams.spawn(serve_turn_stream(stream, remote, worker.id.clone(), shared.turn.clone(), shared.shutdown.clone(), next_port(shared)));
             }
         }
     };
-    streams.close();
+    turn_streams.close();
     result
 }
 
@@ -597,7 +624,7 @@ fn next_port(shared: &Shared) -> u16 {
 /// listener has (so no TURN TCP client can share it) and its client port a counter, so that
 /// every TURN stream is its own client, with the credentials, quotas and peer filter of any other.
 async fn serve_turn_stream(
-    mut stream: MuxStream,
+    mut stream: Box<dyn tcp::Io>,
     remote: SocketAddr,
     worker_id: String,
     turn: Option<Arc<TurnServer>>,

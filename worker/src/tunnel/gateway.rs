@@ -1,12 +1,18 @@
 //! TURN through the tunnel, for a worker whose network blocks UDP.
 //!
-//! The ICE agent (webrtc-rs) speaks TURN over UDP only. On a TLS/TCP tunnel the worker therefore
-//! gives each session's agent a TURN server on loopback: this gateway. Every local client (one
+//! The ICE agent (webrtc-rs) speaks TURN over UDP only. On a TLS/TCP tunnel (and on QUIC with
+//! `tunnel.turn_via_quic`, for a network that lets UDP out only to the tunnel port) the worker
+//! therefore gives each session's agent a TURN server on loopback: this gateway. Every local client (one
 //! UDP source address, i.e. one session's TURN client) gets its own tunnel stream, opened with
 //! [`StreamHeader::Turn`]; the relay feeds that stream to its embedded TURN server as a TCP
 //! client. Datagrams become stream frames (ChannelData padded to 4 bytes, RFC 8656 §12.5) and
 //! frames become datagrams again (padding cut). The relayed address the agent gets is on the
 //! relay, so browsers reach the worker's media there, by UDP or by TURN over TCP/TLS of their own.
+//!
+//! On QUIC these are streams too, not QUIC datagrams: a datagram must fit one packet, and a
+//! 1,200-byte RTP packet in TURN framing does not fit QUIC's datagram size before path MTU
+//! discovery raises it; a stream carries any size, and each session has its own, so a loss delays
+//! only that session.
 
 use avatar_proto::mux::Mux;
 use avatar_proto::stream::send_frame;
@@ -31,13 +37,46 @@ pub struct TurnGateway {
     stop: CancellationToken,
 }
 
+/// How the gateway opens tunnel streams.
+#[derive(Debug, Clone)]
+pub enum Opener {
+    Mux(Mux),
+    Quic(quinn::Connection),
+}
+
+/// A stream the gateway can own.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
+
+impl Opener {
+    async fn open(&self) -> Result<Box<dyn Io>, String> {
+        match self {
+            Opener::Mux(mux) => Ok(Box::new(mux.open().await.map_err(|e| e.to_string())?)),
+            Opener::Quic(conn) => {
+                let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+                Ok(Box::new(tokio::io::join(recv, send)))
+            }
+        }
+    }
+
+    /// Resolves when the tunnel has ended.
+    async fn closed(&self) {
+        match self {
+            Opener::Mux(mux) => mux.closed().await,
+            Opener::Quic(conn) => {
+                conn.closed().await;
+            }
+        }
+    }
+}
+
 impl TurnGateway {
     /// Bind on loopback and serve until the tunnel closes or the gateway is dropped.
-    pub async fn start(mux: Mux) -> std::io::Result<Self> {
+    pub async fn start(opener: Opener) -> std::io::Result<Self> {
         let socket = Arc::new(UdpSocket::bind(("127.0.0.1", 0)).await?);
         let addr = socket.local_addr()?;
         let stop = CancellationToken::new();
-        tokio::spawn(run(socket, mux, stop.clone()));
+        tokio::spawn(run(socket, opener, stop.clone()));
         Ok(Self { addr, stop })
     }
 
@@ -53,14 +92,14 @@ impl Drop for TurnGateway {
     }
 }
 
-async fn run(socket: Arc<UdpSocket>, mux: Mux, stop: CancellationToken) {
+async fn run(socket: Arc<UdpSocket>, opener: Opener, stop: CancellationToken) {
     let mut clients: HashMap<SocketAddr, mpsc::Sender<Bytes>> = HashMap::new();
     let (gone_tx, mut gone_rx) = mpsc::unbounded_channel::<SocketAddr>();
     let mut buf = vec![0u8; 65_536];
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
-            _ = mux.closed() => break,
+            _ = opener.closed() => break,
             Some(addr) = gone_rx.recv() => {
                 clients.remove(&addr);
             }
@@ -78,7 +117,7 @@ async fn run(socket: Arc<UdpSocket>, mux: Mux, stop: CancellationToken) {
                     continue;
                 }
                 let tx = clients.entry(from).or_insert_with(|| {
-                    spawn_client(from, Arc::clone(&socket), mux.clone(), gone_tx.clone(), stop.clone())
+                    spawn_client(from, Arc::clone(&socket), opener.clone(), gone_tx.clone(), stop.clone())
                 });
                 let _ = tx.try_send(to_stream_frame(&buf[..n]));
             }
@@ -90,13 +129,13 @@ async fn run(socket: Arc<UdpSocket>, mux: Mux, stop: CancellationToken) {
 fn spawn_client(
     local: SocketAddr,
     socket: Arc<UdpSocket>,
-    mux: Mux,
+    opener: Opener,
     gone: mpsc::UnboundedSender<SocketAddr>,
     stop: CancellationToken,
 ) -> mpsc::Sender<Bytes> {
     let (tx, mut rx) = mpsc::channel::<Bytes>(CLIENT_QUEUE);
     tokio::spawn(async move {
-        let stream = match mux.open().await {
+        let stream = match opener.open().await {
             Ok(s) => s,
             Err(e) => {
                 warn!(error = %e, "cannot open a TURN stream through the tunnel");

@@ -218,6 +218,8 @@ enum Link {
     Quic {
         endpoint: quinn::Endpoint,
         conn: quinn::Connection,
+        /// With `tunnel.turn_via_quic`: loopback TURN whose traffic rides this tunnel.
+        gateway: Option<Arc<TurnGateway>>,
     },
     Tcp {
         mux: Mux,
@@ -273,14 +275,14 @@ impl Link {
     /// Where sessions on this tunnel send TURN, when it is not the relay's own address.
     fn turn_gateway(&self) -> Option<std::net::SocketAddr> {
         match self {
-            Link::Quic { .. } => None,
+            Link::Quic { gateway, .. } => gateway.as_ref().map(|g| g.addr()),
             Link::Tcp { gateway, .. } => Some(gateway.addr()),
         }
     }
 
     async fn close(self) {
         match self {
-            Link::Quic { endpoint, conn } => {
+            Link::Quic { endpoint, conn, .. } => {
                 conn.close(quinn::VarInt::from_u32(close_code::SHUTDOWN), b"worker closing");
                 // Give the close a moment to reach the relay so it unregisters us at once.
                 let _ = tokio::time::timeout(Duration::from_millis(500), endpoint.wait_idle()).await;
@@ -325,10 +327,19 @@ async fn connect_quic(target: &RelayTarget, ctx: &Context, within: Duration) -> 
             },
             Err(e) => return Err(e),
         };
+        let gateway = if ctx.config.tunnel.turn_via_quic {
+            let g = TurnGateway::start(gateway::Opener::Quic(conn.clone()))
+                .await
+                .map_err(|e| TunnelError::Protocol(format!("TURN gateway: {e}")))?;
+            Some(Arc::new(g))
+        } else {
+            None
+        };
         Ok::<_, TunnelError>(Tunnel {
             link: Link::Quic {
                 endpoint: endpoint.clone(),
                 conn,
+                gateway,
             },
             send: Box::new(send),
             recv: FramedRecv::new(Box::new(recv)),
@@ -381,7 +392,7 @@ async fn connect_tcp(target: &RelayTarget, ctx: &Context, within: Duration) -> R
     tokio::spawn(driver);
     let mut control = mux.open().await?;
     send_frame(&mut control, &StreamHeader::Control).await?;
-    let gateway = TurnGateway::start(mux.clone())
+    let gateway = TurnGateway::start(gateway::Opener::Mux(mux.clone()))
         .await
         .map_err(|e| TunnelError::Protocol(format!("TURN gateway: {e}")))?;
     let (recv, send) = tokio::io::split(control);
