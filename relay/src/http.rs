@@ -17,7 +17,7 @@ use crate::limits::{client_ip, client_key};
 use crate::policy::{self, ConnectDecision, ConnectRequest, Header, Principal};
 use crate::signaling::{refuse, run_session};
 use crate::AppState;
-use axum::extract::{ConnectInfo, Path, Request, State, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, FromRequestParts, Path, Request, State, WebSocketUpgrade};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -191,16 +191,29 @@ fn operator_allowed(state: &AppState, remote: SocketAddr, headers: &HeaderMap) -
     }
 }
 
-const OPERATOR_ONLY: &str = "served to loopback, or with the bearer token of http.metrics_token";
+/// A request [`operator_allowed`] admits; anyone else gets 404, as if the path did not exist.
+struct Operator;
 
-async fn metrics(
-    ConnectInfo(remote): ConnectInfo<SocketAddr>,
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-) -> Response {
-    if !operator_allowed(&state, remote, &headers) {
-        return (StatusCode::NOT_FOUND, OPERATOR_ONLY).into_response();
+impl FromRequestParts<Arc<AppState>> for Operator {
+    type Rejection = (StatusCode, &'static str);
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
+        // The extractor, not the extension: it also finds a test's `MockConnectInfo`.
+        let remote = ConnectInfo::<SocketAddr>::from_request_parts(parts, state).await.ok();
+        match remote {
+            Some(ConnectInfo(remote)) if operator_allowed(state, remote, &parts.headers) => Ok(Operator),
+            _ => Err((
+                StatusCode::NOT_FOUND,
+                "served to loopback, or with the bearer token of http.metrics_token",
+            )),
+        }
     }
+}
+
+async fn metrics(_: Operator, State(state): State<Arc<AppState>>) -> Response {
     let Some(handle) = &state.metrics else {
         return (StatusCode::NOT_FOUND, "metrics are not enabled").into_response();
     };
@@ -209,14 +222,7 @@ async fn metrics(
 }
 
 /// The registered workers, for operators: id, transport, load, round trip.
-async fn workers(
-    ConnectInfo(remote): ConnectInfo<SocketAddr>,
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-) -> Response {
-    if !operator_allowed(&state, remote, &headers) {
-        return (StatusCode::NOT_FOUND, OPERATOR_ONLY).into_response();
-    }
+async fn workers(_: Operator, State(state): State<Arc<AppState>>) -> Response {
     let mut list: Vec<_> = state
         .registry
         .all()

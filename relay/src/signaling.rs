@@ -435,3 +435,340 @@ async fn route(offer: Offer, ctx: &Ctx<'_>) -> Result<(Attached, String), (Error
         )),
     }
 }
+
+/// The signaling loop in memory: a browser on a channel-backed socket, workers on yamux over
+/// `tokio::io::duplex` (the TLS/TCP tunnel's multiplexer without the TLS), registered in a real
+/// registry. No process, port or clock beyond tokio's.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::WorkerHandle;
+    use crate::tunnel::conn::TcpTunnel;
+    use crate::tunnel::TunnelConn;
+    use avatar_proto::mux::{self, Incoming, Mux};
+    use avatar_proto::tunnel::Registration;
+    use futures::channel::mpsc as chan;
+    use serde_json::{json, Value};
+    use std::convert::Infallible;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    const OFFER_SDP: &str = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n";
+
+    /// The relay's side of a WebSocket whose other side is [`Browser`].
+    struct Socket {
+        inbound: chan::UnboundedReceiver<Result<Message, Infallible>>,
+        outbound: chan::UnboundedSender<Message>,
+    }
+
+    impl Stream for Socket {
+        type Item = Result<Message, Infallible>;
+        fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+            Pin::new(&mut self.inbound).poll_next(cx)
+        }
+    }
+
+    impl Sink<Message> for Socket {
+        type Error = chan::SendError;
+        fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Pin::new(&mut self.outbound).poll_ready(cx)
+        }
+        fn start_send(mut self: Pin<&mut Self>, item: Message) -> Result<(), Self::Error> {
+            Pin::new(&mut self.outbound).start_send(item)
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Pin::new(&mut self.outbound).poll_flush(cx)
+        }
+        fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Pin::new(&mut self.outbound).poll_close(cx)
+        }
+    }
+
+    struct Browser {
+        tx: chan::UnboundedSender<Result<Message, Infallible>>,
+        rx: chan::UnboundedReceiver<Message>,
+    }
+
+    impl Browser {
+        fn send(&self, msg: Value) {
+            self.tx
+                .unbounded_send(Ok(Message::Text(msg.to_string().into())))
+                .expect("the session is running");
+        }
+
+        fn send_text(&self, text: &str) {
+            self.tx
+                .unbounded_send(Ok(Message::Text(text.to_owned().into())))
+                .expect("the session is running");
+        }
+
+        /// The next event of type `kind`, skipping others; panics after 5 s.
+        async fn wait_for(&mut self, kind: &str) -> Value {
+            let wait = async {
+                loop {
+                    match self.rx.next().await {
+                        Some(Message::Text(t)) => {
+                            let ev: Value = serde_json::from_str(t.as_str()).expect("JSON event");
+                            if ev["type"] == kind {
+                                return ev;
+                            }
+                        }
+                        Some(_) => {}
+                        None => panic!("the socket closed before a {kind} event"),
+                    }
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(5), wait)
+                .await
+                .unwrap_or_else(|_| panic!("no {kind} event within 5 s"))
+        }
+    }
+
+    /// Start the signaling loop for `session_id` on `state`; the browser's end.
+    fn connect(state: &Arc<AppState>, session_id: &str) -> Browser {
+        let (tx, inbound) = chan::unbounded();
+        let (outbound, rx) = chan::unbounded();
+        let socket = Socket { inbound, outbound };
+        tokio::spawn(run_session(
+            socket,
+            session_id.to_owned(),
+            None,
+            Arc::clone(state),
+            CancellationToken::new(),
+        ));
+        Browser { tx, rx }
+    }
+
+    /// A worker's end of its tunnel: session streams the relay opens arrive here.
+    struct FakeWorker {
+        id: String,
+        generation: u64,
+        mux: Mux,
+        incoming: Incoming,
+    }
+
+    impl FakeWorker {
+        /// Register worker `id` (capacity 2) with `state` over an in-memory multiplexer.
+        fn register(state: &AppState, id: &str) -> Self {
+            let (relay_io, worker_io) = tokio::io::duplex(256 * 1024);
+            let (relay_mux, _, relay_driver) = mux::start(relay_io, mux::Side::Server, 64, 16);
+            let (worker_mux, incoming, worker_driver) = mux::start(worker_io, mux::Side::Client, 64, 16);
+            tokio::spawn(relay_driver);
+            tokio::spawn(worker_driver);
+            let remote = std::net::SocketAddr::from(([192, 0, 2, 10], 40000));
+            let generation = state.registry.next_generation();
+            let handle = WorkerHandle::new(
+                id.to_owned(),
+                Registration {
+                    avatars: vec![],
+                    capacity: 2,
+                    labels: Default::default(),
+                    instance: None,
+                },
+                TunnelConn::Tcp(Arc::new(TcpTunnel::new(relay_mux, remote))),
+                generation,
+            );
+            state.registry.insert(Arc::new(handle));
+            Self {
+                id: id.to_owned(),
+                generation,
+                mux: worker_mux,
+                incoming,
+            }
+        }
+
+        /// The next session: its open frame and its first client message.
+        async fn session(&mut self) -> (SessionOpen, ClientMessage, FakeSession) {
+            let stream = tokio::time::timeout(Duration::from_secs(5), self.incoming.recv())
+                .await
+                .expect("a session within 5 s")
+                .expect("the tunnel is up");
+            let (recv, send) = tokio::io::split(stream);
+            let mut session = FakeSession {
+                send: Box::new(send),
+                recv: FramedRecv::new(Box::new(recv)),
+            };
+            let open = match session.next().await {
+                Some(SessionFrame::Open(open)) => open,
+                other => panic!("expected an open frame, got {other:?}"),
+            };
+            let first = match session.next().await {
+                Some(SessionFrame::Client(msg)) => msg,
+                other => panic!("expected the offer, got {other:?}"),
+            };
+            (open, first, session)
+        }
+
+        /// The tunnel breaks (the GPU box is gone): the relay's tunnel task unregisters it.
+        fn vanish(self, state: &AppState) {
+            state.registry.remove(&self.id, self.generation);
+            self.mux.close();
+        }
+    }
+
+    struct FakeSession {
+        send: SendHalf,
+        recv: FramedRecv<RecvHalf>,
+    }
+
+    impl FakeSession {
+        async fn next(&mut self) -> Option<SessionFrame> {
+            tokio::time::timeout(Duration::from_secs(5), self.recv.next::<SessionFrame>())
+                .await
+                .expect("a frame within 5 s")
+                .expect("a well-formed frame")
+        }
+
+        async fn event(&mut self, ev: ServerEvent) {
+            send_frame(&mut self.send, &SessionFrame::Event(ev))
+                .await
+                .expect("send");
+        }
+
+        async fn answer(&mut self) {
+            self.event(ServerEvent::WebrtcAnswer {
+                sdp: "v=0 answer".into(),
+                timestamp: "2026-11-27 18:00:00".into(),
+            })
+            .await;
+        }
+    }
+
+    fn state() -> Arc<AppState> {
+        AppState::new(crate::config::RelayConfig::dev(), CancellationToken::new())
+    }
+
+    fn offer() -> Value {
+        json!({"type": "webrtc_offer", "user_id": 5, "avatar_id": "a", "sdp": OFFER_SDP})
+    }
+
+    #[tokio::test]
+    async fn an_offer_reaches_the_worker_and_its_answer_the_browser() {
+        let state = state();
+        let mut worker = FakeWorker::register(&state, "gpu-1");
+        let mut browser = connect(&state, "s-1");
+        browser.send(offer());
+        let assigned = browser.wait_for("session_assigned").await;
+        assert_eq!(assigned["worker_id"], "gpu-1");
+        let (open, first, mut session) = worker.session().await;
+        assert_eq!(open.session_id, "s-1");
+        assert_eq!(open.avatar_id.as_deref(), Some("a"));
+        assert!(matches!(first, ClientMessage::WebrtcOffer(ref o) if o.sdp == OFFER_SDP));
+        session.answer().await;
+        let answer = browser.wait_for("webrtc_answer").await;
+        assert_eq!(answer["sdp"], "v=0 answer");
+        // Text and an interrupt are forwarded to the worker as they are.
+        browser.send(json!({"type": "text_webrtc", "message": "hello"}));
+        assert!(
+            matches!(session.next().await, Some(SessionFrame::Client(ClientMessage::TextWebrtc(t))) if t.message == "hello")
+        );
+        browser.send(json!({"type": "interrupt"}));
+        assert!(matches!(
+            session.next().await,
+            Some(SessionFrame::Client(ClientMessage::Interrupt { .. }))
+        ));
+        // The worker's events reach the browser.
+        session.event(ServerEvent::SpeechStarted { turn: 1 }).await;
+        assert_eq!(browser.wait_for("speech_started").await["turn"], 1);
+        // The browser leaves: the worker is told, and the slot returns.
+        drop(browser);
+        assert!(matches!(session.next().await, Some(SessionFrame::Close { .. })));
+        assert_eq!(state.registry.get("gpu-1").expect("registered").active(), 0);
+    }
+
+    #[tokio::test]
+    async fn bad_input_gets_an_error_and_the_session_goes_on() {
+        let state = state();
+        let mut worker = FakeWorker::register(&state, "gpu-1");
+        let mut browser = connect(&state, "s-bad");
+        browser.send_text("not json");
+        assert_eq!(browser.wait_for("error").await["code"], "bad_json");
+        browser.send(json!({"type": "text_webrtc", "message": "too early"}));
+        assert_eq!(browser.wait_for("error").await["code"], "no_session");
+        browser.send(json!({"type": "webrtc_offer", "sdp": "v=0\r\n"}));
+        assert_eq!(browser.wait_for("error").await["code"], "bad_sdp");
+        // Still usable: a good offer now plays.
+        browser.send(offer());
+        browser.wait_for("session_assigned").await;
+        let (_, _, mut session) = worker.session().await;
+        session.answer().await;
+        browser.wait_for("webrtc_answer").await;
+    }
+
+    #[tokio::test]
+    async fn an_offer_a_worker_closes_unanswered_is_routed_again_once() {
+        let state = state();
+        let mut first = FakeWorker::register(&state, "gpu-1");
+        let mut second = FakeWorker::register(&state, "gpu-2");
+        let mut browser = connect(&state, "s-reroute");
+        browser.send(offer());
+        let chosen = browser.wait_for("session_assigned").await["worker_id"].clone();
+        let (closing, other) = if chosen == "gpu-1" {
+            (&mut first, &mut second)
+        } else {
+            (&mut second, &mut first)
+        };
+        // The chosen worker is shutting down: it drains, then closes the session unanswered.
+        let (_, _, mut session) = closing.session().await;
+        let id = chosen.as_str().expect("a worker id");
+        state.registry.get(id).expect("registered").set_draining();
+        send_frame(
+            &mut session.send,
+            &SessionFrame::Close {
+                reason: "worker shutting down".into(),
+            },
+        )
+        .await
+        .expect("close");
+        // The same offer goes to the other worker, and the browser sees no error.
+        let next = browser.wait_for("session_assigned").await;
+        assert_ne!(next["worker_id"], chosen, "{next}");
+        let (_, again, mut session) = other.session().await;
+        assert!(matches!(again, ClientMessage::WebrtcOffer(ref o) if o.sdp == OFFER_SDP));
+        // Once only: if this one also ends it unanswered (with its own error), the offer is not
+        // routed a third time; the browser's next offer starts afresh.
+        session
+            .event(ServerEvent::error(
+                ErrorCode::PeerFailed,
+                "the WebRTC connection failed",
+            ))
+            .await;
+        send_frame(
+            &mut session.send,
+            &SessionFrame::Close {
+                reason: "peer failed".into(),
+            },
+        )
+        .await
+        .expect("close");
+        assert_eq!(browser.wait_for("error").await["code"], "peer_failed");
+        let more = tokio::time::timeout(Duration::from_millis(300), browser.rx.next()).await;
+        assert!(more.is_err(), "nothing more follows: {more:?}");
+        browser.send(offer());
+        browser.wait_for("session_assigned").await;
+        let (_, _, mut session) = other.session().await;
+        session.answer().await;
+        browser.wait_for("webrtc_answer").await;
+    }
+
+    #[tokio::test]
+    async fn a_worker_lost_after_answering_is_reported_and_a_new_offer_plays_elsewhere() {
+        let state = state();
+        let mut first = FakeWorker::register(&state, "gpu-1");
+        let mut browser = connect(&state, "s-lost");
+        browser.send(offer());
+        browser.wait_for("session_assigned").await;
+        let (_, _, mut session) = first.session().await;
+        session.answer().await;
+        browser.wait_for("webrtc_answer").await;
+        let mut second = FakeWorker::register(&state, "gpu-2");
+        first.vanish(&state);
+        // The stream ends without a `Close`: the worker is lost, and the browser is told.
+        assert_eq!(browser.wait_for("error").await["code"], "worker_lost");
+        browser.send(offer());
+        assert_eq!(browser.wait_for("session_assigned").await["worker_id"], "gpu-2");
+        let (_, _, mut session) = second.session().await;
+        session.answer().await;
+        browser.wait_for("webrtc_answer").await;
+    }
+}
