@@ -45,6 +45,14 @@ fn rust_client_plays_idle_avatar_through_relay_and_tunnel() {
         let candidates = sdp.lines().filter(|l| l.starts_with("a=candidate:")).count();
         assert!(candidates > 0, "answer carries no candidates (non-trickle):\n{sdp}");
         assert!(sdp.contains("H264"), "answer negotiated H.264:\n{sdp}");
+        assert!(sdp.contains("opus/48000"), "answer negotiated Opus:\n{sdp}");
+        // Only what the worker sends: no codec it never uses appears in the answer.
+        for unused in ["VP8/", "VP9/", "AV1/", "G722/", "PCMU/", "PCMA/"] {
+            assert!(
+                !sdp.contains(unused),
+                "answer lists {unused} though the worker never sends it:\n{sdp}"
+            );
+        }
         if std::env::var_os("AE_SHOW_SDP").is_some() {
             eprintln!("{sdp}");
         }

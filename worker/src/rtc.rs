@@ -59,6 +59,55 @@ pub struct RtcSettings {
     pub udp_ports: Option<(u16, u16)>,
 }
 
+/// Register only what the worker sends: H.264 with packetization mode 1 (Constrained Baseline
+/// `42e01f` and Baseline `42001f`, both of which browsers offer) and Opus. The library's defaults
+/// would also put VP8, VP9, AV1, G.722, PCMU and PCMA in the answer, which the worker never sends.
+fn register_codecs(media: &mut MediaEngine) -> Result<(), webrtc::Error> {
+    use webrtc::rtp_transceiver::rtp_codec::{RTCRtpCodecCapability, RTCRtpCodecParameters, RTPCodecType};
+    use webrtc::rtp_transceiver::RTCPFeedback;
+    let feedback = |typ: &str, parameter: &str| RTCPFeedback {
+        typ: typ.to_owned(),
+        parameter: parameter.to_owned(),
+    };
+    let video_feedback = vec![
+        feedback("goog-remb", ""),
+        feedback("ccm", "fir"),
+        feedback("nack", ""),
+        feedback("nack", "pli"),
+    ];
+    media.register_codec(
+        RTCRtpCodecParameters {
+            capability: RTCRtpCodecCapability {
+                mime_type: MIME_TYPE_OPUS.to_owned(),
+                clock_rate: 48000,
+                channels: 2,
+                sdp_fmtp_line: "minptime=10;useinbandfec=1".to_owned(),
+                rtcp_feedback: vec![],
+            },
+            payload_type: 111,
+            ..Default::default()
+        },
+        RTPCodecType::Audio,
+    )?;
+    for (payload_type, profile) in [(102, "42001f"), (125, "42e01f")] {
+        media.register_codec(
+            RTCRtpCodecParameters {
+                capability: RTCRtpCodecCapability {
+                    mime_type: MIME_TYPE_H264.to_owned(),
+                    clock_rate: 90000,
+                    channels: 0,
+                    sdp_fmtp_line: format!("level-asymmetry-allowed=1;packetization-mode=1;profile-level-id={profile}"),
+                    rtcp_feedback: video_feedback.clone(),
+                },
+                payload_type,
+                ..Default::default()
+            },
+            RTPCodecType::Video,
+        )?;
+    }
+    Ok(())
+}
+
 /// Builds peers. One per worker process.
 pub struct RtcEngine {
     api: API,
@@ -67,7 +116,7 @@ pub struct RtcEngine {
 impl RtcEngine {
     pub fn new(settings: &RtcSettings) -> Result<Self, RtcError> {
         let mut media = MediaEngine::default();
-        media.register_default_codecs()?;
+        register_codecs(&mut media)?;
         let registry = register_default_interceptors(Registry::new(), &mut media)?;
         let mut se = SettingEngine::default();
         se.set_include_loopback_candidate(settings.include_loopback);
