@@ -5,8 +5,9 @@
 //! 1. **Signaling** ([`signaling`]): JSON text messages on the browser's WebSocket to the relay,
 //!    exactly as the customer's existing page speaks them (`webrtc_offer`, `webrtc_answer`,
 //!    `webrtc_ice_candidate`, `text_webrtc`), plus server events such as `error`.
-//! 2. **The tunnel** ([`tunnel`]): length-prefixed frames on QUIC streams between the relay and a
-//!    worker that dialed out to it. One control stream per worker; one stream per session.
+//! 2. **The tunnel** ([`tunnel`]): length-prefixed frames on streams between the relay and a
+//!    worker that dialed out to it: QUIC streams, or yamux streams over TLS/TCP where UDP is
+//!    blocked. One control stream per worker; one stream per session.
 //!
 //! [`session`] holds the relay's per-session rules as a state machine driven by decoded messages,
 //! and [`sdp`] the quick offer check that catches pages that forgot to add transceivers.

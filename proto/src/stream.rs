@@ -2,9 +2,9 @@
 //!
 //! The only code in this crate that does I/O, kept behind a feature so that the default build —
 //! and the fuzz targets — stay pure. It is generic over tokio's [`AsyncRead`] and [`AsyncWrite`]:
-//! the relay and the worker pass their QUIC streams (quinn's `RecvStream` and `SendStream`), and
-//! tests pass the two ends of a [`tokio::io::duplex`], so a session loop runs in memory exactly as
-//! it runs over the tunnel.
+//! the relay and the worker pass their tunnel streams (quinn's on QUIC, yamux's on TLS/TCP, see
+//! `mux`), and tests pass the two ends of a [`tokio::io::duplex`], so a session loop runs in
+//! memory exactly as it runs over the tunnel.
 
 use crate::tunnel::{encode_frame, FrameDecoder, FrameError};
 use serde::{de::DeserializeOwned, Serialize};

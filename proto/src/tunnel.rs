@@ -1,4 +1,6 @@
-//! The relay ↔ worker tunnel protocol, carried over one QUIC connection that the worker dials.
+//! The relay ↔ worker tunnel protocol, carried over one connection that the worker dials: QUIC,
+//! or TLS over TCP on the relay's HTTPS port ([`TCP_ALPN`]; there the handshake frames travel on
+//! the TLS stream and yamux provides the streams after `Registered`).
 //!
 //! ```text
 //!   worker                                   relay
