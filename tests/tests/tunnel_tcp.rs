@@ -84,10 +84,13 @@ async fn plays_without_udp(name: &str, browser_symmetric: bool, say: Option<&'st
             "{name}: the lips moved while it spoke: {report}"
         );
     }
+    // The relay saw the worker arrive over TCP, too.
+    let relay_log = log_text(&cluster.relay.log);
     assert!(
-        log_text(&cluster.relay.log).contains("TURN stream through the tunnel")
-            || log_text(&cluster.relay.log).contains("worker registered"),
-        "relay log"
+        relay_log
+            .lines()
+            .any(|l| l.contains("worker registered") && l.contains("transport=\"tcp\"")),
+        "{name}: the relay registered the worker over TCP:\n{relay_log}"
     );
 }
 
@@ -188,8 +191,9 @@ fn when_udp_goes_mid_session_the_worker_falls_back_to_tcp_and_new_sessions_play(
             tokio::time::sleep(SECS(3)).await;
             topo.block_worker_udp(&[(PUBLIC, 443)]);
             let blocked = Instant::now();
-            let on_tcp = wait_for_count(&log, "registered with relay over tcp", 1, SECS(20)).await;
-            let on_tcp = on_tcp.unwrap_or_else(|| panic!("never fell back to TCP\n{}", log_text(&log)));
+            wait_for_count(&log, "registered with relay over tcp", 1, SECS(20))
+                .await
+                .unwrap_or_else(|| panic!("never fell back to TCP\n{}", log_text(&log)));
             println!("on TLS/TCP {:?} after UDP was blocked", blocked.elapsed());
             for line in log_text(&log).lines().filter(|l| l.contains("avatar_worker::tunnel")) {
                 println!("  {line}");
@@ -204,7 +208,6 @@ fn when_udp_goes_mid_session_the_worker_falls_back_to_tcp_and_new_sessions_play(
                 cluster.logs()
             );
             assert_eq!(after["remote"], "relay", "{after}");
-            let _ = on_tcp;
         },
     );
 }
