@@ -519,7 +519,7 @@ impl Default for HttpConfig {
             shutdown_grace_ms: 3000,
             header_read_timeout_ms: 10_000,
             tls_handshake_timeout_ms: 10_000,
-            max_connections: 10_000,
+            max_connections: 25_000,
             max_connections_per_ip: 256,
             allowed_origins: Vec::new(),
             metrics_token: None,

@@ -319,15 +319,24 @@ pub fn listen_tcp(addr: std::net::SocketAddr) -> io::Result<std::net::TcpListene
 
 /// The connection cap that fits this process: `configured`, lowered so that at most three
 /// quarters of the soft descriptor limit go to HTTP connections (the rest: tunnels, TURN,
-/// policy modules, logs). `None` when the limit cannot be read (not Linux).
+/// policy modules, logs). The soft limit is first raised to the hard one, as Go and nginx do: a
+/// container or shell often starts a process with a soft limit of 1,024 under a hard limit
+/// many times larger. Returns the cap and the limit it fits (`None` when it cannot be read).
 pub fn fit_to_descriptor_limit(configured: usize) -> (usize, Option<u64>) {
-    let soft = std::fs::read_to_string("/proc/self/limits").ok().and_then(|text| {
-        text.lines()
-            .find(|l| l.starts_with("Max open files"))
-            .and_then(|l| l.split_whitespace().nth(3))
-            .and_then(|v| v.parse::<u64>().ok())
-    });
-    match soft {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if let (Some(soft), Some(hard)) = (limit.current, limit.maximum) {
+        if soft < hard {
+            let raised = Rlimit {
+                current: Some(hard),
+                maximum: Some(hard),
+            };
+            if let Err(e) = setrlimit(Resource::Nofile, raised) {
+                tracing::debug!(error = %e, "could not raise the soft descriptor limit");
+            }
+        }
+    }
+    match getrlimit(Resource::Nofile).current {
         Some(soft) => {
             let fit = usize::try_from(soft / 4 * 3).unwrap_or(usize::MAX).max(1);
             (configured.min(fit), Some(soft))
