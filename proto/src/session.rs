@@ -16,6 +16,12 @@
 //! closes the session (it was ending as the offer crossed): [`SignalingSession::worker_closed`]
 //! routes it again, once. An offer whose forwarding fails (the worker's stream is gone) is routed
 //! afresh.
+//!
+//! **Busy is not final while another worker may be free.** A worker that refuses an offer with
+//! `busy` (it is the authority on its capacity; in a fleet of relays another relay may have
+//! filled it) gets the offer routed again to a worker that has not refused it:
+//! [`SignalingSession::worker_event`] returns [`Action::Route`] and [`SignalingSession::refused_by`]
+//! names the workers to skip. Each worker refuses an offer at most once, so this ends.
 
 use crate::sdp::inspect_offer;
 use crate::signaling::{decode_client_message, ClientMessage, ErrorCode, Offer, ServerEvent};
@@ -54,6 +60,8 @@ pub struct SignalingSession {
     max_message_len: usize,
     /// The offer being routed is already a second chance: it gets no third.
     rerouting: bool,
+    /// Workers that refused the offer being placed as `busy`.
+    refused_by: Vec<String>,
 }
 
 impl SignalingSession {
@@ -62,7 +70,13 @@ impl SignalingSession {
             state: SessionState::AwaitingOffer,
             max_message_len,
             rerouting: false,
+            refused_by: Vec::new(),
         }
+    }
+
+    /// Workers that refused the offer being placed as `busy`: routing skips them.
+    pub fn refused_by(&self) -> &[String] {
+        &self.refused_by
     }
 
     pub fn state(&self) -> &SessionState {
@@ -90,7 +104,10 @@ impl SignalingSession {
             }
         }
         match (&mut self.state, msg) {
-            (SessionState::AwaitingOffer, ClientMessage::WebrtcOffer(offer)) => Action::Route(offer),
+            (SessionState::AwaitingOffer, ClientMessage::WebrtcOffer(offer)) => {
+                self.refused_by.clear();
+                Action::Route(offer)
+            }
             (SessionState::AwaitingOffer, other) => Action::Reply(ServerEvent::error(
                 ErrorCode::NoSession,
                 format!("`{}` needs a session: send webrtc_offer first", other.kind()),
@@ -118,15 +135,40 @@ impl SignalingSession {
     pub fn route_failed(&mut self, code: ErrorCode, message: impl Into<String>) -> ServerEvent {
         self.state = SessionState::AwaitingOffer;
         self.rerouting = false;
+        self.refused_by.clear();
         ServerEvent::error(code, message)
     }
 
-    /// An event from the worker is on its way to the browser: an answer (or an error) settles
-    /// the offer it answers.
-    pub fn worker_event(&mut self, event: &ServerEvent) {
-        if let SessionState::Attached { unanswered, .. } = &mut self.state {
-            if matches!(event, ServerEvent::WebrtcAnswer { .. } | ServerEvent::Error { .. }) {
-                *unanswered = None;
+    /// An event arrived from the worker. Usually it goes to the browser ([`Action::Reply`]),
+    /// and an answer (or an error) settles the offer it answers. A `busy` refusal of the offer
+    /// still unanswered instead detaches the session and routes the offer again
+    /// ([`Action::Route`]), skipping every worker that refused it ([`Self::refused_by`]).
+    pub fn worker_event(&mut self, event: ServerEvent) -> Action {
+        let SessionState::Attached { worker_id, unanswered } = &mut self.state else {
+            return Action::Reply(event);
+        };
+        let busy = matches!(
+            &event,
+            ServerEvent::Error {
+                code: ErrorCode::Busy,
+                ..
+            }
+        );
+        match unanswered.take() {
+            Some(offer) if busy => {
+                self.refused_by.push(std::mem::take(worker_id));
+                self.state = SessionState::AwaitingOffer;
+                Action::Route(offer)
+            }
+            Some(offer) if !matches!(event, ServerEvent::WebrtcAnswer { .. } | ServerEvent::Error { .. }) => {
+                *unanswered = Some(offer);
+                Action::Reply(event)
+            }
+            _ => {
+                if matches!(event, ServerEvent::WebrtcAnswer { .. }) {
+                    self.refused_by.clear();
+                }
+                Action::Reply(event)
             }
         }
     }
@@ -211,15 +253,52 @@ mod tests {
         let mut s = SignalingSession::new(DEFAULT_MAX_MESSAGE_LEN);
         assert!(matches!(s.on_text(&offer()), Action::Route(_)));
         s.attached("w1", parsed_offer());
-        s.worker_event(&ANSWER());
+        assert!(matches!(s.worker_event(ANSWER()), Action::Reply(_)));
         assert_eq!(s.worker_closed(), Action::Ignore, "an answered session just ends");
 
         assert!(matches!(s.on_text(&offer()), Action::Route(_)));
         s.attached("w1", parsed_offer());
-        s.worker_event(&ANSWER());
+        assert!(matches!(s.worker_event(ANSWER()), Action::Reply(_)));
         // A renegotiation offer, forwarded and not answered yet, is the one kept.
         assert!(matches!(s.on_text(&offer()), Action::Forward(_)));
         assert!(matches!(s.worker_closed(), Action::Route(_)));
+    }
+
+    fn busy() -> ServerEvent {
+        ServerEvent::error(ErrorCode::Busy, "this worker is at capacity")
+    }
+
+    #[test]
+    fn a_busy_refusal_routes_the_offer_to_a_worker_that_has_not_refused_it() {
+        let mut s = SignalingSession::new(DEFAULT_MAX_MESSAGE_LEN);
+        assert!(matches!(s.on_text(&offer()), Action::Route(_)));
+        s.attached("w1", parsed_offer());
+        // Events before the answer pass and keep the offer open.
+        let ice = ServerEvent::SpeechStarted { turn: 1 };
+        assert!(matches!(s.worker_event(ice), Action::Reply(_)));
+        // w1 is full: the offer goes on, without w1.
+        assert!(matches!(s.worker_event(busy()), Action::Route(o) if o.avatar_id.as_deref() == Some("a")));
+        assert_eq!(s.state(), &SessionState::AwaitingOffer);
+        assert_eq!(s.refused_by(), ["w1"]);
+        s.attached("w2", parsed_offer());
+        assert!(matches!(s.worker_event(busy()), Action::Route(_)));
+        assert_eq!(s.refused_by(), ["w1", "w2"]);
+        // Every worker refused: routing finds none and tells the browser; the list starts afresh.
+        let ev = s.route_failed(ErrorCode::Busy, "every worker is full");
+        assert!(matches!(
+            ev,
+            ServerEvent::Error {
+                code: ErrorCode::Busy,
+                ..
+            }
+        ));
+        assert!(s.refused_by().is_empty());
+        // A worker that answers settles the offer: a later busy (about something else) just passes.
+        assert!(matches!(s.on_text(&offer()), Action::Route(_)));
+        s.attached("w3", parsed_offer());
+        assert!(matches!(s.worker_event(ANSWER()), Action::Reply(_)));
+        assert!(matches!(s.worker_event(busy()), Action::Reply(_)));
+        assert!(s.refused_by().is_empty());
     }
 
     #[test]

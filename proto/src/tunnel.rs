@@ -102,6 +102,10 @@ pub enum Control {
     /// relay → worker: accepted; sessions may arrive now.
     Registered {
         relay_id: String,
+        /// The relay takes [`Control::Load`] reports. Older relays omit it (and would take an
+        /// unknown message as a broken stream), so a worker sends them only when this is set.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        load_reports: bool,
     },
     /// relay → worker: refused; the relay closes the connection after this.
     Rejected {
@@ -118,6 +122,15 @@ pub enum Control {
     },
     /// worker → relay: shutting down; send no new sessions.
     Draining {},
+    /// worker → relay: the sessions it runs now, from **every** relay it is registered with.
+    /// Sent after registration and whenever the number changes, so that each relay of a fleet
+    /// routes on the worker's real load, not only on the sessions it sent there itself.
+    Load {
+        active: u32,
+    },
+    /// Any message type this build does not know (a newer peer's): ignored, not an error.
+    #[serde(other)]
+    Unknown,
 }
 
 /// What a worker announces when it registers.
@@ -368,11 +381,27 @@ mod tests {
         // A registration from a worker that predates `instance` still parses.
         let old: Control = serde_json::from_str(r#"{"t":"register","avatars":[],"capacity":1}"#).expect("old register");
         assert!(matches!(old, Control::Register(Registration { instance: None, .. })));
-        round_trip(Control::Registered { relay_id: "r".into() });
+        round_trip(Control::Registered {
+            relay_id: "r".into(),
+            load_reports: true,
+        });
+        // A relay that predates load reports says nothing of them: the worker sends none.
+        let old: Control = serde_json::from_str(r#"{"t":"registered","relay_id":"r"}"#).expect("old registered");
+        assert!(matches!(
+            old,
+            Control::Registered {
+                load_reports: false,
+                ..
+            }
+        ));
         round_trip(Control::Rejected { reason: "no".into() });
         round_trip(Control::Ping { seq: 1, sent_ms: 2 });
         round_trip(Control::Pong { seq: 1, sent_ms: 2 });
         round_trip(Control::Draining {});
+        round_trip(Control::Load { active: 3 });
+        // A message type from a newer peer is read as `Unknown`, which both sides ignore.
+        let newer: Control = serde_json::from_str(r#"{"t":"from_the_future","x":1}"#).expect("unknown type");
+        assert_eq!(newer, Control::Unknown);
     }
 
     #[test]

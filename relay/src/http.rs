@@ -157,22 +157,32 @@ async fn healthz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     Json(serde_json::json!({ "status": "ok", "workers": state.registry.len() }))
 }
 
-/// Ready to take sessions: at least one worker is registered and not draining.
+/// Ready to take sessions: at least one worker is registered and not draining, and the relay is
+/// not shutting down. For a load balancer in front of a fleet: the body also says how many
+/// sessions the workers can still take (by the load they report, other relays' sessions
+/// included), so a relay whose workers are all full can be told from one without workers.
 async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
-    let available = state.registry.views().len();
-    let status = if available > 0 {
+    let views = state.registry.views();
+    let available = views.len();
+    let free: u32 = views.iter().map(|w| w.capacity.saturating_sub(w.active)).sum();
+    let stopping = state.shutdown.is_cancelled();
+    let ready = available > 0 && !stopping;
+    let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (
         status,
-        Json(serde_json::json!({ "ready": available > 0, "workers_available": available })),
+        Json(serde_json::json!({
+            "ready": ready,
+            "workers_available": available,
+            "sessions_free": free,
+            "stopping": stopping,
+        })),
     )
 }
 
-/// Prometheus text exposition: with `http.metrics_token` to whoever presents it, otherwise to
-/// loopback callers that did not come through a proxy (a local Prometheus or script).
 /// Whether the operator's endpoints (`/metrics`, `/api/workers`) may answer: with
 /// `http.metrics_token`, to its bearer token; without, to loopback callers not behind a proxy.
 fn operator_allowed(state: &AppState, remote: SocketAddr, headers: &HeaderMap) -> bool {
@@ -234,6 +244,7 @@ async fn workers(_: Operator, State(state): State<Arc<AppState>>) -> Response {
                 "remote": w.connection.remote_address().to_string(),
                 "capacity": w.registration.capacity,
                 "active": w.active(),
+                "load": w.load(),
                 "draining": w.is_draining(),
                 "rtt_ms": w.connection.rtt().as_secs_f64() * 1000.0,
                 "avatars": w.registration.avatars.len(),

@@ -19,7 +19,11 @@
 //! | `relay_tunnel_handshakes_refused_total{reason}` | counter | unauthenticated tunnels refused (`pending`) or sent a Retry (`retry`) |
 //! | `relay_turn_quota_refusals_total{quota}` | counter | TURN allocations over a quota (`user`, `ip`, `worker`) |
 //! | `relay_workers_registered` | gauge | workers with a live tunnel |
-//! | `relay_worker_sessions{worker}` | gauge | sessions on each worker |
+//! | `relay_worker_sessions{worker}` | gauge | sessions this relay routed to each worker |
+//! | `relay_worker_load{worker}` | gauge | sessions each worker runs, as it reports them (from every relay of a fleet) |
+//! | `relay_worker_capacity{worker}` | gauge | sessions each worker takes at once |
+//! | `relay_sessions_free` | gauge | sessions the workers that are not draining can still take (what a load balancer wants) |
+//! | `relay_sessions_rerouted_total` | counter | offers a worker refused as `busy` and the relay routed to another |
 //! | `relay_tunnel_rtt_seconds{worker,transport}` | gauge | RTT of each tunnel (QUIC's estimate, or the relay's pings over TCP); `transport` is `quic` or `tcp` |
 //! | `relay_tunnel_registrations_total{transport}` | counter | successful worker registrations (reconnects included), by transport (`quic`, `tcp`) |
 //! | `relay_tunnel_turn_streams_total` | counter | TURN streams opened by workers through TCP tunnels |
@@ -41,8 +45,17 @@ pub fn refresh_gauges(state: &AppState) {
     let workers = state.registry.all();
     metrics::gauge!("relay_workers_registered").set(workers.len() as f64);
     metrics::gauge!("relay_http_connections_open").set(state.http_connections.total() as f64);
+    let free: u32 = state
+        .registry
+        .views()
+        .iter()
+        .map(|w| w.capacity.saturating_sub(w.active))
+        .sum();
+    metrics::gauge!("relay_sessions_free").set(f64::from(free));
     for w in workers {
         metrics::gauge!("relay_worker_sessions", "worker" => w.id.clone()).set(w.active() as f64);
+        metrics::gauge!("relay_worker_load", "worker" => w.id.clone()).set(f64::from(w.load()));
+        metrics::gauge!("relay_worker_capacity", "worker" => w.id.clone()).set(f64::from(w.registration.capacity));
         let transport = w.connection.transport().as_str();
         metrics::gauge!("relay_tunnel_rtt_seconds", "worker" => w.id.clone(), "transport" => transport)
             .set(w.connection.rtt().as_secs_f64());

@@ -22,7 +22,12 @@ pub struct WorkerHandle {
     pub connection: TunnelConn,
     /// Distinguishes this tunnel from an earlier one with the same worker id.
     pub generation: u64,
+    /// Sessions this relay routed to the worker and that are still open.
     active: AtomicU32,
+    /// Sessions the worker says it runs, from every relay ([`Control::Load`]); 0 until it says.
+    ///
+    /// [`Control::Load`]: avatar_proto::tunnel::Control::Load
+    reported: AtomicU32,
     draining: AtomicBool,
 }
 
@@ -34,12 +39,30 @@ impl WorkerHandle {
             connection,
             generation,
             active: AtomicU32::new(0),
+            reported: AtomicU32::new(0),
             draining: AtomicBool::new(false),
         }
     }
 
+    /// Sessions this relay routed to the worker and that are still open.
     pub fn active(&self) -> u32 {
         self.active.load(Ordering::Acquire)
+    }
+
+    /// The worker's load as routing sees it: what the worker last reported (sessions from every
+    /// relay of a fleet), or this relay's own count when that is higher (sessions routed since).
+    pub fn load(&self) -> u32 {
+        self.active().max(self.reported.load(Ordering::Acquire))
+    }
+
+    /// The worker reported `active` sessions in all.
+    pub fn set_reported_load(&self, active: u32) {
+        self.reported.store(active, Ordering::Release);
+    }
+
+    /// The worker refused a session as full: count it full until it reports a change.
+    pub fn refused_as_busy(&self) {
+        self.reported.store(self.registration.capacity, Ordering::Release);
     }
 
     pub fn set_draining(&self) {
@@ -153,7 +176,7 @@ impl Registry {
                 id: w.id.clone(),
                 avatars: w.registration.avatars.clone(),
                 capacity: w.registration.capacity,
-                active: w.active(),
+                active: w.load(),
                 labels: w.registration.labels.clone(),
                 rtt: w.connection.rtt(),
             })

@@ -1,7 +1,9 @@
 //! Choosing the worker for a new session, in one place.
 //!
 //! The candidates are the workers that are not draining ([`crate::registry::Registry::views`]),
-//! that [`serves`] the avatar asked for, and that have a free slot. Among them the operator's
+//! that [`serves`] the avatar asked for, that have a free slot (counting the load each worker
+//! reports, sessions from other relays of a fleet included), and that have not already refused
+//! this offer as `busy`. Among them the operator's
 //! routing module decides when one is configured ([`crate::policy`]; on its failure the
 //! configured fallback), otherwise [`LeastLoaded`]. No candidate at all is `no_worker`; only full
 //! ones is `busy`. The caller then takes the slot atomically, so a choice that raced with another
@@ -38,6 +40,8 @@ pub struct RouteRequest<'a> {
     pub session_id: &'a str,
     pub user_id: Option<String>,
     pub avatar_id: Option<&'a str>,
+    /// Workers that refused this offer as `busy`: counted as full.
+    pub refused_by: &'a [String],
 }
 
 /// Picks the worker for a new session among those that are not draining.
@@ -87,7 +91,10 @@ pub async fn choose_worker(
             format!("no connected worker serves {what}; the socket stays open, retry the offer later"),
         ));
     }
-    let free: Vec<WorkerView> = serving.into_iter().filter(|w| w.active < w.capacity).collect();
+    let free: Vec<WorkerView> = serving
+        .into_iter()
+        .filter(|w| w.active < w.capacity && !request.refused_by.contains(&w.id))
+        .collect();
     let busy = || {
         (
             ErrorCode::Busy,
@@ -165,6 +172,7 @@ mod tests {
             session_id: "s",
             user_id: None,
             avatar_id: avatar,
+            refused_by: &[],
         }
     }
 
@@ -206,6 +214,28 @@ mod tests {
             Some("tutor"),
         );
         assert_eq!(chosen.as_deref(), Ok("b"));
+    }
+
+    #[test]
+    fn a_worker_that_refused_the_offer_counts_as_full() {
+        let views = || vec![view("a", &[], 2, 0, 1), view("b", &[], 2, 1, 9)];
+        let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+        let refused = ["a".to_owned()];
+        let request = RouteRequest {
+            refused_by: &refused,
+            ..req(None)
+        };
+        let chosen = rt.block_on(choose_worker(&request, None, views(), &LeastLoaded, None));
+        assert_eq!(chosen.as_deref(), Ok("b"), "a is less loaded but refused");
+        let refused = ["a".to_owned(), "b".to_owned()];
+        let request = RouteRequest {
+            refused_by: &refused,
+            ..req(None)
+        };
+        let err = rt
+            .block_on(choose_worker(&request, None, views(), &LeastLoaded, None))
+            .expect_err("all refused");
+        assert_eq!(err.0, ErrorCode::Busy);
     }
 
     #[test]

@@ -267,10 +267,26 @@ pub async fn run_session<S, E>(
                 break;
             }
             Wake::Worker(frame) => match frame {
-                Ok(Some(SessionFrame::Event(ev))) => {
-                    session.worker_event(&ev);
-                    vec![ev]
-                }
+                Ok(Some(SessionFrame::Event(ev))) => match session.worker_event(ev) {
+                    Action::Route(offer) => {
+                        // The worker refused as full (another relay of a fleet may have filled
+                        // it): count it full until it reports, and try the next worker.
+                        if let Some(worker) = session.refused_by().last().and_then(|id| state.registry.get(id)) {
+                            info!(worker_id = %worker.id, "worker refused the session as busy; routing it on");
+                            metrics::counter!("relay_sessions_rerouted_total").increment(1);
+                            worker.refused_as_busy();
+                        }
+                        attached = None;
+                        let ctx = Ctx {
+                            session_id: &session_id,
+                            principal: principal.as_ref(),
+                            state: &state,
+                        };
+                        Box::pin(perform(Action::Route(offer), &mut session, &mut attached, &ctx)).await
+                    }
+                    Action::Reply(ev) => vec![ev],
+                    Action::Forward(_) | Action::Ignore => vec![],
+                },
                 Ok(Some(SessionFrame::Close { reason })) => {
                     info!(%reason, "worker closed the session");
                     idle_deadline = tokio::time::Instant::now() + idle;
@@ -413,7 +429,7 @@ async fn attach(
     ctx: &Ctx<'_>,
 ) -> Vec<ServerEvent> {
     let session_id = ctx.session_id;
-    match route(offer.clone(), ctx).await {
+    match route(offer.clone(), session.refused_by(), ctx).await {
         Ok((a, worker_id)) => {
             metrics::counter!("relay_sessions_routed_total").increment(1);
             session.attached(worker_id.clone(), offer);
@@ -427,7 +443,7 @@ async fn attach(
     }
 }
 
-async fn route(offer: Offer, ctx: &Ctx<'_>) -> Result<(Attached, String), (ErrorCode, String)> {
+async fn route(offer: Offer, refused_by: &[String], ctx: &Ctx<'_>) -> Result<(Attached, String), (ErrorCode, String)> {
     let (session_id, state) = (ctx.session_id, ctx.state);
     let avatar = offer.avatar_id.clone();
     // The admitted principal is who the user is; the offer's `user_id` is only a claim.
@@ -439,6 +455,7 @@ async fn route(offer: Offer, ctx: &Ctx<'_>) -> Result<(Attached, String), (Error
         session_id,
         user_id: user_id.as_ref().map(|u| u.to_string()),
         avatar_id: avatar.as_deref(),
+        refused_by,
     };
     let worker_id = routing::choose_worker(
         &request,
@@ -564,13 +581,21 @@ mod tests {
 
         /// The next event of type `kind`, skipping others; panics after 5 s.
         async fn wait_for(&mut self, kind: &str) -> Value {
+            self.events_until(kind).await.pop().expect("the event waited for")
+        }
+
+        /// Every event up to and including the next of type `kind`; panics after 5 s.
+        async fn events_until(&mut self, kind: &str) -> Vec<Value> {
+            let mut seen = Vec::new();
             let wait = async {
                 loop {
                     match self.rx.next().await {
                         Some(Message::Text(t)) => {
                             let ev: Value = serde_json::from_str(t.as_str()).expect("JSON event");
-                            if ev["type"] == kind {
-                                return ev;
+                            let done = ev["type"] == kind;
+                            seen.push(ev);
+                            if done {
+                                return seen;
                             }
                         }
                         Some(_) => {}
@@ -844,5 +869,60 @@ mod tests {
         let (_, _, mut session) = second.session().await;
         session.answer().await;
         browser.wait_for("webrtc_answer").await;
+    }
+
+    /// The session a relay opened on one of two workers, and which of them got it.
+    async fn session_on_either(a: &mut FakeWorker, b: &mut FakeWorker) -> (String, FakeSession) {
+        tokio::select! {
+            (_, _, s) = a.session() => (a.id.clone(), s),
+            (_, _, s) = b.session() => (b.id.clone(), s),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_busy_worker_hands_the_offer_to_another_and_the_browser_never_sees_busy() {
+        let state = state();
+        let mut one = FakeWorker::register(&state, "gpu-1");
+        let mut two = FakeWorker::register(&state, "gpu-2");
+        let mut browser = connect(&state, "s-busy");
+        browser.send(offer());
+        // Whichever worker gets the offer first is full (another relay filled it).
+        let (refuser, mut refused) = session_on_either(&mut one, &mut two).await;
+        refused
+            .event(ServerEvent::error(ErrorCode::Busy, "this worker is at capacity"))
+            .await;
+        let (other, mut session) = session_on_either(&mut one, &mut two).await;
+        assert_ne!(other, refuser, "the offer went to the worker that had not refused it");
+        session.answer().await;
+        let events = browser.events_until("webrtc_answer").await;
+        assert!(
+            events.iter().all(|e| e["type"] != "error"),
+            "the browser saw no error: {events:?}"
+        );
+        // The refuser counts as full until it reports its load again.
+        let view = |id: &str| state.registry.views().into_iter().find(|v| v.id == id).expect("view");
+        assert_eq!(view(&refuser).active, 2);
+        state.registry.get(&refuser).expect("registered").set_reported_load(0);
+        assert_eq!(view(&refuser).active, 0);
+    }
+
+    #[tokio::test]
+    async fn when_every_worker_refuses_the_browser_gets_busy_once() {
+        let state = state();
+        let mut one = FakeWorker::register(&state, "gpu-1");
+        let mut two = FakeWorker::register(&state, "gpu-2");
+        let mut browser = connect(&state, "s-full");
+        browser.send(offer());
+        for _ in 0..2 {
+            let (_, mut s) = session_on_either(&mut one, &mut two).await;
+            s.event(ServerEvent::error(ErrorCode::Busy, "this worker is at capacity"))
+                .await;
+        }
+        let events = browser.events_until("error").await;
+        assert_eq!(events.last().expect("an error")["code"], "busy");
+        // The socket stays usable: a worker that frees a slot takes the next offer.
+        state.registry.get("gpu-1").expect("registered").set_reported_load(1);
+        browser.send(offer());
+        assert_eq!(browser.wait_for("session_assigned").await["worker_id"], "gpu-1");
     }
 }

@@ -96,6 +96,8 @@ fn readyz_and_metrics_describe_the_system() {
             .await;
         let (status, body) = http_get(http, "/readyz").await.expect("readyz");
         assert_eq!(status, 200, "{body}");
+        let ready: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        assert_eq!(ready["sessions_free"], 2, "{body}");
 
         let mut sig = Signaling::connect(&cluster.ws_url("metrics")).await.expect("ws");
         let client = play(&mut sig).await;
@@ -112,6 +114,10 @@ fn readyz_and_metrics_describe_the_system() {
             "relay_workers_registered 1",
             "relay_signaling_errors_total{code=\"bad_json\"} 1",
             "relay_worker_sessions{worker=\"metered\"} 1",
+            // The worker's own report of its load, and what is left for a load balancer.
+            "relay_worker_load{worker=\"metered\"} 1",
+            "relay_worker_capacity{worker=\"metered\"} 2",
+            "relay_sessions_free 1",
         ] {
             assert!(
                 relay.lines().any(|l| l == line),

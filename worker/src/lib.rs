@@ -22,9 +22,9 @@ use config::WorkerConfig;
 use media::avatar::AvatarClip;
 use media::encoder::EncoderSettings;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -90,29 +90,43 @@ pub struct Context {
     pub tunnel_keepalive: Duration,
     /// Which trickled browser candidates sessions may add.
     pub candidates: rtc::CandidateFilter,
-    active: AtomicU32,
+    /// Sessions running now, from every relay. The worker is the authority on its capacity;
+    /// each tunnel reports changes to its relay ([`avatar_proto::tunnel::Control::Load`]).
+    active: watch::Sender<u32>,
 }
 
 /// A held session slot; the slot returns on drop.
-pub struct Slot<'a>(&'a AtomicU32);
+pub struct Slot<'a>(&'a watch::Sender<u32>);
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
     }
 }
 
 impl Context {
+    /// Take a session slot if one is free: checked and taken under one lock, so two relays'
+    /// sessions arriving at once can never both take the last slot.
     pub fn try_acquire(&self) -> Option<Slot<'_>> {
         let cap = self.config.capacity;
         self.active
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < cap).then_some(n + 1))
-            .ok()
-            .map(|_| Slot(&self.active))
+            .send_if_modified(|n| {
+                let free = *n < cap;
+                if free {
+                    *n += 1;
+                }
+                free
+            })
+            .then_some(Slot(&self.active))
     }
 
     pub fn active_sessions(&self) -> u32 {
-        self.active.load(Ordering::Acquire)
+        *self.active.borrow()
+    }
+
+    /// Changes of [`Context::active_sessions`], for reporting them.
+    pub fn watch_load(&self) -> watch::Receiver<u32> {
+        self.active.subscribe()
     }
 }
 
@@ -190,7 +204,7 @@ impl Worker {
             instance: hex::encode(rand::random::<[u8; 8]>()),
             tunnel_idle: Duration::from_secs(3),
             tunnel_keepalive: Duration::from_secs(1),
-            active: AtomicU32::new(0),
+            active: watch::Sender::new(0),
             config,
         };
         Ok(Self { ctx: Arc::new(ctx) })

@@ -467,6 +467,7 @@ async fn handshake<S: AsyncWrite + Unpin, R: AsyncRead + Unpin>(
         send,
         &Control::Registered {
             relay_id: state.config.relay_id.clone(),
+            load_reports: true,
         },
     )
     .await?;
@@ -593,6 +594,7 @@ async fn control_loop(
                         info!("worker is draining: no new sessions");
                         worker.set_draining();
                     }
+                    Some(Control::Load { active }) => worker.set_reported_load(active),
                     Some(_) => debug!("ignoring an unexpected control message"),
                     None => break Ok(()),
                 }

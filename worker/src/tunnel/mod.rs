@@ -211,7 +211,14 @@ struct Tunnel {
     link: Link,
     send: SendHalf,
     recv: FramedRecv<RecvHalf>,
+    relay: Accepted,
+}
+
+/// What the relay said when it accepted the registration.
+struct Accepted {
     relay_id: String,
+    /// It takes [`Control::Load`] reports (older relays do not).
+    load_reports: bool,
 }
 
 enum Link {
@@ -318,8 +325,8 @@ async fn connect_quic(target: &RelayTarget, ctx: &Context, within: Duration) -> 
         let mut exporter = [0u8; EXPORTER_LEN];
         conn.export_keying_material(&mut exporter, EXPORTER_LABEL, b"")
             .map_err(|_| TunnelError::Protocol("TLS exporter unavailable".into()))?;
-        let relay_id = match handshake(&mut send, &mut recv, &exporter, ctx).await {
-            Ok(id) => id,
+        let relay = match handshake(&mut send, &mut recv, &exporter, ctx).await {
+            Ok(accepted) => accepted,
             // A relay that refuses us may close the connection before our read sees `Rejected`.
             Err(TunnelError::Stream(e)) => match quic_close_reason(&e) {
                 Some(reason) => return Err(TunnelError::Rejected(reason)),
@@ -343,7 +350,7 @@ async fn connect_quic(target: &RelayTarget, ctx: &Context, within: Duration) -> 
             },
             send: Box::new(send),
             recv: FramedRecv::new(Box::new(recv)),
-            relay_id,
+            relay,
         })
     };
     match tokio::time::timeout(within, registered).await {
@@ -380,10 +387,10 @@ async fn connect_tcp(target: &RelayTarget, ctx: &Context, within: Duration) -> R
             .export_keying_material([0u8; EXPORTER_LEN], EXPORTER_LABEL, None)
             .map_err(|_| TunnelError::Protocol("TLS exporter unavailable".into()))?;
         let (mut recv, mut send) = tokio::io::split(stream);
-        let relay_id = handshake(&mut send, &mut recv, &exporter, ctx).await?;
-        Ok::<_, TunnelError>((recv.unsplit(send), relay_id))
+        let relay = handshake(&mut send, &mut recv, &exporter, ctx).await?;
+        Ok::<_, TunnelError>((recv.unsplit(send), relay))
     };
-    let (io, relay_id) = match tokio::time::timeout(within, registered).await {
+    let (io, relay) = match tokio::time::timeout(within, registered).await {
         Ok(result) => result?,
         Err(_) => return Err(TunnelError::Protocol(format!("no TLS/TCP handshake within {within:?}"))),
     };
@@ -404,17 +411,17 @@ async fn connect_tcp(target: &RelayTarget, ctx: &Context, within: Duration) -> R
         },
         send: Box::new(send),
         recv: FramedRecv::new(Box::new(recv)),
-        relay_id,
+        relay,
     })
 }
 
-/// Hello, proof and registration on the control stream; the relay's id on success.
+/// Hello, proof and registration on the control stream; what the relay accepted with.
 async fn handshake<S: AsyncWrite + Unpin, R: AsyncRead + Unpin>(
     send: &mut S,
     recv: &mut R,
     exporter: &[u8; EXPORTER_LEN],
     ctx: &Context,
-) -> Result<String, TunnelError> {
+) -> Result<Accepted, TunnelError> {
     let worker_id = ctx.config.worker_id.clone();
     send_frame(
         send,
@@ -448,7 +455,7 @@ async fn handshake<S: AsyncWrite + Unpin, R: AsyncRead + Unpin>(
     };
     send_frame(send, &Control::Register(registration)).await?;
     match recv_frame_exact::<_, Control>(recv).await? {
-        Some(Control::Registered { .. }) => Ok(relay_id),
+        Some(Control::Registered { load_reports, .. }) => Ok(Accepted { relay_id, load_reports }),
         Some(Control::Rejected { reason }) => Err(TunnelError::Rejected(reason)),
         other => Err(TunnelError::Protocol(format!("expected registered, got {other:?}"))),
     }
@@ -583,7 +590,10 @@ async fn serve(
         mut link,
         mut send,
         mut recv,
-        relay_id,
+        relay: Accepted {
+            relay_id,
+            mut load_reports,
+        },
     } = tunnel;
     let transport = link.transport().as_str();
     let gateway = link.turn_gateway();
@@ -621,6 +631,9 @@ async fn serve(
     // The relay pings a TCP tunnel every `tunnel.keepalive_ms` (default 1 s).
     let idle = ctx.tunnel_idle * 3;
     let mut tick = tokio::time::interval(Duration::from_secs(2));
+    // The load as it is now goes first, then every change (relays that take the reports).
+    let mut load = ctx.watch_load();
+    load.mark_changed();
     let result = loop {
         tokio::select! {
             _ = shutdown.cancelled() => {
@@ -641,6 +654,14 @@ async fn serve(
                     ctx.sessions.spawn(sessions.track_future(session));
                 }
                 None => break Err(TunnelError::Protocol("the tunnel closed".into())),
+            },
+            changed = load.changed(), if load_reports => match changed {
+                Ok(()) => {
+                    let active = *load.borrow_and_update();
+                    send_frame(&mut send, &Control::Load { active }).await?;
+                }
+                // The context (and its sender) outlives every tunnel; should that change, stop.
+                Err(_) => load_reports = false,
             },
             msg = recv.next::<Control>() => {
                 last_heard = tokio::time::Instant::now();
