@@ -469,7 +469,7 @@ mod tests {
         for payload in [
             &b"not json"[..],
             b"{}",
-            br#"{"t":"nope"}"#,
+            // A known type with its fields missing (an unknown type is `Control::Unknown`).
             br#"{"t":"hello"}"#,
             b"\xff\xfe",
         ] {
