@@ -1,112 +1,221 @@
-// avatar-edge web client: the page end users open.
+// @ts-check
+// avatar-edge web client: the page end users open. Built only on the SDK (avatar-edge.js), which
+// speaks the protocol, negotiates, and reconnects; this file is the interface around it: the
+// avatar, the conversation, the connection badge and panel, messages for the errors a user can
+// meet, and an English/Chinese UI that follows the browser.
 //
-// It speaks the same JSON as the customer's existing page (webrtc_offer, webrtc_answer,
-// webrtc_ice_candidate, text_webrtc) and fixes that page's bug: it adds recvonly video and audio
-// transceivers *before* createOffer(), so the offer has media sections the server can answer.
-// Everything it learns (socket state, ICE state, the selected candidate pair, decoded frames)
-// is shown in the status line and exposed as window.avatarEdge for tests and debugging.
-// The tutor's answer streams into the answer panel (assistant_text deltas), a badge shows while
-// the avatar speaks (speech_started / speech_ended), and Stop sends {"type":"interrupt"}.
-'use strict';
+// Query parameters: `avatar` (which avatar), `user_id`, `lang` (en|zh), `debug=1` (the raw event
+// log), `autoconnect=0` (wait for the Retry button); every parameter also goes to the relay (its
+// policies may read e.g. `token`). Tests and operators read `window.avatarEdge`.
+import { Session } from './avatar-edge.js';
 
 const params = new URLSearchParams(location.search);
+/** @param {string} id @returns {any} */
 const $ = (id) => document.getElementById(id);
+
+const TEXT = {
+  en: {
+    title: 'Your tutor', connecting: 'Connecting…', live: 'Connected', reconnecting: 'Reconnecting…',
+    waiting: 'Waiting for a tutor…', failed: 'Not connected', closed: 'Disconnected',
+    good: 'Good connection', poor: 'Poor connection', relayed: 'Relayed connection',
+    connection: 'Connection', rtt: 'Round trip', fps: 'Frames per second', bitrate: 'Bitrate',
+    loss: 'Packets lost', jitter: 'Jitter', path: 'Path', speaking: 'Speaking…', unmute: 'Turn sound on',
+    retry: 'Try again', avatar: 'Tutor', conversation: 'Conversation', ask: 'Ask your tutor',
+    placeholder: 'Ask your tutor something', send: 'Send', stop: 'Stop', you: 'You', tutor: 'Tutor',
+    empty: 'Say hello: type a question below.',
+    no_worker: 'No tutor is online right now. We keep trying.',
+    busy: 'All tutors are busy right now. You are next in line; we keep trying.',
+    unauthorized: 'This page could not sign you in. Open it again from your course link.',
+    worker_lost: 'The tutor went away. Reconnecting…',
+    peer_failed: 'The video connection failed. Reconnecting…',
+    talk_failed: 'The tutor could not answer that. Please ask again.',
+    unreachable: 'Cannot reach the tutor service. Check your network; we keep trying.',
+    error: 'Something went wrong.',
+  },
+  zh: {
+    title: '你的老师', connecting: '正在连接…', live: '已连接', reconnecting: '正在重新连接…',
+    waiting: '正在等待老师…', failed: '未连接', closed: '已断开',
+    good: '连接良好', poor: '连接较差', relayed: '中继连接',
+    connection: '连接', rtt: '往返时延', fps: '帧率', bitrate: '码率',
+    loss: '丢包', jitter: '抖动', path: '路径', speaking: '正在说话…', unmute: '打开声音',
+    retry: '重试', avatar: '老师', conversation: '对话', ask: '向老师提问',
+    placeholder: '向老师提个问题', send: '发送', stop: '停止', you: '你', tutor: '老师',
+    empty: '打个招呼吧：在下面输入问题。',
+    no_worker: '现在没有老师在线，我们会继续尝试。',
+    busy: '老师们都在忙，马上轮到你，我们会继续尝试。',
+    unauthorized: '无法登录，请从课程链接重新打开本页。',
+    worker_lost: '老师离开了，正在重新连接…',
+    peer_failed: '视频连接失败，正在重新连接…',
+    talk_failed: '老师没能回答这个问题，请再问一次。',
+    unreachable: '无法连接到服务，请检查网络，我们会继续尝试。',
+    error: '出错了。',
+  },
+};
+const wanted = (params.get('lang') || navigator.language || 'en').toLowerCase();
+const lang = wanted.startsWith('zh') ? 'zh' : 'en';
+/** @param {string} key @returns {string} */
+const t = (key) => /** @type {Record<string, string>} */ (TEXT[lang])[key] || key;
+
+function translate() {
+  document.documentElement.lang = lang === 'zh' ? 'zh-CN' : 'en';
+  document.querySelectorAll('[data-i18n]').forEach((el) => { el.textContent = t(el.getAttribute('data-i18n') || ''); });
+  document.querySelectorAll('[data-i18n-placeholder]').forEach((el) => {
+    el.setAttribute('placeholder', t(el.getAttribute('data-i18n-placeholder') || ''));
+  });
+  document.title = t('title');
+  $('turns').dataset.empty = t('empty');
+}
+
+// What tests and operators can read (kept from the first page: state.wsState, state.events, …).
 const state = {
-  ws: null,
-  pc: null,
-  sessionId: null,
+  /** @type {import('./avatar-edge.js').Session | null} */
+  session: null,
+  /** @type {Record<string, any>[]} */
   events: [],
-  // Round trips measured by the page (ms): offer → answer, and a text message → the first
-  // assistant text (browser → relay → worker and back).
-  timing: { offerToAnswerMs: null, textToFirstTextMs: null },
   wsState: 'closed',
   iceState: 'new',
   pair: '–',
   framesDecoded: 0,
-  width: 0,
-  height: 0,
-  iceServers: [],
-  answers: {},
+  /** @type {number | null} */
   speaking: null,
+  voiceLevel: 0,
+  voicePeak: 0,
+  /** @type {string | null} */
+  notice: null,
+  get ws() { return state.session && state.session.socket; },
+  get timing() { return state.session ? state.session.timing : { offerToAnswerMs: null, textToFirstTextMs: null }; },
 };
 
-function newSessionId() {
-  const rnd = (window.crypto && crypto.randomUUID) ? crypto.randomUUID() : String(Math.random()).slice(2);
-  return 'web-' + rnd;
+// ---- the conversation ----
+
+/** @type {Map<number, HTMLElement>} */
+const tutorTurns = new Map();
+/** @type {number | null} */
+let streaming = null;
+
+/** @param {'user' | 'tutor'} who @param {string} text @returns {HTMLElement} */
+function addTurn(who, text) {
+  const li = document.createElement('li');
+  li.className = `turn ${who}`;
+  const label = document.createElement('span');
+  label.className = 'who';
+  const time = new Date().toLocaleTimeString(lang === 'zh' ? 'zh-CN' : 'en', { hour: '2-digit', minute: '2-digit' });
+  label.textContent = `${t(who === 'user' ? 'you' : 'tutor')} · ${time}`;
+  const body = document.createElement('span');
+  body.className = 'text';
+  body.textContent = text;
+  li.append(label, body);
+  $('turns').appendChild(li);
+  li.scrollIntoView({ block: 'nearest' });
+  return li;
+}
+
+/** @param {import('./avatar-edge.js').AssistantText} a */
+function onAssistantText(a) {
+  let li = tutorTurns.get(a.turn);
+  if (!li) {
+    li = addTurn('tutor', '');
+    tutorTurns.set(a.turn, li);
+  }
+  const body = li.querySelector('.text');
+  if (body) body.textContent = a.full;
+  streaming = a.final ? null : a.turn;
+  li.scrollIntoView({ block: 'nearest' });
+  updateButtons();
+}
+
+function updateButtons() {
+  const live = state.session !== null && state.session.state === 'live';
+  $('send').disabled = !live;
+  $('stop').disabled = !live || (state.speaking === null && streaming === null);
+}
+
+// ---- notices, the badge and the panel ----
+
+/** @param {string | null} key @param {boolean} [retry] */
+function notice(key, retry = false) {
+  state.notice = key;
+  $('notice-text').textContent = key ? t(key) : '';
+  $('retry').hidden = !retry;
+}
+
+/** @param {string} quality @param {string} text */
+function badge(quality, text) {
+  $('badge').dataset.quality = quality;
+  $('badge-text').textContent = text;
+}
+
+/** @param {import('./avatar-edge.js').SessionState} s */
+function onState(s) {
+  state.wsState = state.ws && state.ws.readyState === WebSocket.OPEN ? 'open' : 'closed';
+  if (s === 'live') {
+    notice(null);
+    badge('good', t('live'));
+  } else if (s === 'reconnecting') {
+    notice('reconnecting');
+    badge('down', t('reconnecting'));
+  } else if (s === 'negotiating' || s === 'connecting') {
+    if (!state.notice) notice('connecting');
+    badge('none', t('connecting'));
+  } else if (s === 'waiting') {
+    badge('down', t('waiting'));
+  } else {
+    badge('down', t(s));
+  }
+  updateButtons();
+  renderStatus();
+}
+
+/** @param {import('./avatar-edge.js').SessionError} e */
+function onError(e) {
+  if (e.code === 'unauthorized') notice('unauthorized', false);
+  else if (e.code === 'busy' || e.code === 'no_worker') notice(e.code, true);
+  else if (e.code === 'worker_lost' || e.code === 'peer_failed') notice(e.code, false);
+  else if (e.code === 'talk_failed') {
+    notice('talk_failed');
+    setTimeout(() => { if (state.notice === 'talk_failed') notice(null); }, 5000);
+  }
 }
 
 function renderStatus() {
-  $('status').textContent =
-    `WebSocket: ${state.wsState} · ICE: ${state.iceState} · pair: ${state.pair} · ` +
-    `frames: ${state.framesDecoded}${state.width ? ` (${state.width}×${state.height})` : ''}`;
+  const s = state.session;
+  const ice = s && s.peer ? s.peer.iceConnectionState : 'new';
+  state.iceState = ice;
+  $('status').textContent = `WebSocket: ${state.wsState} · ICE: ${ice} · pair: ${state.pair} · frames: ${state.framesDecoded}`;
 }
 
-function logEvent(ev) {
-  state.events.push(ev);
-  const t = state.timing;
-  if (ev.type === 'webrtc_answer' && t.offerSentAt != null) {
-    t.offerToAnswerMs = performance.now() - t.offerSentAt;
-    t.offerSentAt = null;
-  }
-  if (ev.type === 'assistant_text' && t.textSentAt != null) {
-    t.textToFirstTextMs = performance.now() - t.textSentAt;
-    t.textSentAt = null;
-  }
-  if (ev.type === 'assistant_text' && !ev.final) return; // deltas go to the answer panel only
-  const li = document.createElement('li');
-  li.textContent = JSON.stringify(ev).slice(0, 300);
-  if (ev.type === 'error') li.className = 'error';
-  $('events').appendChild(li);
-  li.scrollIntoView({ block: 'nearest' });
+/** @param {number | null} v @param {string} unit @param {number} [digits] */
+const fmt = (v, unit, digits = 0) => (v === null || Number.isNaN(v) ? '–' : `${v.toFixed(digits)} ${unit}`);
+
+async function refresh() {
+  const s = state.session;
+  if (!s) return;
+  state.wsState = s.socket && s.socket.readyState === WebSocket.OPEN ? 'open' : 'closed';
+  try {
+    const st = await s.stats();
+    state.framesDecoded = st.framesDecoded;
+    if (st.localCandidateType) state.pair = `${st.localCandidateType} → ${st.remoteCandidateType}`;
+    $('p-rtt').textContent = fmt(st.rttMs, 'ms');
+    $('p-fps').textContent = fmt(st.fps, 'fps');
+    $('p-bitrate').textContent = fmt(st.bitrateKbps, 'kbit/s');
+    $('p-loss').textContent = String(st.packetsLost);
+    $('p-jitter').textContent = fmt(st.jitterMs, 'ms', 1);
+    $('p-path').textContent = st.localCandidateType ? `${st.localCandidateType} → ${st.remoteCandidateType}` : '–';
+    if (s.state === 'live' && st.quality !== 'none') badge(st.quality, t(st.quality));
+  } catch { /* the peer closed between calls */ }
+  renderStatus();
 }
 
-function send(msg) {
-  if (state.ws && state.ws.readyState === WebSocket.OPEN) {
-    if (msg.type === 'webrtc_offer') state.timing.offerSentAt = performance.now();
-    if (msg.type === 'text_webrtc') state.timing.textSentAt = performance.now();
-    state.ws.send(JSON.stringify(msg));
-  }
+// ---- sound: browsers start media muted; the first tap turns it on ----
+
+function unmute() {
+  const video = $('video');
+  video.muted = false;
+  video.play().catch(() => {});
+  $('unmute').hidden = true;
 }
 
-function setConnected(on) {
-  $('connect').disabled = on;
-  $('disconnect').disabled = !on;
-  $('send').disabled = !on;
-  $('stop').disabled = !on;
-}
-
-async function startPeer() {
-  const pc = new RTCPeerConnection({ iceServers: state.iceServers });
-  state.pc = pc;
-  // The fix for the customer's page: without these the offer has no m= lines at all.
-  pc.addTransceiver('video', { direction: 'recvonly' });
-  pc.addTransceiver('audio', { direction: 'recvonly' });
-  pc.ontrack = (event) => {
-    const video = $('video');
-    if (!video.srcObject) video.srcObject = event.streams[0] || new MediaStream([event.track]);
-    else if (!video.srcObject.getTracks().includes(event.track)) video.srcObject.addTrack(event.track);
-    video.play().catch(() => {});
-    if (event.track.kind === 'audio') meterVoice(event.track);
-  };
-  pc.onicecandidate = (event) => {
-    if (event.candidate && event.candidate.candidate) {
-      send({ type: 'webrtc_ice_candidate', user_id: userId(), candidate: event.candidate.toJSON() });
-    }
-  };
-  pc.oniceconnectionstatechange = () => { state.iceState = pc.iceConnectionState; renderStatus(); };
-  const offer = await pc.createOffer();
-  await pc.setLocalDescription(offer);
-  send({
-    type: 'webrtc_offer',
-    session_id: state.sessionId,
-    user_id: userId(),
-    avatar_id: $('avatar').value,
-    sdp: offer.sdp,
-  });
-}
-
-// A voice meter: the level of the avatar's audio as the page receives it (WebAudio), shown next
-// to the "speaking" badge and kept in state.voiceLevel (RMS, 0..1) for tests.
+/** @param {MediaStreamTrack} track */
 function meterVoice(track) {
   try {
     const ctx = new AudioContext();
@@ -114,108 +223,129 @@ function meterVoice(track) {
     analyser.fftSize = 1024;
     ctx.createMediaStreamSource(new MediaStream([track])).connect(analyser);
     const buf = new Float32Array(analyser.fftSize);
-    const measure = () => {
-      if (track.readyState === 'ended') { ctx.close(); return; }
+    const timer = setInterval(() => {
+      if (track.readyState === 'ended') { clearInterval(timer); ctx.close(); return; }
       analyser.getFloatTimeDomainData(buf);
       let sum = 0;
       for (const v of buf) sum += v * v;
       state.voiceLevel = Math.sqrt(sum / buf.length);
-      state.voicePeak = Math.max(state.voicePeak || 0, state.voiceLevel);
-      $('level').value = Math.min(1, state.voiceLevel * 4);
-    };
+      state.voicePeak = Math.max(state.voicePeak, state.voiceLevel);
+    }, 50);
     ctx.resume().catch(() => {});
-    state.meter = setInterval(measure, 50);
-  } catch (e) {
-    logEvent({ type: 'client_error', message: `voice meter: ${e}` });
-  }
+  } catch { /* no WebAudio: no level */ }
 }
 
-function userId() {
-  return params.get('user_id') || 'web-user';
+// ---- the session ----
+
+/** @param {Record<string, any>} ev */
+function logEvent(ev) {
+  state.events.push(ev);
+  if (!debug || (ev.type === 'assistant_text' && !ev.final)) return;
+  const li = document.createElement('li');
+  li.textContent = JSON.stringify(ev).slice(0, 300);
+  if (ev.type === 'error') li.className = 'error';
+  $('events').appendChild(li);
 }
 
-async function onMessage(event) {
-  let msg;
-  try { msg = JSON.parse(event.data); } catch { return; }
-  logEvent(msg);
-  if (msg.type === 'webrtc_answer' && state.pc) {
-    await state.pc.setRemoteDescription({ type: 'answer', sdp: msg.sdp });
-  } else if (msg.type === 'ice_servers' && Array.isArray(msg.ice_servers)) {
-    state.iceServers = msg.ice_servers;
-  } else if (msg.type === 'assistant_text') {
-    state.answers[msg.turn] = msg.final ? msg.text : (state.answers[msg.turn] || '') + msg.text;
-    $('answer').textContent = state.answers[msg.turn];
-  } else if (msg.type === 'speech_started') {
-    state.speaking = msg.turn;
-    $('speaking').hidden = false;
-  } else if (msg.type === 'speech_ended' && state.speaking === msg.turn) {
-    state.speaking = null;
-    $('speaking').hidden = true;
-  }
-}
-
-// STUN/TURN servers with fresh credentials, before the peer is created (the relay also sends them
-// as the first event on the socket; that copy refreshes them for the next connection).
-async function fetchIceServers() {
-  try {
-    const r = await fetch(`/api/ice-servers${location.search}`, { cache: 'no-store' });
-    if (r.ok) state.iceServers = (await r.json()).ice_servers || [];
-  } catch { /* no list: direct and server-reflexive candidates still work */ }
-}
-
-async function connect() {
+async function start() {
   disconnect();
-  await fetchIceServers();
-  state.sessionId = newSessionId();
-  const scheme = location.protocol === 'https:' ? 'wss' : 'ws';
-  const ws = new WebSocket(`${scheme}://${location.host}/ws/${encodeURIComponent(state.sessionId)}${location.search}`);
-  state.ws = ws;
-  state.wsState = 'connecting';
-  renderStatus();
-  ws.onopen = () => { state.wsState = 'open'; renderStatus(); setConnected(true); startPeer().catch((e) => logEvent({ type: 'client_error', message: String(e) })); };
-  ws.onmessage = (e) => { onMessage(e).catch((err) => logEvent({ type: 'client_error', message: String(err) })); };
-  ws.onclose = (e) => { state.wsState = `closed (${e.code})`; renderStatus(); setConnected(false); };
-  ws.onerror = () => { state.wsState = 'error'; renderStatus(); };
+  notice('connecting');
+  const avatarId = $('avatar').value || params.get('avatar') || undefined;
+  // Listeners first, then start: the relay's first events (its ICE servers) are logged too.
+  const session = new Session({
+    url: location.href,
+    avatarId,
+    userId: params.get('user_id') || undefined,
+    video: $('video'),
+    query: Object.fromEntries(params),
+  });
+  state.session = session;
+  session.on('event', logEvent);
+  session.on('state', onState);
+  session.on('error', onError);
+  session.on('assistant_text', onAssistantText);
+  session.on('speech_started', ({ turn }) => {
+    state.speaking = turn;
+    $('speaking').hidden = false;
+    updateButtons();
+  });
+  session.on('speech_ended', ({ turn }) => {
+    if (state.speaking === turn) state.speaking = null;
+    $('speaking').hidden = true;
+    updateButtons();
+  });
+  try {
+    await session.start();
+    onState(session.state);
+  } catch {
+    notice('unreachable', true);
+    badge('down', t('failed'));
+  }
 }
 
 function disconnect() {
-  if (state.pc) { state.pc.close(); state.pc = null; }
-  if (state.ws) { state.ws.close(); state.ws = null; }
-  $('video').srcObject = null;
-  state.iceState = 'new';
-  state.pair = '–';
-  renderStatus();
+  if (state.session) state.session.close();
+  state.session = null;
+  state.wsState = 'closed';
 }
 
-async function collectStats() {
+/** @param {string} message */
+function say(message) {
+  const text = message.trim();
+  if (!text || !state.session) return false;
+  if (!state.session.say(text)) return false;
+  addTurn('user', text);
+  streaming = null;
+  return true;
+}
+
+/** Mean luma (0-255) of a rectangle of the current picture, in video pixels (tests, operators). */
+function lumaAt(/** @type {number} */ x0, /** @type {number} */ y0, /** @type {number} */ x1, /** @type {number} */ y1) {
+  const v = $('video');
+  if (!v.videoWidth) return null;
+  const c = document.createElement('canvas');
+  c.width = v.videoWidth;
+  c.height = v.videoHeight;
+  const g = c.getContext('2d', { willReadFrequently: true });
+  if (!g) return null;
+  g.drawImage(v, 0, 0);
+  const px = g.getImageData(x0, y0, x1 - x0, y1 - y0).data;
+  let sum = 0;
+  for (let i = 0; i < px.length; i += 4) sum += 0.299 * px[i] + 0.587 * px[i + 1] + 0.114 * px[i + 2];
+  return sum / (px.length / 4);
+}
+
+/** The page's own diagnostics: the SDK's numbers plus the raw inbound counters tests read. */
+async function stats() {
+  const s = state.session;
+  /** @type {Record<string, any>} */
   const out = {
     framesDecoded: 0, frameWidth: 0, frameHeight: 0, localCandidateType: null, remoteCandidateType: null,
     iceState: state.iceState, audioLevel: 0, totalAudioEnergy: 0, audioSamplesReceived: 0,
     offerToAnswerMs: state.timing.offerToAnswerMs, textToFirstTextMs: state.timing.textToFirstTextMs,
   };
-  if (!state.pc) return out;
-  const report = await state.pc.getStats();
+  if (!s || !s.peer) return out;
+  const report = await s.peer.getStats();
+  /** @type {string | null} */
   let pairId = null;
-  report.forEach((s) => { if (s.type === 'transport' && s.selectedCandidatePairId) pairId = s.selectedCandidatePairId; });
-  report.forEach((s) => {
-    if (s.type === 'inbound-rtp' && s.kind === 'video') {
-      out.framesDecoded = s.framesDecoded || 0;
-      out.framesDropped = s.framesDropped || 0;
-      out.freezeCount = s.freezeCount || 0;
-      out.totalFreezesDuration = s.totalFreezesDuration || 0;
-      out.videoPacketsLost = s.packetsLost || 0;
-      out.nackCount = s.nackCount || 0;
-      out.frameWidth = s.frameWidth || 0;
-      out.frameHeight = s.frameHeight || 0;
+  report.forEach((r) => { if (r.type === 'transport' && r.selectedCandidatePairId) pairId = r.selectedCandidatePairId; });
+  report.forEach((r) => {
+    if (r.type === 'inbound-rtp' && r.kind === 'video') {
+      Object.assign(out, {
+        framesDecoded: r.framesDecoded || 0, framesDropped: r.framesDropped || 0, freezeCount: r.freezeCount || 0,
+        totalFreezesDuration: r.totalFreezesDuration || 0, videoPacketsLost: r.packetsLost || 0,
+        nackCount: r.nackCount || 0, frameWidth: r.frameWidth || 0, frameHeight: r.frameHeight || 0,
+      });
     }
-    if (s.type === 'inbound-rtp' && s.kind === 'audio') {
-      out.audioLevel = s.audioLevel || 0;
-      out.totalAudioEnergy = s.totalAudioEnergy || 0;
-      out.audioSamplesReceived = s.totalSamplesReceived || 0;
+    if (r.type === 'inbound-rtp' && r.kind === 'audio') {
+      Object.assign(out, {
+        audioLevel: r.audioLevel || 0, totalAudioEnergy: r.totalAudioEnergy || 0,
+        audioSamplesReceived: r.totalSamplesReceived || 0,
+      });
     }
-    if (!pairId && s.type === 'candidate-pair' && s.nominated && s.state === 'succeeded') pairId = s.id;
+    if (!pairId && r.type === 'candidate-pair' && r.nominated && r.state === 'succeeded') pairId = r.id;
   });
-  const pair = pairId && report.get(pairId);
+  const pair = pairId ? report.get(pairId) : null;
   if (pair) {
     const local = report.get(pair.localCandidateId);
     const remote = report.get(pair.remoteCandidateId);
@@ -227,46 +357,55 @@ async function collectStats() {
   return out;
 }
 
-async function tick() {
-  try {
-    const s = await collectStats();
-    state.framesDecoded = s.framesDecoded;
-    state.width = s.frameWidth;
-    state.height = s.frameHeight;
-    if (s.localCandidateType) state.pair = `${s.localCandidateType} → ${s.remoteCandidateType}`;
-    renderStatus();
-  } catch { /* the peer closed between calls */ }
-}
+// ---- wiring ----
 
-$('connect').onclick = () => { connect(); };
-$('disconnect').onclick = disconnect;
-$('unmute').onclick = () => { $('video').muted = false; };
-$('stop').onclick = () => send({ type: 'interrupt' });
-$('chat').onsubmit = (e) => {
+const debug = params.get('debug') === '1';
+translate();
+$('debug').hidden = !debug;
+$('badge').addEventListener('click', () => {
+  const open = $('panel').hidden;
+  $('panel').hidden = !open;
+  $('badge').setAttribute('aria-expanded', String(open));
+});
+$('unmute').addEventListener('click', unmute);
+$('retry').addEventListener('click', () => {
+  if (state.session && state.session.state !== 'failed') state.session.retry();
+  else start();
+});
+$('stop').addEventListener('click', () => { if (state.session) state.session.interrupt(); });
+$('chat').addEventListener('submit', (/** @type {Event} */ e) => {
   e.preventDefault();
-  const message = $('message').value.trim();
-  if (!message) return;
-  send({ type: 'text_webrtc', session_id: state.sessionId, user_id: userId(), message, avatar_id: $('avatar').value });
-  $('message').value = '';
+  const input = $('message');
+  // Sending is a user gesture: the tutor's voice may play from now on.
+  if ($('video').muted) unmute();
+  if (say(input.value)) input.value = '';
+});
+$('video').addEventListener('loadedmetadata', () => {
+  const stream = /** @type {MediaStream | null} */ ($('video').srcObject);
+  const track = stream && stream.getAudioTracks()[0];
+  if (track) meterVoice(track);
+});
+
+// An avatar chooser, only when the relay lists more than one avatar.
+fetch('/api/avatars').then((r) => (r.ok ? r.json() : null)).then((list) => {
+  const avatars = list && Array.isArray(list.avatars) ? list.avatars : [];
+  if (avatars.length < 2) return;
+  const select = $('avatar');
+  for (const a of avatars) {
+    const option = document.createElement('option');
+    option.value = a.id;
+    option.textContent = a.name || a.id;
+    select.appendChild(option);
+  }
+  if (params.get('avatar')) select.value = params.get('avatar');
+  $('avatar-choice').hidden = false;
+  select.addEventListener('change', start);
+}).catch(() => {});
+
+setInterval(refresh, 1000);
+/** @type {any} */ (window).avatarEdge = {
+  state, stats, lumaAt, say, send: (/** @type {Record<string, any>} */ m) => state.session && state.session.socket
+    && state.session.socket.send(JSON.stringify(m)), connect: start, disconnect,
 };
-setInterval(tick, 500);
-if (params.get('avatar')) $('avatar').value = params.get('avatar');
-if (params.get('autoconnect') === '1') connect();
-
-// Mean luma (0-255) of a rectangle of the current video picture, in video pixels: lets a test or
-// an operator check what is on screen (e.g. the mouth area) without a screenshot.
-function lumaAt(x0, y0, x1, y1) {
-  const v = $('video');
-  if (!v.videoWidth) return null;
-  const c = document.createElement('canvas');
-  c.width = v.videoWidth;
-  c.height = v.videoHeight;
-  const g = c.getContext('2d', { willReadFrequently: true });
-  g.drawImage(v, 0, 0);
-  const px = g.getImageData(x0, y0, x1 - x0, y1 - y0).data;
-  let sum = 0;
-  for (let i = 0; i < px.length; i += 4) sum += 0.299 * px[i] + 0.587 * px[i + 1] + 0.114 * px[i + 2];
-  return sum / (px.length / 4);
-}
-
-window.avatarEdge = { state, stats: collectStats, connect, disconnect, send, lumaAt, say: (m) => { $('message').value = m; $('chat').requestSubmit(); } };
+if (params.get('autoconnect') !== '0') start();
+else notice(null, true);

@@ -30,6 +30,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 const INDEX_HTML: &str = include_str!("../../web-client/index.html");
 const APP_JS: &str = include_str!("../../web-client/app.js");
 const STYLE_CSS: &str = include_str!("../../web-client/style.css");
+const SDK_JS: &str = include_str!("../../web-client/avatar-edge.js");
 
 /// The relay's HTTP application.
 pub fn app(state: Arc<AppState>) -> Router {
@@ -62,7 +63,8 @@ pub fn app(state: Arc<AppState>) -> Router {
             .route("/", get(|| async { embedded("text/html", INDEX_HTML) }))
             .route("/index.html", get(|| async { embedded("text/html", INDEX_HTML) }))
             .route("/app.js", get(|| async { embedded("text/javascript", APP_JS) }))
-            .route("/style.css", get(|| async { embedded("text/css", STYLE_CSS) })),
+            .route("/style.css", get(|| async { embedded("text/css", STYLE_CSS) }))
+            .route("/avatar-edge.js", get(|| async { sdk() })),
     };
     let hsts = state.config.http.tls;
     // Checked by the config's validation; an empty policy sends no header.
@@ -129,6 +131,16 @@ fn servable(root: &std::path::Path, path: &str) -> bool {
     }
     // A directory is served as its index.html: that must not be a symlink either.
     !std::fs::symlink_metadata(at.join("index.html")).is_ok_and(|m| m.file_type().is_symlink())
+}
+
+/// The JavaScript SDK, importable as a module from any origin (it holds no secret; the socket
+/// and `/api/ice-servers` apply `http.allowed_origins` themselves).
+fn sdk() -> Response {
+    let mut response = embedded("text/javascript", SDK_JS);
+    response
+        .headers_mut()
+        .insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
+    response
 }
 
 fn embedded(mime: &'static str, body: &'static str) -> Response {
@@ -337,7 +349,17 @@ async fn ice_servers(
         "ice_servers": state.ice.servers(crate::ice::TurnUser::Browser(&user), crate::ice::unix_now()),
         "ttl_s": state.ice.ttl_s(),
     });
-    ([(axum::http::header::CACHE_CONTROL, "no-store")], axum::Json(body)).into_response()
+    let mut response = ([(axum::http::header::CACHE_CONTROL, "no-store")], axum::Json(body)).into_response();
+    // A customer's page on another origin (the SDK) may read the list when that origin may open
+    // a socket too (`http.allowed_origins`).
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        if check_origin(&state, &headers).is_ok() {
+            let h = response.headers_mut();
+            h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+            h.insert(header::VARY, HeaderValue::from_static("Origin"));
+        }
+    }
+    response
 }
 
 async fn ws_upgrade(
@@ -541,6 +563,28 @@ mod tests {
         let (status, headers) = (res.status(), res.headers().clone());
         let body = res.into_body().collect().await.expect("body").to_bytes();
         (status, headers, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn the_sdk_is_served_to_any_origin_and_the_ice_list_to_allowed_ones() {
+        let (status, headers, body) =
+            get_from(state_with(RelayConfig::dev()), "/avatar-edge.js", "203.0.113.9", &[]).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers[header::ACCESS_CONTROL_ALLOW_ORIGIN], "*");
+        assert!(body.contains("export async function connect"), "the module");
+        let mut cfg = RelayConfig::dev();
+        cfg.http.allowed_origins = vec!["https://school.example".into()];
+        let state = state_with(cfg);
+        let allowed = [("origin", "https://school.example")];
+        let (status, headers, _) = get_from(Arc::clone(&state), "/api/ice-servers", "203.0.113.9", &allowed).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers[header::ACCESS_CONTROL_ALLOW_ORIGIN], "https://school.example");
+        let other = [("origin", "https://evil.example")];
+        let (_, headers, _) = get_from(state, "/api/ice-servers", "203.0.113.9", &other).await;
+        assert!(
+            !headers.contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN),
+            "not for other origins"
+        );
     }
 
     #[tokio::test]

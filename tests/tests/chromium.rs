@@ -186,13 +186,19 @@ fn chromium_plays_the_talking_avatar_and_stops_it() {
         tokio::time::sleep(Duration::from_millis(700)).await;
         let closed = browser.eval(&mouth).await.expect("luma").as_f64().unwrap_or(0.0);
         assert!((closed - idle).abs() < 8.0, "mouth idle after stop: {closed} vs {idle}");
-        let answer = browser
-            .eval("document.getElementById('answer').textContent")
+        // The conversation shows the question and the tutor's answer.
+        let turns = browser
+            .eval("JSON.stringify([...document.querySelectorAll('#turns .turn')].map(t => [t.className, t.querySelector('.text').textContent]))")
             .await
-            .expect("answer");
+            .expect("turns");
+        let turns: Vec<(String, String)> = serde_json::from_str(turns.as_str().unwrap_or("[]")).expect("turns JSON");
         assert!(
-            answer.as_str().is_some_and(|a| a.contains("Hello")),
-            "the answer panel shows the text: {answer}"
+            turns.first().is_some_and(|(class, text)| class.contains("user") && text == "Hello, who are you?"),
+            "{turns:?}"
+        );
+        assert!(
+            turns.iter().any(|(class, text)| class.contains("tutor") && text.contains("Hello")),
+            "the conversation shows the answer: {turns:?}"
         );
     });
 }

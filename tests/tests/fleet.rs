@@ -99,7 +99,11 @@ fn two_relays_share_two_workers_without_oversubscribing_them() {
         }
         for log in &worker_logs {
             let took = avatar_edge_tests::cluster::wait_for_count(log, "registered with relay", 2, SECS(20)).await;
-            assert!(took.is_some(), "a worker did not register with both relays:\n{}", a.logs());
+            assert!(
+                took.is_some(),
+                "a worker did not register with both relays:\n{}",
+                a.logs()
+            );
         }
         let relays = [&a, &b];
 
@@ -128,7 +132,10 @@ fn two_relays_share_two_workers_without_oversubscribing_them() {
         // Closing a session frees its slot for the next browser, on either relay.
         for relay in [0, 1] {
             let other = 1 - relay;
-            let index = playing.iter().position(|p| p.relay == other).expect("a session on the other relay");
+            let index = playing
+                .iter()
+                .position(|p| p.relay == other)
+                .expect("a session on the other relay");
             close(&mut playing, index).await;
             let name = format!("after-close-{relay}");
             let deadline = Instant::now() + SECS(5);

@@ -1,0 +1,507 @@
+// @ts-check
+/**
+ * avatar-edge.js: talk to an avatar-edge relay from any web page. No dependencies, no build step:
+ *
+ * ```js
+ * import { connect } from 'https://relay.example.com/avatar-edge.js';
+ * const session = await connect({ url: 'https://relay.example.com', avatarId: 'tutor', video });
+ * session.on('assistant_text', (t) => console.log(t.turn, t.full));
+ * session.say('Hello!');
+ * ```
+ *
+ * What it does for you:
+ * - the right offer: receive-only video and audio transceivers *before* `createOffer()` (a page
+ *   that forgets them sends an offer with no media, the bug of the old test page);
+ * - fresh STUN/TURN servers from `/api/ice-servers`, and trickled candidates;
+ * - **reconnects by itself**: when the socket drops (a relay restart, a network change) or the
+ *   worker goes away, it opens a new socket and negotiates again, with backoff, and keeps the old
+ *   video playing until the new one is live. It stops on `unauthorized`, and on `close()`;
+ * - retries `busy` and `no_worker` with backoff (the page may offer "retry now": `retry()`).
+ *
+ * The wire protocol it speaks is documented in docs/integration.md.
+ */
+
+/**
+ * @typedef {object} ConnectOptions
+ * @property {string} [url] The relay's base URL (`https://relay.example.com`); default: this page's origin.
+ * @property {string} [avatarId] Which avatar to talk to.
+ * @property {string} [token] Sent as `?token=` on the socket and the ICE-server request, for the relay's auth policy.
+ * @property {string} [userId] Sent as `user_id` (an auth policy may overrule it).
+ * @property {HTMLVideoElement} [video] Where the avatar plays (video and audio).
+ * @property {Record<string, string>} [query] Extra query parameters for the relay's policies.
+ * @property {boolean} [reconnect] Reconnect after a lost socket or worker (default true).
+ */
+
+/**
+ * @typedef {'connecting' | 'negotiating' | 'live' | 'reconnecting' | 'waiting' | 'failed' | 'closed'} SessionState
+ * `waiting`: no worker is free (`busy`, `no_worker`); the SDK retries with backoff.
+ * `failed`: refused for good (`unauthorized`); `closed`: `close()` was called.
+ */
+
+/**
+ * @typedef {object} AssistantText
+ * @property {number} turn Numbers the answers of a session.
+ * @property {string} text This piece (a delta), or the whole answer when `final`.
+ * @property {boolean} final
+ * @property {string} full The answer so far.
+ */
+
+/**
+ * @typedef {object} SessionError
+ * @property {string} code `busy`, `no_worker`, `unauthorized`, `worker_lost`, `talk_failed`, …
+ * @property {string} message
+ * @property {boolean} retrying The SDK tries again by itself.
+ */
+
+/**
+ * @typedef {object} SessionStats
+ * @property {number | null} rttMs Round trip to the worker's media (ICE), ms.
+ * @property {number} fps Frames decoded per second since the last call.
+ * @property {number} bitrateKbps Video and audio received, kbit/s, since the last call.
+ * @property {number} packetsLost
+ * @property {number | null} jitterMs Video jitter, ms.
+ * @property {number} framesDecoded
+ * @property {number} frameWidth
+ * @property {number} frameHeight
+ * @property {string | null} localCandidateType `host`, `srflx`, `prflx` or `relay`.
+ * @property {string | null} remoteCandidateType
+ * @property {boolean} relayed Media goes through TURN.
+ * @property {'good' | 'poor' | 'relayed' | 'none'} quality
+ */
+
+/**
+ * @typedef {object} EventMap
+ * @property {AssistantText} assistant_text
+ * @property {{turn: number}} speech_started
+ * @property {{turn: number, interrupted: boolean}} speech_ended
+ * @property {SessionError} error
+ * @property {SessionState} state
+ * @property {Record<string, any>} event Every message from the relay, as it came (for a debug view).
+ */
+
+const RETRYABLE_OFFER_ERRORS = ['busy', 'no_worker'];
+const RENEGOTIATE_ERRORS = ['worker_lost', 'peer_failed'];
+
+/**
+ * Connect to the relay; resolves once the socket is open and the offer is on its way (listen to
+ * `state` for `live`). Rejects when the first socket cannot be opened at all.
+ * @param {ConnectOptions} [options]
+ * @returns {Promise<Session>}
+ */
+export async function connect(options = {}) {
+  const session = new Session(options);
+  await session.start();
+  return session;
+}
+
+export class Session {
+  /** @param {ConnectOptions} options */
+  constructor(options) {
+    /** @type {ConnectOptions} */
+    this.options = { reconnect: true, ...options };
+    const base = new URL(options.url || globalThis.location.href);
+    /** @private */
+    this.base = base;
+    /** @type {SessionState} */
+    this.state = 'connecting';
+    /** @type {string | null} */
+    this.sessionId = null;
+    /** @type {string | null} Which worker serves the session. */
+    this.workerId = null;
+    /** @type {WebSocket | null} */
+    this.socket = null;
+    /** @type {RTCPeerConnection | null} */
+    this.peer = null;
+    /** @private @type {RTCPeerConnection | null} the previous peer, playing until the new one is live */
+    this.previousPeer = null;
+    /** @private @type {RTCIceServer[]} */
+    this.iceServers = [];
+    /** @private @type {Map<string, Set<(value: any) => void>>} */
+    this.handlers = new Map();
+    /** @private @type {Map<number, string>} */
+    this.answers = new Map();
+    /** @private @type {WeakMap<RTCPeerConnection, MediaStream>} what each peer receives */
+    this.streams = new WeakMap();
+    /** @private */
+    this.attempt = 0;
+    /** @private @type {ReturnType<typeof setTimeout> | null} */
+    this.timer = null;
+    /** @private @type {{at: number, frames: number, bytes: number} | null} */
+    this.lastSample = null;
+    /** Round trips the SDK measured (ms): offer → answer, and a message → the first answer text. */
+    this.timing = { offerToAnswerMs: /** @type {number|null} */ (null), textToFirstTextMs: /** @type {number|null} */ (null) };
+    /** @private @type {number | null} */ this.offerSentAt = null;
+    /** @private @type {number | null} */ this.textSentAt = null;
+  }
+
+  /**
+   * Listen for an event; returns a function that stops listening.
+   * @template {keyof EventMap} K
+   * @param {K} name
+   * @param {(value: EventMap[K]) => void} handler
+   * @returns {() => void}
+   */
+  on(name, handler) {
+    let set = this.handlers.get(name);
+    if (!set) {
+      set = new Set();
+      this.handlers.set(name, set);
+    }
+    set.add(handler);
+    return () => { set?.delete(handler); };
+  }
+
+  /**
+   * Ask the avatar something; `false` when not connected right now (nothing is queued).
+   * @param {string} text
+   * @returns {boolean}
+   */
+  say(text) {
+    const message = String(text).trim();
+    if (!message) return false;
+    this.textSentAt = performance.now();
+    return this.send({
+      type: 'text_webrtc',
+      session_id: this.sessionId,
+      user_id: this.userId(),
+      avatar_id: this.options.avatarId,
+      message,
+    });
+  }
+
+  /** Stop the current answer (speech, lip-sync and the text still coming). */
+  interrupt() {
+    return this.send({ type: 'interrupt' });
+  }
+
+  /** Try again now (after `busy` or `no_worker`, or while reconnecting). */
+  retry() {
+    if (this.state === 'closed' || this.state === 'failed') return;
+    if (this.timer) clearTimeout(this.timer);
+    this.timer = null;
+    this.attempt = 0;
+    if (this.socket && this.socket.readyState === WebSocket.OPEN) this.negotiate();
+    else this.openSocket().catch(() => this.scheduleReconnect());
+  }
+
+  /** End the session for good. */
+  close() {
+    this.setState('closed');
+    if (this.timer) clearTimeout(this.timer);
+    this.timer = null;
+    this.closePeer(this.previousPeer);
+    this.previousPeer = null;
+    this.closePeer(this.peer);
+    this.peer = null;
+    if (this.socket) this.socket.close(1000, 'closed by the page');
+    this.socket = null;
+  }
+
+  /**
+   * Connection numbers for a quality badge or panel.
+   * @returns {Promise<SessionStats>}
+   */
+  async stats() {
+    /** @type {SessionStats} */
+    const out = {
+      rttMs: null, fps: 0, bitrateKbps: 0, packetsLost: 0, jitterMs: null, framesDecoded: 0,
+      frameWidth: 0, frameHeight: 0, localCandidateType: null, remoteCandidateType: null,
+      relayed: false, quality: 'none',
+    };
+    if (!this.peer) return out;
+    const report = await this.peer.getStats();
+    let bytes = 0;
+    /** @type {string | null} */
+    let pairId = null;
+    report.forEach((s) => {
+      if (s.type === 'transport' && s.selectedCandidatePairId) pairId = s.selectedCandidatePairId;
+    });
+    report.forEach((s) => {
+      if (s.type === 'inbound-rtp') {
+        bytes += s.bytesReceived || 0;
+        out.packetsLost += s.packetsLost || 0;
+        if (s.kind === 'video') {
+          out.framesDecoded = s.framesDecoded || 0;
+          out.frameWidth = s.frameWidth || 0;
+          out.frameHeight = s.frameHeight || 0;
+          if (typeof s.jitter === 'number') out.jitterMs = s.jitter * 1000;
+        }
+      }
+      if (!pairId && s.type === 'candidate-pair' && s.nominated && s.state === 'succeeded') pairId = s.id;
+    });
+    const pair = pairId ? report.get(pairId) : null;
+    if (pair) {
+      if (typeof pair.currentRoundTripTime === 'number') out.rttMs = pair.currentRoundTripTime * 1000;
+      const local = report.get(pair.localCandidateId);
+      const remote = report.get(pair.remoteCandidateId);
+      out.localCandidateType = (local && local.candidateType) || null;
+      out.remoteCandidateType = (remote && remote.candidateType) || null;
+      out.relayed = out.localCandidateType === 'relay' || out.remoteCandidateType === 'relay';
+    }
+    const now = performance.now();
+    const last = this.lastSample;
+    if (last && now > last.at) {
+      const seconds = (now - last.at) / 1000;
+      out.fps = Math.max(0, (out.framesDecoded - last.frames) / seconds);
+      out.bitrateKbps = Math.max(0, ((bytes - last.bytes) * 8) / 1000 / seconds);
+    }
+    this.lastSample = { at: now, frames: out.framesDecoded, bytes };
+    if (out.framesDecoded > 0) {
+      const poor = (out.rttMs !== null && out.rttMs > 400) || (last !== null && out.fps < 15)
+        || (out.jitterMs !== null && out.jitterMs > 60);
+      out.quality = poor ? 'poor' : out.relayed ? 'relayed' : 'good';
+    }
+    return out;
+  }
+
+  // ---- inside ----
+
+  /**
+   * Open the first socket and send the offer; `connect()` calls it. Rejects when the relay cannot
+   * be reached, and then keeps trying in the background (unless `reconnect: false`); `close()`
+   * stops it.
+   */
+  async start() {
+    try {
+      await this.openSocket();
+    } catch (e) {
+      this.scheduleReconnect();
+      throw e;
+    }
+  }
+
+  /** @private */
+  userId() {
+    return this.options.userId || 'web-user';
+  }
+
+  /** @private @param {string} path */
+  url(path) {
+    const u = new URL(path, this.base);
+    const q = new URLSearchParams(this.options.query || {});
+    if (this.options.token) q.set('token', this.options.token);
+    u.search = q.toString();
+    return u;
+  }
+
+  /** @private @param {SessionState} state */
+  setState(state) {
+    if (this.state === state) return;
+    this.state = state;
+    this.emit('state', state);
+  }
+
+  /** @private @param {string} name @param {any} value */
+  emit(name, value) {
+    const set = this.handlers.get(name);
+    if (!set) return;
+    for (const handler of [...set]) {
+      try { handler(value); } catch (e) { console.error(`avatar-edge: a ${name} handler threw`, e); }
+    }
+  }
+
+  /** @private @param {Record<string, any>} message */
+  send(message) {
+    if (!this.socket || this.socket.readyState !== WebSocket.OPEN) return false;
+    this.socket.send(JSON.stringify(message));
+    return true;
+  }
+
+  /** @private */
+  async fetchIceServers() {
+    try {
+      const r = await fetch(this.url('/api/ice-servers'), { cache: 'no-store' });
+      if (r.ok) this.iceServers = (await r.json()).ice_servers || [];
+    } catch { /* no list: direct and server-reflexive candidates still work */ }
+  }
+
+  /** @private */
+  async openSocket() {
+    if (this.state === 'closed' || this.state === 'failed') return;
+    await this.fetchIceServers();
+    const rnd = globalThis.crypto && crypto.randomUUID ? crypto.randomUUID() : String(Math.random()).slice(2);
+    this.sessionId = `web-${rnd}`;
+    const u = this.url(`/ws/${encodeURIComponent(this.sessionId)}`);
+    u.protocol = u.protocol === 'https:' ? 'wss:' : 'ws:';
+    const socket = new WebSocket(u);
+    this.socket = socket;
+    await new Promise((resolve, reject) => {
+      socket.onopen = () => resolve(undefined);
+      socket.onerror = () => reject(new Error(`cannot reach ${u.host}`));
+    });
+    socket.onerror = null;
+    socket.onmessage = (e) => this.onMessage(e.data);
+    socket.onclose = () => {
+      if (this.socket !== socket) return;
+      this.socket = null;
+      this.scheduleReconnect();
+    };
+    this.negotiate();
+  }
+
+  /** @private */
+  negotiate() {
+    this.setState(this.previousPeer || this.state === 'reconnecting' ? 'reconnecting' : 'negotiating');
+    if (this.peer) {
+      // Keep it playing until the new one is live.
+      this.closePeer(this.previousPeer);
+      this.previousPeer = this.peer;
+      this.peer = null;
+    }
+    const peer = new RTCPeerConnection({ iceServers: this.iceServers });
+    this.peer = peer;
+    // The fix the old test page lacked: without these the offer has no media sections.
+    peer.addTransceiver('video', { direction: 'recvonly' });
+    peer.addTransceiver('audio', { direction: 'recvonly' });
+    this.streams.set(peer, new MediaStream());
+    peer.ontrack = (event) => this.attachTrack(peer, event);
+    peer.onicecandidate = (event) => {
+      if (event.candidate && event.candidate.candidate) {
+        this.send({ type: 'webrtc_ice_candidate', user_id: this.userId(), candidate: event.candidate.toJSON() });
+      }
+    };
+    peer.onconnectionstatechange = () => {
+      if (peer !== this.peer) return;
+      if (peer.connectionState === 'connected') {
+        this.attempt = 0;
+        this.show(peer);
+        this.closePeer(this.previousPeer);
+        this.previousPeer = null;
+        this.setState('live');
+      } else if (peer.connectionState === 'failed') {
+        this.scheduleRenegotiate();
+      }
+    };
+    peer.createOffer()
+      .then((offer) => peer.setLocalDescription(offer).then(() => offer))
+      .then((offer) => {
+        this.offerSentAt = performance.now();
+        this.send({
+          type: 'webrtc_offer',
+          session_id: this.sessionId,
+          user_id: this.userId(),
+          avatar_id: this.options.avatarId,
+          sdp: offer.sdp,
+        });
+      })
+      .catch((e) => this.emit('error', { code: 'client', message: String(e), retrying: false }));
+  }
+
+  /** @private @param {RTCPeerConnection} peer @param {RTCTrackEvent} event */
+  attachTrack(peer, event) {
+    const stream = this.streams.get(peer);
+    if (!stream) return;
+    if (!stream.getTracks().includes(event.track)) stream.addTrack(event.track);
+    // The first session shows at once; a reconnect's stream replaces the old one once it is live.
+    const video = this.options.video;
+    if (video && !video.srcObject) this.show(peer);
+  }
+
+  /** @private @param {RTCPeerConnection} peer */
+  show(peer) {
+    const video = this.options.video;
+    const stream = this.streams.get(peer);
+    if (!video || !stream || video.srcObject === stream) return;
+    video.srcObject = stream;
+    video.play().catch(() => {});
+  }
+
+  /** @private @param {RTCPeerConnection | null} peer */
+  closePeer(peer) {
+    if (peer) peer.close();
+  }
+
+  /** @private @param {string} data */
+  onMessage(data) {
+    /** @type {Record<string, any>} */
+    let msg;
+    try { msg = JSON.parse(data); } catch { return; }
+    this.emit('event', msg);
+    switch (msg.type) {
+      case 'ice_servers':
+        if (Array.isArray(msg.ice_servers)) this.iceServers = msg.ice_servers;
+        break;
+      case 'session_assigned':
+        this.workerId = msg.worker_id;
+        break;
+      case 'webrtc_answer':
+        if (this.offerSentAt !== null) this.timing.offerToAnswerMs = performance.now() - this.offerSentAt;
+        this.offerSentAt = null;
+        this.peer?.setRemoteDescription({ type: 'answer', sdp: msg.sdp })
+          .catch((e) => this.emit('error', { code: 'client', message: String(e), retrying: false }));
+        break;
+      case 'assistant_text': {
+        if (this.textSentAt !== null) this.timing.textToFirstTextMs = performance.now() - this.textSentAt;
+        this.textSentAt = null;
+        const full = msg.final ? msg.text : (this.answers.get(msg.turn) || '') + msg.text;
+        this.answers.set(msg.turn, full);
+        this.emit('assistant_text', { turn: msg.turn, text: msg.text, final: !!msg.final, full });
+        break;
+      }
+      case 'speech_started':
+        this.emit('speech_started', { turn: msg.turn });
+        break;
+      case 'speech_ended':
+        this.emit('speech_ended', { turn: msg.turn, interrupted: !!msg.interrupted });
+        break;
+      case 'error':
+        this.onError(msg.code, msg.message || '');
+        break;
+      default:
+        break;
+    }
+  }
+
+  /** @private @param {string} code @param {string} message */
+  onError(code, message) {
+    if (code === 'unauthorized') {
+      this.emit('error', { code, message, retrying: false });
+      this.setState('failed');
+      this.close();
+      this.state = 'failed';
+      return;
+    }
+    const offerFailed = RETRYABLE_OFFER_ERRORS.includes(code);
+    const lost = RENEGOTIATE_ERRORS.includes(code);
+    const retrying = (offerFailed || lost) && !!this.options.reconnect;
+    this.emit('error', { code, message, retrying });
+    if (offerFailed) {
+      this.setState('waiting');
+      if (retrying) this.scheduleRenegotiate();
+    } else if (lost && retrying) {
+      this.scheduleRenegotiate();
+    }
+  }
+
+  /** @private */
+  backoff() {
+    const ms = Math.min(10000, 250 * 2 ** this.attempt);
+    this.attempt = Math.min(this.attempt + 1, 10);
+    return ms / 2 + Math.random() * (ms / 2);
+  }
+
+  /** @private A new offer on the same socket (the worker went away, or none was free). */
+  scheduleRenegotiate() {
+    if (!this.options.reconnect || this.state === 'closed' || this.state === 'failed') return;
+    if (this.timer) return;
+    this.timer = setTimeout(() => {
+      this.timer = null;
+      if (this.socket && this.socket.readyState === WebSocket.OPEN) this.negotiate();
+      else this.scheduleReconnect();
+    }, this.backoff());
+  }
+
+  /** @private A new socket (and then a new offer): the relay restarted or the network changed. */
+  scheduleReconnect() {
+    if (!this.options.reconnect || this.state === 'closed' || this.state === 'failed') {
+      if (this.state !== 'closed' && this.state !== 'failed') this.setState('closed');
+      return;
+    }
+    this.setState('reconnecting');
+    if (this.timer) return;
+    this.timer = setTimeout(() => {
+      this.timer = null;
+      this.openSocket().catch(() => this.scheduleReconnect());
+    }, this.backoff());
+  }
+}
