@@ -269,7 +269,9 @@ async function start() {
     $('speaking').hidden = false;
     updateButtons();
   });
-  session.on('speech_ended', ({ turn }) => {
+  session.on('speech_ended', ({ turn, interrupted }) => {
+    if (interrupted) tutorTurns.get(turn)?.classList.add('stopped');
+    if (streaming === turn) streaming = null;
     if (state.speaking === turn) state.speaking = null;
     $('speaking').hidden = true;
     updateButtons();

@@ -97,26 +97,67 @@ impl Chromium {
 
     /// Evaluate `expression` in the page, awaiting a promise result; returns its JSON value.
     pub async fn eval(&mut self, expression: &str) -> anyhow::Result<Value> {
+        let result = self
+            .call(
+                "Runtime.evaluate",
+                json!({"expression": expression, "awaitPromise": true, "returnByValue": true}),
+            )
+            .await?;
+        if let Some(ex) = result.get("exceptionDetails") {
+            anyhow::bail!("page threw: {ex}");
+        }
+        Ok(result["result"]["value"].clone())
+    }
+
+    /// Send one DevTools command and return its result.
+    pub async fn call(&mut self, method: &str, params: Value) -> anyhow::Result<Value> {
         let id = self.next_id;
         self.next_id += 1;
-        let req = json!({"id": id, "method": "Runtime.evaluate", "params": {
-            "expression": expression, "awaitPromise": true, "returnByValue": true}});
+        let req = json!({"id": id, "method": method, "params": params});
         self.ws.send(Message::Text(req.to_string().into())).await?;
         loop {
-            let msg = tokio::time::timeout(Duration::from_secs(10), self.ws.next())
+            let msg = tokio::time::timeout(Duration::from_secs(20), self.ws.next())
                 .await
-                .map_err(|_| anyhow::anyhow!("DevTools did not answer"))?
+                .map_err(|_| anyhow::anyhow!("DevTools did not answer {method}"))?
                 .ok_or_else(|| anyhow::anyhow!("DevTools socket closed"))??;
             let Message::Text(text) = msg else { continue };
             let v: Value = serde_json::from_str(text.as_str())?;
             if v["id"] != id {
                 continue;
             }
-            if let Some(ex) = v["result"].get("exceptionDetails") {
-                anyhow::bail!("page threw: {ex}");
+            if let Some(error) = v.get("error") {
+                anyhow::bail!("{method} failed: {error}");
             }
-            return Ok(v["result"]["result"]["value"].clone());
+            return Ok(v["result"].clone());
         }
+    }
+
+    /// Lay the page out as on a screen `width` × `height` CSS pixels (`mobile`: a phone's
+    /// viewport and touch).
+    pub async fn viewport(&mut self, width: u32, height: u32, mobile: bool) -> anyhow::Result<()> {
+        self.call(
+            "Emulation.setDeviceMetricsOverride",
+            json!({"width": width, "height": height, "deviceScaleFactor": 1, "mobile": mobile}),
+        )
+        .await?;
+        self.call("Emulation.setTouchEmulationEnabled", json!({"enabled": mobile}))
+            .await?;
+        Ok(())
+    }
+
+    /// A PNG of what the page shows now, written to `path`.
+    pub async fn screenshot(&mut self, path: &std::path::Path) -> anyhow::Result<()> {
+        use base64::Engine;
+        let shot = self.call("Page.captureScreenshot", json!({"format": "png"})).await?;
+        let data = shot["data"]
+            .as_str()
+            .ok_or_else(|| anyhow::anyhow!("no screenshot data"))?;
+        let png = base64::engine::general_purpose::STANDARD.decode(data)?;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(path, png)?;
+        Ok(())
     }
 }
 

@@ -193,11 +193,15 @@ fn chromium_plays_the_talking_avatar_and_stops_it() {
             .expect("turns");
         let turns: Vec<(String, String)> = serde_json::from_str(turns.as_str().unwrap_or("[]")).expect("turns JSON");
         assert!(
-            turns.first().is_some_and(|(class, text)| class.contains("user") && text == "Hello, who are you?"),
+            turns
+                .first()
+                .is_some_and(|(class, text)| class.contains("user") && text == "Hello, who are you?"),
             "{turns:?}"
         );
         assert!(
-            turns.iter().any(|(class, text)| class.contains("tutor") && text.contains("Hello")),
+            turns
+                .iter()
+                .any(|(class, text)| class.contains("tutor") && text.contains("Hello")),
             "the conversation shows the answer: {turns:?}"
         );
     });

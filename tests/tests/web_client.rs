@@ -1,0 +1,333 @@
+//! The page end users open, and the SDK customers embed, in headless Chromium against the real
+//! relay and worker (issue 18): a desktop and a phone viewport with screenshots, an accessibility
+//! audit (axe-core), reconnecting after a relay restart without a reload, and a customer page
+//! written only against `avatar-edge.js`.
+//!
+//! Screenshots go to `target/test-artifacts/`.
+
+use avatar_edge_tests::cdp::Chromium;
+use avatar_edge_tests::cluster::Cluster;
+use avatar_edge_tests::netns;
+use serde_json::Value;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+const SECS: fn(u64) -> Duration = Duration::from_secs;
+
+/// Poll `expr` in the page until `done` accepts its value or `timeout` passes; the last value.
+async fn poll(browser: &mut Chromium, expr: &str, timeout: Duration, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let v = browser.eval(expr).await.unwrap_or(Value::Null);
+        if done(&v) || Instant::now() >= deadline {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The page's session state (`live` once it plays).
+const SESSION_STATE: &str =
+    "window.avatarEdge && window.avatarEdge.state.session ? window.avatarEdge.state.session.state : 'none'";
+
+async fn wait_live(browser: &mut Chromium, cluster: &Cluster, timeout: Duration) -> Duration {
+    let started = Instant::now();
+    let state = poll(browser, SESSION_STATE, timeout, |v| v == "live").await;
+    if state != "live" {
+        let events = browser
+            .eval("JSON.stringify(window.avatarEdge.state.events.map(e => e.type === 'error' ? e.code : e.type))")
+            .await
+            .unwrap_or(Value::Null);
+        panic!(
+            "the page never played ({state}); its events {events}\n{}",
+            cluster.logs()
+        );
+    }
+    started.elapsed()
+}
+
+/// Type `text` into the page's box and press Send, as a user would.
+async fn ask(browser: &mut Chromium, text: &str) {
+    let js = format!(
+        "(() => {{ const m = document.getElementById('message'); m.value = {}; document.getElementById('send').click(); return true; }})()",
+        Value::from(text)
+    );
+    browser.eval(&js).await.expect("ask");
+}
+
+/// The conversation as `[class, text]` pairs.
+async fn turns(browser: &mut Chromium) -> Vec<(String, String)> {
+    let v = browser
+        .eval("JSON.stringify([...document.querySelectorAll('#turns .turn')].map(t => [t.className, t.querySelector('.text').textContent]))")
+        .await
+        .expect("turns");
+    serde_json::from_str(v.as_str().unwrap_or("[]")).expect("turns JSON")
+}
+
+fn artefact(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/test-artifacts")
+        .join(name)
+}
+
+/// Run axe-core (installed by scripts/install-deps) in the page: its serious and critical violations.
+async fn axe_violations(browser: &mut Chromium) -> Vec<Value> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.tools/web/node_modules/axe-core/axe.min.js");
+    let source = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (scripts/install-deps installs axe-core)", path.display()));
+    browser.eval(&source).await.expect("load axe-core");
+    let result = browser
+        .eval("axe.run(document).then(r => JSON.stringify(r.violations.filter(v => v.impact === 'serious' || v.impact === 'critical').map(v => ({id: v.id, impact: v.impact, nodes: v.nodes.map(n => n.target)}))))")
+        .await
+        .expect("axe.run");
+    serde_json::from_str(result.as_str().unwrap_or("[]")).expect("axe JSON")
+}
+
+/// What the viewport shows: each element's box inside it, and no horizontal scroll.
+const LAYOUT: &str = r#"(() => {
+  const inside = (id) => { const r = document.getElementById(id).getBoundingClientRect();
+    return r.width > 0 && r.height > 0 && r.left >= 0 && r.top >= 0 && r.right <= innerWidth + 0.5 && r.bottom <= innerHeight + 0.5; };
+  return JSON.stringify({
+    video: inside('video'), message: inside('message'), send: inside('send'), stop: inside('stop'),
+    badge: inside('badge'), turns: inside('turns'),
+    horizontalScroll: document.documentElement.scrollWidth > innerWidth,
+    rawJsonVisible: document.body.innerText.includes('{"type"'),
+    debugHidden: document.getElementById('debug').hidden,
+    chooserShown: getComputedStyle(document.getElementById('avatar-choice')).display !== 'none',
+  });
+})()"#;
+
+#[test]
+fn the_page_plays_and_talks_on_a_desktop_and_a_phone_and_passes_an_accessibility_audit() {
+    netns::run(
+        "the_page_plays_and_talks_on_a_desktop_and_a_phone_and_passes_an_accessibility_audit",
+        || async {
+            let cluster = Cluster::start().await;
+            for (name, width, height, mobile) in [("desktop", 1280, 800, false), ("phone", 390, 844, true)] {
+                let url = format!("http://{}/?avatar=avatar_tutor_13&lang=en", cluster.relay.http);
+                let mut browser = Chromium::launch(&url).await.expect("chromium");
+                browser.viewport(width, height, mobile).await.expect("viewport");
+                wait_live(&mut browser, &cluster, SECS(15)).await;
+
+                // A question: the conversation grows with the user's turn and the streamed answer.
+                ask(&mut browser, "Hello, who are you?").await;
+                let speaking = poll(&mut browser, "window.avatarEdge.state.speaking", SECS(10), |v| {
+                    !v.is_null()
+                })
+                .await;
+                assert!(
+                    !speaking.is_null(),
+                    "{name}: the avatar never spoke\n{}",
+                    cluster.logs()
+                );
+                let conversation = turns(&mut browser).await;
+                assert_eq!(
+                    conversation.first().map(|t| t.1.as_str()),
+                    Some("Hello, who are you?"),
+                    "{name}"
+                );
+                assert!(
+                    conversation
+                        .iter()
+                        .any(|(class, text)| class.contains("tutor") && !text.is_empty()),
+                    "{name}: the answer streams into the conversation: {conversation:?}"
+                );
+                let stop_enabled = browser
+                    .eval("!document.getElementById('stop').disabled")
+                    .await
+                    .expect("stop");
+                assert_eq!(stop_enabled, true, "{name}: Stop is offered while the tutor speaks");
+                browser
+                    .eval("document.getElementById('stop').click()")
+                    .await
+                    .expect("stop");
+                let after = poll(
+                    &mut browser,
+                    "window.avatarEdge.state.speaking",
+                    SECS(3),
+                    Value::is_null,
+                )
+                .await;
+                assert!(after.is_null(), "{name}: Stop ends the speech");
+
+                // The connection panel opens from the badge and shows live numbers.
+                browser
+                    .eval("document.getElementById('badge').click()")
+                    .await
+                    .expect("badge");
+                let fps = poll(
+                    &mut browser,
+                    "parseFloat(document.getElementById('p-fps').textContent) || 0",
+                    SECS(4),
+                    |v| v.as_f64().unwrap_or(0.0) > 5.0,
+                )
+                .await;
+                assert!(fps.as_f64().unwrap_or(0.0) > 5.0, "{name}: panel fps {fps}");
+                let rtt = browser
+                    .eval("document.getElementById('p-rtt').textContent")
+                    .await
+                    .expect("rtt");
+                let path = browser
+                    .eval("document.getElementById('p-path').textContent")
+                    .await
+                    .expect("path");
+                let badge = browser
+                    .eval("document.getElementById('badge').dataset.quality")
+                    .await
+                    .expect("badge");
+                assert!(rtt.as_str().is_some_and(|r| r.ends_with("ms")), "{name}: rtt {rtt}");
+                assert!(path.as_str().is_some_and(|p| p.contains('→')), "{name}: path {path}");
+                assert!(
+                    matches!(badge.as_str(), Some("good" | "relayed" | "poor")),
+                    "{name}: badge {badge}"
+                );
+                browser
+                    .eval("document.getElementById('badge').click()")
+                    .await
+                    .expect("close panel");
+
+                // What the user sees: everything in the viewport, no sideways scroll, no raw JSON.
+                let layout: Value =
+                    serde_json::from_str(browser.eval(LAYOUT).await.expect("layout").as_str().unwrap_or("{}"))
+                        .expect("layout JSON");
+                for key in ["video", "message", "send", "stop", "badge", "turns"] {
+                    assert_eq!(layout[key], true, "{name}: #{key} not fully in the viewport: {layout}");
+                }
+                assert_eq!(layout["horizontalScroll"], false, "{name}: {layout}");
+                assert_eq!(layout["rawJsonVisible"], false, "{name}: {layout}");
+                assert_eq!(layout["debugHidden"], true, "{name}: {layout}");
+                assert_eq!(
+                    layout["chooserShown"], false,
+                    "{name}: one avatar, no chooser: {layout}"
+                );
+                let shot = artefact(&format!("web-client-{name}.png"));
+                browser.screenshot(&shot).await.expect("screenshot");
+                assert!(std::fs::metadata(&shot).map(|m| m.len() > 10_000).unwrap_or(false));
+
+                let violations = axe_violations(&mut browser).await;
+                assert!(violations.is_empty(), "{name}: axe-core: {violations:#?}");
+                eprintln!(
+                    "web client ({name} {width}×{height}): plays, talks, stops; panel {fps} fps, {rtt}; axe clean; {}",
+                    shot.display()
+                );
+            }
+
+            // The raw event log only with ?debug=1; the UI in Chinese for a Chinese browser.
+            let url = format!("http://{}/?avatar=avatar_tutor_13&debug=1&lang=zh", cluster.relay.http);
+            let mut browser = Chromium::launch(&url).await.expect("chromium");
+            wait_live(&mut browser, &cluster, SECS(15)).await;
+            let log = browser
+                .eval("document.getElementById('events').innerText")
+                .await
+                .expect("log");
+            assert!(log.as_str().is_some_and(|l| l.contains("\"type\"")), "debug log: {log}");
+            let send = browser
+                .eval("document.getElementById('send').textContent")
+                .await
+                .expect("send");
+            assert_eq!(send, "发送");
+        },
+    );
+}
+
+#[test]
+fn the_page_reconnects_by_itself_after_a_relay_restart() {
+    netns::run("the_page_reconnects_by_itself_after_a_relay_restart", || async {
+        // A certificate from files, so the restarted relay has the one the worker pinned.
+        let certs = tempfile::tempdir().expect("tempdir");
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
+        let (cert_path, key_path) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
+        std::fs::write(&cert_path, cert.cert.pem()).expect("write cert");
+        std::fs::write(&key_path, cert.signing_key.serialize_pem()).expect("write key");
+        let tls = format!("cert = \"{}\"\nkey = \"{}\"", cert_path.display(), key_path.display());
+        let mut cluster = Cluster::relay_with_tls("", false, &tls).await;
+        cluster.add_worker("worker-1", 2, "").await;
+        let url = format!("http://{}/?avatar=avatar_tutor_13", cluster.relay.http);
+        let mut browser = Chromium::launch(&url).await.expect("chromium");
+        wait_live(&mut browser, &cluster, SECS(15)).await;
+        let first_socket = browser.eval("window.avatarEdge.state.ws.url").await.expect("url");
+
+        let restarted = Instant::now();
+        cluster.stop_relay();
+        cluster.restart_relay().await;
+        let listening = Instant::now();
+        // A new socket (a new session id), then a new peer that plays.
+        let second_socket = poll(
+            &mut browser,
+            "window.avatarEdge.state.ws ? window.avatarEdge.state.ws.url : null",
+            SECS(10),
+            |v| v.is_string() && *v != first_socket,
+        )
+        .await;
+        assert_ne!(first_socket, second_socket, "a new socket (a new session id)");
+        wait_live(&mut browser, &cluster, SECS(10)).await;
+        let took = listening.elapsed();
+        let total = restarted.elapsed();
+        eprintln!("web client: live again {total:?} after the relay restart began ({took:?} after it listened)");
+        assert!(
+            took < SECS(3),
+            "the page took {took:?} to play again after the relay came back"
+        );
+
+        // A new question is answered, with no reload.
+        ask(&mut browser, "Are you back?").await;
+        let answered = poll(
+            &mut browser,
+            "[...document.querySelectorAll('#turns .turn.tutor .text')].map(t => t.textContent).join('')",
+            SECS(10),
+            |v| v.as_str().is_some_and(|s| !s.is_empty()),
+        )
+        .await;
+        assert!(
+            answered.as_str().is_some_and(|s| !s.is_empty()),
+            "no answer after reconnecting\n{}",
+            cluster.logs()
+        );
+    });
+}
+
+#[test]
+fn a_customer_page_built_only_on_the_sdk_plays_and_talks() {
+    netns::run("a_customer_page_built_only_on_the_sdk_plays_and_talks", || async {
+        // The relay serves the repository's web-client directory, examples included.
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../web-client");
+        let dir = dir.canonicalize().expect("web-client");
+        let mut cluster =
+            Cluster::relay_sections("", &format!("web_client_dir = \"{}\"", dir.display()), "", false).await;
+        cluster.add_worker("worker-1", 2, "").await;
+        let url = format!("http://{}/examples/minimal.html", cluster.relay.http);
+        let mut browser = Chromium::launch(&url).await.expect("chromium");
+        let state = poll(
+            &mut browser,
+            "window.example ? window.example.session.state : 'loading'",
+            SECS(15),
+            |v| v == "live",
+        )
+        .await;
+        assert_eq!(state, "live", "the example never played\n{}", cluster.logs());
+        let frames = poll(
+            &mut browser,
+            "window.example.session.stats().then(s => s.framesDecoded)",
+            SECS(5),
+            |v| v.as_u64().unwrap_or(0) >= 25,
+        )
+        .await;
+        assert!(frames.as_u64().unwrap_or(0) >= 25, "frames {frames}");
+        browser
+            .eval("(() => { document.getElementById('question').value = 'Hello, who are you?'; document.querySelector('#ask button').click(); return true; })()")
+            .await
+            .expect("ask");
+        let answer = poll(
+            &mut browser,
+            "document.getElementById('answer').textContent",
+            SECS(10),
+            |v| v.as_str().is_some_and(|s| s.contains("Hello")),
+        )
+        .await;
+        assert!(
+            answer.as_str().is_some_and(|s| s.contains("Hello")),
+            "the example shows the answer: {answer}\n{}",
+            cluster.logs()
+        );
+    });
+}
