@@ -41,12 +41,23 @@ pub struct ReceiverStats {
     pub mouth: Vec<(Instant, f32)>,
     /// (arrival, RMS of the decoded samples) per Opus packet.
     pub audio: Vec<(Instant, f32)>,
+    /// (arrival, [`seam`] of the lip-sync paste box) per decoded picture.
+    pub seam: Vec<(Instant, f32)>,
 }
 
 impl ReceiverStats {
     /// Mouth luma samples in [from, to).
     pub fn mouth_between(&self, from: Instant, to: Instant) -> Vec<f32> {
         self.mouth
+            .iter()
+            .filter(|(t, _)| *t >= from && *t < to)
+            .map(|(_, v)| *v)
+            .collect()
+    }
+
+    /// Seam samples in [from, to).
+    pub fn seam_between(&self, from: Instant, to: Instant) -> Vec<f32> {
+        self.seam
             .iter()
             .filter(|(t, _)| *t >= from && *t < to)
             .map(|(_, v)| *v)
@@ -61,6 +72,38 @@ impl ReceiverStats {
             .map(|(_, v)| *v)
             .collect()
     }
+}
+
+/// The box the worker pastes lip-synced faces into, for the built-in avatar at 512×512.
+pub fn paste_box() -> avatar_worker::media::avatar::FaceBox {
+    let face_box = avatar_worker::media::avatar::synthetic_face_box(512, 512);
+    avatar_worker::talk::face::crop_region(face_box, 512, 512)
+}
+
+/// How much the paste box's border shows in a luma plane: along its left, right and bottom
+/// edges (the top runs through hair, whose texture moves), the largest difference between the
+/// pixel just outside and each of the four just inside, averaged. A pasted face that meets the
+/// frame cleanly leaves this as it is on idle frames; a darker or lighter outline raises it.
+pub fn seam(luma: &[u8], stride: usize, width: u32, height: u32) -> f32 {
+    let b = paste_box();
+    if b.x < 1 || b.x + b.w + 1 > width || b.y + b.h + 1 > height || b.w < 8 || b.h < 8 {
+        return 0.0;
+    }
+    let at = |x: u32, y: u32| f32::from(luma[y as usize * stride + x as usize]);
+    let (mut sum, mut n) = (0.0f32, 0u32);
+    let mut edge = |outside: f32, inside: [f32; 4]| {
+        sum += inside.iter().map(|v| (v - outside).abs()).fold(0.0, f32::max);
+        n += 1;
+    };
+    let (x0, x1, y1) = (b.x, b.x + b.w - 1, b.y + b.h - 1);
+    for y in b.y + 4..y1 - 4 {
+        edge(at(x0 - 1, y), [at(x0, y), at(x0 + 1, y), at(x0 + 2, y), at(x0 + 3, y)]);
+        edge(at(x1 + 1, y), [at(x1, y), at(x1 - 1, y), at(x1 - 2, y), at(x1 - 3, y)]);
+    }
+    for x in x0 + 4..x1 - 4 {
+        edge(at(x, y1 + 1), [at(x, y1), at(x, y1 - 1), at(x, y1 - 2), at(x, y1 - 3)]);
+    }
+    sum / n.max(1) as f32
 }
 
 /// The mouth area of the built-in avatar at 512×512: (x0, x1, y0, y1).
@@ -258,8 +301,10 @@ fn decode_loop(rx: std::sync::mpsc::Receiver<Bytes>, stats: &Mutex<ReceiverStats
                 }
             }
             let mouth = sum as f32 / ((x1 - x0) * (y1 - y0)).max(1) as f32;
+            let border = seam(luma, stride, frame.width(), frame.height());
             let mut s = stats.lock().expect("stats");
             s.mouth.push((Instant::now(), mouth));
+            s.seam.push((Instant::now(), border));
             s.frames_decoded += 1;
             s.width = frame.width();
             s.height = frame.height();

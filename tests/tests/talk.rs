@@ -136,7 +136,9 @@ fn the_avatar_answers_with_voice_and_moving_lips_then_returns_to_idle() {
             let cluster = talking_cluster(&onnx_lipsync()).await;
             let mut sig = Signaling::connect(&cluster.ws_url("talk-1")).await.expect("ws");
             let client = play(&mut sig, &cluster).await;
+            let idle_from = Instant::now();
             let (idle_mouth, idle_audio) = idle_levels(&client, SECS(1)).await;
+            let idle_seam = mean(&client.snapshot().seam_between(idle_from, Instant::now()));
             assert!(idle_audio < 0.005, "idle audio is silence: {idle_audio}");
 
             let sent = Instant::now();
@@ -162,6 +164,19 @@ fn the_avatar_answers_with_voice_and_moving_lips_then_returns_to_idle() {
                 started + Duration::from_millis(150),
                 ended,
                 idle_mouth,
+            );
+            // No outline where the lip-synced face meets the frame: the luma step across the paste
+            // box's border while speaking is what it is on idle frames (this test model darkens
+            // its outer pixel ring, as zero-padded convolutions do).
+            let speech_seam = mean(
+                &client
+                    .snapshot()
+                    .seam_between(started + Duration::from_millis(150), ended),
+            );
+            eprintln!("paste box border step: idle {idle_seam:.2}, speaking {speech_seam:.2} (luma)");
+            assert!(
+                speech_seam <= idle_seam + 1.0,
+                "a seam shows around the pasted face: {speech_seam:.2} while speaking vs {idle_seam:.2} idle"
             );
 
             // Back to idle: the mouth closes and the audio is silent again.

@@ -331,3 +331,46 @@ fn a_customer_page_built_only_on_the_sdk_plays_and_talks() {
         );
     });
 }
+
+#[test]
+fn with_no_tutor_online_the_page_says_so_and_plays_when_one_arrives() {
+    netns::run(
+        "with_no_tutor_online_the_page_says_so_and_plays_when_one_arrives",
+        || async {
+            let mut cluster = Cluster::relay_only("").await;
+            let url = format!("http://{}/?avatar=avatar_tutor_13&lang=en", cluster.relay.http);
+            let mut browser = Chromium::launch(&url).await.expect("chromium");
+            let notice = poll(
+                &mut browser,
+                "document.getElementById('notice-text').textContent",
+                SECS(10),
+                |v| v.as_str().is_some_and(|s| s.contains("No tutor is online")),
+            )
+            .await;
+            assert!(
+                notice.as_str().is_some_and(|s| s.contains("No tutor is online")),
+                "notice: {notice}"
+            );
+            let retry_shown = browser
+                .eval("!document.getElementById('retry').hidden")
+                .await
+                .expect("retry");
+            assert_eq!(retry_shown, true, "a Try again button");
+            let send_enabled = browser
+                .eval("!document.getElementById('send').disabled")
+                .await
+                .expect("send");
+            assert_eq!(send_enabled, false, "nothing to send to yet");
+            // A worker arrives: the page plays without a reload or a click (the SDK retries with
+            // backoff; the button only makes it sooner).
+            cluster.add_worker("worker-1", 2, "").await;
+            let took = wait_live(&mut browser, &cluster, SECS(15)).await;
+            eprintln!("web client: playing {took:?} after a worker registered");
+            let notice = browser
+                .eval("document.getElementById('notice-text').textContent")
+                .await
+                .expect("notice");
+            assert_eq!(notice, "", "the notice is gone once it plays");
+        },
+    );
+}

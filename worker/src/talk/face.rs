@@ -4,8 +4,9 @@
 //! Frames are YUV 4:2:0 (what the encoder takes), the model speaks BGR in [0, 1], planar, as
 //! Wav2Lip was trained on OpenCV images. The crop is the face box padded 10 px at the bottom (as
 //! Wav2Lip's `pads = [0, 10, 0, 0]`), sampled bilinearly; the paste blends the model's face into
-//! the frame with an alpha that rises from 0 at the box edge to 1 at `feather` pixels inside, so no
-//! seam shows where the generated face meets the idle frame.
+//! the frame with an alpha that is 0 over the model's outermost pixel ring (zero-padded
+//! convolutions darken it) and then rises smoothly to 1 over `feather` pixels, so no seam shows
+//! where the generated face meets the idle frame.
 
 use crate::media::avatar::{FaceBox, Yuv420};
 
@@ -109,10 +110,16 @@ pub fn paste(frame: &mut Yuv420, region: FaceBox, face: &[f32], feather: u32) {
     let w = frame.width as usize;
     let (sx, sy) = (SIZE as f32 / region.w as f32, SIZE as f32 / region.h as f32);
     let feather = feather.max(1) as f32;
+    // Frame pixels per model pixel, across each edge: the model's outermost ring of pixels is
+    // not pasted at all. Convolutions with zero padding (Wav2Lip's, and the test model's) darken
+    // it, and even a few percent of it showed as a 1-pixel outline around the box.
+    let (ring_x, ring_y) = (1.0 / sx, 1.0 / sy);
     let alpha = |px: u32, py: u32| {
-        let dx = (px - region.x).min(region.x + region.w - 1 - px) as f32;
-        let dy = (py - region.y).min(region.y + region.h - 1 - py) as f32;
-        ((dx.min(dy) + 0.5) / feather).min(1.0)
+        let dx = (px - region.x).min(region.x + region.w - 1 - px) as f32 + 0.5 - ring_x;
+        let dy = (py - region.y).min(region.y + region.h - 1 - py) as f32 + 0.5 - ring_y;
+        let t = (dx.min(dy) / feather).clamp(0.0, 1.0);
+        // Smoothstep: no kink where the blend starts or ends, so no line at either.
+        t * t * (3.0 - 2.0 * t)
     };
     let at = |px: u32, py: u32| {
         face_rgb(
@@ -224,5 +231,33 @@ mod tests {
             "edge is feathered: {edge}"
         );
         assert!(mouth_luma(&frame, clip.face_box) < mouth_luma(&before, clip.face_box) - 50.0);
+    }
+
+    #[test]
+    fn a_dark_outer_ring_in_the_models_output_leaves_no_outline() {
+        // The model returns the face it was given, except its outermost pixel ring, darkened to
+        // 75% as a zero-padded 3×3 convolution does.
+        let clip = synthetic(256, 256, 25);
+        let region = crop_region(clip.face_box, 256, 256);
+        let before = clip.frames[0].clone();
+        let mut face = crop(&before, region);
+        for c in 0..3 {
+            for i in 0..SIZE {
+                for j in [0, SIZE - 1] {
+                    face[c * SIZE * SIZE + i * SIZE + j] *= 0.75;
+                    face[c * SIZE * SIZE + j * SIZE + i] *= 0.75;
+                }
+            }
+        }
+        let mut frame = before.clone();
+        paste(&mut frame, region, &face, 6);
+        // Along the box's left and right edges, the first pixels inside stay as they were.
+        let at = |f: &Yuv420, x: u32, y: u32| i32::from(f.y[(y * 256 + x) as usize]);
+        let worst = (region.y + 4..region.y + region.h - 4)
+            .flat_map(|y| (0..3).flat_map(move |k| [(region.x + k, y), (region.x + region.w - 1 - k, y)]))
+            .map(|(x, y)| (at(&frame, x, y) - at(&before, x, y)).abs())
+            .max()
+            .unwrap_or(0);
+        assert!(worst <= 2, "the box edge changed by up to {worst} luma");
     }
 }
