@@ -58,6 +58,8 @@ pub const DEV_SECRET: &str = "avatar-edge-dev-secret-do-not-deploy";
 /// refuses a registration above either.
 pub const MAX_WORKER_CAPACITY: u32 = 10_000;
 pub const MAX_WORKER_AVATARS: usize = 10_000;
+/// The longest avatar display name a relay keeps (characters); longer ones are cut.
+pub const MAX_AVATAR_NAME_LEN: usize = 128;
 
 /// Session streams the relay may have open at once on one tunnel, for a worker of `capacity`:
 /// every session one stream, plus room for streams that are closing while their replacements
@@ -138,6 +140,10 @@ pub enum Control {
 pub struct Registration {
     /// Avatar ids this worker can render. Empty means "any avatar id" (the built-in avatar).
     pub avatars: Vec<String>,
+    /// Display names of `avatars`, by id (what a page's avatar chooser shows). Absent from older
+    /// workers; the relay keeps at most [`MAX_AVATAR_NAME_LEN`] characters of each.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub avatar_names: BTreeMap<String, String>,
     /// Sessions it will run at once.
     pub capacity: u32,
     #[serde(default)]
@@ -374,6 +380,7 @@ mod tests {
         round_trip(Control::Auth { proof: "ab".into() });
         round_trip(Control::Register(Registration {
             avatars: vec!["a".into()],
+            avatar_names: BTreeMap::from([("a".into(), "Ms A".into())]),
             capacity: 4,
             labels: BTreeMap::from([("zone".into(), "eu".into())]),
             instance: Some("9f3a".into()),

@@ -40,7 +40,8 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .route("/api/workers", get(workers));
+        .route("/api/workers", get(workers))
+        .route("/api/avatars", get(avatars));
     let router = match &state.config.http.web_client_dir {
         Some(dir) => {
             let root = Arc::new(dir.clone());
@@ -266,6 +267,36 @@ async fn workers(_: Operator, State(state): State<Arc<AppState>>) -> Response {
         .collect();
     list.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
     Json(serde_json::json!({ "workers": list })).into_response()
+}
+
+/// `GET /api/avatars`: the avatars the connected workers serve, for a page's avatar chooser:
+/// `{"avatars": [{"id", "name"}]}`, by id. Workers that serve any id (the built-in avatar) add
+/// nothing. Public, as the page is; rate-limited per client like `/api/ice-servers`.
+async fn avatars(
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Response {
+    let client = client_ip(remote.ip(), &headers, &state.config.limits.trusted_proxies);
+    if let Err(refused) = check_rate(&state, client_key(client, state.config.limits.ipv6_prefix_len)) {
+        return refused.into_response();
+    }
+    let mut by_id = std::collections::BTreeMap::new();
+    for w in state.registry.all().iter().filter(|w| !w.is_draining()) {
+        for id in &w.registration.avatars {
+            let name = w.registration.avatar_names.get(id).unwrap_or(id);
+            by_id.entry(id.clone()).or_insert_with(|| name.clone());
+        }
+    }
+    let list: Vec<_> = by_id
+        .into_iter()
+        .map(|(id, name)| serde_json::json!({ "id": id, "name": name }))
+        .collect();
+    (
+        [(header::CACHE_CONTROL, "no-store")],
+        Json(serde_json::json!({ "avatars": list })),
+    )
+        .into_response()
 }
 
 /// Equal bytes, compared in time that depends only on the length.

@@ -646,6 +646,7 @@ mod tests {
                 id.to_owned(),
                 Registration {
                     avatars: vec![],
+                    avatar_names: Default::default(),
                     capacity: 2,
                     labels: Default::default(),
                     instance: None,

@@ -374,3 +374,71 @@ fn with_no_tutor_online_the_page_says_so_and_plays_when_one_arrives() {
         },
     );
 }
+
+/// An avatar directory with one short clip per `(id, display name)`.
+fn avatar_dir(root: &std::path::Path, avatars: &[(&str, &str)]) -> PathBuf {
+    let dir = root.join("avatars");
+    for (id, name) in avatars {
+        let clip = dir.join(id);
+        std::fs::create_dir_all(&clip).expect("mkdir");
+        let status = std::process::Command::new("ffmpeg")
+            .args(["-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i"])
+            .arg("testsrc=size=320x240:rate=25:duration=1")
+            .args(["-pix_fmt", "yuv420p", "-c:v", "libx264", "-y"])
+            .arg(clip.join("idle.mp4"))
+            .status()
+            .expect("ffmpeg CLI (scripts/test installs it)");
+        assert!(status.success());
+        std::fs::write(
+            clip.join("avatar.toml"),
+            format!("name = \"{name}\"\nvideo = \"idle.mp4\"\nface_box = [100, 40, 120, 150]\n"),
+        )
+        .expect("avatar.toml");
+    }
+    dir
+}
+
+#[test]
+fn with_several_avatars_the_page_offers_a_chooser_by_name() {
+    netns::run("with_several_avatars_the_page_offers_a_chooser_by_name", || async {
+        let mut cluster = Cluster::relay_only("").await;
+        let dir = avatar_dir(cluster.dir.path(), &[("tutor_a", "Ms. Alpha"), ("tutor_b", "Mr. Beta")]);
+        cluster
+            .add_worker("gpu-1", 2, &format!("avatar_dir = \"{}\"", dir.display()))
+            .await;
+        let (status, body) = avatar_edge_tests::cluster::http_get(cluster.relay.http, "/api/avatars")
+            .await
+            .expect("avatars");
+        assert_eq!(status, 200);
+        let listed: Value = serde_json::from_str(&body).expect("JSON");
+        assert_eq!(
+            listed["avatars"],
+            serde_json::json!([{"id": "tutor_a", "name": "Ms. Alpha"}, {"id": "tutor_b", "name": "Mr. Beta"}])
+        );
+
+        let url = format!("http://{}/?lang=en", cluster.relay.http);
+        let mut browser = Chromium::launch(&url).await.expect("chromium");
+        let options = poll(
+            &mut browser,
+            "getComputedStyle(document.getElementById('avatar-choice')).display === 'none' ? null : [...document.querySelectorAll('#avatar option')].map(o => o.textContent)",
+            SECS(10),
+            |v| v.is_array(),
+        )
+        .await;
+        assert_eq!(
+            options,
+            serde_json::json!(["Ms. Alpha", "Mr. Beta"]),
+            "the chooser shows the names"
+        );
+        wait_live(&mut browser, &cluster, SECS(15)).await;
+        // Choosing the other avatar starts a session with it.
+        browser
+            .eval("(() => { const s = document.getElementById('avatar'); s.value = 'tutor_b'; s.dispatchEvent(new Event('change')); return true; })()")
+            .await
+            .expect("choose");
+        let log = cluster.workers[0].log.clone();
+        let took = avatar_edge_tests::cluster::wait_for_count(&log, "avatar=tutor_b", 1, SECS(10)).await;
+        assert!(took.is_some(), "no session with tutor_b:\n{}", cluster.logs());
+        wait_live(&mut browser, &cluster, SECS(15)).await;
+    });
+}

@@ -71,6 +71,17 @@ impl Avatars {
         ids.sort();
         ids
     }
+
+    /// Display names of the announced ids (from each `avatar.toml`).
+    pub fn names(&self) -> std::collections::BTreeMap<String, String> {
+        if self.any_id {
+            return Default::default();
+        }
+        self.by_id
+            .iter()
+            .map(|(id, clip)| (id.clone(), clip.name.clone()))
+            .collect()
+    }
 }
 
 /// Everything sessions share.

@@ -447,7 +447,7 @@ async fn handshake<S: AsyncWrite + Unpin, R: AsyncRead + Unpin>(
         .await?;
         return Err(reject("authentication failed".into()));
     }
-    let registration = match expect::<Control, _>(recv, "register").await? {
+    let mut registration = match expect::<Control, _>(recv, "register").await? {
         Control::Register(r) => r,
         other => return Err(TunnelError::Protocol(format!("expected register, got {other:?}"))),
     };
@@ -463,6 +463,18 @@ async fn handshake<S: AsyncWrite + Unpin, R: AsyncRead + Unpin>(
         send_frame(send, &Control::Rejected { reason: reason.clone() }).await?;
         return Err(reject(reason));
     }
+    // Display names reach web pages: only for announced ids, and short.
+    let announced = std::mem::take(&mut registration.avatar_names);
+    registration.avatar_names = announced
+        .into_iter()
+        .filter(|(id, _)| registration.avatars.contains(id))
+        .map(|(id, name)| {
+            (
+                id,
+                name.chars().take(avatar_proto::tunnel::MAX_AVATAR_NAME_LEN).collect(),
+            )
+        })
+        .collect();
     send_frame(
         send,
         &Control::Registered {
@@ -733,6 +745,7 @@ mod tests {
                 send_frame(&mut send, &Control::Auth { proof }).await.expect("auth");
                 let registration = Registration {
                     avatars: vec![],
+                    avatar_names: Default::default(),
                     capacity,
                     labels: Default::default(),
                     instance: Some("abc".into()),

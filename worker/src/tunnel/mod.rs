@@ -449,6 +449,7 @@ async fn handshake<S: AsyncWrite + Unpin, R: AsyncRead + Unpin>(
     send_frame(send, &Control::Auth { proof }).await?;
     let registration = Registration {
         avatars: ctx.avatars.ids(),
+        avatar_names: ctx.avatars.names(),
         capacity: ctx.config.capacity,
         labels: ctx.config.labels.clone(),
         instance: Some(ctx.instance.clone()),
