@@ -442,3 +442,39 @@ fn with_several_avatars_the_page_offers_a_chooser_by_name() {
         wait_live(&mut browser, &cluster, SECS(15)).await;
     });
 }
+
+#[test]
+fn a_page_the_auth_policy_refuses_says_so_and_does_not_retry() {
+    netns::run("a_page_the_auth_policy_refuses_says_so_and_does_not_retry", || async {
+        let policies = format!(
+            "[policies]\nreload_poll_ms = 0\n[policies.auth]\npath = \"{}\"\nconfig = {{ secret = \"a-policy-secret-0123456789\" }}\n",
+            avatar_edge_tests::policy_module("hmac-token").display()
+        );
+        let mut cluster = Cluster::relay_only(&policies).await;
+        cluster.add_worker("worker-1", 2, "").await;
+        // No token: the relay's auth module refuses the page.
+        let url = format!("http://{}/?lang=en", cluster.relay.http);
+        let mut browser = Chromium::launch(&url).await.expect("chromium");
+        let state = poll(&mut browser, SESSION_STATE, SECS(10), |v| v == "failed").await;
+        assert_eq!(state, "failed", "{}", cluster.logs());
+        let notice = browser
+            .eval("document.getElementById('notice-text').textContent")
+            .await
+            .expect("notice");
+        assert!(
+            notice.as_str().is_some_and(|n| n.contains("could not sign you in")),
+            "{notice}"
+        );
+        let retry_shown = browser
+            .eval("!document.getElementById('retry').hidden")
+            .await
+            .expect("retry");
+        assert_eq!(retry_shown, false, "no point retrying a refusal");
+        // No reconnect loop: one attempt (its ICE-server request and its socket) in 3 s.
+        tokio::time::sleep(SECS(3)).await;
+        let refusals = avatar_edge_tests::cluster::log_text(&cluster.relay.log)
+            .matches("connect refused by the auth policy")
+            .count();
+        assert_eq!(refusals, 2, "{}", cluster.logs());
+    });
+}
