@@ -187,14 +187,7 @@ export class Session {
   /** End the session for good. */
   close() {
     this.setState('closed');
-    if (this.timer) clearTimeout(this.timer);
-    this.timer = null;
-    this.closePeer(this.previousPeer);
-    this.previousPeer = null;
-    this.closePeer(this.peer);
-    this.peer = null;
-    if (this.socket) this.socket.close(1000, 'closed by the page');
-    this.socket = null;
+    this.teardown();
   }
 
   /**
@@ -406,6 +399,18 @@ export class Session {
     video.play().catch(() => {});
   }
 
+  /** @private Stop timers, peers and the socket, leaving the state as it is. */
+  teardown() {
+    if (this.timer) clearTimeout(this.timer);
+    this.timer = null;
+    this.closePeer(this.previousPeer);
+    this.previousPeer = null;
+    this.closePeer(this.peer);
+    this.peer = null;
+    if (this.socket) this.socket.close(1000, 'closed by the page');
+    this.socket = null;
+  }
+
   /** @private @param {RTCPeerConnection | null} peer */
   closePeer(peer) {
     if (peer) peer.close();
@@ -456,9 +461,8 @@ export class Session {
   onError(code, message) {
     if (code === 'unauthorized') {
       this.emit('error', { code, message, retrying: false });
+      this.teardown();
       this.setState('failed');
-      this.close();
-      this.state = 'failed';
       return;
     }
     const offerFailed = RETRYABLE_OFFER_ERRORS.includes(code);
