@@ -109,6 +109,19 @@ impl Chromium {
         Ok(result["result"]["value"].clone())
     }
 
+    /// Evaluate `expression` until `done` accepts its value or `timeout` passes; the last value
+    /// (`null` while the page throws, e.g. before its script has loaded).
+    pub async fn poll(&mut self, expression: &str, timeout: Duration, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let v = self.eval(expression).await.unwrap_or(Value::Null);
+            if done(&v) || Instant::now() >= deadline {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+    }
+
     /// Send one DevTools command and return its result.
     pub async fn call(&mut self, method: &str, params: Value) -> anyhow::Result<Value> {
         let id = self.next_id;

@@ -75,6 +75,19 @@ impl Cluster {
         c
     }
 
+    /// Just the relay, plain HTTP/WS, its tunnel certificate from files (a fresh self-signed one
+    /// for `localhost`), so that after [`Cluster::restart_relay`] it has the one its workers
+    /// pinned. Keep the returned directory (the files) as long as the cluster.
+    pub async fn relay_with_cert_files() -> (Self, tempfile::TempDir) {
+        let certs = tempfile::tempdir().expect("tempdir");
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
+        let (cert_path, key_path) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
+        std::fs::write(&cert_path, cert.cert.pem()).expect("write cert");
+        std::fs::write(&key_path, cert.signing_key.serialize_pem()).expect("write key");
+        let tls = format!("cert = \"{}\"\nkey = \"{}\"", cert_path.display(), key_path.display());
+        (Self::relay_with_tls("", false, &tls).await, certs)
+    }
+
     /// Just the relay, plain HTTP/WS.
     pub async fn relay_only(extra_toml: &str) -> Self {
         Self::relay_with(extra_toml, false).await
@@ -420,4 +433,28 @@ pub async fn wait_for_count(path: &Path, needle: &str, count: usize, timeout: Du
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     None
+}
+
+/// An avatar directory under `root` with one 2-second test clip per `(id, display name)`, for a
+/// worker's `avatar_dir`.
+pub fn avatar_dir(root: &Path, avatars: &[(&str, &str)]) -> PathBuf {
+    let dir = root.join("avatars");
+    for (id, name) in avatars {
+        let clip = dir.join(id);
+        std::fs::create_dir_all(&clip).expect("mkdir");
+        let status = Command::new("ffmpeg")
+            .args(["-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i"])
+            .arg("testsrc=size=320x240:rate=25:duration=2")
+            .args(["-pix_fmt", "yuv420p", "-c:v", "libx264", "-y"])
+            .arg(clip.join("idle.mp4"))
+            .status()
+            .expect("ffmpeg CLI (scripts/test installs it)");
+        assert!(status.success());
+        std::fs::write(
+            clip.join("avatar.toml"),
+            format!("name = \"{name}\"\nvideo = \"idle.mp4\"\nface_box = [100, 40, 120, 150]\n"),
+        )
+        .expect("avatar.toml");
+    }
+    dir
 }

@@ -32,19 +32,20 @@ async fn play_in_chromium(cluster: &Cluster, scheme: &str) {
         cluster.relay.http
     );
     let mut browser = Chromium::launch(&url).await.expect("chromium");
-    let ws = poll(
-        &mut browser,
-        "window.avatarEdge ? window.avatarEdge.state.wsState : 'loading'",
-        Duration::from_secs(15),
-        |v| v == "open",
-    )
-    .await;
+    let ws = browser
+        .poll(
+            "window.avatarEdge ? window.avatarEdge.state.wsState : 'loading'",
+            Duration::from_secs(15),
+            |v| v == "open",
+        )
+        .await;
     assert_eq!(ws, "open", "page socket never opened\n{}", cluster.logs());
     let opened = Instant::now();
-    let stats = poll(&mut browser, "window.avatarEdge.stats()", Duration::from_secs(6), |s| {
-        s["framesDecoded"].as_u64().unwrap_or(0) >= 100
-    })
-    .await;
+    let stats = browser
+        .poll("window.avatarEdge.stats()", Duration::from_secs(6), |s| {
+            s["framesDecoded"].as_u64().unwrap_or(0) >= 100
+        })
+        .await;
     let events = browser
         .eval("JSON.stringify(window.avatarEdge.state.events)")
         .await
@@ -82,31 +83,19 @@ async fn play_in_chromium(cluster: &Cluster, scheme: &str) {
     assert!(ws_url.as_str().is_some_and(|u| u.starts_with(want)), "{ws_url}");
 }
 
-/// Poll `expr` in the page until `done` accepts its value or `timeout` passes.
-async fn poll(browser: &mut Chromium, expr: &str, timeout: Duration, done: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let v = browser.eval(expr).await.expect("eval");
-        if done(&v) || Instant::now() >= deadline {
-            return v;
-        }
-        tokio::time::sleep(Duration::from_millis(40)).await;
-    }
-}
-
 #[test]
 fn chromium_plays_the_talking_avatar_and_stops_it() {
     netns::run("chromium_plays_the_talking_avatar_and_stops_it", || async {
         let cluster = Cluster::start().await;
         let url = format!("http://{}/?autoconnect=1&avatar=avatar_tutor_13", cluster.relay.http);
         let mut browser = Chromium::launch(&url).await.expect("chromium");
-        let frames = poll(
-            &mut browser,
-            "window.avatarEdge ? window.avatarEdge.stats().then(s => s.framesDecoded) : 0",
-            Duration::from_secs(15),
-            |v| v.as_u64().unwrap_or(0) >= 25,
-        )
-        .await;
+        let frames = browser
+            .poll(
+                "window.avatarEdge ? window.avatarEdge.stats().then(s => s.framesDecoded) : 0",
+                Duration::from_secs(15),
+                |v| v.as_u64().unwrap_or(0) >= 25,
+            )
+            .await;
         assert!(
             frames.as_u64().unwrap_or(0) >= 25,
             "playing: {frames}\n{}",
@@ -130,23 +119,22 @@ fn chromium_plays_the_talking_avatar_and_stops_it() {
             .eval("window.avatarEdge.say('Hello, who are you?')")
             .await
             .expect("say");
-        let speaking = poll(
-            &mut browser,
-            "window.avatarEdge.state.speaking",
-            Duration::from_secs(15),
-            |v| !v.is_null(),
-        )
-        .await;
+        let speaking = browser
+            .poll("window.avatarEdge.state.speaking", Duration::from_secs(15), |v| {
+                !v.is_null()
+            })
+            .await;
         assert!(
             !speaking.is_null(),
             "speech_started reached the page\n{}",
             cluster.logs()
         );
         eprintln!("chromium: text -> speech_started {:?}", sent.elapsed());
-        let open = poll(&mut browser, &mouth, Duration::from_secs(3), |v| {
-            v.as_f64().is_some_and(|l| l < idle - 25.0)
-        })
-        .await;
+        let open = browser
+            .poll(&mouth, Duration::from_secs(3), |v| {
+                v.as_f64().is_some_and(|l| l < idle - 25.0)
+            })
+            .await;
         // Headless Chromium has no audio sink, so its playout levels (audioLevel, the page's
         // WebAudio meter) stay 0 there; what it does show is the Opus track arriving and being
         // decoded at 48 kHz. The Rust client in tests/talk.rs decodes the same audio and checks
@@ -174,13 +162,13 @@ fn chromium_plays_the_talking_avatar_and_stops_it() {
             .eval("document.getElementById('stop').click()")
             .await
             .expect("stop");
-        let after = poll(
-            &mut browser,
-            "window.avatarEdge.state.speaking",
-            Duration::from_secs(2),
-            Value::is_null,
-        )
-        .await;
+        let after = browser
+            .poll(
+                "window.avatarEdge.state.speaking",
+                Duration::from_secs(2),
+                Value::is_null,
+            )
+            .await;
         assert!(after.is_null(), "speech_ended after stop");
         eprintln!("chromium: stop -> speech_ended seen after {:?}", stopped.elapsed());
         tokio::time::sleep(Duration::from_millis(700)).await;

@@ -205,29 +205,7 @@ fn worker_restart_reports_worker_lost_then_serves_again() {
 fn avatar_directory_is_decoded_and_routed_by_avatar_id() {
     netns::run("avatar_directory_is_decoded_and_routed_by_avatar_id", || async {
         let mut cluster = Cluster::relay_only("").await;
-        let avatars = cluster.dir.path().join("avatars");
-        let tutor = avatars.join("tutor_7");
-        std::fs::create_dir_all(&tutor).expect("mkdir");
-        let status = std::process::Command::new("ffmpeg")
-            .args([
-                "-hide_banner",
-                "-loglevel",
-                "error",
-                "-f",
-                "lavfi",
-                "-i",
-                "testsrc=size=320x240:rate=25:duration=2",
-            ])
-            .args(["-pix_fmt", "yuv420p", "-c:v", "libx264", "-y"])
-            .arg(tutor.join("idle.mp4"))
-            .status()
-            .expect("ffmpeg CLI (scripts/test installs it)");
-        assert!(status.success());
-        std::fs::write(
-            tutor.join("avatar.toml"),
-            "name = \"Tutor seven\"\nvideo = \"idle.mp4\"\nface_box = [100, 40, 120, 150]\n",
-        )
-        .expect("write meta");
+        let avatars = avatar_edge_tests::cluster::avatar_dir(cluster.dir.path(), &[("tutor_7", "Tutor seven")]);
         cluster
             .add_worker("dir-worker", 2, &format!("avatar_dir = \"{}\"", avatars.display()))
             .await;

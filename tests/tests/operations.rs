@@ -276,13 +276,7 @@ fn a_relay_restart_closes_cleanly_and_the_worker_returns_at_once() {
         "a_relay_restart_closes_cleanly_and_the_worker_returns_at_once",
         || async {
             // A certificate from files, so the restarted relay has the one the worker pinned.
-            let certs = tempfile::tempdir().expect("tempdir");
-            let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
-            let (cert_path, key_path) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
-            std::fs::write(&cert_path, cert.cert.pem()).expect("write cert");
-            std::fs::write(&key_path, cert.signing_key.serialize_pem()).expect("write key");
-            let tls = format!("cert = \"{}\"\nkey = \"{}\"", cert_path.display(), key_path.display());
-            let mut cluster = Cluster::relay_with_tls("", false, &tls).await;
+            let (mut cluster, _certs) = Cluster::relay_with_cert_files().await;
             cluster.add_worker("worker-1", 4, "").await;
             let mut sig = Signaling::connect(&cluster.ws_url("before-restart")).await.expect("ws");
             let client = play(&mut sig).await;

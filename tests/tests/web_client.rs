@@ -14,25 +14,13 @@ use std::time::{Duration, Instant};
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 
-/// Poll `expr` in the page until `done` accepts its value or `timeout` passes; the last value.
-async fn poll(browser: &mut Chromium, expr: &str, timeout: Duration, done: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let v = browser.eval(expr).await.unwrap_or(Value::Null);
-        if done(&v) || Instant::now() >= deadline {
-            return v;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// The page's session state (`live` once it plays).
 const SESSION_STATE: &str =
     "window.avatarEdge && window.avatarEdge.state.session ? window.avatarEdge.state.session.state : 'none'";
 
 async fn wait_live(browser: &mut Chromium, cluster: &Cluster, timeout: Duration) -> Duration {
     let started = Instant::now();
-    let state = poll(browser, SESSION_STATE, timeout, |v| v == "live").await;
+    let state = browser.poll(SESSION_STATE, timeout, |v| v == "live").await;
     if state != "live" {
         let events = browser
             .eval("JSON.stringify(window.avatarEdge.state.events.map(e => e.type === 'error' ? e.code : e.type))")
@@ -111,10 +99,9 @@ fn the_page_plays_and_talks_on_a_desktop_and_a_phone_and_passes_an_accessibility
 
                 // A question: the conversation grows with the user's turn and the streamed answer.
                 ask(&mut browser, "Hello, who are you?").await;
-                let speaking = poll(&mut browser, "window.avatarEdge.state.speaking", SECS(10), |v| {
-                    !v.is_null()
-                })
-                .await;
+                let speaking = browser
+                    .poll("window.avatarEdge.state.speaking", SECS(10), |v| !v.is_null())
+                    .await;
                 assert!(
                     !speaking.is_null(),
                     "{name}: the avatar never spoke\n{}",
@@ -141,13 +128,9 @@ fn the_page_plays_and_talks_on_a_desktop_and_a_phone_and_passes_an_accessibility
                     .eval("document.getElementById('stop').click()")
                     .await
                     .expect("stop");
-                let after = poll(
-                    &mut browser,
-                    "window.avatarEdge.state.speaking",
-                    SECS(3),
-                    Value::is_null,
-                )
-                .await;
+                let after = browser
+                    .poll("window.avatarEdge.state.speaking", SECS(3), Value::is_null)
+                    .await;
                 assert!(after.is_null(), "{name}: Stop ends the speech");
 
                 // The connection panel opens from the badge and shows live numbers.
@@ -155,13 +138,13 @@ fn the_page_plays_and_talks_on_a_desktop_and_a_phone_and_passes_an_accessibility
                     .eval("document.getElementById('badge').click()")
                     .await
                     .expect("badge");
-                let fps = poll(
-                    &mut browser,
-                    "parseFloat(document.getElementById('p-fps').textContent) || 0",
-                    SECS(4),
-                    |v| v.as_f64().unwrap_or(0.0) > 5.0,
-                )
-                .await;
+                let fps = browser
+                    .poll(
+                        "parseFloat(document.getElementById('p-fps').textContent) || 0",
+                        SECS(4),
+                        |v| v.as_f64().unwrap_or(0.0) > 5.0,
+                    )
+                    .await;
                 assert!(fps.as_f64().unwrap_or(0.0) > 5.0, "{name}: panel fps {fps}");
                 let rtt = browser
                     .eval("document.getElementById('p-rtt').textContent")
@@ -234,13 +217,7 @@ fn the_page_plays_and_talks_on_a_desktop_and_a_phone_and_passes_an_accessibility
 fn the_page_reconnects_by_itself_after_a_relay_restart() {
     netns::run("the_page_reconnects_by_itself_after_a_relay_restart", || async {
         // A certificate from files, so the restarted relay has the one the worker pinned.
-        let certs = tempfile::tempdir().expect("tempdir");
-        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
-        let (cert_path, key_path) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
-        std::fs::write(&cert_path, cert.cert.pem()).expect("write cert");
-        std::fs::write(&key_path, cert.signing_key.serialize_pem()).expect("write key");
-        let tls = format!("cert = \"{}\"\nkey = \"{}\"", cert_path.display(), key_path.display());
-        let mut cluster = Cluster::relay_with_tls("", false, &tls).await;
+        let (mut cluster, _certs) = Cluster::relay_with_cert_files().await;
         cluster.add_worker("worker-1", 2, "").await;
         let url = format!("http://{}/?avatar=avatar_tutor_13", cluster.relay.http);
         let mut browser = Chromium::launch(&url).await.expect("chromium");
@@ -252,13 +229,13 @@ fn the_page_reconnects_by_itself_after_a_relay_restart() {
         cluster.restart_relay().await;
         let listening = Instant::now();
         // A new socket (a new session id), then a new peer that plays.
-        let second_socket = poll(
-            &mut browser,
-            "window.avatarEdge.state.ws ? window.avatarEdge.state.ws.url : null",
-            SECS(10),
-            |v| v.is_string() && *v != first_socket,
-        )
-        .await;
+        let second_socket = browser
+            .poll(
+                "window.avatarEdge.state.ws ? window.avatarEdge.state.ws.url : null",
+                SECS(10),
+                |v| v.is_string() && *v != first_socket,
+            )
+            .await;
         assert_ne!(first_socket, second_socket, "a new socket (a new session id)");
         wait_live(&mut browser, &cluster, SECS(10)).await;
         let took = listening.elapsed();
@@ -271,13 +248,13 @@ fn the_page_reconnects_by_itself_after_a_relay_restart() {
 
         // A new question is answered, with no reload.
         ask(&mut browser, "Are you back?").await;
-        let answered = poll(
-            &mut browser,
-            "[...document.querySelectorAll('#turns .turn.tutor .text')].map(t => t.textContent).join('')",
-            SECS(10),
-            |v| v.as_str().is_some_and(|s| !s.is_empty()),
-        )
-        .await;
+        let answered = browser
+            .poll(
+                "[...document.querySelectorAll('#turns .turn.tutor .text')].map(t => t.textContent).join('')",
+                SECS(10),
+                |v| v.as_str().is_some_and(|s| !s.is_empty()),
+            )
+            .await;
         assert!(
             answered.as_str().is_some_and(|s| !s.is_empty()),
             "no answer after reconnecting\n{}",
@@ -297,33 +274,31 @@ fn a_customer_page_built_only_on_the_sdk_plays_and_talks() {
         cluster.add_worker("worker-1", 2, "").await;
         let url = format!("http://{}/examples/minimal.html", cluster.relay.http);
         let mut browser = Chromium::launch(&url).await.expect("chromium");
-        let state = poll(
-            &mut browser,
-            "window.example ? window.example.session.state : 'loading'",
-            SECS(15),
-            |v| v == "live",
-        )
-        .await;
+        let state = browser
+            .poll(
+                "window.example ? window.example.session.state : 'loading'",
+                SECS(15),
+                |v| v == "live",
+            )
+            .await;
         assert_eq!(state, "live", "the example never played\n{}", cluster.logs());
-        let frames = poll(
-            &mut browser,
-            "window.example.session.stats().then(s => s.framesDecoded)",
-            SECS(5),
-            |v| v.as_u64().unwrap_or(0) >= 25,
-        )
-        .await;
+        let frames = browser
+            .poll(
+                "window.example.session.stats().then(s => s.framesDecoded)",
+                SECS(5),
+                |v| v.as_u64().unwrap_or(0) >= 25,
+            )
+            .await;
         assert!(frames.as_u64().unwrap_or(0) >= 25, "frames {frames}");
         browser
             .eval("(() => { document.getElementById('question').value = 'Hello, who are you?'; document.querySelector('#ask button').click(); return true; })()")
             .await
             .expect("ask");
-        let answer = poll(
-            &mut browser,
-            "document.getElementById('answer').textContent",
-            SECS(10),
-            |v| v.as_str().is_some_and(|s| s.contains("Hello")),
-        )
-        .await;
+        let answer = browser
+            .poll("document.getElementById('answer').textContent", SECS(10), |v| {
+                v.as_str().is_some_and(|s| s.contains("Hello"))
+            })
+            .await;
         assert!(
             answer.as_str().is_some_and(|s| s.contains("Hello")),
             "the example shows the answer: {answer}\n{}",
@@ -340,13 +315,11 @@ fn with_no_tutor_online_the_page_says_so_and_plays_when_one_arrives() {
             let mut cluster = Cluster::relay_only("").await;
             let url = format!("http://{}/?avatar=avatar_tutor_13&lang=en", cluster.relay.http);
             let mut browser = Chromium::launch(&url).await.expect("chromium");
-            let notice = poll(
-                &mut browser,
-                "document.getElementById('notice-text').textContent",
-                SECS(10),
-                |v| v.as_str().is_some_and(|s| s.contains("No tutor is online")),
-            )
-            .await;
+            let notice = browser
+                .poll("document.getElementById('notice-text').textContent", SECS(10), |v| {
+                    v.as_str().is_some_and(|s| s.contains("No tutor is online"))
+                })
+                .await;
             assert!(
                 notice.as_str().is_some_and(|s| s.contains("No tutor is online")),
                 "notice: {notice}"
@@ -375,34 +348,14 @@ fn with_no_tutor_online_the_page_says_so_and_plays_when_one_arrives() {
     );
 }
 
-/// An avatar directory with one short clip per `(id, display name)`.
-fn avatar_dir(root: &std::path::Path, avatars: &[(&str, &str)]) -> PathBuf {
-    let dir = root.join("avatars");
-    for (id, name) in avatars {
-        let clip = dir.join(id);
-        std::fs::create_dir_all(&clip).expect("mkdir");
-        let status = std::process::Command::new("ffmpeg")
-            .args(["-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i"])
-            .arg("testsrc=size=320x240:rate=25:duration=1")
-            .args(["-pix_fmt", "yuv420p", "-c:v", "libx264", "-y"])
-            .arg(clip.join("idle.mp4"))
-            .status()
-            .expect("ffmpeg CLI (scripts/test installs it)");
-        assert!(status.success());
-        std::fs::write(
-            clip.join("avatar.toml"),
-            format!("name = \"{name}\"\nvideo = \"idle.mp4\"\nface_box = [100, 40, 120, 150]\n"),
-        )
-        .expect("avatar.toml");
-    }
-    dir
-}
-
 #[test]
 fn with_several_avatars_the_page_offers_a_chooser_by_name() {
     netns::run("with_several_avatars_the_page_offers_a_chooser_by_name", || async {
         let mut cluster = Cluster::relay_only("").await;
-        let dir = avatar_dir(cluster.dir.path(), &[("tutor_a", "Ms. Alpha"), ("tutor_b", "Mr. Beta")]);
+        let dir = avatar_edge_tests::cluster::avatar_dir(
+            cluster.dir.path(),
+            &[("tutor_a", "Ms. Alpha"), ("tutor_b", "Mr. Beta")],
+        );
         cluster
             .add_worker("gpu-1", 2, &format!("avatar_dir = \"{}\"", dir.display()))
             .await;
@@ -418,8 +371,7 @@ fn with_several_avatars_the_page_offers_a_chooser_by_name() {
 
         let url = format!("http://{}/?lang=en", cluster.relay.http);
         let mut browser = Chromium::launch(&url).await.expect("chromium");
-        let options = poll(
-            &mut browser,
+        let options = browser.poll(
             "getComputedStyle(document.getElementById('avatar-choice')).display === 'none' ? null : [...document.querySelectorAll('#avatar option')].map(o => o.textContent)",
             SECS(10),
             |v| v.is_array(),
@@ -455,7 +407,7 @@ fn a_page_the_auth_policy_refuses_says_so_and_does_not_retry() {
         // No token: the relay's auth module refuses the page.
         let url = format!("http://{}/?lang=en", cluster.relay.http);
         let mut browser = Chromium::launch(&url).await.expect("chromium");
-        let state = poll(&mut browser, SESSION_STATE, SECS(10), |v| v == "failed").await;
+        let state = browser.poll(SESSION_STATE, SECS(10), |v| v == "failed").await;
         assert_eq!(state, "failed", "{}", cluster.logs());
         let notice = browser
             .eval("document.getElementById('notice-text').textContent")
