@@ -555,3 +555,137 @@ impl Producer {
         }
     }
 }
+
+/// A conversation with no session, peer or clock: the test reads the events and the talking
+/// frames the clock would play. The scripted language model and the built-in lip-sync run
+/// in-process; speech is espeak-ng (installed by scripts/install-deps).
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::media::avatar::synthetic;
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    fn conversation(history: usize) -> (Conversation, mpsc::UnboundedReceiver<TalkEvent>) {
+        let cfg = TalkConfig {
+            history,
+            ..TalkConfig::default()
+        };
+        let talk = Arc::new(Talk::new(&cfg, 25).expect("talking pipeline"));
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let clip = Arc::new(synthetic(256, 256, 25));
+        (Conversation::new(talk, clip, "tutor".into(), events_tx), events)
+    }
+
+    async fn next(events: &mut mpsc::UnboundedReceiver<TalkEvent>) -> TalkEvent {
+        tokio::time::timeout(WAIT, events.recv())
+            .await
+            .expect("an event within 10 s")
+            .expect("the conversation is alive")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_question_streams_its_answer_and_feeds_a_whole_turn_of_talking_frames() {
+        let (mut conv, mut events) = conversation(6);
+        assert_eq!(
+            conv.say("hello".into()),
+            None,
+            "no clock attached: nothing to play it on"
+        );
+        let (clock_tx, _clock_rx) = mpsc::unbounded_channel();
+        let feed = conv.feed(clock_tx);
+        assert!(conv.ready());
+        assert_eq!(conv.say("Hello, who are you?".into()), Some(1));
+        // The clock's side, read as it plays (the pipeline runs at most 2 s ahead of it): frames
+        // of turn 1 with their audio, up to the one marked last.
+        let clock = tokio::task::spawn_blocking(move || {
+            let (mut frames, mut samples) = (0usize, 0usize);
+            loop {
+                let unit = feed.units.recv_timeout(WAIT).expect("talking frames");
+                assert_eq!(unit.turn, 1);
+                frames += 1;
+                samples += unit.audio.len();
+                if unit.last {
+                    return (frames, samples);
+                }
+            }
+        });
+
+        let mut deltas = String::new();
+        let (user, answer) = loop {
+            match next(&mut events).await {
+                TalkEvent::Text { turn, text } => {
+                    assert_eq!(turn, 1);
+                    deltas.push_str(&text);
+                }
+                TalkEvent::Done { turn, user, answer } => {
+                    assert_eq!(turn, 1);
+                    break (user, answer);
+                }
+                TalkEvent::Failed { message, .. } => panic!("the turn failed: {message}"),
+            }
+        };
+        assert_eq!(user, "Hello, who are you?");
+        assert!(!answer.is_empty());
+        assert!(
+            deltas.split_whitespace().eq(answer.split_whitespace()),
+            "the deltas make the answer: {deltas:?} vs {answer:?}"
+        );
+
+        let (frames, samples) = clock.await.expect("the clock's reader");
+        assert!(frames >= 10, "{frames} talking frames");
+        let per_frame = AUDIO_RATE as usize / 25;
+        assert!(
+            samples.abs_diff(frames * per_frame) <= per_frame,
+            "one frame's worth of audio per frame: {samples} samples for {frames} frames"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_interrupt_ends_the_turn_and_the_next_question_is_a_new_turn() {
+        let (mut conv, mut events) = conversation(6);
+        let (clock_tx, _clock_rx) = mpsc::unbounded_channel();
+        let Feed {
+            units, current_turn, ..
+        } = conv.feed(clock_tx);
+        // A clock that plays whatever comes, so nothing but the interrupt can hold the turn back.
+        std::thread::spawn(move || while units.recv_timeout(Duration::from_secs(3)).is_ok() {});
+        assert_eq!(conv.say("Tell me a long story about France.".into()), Some(1));
+        assert!(matches!(next(&mut events).await, TalkEvent::Text { turn: 1, .. }));
+        conv.interrupt();
+        assert_eq!(
+            current_turn.load(Ordering::Acquire),
+            0,
+            "the clock drops turn 1's frames"
+        );
+        // Turn 1 never completes.
+        let late = tokio::time::timeout(Duration::from_millis(1500), async {
+            loop {
+                if let Some(TalkEvent::Done { turn: 1, .. }) = events.recv().await {
+                    return;
+                }
+            }
+        })
+        .await;
+        assert!(late.is_err(), "an interrupted turn reported Done");
+        assert_eq!(conv.say("Are you there?".into()), Some(2));
+        assert_eq!(current_turn.load(Ordering::Acquire), 2);
+        // Detached (the peer is being replaced): no clock, no answers.
+        conv.detach();
+        assert!(!conv.ready());
+        assert_eq!(conv.say("hello".into()), None);
+    }
+
+    #[tokio::test]
+    async fn history_keeps_the_last_exchanges_and_none_when_off() {
+        let (mut conv, _events) = conversation(2);
+        for i in 0..5 {
+            conv.remember(format!("q{i}"), format!("a{i}"));
+        }
+        let kept: Vec<&str> = conv.history.iter().map(|m| m.content.as_str()).collect();
+        assert_eq!(kept, ["q3", "a3", "q4", "a4"]);
+        let (mut conv, _events) = conversation(0);
+        conv.remember("q".into(), "a".into());
+        assert!(conv.history.is_empty());
+    }
+}
