@@ -59,6 +59,16 @@ pub fn hmac_token(secret: &str, user: &str, expiry_unix_s: u64) -> String {
     format!("{user}.{expiry_unix_s}.{sig}")
 }
 
+/// The `p`-th percentile (0–100) of `sorted` values, nearest rank; NaN when empty. For the
+/// benchmarks' tables.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now()

@@ -10,18 +10,11 @@
 //! with the same offer (the anchor: what answering costs without relay and tunnel). Prints a table.
 
 use avatar_edge_tests::cluster::Cluster;
+use avatar_edge_tests::percentile;
 use avatar_edge_tests::rtc_client::RtcClient;
 use avatar_edge_tests::signaling::Signaling;
 use avatar_worker::rtc::{RtcEngine, RtcSettings};
 use std::time::{Duration, Instant};
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let idx = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
-}
 
 struct Series {
     name: &'static str,

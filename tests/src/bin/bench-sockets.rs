@@ -16,6 +16,7 @@
 //! relay with no other socket (the anchor), then with 5,000 idle sockets open.
 
 use avatar_edge_tests::cluster::Cluster;
+use avatar_edge_tests::percentile;
 use avatar_edge_tests::rtc_client::RtcClient;
 use avatar_edge_tests::signaling::Signaling;
 use std::time::{Duration, Instant};
@@ -33,14 +34,6 @@ fn rss_kib(pid: u32) -> u64 {
                 .and_then(|v| v.parse().ok())
         })
         .unwrap_or(0)
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let idx = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
 }
 
 struct Row {
