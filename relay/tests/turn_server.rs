@@ -346,6 +346,9 @@ async fn the_turn_exhaustion_sequence_gets_no_more_than_the_per_ip_cap() {
     let s = start(cfg);
     let mut granted = 0;
     let mut refused = 0;
+    // Every client keeps its socket: a dropped one's port could come back to a later client and
+    // name a granted allocation's 5-tuple (437, allocation mismatch) instead of a new one.
+    let mut clients = Vec::new();
     for session in 0..40 {
         for _ in 0..3 {
             let session_id = format!("attacker-session-{session}");
@@ -355,6 +358,7 @@ async fn the_turn_exhaustion_sequence_gets_no_more_than_the_per_ip_cap() {
                 Some(486) => refused += 1,
                 other => panic!("unexpected answer {other:?}"),
             }
+            clients.push(c);
         }
     }
     assert_eq!((granted, refused), (PER_IP, 120 - PER_IP));
