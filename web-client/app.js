@@ -5,7 +5,8 @@
 // meet, and an English/Chinese UI that follows the browser.
 //
 // Query parameters: `avatar` (which avatar), `user_id`, `lang` (en|zh), `debug=1` (the raw event
-// log), `autoconnect=0` (wait for the Retry button); every parameter also goes to the relay (its
+// log), `autoconnect=0` (wait for the Retry button), `voice=1` (offer the microphone from the start,
+// so the Talk button needs no new negotiation); every parameter also goes to the relay (its
 // policies may read e.g. `token`). Tests and operators read `window.avatarEdge`.
 import { Session } from './avatar-edge.js';
 
@@ -22,7 +23,9 @@ const TEXT = {
     loss: 'Packets lost', jitter: 'Jitter', path: 'Path', speaking: 'Speaking…', unmute: 'Turn sound on',
     retry: 'Try again', avatar: 'Tutor', conversation: 'Conversation', ask: 'Ask your tutor',
     placeholder: 'Ask your tutor something', send: 'Send', stop: 'Stop', you: 'You', tutor: 'Tutor',
-    empty: 'Say hello: type a question below.',
+    empty: 'Say hello: type a question below, or press Talk and speak.',
+    mic: 'Talk', mic_on: 'Stop talking', listening: 'Listening…',
+    mic_denied: 'The microphone is blocked. Allow it in the browser to talk, or type instead.',
     no_worker: 'No tutor is online right now. We keep trying.',
     busy: 'All tutors are busy right now. You are next in line; we keep trying.',
     unauthorized: 'This page could not sign you in. Open it again from your course link.',
@@ -40,7 +43,9 @@ const TEXT = {
     loss: '丢包', jitter: '抖动', path: '路径', speaking: '正在说话…', unmute: '打开声音',
     retry: '重试', avatar: '老师', conversation: '对话', ask: '向老师提问',
     placeholder: '向老师提个问题', send: '发送', stop: '停止', you: '你', tutor: '老师',
-    empty: '打个招呼吧：在下面输入问题。',
+    empty: '打个招呼吧：在下面输入问题，或按“说话”直接说。',
+    mic: '说话', mic_on: '停止说话', listening: '正在听…',
+    mic_denied: '麦克风被禁止。请在浏览器中允许使用麦克风，或者直接输入。',
     no_worker: '现在没有老师在线，我们会继续尝试。',
     busy: '老师们都在忙，马上轮到你，我们会继续尝试。',
     unauthorized: '无法登录，请从课程链接重新打开本页。',
@@ -127,6 +132,10 @@ function onAssistantText(a) {
 function updateButtons() {
   const live = state.session !== null && state.session.state === 'live';
   $('send').disabled = !live;
+  $('mic').disabled = !live;
+  const on = !!(state.session && state.session.microphone);
+  $('mic').setAttribute('aria-pressed', String(on));
+  $('mic').textContent = t(on ? 'mic_on' : 'mic');
   $('stop').disabled = !live || (state.speaking === null && streaming === null);
 }
 
@@ -258,6 +267,7 @@ async function start() {
     userId: params.get('user_id') || undefined,
     video: $('video'),
     query: Object.fromEntries(params),
+    voice: params.get('voice') === '1',
   });
   state.session = session;
   session.on('event', logEvent);
@@ -267,6 +277,16 @@ async function start() {
   session.on('speech_started', ({ turn }) => {
     state.speaking = turn;
     $('speaking').hidden = false;
+    updateButtons();
+  });
+  session.on('user_speech_started', () => { $('listening').hidden = false; });
+  session.on('user_speech_ended', () => { $('listening').hidden = true; });
+  session.on('user_transcript', ({ text }) => {
+    if (text) addTurn('user', text);
+    streaming = null;
+  });
+  session.on('microphone', (on) => {
+    if (!on) $('listening').hidden = true;
     updateButtons();
   });
   session.on('speech_ended', ({ turn, interrupted }) => {
@@ -375,6 +395,21 @@ $('retry').addEventListener('click', () => {
   else start();
 });
 $('stop').addEventListener('click', () => { if (state.session) state.session.interrupt(); });
+// Talk: the microphone on or off. Pressing it is a user gesture, so the tutor's voice plays too.
+$('mic').hidden = !(navigator.mediaDevices && navigator.mediaDevices.getUserMedia);
+$('mic').addEventListener('click', () => {
+  const s = state.session;
+  if (!s) return;
+  if ($('video').muted) unmute();
+  if (s.microphone) {
+    s.stopMicrophone();
+    return;
+  }
+  s.startMicrophone().catch(() => {
+    notice('mic_denied');
+    setTimeout(() => { if (state.notice === 'mic_denied') notice(null); }, 6000);
+  });
+});
 $('chat').addEventListener('submit', (/** @type {Event} */ e) => {
   e.preventDefault();
   const input = $('message');

@@ -16,7 +16,10 @@
  * - **reconnects by itself**: when the socket drops (a relay restart, a network change) or the
  *   worker goes away, it opens a new socket and negotiates again, with backoff, and keeps the old
  *   video playing until the new one is live. It stops on `unauthorized`, and on `close()`;
- * - retries `busy` and `no_worker` with backoff (the page may offer "retry now": `retry()`).
+ * - retries `busy` and `no_worker` with backoff (the page may offer "retry now": `retry()`);
+ * - **voice**: `startMicrophone()` sends the microphone in the same connection (with the browser's
+ *   echo cancellation, noise suppression and gain control); the worker hears when the user speaks,
+ *   recognises it, and answers as if it had been typed. Speaking over the avatar interrupts it.
  *
  * The wire protocol it speaks is documented in docs/integration.md.
  */
@@ -30,6 +33,8 @@
  * @property {HTMLVideoElement} [video] Where the avatar plays (video and audio).
  * @property {Record<string, string>} [query] Extra query parameters for the relay's policies.
  * @property {boolean} [reconnect] Reconnect after a lost socket or worker (default true).
+ * @property {boolean} [voice] Offer to send a microphone (audio `sendrecv`) from the start, so that
+ *   `startMicrophone()` needs no new negotiation (default false; `startMicrophone()` turns it on).
  */
 
 /**
@@ -74,6 +79,10 @@
  * @property {AssistantText} assistant_text
  * @property {{turn: number}} speech_started
  * @property {{turn: number, interrupted: boolean}} speech_ended
+ * @property {{}} user_speech_started The worker heard the user start speaking (voice).
+ * @property {{durationMs: number}} user_speech_ended The user stopped; the speech goes to recognition.
+ * @property {{text: string, final: boolean}} user_transcript What the user said; its answer follows.
+ * @property {boolean} microphone The microphone went on (`true`) or off.
  * @property {SessionError} error
  * @property {SessionState} state
  * @property {Record<string, any>} event Every message from the relay, as it came (for a debug view).
@@ -131,6 +140,8 @@ export class Session {
     /** Round trips the SDK measured (ms): offer → answer, and a message → the first answer text. */
     this.timing = { offerToAnswerMs: /** @type {number|null} */ (null), textToFirstTextMs: /** @type {number|null} */ (null) };
     /** @private @type {number | null} */ this.offerSentAt = null;
+    /** @type {MediaStreamTrack | null} The microphone, while it is on. */
+    this.microphone = null;
     /** @private @type {number | null} */ this.textSentAt = null;
   }
 
@@ -169,6 +180,40 @@ export class Session {
     });
   }
 
+  /**
+   * Turn the microphone on: the user may now talk instead of typing (call it from a click: the
+   * browser asks for permission). Rejects when the user or the browser refuses. Without the
+   * `voice` option this negotiates once more, so the video reconnects briefly.
+   * @returns {Promise<void>}
+   */
+  async startMicrophone() {
+    if (this.microphone) return;
+    const stream = await navigator.mediaDevices.getUserMedia({
+      audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true, channelCount: 1 },
+    });
+    const track = stream.getAudioTracks()[0];
+    if (!track) throw new Error('no microphone');
+    this.microphone = track;
+    const sender = this.audioSender();
+    if (this.options.voice && sender) {
+      await sender.replaceTrack(track);
+    } else {
+      this.options.voice = true;
+      if (this.socket && this.socket.readyState === WebSocket.OPEN) this.negotiate();
+    }
+    this.emit('microphone', true);
+  }
+
+  /** Turn the microphone off (the connection stays as it is). */
+  stopMicrophone() {
+    const track = this.microphone;
+    if (!track) return;
+    this.microphone = null;
+    this.audioSender()?.replaceTrack(null).catch(() => {});
+    track.stop();
+    this.emit('microphone', false);
+  }
+
   /** Stop the current answer (speech, lip-sync and the text still coming). */
   interrupt() {
     return this.send({ type: 'interrupt' });
@@ -187,6 +232,7 @@ export class Session {
   /** End the session for good. */
   close() {
     this.setState('closed');
+    this.stopMicrophone();
     this.teardown();
   }
 
@@ -261,6 +307,12 @@ export class Session {
       this.scheduleReconnect();
       throw e;
     }
+  }
+
+  /** @private The current peer's audio sender (where the microphone goes). */
+  audioSender() {
+    const t = this.peer?.getTransceivers().find((x) => x.receiver.track.kind === 'audio');
+    return t ? t.sender : null;
   }
 
   /** @private */
@@ -345,7 +397,9 @@ export class Session {
     this.peer = peer;
     // The fix the old test page lacked: without these the offer has no media sections.
     peer.addTransceiver('video', { direction: 'recvonly' });
-    peer.addTransceiver('audio', { direction: 'recvonly' });
+    // With voice the same audio section carries the microphone (sendrecv), on or off.
+    if (this.options.voice) peer.addTransceiver(this.microphone || 'audio', { direction: 'sendrecv' });
+    else peer.addTransceiver('audio', { direction: 'recvonly' });
     this.streams.set(peer, new MediaStream());
     peer.ontrack = (event) => this.attachTrack(peer, event);
     peer.onicecandidate = (event) => {
@@ -448,6 +502,16 @@ export class Session {
         break;
       case 'speech_ended':
         this.emit('speech_ended', { turn: msg.turn, interrupted: !!msg.interrupted });
+        break;
+      case 'user_speech_started':
+        this.emit('user_speech_started', {});
+        break;
+      case 'user_speech_ended':
+        this.emit('user_speech_ended', { durationMs: Number(msg.duration_ms) || 0 });
+        break;
+      case 'user_transcript':
+        this.textSentAt = performance.now();
+        this.emit('user_transcript', { text: String(msg.text || ''), final: !!msg.final });
         break;
       case 'error':
         this.onError(msg.code, msg.message || '');

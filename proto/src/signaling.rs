@@ -153,8 +153,9 @@ pub enum ErrorCode {
     SessionExpired,
     /// Something failed on our side; the details are in the server log.
     Internal,
-    /// The answer to a `text_webrtc` could not be produced (language model, speech or lip-sync
-    /// failed or timed out). The avatar is back to idle and the session goes on.
+    /// The answer to a `text_webrtc` or a spoken question could not be produced (speech
+    /// recognition, language model, speech or lip-sync failed or timed out; the message names
+    /// the stage). The avatar is back to idle and the session goes on.
     TalkFailed,
 }
 
@@ -266,6 +267,20 @@ pub enum ServerEvent {
     SpeechEnded {
         turn: u64,
         interrupted: bool,
+    },
+    /// Voice input: the user started speaking into the microphone (the worker's voice activity
+    /// detector heard speech). While the avatar speaks, this also interrupts it (barge-in).
+    UserSpeechStarted {},
+    /// The user stopped speaking: `duration_ms` of speech goes to speech recognition.
+    UserSpeechEnded {
+        duration_ms: u64,
+    },
+    /// What the user said, as speech recognition heard it. `final: true` is the whole utterance;
+    /// it starts an answer exactly as a `text_webrtc` with this text would.
+    UserTranscript {
+        text: String,
+        #[serde(rename = "final")]
+        is_final: bool,
     },
 }
 

@@ -6,9 +6,11 @@
 //! * [`signaling`] is a WebSocket client speaking the customer's JSON.
 //! * [`rtc_client`] is a Rust WebRTC receiver that depacketises and decodes the H.264 it gets.
 //! * [`cdp`] drives headless Chromium over the DevTools protocol.
+//! * [`asr`] runs the demo's offline speech recognition and speaks questions for fake microphones.
 //! * [`debian`] makes fresh Debian 12 machines, installs the release's packages and starts
 //!   their systemd units, for the deploy tests.
 
+pub mod asr;
 pub mod cdp;
 pub mod cluster;
 pub mod debian;

@@ -1,6 +1,6 @@
-//! A real HTTP server speaking the two OpenAI-compatible APIs the worker can use, for tests:
-//! `POST /v1/chat/completions` with `stream: true` (server-sent events) and
-//! `POST /v1/audio/speech` (a WAV file). It stands in for a hosted LLM and TTS, which cannot run
+//! A real HTTP server speaking the OpenAI-compatible APIs the worker can use, for tests:
+//! `POST /v1/chat/completions` with `stream: true` (server-sent events),
+//! `POST /v1/audio/speech` (a WAV file) and `POST /v1/audio/transcriptions` (multipart in, JSON out). It stands in for a hosted LLM and TTS, which cannot run
 //! here. What it does depends on the words in the request, so one session can meet every case:
 //!
 //! * a user message containing `FAIL` → HTTP 500; `HANG` → headers, then silence forever;
@@ -8,7 +8,9 @@
 //!   in small deltas;
 //! * speech for text containing `BADTTS` → HTTP 500; `SLOWTTS` → never answers; `HUGETTS` → 40 MiB;
 //!   otherwise a
-//!   voiced, loud 24 kHz WAV (a 125 Hz harmonic buzz with a syllable envelope) of ~60 ms per char.
+//!   voiced, loud 24 kHz WAV (a 125 Hz harmonic buzz with a syllable envelope) of ~60 ms per char;
+//! * transcriptions go by their order, so one session meets each failure: the first gets HTTP 500,
+//!   the second never an answer, every later one `{"text": "hello after the failures"}`.
 
 use axum::body::Body;
 use axum::extract::State;
@@ -26,6 +28,8 @@ use std::time::Duration;
 pub struct Seen {
     pub chat_requests: Vec<Value>,
     pub speech_requests: Vec<Value>,
+    /// Body sizes of the transcription requests (each a multipart form with a WAV file).
+    pub transcriptions: Vec<usize>,
     pub authorization: Vec<String>,
 }
 
@@ -47,6 +51,7 @@ impl OpenAiServer {
         let app = Router::new()
             .route("/v1/chat/completions", post(chat))
             .route("/v1/audio/speech", post(speech))
+            .route("/v1/audio/transcriptions", post(transcription))
             .with_state(Arc::clone(&seen));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
@@ -118,6 +123,31 @@ async fn chat(State(seen): State<Arc<Mutex<Seen>>>, headers: HeaderMap, Json(req
         .header("content-type", "text/event-stream")
         .body(Body::from_stream(stream))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+async fn transcription(State(seen): State<Arc<Mutex<Seen>>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    record(&seen, &headers);
+    let text = String::from_utf8_lossy(&body);
+    if !(text.contains("name=\"file\"") && text.contains("RIFF")) {
+        return (StatusCode::BAD_REQUEST, r#"{"error":{"message":"no WAV file"}}"#).into_response();
+    }
+    let n = {
+        let mut seen = seen.lock().expect("seen");
+        seen.transcriptions.push(body.len());
+        seen.transcriptions.len()
+    };
+    match n {
+        1 => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            r#"{"error":{"message":"recogniser crashed"}}"#,
+        )
+            .into_response(),
+        2 => {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            StatusCode::GATEWAY_TIMEOUT.into_response()
+        }
+        _ => Json(serde_json::json!({"text": "hello after the failures"})).into_response(),
+    }
 }
 
 async fn speech(State(seen): State<Arc<Mutex<Seen>>>, headers: HeaderMap, Json(req): Json<Value>) -> Response {

@@ -23,9 +23,80 @@ use webrtc::peer_connection::sdp::session_description::RTCSessionDescription;
 use webrtc::peer_connection::RTCPeerConnection;
 use webrtc::rtp::codecs::h264::H264Packet;
 use webrtc::rtp::packetizer::Depacketizer;
+use webrtc::rtp_transceiver::rtp_codec::RTCRtpCodecCapability;
 use webrtc::rtp_transceiver::rtp_codec::RTPCodecType;
 use webrtc::rtp_transceiver::rtp_transceiver_direction::RTCRtpTransceiverDirection;
 use webrtc::rtp_transceiver::RTCRtpTransceiverInit;
+use webrtc::track::track_local::track_local_static_sample::TrackLocalStaticSample;
+
+/// The sending side of [`RtcClient::with_microphone`]: 20 ms Opus packets at 48 kHz, paced in real
+/// time, silence unless [`Microphone::speak`] queued audio.
+pub struct Microphone {
+    queue: Arc<Mutex<std::collections::VecDeque<f32>>>,
+    /// (send time, RMS) of every packet sent.
+    pub sent: Arc<Mutex<Vec<(Instant, f32)>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Microphone {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Microphone {
+    /// Samples per packet (20 ms at 48 kHz).
+    pub const PACKET: usize = 960;
+
+    fn start(track: Arc<TrackLocalStaticSample>) -> anyhow::Result<Self> {
+        let mut encoder = opus::Encoder::new(48_000, opus::Channels::Mono, opus::Application::Voip)?;
+        let queue = Arc::new(Mutex::new(std::collections::VecDeque::<f32>::new()));
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let (q, log) = (Arc::clone(&queue), Arc::clone(&sent));
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(20));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let mut frame = vec![0f32; Self::PACKET];
+            let mut packet = vec![0u8; 1500];
+            loop {
+                tick.tick().await;
+                {
+                    let mut q = q.lock().expect("queue");
+                    for s in frame.iter_mut() {
+                        *s = q.pop_front().unwrap_or(0.0);
+                    }
+                }
+                let Ok(n) = encoder.encode_float(&frame, &mut packet) else {
+                    continue;
+                };
+                let rms = (frame.iter().map(|v| v * v).sum::<f32>() / frame.len() as f32).sqrt();
+                log.lock().expect("sent").push((Instant::now(), rms));
+                let sample = webrtc::media::Sample {
+                    data: Bytes::copy_from_slice(&packet[..n]),
+                    duration: Duration::from_millis(20),
+                    ..Default::default()
+                };
+                let _ = track.write_sample(&sample).await;
+            }
+        });
+        Ok(Self { queue, sent, task })
+    }
+
+    /// Queue `pcm` (48 kHz mono) to be sent after what is queued already.
+    pub fn speak(&self, pcm: &[f32]) {
+        self.queue.lock().expect("queue").extend(pcm.iter().copied());
+    }
+
+    /// When the first packet louder than `rms` was sent after `since`.
+    pub fn onset_after(&self, since: Instant, rms: f32) -> Option<Instant> {
+        self.sent
+            .lock()
+            .expect("sent")
+            .iter()
+            .find(|(at, level)| *at >= since && *level > rms)
+            .map(|(at, _)| *at)
+    }
+}
 
 /// What the receiver has seen so far.
 #[derive(Debug, Clone, Default)]
@@ -132,6 +203,24 @@ impl RtcClient {
         ice_servers: Vec<webrtc::ice_transport::ice_server::RTCIceServer>,
         relay_only: bool,
     ) -> anyhow::Result<Self> {
+        Ok(Self::build(with_media, ice_servers, relay_only, false).await?.0)
+    }
+
+    /// A receiver that also sends a microphone, as a page with voice input does: its audio
+    /// section is `sendrecv`, and the [`Microphone`] sends 20 ms Opus packets from the start
+    /// (silence until told to speak), like a browser's microphone track.
+    pub async fn with_microphone() -> anyhow::Result<(Self, Microphone)> {
+        let (client, mic) = Self::build(true, Vec::new(), false, true).await?;
+        let mic = mic.ok_or_else(|| anyhow::anyhow!("no microphone track"))?;
+        Ok((client, mic))
+    }
+
+    async fn build(
+        with_media: bool,
+        ice_servers: Vec<webrtc::ice_transport::ice_server::RTCIceServer>,
+        relay_only: bool,
+        microphone: bool,
+    ) -> anyhow::Result<(Self, Option<Microphone>)> {
         let _ = ffmpeg::init();
         let mut media = MediaEngine::default();
         media.register_default_codecs()?;
@@ -153,7 +242,29 @@ impl RtcClient {
             ..Default::default()
         };
         let pc = Arc::new(api.new_peer_connection(config).await?);
-        if with_media {
+        let mut mic = None;
+        if microphone {
+            let init = RTCRtpTransceiverInit {
+                direction: RTCRtpTransceiverDirection::Recvonly,
+                send_encodings: vec![],
+            };
+            pc.add_transceiver_from_kind(RTPCodecType::Video, Some(init)).await?;
+            let track = Arc::new(TrackLocalStaticSample::new(
+                RTCRtpCodecCapability {
+                    mime_type: webrtc::api::media_engine::MIME_TYPE_OPUS.to_owned(),
+                    clock_rate: 48_000,
+                    channels: 2,
+                    ..Default::default()
+                },
+                "mic".to_owned(),
+                "browser".to_owned(),
+            ));
+            let sender = pc
+                .add_track(Arc::clone(&track) as Arc<dyn webrtc::track::track_local::TrackLocal + Send + Sync>)
+                .await?;
+            tokio::spawn(async move { while sender.read_rtcp().await.is_ok() {} });
+            mic = Some(Microphone::start(track)?);
+        } else if with_media {
             for kind in [RTPCodecType::Video, RTPCodecType::Audio] {
                 let init = RTCRtpTransceiverInit {
                     direction: RTCRtpTransceiverDirection::Recvonly,
@@ -209,7 +320,7 @@ impl RtcClient {
                 });
             })
         }));
-        Ok(Self { pc, stats, state })
+        Ok((Self { pc, stats, state }, mic))
     }
 
     /// Create the offer and wait for ICE gathering, so the offer carries our candidates.

@@ -199,6 +199,10 @@ pub struct TalkConfig {
     pub llm: LlmConfig,
     pub tts: TtsConfig,
     pub lipsync: LipSyncConfig,
+    /// Voice input: hearing the user's microphone (voice activity and barge-in).
+    pub vad: VadConfig,
+    /// Voice input: speech recognition.
+    pub asr: AsrConfig,
     /// Per-avatar overrides, by avatar id.
     pub avatars: std::collections::BTreeMap<String, AvatarTalkConfig>,
 }
@@ -210,6 +214,96 @@ pub struct AvatarTalkConfig {
     pub voice: Option<String>,
     pub llm: Option<LlmConfig>,
     pub tts: Option<TtsConfig>,
+    /// The language the user speaks to this avatar (`en`, `zh`, …), for speech recognition.
+    /// Unset: `talk.asr.language`.
+    pub language: Option<String>,
+}
+
+/// `[talk.vad]`: voice activity detection on the microphone track a page may send, and barge-in.
+/// Probabilities come from the model per 32 ms window.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VadConfig {
+    /// The Silero VAD v5 ONNX model. Unset: voice input is off and microphone audio is ignored.
+    /// Overridden by `AVATAR_EDGE_VAD_MODEL`.
+    pub model: Option<PathBuf>,
+    /// Speech when the probability is at least this (0..1); silence below `threshold - 0.15`.
+    pub threshold: f64,
+    /// Speech must last this long before it counts as started (clicks and coughs do not).
+    pub min_speech_ms: u64,
+    /// The hangover: this much silence ends an utterance (a pause between words does not).
+    pub min_silence_ms: u64,
+    /// Audio kept from before the start, so the first syllable reaches speech recognition.
+    pub pre_roll_ms: u64,
+    /// An utterance longer than this is cut and recognised in parts.
+    pub max_utterance_ms: u64,
+    /// Speaking while the avatar speaks interrupts it, as the Stop button does.
+    pub barge_in: bool,
+    /// While the avatar speaks, speech needs this probability (its own voice may come back
+    /// through the user's speakers, past the browser's echo cancellation).
+    pub barge_in_threshold: f64,
+    /// While the avatar speaks, speech must last this long to interrupt it.
+    pub barge_in_min_speech_ms: u64,
+    /// While the avatar speaks, speech must be at least this loud (RMS per 32 ms window, dB
+    /// below full scale): its echo past the browser's echo cancellation is quieter than a voice
+    /// at the microphone.
+    pub barge_in_min_dbfs: f64,
+}
+
+impl Default for VadConfig {
+    fn default() -> Self {
+        Self {
+            model: None,
+            threshold: 0.5,
+            min_speech_ms: 160,
+            min_silence_ms: 640,
+            pre_roll_ms: 320,
+            max_utterance_ms: 15_000,
+            barge_in: true,
+            barge_in_threshold: 0.8,
+            barge_in_min_speech_ms: 128,
+            barge_in_min_dbfs: -35.0,
+        }
+    }
+}
+
+/// `[talk.asr]`: speech recognition, any OpenAI-compatible `POST {base_url}/audio/transcriptions`
+/// (whisper.cpp's server, faster-whisper servers, vLLM, hosted APIs; the demo's is
+/// scripts/asr-server.py).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AsrConfig {
+    pub base_url: String,
+    pub model: String,
+    pub api_key: Option<Secret>,
+    pub api_key_env: Option<String>,
+    /// The user's language (`en`, `zh`, …; per avatar: `[talk.avatars.<id>] language`).
+    /// Unset: the server detects it.
+    pub language: Option<String>,
+    /// Text that primes recognition (names, terms, the script to write Chinese in).
+    pub prompt: Option<String>,
+    /// Longest wait for one transcript.
+    pub timeout_ms: u64,
+}
+
+impl Default for AsrConfig {
+    fn default() -> Self {
+        Self {
+            base_url: "http://127.0.0.1:8780/v1".into(),
+            model: "whisper-1".into(),
+            api_key: None,
+            api_key_env: None,
+            language: None,
+            prompt: None,
+            timeout_ms: 10_000,
+        }
+    }
+}
+
+impl AsrConfig {
+    pub fn key(&self) -> Option<String> {
+        resolve_key(&self.api_key, &self.api_key_env)
+    }
 }
 
 /// `[talk.llm]`.
@@ -287,6 +381,8 @@ impl Default for TalkConfig {
             llm: LlmConfig::default(),
             tts: TtsConfig::default(),
             lipsync: LipSyncConfig::default(),
+            vad: VadConfig::default(),
+            asr: AsrConfig::default(),
             avatars: Default::default(),
         }
     }
@@ -585,6 +681,9 @@ impl WorkerConfig {
         if let Ok(p) = std::env::var("AVATAR_EDGE_ONNXRUNTIME") {
             self.talk.lipsync.onnxruntime = PathBuf::from(p);
         }
+        if let Ok(p) = std::env::var("AVATAR_EDGE_VAD_MODEL") {
+            self.talk.vad.model = Some(PathBuf::from(p));
+        }
         if let Ok(p) = std::env::var("AVATAR_EDGE_LIPSYNC_MODEL") {
             self.talk.lipsync.backend = LipSyncBackend::Onnx;
             self.talk.lipsync.model = Some(PathBuf::from(p));
@@ -688,6 +787,45 @@ impl WorkerConfig {
                 return invalid("talk.voice", format!("{voice:?}: letters, digits and -_+. only"));
             }
         }
+        let v = &t.vad;
+        if !(0.05..=0.95).contains(&v.threshold) || !(v.threshold..=0.99).contains(&v.barge_in_threshold) {
+            return invalid(
+                "talk.vad.threshold",
+                "threshold 0.05..=0.95, barge_in_threshold from threshold to 0.99".into(),
+            );
+        }
+        if v.min_speech_ms > 2_000 || v.barge_in_min_speech_ms > 2_000 || v.pre_roll_ms > 2_000 {
+            return invalid(
+                "talk.vad.min_speech_ms",
+                "min_speech_ms, barge_in_min_speech_ms and pre_roll_ms are at most 2000".into(),
+            );
+        }
+        if !(-80.0..=0.0).contains(&v.barge_in_min_dbfs) {
+            return invalid("talk.vad.barge_in_min_dbfs", "-80..=0".into());
+        }
+        if !(100..=5_000).contains(&v.min_silence_ms) {
+            return invalid("talk.vad.min_silence_ms", "100..=5000".into());
+        }
+        if !(1_000..=60_000).contains(&v.max_utterance_ms) {
+            return invalid("talk.vad.max_utterance_ms", "1000..=60000".into());
+        }
+        if !(t.asr.base_url.starts_with("http://") || t.asr.base_url.starts_with("https://")) {
+            return invalid("talk.asr.base_url", "an http:// or https:// URL".into());
+        }
+        let languages = t
+            .asr
+            .language
+            .iter()
+            .chain(t.avatars.values().filter_map(|a| a.language.as_ref()));
+        for language in languages {
+            let plain = (2..=8).contains(&language.len()) && language.chars().all(|c| c.is_ascii_alphabetic());
+            if !plain {
+                return invalid(
+                    "talk.asr.language",
+                    format!("{language:?}: a language code like en or zh"),
+                );
+            }
+        }
         let l = &t.lipsync;
         if l.backend == LipSyncBackend::Onnx && l.model.is_none() {
             return invalid("talk.lipsync.model", "the onnx backend needs a model".into());
@@ -745,6 +883,12 @@ mod tests {
             ),
             ("[video]\nencoder = \"vp8\"\n", "unknown variant `vp8`"),
             ("[talk.lipsync]\nmax_batch = 0\n", "talk.lipsync.max_batch"),
+            ("[talk.vad]\nthreshold = 1.5\n", "talk.vad.threshold"),
+            ("[talk.vad]\nbarge_in_threshold = 0.3\n", "talk.vad.threshold"),
+            ("[talk.vad]\nmin_silence_ms = 10\n", "talk.vad.min_silence_ms"),
+            ("[talk.vad]\nmax_utterance_ms = 0\n", "talk.vad.max_utterance_ms"),
+            ("[talk.asr]\nbase_url = \"file:///etc/passwd\"\n", "talk.asr.base_url"),
+            ("[talk.avatars.a]\nlanguage = \"zh; rm\"\n", "talk.asr.language"),
             ("[talk.llm]\nmodle = \"x\"\n", "modle"),
             ("[ice]\npublic_ips = [\"not-an-ip\"]\n", "ice.public_ips"),
             ("[ice]\nudp_port_min = 50000\n", "ice.udp_port_min"),

@@ -7,7 +7,8 @@
 //! through [`Peer::add_candidate`].
 //!
 //! Each peer sends one H.264 video track and, when the offer has an audio section, one Opus audio
-//! track (the avatar's voice; silence while idle). RTCP from the senders is read continuously —
+//! track (the avatar's voice; silence while idle). When that section is `sendrecv`, the browser's
+//! microphone comes back on it and is decoded for voice input ([`Answer::mic`]). RTCP from the senders is read continuously —
 //! that keeps the interceptors (NACK, reports) running — and a PLI or FIR sets the `keyframe`
 //! flag that the video clock consumes to emit an IDR.
 
@@ -30,8 +31,10 @@ use webrtc::peer_connection::RTCPeerConnection;
 use webrtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use webrtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use webrtc::rtp_transceiver::rtp_codec::RTCRtpCodecCapability;
+use webrtc::rtp_transceiver::rtp_codec::RTPCodecType;
 use webrtc::track::track_local::track_local_static_sample::TrackLocalStaticSample;
 use webrtc::track::track_local::TrackLocal;
+use webrtc::track::track_remote::TrackRemote;
 
 /// H.264 Constrained Baseline level 3.1, packetization mode 1: what every browser decodes.
 pub const H264_FMTP: &str = "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f";
@@ -63,7 +66,7 @@ pub struct RtcSettings {
 /// `42e01f` and Baseline `42001f`, both of which browsers offer) and Opus. The library's defaults
 /// would also put VP8, VP9, AV1, G.722, PCMU and PCMA in the answer, which the worker never sends.
 fn register_codecs(media: &mut MediaEngine) -> Result<(), webrtc::Error> {
-    use webrtc::rtp_transceiver::rtp_codec::{RTCRtpCodecCapability, RTCRtpCodecParameters, RTPCodecType};
+    use webrtc::rtp_transceiver::rtp_codec::{RTCRtpCodecCapability, RTCRtpCodecParameters};
     use webrtc::rtp_transceiver::RTCPFeedback;
     let feedback = |typ: &str, parameter: &str| RTCPFeedback {
         typ: typ.to_owned(),
@@ -216,6 +219,16 @@ impl RtcEngine {
         } else {
             None
         };
+        // A page with voice input sends its microphone in the same connection (audio sendrecv).
+        let (mic_tx, mic) = mpsc::channel(MIC_QUEUE);
+        let taken = Arc::new(AtomicBool::new(false));
+        pc.on_track(Box::new(move |track, _, _| {
+            let first_audio = track.kind() == RTPCodecType::Audio && !taken.swap(true, Ordering::AcqRel);
+            if first_audio {
+                tokio::spawn(read_microphone(track, mic_tx.clone()));
+            }
+            Box::pin(async {})
+        }));
         let keyframe = Arc::new(AtomicBool::new(true));
         {
             let keyframe = Arc::clone(&keyframe);
@@ -257,6 +270,7 @@ impl RtcEngine {
         Ok(Answer {
             peer,
             states,
+            mic,
             sdp: local.sdp,
         })
     }
@@ -267,8 +281,42 @@ pub struct Answer {
     pub peer: Arc<Peer>,
     /// Connection state changes, in order.
     pub states: mpsc::Receiver<RTCPeerConnectionState>,
+    /// The browser's microphone, if it sends one: 16 kHz mono PCM, one chunk per Opus packet.
+    pub mic: mpsc::Receiver<Vec<f32>>,
     /// The answer SDP, every candidate inside.
     pub sdp: String,
+}
+
+/// Microphone chunks (20 ms each) waiting for the listener: about a second. When it falls behind,
+/// newer audio is dropped rather than memory growing.
+const MIC_QUEUE: usize = 48;
+
+/// Decode the browser's microphone track (Opus) to 16 kHz mono, as the voice activity detector
+/// and speech recognition take it. The track is read to its end even when nobody listens, so
+/// that the receiver's reports keep flowing.
+async fn read_microphone(track: Arc<TrackRemote>, tx: mpsc::Sender<Vec<f32>>) {
+    let mut decoder = match opus::Decoder::new(crate::talk::vad::RATE, opus::Channels::Mono) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(error = %e, "no Opus decoder: the microphone is ignored");
+            return;
+        }
+    };
+    // The longest Opus frame, 120 ms.
+    let mut pcm = vec![0.0f32; crate::talk::vad::RATE as usize * 120 / 1000];
+    while let Ok((packet, _)) = track.read_rtp().await {
+        if tx.is_closed() || packet.payload.is_empty() {
+            continue;
+        }
+        match decoder.decode_float(&packet.payload, &mut pcm, false) {
+            Ok(n) => {
+                if tx.try_send(pcm[..n].to_vec()).is_err() {
+                    metrics::counter!("worker_mic_chunks_dropped_total").increment(1);
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "an undecodable microphone packet"),
+        }
+    }
 }
 
 /// Which remote candidates a session may add. ICE sends connectivity checks to every remote

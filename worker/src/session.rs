@@ -6,6 +6,12 @@
 //! starts an answer in the session's [`Conversation`]; its text deltas, speech start/end and
 //! failures come back here and go to the browser as events.
 //!
+//! Voice input: when the browser sends its microphone and `talk.vad.model` is set, a listener
+//! thread ([`crate::talk::hearing`]) reports speech starts and utterances. A start while the
+//! avatar answers interrupts it (barge-in; `talk.vad.barge_in`); each utterance is recognised
+//! ([`Conversation::transcribe`]) and its transcript answered like a `text_webrtc`. The browser
+//! sees `user_speech_started`, `user_speech_ended` and `user_transcript` along the way.
+//!
 //! How a session ends, and why:
 //! * the relay sends `Close` or finishes the stream (the browser left): stop at once;
 //! * the peer fails or closes: tell the browser (`peer_failed`) and stop;
@@ -17,6 +23,8 @@
 
 use crate::media::stream::{ClockEvent, Feed, MediaOut, VideoStream, OPUS_FRAME};
 use crate::rtc::{CandidateRefused, Peer, RtcError};
+use crate::talk::hearing::Hearing;
+use crate::talk::vad::Heard;
 use crate::talk::{Conversation, TalkEvent};
 use crate::Context;
 use avatar_proto::signaling::{ClientMessage, ErrorCode, ServerEvent};
@@ -47,6 +55,8 @@ struct Active {
     media: Option<(VideoStream, tokio::task::JoinHandle<()>)>,
     /// Remote candidates added since this offer (capped).
     candidates: usize,
+    /// The browser's microphone, until voice input takes it.
+    mic: Option<mpsc::Receiver<Vec<f32>>>,
 }
 
 impl Active {
@@ -98,6 +108,8 @@ pub async fn run_session(
         conv,
         talk_events,
         clock_events: None,
+        hearing: None,
+        ignoring: false,
         ice_servers: match turn_gateway {
             Some(gateway) => crate::rtc::through_gateway(&open.ice_servers, gateway),
             None => open.ice_servers,
@@ -120,6 +132,10 @@ struct Session {
     talk_events: mpsc::UnboundedReceiver<TalkEvent>,
     /// Speech start/end from the running media clock.
     clock_events: Option<mpsc::UnboundedReceiver<ClockEvent>>,
+    /// Voice input from the current peer's microphone.
+    hearing: Option<mpsc::UnboundedReceiver<Hearing>>,
+    /// The current utterance started while the avatar spoke and barge-in is off: drop it.
+    ignoring: bool,
     /// STUN/TURN servers from the relay, for this session's peers.
     ice_servers: Vec<avatar_proto::signaling::IceServer>,
 }
@@ -181,9 +197,19 @@ impl Session {
                     None => std::future::pending().await,
                 }
             };
+            let heard = async {
+                match self.hearing.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 Some(ev) = self.talk_events.recv() => self.on_talk(ev).await,
                 Some(ev) = clock => self.on_clock(ev).await,
+                heard = heard => match heard {
+                    Some(h) => self.on_hearing(h).await,
+                    None => self.hearing = None,
+                },
                 _ = shutdown.cancelled() => {
                     let event = ServerEvent::error(
                         ErrorCode::WorkerLost,
@@ -245,6 +271,7 @@ impl Session {
                             states: answer.states,
                             media: None,
                             candidates,
+                            mic: Some(answer.mic),
                         });
                         let timestamp = chrono::Local::now().format("%Y-%m-%dT%H:%M:%S%.6f").to_string();
                         self.event(ServerEvent::WebrtcAnswer {
@@ -290,30 +317,7 @@ impl Session {
                         .await;
                 }
             }
-            ClientMessage::TextWebrtc(t) => {
-                let message = t.message.trim().to_owned();
-                let refusal = match self.conv.as_mut() {
-                    None => Some((
-                        ErrorCode::Unsupported,
-                        "this worker streams the idle avatar only; the talking pipeline is disabled ([talk] enabled = false)",
-                    )),
-                    Some(_) if message.is_empty() => Some((ErrorCode::InvalidMessage, "`message` is empty")),
-                    Some(conv) if !conv.ready() => Some((
-                        ErrorCode::NoSession,
-                        "the video is not playing yet: send webrtc_offer, wait for the connection, then text_webrtc",
-                    )),
-                    Some(conv) => {
-                        if let Some(turn) = conv.say(message) {
-                            info!(turn, "answering");
-                            metrics::counter!("worker_talk_turns_total").increment(1);
-                        }
-                        None
-                    }
-                };
-                if let Some((code, message)) = refusal {
-                    self.event(ServerEvent::error(code, message)).await;
-                }
-            }
+            ClientMessage::TextWebrtc(t) => self.answer(t.message.trim().to_owned()).await,
             ClientMessage::Interrupt {} => {
                 if let Some(conv) = self.conv.as_mut() {
                     info!("interrupted by the browser");
@@ -323,8 +327,93 @@ impl Session {
         }
     }
 
+    /// Start answering `message` (typed, or a transcript), or tell the browser why not.
+    async fn answer(&mut self, message: String) {
+        let refusal = match self.conv.as_mut() {
+            None => Some((
+                ErrorCode::Unsupported,
+                "this worker streams the idle avatar only; the talking pipeline is disabled ([talk] enabled = false)",
+            )),
+            Some(_) if message.is_empty() => Some((ErrorCode::InvalidMessage, "`message` is empty")),
+            Some(conv) if !conv.ready() => Some((
+                ErrorCode::NoSession,
+                "the video is not playing yet: send webrtc_offer, wait for the connection, then text_webrtc",
+            )),
+            Some(conv) => {
+                if let Some(turn) = conv.say(message) {
+                    info!(turn, "answering");
+                    metrics::counter!("worker_talk_turns_total").increment(1);
+                }
+                None
+            }
+        };
+        if let Some((code, message)) = refusal {
+            self.event(ServerEvent::error(code, message)).await;
+        }
+    }
+
+    async fn on_hearing(&mut self, h: Hearing) {
+        let barge_in_allowed = self.ctx.talk.as_ref().is_some_and(|t| t.vad.barge_in);
+        let Some(conv) = self.conv.as_mut() else {
+            return;
+        };
+        let event = match h {
+            Hearing::Heard(Heard::Started { barge_in }) => {
+                if barge_in && !barge_in_allowed {
+                    // The avatar is speaking and voice may not interrupt it: most likely its own
+                    // echo, and a question now would cut the answer anyway.
+                    self.ignoring = true;
+                    return;
+                }
+                if barge_in {
+                    info!("barge-in: the user spoke over the avatar");
+                    metrics::counter!("worker_barge_ins_total").increment(1);
+                    conv.interrupt();
+                }
+                ServerEvent::UserSpeechStarted {}
+            }
+            Hearing::Heard(utterance @ Heard::Utterance { .. }) => {
+                if std::mem::take(&mut self.ignoring) {
+                    return;
+                }
+                let duration_ms = utterance.duration_ms();
+                if let Heard::Utterance { pcm, .. } = utterance {
+                    debug!(duration_ms, "utterance");
+                    metrics::counter!("worker_utterances_total").increment(1);
+                    conv.transcribe(pcm);
+                }
+                ServerEvent::UserSpeechEnded { duration_ms }
+            }
+            Hearing::Failed(e) => {
+                warn!(error = %e, "voice input stopped");
+                self.hearing = None;
+                ServerEvent::error(ErrorCode::TalkFailed, format!("voice input stopped: {e}"))
+            }
+        };
+        self.event(event).await;
+    }
+
     async fn on_talk(&mut self, ev: TalkEvent) {
         let event = match ev {
+            TalkEvent::Transcript { text } => {
+                let text = text.trim().to_owned();
+                if text.is_empty() {
+                    debug!("an utterance with no words");
+                    return;
+                }
+                info!(chars = text.chars().count(), "heard");
+                self.event(ServerEvent::UserTranscript {
+                    text: text.clone(),
+                    is_final: true,
+                })
+                .await;
+                self.answer(text).await;
+                return;
+            }
+            TalkEvent::TranscriptFailed { message } => {
+                metrics::counter!("worker_talk_failures_total").increment(1);
+                ServerEvent::error(ErrorCode::TalkFailed, message)
+            }
             TalkEvent::Text { turn, text } => ServerEvent::AssistantText {
                 turn,
                 text,
@@ -405,6 +494,22 @@ impl Session {
         });
         info!("peer connected: streaming");
         active.media = Some((stream, writer));
+        // Voice input, when the browser sends its microphone and the worker has a VAD model.
+        let voice = self.ctx.talk.as_ref().and_then(|t| t.vad.model.clone().map(|m| (t, m)));
+        if let (Some((talk, model)), Some(conv), Some(mic)) = (voice, self.conv.as_ref(), active.mic.take()) {
+            let (tx, rx) = mpsc::unbounded_channel();
+            match crate::talk::hearing::listen(
+                model,
+                talk.onnxruntime.clone(),
+                talk.vad.clone(),
+                mic,
+                conv.current_turn(),
+                tx,
+            ) {
+                Ok(()) => self.hearing = Some(rx),
+                Err(e) => warn!(error = %e, "could not start the voice input thread"),
+            }
+        }
     }
 
     async fn event(&mut self, ev: ServerEvent) {

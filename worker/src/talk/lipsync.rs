@@ -104,7 +104,9 @@ impl LipSyncModel for BuiltinMouth {
 }
 
 /// The process-wide ONNX Runtime environment (one per process, kept alive for its sessions).
-fn ort_environment(library: &std::path::Path) -> Result<&'static ort::environment::Environment, LipSyncError> {
+pub(crate) fn ort_environment(
+    library: &std::path::Path,
+) -> Result<&'static ort::environment::Environment, LipSyncError> {
     static ENV: std::sync::OnceLock<Result<ort::environment::Environment, String>> = std::sync::OnceLock::new();
     let err = |message: String| LipSyncError::Runtime {
         path: library.display().to_string(),

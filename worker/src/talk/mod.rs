@@ -13,18 +13,27 @@
 //! sees that its turn is no longer current, and the clock drops the turn's queued frames at its
 //! next tick — which is why an interrupt silences the avatar within one frame.
 //!
+//! Voice input joins the same turns: the microphone's audio goes through voice activity detection
+//! ([`vad`], on a thread per peer: [`hearing`]), each utterance through speech recognition
+//! ([`asr`], [`Conversation::transcribe`]), and its transcript is then said like a `text_webrtc`.
+//!
 //! Worker-wide parts live in [`Talk`] (backends per avatar, the lip-sync runners); each session
 //! has a [`Conversation`] (history, the current turn, the clock's feed).
 
+pub mod asr;
 pub mod audio;
 pub mod face;
+pub mod hearing;
 pub mod lipsync;
 pub mod llm;
 pub mod mel;
 pub mod sentences;
 pub mod tts;
+pub mod vad;
 
-use crate::config::{ExecutionProvider, LlmBackend, LlmConfig, TalkConfig, TtsBackend, TtsConfig};
+use crate::config::{
+    AsrConfig, ExecutionProvider, LlmBackend, LlmConfig, TalkConfig, TtsBackend, TtsConfig, VadConfig,
+};
 use crate::media::avatar::AvatarClip;
 use crate::media::stream::{ClockEvent, Feed, TalkUnit, AUDIO_RATE, PREBUFFER};
 use lipsync::{FrameInput, LipSyncService};
@@ -52,6 +61,8 @@ pub enum TalkError {
     Audio(#[from] audio::AudioError),
     #[error("HTTP client: {0}")]
     Client(String),
+    #[error("speech recognition: {0}")]
+    Asr(String),
 }
 
 /// One avatar's backends.
@@ -60,6 +71,8 @@ pub struct Backends {
     pub tts: Arc<dyn Tts>,
     pub system_prompt: String,
     pub voice: Option<String>,
+    /// The language the user speaks, for speech recognition (None: detect).
+    pub language: Option<String>,
     /// The TTS speaks OpenAI voices (`alloy`, …) rather than espeak-ng's.
     openai_voices: bool,
 }
@@ -73,6 +86,11 @@ pub struct Talk {
     history: usize,
     session_batch: usize,
     feather: u32,
+    /// Voice input: speech recognition, and the voice activity settings (`vad.model` unset: off).
+    pub asr: Arc<dyn asr::Asr>,
+    pub vad: VadConfig,
+    /// The ONNX Runtime library (the VAD model runs on it too).
+    pub onnxruntime: std::path::PathBuf,
 }
 
 fn http_client() -> Result<reqwest::Client, TalkError> {
@@ -99,6 +117,17 @@ fn make_llm(cfg: &LlmConfig, client: &reqwest::Client) -> Arc<dyn Llm> {
     }
 }
 
+fn make_asr(cfg: &AsrConfig, client: &reqwest::Client) -> Arc<dyn asr::Asr> {
+    Arc::new(asr::OpenAiAsr {
+        client: client.clone(),
+        base_url: cfg.base_url.clone(),
+        model: cfg.model.clone(),
+        api_key: cfg.key(),
+        prompt: cfg.prompt.clone(),
+        timeout: Duration::from_millis(cfg.timeout_ms.max(1)),
+    })
+}
+
 fn make_tts(cfg: &TtsConfig, client: &reqwest::Client) -> Arc<dyn Tts> {
     match cfg.backend {
         TtsBackend::Openai => Arc::new(tts::OpenAiTts {
@@ -121,14 +150,18 @@ impl Talk {
     /// cannot use the GPU fails here).
     pub fn new(cfg: &TalkConfig, fps: u32) -> Result<Self, TalkError> {
         let client = http_client()?;
-        let backends = |llm: &LlmConfig, tts: &TtsConfig, prompt: &str, voice: &Option<String>| Backends {
-            llm: make_llm(llm, &client),
-            tts: make_tts(tts, &client),
-            system_prompt: prompt.to_owned(),
-            voice: voice.clone(),
-            openai_voices: tts.backend == TtsBackend::Openai,
-        };
-        let default = backends(&cfg.llm, &cfg.tts, &cfg.system_prompt, &cfg.voice);
+        let backends =
+            |llm: &LlmConfig, tts: &TtsConfig, prompt: &str, voice: &Option<String>, language: &Option<String>| {
+                Backends {
+                    llm: make_llm(llm, &client),
+                    tts: make_tts(tts, &client),
+                    system_prompt: prompt.to_owned(),
+                    voice: voice.clone(),
+                    language: language.clone(),
+                    openai_voices: tts.backend == TtsBackend::Openai,
+                }
+            };
+        let default = backends(&cfg.llm, &cfg.tts, &cfg.system_prompt, &cfg.voice, &cfg.asr.language);
         let per_avatar = cfg
             .avatars
             .iter()
@@ -138,6 +171,11 @@ impl Talk {
                     a.tts.as_ref().unwrap_or(&cfg.tts),
                     a.system_prompt.as_deref().unwrap_or(&cfg.system_prompt),
                     if a.voice.is_some() { &a.voice } else { &cfg.voice },
+                    if a.language.is_some() {
+                        &a.language
+                    } else {
+                        &cfg.asr.language
+                    },
                 );
                 (id.clone(), b)
             })
@@ -165,6 +203,9 @@ impl Talk {
             history: cfg.history,
             session_batch: lcfg.session_batch,
             feather: lcfg.feather_px,
+            asr: make_asr(&cfg.asr, &client),
+            vad: cfg.vad.clone(),
+            onnxruntime: lcfg.onnxruntime.clone(),
         })
     }
 
@@ -197,6 +238,14 @@ pub enum TalkEvent {
         turn: u64,
         message: String,
     },
+    /// Speech recognition heard an utterance as `text` (possibly empty: a noise).
+    Transcript {
+        text: String,
+    },
+    /// Speech recognition failed for an utterance.
+    TranscriptFailed {
+        message: String,
+    },
 }
 
 /// One session's conversation.
@@ -211,6 +260,10 @@ pub struct Conversation {
     units: Option<std::sync::mpsc::SyncSender<TalkUnit>>,
     active: Option<CancellationToken>,
     events: mpsc::UnboundedSender<TalkEvent>,
+    /// Cancels speech recognitions in flight when the conversation ends.
+    hearing: CancellationToken,
+    /// The latest recognition (the next waits for it, so transcripts keep their order).
+    transcribing: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Conversation {
@@ -231,6 +284,8 @@ impl Conversation {
             units: None,
             active: None,
             events,
+            hearing: CancellationToken::new(),
+            transcribing: None,
         }
     }
 
@@ -259,6 +314,38 @@ impl Conversation {
     /// Whether a media clock is attached.
     pub fn ready(&self) -> bool {
         self.units.is_some()
+    }
+
+    /// The current turn (0: none). Non-zero while an answer is being written or spoken: voice
+    /// input then applies its barge-in guard.
+    pub fn current_turn(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.current_turn)
+    }
+
+    /// Recognise an utterance (16 kHz mono); the result comes back as a
+    /// [`TalkEvent::Transcript`] or [`TalkEvent::TranscriptFailed`]. Recognitions run in order
+    /// of arrival, each bounded by `talk.asr.timeout_ms`; dropping the conversation ends them.
+    pub fn transcribe(&mut self, pcm: Vec<f32>) {
+        let asr = Arc::clone(&self.talk.asr);
+        let language = self.talk.backends(&self.avatar_id).language.clone();
+        let events = self.events.clone();
+        let cancel = self.hearing.child_token();
+        let previous = self.transcribing.take();
+        self.transcribing = Some(tokio::spawn(async move {
+            if let Some(previous) = previous {
+                let _ = previous.await;
+            }
+            let started = std::time::Instant::now();
+            let result = tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = asr.transcribe(&pcm, language.as_deref()) => r,
+            };
+            metrics::histogram!("worker_asr_seconds").record(started.elapsed().as_secs_f64());
+            let _ = events.send(match result {
+                Ok(text) => TalkEvent::Transcript { text },
+                Err(e) => TalkEvent::TranscriptFailed { message: e.to_string() },
+            });
+        }));
     }
 
     /// Stop the current answer, if any. The clock ends its speech at the next tick.
@@ -337,6 +424,7 @@ impl Conversation {
 impl Drop for Conversation {
     fn drop(&mut self) {
         self.interrupt();
+        self.hearing.cancel();
     }
 }
 
@@ -430,7 +518,8 @@ impl Turn {
                 let voice = match &backends.voice {
                     Some(v) => v.as_str(),
                     None if backends.openai_voices => "alloy",
-                    None if sentences::is_chinese(&sentence) => "cmn",
+                    // Mandarin read as pinyin: the `cmn` voice reads its pinyin as English.
+                    None if sentences::is_chinese(&sentence) => "cmn-latn-pinyin",
                     None => "en-us",
                 };
                 let pcm = backends.tts.synthesize(&sentence, voice).await?;
@@ -622,7 +711,7 @@ mod tests {
                     assert_eq!(turn, 1);
                     break (user, answer);
                 }
-                TalkEvent::Failed { message, .. } => panic!("the turn failed: {message}"),
+                other => panic!("the turn failed: {other:?}"),
             }
         };
         assert_eq!(user, "Hello, who are you?");

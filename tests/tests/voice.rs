@@ -1,0 +1,354 @@
+//! Voice input end to end (issue 17): real relay and worker processes, the worker's Silero VAD,
+//! and real speech recognition (scripts/asr-server.py: faster-whisper with Whisper base, offline).
+//!
+//! * Headless Chromium with a fake microphone playing a WAV file that espeak-ng spoke asks a
+//!   question in English and one in Chinese: the page shows the user speaking, the transcript, and
+//!   the avatar answering it.
+//! * A Rust WebRTC peer with a microphone track speaks over the avatar's answer: the answer stops
+//!   (audio silent) within 300 ms of the speech onset, and the new question is answered.
+//! * A recogniser that errors, then one that hangs, each give `talk_failed` naming speech
+//!   recognition, and the session goes on.
+//!
+//! No false triggers on silence, noise and the avatar's own echo are proved without sockets, on the
+//! same model, in worker/tests/voice_activity.rs.
+//!
+//! Each test runs in its own loopback-only network namespace (see `netns`).
+
+use avatar_edge_tests::asr::{speak, write_wav, AsrServer};
+use avatar_edge_tests::cdp::Chromium;
+use avatar_edge_tests::cluster::Cluster;
+use avatar_edge_tests::netns;
+use avatar_edge_tests::openai::OpenAiServer;
+use avatar_edge_tests::rtc_client::{Microphone, RtcClient};
+use avatar_edge_tests::signaling::Signaling;
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+const SECS: fn(u64) -> Duration = Duration::from_secs;
+
+fn tools() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools")
+}
+
+/// A worker's voice settings: the VAD model, recognition at `asr`, and `extra` TOML.
+fn voice_toml(asr: &str, extra: &str) -> String {
+    format!(
+        "[talk.vad]\nmodel = \"{}\"\n[talk.lipsync]\nonnxruntime = \"{}\"\n[talk.asr]\nbase_url = \"{asr}\"\ntimeout_ms = 2000\n{extra}",
+        tools().join("models/silero_vad.onnx").display(),
+        tools().join("onnxruntime/libonnxruntime.so").display(),
+    )
+}
+
+/// The page's events of these types, in order, as JSON.
+async fn page_events(browser: &mut Chromium, types: &[&str]) -> Vec<Value> {
+    let js = format!(
+        "JSON.stringify(window.avatarEdge.state.events.filter(e => {}.includes(e.type)))",
+        json!(types)
+    );
+    let v = browser.eval(&js).await.expect("events");
+    serde_json::from_str(v.as_str().unwrap_or("[]")).expect("events JSON")
+}
+
+#[test]
+fn chromium_asks_by_voice_in_english_and_chinese_and_the_avatar_answers() {
+    netns::run(
+        "chromium_asks_by_voice_in_english_and_chinese_and_the_avatar_answers",
+        || async {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let asr = AsrServer::start(dir.path()).await;
+            let mut cluster = Cluster::relay_only("").await;
+            let extra = "[talk.avatars.zh_tutor]\nlanguage = \"zh\"\n";
+            cluster
+                .add_worker("listener", 4, &voice_toml(&asr.base_url(), extra))
+                .await;
+            let m = avatar_worker::talk::face::mouth_area(
+                avatar_worker::media::avatar::synthetic_face_box(512, 512),
+                512,
+                512,
+            );
+            let mouth = format!(
+                "window.avatarEdge.lumaAt({}, {}, {}, {})",
+                m.x,
+                m.y,
+                m.x + m.w,
+                m.y + m.h
+            );
+            for (avatar, voice, question, words) in [
+                (
+                    "avatar_tutor_13",
+                    "en-us",
+                    "Hello, please tell me about the weather today.",
+                    &["weather"][..],
+                ),
+                // Whisper writes Chinese in either script: the word in simplified or traditional.
+                ("zh_tutor", "cmn-latn-pinyin", "我想学习数学。", &["学习", "學習"][..]),
+            ] {
+                let wav = dir.path().join(format!("{avatar}.wav"));
+                write_wav(&wav, &speak(voice, question, 48_000), 48_000, 1.5, 4.0);
+                let url = format!("http://{}/?voice=1&avatar={avatar}", cluster.relay.http);
+                let mut browser = Chromium::launch_with(
+                    &url,
+                    &[
+                        "--use-fake-ui-for-media-stream".into(),
+                        "--use-fake-device-for-media-stream".into(),
+                        format!("--use-file-for-fake-audio-capture={}%noloop", wav.display()),
+                    ],
+                )
+                .await
+                .expect("chromium");
+                let state = browser
+                    .poll(
+                        "window.avatarEdge && window.avatarEdge.state.session ? window.avatarEdge.state.session.state : ''",
+                        SECS(15),
+                        |v| v == "live",
+                    )
+                    .await;
+                assert_eq!(state, "live", "{}", cluster.logs());
+                let frames = browser
+                    .poll("window.avatarEdge.stats().then(s => s.framesDecoded)", SECS(10), |v| {
+                        v.as_u64().unwrap_or(0) >= 10
+                    })
+                    .await;
+                assert!(frames.as_u64().unwrap_or(0) >= 10, "playing: {frames}");
+                let idle = browser.eval(&mouth).await.expect("luma").as_f64().expect("a picture");
+                let audio_before = browser.eval("window.avatarEdge.stats()").await.expect("stats")
+                    ["audioSamplesReceived"]
+                    .as_f64()
+                    .unwrap_or(0.0);
+
+                // The user presses Talk: the fake microphone plays the question once.
+                let pressed = Instant::now();
+                browser
+                    .eval("document.getElementById('mic').click(); true")
+                    .await
+                    .expect("click");
+                let transcript = browser
+                    .poll(
+                        "window.avatarEdge.state.events.some(e => e.type === 'user_transcript')",
+                        SECS(25),
+                        |v| v == true,
+                    )
+                    .await;
+                let heard = page_events(
+                    &mut browser,
+                    &["user_speech_started", "user_speech_ended", "user_transcript", "error"],
+                )
+                .await;
+                assert_eq!(
+                    transcript,
+                    true,
+                    "{avatar}: no transcript; events {heard:?}\n{}",
+                    cluster.logs()
+                );
+                let kinds: Vec<&str> = heard.iter().filter_map(|e| e["type"].as_str()).collect();
+                assert_eq!(
+                    kinds,
+                    ["user_speech_started", "user_speech_ended", "user_transcript"],
+                    "{avatar}: {heard:?}"
+                );
+                let text = heard[2]["text"].as_str().unwrap_or_default().to_lowercase();
+                eprintln!(
+                    "voice ({avatar}): heard {text:?} ({} ms of speech) {:?} after Talk",
+                    heard[1]["duration_ms"],
+                    pressed.elapsed()
+                );
+                assert!(
+                    words.iter().any(|w| text.contains(w)),
+                    "{avatar}: the transcript {text:?} lacks {words:?}"
+                );
+                // The avatar answers the transcript: its text, its voice and its mouth.
+                let speaking = browser
+                    .poll("window.avatarEdge.state.speaking", SECS(15), |v| !v.is_null())
+                    .await;
+                assert!(!speaking.is_null(), "{avatar}: no speech_started\n{}", cluster.logs());
+                let open = browser
+                    .poll(&mouth, SECS(3), |v| v.as_f64().is_some_and(|l| l < idle - 25.0))
+                    .await;
+                assert!(
+                    open.as_f64().is_some_and(|l| l < idle - 25.0),
+                    "{avatar}: the mouth moves (idle {idle:.1}, now {open})"
+                );
+                let answer = page_events(&mut browser, &["assistant_text"]).await;
+                assert!(!answer.is_empty(), "{avatar}: the answer's text");
+                let audio_after = browser.eval("window.avatarEdge.stats()").await.expect("stats")
+                    ["audioSamplesReceived"]
+                    .as_f64()
+                    .unwrap_or(0.0);
+                assert!(audio_after > audio_before + 48_000.0, "{avatar}: audio arrives");
+                // The conversation shows the spoken question as the user's turn.
+                let user_turn = browser
+                    .eval("document.querySelector('#turns .turn.user .text')?.textContent || ''")
+                    .await
+                    .expect("turns");
+                assert!(
+                    user_turn.as_str().is_some_and(|t| t.to_lowercase() == text),
+                    "{avatar}: {user_turn}"
+                );
+                let pressed_state = browser
+                    .eval("document.getElementById('mic').getAttribute('aria-pressed')")
+                    .await
+                    .expect("mic");
+                assert_eq!(pressed_state, "true", "the Talk button shows the microphone is on");
+            }
+        },
+    );
+}
+
+/// Offer with a microphone and play; returns the client and its microphone.
+async fn play_with_microphone(sig: &mut Signaling, cluster: &Cluster) -> (RtcClient, Microphone) {
+    let (client, mic) = RtcClient::with_microphone().await.expect("client");
+    sig.send_offer(&client.offer().await.expect("offer"), "avatar_tutor_13")
+        .await
+        .expect("offer");
+    let answer = sig
+        .wait_for("webrtc_answer", SECS(10))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+    assert!(
+        answer["sdp"].as_str().is_some_and(|s| s.contains("a=sendrecv")),
+        "the answer takes the microphone"
+    );
+    client
+        .accept_answer(answer["sdp"].as_str().unwrap_or_default())
+        .await
+        .expect("answer");
+    client.connected(SECS(10)).await.expect("connected");
+    client.wait_frames(10, SECS(10)).await;
+    (client, mic)
+}
+
+/// Events until one of type `kind`; panics on timeout.
+async fn until(sig: &mut Signaling, kind: &str, cluster: &Cluster) -> (Vec<Value>, Value) {
+    let deadline = Instant::now() + SECS(20);
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ev = sig
+            .next_event(left)
+            .await
+            .unwrap_or_else(|e| panic!("waiting for {kind}: {e}; saw {seen:?}\n{}", cluster.logs()));
+        if ev["type"] == kind {
+            return (seen, ev);
+        }
+        seen.push(ev);
+    }
+}
+
+#[test]
+fn speaking_over_the_avatar_silences_it_within_300_ms_and_is_answered() {
+    netns::run(
+        "speaking_over_the_avatar_silences_it_within_300_ms_and_is_answered",
+        || async {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let asr = AsrServer::start(dir.path()).await;
+            let mut cluster = Cluster::relay_only("").await;
+            cluster
+                .add_worker("listener", 4, &voice_toml(&asr.base_url(), ""))
+                .await;
+            let mut sig = Signaling::connect(&cluster.ws_url("barge-1")).await.expect("ws");
+            let (client, mic) = play_with_microphone(&mut sig, &cluster).await;
+
+            sig.send_json(
+                &json!({"type": "text_webrtc", "session_id": "barge-1", "user_id": 5, "tutor_id": 1,
+                "message": "Tell me a long story about fractions.", "avatar_id": "avatar_tutor_13"}),
+            )
+            .await
+            .expect("text");
+            until(&mut sig, "speech_started", &cluster).await;
+            tokio::time::sleep(SECS(1)).await;
+            let spoke_at = Instant::now();
+            let loud_before = client
+                .snapshot()
+                .audio_between(spoke_at - SECS(1), spoke_at)
+                .iter()
+                .filter(|v| **v > 0.02)
+                .count();
+            assert!(
+                loud_before > 10,
+                "the avatar is audibly speaking: {loud_before} loud packets"
+            );
+
+            // The user speaks at about -20 dBFS, as a voice near a microphone arrives after gain control.
+            let question = speak("en-us", "What is two plus two?", 48_000);
+            let gain = 0.1 / avatar_worker::talk::audio::rms(&question);
+            mic.speak(&question.iter().map(|s| s * gain).collect::<Vec<_>>());
+            let (before, ended) = until(&mut sig, "speech_ended", &cluster).await;
+            assert_eq!(ended["interrupted"], true, "{ended}");
+            assert_eq!(ended["turn"], 1);
+            assert!(
+                before.iter().any(|e| e["type"] == "user_speech_started"),
+                "the barge-in came from the voice: {before:?}"
+            );
+            let onset = mic.onset_after(spoke_at, 0.01).expect("the speech was sent");
+            // Silence: the first received packet of a quiet run that lasts until the next answer.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let audio: Vec<(Instant, f32)> = client
+                .snapshot()
+                .audio
+                .into_iter()
+                .filter(|(at, _)| *at >= onset)
+                .collect();
+            let silent_from = audio.iter().rposition(|(_, rms)| *rms > 0.005).map_or(0, |i| i + 1);
+            let silent_at = audio
+                .get(silent_from)
+                .map(|(at, _)| *at)
+                .expect("audio after the onset");
+            let latency = silent_at - onset;
+            eprintln!("barge-in: the user's speech onset -> the avatar silent: {latency:?}");
+            assert!(
+                latency <= Duration::from_millis(300),
+                "silent {latency:?} after the onset\n{}",
+                cluster.logs()
+            );
+
+            // The interrupting question is recognised and answered as turn 2.
+            let (_, transcript) = until(&mut sig, "user_transcript", &cluster).await;
+            let text = transcript["text"].as_str().unwrap_or_default().to_lowercase();
+            eprintln!("barge-in: heard {text:?}");
+            assert!(text.contains("two") || text.contains('2'), "{transcript}");
+            let (_, next) = until(&mut sig, "speech_started", &cluster).await;
+            assert_eq!(next["turn"], 2, "{next}");
+        },
+    );
+}
+
+#[test]
+fn a_recogniser_that_fails_or_hangs_gives_talk_failed_and_the_session_lives_on() {
+    netns::run(
+        "a_recogniser_that_fails_or_hangs_gives_talk_failed_and_the_session_lives_on",
+        || async {
+            let standin = OpenAiServer::start().await;
+            let mut cluster = Cluster::relay_only("").await;
+            cluster
+                .add_worker("listener", 4, &voice_toml(&standin.base_url(), ""))
+                .await;
+            let mut sig = Signaling::connect(&cluster.ws_url("asr-fail-1")).await.expect("ws");
+            let (_client, mic) = play_with_microphone(&mut sig, &cluster).await;
+            let phrase = speak("en-us", "Hello there, can you hear me?", 48_000);
+            let gain = 0.1 / avatar_worker::talk::audio::rms(&phrase);
+            let phrase: Vec<f32> = phrase.iter().map(|s| s * gain).collect();
+            // First the recogniser answers HTTP 500, then it never answers (timeout_ms = 2000).
+            for expected in ["HTTP 500", "took too long"] {
+                let asked = Instant::now();
+                mic.speak(&phrase);
+                let (seen, error) = until(&mut sig, "error", &cluster).await;
+                let kinds: Vec<&str> = seen.iter().filter_map(|e| e["type"].as_str()).collect();
+                assert_eq!(kinds, ["user_speech_started", "user_speech_ended"], "{seen:?}");
+                assert_eq!(error["code"], "talk_failed", "{error}");
+                let message = error["message"].as_str().unwrap_or_default();
+                assert!(
+                    message.contains("speech recognition") && message.contains(expected),
+                    "{message}"
+                );
+                eprintln!("asr failure: {message:?} after {:?}", asked.elapsed());
+            }
+            // The session lives on: the next utterance is recognised and answered.
+            mic.speak(&phrase);
+            let (_, transcript) = until(&mut sig, "user_transcript", &cluster).await;
+            assert_eq!(transcript["text"], "hello after the failures");
+            let (_, text) = until(&mut sig, "assistant_text", &cluster).await;
+            assert_eq!(text["turn"], 1, "{text}");
+            assert_eq!(standin.seen().transcriptions.len(), 3);
+        },
+    );
+}
