@@ -3,7 +3,8 @@
 //!
 //! * Headless Chromium with a fake microphone playing a WAV file that espeak-ng spoke asks a
 //!   question in English and one in Chinese: the page shows the user speaking, the transcript, and
-//!   the avatar answering it.
+//!   the avatar answering it. Then the fake microphone speaks over a long answer: it is
+//!   interrupted and the spoken question answered.
 //! * A Rust WebRTC peer with a microphone track speaks over the avatar's answer: the answer stops
 //!   (audio silent) within 300 ms of the speech onset, and the new question is answered.
 //! * A recogniser that errors, then one that hangs, each give `talk_failed` naming speech
@@ -190,6 +191,73 @@ fn chromium_asks_by_voice_in_english_and_chinese_and_the_avatar_answers() {
                     .expect("mic");
                 assert_eq!(pressed_state, "true", "the Talk button shows the microphone is on");
             }
+
+            // Barge-in from the page: a long typed question, and 6 s after Talk the fake
+            // microphone speaks over the answer. (Headless Chromium plays no audio, so the time to
+            // silence is measured by the Rust peer in the next test.)
+            let wav = dir.path().join("barge-in.wav");
+            let question = speak("en-us", "Wait, what is two plus two?", 48_000);
+            write_wav(&wav, &question, 48_000, 6.0, 4.0);
+            let url = format!("http://{}/?voice=1&avatar=avatar_tutor_13", cluster.relay.http);
+            let mut browser = Chromium::launch_with(
+                &url,
+                &[
+                    "--use-fake-ui-for-media-stream".into(),
+                    "--use-fake-device-for-media-stream".into(),
+                    format!("--use-file-for-fake-audio-capture={}%noloop", wav.display()),
+                ],
+            )
+            .await
+            .expect("chromium");
+            let state = browser
+                .poll(
+                    "window.avatarEdge && window.avatarEdge.state.session ? window.avatarEdge.state.session.state : ''",
+                    SECS(15),
+                    |v| v == "live",
+                )
+                .await;
+            assert_eq!(state, "live", "{}", cluster.logs());
+            browser
+                .eval("document.getElementById('mic').click(); window.avatarEdge.say('Tell me a long story about fractions.')")
+                .await
+                .expect("talk and ask");
+            let next = browser
+                .poll(
+                    "window.avatarEdge.state.events.some(e => e.type === 'speech_started' && e.turn === 2)",
+                    SECS(30),
+                    |v| v == true,
+                )
+                .await;
+            let events = page_events(
+                &mut browser,
+                &[
+                    "speech_started",
+                    "speech_ended",
+                    "user_speech_started",
+                    "user_transcript",
+                    "error",
+                ],
+            )
+            .await;
+            assert_eq!(
+                next,
+                true,
+                "the spoken question was answered: {events:?}\n{}",
+                cluster.logs()
+            );
+            let position = |pred: &dyn Fn(&Value) -> bool| events.iter().position(pred);
+            let interrupted = position(&|e| e["type"] == "speech_ended" && e["turn"] == 1);
+            assert_eq!(
+                interrupted.map(|i| &events[i]["interrupted"]),
+                Some(&Value::Bool(true)),
+                "turn 1 was interrupted: {events:?}"
+            );
+            let spoke = position(&|e| e["type"] == "user_speech_started").expect("the user spoke");
+            assert!(
+                position(&|e| e["type"] == "speech_started" && e["turn"] == 1).is_some_and(|i| i < spoke),
+                "the user spoke over the avatar: {events:?}"
+            );
+            assert!(interrupted.is_some_and(|i| i > spoke), "{events:?}");
         },
     );
 }

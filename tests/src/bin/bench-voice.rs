@@ -77,7 +77,9 @@ async fn events_until_speech(sig: &mut Signaling) -> anyhow::Result<Vec<(String,
     let mut seen = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let ev = sig.next_event(deadline.saturating_duration_since(Instant::now())).await?;
+        let ev = sig
+            .next_event(deadline.saturating_duration_since(Instant::now()))
+            .await?;
         let kind = ev["type"].as_str().unwrap_or_default().to_owned();
         anyhow::ensure!(kind != "error", "error event: {ev}");
         let done = kind == "speech_started";
@@ -93,7 +95,11 @@ async fn first_media(s: &Session, after: Instant) -> (Instant, Instant) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let snap = s.client.snapshot();
-        let audio = snap.audio.iter().find(|(at, rms)| *at >= after && *rms > 0.02).map(|x| x.0);
+        let audio = snap
+            .audio
+            .iter()
+            .find(|(at, rms)| *at >= after && *rms > 0.02)
+            .map(|x| x.0);
         let frame = snap
             .mouth
             .iter()
