@@ -21,10 +21,13 @@
 //!   `stream_allocate_within_s` is closed, so idle connections cannot exhaust the descriptors the
 //!   relay's signaling needs.
 //!
-//! Layout: [`server`] is the state machine (it never awaits); this module binds the sockets and runs
-//! the listeners, each of which stops when the relay's shutdown token fires.
+//! Layout: [`core`] is the control plane, a state machine with no I/O (bytes and the time in,
+//! what to send out; tested in memory in `relay/tests/turn_core.rs`); [`server`] carries out its
+//! decisions with sockets and tasks; this module binds the listening sockets and runs the
+//! listeners, each of which stops when the relay's shutdown token fires.
 
 pub mod auth;
+pub mod core;
 pub mod server;
 
 use crate::config::TurnConfig;
@@ -179,11 +182,12 @@ impl TurnServer {
         let sweeper = {
             let (server, shutdown) = (Arc::clone(&server), shutdown.clone());
             async move {
-                let mut tick = tokio::time::interval(Duration::from_secs(60));
+                // Expiries (allocations, permissions, channels) with a second's resolution.
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
                 loop {
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
-                        _ = tick.tick() => server.sweep(),
+                        _ = tick.tick() => server.tick(),
                     }
                 }
             }

@@ -34,7 +34,7 @@ fn main() {
     let toml = format!(
         "[turn]\nmode = \"embedded\"\nsecret = \"{SECRET}\"\n[turn.embedded]\nlisten_udp = \"127.0.0.1:{ours}\"\n\
          listen_tcp = \"127.0.0.1:{ours}\"\nrelay_ip = \"127.0.0.1\"\nrelay_port_min = 61000\nrelay_port_max = 63999\n\
-         allow_peers = [\"127.0.0.0/8\"]\nmax_allocations_per_credential = 200\nrealm = \"avatar-edge\"\n"
+         allow_peers = [\"127.0.0.0/8\"]\nmax_allocations_per_credential = 200\nmax_allocations_per_ip = 400\nrealm = \"avatar-edge\"\n"
     );
     let cluster = rt.block_on(Cluster::relay_only(&toml));
     let log = tempfile::NamedTempFile::new().expect("log");
