@@ -643,44 +643,73 @@ impl RelayConfig {
         Ok(())
     }
 
-    /// Check what serde cannot: presence of secrets, coherent TLS settings, sane limits.
+    /// Check what serde cannot: presence of secrets, coherent TLS settings, sane limits. Each
+    /// section checks its own keys; what spans sections is checked here.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if !self.unset_required.is_empty() {
             return Err(ConfigError::Required(self.unset_required.clone()));
         }
-        let invalid = |key, message: &str| {
-            Err(ConfigError::Invalid {
-                key,
-                message: message.into(),
-            })
-        };
         if self.tunnel.secret.expose().len() < 16 {
             return invalid(
                 "tunnel.secret",
                 "set a secret of at least 16 characters (or secret_file, or AVATAR_EDGE_TUNNEL_SECRET)",
             );
         }
-        if let Some(acme) = &self.tls.acme {
-            if self.tls.cert.is_some() || self.tls.key.is_some() || self.tls.self_signed {
+        self.tls.validate(self.http.tls)?;
+        self.http.validate()?;
+        self.tunnel.validate()?;
+        self.limits.validate()?;
+        self.turn.validate()?;
+        self.policies.validate()?;
+        for (key, ms) in [
+            ("http.header_read_timeout_ms", self.http.header_read_timeout_ms),
+            ("http.tls_handshake_timeout_ms", self.http.tls_handshake_timeout_ms),
+            ("tunnel.handshake_timeout_ms", self.tunnel.handshake_timeout_ms),
+            ("limits.write_timeout_ms", self.limits.write_timeout_ms),
+        ] {
+            if !(1..=3_600_000).contains(&ms) {
+                return invalid(key, "must be between 1 ms and one hour");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A `ConfigError::Invalid` for `key`.
+fn invalid(key: &'static str, message: &str) -> Result<(), ConfigError> {
+    Err(ConfigError::Invalid {
+        key,
+        message: message.into(),
+    })
+}
+
+/// One day in milliseconds, for the bounds of timeouts.
+const DAY_MS: u64 = 24 * 3600 * 1000;
+
+impl TlsConfig {
+    /// `https`: whether the HTTPS listener is on (ACME answers its challenge there).
+    fn validate(&self, https: bool) -> Result<(), ConfigError> {
+        if let Some(acme) = &self.acme {
+            if self.cert.is_some() || self.key.is_some() || self.self_signed {
                 return invalid("tls.acme", "ACME replaces cert/key/self_signed: set only one of them");
             }
             if acme.domains.is_empty() {
                 return invalid("tls.acme.domains", "name at least one domain");
             }
-            if self.tls.fingerprint_file.is_some() {
+            if self.fingerprint_file.is_some() {
                 return invalid(
                     "tls.fingerprint_file",
                     "an ACME certificate changes at every renewal: workers must trust the CA (ca_file), not a pin",
                 );
             }
-            if !self.http.tls {
+            if !https {
                 return invalid(
                     "http.tls",
                     "ACME needs the HTTPS listener (its TLS-ALPN-01 challenge is answered there)",
                 );
             }
         } else {
-            match (&self.tls.cert, &self.tls.key, self.tls.self_signed) {
+            match (&self.cert, &self.key, self.self_signed) {
                 (Some(_), Some(_), false) | (None, None, true) => {}
                 (Some(_), None, _) => return invalid("tls.key", "`tls.cert` is set but `tls.key` is not"),
                 (None, Some(_), _) => return invalid("tls.cert", "`tls.key` is set but `tls.cert` is not"),
@@ -695,24 +724,19 @@ impl RelayConfig {
                 }
             }
         }
-        if self.http.max_message_bytes == 0 || self.http.max_message_bytes > self.http.max_frame_bytes {
+        Ok(())
+    }
+}
+
+impl HttpConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_message_bytes == 0 || self.max_message_bytes > self.max_frame_bytes {
             return invalid("http.max_message_bytes", "must be between 1 and http.max_frame_bytes");
         }
-        const DAY_MS: u64 = 24 * 3600 * 1000;
-        for (key, ms) in [
-            ("http.header_read_timeout_ms", self.http.header_read_timeout_ms),
-            ("http.tls_handshake_timeout_ms", self.http.tls_handshake_timeout_ms),
-            ("tunnel.handshake_timeout_ms", self.tunnel.handshake_timeout_ms),
-            ("limits.write_timeout_ms", self.limits.write_timeout_ms),
-        ] {
-            if !(1..=3_600_000).contains(&ms) {
-                return invalid(key, "must be between 1 ms and one hour");
-            }
-        }
-        if self.http.max_connections == 0 {
+        if self.max_connections == 0 {
             return invalid("http.max_connections", "must be above 0");
         }
-        for origin in &self.http.allowed_origins {
+        for origin in &self.allowed_origins {
             let host = origin
                 .strip_prefix("https://")
                 .or_else(|| origin.strip_prefix("http://"));
@@ -725,42 +749,58 @@ impl RelayConfig {
                 );
             }
         }
-        if axum::http::HeaderValue::from_str(&self.http.content_security_policy).is_err() {
+        if axum::http::HeaderValue::from_str(&self.content_security_policy).is_err() {
             return invalid(
                 "http.content_security_policy",
                 "must be a valid header value (printable ASCII, no line breaks)",
             );
         }
-        if self.http.metrics_token.as_ref().is_some_and(|t| t.expose().len() < 16) {
+        if self.metrics_token.as_ref().is_some_and(|t| t.expose().len() < 16) {
             return invalid("http.metrics_token", "at least 16 characters");
         }
-        if !(1..=128).contains(&self.limits.ipv6_prefix_len) {
-            return invalid("limits.ipv6_prefix_len", "must be between 1 and 128");
-        }
-        if self.tunnel.max_pending_handshakes == 0 {
+        Ok(())
+    }
+}
+
+impl TunnelConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_pending_handshakes == 0 {
             return invalid("tunnel.max_pending_handshakes", "must be above 0");
         }
-        if self.tunnel.stream_receive_window_bytes < 16 << 10
-            || self.tunnel.receive_window_bytes < self.tunnel.stream_receive_window_bytes
-        {
+        if self.stream_receive_window_bytes < 16 << 10 || self.receive_window_bytes < self.stream_receive_window_bytes {
             return invalid(
                 "tunnel.stream_receive_window_bytes",
                 "at least 16 KiB, and at most tunnel.receive_window_bytes",
             );
         }
-        if !(1..=DAY_MS).contains(&self.limits.idle_timeout_ms) {
-            return invalid("limits.idle_timeout_ms", "must be between 1 ms and one day");
-        }
-        if !(1..=30 * DAY_MS).contains(&self.limits.max_session_ms) {
-            return invalid("limits.max_session_ms", "must be between 1 ms and 30 days");
-        }
-        if self.tunnel.keepalive_ms == 0 || self.tunnel.keepalive_ms >= self.tunnel.idle_timeout_ms {
+        if self.keepalive_ms == 0 || self.keepalive_ms >= self.idle_timeout_ms {
             return invalid(
                 "tunnel.keepalive_ms",
                 "must be above 0 and below tunnel.idle_timeout_ms",
             );
         }
-        let t = &self.turn;
+        Ok(())
+    }
+}
+
+impl LimitsConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=128).contains(&self.ipv6_prefix_len) {
+            return invalid("limits.ipv6_prefix_len", "must be between 1 and 128");
+        }
+        if !(1..=DAY_MS).contains(&self.idle_timeout_ms) {
+            return invalid("limits.idle_timeout_ms", "must be between 1 ms and one day");
+        }
+        if !(1..=30 * DAY_MS).contains(&self.max_session_ms) {
+            return invalid("limits.max_session_ms", "must be between 1 ms and 30 days");
+        }
+        Ok(())
+    }
+}
+
+impl TurnConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let t = self;
         match t.mode {
             TurnMode::Off => {}
             TurnMode::External => {
@@ -849,7 +889,13 @@ impl RelayConfig {
         if !(30..=86_400).contains(&t.ttl_s) {
             return invalid("turn.ttl_s", "must be between 30 s and one day");
         }
-        let p = &self.policies;
+        Ok(())
+    }
+}
+
+impl PoliciesConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let p = self;
         if !(1..=10_000).contains(&p.deadline_ms) {
             return invalid("policies.deadline_ms", "must be between 1 and 10000");
         }

@@ -761,7 +761,14 @@ impl Core {
         self.relay_to_peer(now, five, peer, payload, out);
     }
 
-    fn relay_to_peer(&mut self, now: Instant, five: &FiveTuple, peer: SocketAddr, payload: &[u8], out: &mut Vec<Output>) {
+    fn relay_to_peer(
+        &mut self,
+        now: Instant,
+        five: &FiveTuple,
+        peer: SocketAddr,
+        payload: &[u8],
+        out: &mut Vec<Output>,
+    ) {
         let Some(a) = self.allocations.get(five) else { return };
         if !a.permitted(peer.ip(), now) {
             return;
