@@ -180,3 +180,29 @@ impl Drop for Chromium {
         let _ = self.child.wait();
     }
 }
+
+/// The page's session state (`live` once it plays), as a JavaScript expression.
+pub const SESSION_STATE: &str =
+    "window.avatarEdge && window.avatarEdge.state.session ? window.avatarEdge.state.session.state : 'none'";
+
+/// A JavaScript expression: the mean luma of the built-in avatar's mouth area in the page's video
+/// (`window.avatarEdge.lumaAt`), `null` before the first picture.
+pub fn mouth_luma() -> String {
+    let m = avatar_worker::talk::face::mouth_area(avatar_worker::media::avatar::synthetic_face_box(512, 512), 512, 512);
+    format!(
+        "window.avatarEdge.lumaAt({}, {}, {}, {})",
+        m.x,
+        m.y,
+        m.x + m.w,
+        m.y + m.h
+    )
+}
+
+/// Chromium flags for a fake microphone that plays `wav` once, permission granted.
+pub fn fake_microphone(wav: &std::path::Path) -> Vec<String> {
+    vec![
+        "--use-fake-ui-for-media-stream".into(),
+        "--use-fake-device-for-media-stream".into(),
+        format!("--use-file-for-fake-audio-capture={}%noloop", wav.display()),
+    ]
+}

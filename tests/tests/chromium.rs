@@ -101,16 +101,7 @@ fn chromium_plays_the_talking_avatar_and_stops_it() {
             "playing: {frames}\n{}",
             cluster.logs()
         );
-        // The mouth area of the built-in avatar, in video pixels.
-        let m =
-            avatar_worker::talk::face::mouth_area(avatar_worker::media::avatar::synthetic_face_box(512, 512), 512, 512);
-        let mouth = format!(
-            "window.avatarEdge.lumaAt({}, {}, {}, {})",
-            m.x,
-            m.y,
-            m.x + m.w,
-            m.y + m.h
-        );
+        let mouth = avatar_edge_tests::cdp::mouth_luma();
         let idle = browser.eval(&mouth).await.expect("luma").as_f64().expect("a picture");
         let before = browser.eval("window.avatarEdge.stats()").await.expect("stats");
 

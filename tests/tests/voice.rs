@@ -16,7 +16,7 @@
 //! Each test runs in its own loopback-only network namespace (see `netns`).
 
 use avatar_edge_tests::asr::{speak, write_wav, AsrServer};
-use avatar_edge_tests::cdp::Chromium;
+use avatar_edge_tests::cdp::{fake_microphone, Chromium, SESSION_STATE};
 use avatar_edge_tests::cluster::Cluster;
 use avatar_edge_tests::netns;
 use avatar_edge_tests::openai::OpenAiServer;
@@ -50,6 +50,16 @@ async fn page_events(browser: &mut Chromium, types: &[&str]) -> Vec<Value> {
     serde_json::from_str(v.as_str().unwrap_or("[]")).expect("events JSON")
 }
 
+/// Chromium at `url` with a fake microphone that will play `wav` once, the page playing.
+async fn live_with_microphone(url: &str, wav: &std::path::Path, cluster: &Cluster) -> Chromium {
+    let mut browser = Chromium::launch_with(url, &fake_microphone(wav))
+        .await
+        .expect("chromium");
+    let state = browser.poll(SESSION_STATE, SECS(15), |v| v == "live").await;
+    assert_eq!(state, "live", "{}", cluster.logs());
+    browser
+}
+
 #[test]
 fn chromium_asks_by_voice_in_english_and_chinese_and_the_avatar_answers() {
     netns::run(
@@ -62,18 +72,7 @@ fn chromium_asks_by_voice_in_english_and_chinese_and_the_avatar_answers() {
             cluster
                 .add_worker("listener", 4, &voice_toml(&asr.base_url(), extra))
                 .await;
-            let m = avatar_worker::talk::face::mouth_area(
-                avatar_worker::media::avatar::synthetic_face_box(512, 512),
-                512,
-                512,
-            );
-            let mouth = format!(
-                "window.avatarEdge.lumaAt({}, {}, {}, {})",
-                m.x,
-                m.y,
-                m.x + m.w,
-                m.y + m.h
-            );
+            let mouth = avatar_edge_tests::cdp::mouth_luma();
             for (avatar, voice, question, words) in [
                 (
                     "avatar_tutor_13",
@@ -87,24 +86,7 @@ fn chromium_asks_by_voice_in_english_and_chinese_and_the_avatar_answers() {
                 let wav = dir.path().join(format!("{avatar}.wav"));
                 write_wav(&wav, &speak(voice, question, 48_000), 48_000, 1.5, 4.0);
                 let url = format!("http://{}/?voice=1&avatar={avatar}", cluster.relay.http);
-                let mut browser = Chromium::launch_with(
-                    &url,
-                    &[
-                        "--use-fake-ui-for-media-stream".into(),
-                        "--use-fake-device-for-media-stream".into(),
-                        format!("--use-file-for-fake-audio-capture={}%noloop", wav.display()),
-                    ],
-                )
-                .await
-                .expect("chromium");
-                let state = browser
-                    .poll(
-                        "window.avatarEdge && window.avatarEdge.state.session ? window.avatarEdge.state.session.state : ''",
-                        SECS(15),
-                        |v| v == "live",
-                    )
-                    .await;
-                assert_eq!(state, "live", "{}", cluster.logs());
+                let mut browser = live_with_microphone(&url, &wav, &cluster).await;
                 let frames = browser
                     .poll("window.avatarEdge.stats().then(s => s.framesDecoded)", SECS(10), |v| {
                         v.as_u64().unwrap_or(0) >= 10
@@ -199,24 +181,7 @@ fn chromium_asks_by_voice_in_english_and_chinese_and_the_avatar_answers() {
             let question = speak("en-us", "Wait, what is two plus two?", 48_000);
             write_wav(&wav, &question, 48_000, 6.0, 4.0);
             let url = format!("http://{}/?voice=1&avatar=avatar_tutor_13", cluster.relay.http);
-            let mut browser = Chromium::launch_with(
-                &url,
-                &[
-                    "--use-fake-ui-for-media-stream".into(),
-                    "--use-fake-device-for-media-stream".into(),
-                    format!("--use-file-for-fake-audio-capture={}%noloop", wav.display()),
-                ],
-            )
-            .await
-            .expect("chromium");
-            let state = browser
-                .poll(
-                    "window.avatarEdge && window.avatarEdge.state.session ? window.avatarEdge.state.session.state : ''",
-                    SECS(15),
-                    |v| v == "live",
-                )
-                .await;
-            assert_eq!(state, "live", "{}", cluster.logs());
+            let mut browser = live_with_microphone(&url, &wav, &cluster).await;
             browser
                 .eval("document.getElementById('mic').click(); window.avatarEdge.say('Tell me a long story about fractions.')")
                 .await

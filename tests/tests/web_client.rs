@@ -5,7 +5,7 @@
 //!
 //! Screenshots go to `target/test-artifacts/`.
 
-use avatar_edge_tests::cdp::Chromium;
+use avatar_edge_tests::cdp::{Chromium, SESSION_STATE};
 use avatar_edge_tests::cluster::Cluster;
 use avatar_edge_tests::netns;
 use serde_json::Value;
@@ -13,10 +13,6 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
-
-/// The page's session state (`live` once it plays).
-const SESSION_STATE: &str =
-    "window.avatarEdge && window.avatarEdge.state.session ? window.avatarEdge.state.session.state : 'none'";
 
 async fn wait_live(browser: &mut Chromium, cluster: &Cluster, timeout: Duration) -> Duration {
     let started = Instant::now();

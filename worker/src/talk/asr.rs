@@ -6,7 +6,7 @@
 //! APIs all accept. The demo runs scripts/asr-server.py (faster-whisper, offline). Like the other
 //! stages it is bounded by a timeout and a cancelled turn drops the request.
 
-use super::llm::{read_capped, snippet, without_url, ERROR_BODY_LIMIT};
+use super::llm::{fetch, snippet};
 use super::TalkError;
 use futures::future::BoxFuture;
 use std::time::Duration;
@@ -77,25 +77,9 @@ impl Asr for OpenAiAsr {
                 req = req.bearer_auth(key);
             }
             let work = async {
-                let response = req
-                    .send()
+                let body = fetch(req, MAX_TRANSCRIPT_BYTES, "the transcript")
                     .await
-                    .map_err(|e| TalkError::Asr(format!("request failed: {}", without_url(&e))))?;
-                let status = response.status();
-                let limit = if status.is_success() {
-                    MAX_TRANSCRIPT_BYTES
-                } else {
-                    ERROR_BODY_LIMIT
-                };
-                let body = read_capped(response, limit)
-                    .await
-                    .map_err(|e| TalkError::Asr(format!("reading the transcript: {e}")))?;
-                if !status.is_success() {
-                    return Err(TalkError::Asr(format!(
-                        "HTTP {status}: {}",
-                        snippet(&String::from_utf8_lossy(&body))
-                    )));
-                }
+                    .map_err(TalkError::Asr)?;
                 parse_transcript(&body)
             };
             tokio::time::timeout(self.timeout, work)

@@ -220,6 +220,24 @@ pub(crate) async fn read_capped(response: reqwest::Response, limit: usize) -> Re
     Ok(body)
 }
 
+/// Send `req` and read the whole answer (at most `limit` bytes): the body of a success, or an
+/// error naming what failed, for the stage to wrap (`what`: what the body is, e.g. "the audio").
+pub(crate) async fn fetch(req: reqwest::RequestBuilder, limit: usize, what: &str) -> Result<Vec<u8>, String> {
+    let response = req
+        .send()
+        .await
+        .map_err(|e| format!("request failed: {}", without_url(&e)))?;
+    let status = response.status();
+    let cap = if status.is_success() { limit } else { ERROR_BODY_LIMIT };
+    let body = read_capped(response, cap)
+        .await
+        .map_err(|e| format!("reading {what}: {e}"))?;
+    if !status.is_success() {
+        return Err(format!("HTTP {status}: {}", snippet(&String::from_utf8_lossy(&body))));
+    }
+    Ok(body)
+}
+
 /// A reqwest error without its URL (which may carry a key in a query string).
 pub(crate) fn without_url(e: &reqwest::Error) -> String {
     let mut s = e.to_string();

@@ -9,7 +9,7 @@
 //! Both are bounded by a timeout, and a cancelled answer kills the espeak-ng process.
 
 use super::audio::{decode_wav, Pcm};
-use super::llm::{read_capped, snippet, without_url, ERROR_BODY_LIMIT};
+use super::llm::{fetch, snippet};
 use super::TalkError;
 use futures::future::BoxFuture;
 use std::time::Duration;
@@ -109,25 +109,7 @@ impl Tts for OpenAiTts {
                 req = req.bearer_auth(key);
             }
             let work = async {
-                let response = req
-                    .send()
-                    .await
-                    .map_err(|e| TalkError::Tts(format!("request failed: {}", without_url(&e))))?;
-                let status = response.status();
-                let limit = if status.is_success() {
-                    MAX_AUDIO_BYTES
-                } else {
-                    ERROR_BODY_LIMIT
-                };
-                let bytes = read_capped(response, limit)
-                    .await
-                    .map_err(|e| TalkError::Tts(format!("reading the audio: {e}")))?;
-                if !status.is_success() {
-                    return Err(TalkError::Tts(format!(
-                        "HTTP {status}: {}",
-                        snippet(&String::from_utf8_lossy(&bytes))
-                    )));
-                }
+                let bytes = fetch(req, MAX_AUDIO_BYTES, "the audio").await.map_err(TalkError::Tts)?;
                 decode_wav(&bytes).map_err(|e| TalkError::Tts(format!("the speech server's audio: {e}")))
             };
             tokio::time::timeout(self.timeout, work)
