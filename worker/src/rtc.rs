@@ -220,12 +220,14 @@ impl RtcEngine {
             None
         };
         // A page with voice input sends its microphone in the same connection (audio sendrecv).
+        // The sender goes to the first audio track's reader, so the channel closes with that track.
         let (mic_tx, mic) = mpsc::channel(MIC_QUEUE);
-        let taken = Arc::new(AtomicBool::new(false));
+        let mic_tx = std::sync::Mutex::new(Some(mic_tx));
         pc.on_track(Box::new(move |track, _, _| {
-            let first_audio = track.kind() == RTPCodecType::Audio && !taken.swap(true, Ordering::AcqRel);
-            if first_audio {
-                tokio::spawn(read_microphone(track, mic_tx.clone()));
+            if track.kind() == RTPCodecType::Audio {
+                if let Some(tx) = mic_tx.lock().ok().and_then(|mut t| t.take()) {
+                    tokio::spawn(read_microphone(track, tx));
+                }
             }
             Box::pin(async {})
         }));

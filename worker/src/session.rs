@@ -57,6 +57,8 @@ struct Active {
     candidates: usize,
     /// The browser's microphone, until voice input takes it.
     mic: Option<mpsc::Receiver<Vec<f32>>>,
+    /// Stops voice input for this peer when it goes.
+    _listening: Option<tokio_util::sync::DropGuard>,
 }
 
 impl Active {
@@ -272,6 +274,7 @@ impl Session {
                             media: None,
                             candidates,
                             mic: Some(answer.mic),
+                            _listening: None,
                         });
                         let timestamp = chrono::Local::now().format("%Y-%m-%dT%H:%M:%S%.6f").to_string();
                         self.event(ServerEvent::WebrtcAnswer {
@@ -498,17 +501,18 @@ impl Session {
         let voice = self.ctx.talk.as_ref().and_then(|t| t.vad.model.clone().map(|m| (t, m)));
         if let (Some((talk, model)), Some(conv), Some(mic)) = (voice, self.conv.as_ref(), active.mic.take()) {
             let (tx, rx) = mpsc::unbounded_channel();
-            match crate::talk::hearing::listen(
+            let stop = CancellationToken::new();
+            crate::talk::hearing::listen(
                 model,
                 talk.onnxruntime.clone(),
                 talk.vad.clone(),
                 mic,
                 conv.current_turn(),
                 tx,
-            ) {
-                Ok(()) => self.hearing = Some(rx),
-                Err(e) => warn!(error = %e, "could not start the voice input thread"),
-            }
+                stop.clone(),
+            );
+            active._listening = Some(stop.drop_guard());
+            self.hearing = Some(rx);
         }
     }
 

@@ -5,23 +5,27 @@
 //! chunks the peer decodes ([`crate::rtc::Answer::mic`]), and sends what it hears to the session.
 //! It ends when the peer's microphone ends (the peer closed) or the session stops listening.
 
-use super::vad::{Heard, Listener, SileroVad, VadError};
+use super::vad::{Heard, Listener, SileroVad};
 use crate::config::VadConfig;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 /// What the session hears from the thread.
 #[derive(Debug)]
 pub enum Hearing {
     Heard(Heard),
-    /// The model could not be loaded or run: voice input stops for this peer.
-    Failed(VadError),
+    /// The model could not be loaded or run, or the thread not started: voice input stops for
+    /// this peer.
+    Failed(String),
 }
 
-/// Start listening to `mic`. `busy` is the conversation's current turn (non-zero: the avatar is
-/// answering, so the barge-in guard applies).
+/// Listen to `mic` until it ends or `stop` fires. Nothing runs until the first audio arrives:
+/// then the thread starts and loads the model, so a page without a microphone costs nothing.
+/// `busy` is the conversation's current turn (non-zero: the avatar is answering, so the
+/// barge-in guard applies).
 pub fn listen(
     model: PathBuf,
     onnxruntime: PathBuf,
@@ -29,41 +33,51 @@ pub fn listen(
     mut mic: mpsc::Receiver<Vec<f32>>,
     busy: Arc<AtomicU64>,
     out: mpsc::UnboundedSender<Hearing>,
-) -> std::io::Result<()> {
+    stop: CancellationToken,
+) {
     let span = tracing::Span::current();
-    std::thread::Builder::new().name("vad".into()).spawn(move || {
-        let _entered = span.enter();
-        // The model loads with the first audio: a page without a microphone costs an idle thread.
-        let Some(first) = mic.blocking_recv() else {
-            return;
+    tokio::spawn(async move {
+        let first = tokio::select! {
+            _ = stop.cancelled() => return,
+            first = mic.recv() => first,
         };
-        let mut listener = match SileroVad::load(&model, &onnxruntime) {
-            Ok(vad) => Listener::new(vad, &cfg),
-            Err(e) => {
-                let _ = out.send(Hearing::Failed(e));
-                return;
-            }
-        };
-        tracing::debug!("listening to the microphone");
-        let mut next = Some(first);
-        while let Some(chunk) = next.take().or_else(|| mic.blocking_recv()) {
-            let started = std::time::Instant::now();
-            let heard = listener.push(&chunk, busy.load(Ordering::Acquire) != 0);
-            metrics::histogram!("worker_vad_chunk_seconds").record(started.elapsed().as_secs_f64());
-            match heard {
-                Ok(heard) => {
-                    for h in heard {
-                        if out.send(Hearing::Heard(h)).is_err() {
-                            return;
-                        }
-                    }
-                }
+        let Some(first) = first else { return };
+        let failed = out.clone();
+        let thread = std::thread::Builder::new().name("vad".into()).spawn(move || {
+            let _entered = span.enter();
+            let mut listener = match SileroVad::load(&model, &onnxruntime) {
+                Ok(vad) => Listener::new(vad, &cfg),
                 Err(e) => {
-                    let _ = out.send(Hearing::Failed(e));
+                    let _ = out.send(Hearing::Failed(e.to_string()));
                     return;
                 }
+            };
+            tracing::debug!("listening to the microphone");
+            let mut next = Some(first);
+            while let Some(chunk) = next.take().or_else(|| mic.blocking_recv()) {
+                if stop.is_cancelled() {
+                    return;
+                }
+                let started = std::time::Instant::now();
+                let heard = listener.push(&chunk, busy.load(Ordering::Acquire) != 0);
+                metrics::histogram!("worker_vad_chunk_seconds").record(started.elapsed().as_secs_f64());
+                match heard {
+                    Ok(heard) => {
+                        for h in heard {
+                            if out.send(Hearing::Heard(h)).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        let _ = out.send(Hearing::Failed(e.to_string()));
+                        return;
+                    }
+                }
             }
+        });
+        if let Err(e) = thread {
+            let _ = failed.send(Hearing::Failed(format!("no thread for voice input: {e}")));
         }
-    })?;
-    Ok(())
+    });
 }
