@@ -3,8 +3,11 @@
 //! it can assert what never left (a peer the filter refused) as well as what did.
 //! (`turn_server.rs` proves the same rules over real UDP; `tests/tests/turn.rs` with coturn's tools.)
 
+mod common;
+
 use avatar_relay::config::EmbeddedTurnConfig;
 use avatar_relay::turn::core::{Core, FiveTuple, Output, Ports, Transport};
+use common::{code, peer, Raw};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
@@ -12,7 +15,6 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use stun::agent::TransactionId;
 use stun::attributes::*;
-use stun::error_code::ErrorCodeAttribute;
 use stun::integrity::MessageIntegrity;
 use stun::message::*;
 use stun::textattrs::TextAttribute;
@@ -78,30 +80,6 @@ fn five(client: &str) -> FiveTuple {
         server: "203.0.113.5:3478".parse().expect("addr"),
         transport: Transport::Udp,
     }
-}
-
-struct Raw(AttrType, Vec<u8>);
-impl Setter for Raw {
-    fn add_to(&self, m: &mut Message) -> Result<(), stun::Error> {
-        m.add(self.0, &self.1);
-        Ok(())
-    }
-}
-
-struct Peer(AttrType, SocketAddr);
-impl Setter for Peer {
-    fn add_to(&self, m: &mut Message) -> Result<(), stun::Error> {
-        XorMappedAddress {
-            ip: self.1.ip(),
-            port: self.1.port(),
-        }
-        .add_to_as(m, self.0)
-    }
-}
-
-fn code(m: &Message) -> Option<u16> {
-    let mut e = ErrorCodeAttribute::default();
-    e.get_from(m).ok().map(|()| e.code.0)
 }
 
 /// The STUN answers among `out` to `five`.
@@ -190,10 +168,8 @@ impl Client {
     }
 
     fn permit(&mut self, s: &mut Setup, to: SocketAddr) -> Message {
-        self.request(s, METHOD_CREATE_PERMISSION, || {
-            vec![Box::new(Peer(ATTR_XOR_PEER_ADDRESS, to))]
-        })
-        .0
+        self.request(s, METHOD_CREATE_PERMISSION, || vec![peer(ATTR_XOR_PEER_ADDRESS, to)])
+            .0
     }
 }
 
@@ -220,7 +196,7 @@ fn an_allocation_relays_both_ways_and_expires_on_the_clock_giving_back_its_quota
         .build(
             MessageType::new(METHOD_SEND, CLASS_INDICATION),
             vec![
-                Box::new(Peer(ATTR_XOR_PEER_ADDRESS, peer)),
+                common::peer(ATTR_XOR_PEER_ADDRESS, peer),
                 Box::new(Raw(ATTR_DATA, b"ping".to_vec())),
             ],
             false,
@@ -362,10 +338,7 @@ fn hostile_messages_are_refused_without_harm() {
             let mut attrs: Vec<Box<dyn Setter>> = Vec::new();
             for _ in 0..rng.gen_range(0..6) {
                 if rng.gen_ratio(1, 4) {
-                    attrs.push(Box::new(Peer(
-                        ATTR_XOR_PEER_ADDRESS,
-                        peers[rng.gen_range(0..peers.len())],
-                    )));
+                    attrs.push(peer(ATTR_XOR_PEER_ADDRESS, peers[rng.gen_range(0..peers.len())]));
                 } else {
                     let len = rng.gen_range(0..48);
                     let value = (0..len).map(|_| rng.gen::<u8>()).collect();

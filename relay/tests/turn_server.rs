@@ -3,16 +3,18 @@
 //! `tests/tests/turn.rs`, prove interoperability; this proves the rules). The control plane alone,
 //! with no socket, is driven in `turn_core.rs` (the hostile-message test lives there).
 
+mod common;
+
 use avatar_relay::config::{EmbeddedTurnConfig, Secret, TurnConfig};
 use avatar_relay::ice::{IceServers, TurnUser};
 use avatar_relay::tls::{Identity, ServerCerts};
 use avatar_relay::turn::TurnServer;
+use common::{code, peer, Raw};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 use stun::agent::TransactionId;
 use stun::attributes::*;
-use stun::error_code::ErrorCodeAttribute;
 use stun::integrity::MessageIntegrity;
 use stun::message::*;
 use stun::textattrs::TextAttribute;
@@ -81,33 +83,6 @@ struct Client {
 
 fn setter<T: Setter + 'static>(t: T) -> Box<dyn Setter> {
     Box::new(t)
-}
-
-struct Raw(AttrType, Vec<u8>);
-impl Setter for Raw {
-    fn add_to(&self, m: &mut Message) -> Result<(), stun::Error> {
-        m.add(self.0, &self.1);
-        Ok(())
-    }
-}
-
-fn peer(attr: AttrType, addr: SocketAddr) -> Box<dyn Setter> {
-    struct P(AttrType, SocketAddr);
-    impl Setter for P {
-        fn add_to(&self, m: &mut Message) -> Result<(), stun::Error> {
-            XorMappedAddress {
-                ip: self.1.ip(),
-                port: self.1.port(),
-            }
-            .add_to_as(m, self.0)
-        }
-    }
-    Box::new(P(attr, addr))
-}
-
-fn code(m: &Message) -> Option<u16> {
-    let mut e = ErrorCodeAttribute::default();
-    e.get_from(m).ok().map(|()| e.code.0)
 }
 
 impl Client {
