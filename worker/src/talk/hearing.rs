@@ -1,9 +1,9 @@
 //! Voice input for one peer: the microphone's audio through a [`Listener`] on a thread of its own.
 //!
 //! The thread loads its own Silero session (the model keeps state per stream) when the first audio
-//! arrives, reads the 16 kHz
-//! chunks the peer decodes ([`crate::rtc::Answer::mic`]), and sends what it hears to the session.
-//! It ends when the peer's microphone ends (the peer closed) or the session stops listening.
+//! arrives, reads the 16 kHz chunks the peer decodes ([`crate::rtc::Answer::mic`]), and sends what
+//! it hears to the session. It ends when the peer's microphone ends (the track, with the peer) or
+//! the session stops listening (its `stop` token, cancelled when the peer is replaced or stopped).
 
 use super::vad::{Heard, Listener, SileroVad};
 use crate::config::VadConfig;
