@@ -96,7 +96,7 @@ fn encode_test(config: &WorkerConfig, frames: usize, report: &mut Report) {
     let clip = avatar::synthetic(v.width, v.height, v.fps);
     let (mut times, mut bytes) = (Vec::with_capacity(frames), 0usize);
     for i in 0..frames {
-        let picture = &clip.frames[i % clip.frames.len()];
+        let picture = clip.frame(i);
         let t = Instant::now();
         match enc.encode(picture, i as i64, i == 0) {
             Ok(au) => bytes += au.len(),

@@ -45,6 +45,17 @@ pub struct FaceBox {
     pub h: u32,
 }
 
+/// How the idle clip repeats.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Looping {
+    /// First to last, then the first again: seamless only if the recording ends as it began.
+    #[default]
+    Forward,
+    /// First to last and back (0 1 … n-1 n-2 … 1 0 1 …): never a jump, whatever the recording.
+    Pingpong,
+}
+
 /// An idle loop, ready to stream.
 #[derive(Debug)]
 pub struct AvatarClip {
@@ -52,6 +63,31 @@ pub struct AvatarClip {
     pub name: String,
     pub face_box: FaceBox,
     pub frames: Vec<Yuv420>,
+    pub looping: Looping,
+}
+
+impl AvatarClip {
+    /// Which of `frames` the `i`-th idle picture shows (any `i`: the loop repeats).
+    pub fn frame_index(&self, i: usize) -> usize {
+        let n = self.frames.len().max(1);
+        match self.looping {
+            Looping::Pingpong if n > 2 => {
+                let period = 2 * n - 2;
+                let k = i % period;
+                if k < n {
+                    k
+                } else {
+                    period - k
+                }
+            }
+            _ => i % n,
+        }
+    }
+
+    /// The `i`-th idle picture.
+    pub fn frame(&self, i: usize) -> &Yuv420 {
+        &self.frames[self.frame_index(i)]
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +118,9 @@ struct AvatarMeta {
     /// Longest loop to keep, in seconds (memory bound).
     #[serde(default = "default_max_seconds")]
     max_seconds: u32,
+    /// `forward` (the default) or `pingpong`.
+    #[serde(default, rename = "loop")]
+    looping: Looping,
 }
 
 fn default_max_seconds() -> u32 {
@@ -100,6 +139,7 @@ pub fn synthetic(width: u32, height: u32, fps: u32) -> AvatarClip {
         name: "Built-in synthetic tutor".into(),
         face_box: synthetic_face_box(width, height),
         frames,
+        looping: Looping::Forward,
     }
 }
 
@@ -261,6 +301,7 @@ fn load_one(id: &str, meta_path: &Path, width: u32, height: u32, fps: u32) -> Re
             h: sy(h).max(1),
         },
         frames,
+        looping: meta.looping,
     })
 }
 
@@ -342,6 +383,61 @@ fn copy_planes(frame: &ffmpeg_next::util::frame::video::Video, width: u32, heigh
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A clip whose picture `k` has luma `10 k`: the luma says which frame is shown.
+    fn ramp(n: usize, looping: Looping) -> AvatarClip {
+        let frames = (0..n)
+            .map(|k| {
+                let mut f = Yuv420::new(16, 16);
+                f.y.fill(10 * k as u8);
+                f
+            })
+            .collect();
+        AvatarClip {
+            id: "ramp".into(),
+            name: "ramp".into(),
+            face_box: FaceBox { x: 0, y: 0, w: 8, h: 8 },
+            frames,
+            looping,
+        }
+    }
+
+    /// The largest luma step between consecutive idle pictures over three loops.
+    fn largest_step(clip: &AvatarClip) -> u8 {
+        (0..3 * 2 * clip.frames.len())
+            .map(|i| clip.frame(i).y[0].abs_diff(clip.frame(i + 1).y[0]))
+            .max()
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn a_pingpong_loop_never_jumps_and_a_forward_one_jumps_at_its_seam() {
+        let forward = ramp(6, Looping::Forward);
+        assert_eq!(largest_step(&forward), 50, "the last frame back to the first");
+        let pingpong = ramp(6, Looping::Pingpong);
+        assert_eq!(largest_step(&pingpong), 10, "one frame's motion, the seams included");
+        let shown: Vec<usize> = (0..12).map(|i| pingpong.frame_index(i)).collect();
+        assert_eq!(shown, [0, 1, 2, 3, 4, 5, 4, 3, 2, 1, 0, 1]);
+        // Too short to turn around: it just repeats.
+        assert_eq!(ramp(2, Looping::Pingpong).frame_index(3), 1);
+        assert_eq!(ramp(1, Looping::Pingpong).frame_index(7), 0);
+    }
+
+    #[test]
+    fn avatar_toml_names_its_loop() {
+        let meta = |extra: &str| {
+            toml::from_str::<AvatarMeta>(&format!(
+                "name = \"T\"\nvideo = \"idle.mp4\"\nface_box = [1, 2, 3, 4]\n{extra}"
+            ))
+        };
+        assert_eq!(meta("").expect("default").looping, Looping::Forward);
+        assert_eq!(
+            meta("loop = \"pingpong\"").expect("pingpong").looping,
+            Looping::Pingpong
+        );
+        let err = meta("loop = \"shuffle\"").expect_err("unknown");
+        assert!(err.to_string().contains("pingpong"), "{err}");
+    }
 
     #[test]
     fn synthetic_avatar_blinks_and_breathes() {

@@ -364,7 +364,7 @@ impl Clock<'_> {
                     self.stats.talk_frames.fetch_add(1, Ordering::Relaxed);
                     frame
                 }
-                Picture::Idle(i) => &self.clip.frames[i % self.clip.frames.len()],
+                Picture::Idle(i) => self.clip.frame(*i),
             };
             let force = tick.pts == 0 || self.keyframe.swap(false, Ordering::AcqRel);
             let started = Instant::now();

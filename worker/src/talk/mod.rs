@@ -614,13 +614,13 @@ impl Producer {
                     .iter()
                     .map(|&i| FrameInput {
                         mel: mel::frame_window(&cols, i, fps),
-                        face: face::crop(&self.clip.frames[(base + i) % self.clip.frames.len()], region),
+                        face: face::crop(self.clip.frame(base + i), region),
                     })
                     .collect();
                 let faces = self.talk.lipsync.infer(inputs)?;
                 for (&i, face_out) in frames.iter().zip(faces) {
                     let idle_index = base + i;
-                    let mut frame = self.clip.frames[idle_index % self.clip.frames.len()].clone();
+                    let mut frame = self.clip.frame(idle_index).clone();
                     face::paste(&mut frame, region, &face_out, self.talk.feather);
                     let (a0, a1) = (audio_start(i), audio_end(i));
                     let mut samples = pcm48.get(a0..a1.min(pcm48.len())).unwrap_or_default().to_vec();
