@@ -7,17 +7,14 @@ mod common;
 
 use avatar_relay::config::EmbeddedTurnConfig;
 use avatar_relay::turn::core::{Core, FiveTuple, Output, Ports, Transport};
-use common::{code, peer, Raw};
+use common::{code, peer, Credentials, Raw};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-use stun::agent::TransactionId;
 use stun::attributes::*;
-use stun::integrity::MessageIntegrity;
 use stun::message::*;
-use stun::textattrs::TextAttribute;
 use stun::xoraddr::XorMappedAddress;
 
 const SECRET: &str = "test-secret-0123456789";
@@ -99,41 +96,19 @@ fn answers(out: &[Output], to: FiveTuple) -> Vec<Message> {
 /// A client's credentials and the nonce it was given.
 struct Client {
     five: FiveTuple,
-    username: String,
-    password: String,
-    realm: String,
-    nonce: String,
+    creds: Credentials,
 }
 
 impl Client {
     fn new(client: &str, user: &str) -> Self {
-        let username = format!("{}:{user}", UNIX + 3600);
-        let password = avatar_relay::ice::rest_password(SECRET, &username);
         Self {
             five: five(client),
-            username,
-            password,
-            realm: String::new(),
-            nonce: String::new(),
+            creds: Credentials::rest(user, UNIX + 3600, SECRET),
         }
     }
 
     fn build(&self, typ: MessageType, attrs: Vec<Box<dyn Setter>>, auth: bool) -> Result<Message, stun::Error> {
-        let mut setters: Vec<Box<dyn Setter>> = vec![Box::new(TransactionId::new()), Box::new(typ)];
-        setters.extend(attrs);
-        if auth {
-            setters.push(Box::new(TextAttribute::new(ATTR_USERNAME, self.username.clone())));
-            setters.push(Box::new(TextAttribute::new(ATTR_REALM, self.realm.clone())));
-            setters.push(Box::new(TextAttribute::new(ATTR_NONCE, self.nonce.clone())));
-            setters.push(Box::new(MessageIntegrity::new_long_term_integrity(
-                self.username.clone(),
-                self.realm.clone(),
-                self.password.clone(),
-            )));
-        }
-        let mut m = Message::new();
-        m.build(&setters)?;
-        Ok(m)
+        self.creds.build(typ, attrs, auth)
     }
 
     /// An authenticated request (challenged first if needed): the answer, and everything else
@@ -145,12 +120,11 @@ impl Client {
         attrs: impl Fn() -> Vec<Box<dyn Setter>>,
     ) -> (Message, Vec<Output>) {
         let typ = MessageType::new(method, CLASS_REQUEST);
-        if self.nonce.is_empty() {
+        if self.creds.nonce.is_empty() {
             let out = s.handle(self.five, &self.build(typ, attrs(), false).expect("build").raw);
             let r = answers(&out, self.five).pop().expect("challenge");
             assert_eq!(code(&r), Some(401));
-            self.nonce = TextAttribute::get_from_as(&r, ATTR_NONCE).expect("nonce").text;
-            self.realm = TextAttribute::get_from_as(&r, ATTR_REALM).expect("realm").text;
+            self.creds.learn(&r);
         }
         let out = s.handle(self.five, &self.build(typ, attrs(), true).expect("build").raw);
         let r = answers(&out, self.five).pop().expect("answer");
@@ -246,7 +220,7 @@ fn an_allocation_relays_both_ways_and_expires_on_the_clock_giving_back_its_quota
 fn failed_authentications_are_answered_at_a_limited_rate_per_minute_of_the_given_clock() {
     let mut s = Setup::new(config(|e| e.unauthorized_per_minute = 5));
     let mut mallory = Client::new("192.0.2.66:4000", "mallory");
-    mallory.password = "wrong".into();
+    mallory.creds.password = "wrong".into();
     let (first, _) = mallory.allocate(&mut s, None);
     assert_eq!(code(&first), Some(401));
     let attempt = |s: &mut Setup, m: &Client| {

@@ -9,15 +9,13 @@ use avatar_relay::config::{EmbeddedTurnConfig, Secret, TurnConfig};
 use avatar_relay::ice::{IceServers, TurnUser};
 use avatar_relay::tls::{Identity, ServerCerts};
 use avatar_relay::turn::TurnServer;
-use common::{code, peer, Raw};
+use common::{code, peer, Credentials, Raw};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 use stun::agent::TransactionId;
 use stun::attributes::*;
-use stun::integrity::MessageIntegrity;
 use stun::message::*;
-use stun::textattrs::TextAttribute;
 use stun::xoraddr::XorMappedAddress;
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
@@ -75,10 +73,7 @@ fn start(cfg: TurnConfig) -> Running {
 struct Client {
     sock: UdpSocket,
     server: SocketAddr,
-    username: String,
-    password: String,
-    realm: String,
-    nonce: String,
+    creds: Credentials,
 }
 
 fn setter<T: Setter + 'static>(t: T) -> Box<dyn Setter> {
@@ -87,15 +82,10 @@ fn setter<T: Setter + 'static>(t: T) -> Box<dyn Setter> {
 
 impl Client {
     async fn new(server: SocketAddr, user: &str, expiry: u64, secret: &str) -> Self {
-        let username = format!("{expiry}:{user}");
-        let password = avatar_relay::ice::rest_password(secret, &username);
         Self {
             sock: UdpSocket::bind("127.0.0.1:0").await.expect("bind"),
             server,
-            username,
-            password,
-            realm: String::new(),
-            nonce: String::new(),
+            creds: Credentials::rest(user, expiry, secret),
         }
     }
 
@@ -126,37 +116,18 @@ impl Client {
     }
 
     fn build_as(&self, typ: MessageType, attrs: Vec<Box<dyn Setter>>, auth: bool) -> Message {
-        self.try_build_as(typ, attrs, auth).expect("build")
-    }
-
-    fn try_build_as(&self, typ: MessageType, attrs: Vec<Box<dyn Setter>>, auth: bool) -> Result<Message, stun::Error> {
-        let mut setters = vec![setter(TransactionId::new()), setter(typ)];
-        setters.extend(attrs);
-        if auth {
-            setters.push(setter(TextAttribute::new(ATTR_USERNAME, self.username.clone())));
-            setters.push(setter(TextAttribute::new(ATTR_REALM, self.realm.clone())));
-            setters.push(setter(TextAttribute::new(ATTR_NONCE, self.nonce.clone())));
-            setters.push(setter(MessageIntegrity::new_long_term_integrity(
-                self.username.clone(),
-                self.realm.clone(),
-                self.password.clone(),
-            )));
-        }
-        let mut m = Message::new();
-        m.build(&setters)?;
-        Ok(m)
+        self.creds.build(typ, attrs, auth).expect("build")
     }
 
     /// An authenticated request (challenged first if needed); the answer.
     async fn request(&mut self, method: Method, attrs: impl Fn() -> Vec<Box<dyn Setter>>) -> Message {
-        if self.nonce.is_empty() {
+        if self.creds.nonce.is_empty() {
             let r = self
                 .roundtrip(&self.build(method, attrs(), false))
                 .await
                 .expect("challenge");
             assert_eq!(code(&r), Some(401), "first answer is the challenge");
-            self.nonce = TextAttribute::get_from_as(&r, ATTR_NONCE).expect("nonce").text;
-            self.realm = TextAttribute::get_from_as(&r, ATTR_REALM).expect("realm").text;
+            self.creds.learn(&r);
         }
         self.roundtrip(&self.build(method, attrs(), true))
             .await
@@ -227,7 +198,7 @@ async fn wrong_password_and_expired_credentials_get_401() {
     assert_eq!(r.typ.class, CLASS_SUCCESS_RESPONSE, "{:?}", code(&r));
     assert_eq!(relayed(&r).ip(), "127.0.0.1".parse::<IpAddr>().expect("ip"));
     // A forged nonce is stale: 438 with a fresh one.
-    good.nonce = "1-00".into();
+    good.creds.nonce = "1-00".into();
     let r = good.permit("198.51.100.1:9".parse().expect("addr")).await;
     assert_eq!(code(&r), Some(438));
 }
@@ -298,10 +269,12 @@ async fn minted(s: &Running, ice: &IceServers, who: TurnUser<'_>, from: &str) ->
     Client {
         sock: UdpSocket::bind((from, 0)).await.expect("bind"),
         server: s.addr,
-        username: turn.username.clone().expect("username"),
-        password: turn.credential.clone().expect("credential"),
-        realm: String::new(),
-        nonce: String::new(),
+        creds: Credentials {
+            username: turn.username.clone().expect("username"),
+            password: turn.credential.clone().expect("credential"),
+            realm: String::new(),
+            nonce: String::new(),
+        },
     }
 }
 
@@ -582,8 +555,7 @@ async fn idle_and_excess_tcp_connections_are_closed() {
     let transport = || vec![setter(Raw(ATTR_REQUESTED_TRANSPORT, vec![17, 0, 0, 0]))];
     let challenge = ask(&mut conn, &c.build(METHOD_ALLOCATE, transport(), false)).await;
     assert_eq!(code(&challenge), Some(401));
-    c.nonce = TextAttribute::get_from_as(&challenge, ATTR_NONCE).expect("nonce").text;
-    c.realm = TextAttribute::get_from_as(&challenge, ATTR_REALM).expect("realm").text;
+    c.creds.learn(&challenge);
     let r = ask(&mut conn, &c.build(METHOD_ALLOCATE, transport(), true)).await;
     assert_eq!(r.typ.class, CLASS_SUCCESS_RESPONSE, "{:?}", code(&r));
     tokio::time::sleep(Duration::from_millis(1500)).await;
