@@ -375,16 +375,14 @@ impl Session {
                 }
                 ServerEvent::UserSpeechStarted {}
             }
-            Hearing::Heard(utterance @ Heard::Utterance { .. }) => {
+            Hearing::Heard(Heard::Utterance { pcm, .. }) => {
                 if std::mem::take(&mut self.ignoring) {
                     return;
                 }
-                let duration_ms = utterance.duration_ms();
-                if let Heard::Utterance { pcm, .. } = utterance {
-                    debug!(duration_ms, "utterance");
-                    metrics::counter!("worker_utterances_total").increment(1);
-                    conv.transcribe(pcm);
-                }
+                let duration_ms = crate::talk::vad::duration_ms(&pcm);
+                debug!(duration_ms, "utterance");
+                metrics::counter!("worker_utterances_total").increment(1);
+                conv.transcribe(pcm);
                 ServerEvent::UserSpeechEnded { duration_ms }
             }
             Hearing::Failed(e) => {

@@ -133,7 +133,6 @@ struct Channel {
 
 /// One allocation: a relayed port on behalf of one client.
 struct Allocation {
-    five: FiveTuple,
     username: String,
     /// The quotas this allocation counts against, given back when it goes.
     quotas: Vec<QuotaKey>,
@@ -392,13 +391,8 @@ impl Core {
             _ => Some(Reply::error(CODE_BAD_REQUEST, "Unsupported method", None)),
         };
         if let Some(reply) = reply {
-            // The answer goes before anything the request made happen (an Opened port).
-            let at = out
-                .iter()
-                .position(|o| matches!(o, Output::Opened { .. }))
-                .unwrap_or(out.len());
             if let Some(bytes) = build_reply(&m, reply) {
-                out.insert(at, Output::ToClient { five, bytes });
+                out.push(Output::ToClient { five, bytes });
             }
         }
         out
@@ -577,7 +571,6 @@ impl Core {
         self.allocations.insert(
             *five,
             Allocation {
-                five: *five,
                 username: username.clone(),
                 quotas: quotas.into_iter().map(|(key, _)| key).collect(),
                 key: key.clone(),
@@ -846,7 +839,7 @@ impl Core {
                 m.raw
             }
         };
-        Some(Output::ToClient { five: a.five, bytes })
+        Some(Output::ToClient { five: *five, bytes })
     }
 }
 

@@ -255,14 +255,9 @@ pub enum Heard {
     Utterance { pcm: Vec<f32>, cut: bool },
 }
 
-impl Heard {
-    /// Milliseconds of audio in an utterance (0 for a start).
-    pub fn duration_ms(&self) -> u64 {
-        match self {
-            Heard::Utterance { pcm, .. } => pcm.len() as u64 * 1000 / u64::from(RATE),
-            Heard::Started { .. } => 0,
-        }
-    }
+/// Milliseconds of `pcm` at [`RATE`].
+pub fn duration_ms(pcm: &[f32]) -> u64 {
+    pcm.len() as u64 * 1000 / u64::from(RATE)
 }
 
 /// Audio in, speech events and utterances out.
