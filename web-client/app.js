@@ -423,20 +423,27 @@ $('video').addEventListener('loadedmetadata', () => {
   if (track) meterVoice(track);
 });
 
-// An avatar chooser, only when the relay lists more than one avatar.
+// An avatar chooser, only when the relay lists more than one avatar; the chosen avatar's preview
+// shows in the video until its stream starts.
 fetch('/api/avatars').then((r) => (r.ok ? r.json() : null)).then((list) => {
   const avatars = list && Array.isArray(list.avatars) ? list.avatars : [];
+  /** @type {Record<string, string>} */
+  const previews = {};
+  for (const a of avatars) if (typeof a.preview === 'string') previews[a.id] = a.preview;
+  const video = /** @type {HTMLVideoElement} */ ($('video'));
+  const poster = (/** @type {string} */ id) => { if (previews[id]) video.poster = previews[id]; };
+  poster(params.get('avatar') || (avatars[0] && avatars[0].id) || '');
   if (avatars.length < 2) return;
-  const select = $('avatar');
+  const select = /** @type {HTMLSelectElement} */ ($('avatar'));
   for (const a of avatars) {
     const option = document.createElement('option');
     option.value = a.id;
     option.textContent = a.name || a.id;
     select.appendChild(option);
   }
-  if (params.get('avatar')) select.value = params.get('avatar');
+  select.value = params.get('avatar') || select.value;
   $('avatar-choice').hidden = false;
-  select.addEventListener('change', start);
+  select.addEventListener('change', () => { poster(select.value); start(); });
 }).catch(() => {});
 
 setInterval(refresh, 1000);

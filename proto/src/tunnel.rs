@@ -60,6 +60,11 @@ pub const MAX_WORKER_CAPACITY: u32 = 10_000;
 pub const MAX_WORKER_AVATARS: usize = 10_000;
 /// The longest avatar display name a relay keeps (characters); longer ones are cut.
 pub const MAX_AVATAR_NAME_LEN: usize = 128;
+/// The largest avatar preview (a JPEG, before base64) a relay keeps; larger ones are dropped.
+pub const MAX_AVATAR_PREVIEW_LEN: usize = 16 * 1024;
+/// The most base64 a worker puts into its registration's previews (the frame carries at most
+/// [`MAX_FRAME_LEN`]); avatars past it are announced without one.
+pub const MAX_AVATAR_PREVIEWS_TOTAL: usize = 128 * 1024;
 
 /// Session streams the relay may have open at once on one tunnel, for a worker of `capacity`:
 /// every session one stream, plus room for streams that are closing while their replacements
@@ -144,6 +149,10 @@ pub struct Registration {
     /// workers; the relay keeps at most [`MAX_AVATAR_NAME_LEN`] characters of each.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub avatar_names: BTreeMap<String, String>,
+    /// A small JPEG of each of `avatars` (base64), what a page's avatar chooser shows. Absent from
+    /// older workers; the relay keeps only JPEGs up to [`MAX_AVATAR_PREVIEW_LEN`] bytes.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub avatar_previews: BTreeMap<String, String>,
     /// Sessions it will run at once.
     pub capacity: u32,
     #[serde(default)]
@@ -381,6 +390,7 @@ mod tests {
         round_trip(Control::Register(Registration {
             avatars: vec!["a".into()],
             avatar_names: BTreeMap::from([("a".into(), "Ms A".into())]),
+            avatar_previews: BTreeMap::new(),
             capacity: 4,
             labels: BTreeMap::from([("zone".into(), "eu".into())]),
             instance: Some("9f3a".into()),

@@ -41,7 +41,8 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/api/workers", get(workers))
-        .route("/api/avatars", get(avatars));
+        .route("/api/avatars", get(avatars))
+        .route("/api/avatars/{id}/preview.jpg", get(avatar_preview));
     let router = match &state.config.http.web_client_dir {
         Some(dir) => {
             let root = Arc::new(dir.clone());
@@ -270,7 +271,8 @@ async fn workers(_: Operator, State(state): State<Arc<AppState>>) -> Response {
 }
 
 /// `GET /api/avatars`: the avatars the connected workers serve, for a page's avatar chooser:
-/// `{"avatars": [{"id", "name"}]}`, by id. Workers that serve any id (the built-in avatar) add
+/// `{"avatars": [{"id", "name", "preview"}]}`, by id; `preview`, where the worker sent one, is the
+/// URL of a small JPEG of the avatar. Workers that serve any id (the built-in avatar) add
 /// nothing. Public, as the page is; rate-limited per client like `/api/ice-servers`.
 async fn avatars(
     ConnectInfo(remote): ConnectInfo<SocketAddr>,
@@ -285,18 +287,67 @@ async fn avatars(
     for w in state.registry.all().iter().filter(|w| !w.is_draining()) {
         for id in &w.registration.avatars {
             let name = w.registration.avatar_names.get(id).unwrap_or(id);
-            by_id.entry(id.clone()).or_insert_with(|| name.clone());
+            let entry = by_id.entry(id.clone()).or_insert_with(|| (name.clone(), false));
+            entry.1 |= w.registration.avatar_previews.contains_key(id);
         }
     }
     let list: Vec<_> = by_id
         .into_iter()
-        .map(|(id, name)| serde_json::json!({ "id": id, "name": name }))
+        .map(|(id, (name, preview))| {
+            let mut entry = serde_json::json!({ "id": id, "name": name });
+            // Ids are the workers' directory names: any character but `/` could need escaping.
+            if preview && id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+                entry["preview"] = format!("/api/avatars/{id}/preview.jpg").into();
+            }
+            entry
+        })
         .collect();
     (
         [(header::CACHE_CONTROL, "no-store")],
         Json(serde_json::json!({ "avatars": list })),
     )
         .into_response()
+}
+
+/// `GET /api/avatars/{id}/preview.jpg`: the preview a connected worker sent for avatar `id`.
+async fn avatar_preview(
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let client = client_ip(remote.ip(), &headers, &state.config.limits.trusted_proxies);
+    if let Err(refused) = check_rate(&state, client_key(client, state.config.limits.ipv6_prefix_len)) {
+        return refused.into_response();
+    }
+    let jpeg = state
+        .registry
+        .all()
+        .iter()
+        .filter(|w| !w.is_draining())
+        .find_map(|w| w.registration.avatar_previews.get(&id).and_then(|p| preview_bytes(p)));
+    match jpeg {
+        Some(bytes) => (
+            [
+                (header::CONTENT_TYPE, "image/jpeg"),
+                (header::CACHE_CONTROL, "public, max-age=300"),
+            ],
+            bytes,
+        )
+            .into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+/// The JPEG in a worker's base64 avatar preview, if it is one and small enough to serve.
+pub(crate) fn preview_bytes(base64_jpeg: &str) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    if base64_jpeg.len() > avatar_proto::tunnel::MAX_AVATAR_PREVIEW_LEN.div_ceil(3) * 4 {
+        return None;
+    }
+    let bytes = base64::engine::general_purpose::STANDARD.decode(base64_jpeg).ok()?;
+    (bytes.len() <= avatar_proto::tunnel::MAX_AVATAR_PREVIEW_LEN && bytes.starts_with(&[0xFF, 0xD8, 0xFF]))
+        .then_some(bytes)
 }
 
 /// Equal bytes, compared in time that depends only on the length.

@@ -646,6 +646,7 @@ mod tests {
                 Registration {
                     avatars: vec![],
                     avatar_names: Default::default(),
+                    avatar_previews: Default::default(),
                     capacity: 2,
                     labels: Default::default(),
                     instance: None,

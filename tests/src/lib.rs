@@ -11,6 +11,7 @@
 //!   their systemd units, for the deploy tests.
 
 pub mod asr;
+pub mod avatars;
 pub mod cdp;
 pub mod cluster;
 pub mod debian;

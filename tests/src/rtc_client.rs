@@ -114,6 +114,9 @@ pub struct ReceiverStats {
     pub audio: Vec<(Instant, f32)>,
     /// (arrival, [`seam`] of the lip-sync paste box) per decoded picture.
     pub seam: Vec<(Instant, f32)>,
+    /// Whole luma planes (tightly packed) of the next `keep_pictures` decoded pictures.
+    pub pictures: Vec<(Instant, Vec<u8>)>,
+    pub keep_pictures: usize,
 }
 
 impl ReceiverStats {
@@ -414,6 +417,15 @@ fn decode_loop(rx: std::sync::mpsc::Receiver<Bytes>, stats: &Mutex<ReceiverStats
             let mouth = sum as f32 / ((x1 - x0) * (y1 - y0)).max(1) as f32;
             let border = seam(luma, stride, frame.width(), frame.height());
             let mut s = stats.lock().expect("stats");
+            if s.keep_pictures > 0 {
+                s.keep_pictures -= 1;
+                let (w, h) = (frame.width() as usize, frame.height() as usize);
+                let plane = (0..h)
+                    .flat_map(|y| &luma[y * stride..y * stride + w])
+                    .copied()
+                    .collect();
+                s.pictures.push((Instant::now(), plane));
+            }
             s.mouth.push((Instant::now(), mouth));
             s.seam.push((Instant::now(), border));
             s.frames_decoded += 1;

@@ -12,6 +12,7 @@
 
 pub mod config;
 pub mod media;
+pub mod prepare;
 pub mod rtc;
 pub mod selftest;
 pub mod session;
@@ -51,6 +52,8 @@ pub struct Avatars {
     fallback: Arc<AvatarClip>,
     /// True when the built-in avatar serves every avatar id.
     any_id: bool,
+    /// A small JPEG of each avatar's first frame, base64, by id (the chooser's picture).
+    previews: std::collections::BTreeMap<String, String>,
 }
 
 impl Avatars {
@@ -72,6 +75,11 @@ impl Avatars {
         ids
     }
 
+    /// Previews of the announced ids, as the registration carries them.
+    pub fn previews(&self) -> std::collections::BTreeMap<String, String> {
+        self.previews.clone()
+    }
+
     /// Display names of the announced ids (from each `avatar.toml`).
     pub fn names(&self) -> std::collections::BTreeMap<String, String> {
         if self.any_id {
@@ -82,6 +90,44 @@ impl Avatars {
             .map(|(id, clip)| (id.clone(), clip.name.clone()))
             .collect()
     }
+}
+
+/// The side of an avatar preview's longer edge, in pixels.
+const PREVIEW_SIDE: u32 = 160;
+
+/// A JPEG of each avatar's first frame, base64, in id order until the registration's budget
+/// ([`avatar_proto::tunnel::MAX_AVATAR_PREVIEWS_TOTAL`]) is spent.
+fn previews(by_id: &HashMap<String, Arc<AvatarClip>>) -> std::collections::BTreeMap<String, String> {
+    use base64::Engine as _;
+    let mut ids: Vec<&String> = by_id.keys().collect();
+    ids.sort();
+    let mut out = std::collections::BTreeMap::new();
+    let mut total = 0;
+    for id in ids {
+        let Some(first) = by_id.get(id).and_then(|c| c.frames.first()) else {
+            continue;
+        };
+        let even = |v: u32| (v / 2 * 2).max(2);
+        let longer = first.width.max(first.height);
+        let (w, h) = (
+            even(first.width * PREVIEW_SIDE / longer),
+            even(first.height * PREVIEW_SIDE / longer),
+        );
+        match media::file::jpeg(first, w, h) {
+            Ok(jpeg) if jpeg.len() <= avatar_proto::tunnel::MAX_AVATAR_PREVIEW_LEN => {
+                let encoded = base64::engine::general_purpose::STANDARD.encode(jpeg);
+                total += encoded.len();
+                if total > avatar_proto::tunnel::MAX_AVATAR_PREVIEWS_TOTAL {
+                    warn!(%id, "too many avatars for previews in the registration: the rest have none");
+                    break;
+                }
+                out.insert(id.clone(), encoded);
+            }
+            Ok(jpeg) => warn!(%id, bytes = jpeg.len(), "avatar preview too large; announced without one"),
+            Err(e) => warn!(%id, error = %e, "no avatar preview"),
+        }
+    }
+    out
 }
 
 /// Everything sessions share.
@@ -170,10 +216,12 @@ impl Worker {
                     .and_then(|id| by_id.get(*id))
                     .cloned()
                     .unwrap_or_else(|| Arc::new(media::avatar::synthetic(v.width, v.height, v.fps)));
+                let previews = previews(&by_id);
                 Avatars {
                     by_id,
                     fallback,
                     any_id: false,
+                    previews,
                 }
             }
             None => {
@@ -183,6 +231,7 @@ impl Worker {
                     by_id: HashMap::new(),
                     fallback: clip,
                     any_id: true,
+                    previews: Default::default(),
                 }
             }
         };

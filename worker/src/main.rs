@@ -34,11 +34,75 @@ struct Args {
     /// Seconds sessions get to finish on shutdown.
     #[arg(long, default_value_t = 3)]
     grace_secs: u64,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Work with avatar directories (docs/avatars.md).
+    Avatar {
+        #[command(subcommand)]
+        action: AvatarCommand,
+    },
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum AvatarCommand {
+    /// Turn a recording into an avatar directory: the face found and tracked in every frame, a
+    /// loop that does not jump, and a preview (preview.png, preview.mp4) to check before going live.
+    Prepare(PrepareArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct PrepareArgs {
+    /// The recording: any video FFmpeg reads (MP4, MOV, WebM, ...).
+    input: PathBuf,
+    /// The avatar id pages ask for (`avatar_id`): letters, digits, `-`, `_`.
+    #[arg(long)]
+    id: String,
+    /// The directory to write ID/ into: the worker's `avatar_dir`.
+    #[arg(long)]
+    out: PathBuf,
+    /// The name an avatar chooser shows (default: the id).
+    #[arg(long)]
+    name: Option<String>,
+    /// Output size, WIDTHxHEIGHT (default: the config's [video] size, else 512x512).
+    #[arg(long)]
+    size: Option<String>,
+    /// Frames per second (default: the config's [video] fps, else 25).
+    #[arg(long)]
+    fps: Option<u32>,
+    /// Longest loop kept, in seconds (the worker keeps at most `max_seconds`, 10 by default).
+    #[arg(long, default_value_t = 10)]
+    max_seconds: u32,
+    /// `auto` (a cut where the picture comes back, else pingpong), `forward` or `pingpong`.
+    #[arg(long = "loop", default_value = "auto")]
+    looping: String,
+    /// The CenterFace model (default: $AVATAR_EDGE_FACE_MODEL, the package's, or .tools/models).
+    #[arg(long)]
+    detector: Option<PathBuf>,
+    /// libonnxruntime.so (default: the config's talk.lipsync.onnxruntime, $AVATAR_EDGE_ONNXRUNTIME,
+    /// the package's, or .tools/onnxruntime).
+    #[arg(long)]
+    onnxruntime: Option<PathBuf>,
+    /// Threads for face detection.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Replace ID/ if it exists.
+    #[arg(long)]
+    force: bool,
 }
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     init_tracing(args.log_json);
+    if let Some(Command::Avatar {
+        action: AvatarCommand::Prepare(prepare),
+    }) = &args.command
+    {
+        return prepare_avatar(&args, prepare);
+    }
     let config = match load_config(&args) {
         Ok(c) => c,
         Err(e) => {
@@ -64,6 +128,114 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             tracing::error!("worker failed: {e:#}");
             std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// `worker avatar prepare`: exit 0 with a summary, 1 when the recording cannot be used, 64 on bad
+/// arguments.
+fn prepare_avatar(args: &Args, p: &PrepareArgs) -> std::process::ExitCode {
+    use avatar_worker::prepare;
+    let fail = |code: u8, e: &dyn std::fmt::Display| {
+        eprintln!("worker avatar prepare: {e}");
+        std::process::ExitCode::from(code)
+    };
+    let config = match &args.config {
+        Some(path) => match WorkerConfig::load(path) {
+            Ok(c) => Some(c),
+            Err(e) => return fail(64, &format!("loading {}: {e}", path.display())),
+        },
+        None => None,
+    };
+    let (mut width, mut height, mut fps) = config
+        .as_ref()
+        .map(|c| (c.video.width, c.video.height, c.video.fps))
+        .unwrap_or((512, 512, 25));
+    if let Some(size) = &p.size {
+        match size
+            .split_once(['x', 'X', '×'])
+            .and_then(|(w, h)| Some((w.parse().ok()?, h.parse().ok()?)))
+        {
+            Some((w, h)) => (width, height) = (w, h),
+            None => return fail(64, &format!("--size {size}: expected WIDTHxHEIGHT, e.g. 512x512")),
+        }
+    }
+    fps = p.fps.unwrap_or(fps);
+    let looping = match p.looping.as_str() {
+        "auto" => None,
+        "forward" => Some(avatar_worker::media::avatar::Looping::Forward),
+        "pingpong" => Some(avatar_worker::media::avatar::Looping::Pingpong),
+        other => return fail(64, &format!("--loop {other}: expected auto, forward or pingpong")),
+    };
+    let exe_lib = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().and_then(|bin| bin.parent()).map(|root| root.join("lib")));
+    let first_file = |explicit: Option<PathBuf>, env: &str, packaged: &str, tools: &str, file: &str| {
+        explicit
+            .or_else(|| std::env::var_os(env).map(PathBuf::from))
+            .unwrap_or_else(|| {
+                let candidates = [
+                    Some(PathBuf::from(packaged)),
+                    exe_lib.as_ref().map(|l| l.join(file)),
+                    Some(PathBuf::from(tools)),
+                ];
+                candidates
+                    .iter()
+                    .flatten()
+                    .find(|c| c.is_file())
+                    .cloned()
+                    .unwrap_or_else(|| PathBuf::from(packaged))
+            })
+    };
+    let detector = first_file(
+        p.detector.clone(),
+        "AVATAR_EDGE_FACE_MODEL",
+        "/usr/share/avatar-edge/centerface.onnx",
+        ".tools/models/centerface.onnx",
+        "centerface.onnx",
+    );
+    let onnxruntime = first_file(
+        p.onnxruntime
+            .clone()
+            .or_else(|| config.as_ref().map(|c| c.talk.lipsync.onnxruntime.clone())),
+        "AVATAR_EDGE_ONNXRUNTIME",
+        "/usr/lib/avatar-edge/libonnxruntime.so",
+        ".tools/onnxruntime/libonnxruntime.so",
+        "libonnxruntime.so",
+    );
+    let options = prepare::Options {
+        input: p.input.clone(),
+        id: p.id.clone(),
+        out: p.out.clone(),
+        name: p.name.clone(),
+        width,
+        height,
+        fps,
+        max_seconds: p.max_seconds,
+        looping,
+        detector,
+        onnxruntime,
+        threads: p.threads,
+        force: p.force,
+    };
+    let progress = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template("{msg:>18} [{bar:40}] {pos}/{len} frames, {eta} left")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    match prepare::run(&options, &progress) {
+        Ok(report) => {
+            print!("{}", report.render());
+            println!("preview: {0}/preview.png and {0}/preview.mp4", report.dir.display());
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            progress.abandon();
+            let code = match e {
+                prepare::PrepareError::BadId(_) | prepare::PrepareError::BadSize { .. } => 64,
+                _ => 1,
+            };
+            fail(code, &e)
         }
     }
 }

@@ -133,7 +133,7 @@ fn lipsync_test(config: &WorkerConfig, frames: usize, report: &mut Report) {
     let load_ms = t.elapsed().as_secs_f64() * 1e3;
     let v = &config.video;
     let clip = avatar::synthetic(v.width, v.height, v.fps);
-    let region = face::crop_region(clip.face_box, v.width, v.height);
+    let region = face::crop_region(clip.face_box(0), v.width, v.height);
     let face = face::crop(&clip.frames[0], region);
     let input = |i: usize| FrameInput {
         mel: std::array::from_fn(|k| ((i * 31 + k) % 97) as f32 / 24.0 - 3.0),

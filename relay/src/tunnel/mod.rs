@@ -475,6 +475,12 @@ async fn handshake<S: AsyncWrite + Unpin, R: AsyncRead + Unpin>(
             )
         })
         .collect();
+    // Previews are served to web pages as images: only for announced ids, and only small JPEGs.
+    let previews = std::mem::take(&mut registration.avatar_previews);
+    registration.avatar_previews = previews
+        .into_iter()
+        .filter(|(id, preview)| registration.avatars.contains(id) && crate::http::preview_bytes(preview).is_some())
+        .collect();
     send_frame(
         send,
         &Control::Registered {
@@ -746,6 +752,7 @@ mod tests {
                 let registration = Registration {
                     avatars: vec![],
                     avatar_names: Default::default(),
+                    avatar_previews: Default::default(),
                     capacity,
                     labels: Default::default(),
                     instance: Some("abc".into()),

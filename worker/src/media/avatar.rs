@@ -1,10 +1,13 @@
 //! Idle avatars: the picture a session shows from its first frame.
 //!
-//! An avatar is a short loop of YUV 4:2:0 frames plus a face box (where the lip-sync stage will
-//! crop the mouth from). Two sources:
+//! An avatar is a short loop of YUV 4:2:0 frames plus its face boxes (where the lip-sync stage
+//! crops the face from and pastes the talking one back): one box per frame, so the crop follows a
+//! head that moves, or one fixed box for them all. Two sources:
 //!
 //! * **a directory**: `<avatar_dir>/<avatar_id>/avatar.toml` naming an MP4 (or any file FFmpeg
-//!   reads) that is decoded once at start-up and scaled to the output size;
+//!   reads) that is decoded once at start-up and scaled to the output size, and either a
+//!   `face_box` typed by hand or a `boxes` file, one box per frame, as `worker avatar prepare`
+//!   writes it ([`crate::prepare`]);
 //! * **the built-in synthetic avatar**, drawn in code — a face that breathes and blinks — so the
 //!   demo and the tests need no files.
 //!
@@ -61,7 +64,8 @@ pub enum Looping {
 pub struct AvatarClip {
     pub id: String,
     pub name: String,
-    pub face_box: FaceBox,
+    /// One face box per frame of `frames`, or a single one for every frame.
+    pub boxes: Vec<FaceBox>,
     pub frames: Vec<Yuv420>,
     pub looping: Looping,
 }
@@ -88,6 +92,16 @@ impl AvatarClip {
     pub fn frame(&self, i: usize) -> &Yuv420 {
         &self.frames[self.frame_index(i)]
     }
+
+    /// The face box of the `i`-th idle picture.
+    pub fn face_box(&self, i: usize) -> FaceBox {
+        let fixed = FaceBox { x: 0, y: 0, w: 2, h: 2 };
+        match self.boxes.as_slice() {
+            [] => fixed,
+            [only] => *only,
+            boxes => boxes.get(self.frame_index(i)).copied().unwrap_or(boxes[0]),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +118,12 @@ pub enum AvatarError {
     Empty { path: PathBuf },
     #[error("{dir}: no avatars found (expected <id>/avatar.toml)")]
     NoneFound { dir: PathBuf },
+    #[error("{path}, line {line}: {message}")]
+    Boxes {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
 }
 
 /// `avatar.toml` inside an avatar's directory.
@@ -113,8 +133,11 @@ struct AvatarMeta {
     name: String,
     /// Video file, relative to the avatar's directory.
     video: PathBuf,
-    /// Face box `[x, y, w, h]` in the source video's pixels.
-    face_box: [u32; 4],
+    /// Face box `[x, y, w, h]` in the source video's pixels, for every frame.
+    face_box: Option<[u32; 4]>,
+    /// A file of one face box per frame (as `worker avatar prepare` writes it), relative to the
+    /// avatar's directory; takes the place of `face_box`.
+    boxes: Option<PathBuf>,
     /// Longest loop to keep, in seconds (memory bound).
     #[serde(default = "default_max_seconds")]
     max_seconds: u32,
@@ -137,7 +160,7 @@ pub fn synthetic(width: u32, height: u32, fps: u32) -> AvatarClip {
     AvatarClip {
         id: "synthetic".into(),
         name: "Built-in synthetic tutor".into(),
-        face_box: synthetic_face_box(width, height),
+        boxes: vec![synthetic_face_box(width, height)],
         frames,
         looping: Looping::Forward,
     }
@@ -161,35 +184,72 @@ fn ellipse(x: f32, y: f32, cx: f32, cy: f32, rx: f32, ry: f32) -> bool {
     dx * dx + dy * dy <= 1.0
 }
 
+/// Where the built-in avatar's figure stands in a picture: its centre line, how far it is moved
+/// down, and its size (the picture's shorter side for the built-in avatar). The face is the
+/// ellipse centred at (`cx`, `dy + 0.46 size`) with radii 0.20 and 0.25 `size`; the mouth is
+/// centred at (`cx`, `dy + 0.59 size`). Tests draw moving faces with it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Pose {
+    pub cx: f32,
+    pub dy: f32,
+    pub size: f32,
+}
+
+impl Pose {
+    /// The built-in avatar's pose in a `width`×`height` picture.
+    pub fn centred(width: u32, height: u32) -> Self {
+        Self {
+            cx: width as f32 / 2.0,
+            dy: 0.0,
+            size: width.min(height) as f32,
+        }
+    }
+}
+
 /// One frame at `phase` ∈ [0, 1) of the loop.
 fn draw_face(width: u32, height: u32, phase: f32) -> Yuv420 {
+    draw(width, height, phase, Some(Pose::centred(width, height)))
+}
+
+/// The built-in avatar's figure at `pose` (none: the empty background), at `phase` ∈ [0, 1) of
+/// its breath and blink.
+pub fn draw(width: u32, height: u32, phase: f32, pose: Option<Pose>) -> Yuv420 {
     let tau = std::f32::consts::TAU;
-    let s = width.min(height) as f32;
+    let Pose { cx, dy, size: s } = pose.unwrap_or(Pose {
+        cx: -1e6,
+        dy: 0.0,
+        size: 1.0,
+    });
     let breathe = (phase * tau).sin() * 0.006 * s; // head and shoulders rise and fall
     let blink = {
         // Eyes close around 55 % of the loop for ~150 ms.
         let d = ((phase - 0.55) * SYNTHETIC_SECONDS as f32 / 0.075).abs();
         d.min(1.0)
     };
-    let cx = width as f32 / 2.0;
-    let face_cy = 0.44 * s - breathe;
+    let face_cy = dy + 0.44 * s - breathe;
     let mut rgb: Vec<Rgb> = Vec::with_capacity((width * height) as usize);
     for py in 0..height {
         for px in 0..width {
             let (x, y) = (px as f32 + 0.5, py as f32 + 0.5);
             let t = y / height as f32;
             let mut c: Rgb = [0.16 + 0.10 * t, 0.22 + 0.12 * t, 0.34 + 0.10 * t];
-            if ellipse(x, y, cx, 1.08 * s - breathe * 1.5, 0.42 * s, 0.30 * s) {
+            if ellipse(x, y, cx, dy + 1.08 * s - breathe * 1.5, 0.42 * s, 0.30 * s) {
                 c = [0.20, 0.36, 0.62]; // shirt
             }
-            if ellipse(x, y, cx, 0.70 * s - breathe, 0.07 * s, 0.10 * s) {
+            if ellipse(x, y, cx, dy + 0.70 * s - breathe, 0.07 * s, 0.10 * s) {
                 c = [0.93, 0.76, 0.64]; // neck
             }
             if ellipse(x, y, cx, face_cy - 0.05 * s, 0.235 * s, 0.27 * s) {
                 c = [0.25, 0.16, 0.10]; // hair
             }
-            if ellipse(x, y, cx, face_cy + 0.02 * s, 0.20 * s, 0.25 * s) {
-                c = [0.96, 0.80, 0.68]; // face
+            // The face, shaded darker towards its edge: a face detector finds it far more surely
+            // with the shading, the pupils, the nostrils and the lips (a score of 0.5 rather than
+            // 0.1 to 0.3 at some places on the tests' paths).
+            let (fx, fy) = ((x - cx) / (0.20 * s), (y - face_cy - 0.02 * s) / (0.25 * s));
+            let d = fx * fx + fy * fy;
+            if d <= 1.0 {
+                let shade = 1.0 - 0.18 * d;
+                c = [0.96 * shade, 0.80 * shade, 0.68 * shade]; // face
             }
             for side in [-1.0f32, 1.0] {
                 let ex = cx + side * 0.08 * s;
@@ -200,16 +260,25 @@ fn draw_face(width: u32, height: u32, phase: f32) -> Yuv420 {
                 let open = 0.024 * s * blink.max(0.08);
                 if ellipse(x, y, ex, ey, 0.04 * s, open) {
                     c = [0.98, 0.98, 0.97];
-                    if ellipse(x, y, ex, ey, 0.018 * s, open.min(0.018 * s)) {
-                        c = [0.15, 0.25, 0.35]; // iris
+                    if ellipse(x, y, ex, ey, 0.02 * s, open.min(0.02 * s)) {
+                        c = [0.25, 0.18, 0.12]; // iris
+                    }
+                    if ellipse(x, y, ex, ey, 0.009 * s, open.min(0.009 * s)) {
+                        c = [0.02, 0.02, 0.02]; // pupil
                     }
                 }
+            }
+            if ellipse(x, y, cx, face_cy + 0.09 * s, 0.03 * s, 0.012 * s) {
+                c = [0.70, 0.50, 0.42]; // nostrils
             }
             if ellipse(x, y, cx, face_cy + 0.07 * s, 0.018 * s, 0.03 * s) {
                 c = [0.90, 0.70, 0.58]; // nose
             }
-            if ellipse(x, y, cx, face_cy + 0.15 * s, 0.07 * s, 0.012 * s) {
-                c = [0.70, 0.30, 0.32]; // closed mouth
+            if ellipse(x, y, cx, face_cy + 0.15 * s, 0.075 * s, 0.022 * s) {
+                c = [0.78, 0.38, 0.40]; // lips
+            }
+            if ellipse(x, y, cx, face_cy + 0.15 * s, 0.07 * s, 0.005 * s) {
+                c = [0.60, 0.25, 0.28]; // closed mouth
             }
             rgb.push(c);
         }
@@ -280,37 +349,117 @@ fn load_one(id: &str, meta_path: &Path, width: u32, height: u32, fps: u32) -> Re
         path: meta_path.into(),
         message: e.to_string(),
     })?;
-    let video = meta_path.parent().unwrap_or(Path::new(".")).join(&meta.video);
-    let (frames, src_w, src_h) = decode_video(&video, width, height, (meta.max_seconds * fps).max(1) as usize)?;
-    let [x, y, w, h] = meta.face_box;
-    if w == 0 || h == 0 || x + w > src_w || y + h > src_h {
-        return Err(AvatarError::Metadata {
-            path: meta_path.into(),
-            message: format!("face_box {:?} lies outside the {src_w}×{src_h} video", meta.face_box),
-        });
-    }
+    let dir = meta_path.parent().unwrap_or(Path::new("."));
+    let video = dir.join(&meta.video);
+    let max_frames = (meta.max_seconds * fps).max(1) as usize;
+    let (frames, src_w, src_h) = decode_video(&video, width, height, max_frames, fps, Fit::Stretch)?;
+    let bad = |message: String| AvatarError::Metadata {
+        path: meta_path.into(),
+        message,
+    };
+    let source_boxes = match (&meta.boxes, meta.face_box) {
+        (Some(file), _) => {
+            let boxes = read_boxes(&dir.join(file))?;
+            if boxes.len() < frames.len() {
+                return Err(bad(format!(
+                    "{} has {} boxes for the {} frames of {}",
+                    file.display(),
+                    boxes.len(),
+                    frames.len(),
+                    meta.video.display()
+                )));
+            }
+            boxes.into_iter().take(frames.len()).collect()
+        }
+        (None, Some([x, y, w, h])) => vec![FaceBox { x, y, w, h }],
+        (None, None) => return Err(bad("needs `face_box = [x, y, w, h]` or `boxes = \"boxes.tsv\"`".into())),
+    };
     let sx = |v: u32| (v as u64 * width as u64 / src_w as u64) as u32;
     let sy = |v: u32| (v as u64 * height as u64 / src_h as u64) as u32;
+    let mut boxes = Vec::with_capacity(source_boxes.len());
+    for (i, b) in source_boxes.into_iter().enumerate() {
+        if b.w == 0 || b.h == 0 || b.x + b.w > src_w || b.y + b.h > src_h {
+            let which = if meta.boxes.is_some() {
+                format!("box of frame {i}")
+            } else {
+                "face_box".into()
+            };
+            return Err(bad(format!(
+                "{which} [{}, {}, {}, {}] lies outside the {src_w}×{src_h} video",
+                b.x, b.y, b.w, b.h
+            )));
+        }
+        boxes.push(FaceBox {
+            x: sx(b.x),
+            y: sy(b.y),
+            w: sx(b.w).max(1),
+            h: sy(b.h).max(1),
+        });
+    }
     Ok(AvatarClip {
         id: id.to_owned(),
         name: meta.name,
-        face_box: FaceBox {
-            x: sx(x),
-            y: sy(y),
-            w: sx(w).max(1),
-            h: sy(h).max(1),
-        },
+        boxes,
         frames,
         looping: meta.looping,
     })
 }
 
-/// Decode up to `max_frames` frames of `path`, scaled to `width`×`height` YUV 4:2:0.
-fn decode_video(
+/// Read a boxes file: one `frame x y w h` line per frame (further columns ignored), `#` comments.
+pub fn read_boxes(path: &Path) -> Result<Vec<FaceBox>, AvatarError> {
+    let text = std::fs::read_to_string(path).map_err(|source| AvatarError::Read {
+        path: path.into(),
+        source,
+    })?;
+    parse_boxes(&text).map_err(|(line, message)| AvatarError::Boxes {
+        path: path.into(),
+        line,
+        message,
+    })
+}
+
+/// [`read_boxes`] on text: the boxes, or the 1-based line and what is wrong with it.
+pub fn parse_boxes(text: &str) -> Result<Vec<FaceBox>, (usize, String)> {
+    let mut boxes = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let numbers: Option<Vec<u32>> = fields.iter().take(5).map(|f| f.parse().ok()).collect();
+        match numbers.as_deref() {
+            Some(&[frame, x, y, w, h]) if frame as usize == boxes.len() => boxes.push(FaceBox { x, y, w, h }),
+            Some(&[frame, ..]) if fields.len() >= 5 => {
+                return Err((n + 1, format!("frame {frame} where frame {} was expected", boxes.len())))
+            }
+            _ => return Err((n + 1, format!("expected `frame x y w h` in whole pixels, got `{line}`"))),
+        }
+    }
+    if boxes.is_empty() {
+        return Err((0, "no boxes".into()));
+    }
+    Ok(boxes)
+}
+
+/// How a video of another shape than the output is made to fit it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fit {
+    /// Scale each side on its own (the picture may look squeezed).
+    Stretch,
+    /// Scale to cover the output and cut the overflow evenly from both sides.
+    Cover,
+}
+
+/// Decode up to `max_frames` frames of `path` at `fps` (frames dropped or repeated by their
+/// timestamps), scaled to `width`×`height` YUV 4:2:0 as `fit` says. Also returns the source size.
+pub(crate) fn decode_video(
     path: &Path,
     width: u32,
     height: u32,
     max_frames: usize,
+    fps: u32,
+    fit: Fit,
 ) -> Result<(Vec<Yuv420>, u32, u32), AvatarError> {
     use ffmpeg_next::{format, media, software::scaling, util::frame::video::Video};
     let err = |source| AvatarError::Decode {
@@ -323,26 +472,55 @@ fn decode_video(
         .best(media::Type::Video)
         .ok_or_else(|| AvatarError::NoVideo { path: path.into() })?;
     let index = stream.index();
+    let time_base = f64::from(stream.time_base());
     let ctx = ffmpeg_next::codec::context::Context::from_parameters(stream.parameters()).map_err(err)?;
     let mut decoder = ctx.decoder().video().map_err(err)?;
     let (src_w, src_h) = (decoder.width(), decoder.height());
+    if src_w == 0 || src_h == 0 {
+        return Err(AvatarError::Empty { path: path.into() });
+    }
+    let (scaled_w, scaled_h) = match fit {
+        Fit::Stretch => (width, height),
+        Fit::Cover => {
+            let k = (f64::from(width) / f64::from(src_w)).max(f64::from(height) / f64::from(src_h));
+            let even = |v: f64, min: u32| ((v.ceil() as u32).div_ceil(2) * 2).max(min);
+            (even(f64::from(src_w) * k, width), even(f64::from(src_h) * k, height))
+        }
+    };
+    let (x0, y0) = ((scaled_w - width) / 4 * 2, (scaled_h - height) / 4 * 2);
     let mut scaler = scaling::Context::get(
         decoder.format(),
         src_w,
         src_h,
         format::Pixel::YUV420P,
-        width,
-        height,
-        scaling::Flags::BILINEAR,
+        scaled_w,
+        scaled_h,
+        scaling::Flags::BICUBIC,
     )
     .map_err(err)?;
     let mut frames = Vec::new();
     let mut decoded = Video::empty();
+    // The latest decoded picture: output frame k (at k / fps seconds) shows the last picture
+    // whose timestamp is not after k / fps.
+    let mut latest: Option<Yuv420> = None;
+    let mut start: Option<f64> = None;
     let mut take = |decoder: &mut ffmpeg_next::decoder::Video, frames: &mut Vec<Yuv420>| -> Result<(), AvatarError> {
         while frames.len() < max_frames && decoder.receive_frame(&mut decoded).is_ok() {
             let mut scaled = Video::empty();
             scaler.run(&decoded, &mut scaled).map_err(err)?;
-            frames.push(copy_planes(&scaled, width, height));
+            let picture = copy_region(&scaled, x0, y0, width, height);
+            let Some(t) = decoded.timestamp().map(|ts| ts as f64 * time_base) else {
+                frames.push(picture); // no timestamps: every picture, in order
+                continue;
+            };
+            // The first picture starts the clip, whatever its timestamp.
+            let t = t - *start.get_or_insert(t);
+            if let Some(previous) = &latest {
+                while frames.len() < max_frames && (frames.len() as f64) / f64::from(fps) < t - 1e-6 {
+                    frames.push(previous.clone());
+                }
+            }
+            latest = Some(picture);
         }
         Ok(())
     };
@@ -357,27 +535,45 @@ fn decode_video(
     }
     decoder.send_eof().map_err(err)?;
     take(&mut decoder, &mut frames)?;
+    if let Some(last) = latest {
+        if frames.len() < max_frames {
+            frames.push(last);
+        }
+    }
     if frames.is_empty() {
         return Err(AvatarError::Empty { path: path.into() });
     }
     Ok((frames, src_w, src_h))
 }
 
-fn copy_planes(frame: &ffmpeg_next::util::frame::video::Video, width: u32, height: u32) -> Yuv420 {
+/// The `width`×`height` picture at (`x0`, `y0`) (both even) of a YUV 4:2:0 FFmpeg frame.
+pub(crate) fn copy_region(
+    frame: &ffmpeg_next::util::frame::video::Video,
+    x0: u32,
+    y0: u32,
+    width: u32,
+    height: u32,
+) -> Yuv420 {
     let mut out = Yuv420::new(width, height);
-    let (w, h) = (width as usize, height as usize);
-    for (plane, dst, pw, ph) in [
-        (0, &mut out.y, w, h),
-        (1, &mut out.u, w / 2, h / 2),
-        (2, &mut out.v, w / 2, h / 2),
+    let (w, h, x0, y0) = (width as usize, height as usize, x0 as usize, y0 as usize);
+    for (plane, dst, pw, ph, dx, dy) in [
+        (0, &mut out.y, w, h, x0, y0),
+        (1, &mut out.u, w / 2, h / 2, x0 / 2, y0 / 2),
+        (2, &mut out.v, w / 2, h / 2, x0 / 2, y0 / 2),
     ] {
         let stride = frame.stride(plane);
         let src = frame.data(plane);
         for row in 0..ph {
-            dst[row * pw..(row + 1) * pw].copy_from_slice(&src[row * stride..row * stride + pw]);
+            let at = (row + dy) * stride + dx;
+            dst[row * pw..(row + 1) * pw].copy_from_slice(&src[at..at + pw]);
         }
     }
     out
+}
+
+/// The whole of a `width`×`height` YUV 4:2:0 FFmpeg frame.
+pub(crate) fn copy_planes(frame: &ffmpeg_next::util::frame::video::Video, width: u32, height: u32) -> Yuv420 {
+    copy_region(frame, 0, 0, width, height)
 }
 
 #[cfg(test)]
@@ -396,7 +592,7 @@ mod tests {
         AvatarClip {
             id: "ramp".into(),
             name: "ramp".into(),
-            face_box: FaceBox { x: 0, y: 0, w: 8, h: 8 },
+            boxes: vec![FaceBox { x: 0, y: 0, w: 8, h: 8 }],
             frames,
             looping,
         }
@@ -421,6 +617,37 @@ mod tests {
         // Too short to turn around: it just repeats.
         assert_eq!(ramp(2, Looping::Pingpong).frame_index(3), 1);
         assert_eq!(ramp(1, Looping::Pingpong).frame_index(7), 0);
+    }
+
+    #[test]
+    fn a_boxes_file_gives_each_frame_its_box_and_bad_lines_are_named() {
+        let text = "# comment\n0\t10\t20\t100\t120\tdetected\n\n1 12 20 100 120\n2 14 21 101 119 interpolated\n";
+        let boxes = parse_boxes(text).expect("valid");
+        assert_eq!(boxes.len(), 3);
+        assert_eq!(
+            boxes[2],
+            FaceBox {
+                x: 14,
+                y: 21,
+                w: 101,
+                h: 119
+            }
+        );
+        let mut clip = ramp(3, Looping::Pingpong);
+        clip.boxes = boxes;
+        // The box follows the picture shown, through the ping-pong turn.
+        let xs: Vec<u32> = (0..6).map(|i| clip.face_box(i).x).collect();
+        assert_eq!(xs, [10, 12, 14, 12, 10, 12]);
+        for (bad, line, says) in [
+            ("0 1 2 3\n", 1, "expected"),
+            ("0 1 2 3 4\n2 1 2 3 4\n", 2, "frame 2 where frame 1"),
+            ("0 1 2 -3 4\n", 1, "whole pixels"),
+            ("# nothing\n", 0, "no boxes"),
+        ] {
+            let (l, message) = parse_boxes(bad).expect_err(bad);
+            assert_eq!(l, line, "{bad}");
+            assert!(message.contains(says), "{bad}: {message}");
+        }
     }
 
     #[test]
@@ -456,7 +683,7 @@ mod tests {
             whites(&clip.frames[55]) * 4 < whites(&clip.frames[0]),
             "eyes closed at 55 %"
         );
-        let fb = clip.face_box;
+        let fb = clip.face_box(0);
         assert!(fb.x + fb.w <= 128 && fb.y + fb.h <= 128);
     }
 }

@@ -146,18 +146,7 @@ impl H264Encoder {
             name: self.name,
             source,
         };
-        let (w, h) = (picture.width as usize, picture.height as usize);
-        for (plane, src, pw, ph) in [
-            (0, &picture.y, w, h),
-            (1, &picture.u, w / 2, h / 2),
-            (2, &picture.v, w / 2, h / 2),
-        ] {
-            let stride = self.frame.stride(plane);
-            let dst = self.frame.data_mut(plane);
-            for row in 0..ph {
-                dst[row * stride..row * stride + pw].copy_from_slice(&src[row * pw..(row + 1) * pw]);
-            }
-        }
+        fill(&mut self.frame, picture);
         self.frame.set_pts(Some(pts));
         self.frame.set_kind(if keyframe {
             ffmpeg::picture::Type::I
@@ -172,6 +161,22 @@ impl H264Encoder {
             }
         }
         Ok(out)
+    }
+}
+
+/// Copy `picture` into `frame`, a YUV 4:2:0 frame of the same size (FFmpeg pads its rows).
+pub(crate) fn fill(frame: &mut ffmpeg::frame::Video, picture: &Yuv420) {
+    let (w, h) = (picture.width as usize, picture.height as usize);
+    for (plane, src, pw, ph) in [
+        (0, &picture.y, w, h),
+        (1, &picture.u, w / 2, h / 2),
+        (2, &picture.v, w / 2, h / 2),
+    ] {
+        let stride = frame.stride(plane);
+        let dst = frame.data_mut(plane);
+        for row in 0..ph {
+            dst[row * stride..row * stride + pw].copy_from_slice(&src[row * pw..(row + 1) * pw]);
+        }
     }
 }
 

@@ -3,4 +3,5 @@
 
 pub mod avatar;
 pub mod encoder;
+pub mod file;
 pub mod stream;

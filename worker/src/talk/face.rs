@@ -32,7 +32,7 @@ pub fn crop_region(face_box: FaceBox, width: u32, height: u32) -> FaceBox {
     }
 }
 
-fn yuv_to_rgb(y: f32, u: f32, v: f32) -> [f32; 3] {
+pub(crate) fn yuv_to_rgb(y: f32, u: f32, v: f32) -> [f32; 3] {
     let c = 1.164 * (y - 16.0);
     let (d, e) = (u - 128.0, v - 128.0);
     [
@@ -195,7 +195,7 @@ mod tests {
     fn crop_then_paste_of_the_same_face_changes_almost_nothing() {
         let clip = synthetic(256, 256, 25);
         let frame = &clip.frames[0];
-        let region = crop_region(clip.face_box, 256, 256);
+        let region = crop_region(clip.face_box(0), 256, 256);
         let face = crop(frame, region);
         assert!(face.iter().all(|v| (0.0..=1.0).contains(v)));
         let mut pasted = frame.clone();
@@ -213,7 +213,7 @@ mod tests {
     #[test]
     fn a_dark_face_shows_inside_the_box_and_fades_at_the_edge() {
         let clip = synthetic(256, 256, 25);
-        let region = crop_region(clip.face_box, 256, 256);
+        let region = crop_region(clip.face_box(0), 256, 256);
         let mut frame = clip.frames[0].clone();
         let before = frame.clone();
         paste(&mut frame, region, &vec![0.0; FACE_LEN], 8);
@@ -230,7 +230,7 @@ mod tests {
             (edge - at(&before, region.x, cy) as i32).abs() < 30,
             "edge is feathered: {edge}"
         );
-        assert!(mouth_luma(&frame, clip.face_box) < mouth_luma(&before, clip.face_box) - 50.0);
+        assert!(mouth_luma(&frame, clip.face_box(0)) < mouth_luma(&before, clip.face_box(0)) - 50.0);
     }
 
     #[test]
@@ -238,7 +238,7 @@ mod tests {
         // The model returns the face it was given, except its outermost pixel ring, darkened to
         // 75% as a zero-padded 3×3 convolution does.
         let clip = synthetic(256, 256, 25);
-        let region = crop_region(clip.face_box, 256, 256);
+        let region = crop_region(clip.face_box(0), 256, 256);
         let before = clip.frames[0].clone();
         let mut face = crop(&before, region);
         for c in 0..3 {

@@ -572,7 +572,9 @@ impl Producer {
             self.clip.frames.first().ok_or_else(|| {
                 TalkError::LipSync(lipsync::LipSyncError::Inference("the avatar has no frames".into()))
             })?;
-        let region = face::crop_region(self.clip.face_box, first.width, first.height);
+        let (width, height) = (first.width, first.height);
+        // Each idle picture's own face box: the crop and the paste follow a head that moves.
+        let region = |idle_index: usize| face::crop_region(self.clip.face_box(idle_index), width, height);
         let per_frame16 = mel::SAMPLE_RATE as usize / fps as usize;
         let audio_end = |i: usize| ((i as u64 + 1) * AUDIO_RATE as u64 / fps as u64) as usize;
         let audio_start = |i: usize| (i as u64 * AUDIO_RATE as u64 / fps as u64) as usize;
@@ -614,14 +616,14 @@ impl Producer {
                     .iter()
                     .map(|&i| FrameInput {
                         mel: mel::frame_window(&cols, i, fps),
-                        face: face::crop(self.clip.frame(base + i), region),
+                        face: face::crop(self.clip.frame(base + i), region(base + i)),
                     })
                     .collect();
                 let faces = self.talk.lipsync.infer(inputs)?;
                 for (&i, face_out) in frames.iter().zip(faces) {
                     let idle_index = base + i;
                     let mut frame = self.clip.frame(idle_index).clone();
-                    face::paste(&mut frame, region, &face_out, self.talk.feather);
+                    face::paste(&mut frame, region(idle_index), &face_out, self.talk.feather);
                     let (a0, a1) = (audio_start(i), audio_end(i));
                     let mut samples = pcm48.get(a0..a1.min(pcm48.len())).unwrap_or_default().to_vec();
                     samples.resize(a1 - a0, 0.0);

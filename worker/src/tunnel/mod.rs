@@ -450,6 +450,7 @@ async fn handshake<S: AsyncWrite + Unpin, R: AsyncRead + Unpin>(
     let registration = Registration {
         avatars: ctx.avatars.ids(),
         avatar_names: ctx.avatars.names(),
+        avatar_previews: ctx.avatars.previews(),
         capacity: ctx.config.capacity,
         labels: ctx.config.labels.clone(),
         instance: Some(ctx.instance.clone()),

@@ -1,0 +1,522 @@
+//! `worker avatar prepare`: from an operator's recording to an avatar directory.
+//!
+//! ```text
+//!   INPUT.mp4 ─ decode, cover-scale to the output size, resample to its fps
+//!             ─ detect the face in every frame (CenterFace, `detect`)
+//!             ─ one face per frame, the longest stretch with a face, smoothed boxes (`plan::track`)
+//!             ─ a loop that does not jump: a matching cut or ping-pong (`plan::choose_loop`)
+//!             ─ OUT/ID/ avatar.toml, idle.mp4, boxes.tsv, preview.png, preview.mp4
+//! ```
+//!
+//! The directory is written under a temporary name and renamed into place when complete, so a
+//! failed run leaves no half avatar and an existing one is only replaced with `--force`. The
+//! worker loads it as any avatar directory ([`crate::media::avatar::load_dir`]); docs/avatars.md
+//! walks an operator through it.
+
+pub mod detect;
+pub mod plan;
+
+use crate::media::avatar::{self, FaceBox, Fit, Looping, Yuv420};
+use crate::media::file;
+use crate::talk::face;
+use indicatif::ProgressBar;
+use std::fmt::Write as _;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// The smallest face (its box's shorter side, in output pixels) the lip-sync model can use: it
+/// crops the face to 96×96, so a smaller one would be upscaled into a blur.
+pub const MIN_FACE: u32 = face::SIZE as u32;
+/// Longest input read, in seconds (memory: about 0.4 MB per 512×512 frame).
+pub const MAX_INPUT_SECONDS: u32 = 60;
+/// Gaps without a face up to this long (in frames) are bridged by interpolation.
+const MAX_GAP: usize = 5;
+/// Smoothing of the box centre, in frames (the size is smoothed 4 times as long).
+const SIGMA: f32 = 1.5;
+
+/// What to prepare and where.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub input: PathBuf,
+    pub id: String,
+    pub out: PathBuf,
+    /// Display name; the id if absent.
+    pub name: Option<String>,
+    pub width: u32,
+    pub height: u32,
+    pub fps: u32,
+    /// Longest loop kept, in seconds.
+    pub max_seconds: u32,
+    /// Forced loop mode; `None` chooses.
+    pub looping: Option<Looping>,
+    pub detector: PathBuf,
+    pub onnxruntime: PathBuf,
+    pub threads: usize,
+    /// Replace an existing avatar directory.
+    pub force: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    #[error("avatar id `{0}`: use 1 to 64 letters, digits, `-` or `_` (it becomes a directory and a URL)")]
+    BadId(String),
+    #[error("{size}: the output size must be even, from 96 to 4096 pixels a side, and fps 1 to 60")]
+    BadSize { size: String },
+    #[error("cannot read {path} as a video: {message}")]
+    Input { path: PathBuf, message: String },
+    #[error(
+        "no face found in any of the {frames} frames of {path}: record the face from the front, \
+         lit evenly, filling about a third of the picture"
+    )]
+    NoFace { path: PathBuf, frames: usize },
+    #[error(
+        "the face in {path} is only about {w}×{h} pixels in the {width}×{height} output; the lip-sync \
+         model needs at least {min}×{min}: record closer (head and shoulders), or prepare at a larger --size"
+    )]
+    TooSmall {
+        path: PathBuf,
+        w: u32,
+        h: u32,
+        width: u32,
+        height: u32,
+        min: u32,
+    },
+    #[error("{0} exists: pass --force to replace it")]
+    Exists(PathBuf),
+    #[error(transparent)]
+    Detector(#[from] detect::DetectError),
+    #[error("writing {path}: {message}")]
+    Write { path: PathBuf, message: String },
+}
+
+/// What a run found and wrote.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub dir: PathBuf,
+    pub fps: u32,
+    pub input_frames: usize,
+    /// Input frames the avatar keeps (the loop plays these).
+    pub kept: Range<usize>,
+    pub no_face: Vec<Range<usize>>,
+    pub several: Vec<Range<usize>>,
+    /// Kept frames whose box is interpolated (a short gap in detection).
+    pub interpolated: usize,
+    pub looping: plan::LoopPlan,
+    /// The median box, written as `face_box` (what an older worker would use).
+    pub typical: FaceBox,
+    pub decode_ms: f64,
+    pub detect_ms: f64,
+    pub write_ms: f64,
+}
+
+impl Report {
+    fn seconds(&self, frames: usize) -> f64 {
+        frames as f64 / f64::from(self.fps)
+    }
+
+    fn span(&self, r: &Range<usize>) -> String {
+        format!(
+            "frames {}–{} ({:.2}–{:.2} s)",
+            r.start,
+            r.end - 1,
+            self.seconds(r.start),
+            self.seconds(r.end)
+        )
+    }
+
+    /// The summary `worker avatar prepare` prints.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "read {} frames ({:.2} s at {} fps)",
+            self.input_frames,
+            self.seconds(self.input_frames),
+            self.fps
+        );
+        for r in &self.no_face {
+            let _ = writeln!(out, "no face: {}", self.span(r));
+        }
+        for r in &self.several {
+            let _ = writeln!(
+                out,
+                "several faces: {} (the one tracked from the frames before is used)",
+                self.span(r)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "kept: {}; {} box(es) interpolated",
+            self.span(&self.kept),
+            self.interpolated
+        );
+        let l = &self.looping;
+        let _ = writeln!(
+            out,
+            "loop: {} over {} frames ({:.2} s); change at the seam {:.2}, between frames {:.2} (median)",
+            match l.looping {
+                Looping::Forward => "forward",
+                Looping::Pingpong => "pingpong",
+            },
+            l.len,
+            self.seconds(l.len),
+            l.seam,
+            l.normal
+        );
+        let b = self.typical;
+        let _ = writeln!(out, "face box (median): x {} y {} w {} h {}", b.x, b.y, b.w, b.h);
+        let _ = writeln!(
+            out,
+            "time: decode {:.0} ms, detect {:.0} ms ({:.1} ms a frame), write {:.0} ms",
+            self.decode_ms,
+            self.detect_ms,
+            self.detect_ms / self.input_frames.max(1) as f64,
+            self.write_ms
+        );
+        let _ = writeln!(out, "wrote {}", self.dir.display());
+        out
+    }
+}
+
+/// A valid avatar id: it names a directory and appears in URLs.
+pub fn valid_id(id: &str) -> bool {
+    (1..=64).contains(&id.len()) && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+/// Prepare `options.input` into `options.out/options.id`, reporting progress on `progress`.
+pub fn run(options: &Options, progress: &ProgressBar) -> Result<Report, PrepareError> {
+    if !valid_id(&options.id) {
+        return Err(PrepareError::BadId(options.id.clone()));
+    }
+    let (width, height, fps) = (options.width, options.height, options.fps);
+    if !(96..=4096).contains(&width)
+        || !(96..=4096).contains(&height)
+        || width % 2 + height % 2 != 0
+        || !(1..=60).contains(&fps)
+    {
+        return Err(PrepareError::BadSize {
+            size: format!("{width}×{height} at {fps} fps"),
+        });
+    }
+    let dir = options.out.join(&options.id);
+    if dir.exists() && !options.force {
+        return Err(PrepareError::Exists(dir));
+    }
+    crate::media::encoder::init().map_err(|e| input_error(&options.input, e.to_string()))?;
+    // FFmpeg's own messages about a bad file would repeat, less clearly, the error returned.
+    ffmpeg_next::util::log::set_level(ffmpeg_next::util::log::Level::Fatal);
+
+    progress.set_message("decoding");
+    let t = Instant::now();
+    let max_frames = (MAX_INPUT_SECONDS * fps) as usize;
+    let (frames, _, _) = avatar::decode_video(&options.input, width, height, max_frames, fps, Fit::Cover)
+        .map_err(|e| input_error(&options.input, decode_message(e)))?;
+    let decode_ms = ms(t);
+
+    let mut detector = detect::FaceDetector::load(&options.detector, &options.onnxruntime, options.threads)?;
+    progress.set_length(frames.len() as u64);
+    progress.set_message("finding the face");
+    let t = Instant::now();
+    let mut found = Vec::with_capacity(frames.len());
+    for frame in &frames {
+        found.push(detector.detect(frame)?);
+        progress.inc(1);
+    }
+    let detect_ms = ms(t);
+
+    let choices = plan::choose(&found);
+    let track = plan::track(&choices, MAX_GAP, SIGMA, width, height).ok_or_else(|| PrepareError::NoFace {
+        path: options.input.clone(),
+        frames: frames.len(),
+    })?;
+    let mut sides: Vec<(u32, u32)> = choices
+        .iter()
+        .filter_map(|c| c.face)
+        .map(|d| (d.w.round() as u32, d.h.round() as u32))
+        .collect();
+    sides.sort_by_key(|(w, h)| (*w).min(*h));
+    let (w, h) = sides[sides.len() / 2];
+    if w.min(h) < MIN_FACE {
+        return Err(PrepareError::TooSmall {
+            path: options.input.clone(),
+            w,
+            h,
+            width,
+            height,
+            min: MIN_FACE,
+        });
+    }
+
+    // The loop: at most `max_seconds` of the kept stretch, cut or ping-ponged.
+    let keep = track.frames.len().min((options.max_seconds.max(1) * fps) as usize);
+    let kept = track.frames.start..track.frames.start + keep;
+    let thumbs: Vec<Vec<u8>> = frames[kept.clone()].iter().map(plan::thumbnail).collect();
+    let min_len = (keep / 2).max(2 * fps as usize).min(keep);
+    let mut looping = plan::choose_loop(&thumbs, min_len);
+    if let Some(forced) = options.looping {
+        if forced != looping.looping {
+            looping = plan::LoopPlan {
+                looping: forced,
+                len: keep,
+                seam: match forced {
+                    Looping::Forward => plan::difference(&thumbs[keep - 1], &thumbs[0]),
+                    Looping::Pingpong => looping.normal,
+                },
+                ..looping
+            };
+        }
+    }
+    let loop_frames = &frames[kept.start..kept.start + looping.len];
+    let boxes = &track.boxes[..looping.len];
+    let typical = median_box(boxes);
+
+    progress.set_message("writing");
+    let t = Instant::now();
+    let partial = options.out.join(format!(".{}.partial", options.id));
+    let _ = std::fs::remove_dir_all(&partial);
+    let name = options.name.clone().unwrap_or_else(|| options.id.clone());
+    let written = write_avatar(&partial, &name, loop_frames, boxes, &track, &looping, typical, fps)
+        .and_then(|()| write_contact_sheet(&partial.join("preview.png"), &frames, &choices, &track))
+        .and_then(|()| {
+            if options.force && dir.exists() {
+                std::fs::remove_dir_all(&dir).map_err(|e| write_error(&dir, e))?;
+            }
+            std::fs::rename(&partial, &dir).map_err(|e| write_error(&dir, e))
+        });
+    if let Err(e) = written {
+        let _ = std::fs::remove_dir_all(&partial);
+        return Err(e);
+    }
+    let write_ms = ms(t);
+    progress.finish_and_clear();
+    Ok(Report {
+        dir,
+        fps,
+        input_frames: frames.len(),
+        kept: kept.start..kept.start + looping.len,
+        no_face: track.no_face.clone(),
+        several: track.several.clone(),
+        interpolated: track.interpolated[..looping.len].iter().filter(|i| **i).count(),
+        looping,
+        typical,
+        decode_ms,
+        detect_ms,
+        write_ms,
+    })
+}
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+fn input_error(path: &Path, message: String) -> PrepareError {
+    PrepareError::Input {
+        path: path.into(),
+        message,
+    }
+}
+
+/// The decoder's error without the path, which [`PrepareError::Input`] names already.
+fn decode_message(e: avatar::AvatarError) -> String {
+    match e {
+        avatar::AvatarError::Decode { source, .. } => source.to_string(),
+        avatar::AvatarError::NoVideo { .. } => "it has no video stream".into(),
+        avatar::AvatarError::Empty { .. } => "it has no pictures".into(),
+        other => other.to_string(),
+    }
+}
+
+fn write_error(path: &Path, e: impl std::fmt::Display) -> PrepareError {
+    PrepareError::Write {
+        path: path.into(),
+        message: e.to_string(),
+    }
+}
+
+fn median_box(boxes: &[FaceBox]) -> FaceBox {
+    let median = |f: fn(&FaceBox) -> u32| {
+        let mut v: Vec<u32> = boxes.iter().map(f).collect();
+        v.sort_unstable();
+        v.get(v.len() / 2).copied().unwrap_or(0)
+    };
+    FaceBox {
+        x: median(|b| b.x),
+        y: median(|b| b.y),
+        w: median(|b| b.w),
+        h: median(|b| b.h),
+    }
+}
+
+/// Y, U, V of the outline colours (BT.601, video range).
+const GREEN: [u8; 3] = [145, 54, 34];
+const YELLOW: [u8; 3] = [210, 16, 146];
+const RED: [u8; 3] = [81, 90, 240];
+
+/// Draw the outline of `b` on `picture`, `thickness` pixels wide, inside the box.
+pub fn outline(picture: &mut Yuv420, b: FaceBox, [y, u, v]: [u8; 3], thickness: u32) {
+    let (w, h) = (picture.width, picture.height);
+    let (x0, y0) = (b.x.min(w - 1), b.y.min(h - 1));
+    let (x1, y1) = ((b.x + b.w).min(w), (b.y + b.h).min(h));
+    for py in y0..y1 {
+        for px in x0..x1 {
+            let edge = px < x0 + thickness || px + thickness >= x1 || py < y0 + thickness || py + thickness >= y1;
+            if edge {
+                picture.y[(py * w + px) as usize] = y;
+                let c = ((py / 2) * (w / 2) + px / 2) as usize;
+                picture.u[c] = u;
+                picture.v[c] = v;
+            }
+        }
+    }
+}
+
+/// The avatar itself: the idle clip, its boxes, `avatar.toml`, and the loop's preview.
+#[allow(clippy::too_many_arguments)]
+fn write_avatar(
+    dir: &Path,
+    name: &str,
+    frames: &[Yuv420],
+    boxes: &[FaceBox],
+    track: &plan::Track,
+    looping: &plan::LoopPlan,
+    typical: FaceBox,
+    fps: u32,
+) -> Result<(), PrepareError> {
+    std::fs::create_dir_all(dir).map_err(|e| write_error(dir, e))?;
+    let (width, height) = (frames[0].width, frames[0].height);
+    let mp4 = |path: PathBuf, pictures: &mut dyn Iterator<Item = Yuv420>| -> Result<(), PrepareError> {
+        let mut writer = file::Mp4Writer::create(&path, width, height, fps).map_err(|e| write_error(&path, e))?;
+        for p in pictures {
+            writer.write(&p).map_err(|e| write_error(&path, e))?;
+        }
+        writer.finish().map_err(|e| write_error(&path, e))
+    };
+    mp4(dir.join("idle.mp4"), &mut frames.iter().cloned())?;
+
+    let mut tsv = String::from(
+        "# Face boxes of idle.mp4, one line per frame, in its pixels (worker avatar prepare).\n\
+         # frame\tx\ty\tw\th\tsource\n",
+    );
+    for (i, b) in boxes.iter().enumerate() {
+        let source = if track.interpolated[i] {
+            "interpolated"
+        } else {
+            "detected"
+        };
+        let _ = writeln!(tsv, "{i}\t{}\t{}\t{}\t{}\t{source}", b.x, b.y, b.w, b.h);
+    }
+    let path = dir.join("boxes.tsv");
+    std::fs::write(&path, tsv).map_err(|e| write_error(&path, e))?;
+
+    let meta = format!(
+        "# Written by `worker avatar prepare`; docs/avatars.md explains each key.\n\
+         name = {}\n\
+         video = \"idle.mp4\"\n\
+         boxes = \"boxes.tsv\"\n\
+         # The median of the boxes, for tools that read one box.\n\
+         face_box = [{}, {}, {}, {}]\n\
+         loop = \"{}\"\n\
+         max_seconds = {}\n",
+        toml_string(name),
+        typical.x,
+        typical.y,
+        typical.w,
+        typical.h,
+        match looping.looping {
+            Looping::Forward => "forward",
+            Looping::Pingpong => "pingpong",
+        },
+        frames.len().div_ceil(fps as usize).max(1),
+    );
+    let path = dir.join("avatar.toml");
+    std::fs::write(&path, meta).map_err(|e| write_error(&path, e))?;
+
+    // The preview: one turn of the loop as the worker plays it, the lip-sync crop outlined.
+    let clip = avatar::AvatarClip {
+        id: String::new(),
+        name: String::new(),
+        boxes: boxes.to_vec(),
+        frames: frames.to_vec(),
+        looping: looping.looping,
+    };
+    let turn = match looping.looping {
+        Looping::Forward => frames.len(),
+        Looping::Pingpong => (2 * frames.len()).saturating_sub(2).max(1),
+    };
+    mp4(
+        dir.join("preview.mp4"),
+        &mut (0..turn).map(|i| {
+            let mut p = clip.frame(i).clone();
+            outline(&mut p, face::crop_region(clip.face_box(i), width, height), GREEN, 2);
+            p
+        }),
+    )
+}
+
+/// A TOML basic string.
+fn toml_string(s: &str) -> String {
+    toml::Value::String(s.to_owned()).to_string()
+}
+
+/// Twelve frames spread over the input, 4 × 3, each with its face box: green where detected,
+/// yellow where interpolated, a red frame where there is no face or it is not kept.
+fn write_contact_sheet(
+    path: &Path,
+    frames: &[Yuv420],
+    choices: &[plan::Choice],
+    track: &plan::Track,
+) -> Result<(), PrepareError> {
+    const COLS: u32 = 4;
+    const ROWS: u32 = 3;
+    let (width, height) = (frames[0].width, frames[0].height);
+    let tile_w = 256u32.min(width) / 2 * 2;
+    let tile_h = ((u64::from(tile_w) * u64::from(height) / u64::from(width)) as u32 / 2 * 2).max(2);
+    let mut sheet = Yuv420::new(COLS * tile_w, ROWS * tile_h);
+    let n = frames.len();
+    for k in 0..(COLS * ROWS) as usize {
+        let i = (k * n / (COLS * ROWS) as usize).min(n - 1);
+        let mut tile = file::scaled(&frames[i], tile_w, tile_h).map_err(|e| write_error(path, e))?;
+        let scale = |b: FaceBox| FaceBox {
+            x: b.x * tile_w / width,
+            y: b.y * tile_h / height,
+            w: (b.w * tile_w / width).max(2),
+            h: (b.h * tile_h / height).max(2),
+        };
+        let kept = track.frames.contains(&i);
+        match (kept, choices[i].face.is_some()) {
+            (true, detected) => outline(
+                &mut tile,
+                scale(track.boxes[i - track.frames.start]),
+                if detected { GREEN } else { YELLOW },
+                2,
+            ),
+            (false, _) => outline(
+                &mut tile,
+                FaceBox {
+                    x: 0,
+                    y: 0,
+                    w: tile_w,
+                    h: tile_h,
+                },
+                RED,
+                4,
+            ),
+        }
+        let (ox, oy) = ((k as u32 % COLS) * tile_w, (k as u32 / COLS) * tile_h);
+        let sw = sheet.width as usize;
+        for row in 0..tile_h as usize {
+            let at = (oy as usize + row) * sw + ox as usize;
+            sheet.y[at..at + tile_w as usize]
+                .copy_from_slice(&tile.y[row * tile_w as usize..(row + 1) * tile_w as usize]);
+        }
+        for row in 0..(tile_h / 2) as usize {
+            let at = (oy as usize / 2 + row) * (sw / 2) + ox as usize / 2;
+            let tw = (tile_w / 2) as usize;
+            sheet.u[at..at + tw].copy_from_slice(&tile.u[row * tw..(row + 1) * tw]);
+            sheet.v[at..at + tw].copy_from_slice(&tile.v[row * tw..(row + 1) * tw]);
+        }
+    }
+    let bytes = file::png(&sheet).map_err(|e| write_error(path, e))?;
+    std::fs::write(path, bytes).map_err(|e| write_error(path, e))
+}
