@@ -10,10 +10,16 @@
 //!   receives; `GET /api/avatars` lists the avatar with a preview that Chromium loads.
 
 use avatar_edge_tests::avatars::{face_of, mouth_of, pose_at, prepare_command, write_recording};
-use avatar_worker::media::avatar::{load_dir, parse_boxes, Pose};
+use avatar_edge_tests::cdp::Chromium;
+use avatar_edge_tests::cluster::{http_get, Cluster};
+use avatar_edge_tests::netns;
+use avatar_edge_tests::signaling::Signaling;
+use avatar_worker::media::avatar::{load_dir, parse_boxes, Pose, Yuv420};
 use avatar_worker::prepare::plan::{difference, thumbnail};
+use serde_json::{json, Value};
 use std::path::Path;
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 
 /// Largest distance between a box's centre and the drawn face's centre, in pixels of the
 /// 512×512 output (the face is about 220×280).
@@ -232,4 +238,202 @@ fn unreadable_faceless_and_tiny_recordings_fail_clearly_and_write_nothing() {
         .map(|d| d.filter_map(|e| e.ok().map(|e| e.file_name())).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "nothing written: {left:?}");
+}
+
+/// Where the lip-sync stage drew the mouth in one received 512×512 luma picture, and where the
+/// drawn mouth is; `None` when the mouth is not open there.
+///
+/// The picture is matched to the idle frame it was made from (the one it differs least from; the
+/// head moves a few pixels between frames, the mouth changes a small area), and the mouth the
+/// lip-sync model drew is what darkened against that frame: the centroid of the darkening, near
+/// the drawn mouth of that frame's pose (`poses[k]`: the prepared clip keeps the recording's frames
+/// from the first).
+fn mouths(
+    luma: &[u8],
+    idle: &[Yuv420],
+    idle_thumbs: &[Vec<u8>],
+    poses: &[Option<Pose>],
+) -> Option<((f32, f32), (f32, f32))> {
+    const W: usize = 512;
+    let picture = Yuv420 {
+        width: 512,
+        height: 512,
+        y: luma.to_vec(),
+        u: vec![128; W * W / 4],
+        v: vec![128; W * W / 4],
+    };
+    let thumb = thumbnail(&picture);
+    let k = (0..idle.len())
+        .min_by(|&a, &b| difference(&thumb, &idle_thumbs[a]).total_cmp(&difference(&thumb, &idle_thumbs[b])))?;
+    let truth = mouth_of((*poses.get(k)?)?);
+    let (mut sx, mut sy, mut weight) = (0.0f32, 0.0f32, 0.0f32);
+    let (x0, y0) = ((truth.0 - 70.0).max(0.0) as usize, (truth.1 - 50.0).max(0.0) as usize);
+    for y in y0..(y0 + 100).min(W) {
+        for x in x0..(x0 + 140).min(W) {
+            let darker = f32::from(idle[k].y[y * W + x]) - f32::from(luma[y * W + x]);
+            if darker > 12.0 {
+                sx += darker * x as f32;
+                sy += darker * y as f32;
+                weight += darker;
+            }
+        }
+    }
+    // An open mouth darkens 60 000 to 170 000 (luma × pixels) here; a closed one under 12 000.
+    (weight > 30_000.0).then(|| ((sx / weight + 0.5, sy / weight + 0.5), truth))
+}
+
+/// Tolerance of the lip-synced mouth's position against the drawn mouth's, in pixels of the
+/// 512×512 picture (the mouth is about 80 px wide): the built-in model darkens a fixed place in
+/// its 96×96 crop, which sits some 15 px above this drawing's lips in a CenterFace box.
+const MOUTH_TOLERANCE: f32 = 24.0;
+/// How far the lip-synced mouth may move from that steady offset as the head moves: the crop
+/// follows the face.
+const MOUTH_WANDER: f32 = 8.0;
+
+#[test]
+fn the_talking_avatar_keeps_its_mouth_on_the_moving_mouth_and_the_page_shows_its_preview() {
+    netns::run(
+        "the_talking_avatar_keeps_its_mouth_on_the_moving_mouth_and_the_page_shows_its_preview",
+        || async {
+            let work = tempfile::tempdir().expect("tmp");
+            let input = work.path().join("me.mp4");
+            let poses = write_recording(&input, 512, 6.0, |t| pose_at(t, 6.0)).expect("recording");
+            let out = work.path().join("avatars");
+            let run = prepare(&input, &out, "moving", &["--name", "Moving tutor"]);
+            assert!(run.status.success(), "{}", text(&run.stderr));
+
+            let mut cluster = Cluster::relay_only("").await;
+            cluster
+                .add_worker("gpu-1", 2, &format!("avatar_dir = \"{}\"", out.display()))
+                .await;
+
+            // The relay lists the avatar with a preview, and serves it as a JPEG.
+            let (status, body) = http_get(cluster.relay.http, "/api/avatars").await.expect("avatars");
+            assert_eq!(status, 200);
+            let listed: Value = serde_json::from_str(&body).expect("JSON");
+            assert_eq!(
+                listed["avatars"],
+                json!([{"id": "moving", "name": "Moving tutor", "preview": "/api/avatars/moving/preview.jpg"}])
+            );
+            let (status, _) = http_get(cluster.relay.http, "/api/avatars/nobody/preview.jpg")
+                .await
+                .expect("get");
+            assert_eq!(status, 404);
+
+            // The page shows it until the stream starts, and Chromium decodes it.
+            let url = format!("http://{}/?lang=en&avatar=moving", cluster.relay.http);
+            let mut browser = Chromium::launch(&url).await.expect("chromium");
+            let poster = browser
+                .poll(
+                    "document.getElementById('video').poster || null",
+                    Duration::from_secs(10),
+                    |v| v.is_string(),
+                )
+                .await;
+            assert!(
+                poster
+                    .as_str()
+                    .is_some_and(|p| p.ends_with("/api/avatars/moving/preview.jpg")),
+                "{poster}"
+            );
+            let size = browser
+                .eval(
+                    "new Promise((done) => { const i = new Image(); \
+                     i.onload = () => done([i.naturalWidth, i.naturalHeight]); i.onerror = () => done('error'); \
+                     i.src = '/api/avatars/moving/preview.jpg'; })",
+                )
+                .await
+                .expect("load the preview");
+            assert_eq!(size, json!([160, 160]), "Chromium decodes the preview");
+            drop(browser);
+
+            // Talking: in the received pictures the open mouth sits on the drawn mouth wherever
+            // the head has moved.
+            let mut sig = Signaling::connect(&cluster.ws_url("moving-1")).await.expect("ws");
+            let client = avatar_edge_tests::play(&mut sig, "moving")
+                .await
+                .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+            // The worker answers text once its video plays.
+            client.wait_frames(10, Duration::from_secs(10)).await;
+            client.stats.lock().expect("stats").keep_pictures = 400;
+            let asked = Instant::now();
+            sig.send_json(
+                &json!({"type": "text_webrtc", "session_id": "s", "user_id": 5, "tutor_id": 1,
+                "message": "Please tell me a long story about the moon and the stars.", "avatar_id": "moving"}),
+            )
+            .await
+            .expect("ask");
+            sig.wait_for("speech_ended", Duration::from_secs(30))
+                .await
+                .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+            eprintln!("answered in {:?}", asked.elapsed());
+            let pictures = std::mem::take(&mut client.stats.lock().expect("stats").pictures);
+            let clip = load_dir(&out, 512, 512, 25).expect("the prepared avatar").remove(0);
+            let thumbs: Vec<Vec<u8>> = clip.frames.iter().map(thumbnail).collect();
+            let measured: Vec<((f32, f32), (f32, f32))> = pictures
+                .iter()
+                .filter_map(|(_, luma)| mouths(luma, &clip.frames, &thumbs, &poses))
+                .collect();
+            let errors: Vec<f32> = measured
+                .iter()
+                .map(|((mx, my), (tx, ty))| ((mx - tx).powi(2) + (my - ty).powi(2)).sqrt())
+                .collect();
+            let xs: Vec<f32> = measured.iter().map(|(_, (tx, _))| *tx).collect();
+            let span = xs.iter().copied().fold(f32::MIN, f32::max) - xs.iter().copied().fold(f32::MAX, f32::min);
+            let n = measured.len().max(1) as f32;
+            let offset = (
+                measured.iter().map(|((mx, _), (tx, _))| mx - tx).sum::<f32>() / n,
+                measured.iter().map(|((_, my), (_, ty))| my - ty).sum::<f32>() / n,
+            );
+            let wander = measured
+                .iter()
+                .map(|((mx, my), (tx, ty))| ((mx - tx - offset.0).powi(2) + (my - ty - offset.1).powi(2)).sqrt())
+                .fold(0.0f32, f32::max);
+            let worst = errors.iter().copied().fold(0.0f32, f32::max);
+            let mean = errors.iter().sum::<f32>() / errors.len().max(1) as f32;
+            // Where one fixed box (the clip's median) would have put the mouth instead.
+            let truths: Vec<(f32, f32)> = poses.iter().flatten().map(|p| mouth_of(*p)).collect();
+            let centre = |f: fn(&(f32, f32)) -> f32| {
+                let mut v: Vec<f32> = truths.iter().map(f).collect();
+                v.sort_by(f32::total_cmp);
+                v[v.len() / 2]
+            };
+            let (fx, fy) = (centre(|t| t.0), centre(|t| t.1));
+            let fixed = measured
+                .iter()
+                .map(|(_, (tx, ty))| ((tx - fx).powi(2) + (ty - fy).powi(2)).sqrt())
+                .fold(0.0f32, f32::max);
+            eprintln!(
+                "{} of {} pictures with the mouth open; the drawn mouth moved over {span:.0} px sideways; \
+                 lip-synced mouth vs drawn mouth: mean {mean:.1} px, worst {worst:.1} px, a steady offset of \
+                 ({:.1}, {:.1}) px and at most {wander:.1} px from it (one fixed box would miss by up to {fixed:.0} px)",
+                measured.len(),
+                pictures.len(),
+                offset.0,
+                offset.1
+            );
+            assert!(
+                measured.len() >= 25,
+                "too few talking pictures: {}\n{}",
+                measured.len(),
+                cluster.logs()
+            );
+            assert!(
+                span >= 60.0,
+                "the head moved {span:.0} px while talking: not enough positions"
+            );
+            assert!(
+                worst <= MOUTH_TOLERANCE,
+                "the mouth slid {worst:.1} px off the drawn mouth"
+            );
+            assert!(
+                wander <= MOUTH_WANDER,
+                "the mouth wandered {wander:.1} px as the head moved"
+            );
+            assert!(
+                fixed >= 3.0 * MOUTH_WANDER,
+                "the test moved the head too little: {fixed:.0} px"
+            );
+        },
+    );
 }

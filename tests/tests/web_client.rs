@@ -362,7 +362,10 @@ fn with_several_avatars_the_page_offers_a_chooser_by_name() {
         let listed: Value = serde_json::from_str(&body).expect("JSON");
         assert_eq!(
             listed["avatars"],
-            serde_json::json!([{"id": "tutor_a", "name": "Ms. Alpha"}, {"id": "tutor_b", "name": "Mr. Beta"}])
+            serde_json::json!([
+                {"id": "tutor_a", "name": "Ms. Alpha", "preview": "/api/avatars/tutor_a/preview.jpg"},
+                {"id": "tutor_b", "name": "Mr. Beta", "preview": "/api/avatars/tutor_b/preview.jpg"}
+            ])
         );
 
         let url = format!("http://{}/?lang=en", cluster.relay.http);
