@@ -818,6 +818,24 @@ mod tests {
     }
 
     #[test]
+    fn only_small_jpegs_are_served_as_avatar_previews() {
+        use base64::Engine as _;
+        let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+        let jpeg = [&[0xFF, 0xD8, 0xFF, 0xE0][..], &[7u8; 100][..]].concat();
+        assert_eq!(preview_bytes(&b64(&jpeg)), Some(jpeg.clone()));
+        // A PNG, or an HTML page, is not served as a JPEG; nor is too large a JPEG, or no base64.
+        assert_eq!(preview_bytes(&b64(b"\x89PNG\r\n\x1a\n....")), None);
+        assert_eq!(preview_bytes(&b64(b"<script>alert(1)</script>")), None);
+        let big = [
+            &[0xFF, 0xD8, 0xFF][..],
+            &vec![0u8; avatar_proto::tunnel::MAX_AVATAR_PREVIEW_LEN][..],
+        ]
+        .concat();
+        assert_eq!(preview_bytes(&b64(&big)), None);
+        assert_eq!(preview_bytes("not base64!"), None);
+    }
+
+    #[test]
     fn session_ids_are_checked() {
         assert!(valid_session_id("test-session-1767600000000"));
         assert!(!valid_session_id(""));

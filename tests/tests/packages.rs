@@ -300,6 +300,30 @@ fn packages_install_on_fresh_debian_and_a_session_talks() {
     let ca = logs.path().join("ca.pem");
     std::fs::write(&ca, &certs.ca_pem).expect("ca");
 
+    // docs/avatars.md: the packaged worker prepares an avatar from a recording with the
+    // packaged face detector and ONNX Runtime, found where the package puts them.
+    let poses = avatar_edge_tests::avatars::write_recording(&gpu.file("/tmp/me.mp4"), 512, 3.0, |t| {
+        avatar_edge_tests::avatars::pose_at(t, 3.0)
+    })
+    .expect("a recording");
+    let prepared = gpu.chroot(&[
+        "worker",
+        "avatar",
+        "prepare",
+        "/tmp/me.mp4",
+        "--id",
+        "me",
+        "--out",
+        "/tmp/avatars",
+    ]);
+    let summary = String::from_utf8_lossy(&prepared.stdout);
+    assert!(
+        prepared.status.success() && summary.contains(&format!("read {} frames", poses.len())),
+        "worker avatar prepare in the installed system:\n{summary}{}",
+        String::from_utf8_lossy(&prepared.stderr)
+    );
+    assert!(gpu.file("/tmp/avatars/me/boxes.tsv").is_file() && gpu.file("/tmp/avatars/me/preview.png").is_file());
+
     // Step 4 and 6: start both, as systemd would.
     let relay = Service::start(&vps, relay_unit, vps_ns, &logs.path().join("relay.log")).expect("the relay starts");
     assert!(

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 #[command(version, about)]
 struct Args {
     /// TOML configuration file.
-    #[arg(long, short)]
+    #[arg(long, short, global = true)]
     config: Option<PathBuf>,
     /// Development defaults: dial a `relay --dev` on 127.0.0.1:4433, loopback ICE candidates.
     #[arg(long)]
