@@ -82,7 +82,7 @@ struct PrepareArgs {
     /// The CenterFace model (default: $AVATAR_EDGE_FACE_MODEL, the package's, or .tools/models).
     #[arg(long)]
     detector: Option<PathBuf>,
-    /// libonnxruntime.so (default: the config's talk.lipsync.onnxruntime, $AVATAR_EDGE_ONNXRUNTIME,
+    /// libonnxruntime.so (default: $AVATAR_EDGE_ONNXRUNTIME, the config's talk.lipsync.onnxruntime,
     /// the package's, or .tools/onnxruntime).
     #[arg(long)]
     onnxruntime: Option<PathBuf>,
@@ -167,41 +167,36 @@ fn prepare_avatar(args: &Args, p: &PrepareArgs) -> std::process::ExitCode {
         "pingpong" => Some(avatar_worker::media::avatar::Looping::Pingpong),
         other => return fail(64, &format!("--loop {other}: expected auto, forward or pingpong")),
     };
+    // The flag, else the environment (as for the worker itself), else the first that exists of:
+    // the config's, the Debian package's, the tarball's (lib/ beside bin/), the checkout's.
     let exe_lib = std::env::current_exe()
         .ok()
         .and_then(|e| e.parent().and_then(|bin| bin.parent()).map(|root| root.join("lib")));
-    let first_file = |explicit: Option<PathBuf>, env: &str, packaged: &str, tools: &str, file: &str| {
-        explicit
+    let find = |flag: &Option<PathBuf>, env: &str, candidates: Vec<Option<PathBuf>>| {
+        flag.clone()
             .or_else(|| std::env::var_os(env).map(PathBuf::from))
-            .unwrap_or_else(|| {
-                let candidates = [
-                    Some(PathBuf::from(packaged)),
-                    exe_lib.as_ref().map(|l| l.join(file)),
-                    Some(PathBuf::from(tools)),
-                ];
-                candidates
-                    .iter()
-                    .flatten()
-                    .find(|c| c.is_file())
-                    .cloned()
-                    .unwrap_or_else(|| PathBuf::from(packaged))
-            })
+            .or_else(|| candidates.iter().flatten().find(|c| c.is_file()).cloned())
+            .or_else(|| candidates.iter().flatten().next().cloned())
+            .unwrap_or_default()
     };
-    let detector = first_file(
-        p.detector.clone(),
+    let detector = find(
+        &p.detector,
         "AVATAR_EDGE_FACE_MODEL",
-        "/usr/share/avatar-edge/centerface.onnx",
-        ".tools/models/centerface.onnx",
-        "centerface.onnx",
+        vec![
+            Some(PathBuf::from("/usr/share/avatar-edge/centerface.onnx")),
+            exe_lib.as_ref().map(|l| l.join("centerface.onnx")),
+            Some(PathBuf::from(".tools/models/centerface.onnx")),
+        ],
     );
-    let onnxruntime = first_file(
-        p.onnxruntime
-            .clone()
-            .or_else(|| config.as_ref().map(|c| c.talk.lipsync.onnxruntime.clone())),
+    let onnxruntime = find(
+        &p.onnxruntime,
         "AVATAR_EDGE_ONNXRUNTIME",
-        "/usr/lib/avatar-edge/libonnxruntime.so",
-        ".tools/onnxruntime/libonnxruntime.so",
-        "libonnxruntime.so",
+        vec![
+            config.as_ref().map(|c| c.talk.lipsync.onnxruntime.clone()),
+            Some(PathBuf::from("/usr/lib/avatar-edge/libonnxruntime.so")),
+            exe_lib.as_ref().map(|l| l.join("libonnxruntime.so")),
+            Some(PathBuf::from(".tools/onnxruntime/libonnxruntime.so")),
+        ],
     );
     let options = prepare::Options {
         input: p.input.clone(),

@@ -130,19 +130,7 @@ impl FaceDetector {
             path: model.display().to_string(),
             message,
         };
-        if !model.is_file() {
-            return Err(err(
-                "no such file (scripts/install-deps fetches it; the Debian package installs it)".into(),
-            ));
-        }
-        let env = crate::talk::lipsync::ort_environment(onnxruntime).map_err(|e| err(e.to_string()))?;
-        let build = || -> ort::Result<ort::session::Session> {
-            ort::session::Session::builder(env)?
-                .with_intra_threads(threads.max(1))?
-                .with_inter_threads(1)?
-                .commit_from_file(model)
-        };
-        let session = build().map_err(|e| err(e.to_string()))?;
+        let session = crate::talk::lipsync::cpu_session(model, onnxruntime, threads).map_err(err)?;
         if session.inputs().len() != 1 || session.outputs().len() != 4 {
             return Err(err("expected one input and four outputs: not a CenterFace model".into()));
         }

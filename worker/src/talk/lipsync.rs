@@ -103,6 +103,27 @@ impl LipSyncModel for BuiltinMouth {
     }
 }
 
+/// A CPU session of the small model at `model` (a file a package or `scripts/install-deps`
+/// provides) on `threads` threads, with the ONNX Runtime library at `onnxruntime`; the error says
+/// what is wrong in words.
+pub(crate) fn cpu_session(
+    model: &std::path::Path,
+    onnxruntime: &std::path::Path,
+    threads: usize,
+) -> Result<ort::session::Session, String> {
+    if !model.is_file() {
+        return Err("no such file (scripts/install-deps fetches it; the Debian package installs it)".into());
+    }
+    let env = ort_environment(onnxruntime).map_err(|e| e.to_string())?;
+    let build = || -> ort::Result<ort::session::Session> {
+        ort::session::Session::builder(env)?
+            .with_intra_threads(threads.max(1))?
+            .with_inter_threads(1)?
+            .commit_from_file(model)
+    };
+    build().map_err(|e| e.to_string())
+}
+
 /// The process-wide ONNX Runtime environment (one per process, kept alive for its sessions).
 pub(crate) fn ort_environment(
     library: &std::path::Path,

@@ -68,19 +68,7 @@ impl SileroVad {
             path: model.display().to_string(),
             message,
         };
-        if !model.is_file() {
-            return Err(err(
-                "no such file (scripts/install-deps fetches it; the Debian package installs it)".into(),
-            ));
-        }
-        let env = super::lipsync::ort_environment(onnxruntime).map_err(|e| err(e.to_string()))?;
-        let build = || -> ort::Result<ort::session::Session> {
-            ort::session::Session::builder(env)?
-                .with_intra_threads(1)?
-                .with_inter_threads(1)?
-                .commit_from_file(model)
-        };
-        let session = build().map_err(|e| err(e.to_string()))?;
+        let session = super::lipsync::cpu_session(model, onnxruntime, 1).map_err(err)?;
         for name in ["input", "state", "sr"] {
             if !session.inputs().iter().any(|i| i.name() == name) {
                 return Err(err(format!("has no input `{name}`: not a Silero VAD v5 model")));
