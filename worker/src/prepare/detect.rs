@@ -216,19 +216,18 @@ mod tests {
         scale[cell + 1] = 4.0f32.ln();
         scale[plane + cell + 1] = 4.0f32.ln();
         heatmap[0] = 0.1;
-        let found = decode(
-            &Maps {
+        let decoded = |offset: &[f32]| {
+            let maps = Maps {
                 heatmap: &heatmap,
                 scale: &scale,
-                offset: &offset,
+                offset,
                 landmarks: &landmarks,
                 rows,
                 cols,
-            },
-            THRESHOLD,
-            32.0,
-            32.0,
-        );
+            };
+            decode(&maps, THRESHOLD, 32.0, 32.0)
+        };
+        let found = decoded(&offset);
         assert_eq!(found.len(), 2);
         let kept = nms(found, NMS_IOU);
         assert_eq!(kept.len(), 1, "{kept:?}");
@@ -238,15 +237,7 @@ mod tests {
         assert_eq!(d.centre(), (18.0, 14.0));
         // What the network says is not trusted: a NaN anywhere drops that box, nothing panics.
         offset[cell] = f32::NAN;
-        let maps = Maps {
-            heatmap: &heatmap,
-            scale: &scale,
-            offset: &offset,
-            landmarks: &landmarks,
-            rows,
-            cols,
-        };
-        let found = decode(&maps, THRESHOLD, 32.0, 32.0);
+        let found = decoded(&offset);
         assert_eq!(found.len(), 1, "only the neighbour: {found:?}");
     }
 }
