@@ -35,6 +35,8 @@ pub fn inspect_offer(sdp: &str) -> Result<OfferSummary, SignalError> {
     }
     let mut summary = OfferSummary::default();
     let (mut origin, mut session_name) = (false, false);
+    // An offer's DTLS role is always `actpass` (RFC 5763 §5); `active` or `passive` is an answer.
+    let mut answer_role = None;
     for line in lines {
         let Some((key, value)) = line.split_once('=') else {
             return Err(bad("every line must be `<letter>=<value>`"));
@@ -45,6 +47,11 @@ pub fn inspect_offer(sdp: &str) -> Result<OfferSummary, SignalError> {
         match key {
             "o" => origin = true,
             "s" => session_name = true,
+            "a" => {
+                if let Some(role @ ("active" | "passive")) = value.strip_prefix("setup:").map(str::trim) {
+                    answer_role = Some(role);
+                }
+            }
             "m" => match value.split(' ').next() {
                 Some("video") => summary.video_sections += 1,
                 Some("audio") => summary.audio_sections += 1,
@@ -55,6 +62,11 @@ pub fn inspect_offer(sdp: &str) -> Result<OfferSummary, SignalError> {
     }
     if !origin || !session_name {
         return Err(bad("the `o=` and `s=` lines are required"));
+    }
+    if let Some(role) = answer_role {
+        return Err(bad(&format!(
+            "this is an answer (`a=setup:{role}`; an offer says `actpass`): send what createOffer() returns"
+        )));
     }
     if summary.video_sections + summary.audio_sections + summary.other_sections == 0 {
         return Err(SignalError::new(ErrorCode::OfferWithoutMedia, OFFER_WITHOUT_MEDIA_HELP));
@@ -67,6 +79,44 @@ pub fn inspect_offer(sdp: &str) -> Result<OfferSummary, SignalError> {
         ));
     }
     Ok(summary)
+}
+
+/// Check that `candidate` is an ICE candidate line as a browser's `RTCIceCandidate.candidate`
+/// writes it (RFC 8839 §5.1): `candidate:<foundation> <component> <udp|tcp> <priority>
+/// <address> <port> typ <host|srflx|prflx|relay> …`. The worker's ICE agent parses it fully;
+/// this only makes sure a malformed one is answered instead of silently dropped there.
+pub fn inspect_candidate(candidate: &str) -> Result<(), SignalError> {
+    let bad = |why: &str| SignalError::new(ErrorCode::BadCandidate, format!("not an ICE candidate: {why}"));
+    let line = candidate.trim();
+    let line = line.strip_prefix("a=").unwrap_or(line);
+    let Some(fields) = line.strip_prefix("candidate:") else {
+        return Err(bad("it must start with `candidate:`"));
+    };
+    let f: Vec<&str> = fields.split_ascii_whitespace().collect();
+    if f.len() < 8 {
+        return Err(bad(
+            "expected `candidate:<foundation> <component> <transport> <priority> <address> <port> typ <type>`",
+        ));
+    }
+    if f[1].parse::<u16>().map_or(true, |c| c == 0) {
+        return Err(bad("the component must be a number from 1"));
+    }
+    if !f[2].eq_ignore_ascii_case("udp") && !f[2].eq_ignore_ascii_case("tcp") {
+        return Err(bad("the transport must be udp or tcp"));
+    }
+    if f[3].parse::<u32>().is_err() {
+        return Err(bad("the priority must be a number"));
+    }
+    if f[4].is_empty() || f[4].len() > 255 {
+        return Err(bad("the address is missing or too long"));
+    }
+    if f[5].parse::<u16>().is_err() {
+        return Err(bad("the port must be a number from 0 to 65535"));
+    }
+    if f[6] != "typ" || !matches!(f[7], "host" | "srflx" | "prflx" | "relay") {
+        return Err(bad("`typ` must be followed by host, srflx, prflx or relay"));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -113,6 +163,47 @@ mod tests {
             "v=0\r\nm=video 9 RTP 96\r\n",
         ] {
             assert_eq!(inspect_offer(s).expect_err(s).code, ErrorCode::BadSdp, "{s:?}");
+        }
+    }
+
+    #[test]
+    fn an_answer_sent_as_an_offer_is_named() {
+        let offer = format!("{NO_MEDIA}m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=setup:actpass\r\n");
+        assert!(inspect_offer(&offer).is_ok());
+        for role in ["active", "passive"] {
+            let answer = offer.replace("actpass", role);
+            let err = inspect_offer(&answer).expect_err(role);
+            assert_eq!(err.code, ErrorCode::BadSdp);
+            assert!(err.message.contains("answer"), "{}", err.message);
+        }
+    }
+
+    #[test]
+    fn candidates_are_checked_for_shape() {
+        for ok in [
+            "candidate:842163049 1 udp 1677729535 203.0.113.7 46154 typ srflx raddr 0.0.0.0 rport 0 generation 0",
+            "candidate:1 1 UDP 2122252543 2001:db8::1 50000 typ host",
+            "a=candidate:3 1 tcp 1518280447 192.0.2.1 9 typ host tcptype active",
+            "candidate:4 1 udp 2122260223 4b1c2d3e-aaaa-bbbb-cccc-0123456789ab.local 5000 typ host",
+        ] {
+            assert!(inspect_candidate(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "hello",
+            "candidate:",
+            "candidate:1 1 udp 2122252543 192.0.2.1",
+            "candidate:1 x udp 2122252543 192.0.2.1 5000 typ host",
+            "candidate:1 1 sctp 2122252543 192.0.2.1 5000 typ host",
+            "candidate:1 1 udp -5 192.0.2.1 5000 typ host",
+            "candidate:1 1 udp 2122252543 192.0.2.1 70000 typ host",
+            "candidate:1 1 udp 2122252543 192.0.2.1 5000 type host",
+            "candidate:1 1 udp 2122252543 192.0.2.1 5000 typ banana",
+        ] {
+            assert_eq!(
+                inspect_candidate(bad).expect_err(bad).code,
+                ErrorCode::BadCandidate,
+                "{bad}"
+            );
         }
     }
 }

@@ -23,7 +23,7 @@
 //! [`SignalingSession::worker_event`] returns [`Action::Route`] and [`SignalingSession::refused_by`]
 //! names the workers to skip. Each worker refuses an offer at most once, so this ends.
 
-use crate::sdp::inspect_offer;
+use crate::sdp::{inspect_candidate, inspect_offer};
 use crate::signaling::{decode_client_message, ClientMessage, ErrorCode, Offer, ServerEvent};
 
 /// Where the session stands.
@@ -99,8 +99,13 @@ impl SignalingSession {
             }
         }
         if let ClientMessage::WebrtcIceCandidate(c) = &msg {
-            if c.candidate.as_ref().is_none_or(|c| c.is_end_of_candidates()) {
-                return Action::Ignore;
+            match &c.candidate {
+                Some(c) if !c.is_end_of_candidates() => {
+                    if let Err(e) = inspect_candidate(&c.candidate) {
+                        return Action::Reply(e.to_event());
+                    }
+                }
+                _ => return Action::Ignore,
             }
         }
         match (&mut self.state, msg) {
@@ -373,6 +378,9 @@ mod tests {
         ));
         // Bad input while attached is still answered locally, never forwarded.
         assert_eq!(code(s.on_text("{")), ErrorCode::BadJson);
+        // A malformed candidate after the offer gets an error event (issue 26), not silence.
+        let malformed = r#"{"type":"webrtc_ice_candidate","candidate":{"candidate":"candidate:garbage","sdpMid":"0"}}"#;
+        assert_eq!(code(s.on_text(malformed)), ErrorCode::BadCandidate);
     }
 
     #[test]

@@ -129,6 +129,8 @@ pub enum ErrorCode {
     MessageTooLarge,
     /// The SDP is not a session description we can answer.
     BadSdp,
+    /// A `webrtc_ice_candidate` whose `candidate` is not an ICE candidate line.
+    BadCandidate,
     /// The offer has no media sections: the page created it without a transceiver or track.
     OfferWithoutMedia,
     /// A message that needs a session arrived before `webrtc_offer`.
@@ -157,6 +159,11 @@ pub enum ErrorCode {
     /// recognition, language model, speech or lip-sync failed or timed out; the message names
     /// the stage). The avatar is back to idle and the session goes on.
     TalkFailed,
+    /// The session sent messages (typed or spoken) faster than the worker's turn rate; the
+    /// message was not answered, and the answer in progress goes on. Wait and send it again.
+    RateLimited,
+    /// The message or transcript is longer than the worker accepts; it was not answered.
+    MessageTooLong,
 }
 
 impl ErrorCode {
@@ -167,6 +174,7 @@ impl ErrorCode {
             ErrorCode::InvalidMessage => "invalid_message",
             ErrorCode::MessageTooLarge => "message_too_large",
             ErrorCode::BadSdp => "bad_sdp",
+            ErrorCode::BadCandidate => "bad_candidate",
             ErrorCode::OfferWithoutMedia => "offer_without_media",
             ErrorCode::NoSession => "no_session",
             ErrorCode::NoWorker => "no_worker",
@@ -178,6 +186,8 @@ impl ErrorCode {
             ErrorCode::SessionInUse => "session_in_use",
             ErrorCode::IdleTimeout => "idle_timeout",
             ErrorCode::TalkFailed => "talk_failed",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::MessageTooLong => "message_too_long",
             ErrorCode::SessionExpired => "session_expired",
             ErrorCode::Internal => "internal",
         }

@@ -137,6 +137,11 @@ pub struct EmbeddedTurnConfig {
     pub deny_peers: Vec<ipnet::IpNet>,
     /// TCP and TLS connections held at once; further ones are closed on accept.
     pub max_stream_connections: usize,
+    /// TCP and TLS connections one source address (IPv6: one /64) holds at once; further ones
+    /// are closed on accept.
+    pub max_stream_connections_per_ip: usize,
+    /// A TCP or TLS connection must send a STUN message within this (after its TLS handshake).
+    pub stream_first_message_within_ms: u64,
     /// A TCP or TLS connection that holds no allocation this long after it opened is closed.
     pub stream_allocate_within_s: u64,
     /// SO_RCVBUF/SO_SNDBUF of every TURN socket (bursts of many clients; capped by the kernel's
@@ -216,6 +221,8 @@ impl Default for EmbeddedTurnConfig {
             allow_peers: Vec::new(),
             deny_peers: Vec::new(),
             max_stream_connections: 4096,
+            max_stream_connections_per_ip: 64,
+            stream_first_message_within_ms: 3000,
             stream_allocate_within_s: 30,
             socket_buffer_bytes: 8 << 20,
         }
@@ -435,8 +442,13 @@ pub struct TunnelConfig {
     pub keepalive_ms: u64,
     /// Time a worker gets to complete the QUIC handshake, hello, auth and registration.
     pub handshake_timeout_ms: u64,
+    /// Once its QUIC or TLS handshake is done, a connection must send its hello within this.
+    pub hello_timeout_ms: u64,
     /// Connections that have not yet authenticated, at once; further ones are refused.
     pub max_pending_handshakes: usize,
+    /// Unauthenticated connections one source address (IPv6: one `limits.ipv6_prefix_len`
+    /// network) may hold at once, QUIC and TLS/TCP together, once its address is proven.
+    pub max_pending_handshakes_per_ip: usize,
     /// Above this many pending handshakes, a client whose address is not yet validated gets a
     /// QUIC Retry first (proves its address, costs the relay no state).
     pub retry_above_pending: usize,
@@ -447,6 +459,27 @@ pub struct TunnelConfig {
     /// Accept tunnels over TLS/TCP on the HTTPS listener (ALPN `avatar-edge-tcp/1`), for
     /// workers whose network blocks UDP. Needs `http.tls`.
     pub tcp_on_https: bool,
+    /// The most sessions one worker id is routed at once, whatever capacity it declares (a
+    /// worker's `[[tunnel.workers]] max_capacity` overrides it).
+    pub max_capacity_per_worker: u32,
+    /// Workers with keys of their own (`[[tunnel.workers]]`). A listed id registers with its own
+    /// key only; the shared `secret`, when set, admits ids that are not listed.
+    pub workers: Vec<WorkerCredential>,
+}
+
+/// `[[tunnel.workers]]`: one worker id and the key it alone proves.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerCredential {
+    /// The worker's `worker_id`.
+    pub id: String,
+    /// Its key (at least 16 characters); the worker sets it as its `secret`.
+    #[serde(default)]
+    pub key: Secret,
+    /// Read the key from this file instead (its first line).
+    pub key_file: Option<PathBuf>,
+    /// The most sessions this worker is routed at once (default `tunnel.max_capacity_per_worker`).
+    pub max_capacity: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -537,11 +570,15 @@ impl Default for TunnelConfig {
             idle_timeout_ms: 3000,
             keepalive_ms: 1000,
             handshake_timeout_ms: 5000,
+            hello_timeout_ms: 2000,
             max_pending_handshakes: 64,
+            max_pending_handshakes_per_ip: 8,
             retry_above_pending: 16,
             receive_window_bytes: 4 << 20,
             stream_receive_window_bytes: 256 << 10,
             tcp_on_https: true,
+            max_capacity_per_worker: 64,
+            workers: Vec::new(),
         }
     }
 }
@@ -640,6 +677,17 @@ impl RelayConfig {
         if let Ok(s) = std::env::var("AVATAR_EDGE_TURN_SECRET") {
             self.turn.secret = Secret::new(s);
         }
+        for worker in &mut self.tunnel.workers {
+            if let Some(path) = &worker.key_file {
+                if !worker.key.is_empty() {
+                    return Err(ConfigError::Invalid {
+                        key: "tunnel.workers.key_file",
+                        message: format!("worker {}: set either key or key_file", worker.id),
+                    });
+                }
+                worker.key = Secret::new(read_secret_file(path)?);
+            }
+        }
         Ok(())
     }
 
@@ -649,10 +697,12 @@ impl RelayConfig {
         if !self.unset_required.is_empty() {
             return Err(ConfigError::Required(self.unset_required.clone()));
         }
-        if self.tunnel.secret.expose().len() < 16 {
+        // With keys per worker, the shared secret is optional (empty: only listed workers).
+        let shared = self.tunnel.secret.expose();
+        if shared.len() < 16 && !(shared.is_empty() && !self.tunnel.workers.is_empty()) {
             return invalid(
                 "tunnel.secret",
-                "set a secret of at least 16 characters (or secret_file, or AVATAR_EDGE_TUNNEL_SECRET)",
+                "set a secret of at least 16 characters (or secret_file, or AVATAR_EDGE_TUNNEL_SECRET), or give every worker a key of its own in [[tunnel.workers]]",
             );
         }
         self.tls.validate(self.http.tls)?;
@@ -762,10 +812,74 @@ impl HttpConfig {
     }
 }
 
+/// What a worker must prove to register under an id ([`TunnelConfig::credential`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Credential<'a> {
+    /// The key its proof is made with.
+    pub key: &'a str,
+    /// The id has a key of its own (`[[tunnel.workers]]`), not the fleet's shared secret.
+    pub own: bool,
+    /// The most sessions it is routed at once, whatever it declares.
+    pub max_capacity: u32,
+}
+
 impl TunnelConfig {
+    /// The credential for `worker_id`: its own entry in `[[tunnel.workers]]`, else the shared
+    /// secret when one is set, else none (the id cannot register).
+    pub fn credential(&self, worker_id: &str) -> Option<Credential<'_>> {
+        match self.workers.iter().find(|w| w.id == worker_id) {
+            Some(w) => Some(Credential {
+                key: w.key.expose(),
+                own: true,
+                max_capacity: w.max_capacity.unwrap_or(self.max_capacity_per_worker),
+            }),
+            None => (!self.secret.is_empty()).then(|| Credential {
+                key: self.secret.expose(),
+                own: false,
+                max_capacity: self.max_capacity_per_worker,
+            }),
+        }
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         if self.max_pending_handshakes == 0 {
             return invalid("tunnel.max_pending_handshakes", "must be above 0");
+        }
+        if !(1..=self.handshake_timeout_ms).contains(&self.hello_timeout_ms) {
+            return invalid(
+                "tunnel.hello_timeout_ms",
+                "must be above 0 and at most tunnel.handshake_timeout_ms",
+            );
+        }
+        if self.max_capacity_per_worker == 0 {
+            return invalid("tunnel.max_capacity_per_worker", "must be above 0");
+        }
+        let mut ids = std::collections::HashSet::new();
+        for w in &self.workers {
+            if !avatar_proto::tunnel::valid_worker_id(&w.id) {
+                return Err(ConfigError::Invalid {
+                    key: "tunnel.workers.id",
+                    message: format!("{:?}: 1-64 characters of [A-Za-z0-9-_.:]", w.id),
+                });
+            }
+            if !ids.insert(w.id.as_str()) {
+                return Err(ConfigError::Invalid {
+                    key: "tunnel.workers.id",
+                    message: format!("{} is listed twice", w.id),
+                });
+            }
+            if w.key.expose().len() < 16 {
+                return Err(ConfigError::Invalid {
+                    key: "tunnel.workers.key",
+                    message: format!("worker {}: a key of at least 16 characters (or key_file)", w.id),
+                });
+            }
+            if w.max_capacity == Some(0) {
+                return Err(ConfigError::Invalid {
+                    key: "tunnel.workers.max_capacity",
+                    message: format!("worker {}: must be above 0", w.id),
+                });
+            }
         }
         if self.stream_receive_window_bytes < 16 << 10 || self.receive_window_bytes < self.stream_receive_window_bytes {
             return invalid(

@@ -198,7 +198,8 @@ async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
 }
 
 /// Whether the operator's endpoints (`/metrics`, `/api/workers`) may answer: with
-/// `http.metrics_token`, to its bearer token; without, to loopback callers not behind a proxy.
+/// `http.metrics_token`, to its bearer token; without, to loopback callers not behind a proxy
+/// (no forwarding header, and not a peer listed in `limits.trusted_proxies`).
 fn operator_allowed(state: &AppState, remote: SocketAddr, headers: &HeaderMap) -> bool {
     match &state.config.http.metrics_token {
         Some(token) => headers
@@ -207,10 +208,14 @@ fn operator_allowed(state: &AppState, remote: SocketAddr, headers: &HeaderMap) -
             .and_then(|v| v.strip_prefix("Bearer "))
             .is_some_and(|given| constant_time_eq(given.as_bytes(), token.expose().as_bytes())),
         None => {
+            // A proxy on the same host forwards everyone's requests from loopback, with or
+            // without forwarding headers: a peer in `limits.trusted_proxies` is never local.
+            let peer = avatar_proto::netfilter::canonical(remote.ip());
+            let proxy = state.config.limits.trusted_proxies.iter().any(|n| n.contains(&peer));
             let proxied = ["forwarded", "x-forwarded-for", "x-real-ip"]
                 .iter()
                 .any(|h| headers.contains_key(*h));
-            avatar_proto::netfilter::canonical(remote.ip()).is_loopback() && !proxied
+            peer.is_loopback() && !proxy && !proxied
         }
     }
 }
@@ -783,6 +788,23 @@ mod tests {
             get_from(open, "/metrics", "127.0.0.1", &proxied).await.0,
             StatusCode::NOT_FOUND,
             "a local reverse proxy is not a local caller"
+        );
+        // Issue 26, N7: a proxy that sends no forwarding header (nginx's default) is still a
+        // proxy: a peer in `limits.trusted_proxies` is never local.
+        let mut config = RelayConfig::dev();
+        config.limits.trusted_proxies = vec!["127.0.0.1/32".parse().expect("net")];
+        let behind_proxy = state(config);
+        for path in ["/metrics", "/api/workers"] {
+            assert_eq!(
+                get_from(Arc::clone(&behind_proxy), path, "127.0.0.1", &[]).await.0,
+                StatusCode::NOT_FOUND,
+                "{path} through a header-less proxy"
+            );
+        }
+        assert_eq!(
+            get_from(behind_proxy, "/metrics", "::1", &[]).await.0,
+            StatusCode::OK,
+            "loopback that is not the proxy is still local"
         );
         let mut config = RelayConfig::dev();
         config.http.metrics_token = Some(crate::config::Secret::new("metrics-token-0123456789"));

@@ -326,6 +326,14 @@ impl Relay {
         &self.state
     }
 
+    /// Whether anyone on the internet may start sessions: the HTTP listener is reachable from
+    /// outside (a wildcard or a public address) and no auth policy is loaded. Every such session
+    /// spends the operator's GPU slots and paid LLM and speech keys, so the relay warns at start.
+    pub fn open_to_anyone(&self) -> bool {
+        let auth = self.state.policies.as_ref().is_some_and(|p| p.has_auth());
+        !auth && reachable_from_outside(self.http_addr().ip())
+    }
+
     /// The embedded TURN server, if configured (its addresses and counters).
     pub fn turn(&self) -> Option<&turn::TurnServer> {
         self.turn.as_ref()
@@ -497,5 +505,46 @@ mod tests {
         drop(s.claim_session("lesson", Some("bob")).expect("no binding"));
         s.sweep_sessions();
         assert!(s.sessions().is_empty(), "swept");
+    }
+}
+
+/// An address others on the internet can reach: a wildcard, or one that is neither loopback,
+/// private (RFC 1918, unique-local), shared (100.64/10) nor link-local.
+fn reachable_from_outside(ip: std::net::IpAddr) -> bool {
+    use std::net::IpAddr;
+    match avatar_proto::netfilter::canonical(ip) {
+        IpAddr::V4(v4) => {
+            let shared = v4.octets()[0] == 100 && (v4.octets()[1] & 0xC0) == 64;
+            !(v4.is_loopback() || v4.is_private() || v4.is_link_local() || shared)
+        }
+        IpAddr::V6(v6) => {
+            let unique_local = (v6.segments()[0] & 0xFE00) == 0xFC00;
+            let link_local = (v6.segments()[0] & 0xFFC0) == 0xFE80;
+            !(v6.is_loopback() || unique_local || link_local)
+        }
+    }
+}
+
+#[cfg(test)]
+mod open_access_tests {
+    use super::reachable_from_outside;
+
+    #[test]
+    fn wildcards_and_public_addresses_are_reachable_private_ones_are_not() {
+        for reachable in ["0.0.0.0", "::", "203.0.113.5", "2001:db8::1"] {
+            assert!(reachable_from_outside(reachable.parse().expect("ip")), "{reachable}");
+        }
+        for local in [
+            "127.0.0.1",
+            "::1",
+            "10.1.2.3",
+            "192.168.1.1",
+            "172.16.0.1",
+            "100.64.0.1",
+            "fd00::1",
+            "fe80::1",
+        ] {
+            assert!(!reachable_from_outside(local.parse().expect("ip")), "{local}");
+        }
     }
 }

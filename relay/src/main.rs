@@ -114,6 +114,13 @@ async fn run(config: RelayConfig, ready_file: Option<PathBuf>) -> anyhow::Result
     if let Some(t) = relay.turn() {
         tracing::info!(udp = ?t.udp_addr(), tcp = ?t.tcp_addr(), tls = ?t.tls_addr(), "embedded TURN listening");
     }
+    if relay.open_to_anyone() {
+        tracing::warn!(
+            http = %relay.http_addr(),
+            "no auth policy: anyone who finds this address can start sessions and spend your GPUs and LLM/TTS keys. \
+             Switch on the shipped token policy ([policies.auth], docs/deploy.md, \"Restrict access\")"
+        );
+    }
     tokio::spawn(async move {
         wait_for_signal().await;
         tracing::info!("shutdown requested");

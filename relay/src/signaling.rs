@@ -34,6 +34,25 @@ struct Attached {
 const NORMAL: u16 = 1000;
 const GOING_AWAY: u16 = 1001;
 const POLICY: u16 = 1008;
+const PROTOCOL_ERROR: u16 = 1002;
+const INVALID_PAYLOAD: u16 = 1007;
+const TOO_BIG: u16 = 1009;
+
+/// The close frame a read error deserves (RFC 6455 §7.4.1), or `None` when the connection itself
+/// is gone and nothing can be sent. The library leaves the socket open for writing after a
+/// message it refused, so the browser learns why instead of seeing a dropped connection (1006).
+fn close_for_read_error(e: &(dyn std::error::Error + 'static)) -> Option<(u16, &'static str)> {
+    use tungstenite::error::{Error, ProtocolError};
+    // axum wraps the library's error: look along the chain of sources.
+    let found = std::iter::successors(Some(e), |e| e.source()).find_map(|e| e.downcast_ref::<Error>())?;
+    match found {
+        Error::Capacity(_) => Some((TOO_BIG, "message too big: over http.max_frame_bytes")),
+        Error::Utf8(_) => Some((INVALID_PAYLOAD, "a text message must be valid UTF-8")),
+        Error::Protocol(ProtocolError::ResetWithoutClosingHandshake) => None,
+        Error::Protocol(_) => Some((PROTOCOL_ERROR, "WebSocket protocol error")),
+        _ => None,
+    }
+}
 
 /// Send `ev` to the browser, counting error events by code. `false` when the socket failed, or
 /// when the browser did not take the event within `within`: a client that stops reading would
@@ -190,7 +209,7 @@ pub async fn run_session<S, E>(
     shutdown: CancellationToken,
 ) where
     S: Sink<Message> + Stream<Item = Result<Message, E>> + Unpin,
-    E: std::fmt::Display,
+    E: std::error::Error + 'static,
 {
     let write = Duration::from_millis(state.config.limits.write_timeout_ms);
     let owner = principal.as_ref().map(|p| p.user_id.as_str());
@@ -320,6 +339,9 @@ pub async fn run_session<S, E>(
                     None | Some(Ok(Message::Close(_))) => break,
                     Some(Err(e)) => {
                         debug!(error = %e, "websocket error");
+                        if let Some((code, reason)) = close_for_read_error(&e) {
+                            Box::pin(close(&mut socket, code, reason, write)).await;
+                        }
                         break;
                     }
                     Some(Ok(Message::Text(text))) => {

@@ -501,11 +501,92 @@ async fn two_allocations_of_this_server_reach_each_other() {
         .is_ok());
 }
 
+/// A STUN request over a TCP connection, and its answer.
+async fn ask(conn: &mut tokio::net::TcpStream, m: &Message) -> Message {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    conn.write_all(&m.raw).await.expect("write");
+    let mut head = [0u8; 20];
+    conn.read_exact(&mut head).await.expect("header");
+    let mut raw = head.to_vec();
+    raw.resize(20 + u16::from_be_bytes([head[2], head[3]]) as usize, 0);
+    conn.read_exact(&mut raw[20..]).await.expect("body");
+    let mut r = Message::new();
+    r.raw = raw;
+    r.decode().expect("STUN");
+    r
+}
+
+/// Whether the server closes `c` within `limit` (EOF or reset).
+async fn closed_within(c: &mut tokio::net::TcpStream, limit: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut b = [0u8; 64];
+    matches!(
+        tokio::time::timeout(limit, c.read(&mut b)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+/// Issue 26, N2: one address opening idle TCP connections held every slot (4,100 against a cap
+/// of 4,096, each living 30 s), so a browser without UDP could not reach TURN. Now one address
+/// holds its share only, and a silent connection goes after `stream_first_message_within_ms`:
+/// another client's Binding over TCP is answered during the flood.
+#[tokio::test]
+async fn one_address_cannot_take_every_tcp_slot() {
+    use tokio::net::{TcpSocket, TcpStream};
+
+    let s = start(config(|e| {
+        e.listen_tcp = Some("127.0.0.1:0".parse().expect("addr"));
+        e.max_stream_connections = 100;
+        e.max_stream_connections_per_ip = 16;
+        e.stream_first_message_within_ms = 800;
+    }));
+    let tcp = s.tcp.expect("tcp listener");
+    // The attacker: 150 idle connections from 127.0.0.2 (more than the whole cap).
+    let mut flood = Vec::new();
+    for _ in 0..150 {
+        let socket = TcpSocket::new_v4().expect("socket");
+        socket.bind("127.0.0.2:0".parse().expect("addr")).expect("bind");
+        flood.push(socket.connect(tcp).await.expect("connect"));
+    }
+    let started = std::time::Instant::now();
+    let outcomes =
+        futures::future::join_all(flood.iter_mut().map(|c| closed_within(c, Duration::from_millis(300)))).await;
+    let held = outcomes.iter().filter(|closed| !**closed).count();
+    eprintln!("N2 flood: 150 idle connections from one address, {held} held past 300 ms");
+    assert_eq!(
+        held, 16,
+        "one address holds max_stream_connections_per_ip, the rest closed at once"
+    );
+    // Meanwhile another client's Binding over TCP is answered.
+    let mut other = TcpStream::connect(tcp).await.expect("connect");
+    let c = Client::valid(s.addr, "bob").await;
+    let r = tokio::time::timeout(
+        Duration::from_secs(2),
+        ask(&mut other, &c.build(METHOD_BINDING, Vec::new(), false)),
+    )
+    .await
+    .expect("answered during the flood");
+    assert_eq!(r.typ.class, CLASS_SUCCESS_RESPONSE);
+    assert!(started.elapsed() < Duration::from_secs(2));
+    // The held ones said nothing: closed after `stream_first_message_within_ms`.
+    for c in &mut flood {
+        assert!(closed_within(c, Duration::from_secs(2)).await, "silent: closed");
+    }
+    // Not STUN first: closed at once.
+    let mut junk = TcpStream::connect(tcp).await.expect("connect");
+    tokio::io::AsyncWriteExt::write_all(&mut junk, &[0u8; 32])
+        .await
+        .expect("write");
+    assert!(
+        closed_within(&mut junk, Duration::from_millis(500)).await,
+        "a first frame that is not STUN"
+    );
+}
+
 /// TCP connections are capped, and one that holds no allocation is closed after
 /// `stream_allocate_within_s`; one with an allocation stays.
 #[tokio::test]
 async fn idle_and_excess_tcp_connections_are_closed() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
 
     let s = start(config(|e| {
@@ -514,44 +595,25 @@ async fn idle_and_excess_tcp_connections_are_closed() {
         e.stream_allocate_within_s = 1;
     }));
     let tcp = s.tcp.expect("tcp listener");
-    let closed_within = |mut c: TcpStream, limit: Duration| async move {
-        let mut b = [0u8; 64];
-        matches!(
-            tokio::time::timeout(limit, c.read(&mut b)).await,
-            Ok(Ok(0)) | Ok(Err(_))
-        )
-    };
 
-    let first = TcpStream::connect(tcp).await.expect("connect");
-    let second = TcpStream::connect(tcp).await.expect("connect");
-    let third = TcpStream::connect(tcp).await.expect("connect");
+    let mut first = TcpStream::connect(tcp).await.expect("connect");
+    let mut second = TcpStream::connect(tcp).await.expect("connect");
+    let mut third = TcpStream::connect(tcp).await.expect("connect");
     assert!(
-        closed_within(third, Duration::from_millis(500)).await,
+        closed_within(&mut third, Duration::from_millis(500)).await,
         "over the cap: closed at once"
     );
     let started = std::time::Instant::now();
     assert!(
-        closed_within(first, Duration::from_secs(3)).await,
+        closed_within(&mut first, Duration::from_secs(3)).await,
         "no allocation: closed"
     );
     assert!(started.elapsed() >= Duration::from_millis(500), "not before its time");
-    assert!(closed_within(second, Duration::from_secs(3)).await);
+    assert!(closed_within(&mut second, Duration::from_secs(3)).await);
 
     // One that allocates over TCP outlives the limit.
     let mut conn = TcpStream::connect(tcp).await.expect("connect");
     let mut c = Client::valid(s.addr, "alice").await;
-    async fn ask(conn: &mut TcpStream, m: &Message) -> Message {
-        conn.write_all(&m.raw).await.expect("write");
-        let mut head = [0u8; 20];
-        conn.read_exact(&mut head).await.expect("header");
-        let mut raw = head.to_vec();
-        raw.resize(20 + u16::from_be_bytes([head[2], head[3]]) as usize, 0);
-        conn.read_exact(&mut raw[20..]).await.expect("body");
-        let mut r = Message::new();
-        r.raw = raw;
-        r.decode().expect("STUN");
-        r
-    }
     let transport = || vec![setter(Raw(ATTR_REQUESTED_TRANSPORT, vec![17, 0, 0, 0]))];
     let challenge = ask(&mut conn, &c.build(METHOD_ALLOCATE, transport(), false)).await;
     assert_eq!(code(&challenge), Some(401));

@@ -13,17 +13,30 @@
 //! control stream (ping/pong, draining) until the connection ends, then unregisters the worker
 //! unless a newer tunnel from the same worker id has already replaced it.
 //!
-//! Before a worker has proved the secret it is anonymous, and anyone can start a QUIC handshake.
-//! What it may cost is bounded: at most `max_pending_handshakes` connections are between accept
-//! and registration at once (more are refused at once), above `retry_above_pending` a client must
-//! first prove its address with a stateless Retry, the whole handshake has one deadline, a worker
-//! may open two streams (its control stream and a spare; session streams are the relay's) and no
-//! unidirectional ones, and the receive windows are bounded, so unread data cannot pile up. Only
-//! once registered may it open more: one TURN stream per session.
+//! Before a worker has proved its key it is anonymous, and anyone can start a QUIC handshake or
+//! open a TLS connection with the tunnel ALPN. What it may cost is bounded:
+//! - at most `max_pending_handshakes` connections are between accept and registration at once,
+//!   QUIC and TLS/TCP together, and one source address holds at most
+//!   `max_pending_handshakes_per_ip` of them, so one address cannot lock workers out;
+//! - above `retry_above_pending` a QUIC client must first prove its address with a stateless
+//!   Retry (only a proven address is charged to its source, so a spoofed one cannot use up
+//!   someone else's share);
+//! - the hello must come within `hello_timeout_ms`, the whole handshake within
+//!   `handshake_timeout_ms`;
+//! - a worker may open two streams (its control stream and a spare; session streams are the
+//!   relay's) and no unidirectional ones, and the receive windows are bounded, so unread data
+//!   cannot pile up. Only once registered may it open more: one TURN stream per session.
+//!
+//! Who may register under an id ([`crate::config::TunnelConfig::credential`]): an id listed in
+//! `[[tunnel.workers]]` proves its own key and no other, so a box holding another key (the fleet
+//! secret included) cannot take it over; ids not listed prove the shared `tunnel.secret`, when
+//! one is set, which trusts every box that holds it alike. Either way, a worker's declared
+//! capacity is capped per id, so no box can draw every new session to itself.
 
 pub mod conn;
 pub mod tcp;
 
+use crate::limits::{OpenCounts, OpenGuard, Refused};
 use crate::registry::{SessionSlot, WorkerHandle};
 use crate::tls::ServerCerts;
 use crate::turn::server::Server as TurnServer;
@@ -38,7 +51,7 @@ use conn::{RecvHalf, SendHalf, TcpTunnel};
 use rand::RngCore;
 use serde::de::DeserializeOwned;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -115,23 +128,8 @@ pub fn endpoint(
     })
 }
 
-/// Connections between accept and registration, counted until registered or gone.
-struct Pending(Arc<AtomicUsize>);
-
-impl Pending {
-    fn new(count: &Arc<AtomicUsize>) -> Self {
-        count.fetch_add(1, Ordering::Relaxed);
-        Self(Arc::clone(count))
-    }
-}
-
-impl Drop for Pending {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// What to do with a new connection while `pending` others are unauthenticated.
+/// Whether a new connection may start its handshake while `pending` others are unauthenticated
+/// (the caps themselves are [`OpenCounts`], checked after this).
 #[derive(Debug, PartialEq, Eq)]
 enum Admission {
     Accept,
@@ -150,6 +148,28 @@ fn admission(pending: usize, validated: bool, cfg: &crate::config::TunnelConfig)
     }
 }
 
+/// Count a connection as pending until it registers or goes. Only a proven address (a TCP peer,
+/// or a QUIC client after Retry or once validated) is charged to its source: a spoofed Initial
+/// must not use up the share of the address it names. Unproven ones are bounded by the total and
+/// `retry_above_pending`.
+fn admit_pending(
+    pending: &Arc<OpenCounts>,
+    remote: SocketAddr,
+    validated: bool,
+    state: &AppState,
+) -> Result<OpenGuard, Refused> {
+    let cfg = &state.config.tunnel;
+    let key = validated.then(|| crate::limits::client_key(remote.ip(), state.config.limits.ipv6_prefix_len));
+    pending.try_open(key, cfg.max_pending_handshakes_per_ip, cfg.max_pending_handshakes)
+}
+
+fn refused_pending(state: &AppState, remote: SocketAddr, refused: Refused) {
+    metrics::counter!("relay_tunnel_handshakes_refused_total", "reason" => refused.as_str()).increment(1);
+    if state.log_refusal() {
+        info!(%remote, reason = refused.as_str(), "tunnel refused: too many unauthenticated connections");
+    }
+}
+
 /// Where tunnels come from, and what serving them needs besides the relay's state.
 pub struct Listeners {
     /// QUIC tunnels.
@@ -165,8 +185,8 @@ struct Shared {
     state: Arc<AppState>,
     shutdown: CancellationToken,
     turn: Option<Arc<TurnServer>>,
-    /// Client ports for TURN streams' five-tuples (see [`serve_turn_stream`]).
-    next_turn_port: AtomicU16,
+    /// Five-tuples for TURN streams (see [`serve_turn_stream`]).
+    turn_streams: TurnStreamIds,
 }
 
 /// Accept tunnels until `shutdown`, then close every connection and wait for them to go idle.
@@ -177,38 +197,34 @@ pub async fn serve(listeners: Listeners, state: Arc<AppState>, shutdown: Cancell
         turn,
     } = listeners;
     let tasks = TaskTracker::new();
-    let pending = Arc::new(AtomicUsize::new(0));
+    let pending = Arc::new(OpenCounts::default());
     let shared = Arc::new(Shared {
         state: Arc::clone(&state),
         shutdown: shutdown.clone(),
         turn,
-        next_turn_port: AtomicU16::new(1),
+        turn_streams: TurnStreamIds::default(),
     });
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
-                let now = pending.load(Ordering::Relaxed);
-                match admission(now, incoming.remote_address_validated(), &state.config.tunnel) {
-                    Admission::Accept => {}
-                    Admission::Retry if incoming.may_retry() => {
-                        metrics::counter!("relay_tunnel_handshakes_refused_total", "reason" => "retry").increment(1);
-                        let _ = incoming.retry();
-                        continue;
-                    }
-                    Admission::Retry | Admission::Refuse => {
-                        metrics::counter!("relay_tunnel_handshakes_refused_total", "reason" => "pending").increment(1);
-                        if state.log_refusal() {
-                            info!(remote = %incoming.remote_address(), pending = now, "tunnel refused: too many unauthenticated connections");
-                        }
+                let remote = incoming.remote_address();
+                let validated = incoming.remote_address_validated();
+                if admission(pending.total(), validated, &state.config.tunnel) == Admission::Retry && incoming.may_retry() {
+                    metrics::counter!("relay_tunnel_handshakes_refused_total", "reason" => "retry").increment(1);
+                    let _ = incoming.retry();
+                    continue;
+                }
+                let guard = match admit_pending(&pending, remote, validated, &state) {
+                    Ok(guard) => guard,
+                    Err(refused) => {
+                        refused_pending(&state, remote, refused);
                         incoming.refuse();
                         continue;
                     }
-                }
-                let guard = Pending::new(&pending);
+                };
                 let shared = Arc::clone(&shared);
-                let remote = incoming.remote_address();
                 tasks.spawn(
                     async move {
                         if let Err(e) = handle_quic(incoming, &shared, guard).await {
@@ -220,18 +236,16 @@ pub async fn serve(listeners: Listeners, state: Arc<AppState>, shutdown: Cancell
             }
             Some(accepted) = tcp_tunnels.recv() => {
                 // The TLS handshake is done (the HTTPS listener bounded it); the address is
-                // proven by TCP, so there is no Retry step: only the pending cap.
-                let now = pending.load(Ordering::Relaxed);
-                if admission(now, true, &state.config.tunnel) != Admission::Accept {
-                    metrics::counter!("relay_tunnel_handshakes_refused_total", "reason" => "pending").increment(1);
-                    if state.log_refusal() {
-                        info!(remote = %accepted.remote, pending = now, "tunnel refused: too many unauthenticated connections");
-                    }
-                    continue;
-                }
-                let guard = Pending::new(&pending);
-                let shared = Arc::clone(&shared);
+                // proven by TCP, so there is no Retry step: only the pending caps.
                 let remote = accepted.remote;
+                let guard = match admit_pending(&pending, remote, true, &state) {
+                    Ok(guard) => guard,
+                    Err(refused) => {
+                        refused_pending(&state, remote, refused);
+                        continue;
+                    }
+                };
+                let shared = Arc::clone(&shared);
                 tasks.spawn(
                     async move {
                         if let Err(e) = handle_tcp(accepted, &shared, guard).await {
@@ -256,7 +270,7 @@ pub async fn serve(listeners: Listeners, state: Arc<AppState>, shutdown: Cancell
     }
 }
 
-async fn handle_quic(incoming: quinn::Incoming, shared: &Shared, pending: Pending) -> Result<(), TunnelError> {
+async fn handle_quic(incoming: quinn::Incoming, shared: &Shared, pending: OpenGuard) -> Result<(), TunnelError> {
     let state = &shared.state;
     // One deadline for the QUIC handshake and ours together.
     let deadline = tokio::time::Instant::now() + Duration::from_millis(state.config.tunnel.handshake_timeout_ms);
@@ -268,7 +282,11 @@ async fn handle_quic(incoming: quinn::Incoming, shared: &Shared, pending: Pendin
         }
     };
     let handshake = async {
-        let (mut send, mut recv) = conn.accept_bi().await?;
+        // The worker's control stream arrives with its hello: both within the hello deadline.
+        let hello_within = Duration::from_millis(state.config.tunnel.hello_timeout_ms);
+        let (mut send, mut recv) = tokio::time::timeout(hello_within, conn.accept_bi())
+            .await
+            .map_err(|_| TunnelError::Protocol("no hello within tunnel.hello_timeout_ms".into()))??;
         let mut exporter = [0u8; EXPORTER_LEN];
         conn.export_keying_material(&mut exporter, EXPORTER_LABEL, b"")
             .map_err(|_| TunnelError::Protocol("TLS exporter unavailable".into()))?;
@@ -312,7 +330,7 @@ async fn handle_quic(incoming: quinn::Incoming, shared: &Shared, pending: Pendin
     result
 }
 
-async fn handle_tcp(accepted: tcp::TcpAccepted, shared: &Shared, pending: Pending) -> Result<(), TunnelError> {
+async fn handle_tcp(accepted: tcp::TcpAccepted, shared: &Shared, pending: OpenGuard) -> Result<(), TunnelError> {
     let state = &shared.state;
     let deadline = tokio::time::Instant::now() + Duration::from_millis(state.config.tunnel.handshake_timeout_ms);
     let tcp::TcpAccepted { io, remote, exporter } = accepted;
@@ -397,7 +415,12 @@ async fn handshake<S: AsyncWrite + Unpin, R: AsyncRead + Unpin>(
     exporter: &[u8; EXPORTER_LEN],
     state: &AppState,
 ) -> Result<(String, Registration), TunnelError> {
-    let (protocol, worker_id) = match expect::<Control, _>(recv, "hello").await? {
+    // An anonymous peer gets a short while to say who it is, not the whole handshake deadline.
+    let hello_within = Duration::from_millis(state.config.tunnel.hello_timeout_ms);
+    let hello = tokio::time::timeout(hello_within, expect::<Control, _>(recv, "hello"))
+        .await
+        .map_err(|_| TunnelError::Protocol("no hello within tunnel.hello_timeout_ms".into()))?;
+    let (protocol, worker_id) = match hello? {
         Control::Hello {
             protocol, worker_id, ..
         } => (protocol, worker_id),
@@ -430,13 +453,13 @@ async fn handshake<S: AsyncWrite + Unpin, R: AsyncRead + Unpin>(
         Control::Auth { proof } => proof,
         other => return Err(TunnelError::Protocol(format!("expected auth, got {other:?}"))),
     };
-    if !verify_auth_proof(
-        state.config.tunnel.secret.expose().as_bytes(),
-        &nonce,
-        &worker_id,
-        exporter,
-        &proof,
-    ) {
+    // A listed id proves its own key and nothing else; an unlisted one the shared secret, if
+    // any. Either way the refusal reads the same, so a prober learns nothing about the list.
+    let credential = state.config.tunnel.credential(&worker_id);
+    let proven = credential.is_some_and(|c| {
+        !c.key.is_empty() && verify_auth_proof(c.key.as_bytes(), &nonce, &worker_id, exporter, &proof)
+    });
+    let Some(credential) = credential.filter(|_| proven) else {
         warn!(%worker_id, "worker failed authentication");
         send_frame(
             send,
@@ -446,7 +469,7 @@ async fn handshake<S: AsyncWrite + Unpin, R: AsyncRead + Unpin>(
         )
         .await?;
         return Err(reject("authentication failed".into()));
-    }
+    };
     let mut registration = match expect::<Control, _>(recv, "register").await? {
         Control::Register(r) => r,
         other => return Err(TunnelError::Protocol(format!("expected register, got {other:?}"))),
@@ -462,6 +485,17 @@ async fn handshake<S: AsyncWrite + Unpin, R: AsyncRead + Unpin>(
         );
         send_frame(send, &Control::Rejected { reason: reason.clone() }).await?;
         return Err(reject(reason));
+    }
+    // Routing believes a worker's capacity: a box may not claim more than its id is allowed.
+    if registration.capacity > credential.max_capacity {
+        info!(
+            %worker_id,
+            declared = registration.capacity,
+            allowed = credential.max_capacity,
+            own_key = credential.own,
+            "worker capacity capped (tunnel.max_capacity_per_worker or its max_capacity)"
+        );
+        registration.capacity = credential.max_capacity;
     }
     // Display names reach web pages: only for announced ids, and short.
     let announced = std::mem::take(&mut registration.avatar_names);
@@ -627,7 +661,7 @@ async fn control_loop(
                 send_frame(&mut control.send, &Control::Ping { seq, sent_ms }).await?;
             }
             Some(stream) = incoming => {
-                turn_streams.spawn(serve_turn_stream(stream, remote, worker.id.clone(), shared.turn.clone(), shared.shutdown.clone(), next_port(shared)));
+                turn_streams.spawn(serve_turn_stream(stream, shared.turn_streams.next(remote), worker.id.clone(), shared.turn.clone(), shared.shutdown.clone()));
             }
         }
     };
@@ -635,21 +669,37 @@ async fn control_loop(
     result
 }
 
-fn next_port(shared: &Shared) -> u16 {
-    shared.next_turn_port.fetch_add(1, Ordering::Relaxed).max(1)
+/// The five-tuples of TURN streams through tunnels, unique for the life of the relay.
+///
+/// The client is the worker's address (its quotas, nonces and 401 limits are per address, as for
+/// any TCP client). The server side is an address no socket of the relay has, taken from the
+/// discard-only prefix `100::/64` (RFC 6666) with a 64-bit counter in its host bits: no TURN
+/// TCP client can share it, and it never wraps, so closing one stream can never delete another
+/// session's allocation.
+#[derive(Default)]
+struct TurnStreamIds(AtomicU64);
+
+impl TurnStreamIds {
+    fn next(&self, worker: SocketAddr) -> crate::turn::server::FiveTuple {
+        let n = self.0.fetch_add(1, Ordering::Relaxed);
+        let server = std::net::Ipv6Addr::from((0x0100_u128 << 112) | u128::from(n));
+        crate::turn::server::FiveTuple {
+            client: worker,
+            server: SocketAddr::new(server.into(), 0),
+            transport: crate::turn::server::Transport::Tcp,
+        }
+    }
 }
 
 /// A stream the worker opened after registration: TURN for its media, fed to the embedded TURN
-/// server as a TCP client at the worker's address. The five-tuple's server address is one no
-/// listener has (so no TURN TCP client can share it) and its client port a counter, so that
-/// every TURN stream is its own client, with the credentials, quotas and peer filter of any other.
+/// server as a TCP client at the worker's address ([`TurnStreamIds`]), with the credentials,
+/// quotas and peer filter of any other.
 async fn serve_turn_stream(
     mut stream: Box<dyn tcp::Io>,
-    remote: SocketAddr,
+    five: crate::turn::server::FiveTuple,
     worker_id: String,
     turn: Option<Arc<TurnServer>>,
     shutdown: CancellationToken,
-    port: u16,
 ) {
     let header = tokio::time::timeout(
         Duration::from_secs(5),
@@ -658,13 +708,8 @@ async fn serve_turn_stream(
     .await;
     match (header, turn) {
         (Ok(Ok(StreamHeader::Turn)), Some(turn)) => {
-            let five = crate::turn::server::FiveTuple {
-                client: SocketAddr::new(remote.ip(), port),
-                server: turn_stream_server_addr(),
-                transport: crate::turn::server::Transport::Tcp,
-            };
             metrics::counter!("relay_tunnel_turn_streams_total").increment(1);
-            debug!(%worker_id, client = %five.client, "TURN stream through the tunnel");
+            debug!(%worker_id, server = %five.server, "TURN stream through the tunnel");
             crate::turn::serve_stream(turn, stream, five, shutdown).await;
         }
         (Ok(Ok(StreamHeader::Turn)), None) => {
@@ -672,11 +717,6 @@ async fn serve_turn_stream(
         }
         (other, _) => debug!(%worker_id, ?other, "unexpected stream from the worker; dropped"),
     }
-}
-
-/// The server side of TURN streams' five-tuples: an address no socket of the relay uses.
-fn turn_stream_server_addr() -> SocketAddr {
-    SocketAddr::from(([0, 0, 0, 0], 0))
 }
 
 /// Open a session stream on the slot's worker and send the opening frames.
@@ -725,6 +765,17 @@ mod tests {
     ) -> (Result<(String, Registration), TunnelError>, Vec<Control>) {
         let mut config = crate::config::RelayConfig::dev();
         config.tunnel.secret = crate::config::Secret::new("the-relays-secret-0123456789");
+        handshake_as(config, "gpu-1", secret, protocol, capacity, exporter_seen_by_worker).await
+    }
+
+    async fn handshake_as(
+        config: crate::config::RelayConfig,
+        worker_id: &str,
+        secret: &str,
+        protocol: u32,
+        capacity: u32,
+        exporter_seen_by_worker: [u8; EXPORTER_LEN],
+    ) -> (Result<(String, Registration), TunnelError>, Vec<Control>) {
         let state = AppState::new(config, CancellationToken::new());
         let (relay_end, worker_end) = tokio::io::duplex(64 * 1024);
         let exporter = [7u8; EXPORTER_LEN];
@@ -737,7 +788,7 @@ mod tests {
             let mut seen = Vec::new();
             let hello = Control::Hello {
                 protocol,
-                worker_id: "gpu-1".into(),
+                worker_id: worker_id.into(),
                 software: "test".into(),
             };
             send_frame(&mut send, &hello).await.expect("hello");
@@ -747,7 +798,7 @@ mod tests {
             seen.push(first.clone());
             if let Control::Challenge { nonce, .. } = first {
                 let proof =
-                    avatar_proto::tunnel::auth_proof(secret.as_bytes(), &nonce, "gpu-1", &exporter_seen_by_worker);
+                    avatar_proto::tunnel::auth_proof(secret.as_bytes(), &nonce, worker_id, &exporter_seen_by_worker);
                 send_frame(&mut send, &Control::Auth { proof }).await.expect("auth");
                 let registration = Registration {
                     avatars: vec![],
@@ -823,5 +874,122 @@ mod tests {
             assert!(matches!(result, Err(TunnelError::Rejected(_))), "{capacity}");
             assert!(matches!(last(&seen), Control::Rejected { .. }), "{seen:?}");
         }
+    }
+
+    fn with_own_keys() -> crate::config::RelayConfig {
+        let mut config = crate::config::RelayConfig::dev();
+        config.tunnel.secret = crate::config::Secret::new("the-fleets-shared-secret-0123");
+        config.tunnel.max_capacity_per_worker = 16;
+        config.tunnel.workers = vec![crate::config::WorkerCredential {
+            id: "gpu-1".into(),
+            key: crate::config::Secret::new("gpu-1s-own-key-0123456789"),
+            key_file: None,
+            max_capacity: Some(4),
+        }];
+        config
+    }
+
+    /// N4: a listed id registers with its own key only, so a box holding the fleet secret cannot
+    /// take it over; unlisted ids still use the shared secret; no box claims more than its cap.
+    #[tokio::test]
+    async fn a_listed_worker_id_is_bound_to_its_own_key_and_capacity() {
+        let exporter = [7; EXPORTER_LEN];
+        let (result, _) = handshake_as(
+            with_own_keys(),
+            "gpu-1",
+            "gpu-1s-own-key-0123456789",
+            PROTOCOL_VERSION,
+            10_000,
+            exporter,
+        )
+        .await;
+        let (_, registration) = result.expect("its own key registers");
+        assert_eq!(registration.capacity, 4, "declared 10,000, capped at its max_capacity");
+        // Another box with the fleet secret claims the same id.
+        let (result, seen) = handshake_as(
+            with_own_keys(),
+            "gpu-1",
+            "the-fleets-shared-secret-0123",
+            PROTOCOL_VERSION,
+            4,
+            exporter,
+        )
+        .await;
+        assert!(
+            matches!(result, Err(TunnelError::Rejected(_))),
+            "the shared secret cannot take a listed id"
+        );
+        assert_eq!(
+            last(&seen),
+            &Control::Rejected {
+                reason: "authentication failed".into()
+            }
+        );
+        // An unlisted id with the shared secret: admitted, under the relay-wide cap.
+        let (result, _) = handshake_as(
+            with_own_keys(),
+            "gpu-2",
+            "the-fleets-shared-secret-0123",
+            PROTOCOL_VERSION,
+            10_000,
+            exporter,
+        )
+        .await;
+        assert_eq!(result.expect("shared secret").1.capacity, 16);
+        // Without a shared secret only listed ids exist, whatever key an unlisted one tries
+        // (the empty key included).
+        let mut only_listed = with_own_keys();
+        only_listed.tunnel.secret = crate::config::Secret::default();
+        only_listed.validate().expect("keys per worker need no shared secret");
+        for key in ["", "the-fleets-shared-secret-0123", "gpu-1s-own-key-0123456789"] {
+            let (result, _) = handshake_as(only_listed.clone(), "gpu-2", key, PROTOCOL_VERSION, 4, exporter).await;
+            assert!(matches!(result, Err(TunnelError::Rejected(_))), "{key:?}");
+        }
+    }
+
+    /// N1: one address holds at most its share of pending handshakes, across both transports;
+    /// another address still gets in, and a share comes back when a connection registers or goes.
+    #[test]
+    fn one_address_holds_only_its_share_of_pending_handshakes() {
+        let mut config = crate::config::RelayConfig::dev();
+        config.tunnel.max_pending_handshakes = 64;
+        config.tunnel.max_pending_handshakes_per_ip = 8;
+        let state = AppState::new(config, CancellationToken::new());
+        let pending = Arc::new(OpenCounts::default());
+        let attacker: SocketAddr = "203.0.113.9:4000".parse().expect("addr");
+        let worker: SocketAddr = "198.51.100.7:5000".parse().expect("addr");
+        let held: Vec<_> = (0..250)
+            .filter_map(|_| admit_pending(&pending, attacker, true, &state).ok())
+            .collect();
+        assert_eq!(held.len(), 8, "one address, any transport: its share only");
+        assert_eq!(
+            admit_pending(&pending, attacker, true, &state).err(),
+            Some(Refused::PerClient)
+        );
+        let guard = admit_pending(&pending, worker, true, &state).expect("another address gets in");
+        drop(held);
+        drop(guard);
+        assert_eq!(pending.total(), 0, "every share given back");
+        // An unproven QUIC address is not charged to the address it names (it may be spoofed).
+        let spoofed: Vec<_> = (0..16)
+            .filter_map(|_| admit_pending(&pending, worker, false, &state).ok())
+            .collect();
+        assert_eq!(spoofed.len(), 16);
+        assert!(admit_pending(&pending, worker, true, &state).is_ok());
+    }
+
+    /// N6: TURN streams' five-tuples never repeat, however many streams a relay has seen (the
+    /// old 16-bit counter wrapped after 65,535).
+    #[test]
+    fn turn_stream_five_tuples_are_unique_for_the_relays_life() {
+        let ids = TurnStreamIds::default();
+        let worker: SocketAddr = "198.51.100.7:5000".parse().expect("addr");
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..70_000 {
+            let five = ids.next(worker);
+            assert_eq!(five.client, worker, "quotas stay the worker's");
+            assert!(seen.insert(five), "a five-tuple was reused");
+        }
+        assert_eq!(seen.len(), 70_000);
     }
 }

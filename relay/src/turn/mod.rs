@@ -17,9 +17,10 @@
 //!   allow-listed, IPv4-mapped spellings canonicalised first ([`avatar_proto::netfilter`]);
 //! - allocations per credential and in total are capped (486/508), each allocation's bandwidth is
 //!   capped per direction, and 401 answers are rate-limited per source address;
-//! - TCP/TLS connections are capped in number, and one that has not allocated within
+//! - TCP/TLS connections are capped in number, in total and per source address, one that sends
+//!   no STUN message within `stream_first_message_within_ms` or has not allocated within
 //!   `stream_allocate_within_s` is closed, so idle connections cannot exhaust the descriptors the
-//!   relay's signaling needs.
+//!   relay's signaling needs, nor one address the slots that browsers without UDP depend on.
 //!
 //! Layout: [`core`] is the control plane, a state machine with no I/O (bytes and the time in,
 //! what to send out; tested in memory in `relay/tests/turn_core.rs`); [`server`] carries out its
@@ -49,6 +50,8 @@ const STREAM_IDLE: Duration = Duration::from_secs(300);
 const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
 /// Frames queued towards one TCP/TLS client before further data is dropped.
 const STREAM_QUEUE: usize = 512;
+/// TCP/TLS connections from IPv6 are counted per network of this size (one subscriber's).
+const STREAM_V6_PREFIX: u8 = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TurnError {
@@ -223,7 +226,11 @@ async fn accept_loop(
     shutdown: CancellationToken,
 ) {
     let Ok(local) = listener.local_addr() else { return };
-    let max = server.config().max_stream_connections;
+    let (total, per_ip) = (
+        server.config().max_stream_connections,
+        server.config().max_stream_connections_per_ip,
+    );
+    let open = Arc::new(crate::limits::OpenCounts::default());
     let mut conns = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
@@ -231,16 +238,22 @@ async fn accept_loop(
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             r = listener.accept() => {
                 let Ok((stream, peer)) = r else { continue };
-                if conns.len() >= max {
-                    // Dropping the stream closes it: an idle-connection flood cannot use up the
-                    // relay's file descriptors, which its signaling needs too.
-                    metrics::counter!("relay_turn_connections_refused_total").increment(1);
-                    tracing::debug!(%peer, max, "TURN stream connection refused: at the cap");
-                    continue;
-                }
+                let key = crate::limits::client_key(peer.ip(), STREAM_V6_PREFIX);
+                let slot = match open.try_open(Some(key), per_ip, total) {
+                    Ok(slot) => slot,
+                    Err(refused) => {
+                        // Dropping the stream closes it: an idle-connection flood cannot use up
+                        // the relay's file descriptors (which its signaling needs too), nor one
+                        // address every slot that browsers without UDP depend on.
+                        metrics::counter!("relay_turn_connections_refused_total", "reason" => refused.as_str()).increment(1);
+                        tracing::debug!(%peer, reason = refused.as_str(), "TURN stream connection refused: at the cap");
+                        continue;
+                    }
+                };
                 let _ = stream.set_nodelay(true);
                 let (server, shutdown, tls) = (Arc::clone(&server), shutdown.clone(), tls.clone());
                 conns.spawn(async move {
+                    let _slot = slot;
                     let transport = if tls.is_some() { Transport::Tls } else { Transport::Tcp };
                     let five = FiveTuple { client: peer, server: local, transport };
                     match tls {
@@ -256,6 +269,11 @@ async fn accept_loop(
         }
     }
     conns.shutdown().await;
+}
+
+/// Whether a frame is a STUN message: the top two bits clear and the magic cookie (RFC 5389 §6).
+fn is_stun(frame: &[u8]) -> bool {
+    frame.len() >= 20 && frame[0] >> 6 == 0 && frame[4..8] == [0x21, 0x12, 0xA4, 0x42]
 }
 
 /// One TCP or TLS client: split the byte stream into frames; write answers from a queue.
@@ -277,22 +295,36 @@ where
     let mut buf = BytesMut::with_capacity(8192);
     let opened = tokio::time::Instant::now();
     let allocate_within = Duration::from_secs(server.config().stream_allocate_within_s);
+    let first_within = Duration::from_millis(server.config().stream_first_message_within_ms);
+    let mut heard = false;
     'conn: loop {
         loop {
             match avatar_proto::tunnel::turn_frame_len(&buf) {
                 Err(()) => break 'conn,
                 Ok(Some(n)) if buf.len() >= n => {
                     let frame = buf.split_to(n);
+                    // A connection opens with STUN (a Binding or an Allocate): anything else
+                    // first is not a TURN client.
+                    if !heard && !is_stun(&frame) {
+                        break 'conn;
+                    }
+                    heard = true;
                     server.handle(five, &client, &frame);
                 }
                 _ => break,
             }
         }
-        // Without an allocation a connection only gets `stream_allocate_within_s` from its start.
+        // A connection gets `stream_first_message_within_ms` to say something, and without an
+        // allocation only `stream_allocate_within_s` from its start.
         let idle = if server.has_allocation(&five) {
             STREAM_IDLE
         } else {
-            match allocate_within.checked_sub(opened.elapsed()) {
+            let within = if heard {
+                allocate_within
+            } else {
+                first_within.min(allocate_within)
+            };
+            match within.checked_sub(opened.elapsed()) {
                 Some(left) if !left.is_zero() => left,
                 _ => break,
             }
