@@ -92,6 +92,10 @@ fn every_relay_key_is_in_the_reference_with_its_default() {
         [tls.acme]
         domains = ["relay.example.com"]
         cache_dir = "/var/lib/avatar-edge/acme"
+        [[tunnel.workers]]
+        id = "gpu-1"
+        key = "0123456789abcdef"
+        max_capacity = 4
         [policies.auth]
         path = "auth.wasm"
         config = "settings"

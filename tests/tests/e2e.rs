@@ -130,6 +130,27 @@ fn bad_input_gets_error_events_and_the_socket_still_works() {
         let client = play(&mut sig, &cluster, "a").await;
         let stats = client.wait_frames(25, SECS(5)).await;
         assert!(stats.frames_decoded >= 25, "{stats:?}");
+        // Issue 26: once a session plays, a malformed candidate and an answer sent as an offer
+        // are answered too (they used to be dropped in silence), and the session goes on.
+        let malformed = json!({"type": "webrtc_ice_candidate",
+            "candidate": {"candidate": "candidate:garbage", "sdpMid": "0", "sdpMLineIndex": 0}});
+        sig.send_json(&malformed).await.expect("send");
+        let ev = sig.wait_for("error", SECS(5)).await.expect("error");
+        assert_eq!(error_code(&ev), "bad_candidate", "{ev}");
+        let answer_as_offer = RtcClient::new(true)
+            .await
+            .expect("client")
+            .offer()
+            .await
+            .expect("offer")
+            .replace("a=setup:actpass", "a=setup:active");
+        sig.send_offer(&answer_as_offer, "a").await.expect("send");
+        let ev = sig.wait_for("error", SECS(5)).await.expect("error");
+        assert_eq!(error_code(&ev), "bad_sdp", "{ev}");
+        assert!(ev["message"].as_str().is_some_and(|m| m.contains("answer")), "{ev}");
+        let before = client.wait_frames(1, SECS(1)).await.frames_decoded;
+        let after = client.wait_frames(before + 25, SECS(5)).await.frames_decoded;
+        assert!(after >= before + 25, "still playing: {before} → {after}");
     });
 }
 

@@ -61,6 +61,107 @@ fn upgrade_request(session: &str) -> String {
     )
 }
 
+/// A client WebSocket frame written by hand: FIN, `opcode`, a declared payload length (which may
+/// be more than `payload` holds, to claim a huge frame) and an all-zero mask.
+fn client_frame(opcode: u8, declared: u64, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![0x80 | opcode];
+    match declared {
+        0..=125 => f.push(0x80 | declared as u8),
+        126..=0xFFFF => {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(declared as u16).to_be_bytes());
+        }
+        _ => {
+            f.push(0x80 | 127);
+            f.extend_from_slice(&declared.to_be_bytes());
+        }
+    }
+    f.extend_from_slice(&[0, 0, 0, 0]);
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Upgrade a raw TCP connection to `/ws/{session}`; the stream is left just after the response.
+async fn raw_websocket(relay: SocketAddr, session: &str) -> TcpStream {
+    let mut s = TcpStream::connect(relay).await.expect("connect");
+    s.write_all(upgrade_request(session).as_bytes()).await.expect("write");
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.expect("upgrade response");
+        head.push(b[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    s
+}
+
+/// What the relay sends until it closes: the close frame's code (`None`: the connection ended
+/// without one, 1006 to a browser), skipping any other frame.
+async fn close_code_from(s: &mut TcpStream) -> Option<u16> {
+    let read = async {
+        loop {
+            let mut h = [0u8; 2];
+            s.read_exact(&mut h).await.ok()?;
+            let len = match h[1] & 0x7F {
+                126 => {
+                    let mut l = [0u8; 2];
+                    s.read_exact(&mut l).await.ok()?;
+                    u64::from(u16::from_be_bytes(l))
+                }
+                127 => {
+                    let mut l = [0u8; 8];
+                    s.read_exact(&mut l).await.ok()?;
+                    u64::from_be_bytes(l)
+                }
+                n => u64::from(n),
+            };
+            let mut payload = vec![0u8; usize::try_from(len).ok()?];
+            s.read_exact(&mut payload).await.ok()?;
+            if h[0] & 0x0F == 0x8 {
+                return payload.get(..2).map(|c| u16::from_be_bytes([c[0], c[1]]));
+            }
+        }
+    };
+    tokio::time::timeout(SECS(5), read).await.ok().flatten()
+}
+
+/// Issue 26, bad input: frames over the cap (1 MiB, 16 MiB, 200 kB of nesting) dropped the TCP
+/// connection with no close frame (1006), and so did invalid UTF-8. Now each gets the close frame
+/// RFC 6455 names: 1009 with a reason for a message too big, 1007 for invalid UTF-8.
+#[test]
+fn oversized_and_invalid_frames_get_the_rfc_close_frame() {
+    netns::run("oversized_and_invalid_frames_get_the_rfc_close_frame", || async {
+        let cluster = Cluster::relay_only("").await;
+        let nesting = "[".repeat(200_000);
+        let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+            // The header claims 1 MiB; only the first 64 KiB follow (the relay must not wait for more).
+            ("1 MiB", client_frame(0x1, 1 << 20, &vec![b'x'; 64 << 10]), 1009),
+            ("16 MiB", client_frame(0x1, 16 << 20, &vec![b'x'; 64 << 10]), 1009),
+            (
+                "200 kB of nesting",
+                client_frame(0x1, nesting.len() as u64, nesting.as_bytes()),
+                1009,
+            ),
+            ("invalid UTF-8", client_frame(0x1, 4, &[0xC3, 0x28, 0xFF, 0xFE]), 1007),
+        ];
+        for (name, frame, want) in cases {
+            let mut s = raw_websocket(cluster.relay.http, name.replace(' ', "-").as_str()).await;
+            // The relay may close while a long frame is still being written: that is the point.
+            let _ = s.write_all(&frame).await;
+            let got = close_code_from(&mut s).await;
+            eprintln!("{name}: close code {got:?}");
+            assert_eq!(got, Some(want), "{name}");
+        }
+        // Nesting under the frame cap is an error event, and the socket stays.
+        let mut sig = Signaling::connect(&cluster.ws_url("nested")).await.expect("ws");
+        sig.send_text("[".repeat(60_000)).await.expect("send");
+        let ev = sig.next_event(SECS(5)).await.expect("event");
+        assert_eq!(ev["code"], "bad_json", "{ev}");
+        sig.send_text("{}").await.expect("send");
+        assert_eq!(sig.next_event(SECS(5)).await.expect("event")["type"], "error");
+    });
+}
+
 /// Resident memory and its high-water mark of process `pid`, in KiB.
 fn memory_kib(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
@@ -337,6 +438,116 @@ fn a_thousand_unauthenticated_quic_handshakes_stay_under_a_memory_bound() {
             assert_eq!(cluster.worker_count().await, 1);
         },
     );
+}
+
+/// Issue 26, N1: QUIC and TLS/TCP tunnels shared one cap of 64 pending handshakes with no share
+/// per source; 250 silent TLS connections with the tunnel ALPN from one address, reopened as
+/// they dropped, kept a worker from registering for 45 s. Now that address holds
+/// `max_pending_handshakes_per_ip` (8) and a silent one goes after `hello_timeout_ms`: the
+/// worker, from another address, registers at once.
+#[test]
+fn one_address_cannot_lock_workers_out_of_the_tunnel() {
+    netns::run("one_address_cannot_lock_workers_out_of_the_tunnel", || async {
+        let mut cluster = Cluster::relay_with("", true).await;
+        let relay = cluster.relay.http;
+        let mut tls = insecure_tls();
+        tls.alpn_protocols = vec![avatar_proto::tunnel::TCP_ALPN.to_vec()];
+        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let held = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        // The attacker: 250 silent tunnel connections from 127.0.0.2, each reopened when dropped.
+        let attackers: Vec<_> = (0..250)
+            .map(|_| {
+                let (connector, stop, held) = (connector.clone(), stop.clone(), std::sync::Arc::clone(&held));
+                tokio::spawn(async move {
+                    while !stop.is_cancelled() {
+                        let Ok(tcp) = connect_from("127.0.0.2", relay).await else {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        };
+                        let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+                        let Ok(Ok(mut tls)) = tokio::time::timeout(SECS(5), connector.connect(name, tcp)).await else {
+                            continue;
+                        };
+                        held.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let mut buf = [0u8; 256];
+                        tokio::select! {
+                            _ = stop.cancelled() => {}
+                            _ = async { while matches!(tls.read(&mut buf).await, Ok(n) if n > 0) {} } => {}
+                        }
+                        held.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                        // Reopen, at a pace this 2-core test machine can bear beside the relay.
+                        tokio::time::sleep(SECS(1)).await;
+                    }
+                })
+            })
+            .collect();
+        tokio::time::sleep(SECS(2)).await;
+        let started = Instant::now();
+        cluster.add_worker("under-attack", 2, "").await;
+        let took = started.elapsed();
+        let during = held.load(std::sync::atomic::Ordering::Relaxed);
+        stop.cancel();
+        for a in attackers {
+            let _ = a.await;
+        }
+        eprintln!("N1: 250 silent tunnel connections from one address (TLS done: {during} at the moment); worker registered in {took:?}");
+        assert!(took < SECS(5), "the worker registered in {took:?} under the attack");
+        assert!(
+            cluster.logs().contains("too many unauthenticated connections"),
+            "the attacker's connections over its share were refused"
+        );
+    });
+}
+
+/// Issue 26, N4: the fleet secret let any box take any worker id (the real worker was replaced
+/// and the two flapped). With `[[tunnel.workers]]`, an id proves its own key: a second box with
+/// the same id and the fleet secret is refused, and the real worker stays registered.
+#[test]
+fn a_second_box_cannot_take_a_worker_id_that_has_its_own_key() {
+    netns::run("a_second_box_cannot_take_a_worker_id_that_has_its_own_key", || async {
+        let key = "gpu-1s-own-key-0123456789";
+        let mut cluster = Cluster::relay_sections(
+            "",
+            "",
+            &format!(
+                "max_capacity_per_worker = 8\n[[tunnel.workers]]\nid = \"gpu-1\"\nkey = \"{key}\"\nmax_capacity = 2"
+            ),
+            false,
+        )
+        .await;
+        let trust = format!("fingerprint = \"{}\"", cluster.relay.fingerprint);
+        let real = cluster.spawn_worker("gpu-1", 2, key, &trust, "");
+        cluster.wait_for_log(&real, "registered with relay", SECS(15)).await;
+        // The impostor holds the fleet secret and declares a huge capacity.
+        let impostor = cluster.spawn_worker("gpu-1", 10_000, avatar_edge_tests::cluster::SECRET, &trust, "");
+        cluster.wait_for_log(&impostor, "authentication failed", SECS(15)).await;
+        tokio::time::sleep(SECS(2)).await;
+        assert_eq!(cluster.worker_count().await, 1);
+        let real_log = avatar_edge_tests::cluster::log_text(&real);
+        assert!(
+            !real_log.contains("replaced"),
+            "the real worker was never replaced:\n{real_log}"
+        );
+        assert_eq!(
+            real_log.matches("registered with relay").count(),
+            1,
+            "no flapping:\n{real_log}"
+        );
+        // An unlisted id with the fleet secret still registers, its capacity capped.
+        cluster.add_worker("gpu-2", 10_000, "").await;
+        assert_eq!(cluster.worker_count().await, 2);
+        let (_, workers) = http_get(cluster.relay.http, "/api/workers").await.expect("workers");
+        let workers: serde_json::Value = serde_json::from_str(&workers).expect("json");
+        let capacity = |id: &str| {
+            workers["workers"]
+                .as_array()
+                .and_then(|ws| ws.iter().find(|w| w["id"] == id))
+                .and_then(|w| w["capacity"].as_u64())
+        };
+        assert_eq!(capacity("gpu-1"), Some(2), "{workers}");
+        assert_eq!(capacity("gpu-2"), Some(8), "declared 10,000, capped: {workers}");
+    });
 }
 
 /// A WebSocket upgrade request for `path` with extra headers; the HTTP status of the answer.
