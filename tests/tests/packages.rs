@@ -10,8 +10,10 @@
 //! read from the file) are applied, the units are started as systemd would start them (see
 //! [`avatar_edge_tests::debian`]: systemd cannot be PID 1 in this sandbox), and headless Chromium
 //! in the browser namespace opens `https://relay.avatar-edge.test/`, plays and makes the avatar
-//! talk. Rebuilt packages (a new revision) are installed over the running ones: the edited
-//! configs and the secret stay, the services come back, and a session plays again.
+//! talk. Then deploy.md's step 8 switches on the packaged HMAC token policy: a socket without a
+//! token is refused, tokens minted by deploy.md's Python and Node snippets are admitted. Rebuilt
+//! packages (a new revision) are installed over the running ones: the edited configs, the policy
+//! settings and the secret stay, the services come back, and a page given a token plays again.
 //!
 //! `images_…`: the OCI images (podman, runc), run with the compose file's settings (host
 //! networking, configs mounted read-only, the secret in the environment), serve a session.
@@ -33,6 +35,15 @@ const VPS_IP: &str = "203.0.113.1";
 /// The same VPS as the browser's side of the topology reaches it.
 const VPS_IP_BROWSER_SIDE: &str = "192.0.2.1";
 const DOC_RANGES: &str = "[\"192.0.2.0/24\", \"198.51.100.0/24\", \"203.0.113.0/24\"]";
+/// The example policy modules the relay's package and tarball carry (scripts/release).
+const SHIPPED_POLICIES: [&str; 6] = [
+    "allow-all.wasm",
+    "hmac-token.wasm",
+    "jwt.wasm",
+    "ip-allowlist.wasm",
+    "router-affinity.wasm",
+    "router-sticky.wasm",
+];
 
 fn work() -> PathBuf {
     Path::new(env!("CARGO_TARGET_TMPDIR")).join("deploy")
@@ -173,9 +184,17 @@ fn wait_until(secs: u64, mut check: impl FnMut() -> bool) -> bool {
     false
 }
 
-/// Headless Chromium (the `chromium-probe` binary) opening the relay's page by name, trusting the
-/// relay's key only; run in the namespace of `netns_pid` (None: this one). Its JSON line.
-fn browse(netns_pid: Option<u32>, relay_ip: &str, spki: &str, frames: u32, say: Option<&str>) -> serde_json::Value {
+/// Headless Chromium (the `chromium-probe` binary) opening the relay's page by name (with `query`
+/// added to its URL), trusting the relay's key only; run in the namespace of `netns_pid` (None:
+/// this one). Its JSON line.
+fn browse(
+    netns_pid: Option<u32>,
+    relay_ip: &str,
+    spki: &str,
+    frames: u32,
+    say: Option<&str>,
+    query: &str,
+) -> serde_json::Value {
     let probe = avatar_edge_tests::bin_path("chromium-probe");
     let mut cmd = match netns_pid {
         Some(pid) => {
@@ -185,7 +204,7 @@ fn browse(netns_pid: Option<u32>, relay_ip: &str, spki: &str, frames: u32, say: 
         }
         None => Command::new(&probe),
     };
-    cmd.arg(format!("https://{DOMAIN}/?autoconnect=1"))
+    cmd.arg(format!("https://{DOMAIN}/?autoconnect=1{query}"))
         .arg(frames.to_string())
         .arg("--")
         .arg(format!("--host-resolver-rules=MAP {DOMAIN} {relay_ip}"))
@@ -200,6 +219,88 @@ fn browse(netns_pid: Option<u32>, relay_ip: &str, spki: &str, frames: u32, say: 
 
 fn played(result: &serde_json::Value, frames: u64) -> bool {
     result["frames"].as_u64().unwrap_or(0) >= frames
+}
+
+/// A token for `user` minted by one of deploy.md's snippets (`token-python`, `token-node`), run
+/// as the reader's backend would run it, with `secret`.
+fn mint_token(snippet: &str, user: &str, secret: &str) -> String {
+    let block = doc_block(&deploy_md(), snippet);
+    let out = match snippet {
+        "token-python" => Command::new("python3")
+            .arg("-c")
+            .arg(format!(
+                "{block}\nimport os\nprint(avatar_token({user:?}, os.environ['SECRET']))"
+            ))
+            .env("SECRET", secret)
+            .output(),
+        "token-node" => Command::new("node")
+            .arg("-e")
+            .arg(format!(
+                "{block}\nconsole.log(avatarToken({user:?}, process.env.SECRET));"
+            ))
+            .env("SECRET", secret)
+            .output(),
+        other => panic!("no runner for {other}"),
+    }
+    .unwrap_or_else(|e| panic!("{snippet}: {e}"));
+    assert!(
+        out.status.success(),
+        "{snippet}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// What the relay answers a WebSocket to `wss://DOMAIN{path}` (trusting the test CA only): its
+/// first event, and the close code when that event was an error (the relay then closes).
+fn socket_answer(ca_pem: &str, path: &str) -> (serde_json::Value, Option<u16>) {
+    use futures::StreamExt;
+    use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
+    use std::sync::Arc;
+    use tokio_tungstenite::tungstenite::Message;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).expect("the test CA"))
+            .expect("a root");
+        let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let tcp = tokio::net::TcpStream::connect((VPS_IP, 443))
+            .await
+            .expect("TCP to the relay");
+        // DOMAIN is a valid DNS name (a constant).
+        let name = ServerName::try_from(DOMAIN).expect("a DNS name");
+        let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
+            .connect(name, tcp)
+            .await
+            .expect("TLS to the relay");
+        let (mut ws, _) = tokio_tungstenite::client_async(format!("wss://{DOMAIN}{path}"), stream)
+            .await
+            .expect("the WebSocket upgrade");
+        let mut first = serde_json::Value::Null;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while let Ok(Some(Ok(msg))) = tokio::time::timeout_at(deadline, ws.next()).await {
+            match msg {
+                Message::Text(t) if first.is_null() => {
+                    first = serde_json::from_str(t.as_str()).expect("an event");
+                    if first["type"] != "error" {
+                        return (first, None);
+                    }
+                }
+                Message::Close(frame) => return (first, frame.map(|f| u16::from(f.code))),
+                _ => {}
+            }
+        }
+        (first, None)
+    })
 }
 
 #[test]
@@ -219,6 +320,19 @@ fn packages_install_on_fresh_debian_and_a_session_talks() {
     let gpu_ns = topo.gpu.pid();
     let relay_unit = "/usr/lib/systemd/system/avatar-edge-relay.service";
     let worker_unit = "/usr/lib/systemd/system/avatar-edge-worker.service";
+
+    // The relay's package carries the example policy modules, and none of the test suite's.
+    let shipped: Vec<String> = std::fs::read_dir(vps.file("/usr/share/avatar-edge/policies"))
+        .expect("/usr/share/avatar-edge/policies")
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect();
+    for module in SHIPPED_POLICIES {
+        assert!(shipped.iter().any(|m| m == module), "{module} in {shipped:?}");
+    }
+    assert!(
+        !shipped.iter().any(|m| m.starts_with("hostile")),
+        "test modules shipped: {shipped:?}"
+    );
 
     // The shipped configs, unedited: neither service starts, and each names what to set.
     let refused = Service::start(&vps, relay_unit, vps_ns, &logs.path().join("relay-0.log"))
@@ -347,6 +461,7 @@ fn packages_install_on_fresh_debian_and_a_session_talks() {
         &certs.spki_sha256_b64,
         50,
         Some("Hello, who are you?"),
+        "",
     );
     eprintln!("deploy: first session {result}");
     assert!(
@@ -356,9 +471,72 @@ fn packages_install_on_fresh_debian_and_a_session_talks() {
         worker.log()
     );
 
-    // Step 8: upgrade while running; the unit is restarted (deb-systemd-invoke restart).
+    // Step 8: the shipped HMAC token policy, its secret in a file for root and the relay's user,
+    // then a restart (the check before the start loads the module as the service user).
+    let made = vps.chroot(&["sh", "-ec", &doc_block(&docs, "policy-secret")]);
+    assert!(
+        made.status.success(),
+        "step 8, the secret: {}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let secret = String::from_utf8_lossy(&made.stdout).trim().to_owned();
+    assert!(
+        vps.read("/etc/avatar-edge/policies/hmac-token.json").contains(&secret),
+        "the settings file holds the secret the block printed"
+    );
+    let relay_toml = apply_toml(&relay_toml, &doc_block(&docs, "relay-auth"));
+    vps.write("/etc/avatar-edge/relay.toml", &relay_toml);
+    drop(relay);
+    let relay = Service::start(&vps, relay_unit, vps_ns, &logs.path().join("relay-auth.log"))
+        .expect("the relay starts with the token policy");
+    assert!(
+        wait_until(30, ready),
+        "with the token policy:\nrelay:\n{}\nworker:\n{}",
+        relay.log(),
+        worker.log()
+    );
+    // A page without a token, or with one signed by another key, is turned away before any
+    // worker is touched; tokens from both of deploy.md's snippets are admitted.
+    let forged = mint_token("token-python", "mallory", "not-the-relays-secret-0123");
+    for (query, reason) in [
+        (String::new(), "missing token"),
+        (format!("?token={forged}"), "bad signature"),
+    ] {
+        let (event, close) = socket_answer(&certs.ca_pem, &format!("/ws/deploy-refused{query}"));
+        assert!(
+            event["type"] == "error"
+                && event["code"] == "unauthorized"
+                && event["message"].as_str().is_some_and(|m| m.contains(reason))
+                && close == Some(1008),
+            "a socket with {query:?} is refused ({reason}), then closed with 1008: {event} {close:?}\n{}",
+            relay.log()
+        );
+    }
+    assert!(
+        curl(&ca, VPS_IP, "/api/ice-servers").is_none(),
+        "no TURN credentials without a token"
+    );
+    let token = mint_token("token-python", "alice", &secret);
+    for (snippet, token) in [
+        ("token-python", token.clone()),
+        ("token-node", mint_token("token-node", "bob", &secret)),
+    ] {
+        let (event, close) = socket_answer(&certs.ca_pem, &format!("/ws/deploy-{snippet}?token={token}"));
+        assert!(
+            event["type"] == "ice_servers" && close.is_none(),
+            "a token from {snippet} is admitted: {event} {close:?}\n{}",
+            relay.log()
+        );
+    }
+    assert!(
+        curl(&ca, VPS_IP, &format!("/api/ice-servers?token={token}")).is_some_and(|b| b.contains("ice_servers")),
+        "TURN credentials with a token"
+    );
+    eprintln!("deploy: step 8, sockets without a valid token refused, with one admitted");
+
+    // Step 9: upgrade while running; the unit is restarted (deb-systemd-invoke restart).
     let upgrades = upgrade_packages_built();
-    let secret = vps.read("/etc/avatar-edge/tunnel.secret");
+    let tunnel_secret = vps.read("/etc/avatar-edge/tunnel.secret");
     vps.apt_install(&[&upgrades[0]], false);
     gpu.apt_install(&[&upgrades[1]], false);
     assert_eq!(vps.package_version("avatar-edge-relay"), "0.1.0-2");
@@ -373,7 +551,15 @@ fn packages_install_on_fresh_debian_and_a_session_talks() {
         worker_toml,
         "the edited worker.toml is kept"
     );
-    assert_eq!(vps.read("/etc/avatar-edge/tunnel.secret"), secret, "the secret is kept");
+    assert_eq!(
+        vps.read("/etc/avatar-edge/tunnel.secret"),
+        tunnel_secret,
+        "the secret is kept"
+    );
+    assert!(
+        vps.read("/etc/avatar-edge/policies/hmac-token.json").contains(&secret),
+        "the policy's settings are kept"
+    );
     drop((relay, worker));
     let relay = Service::start(&vps, relay_unit, vps_ns, &logs.path().join("relay-2.log")).expect("relay restarts");
     let worker = Service::start(&gpu, worker_unit, gpu_ns, &logs.path().join("worker-2.log")).expect("worker restarts");
@@ -389,9 +575,44 @@ fn packages_install_on_fresh_debian_and_a_session_talks() {
         &certs.spki_sha256_b64,
         25,
         None,
+        &format!("&token={token}"),
     );
     eprintln!("deploy: after the upgrade {result}");
-    assert!(played(&result, 25), "a session plays after the upgrade: {result}");
+    assert!(
+        played(&result, 25),
+        "a page given a token plays after the upgrade: {result}"
+    );
+}
+
+/// The relay's tarball carries the example policy modules under `policies/` (deploy.md's path
+/// for an install without the package), and none of the test suite's hostile modules.
+#[test]
+fn relay_tarball_carries_the_policy_modules() {
+    let dist = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist");
+    let tarball = std::fs::read_dir(&dist)
+        .expect("dist/: run scripts/release first")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("avatar-edge-relay-") && n.ends_with("-x86_64-linux.tar.gz"))
+        })
+        .expect("the relay tarball in dist/: run scripts/release first");
+    let out = Command::new("tar").arg("-tzf").arg(&tarball).output().expect("tar");
+    assert!(out.status.success(), "tar -tzf {}", tarball.display());
+    let listing = String::from_utf8_lossy(&out.stdout);
+    let modules: Vec<&str> = listing
+        .lines()
+        .filter_map(|l| l.split_once("/policies/").map(|(_, m)| m))
+        .filter(|m| !m.is_empty())
+        .collect();
+    for module in SHIPPED_POLICIES {
+        assert!(modules.contains(&module), "policies/{module} in {modules:?}");
+    }
+    assert!(
+        !modules.iter().any(|m| m.starts_with("hostile")),
+        "test modules shipped: {modules:?}"
+    );
 }
 
 /// The packages [`build_upgrade_packages`] made (relay, worker).
@@ -554,7 +775,7 @@ fn images_run_with_the_compose_settings_and_a_session_plays() {
             podman_logs(&relay),
             podman_logs(&worker)
         );
-        let result = browse(None, VPS_IP, &certs.spki_sha256_b64, 50, None);
+        let result = browse(None, VPS_IP, &certs.spki_sha256_b64, 50, None, "");
         eprintln!("images: session {result}");
         assert!(
             played(&result, 50),
