@@ -203,6 +203,8 @@ pub struct TalkConfig {
     pub vad: VadConfig,
     /// Voice input: speech recognition.
     pub asr: AsrConfig,
+    /// What one session may ask of the backends, and requests in flight per backend.
+    pub limits: TalkLimits,
     /// Per-avatar overrides, by avatar id.
     pub avatars: std::collections::BTreeMap<String, AvatarTalkConfig>,
 }
@@ -217,6 +219,46 @@ pub struct AvatarTalkConfig {
     /// The language the user speaks to this avatar (`en`, `zh`, …), for speech recognition.
     /// Unset: `talk.asr.language`.
     pub language: Option<String>,
+}
+
+/// `[talk.limits]`: what one browser session may spend of the backends, and how many requests
+/// all sessions together may have in flight to each (see `talk::limits`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TalkLimits {
+    /// Turns (typed messages and transcripts) one session may start per minute; more get
+    /// `rate_limited`. 0: no limit.
+    pub turns_per_minute: u32,
+    /// Turns one session may start at once before `turns_per_minute` applies.
+    pub turn_burst: u32,
+    /// Longest message or transcript, in characters; longer ones get `message_too_long`.
+    pub max_message_chars: usize,
+    /// Most bytes of earlier exchanges sent with a message; the oldest go first. The system
+    /// prompt is always sent and not counted.
+    pub history_bytes: usize,
+    /// Requests in flight to the language models, all sessions together.
+    pub llm_requests: usize,
+    /// Requests in flight to the speech (TTS) backends, all sessions together.
+    pub tts_requests: usize,
+    /// Requests in flight to speech recognition, all sessions together.
+    pub asr_requests: usize,
+    /// Longest wait for a free request slot; then the answer fails with `talk_failed`.
+    pub slot_wait_ms: u64,
+}
+
+impl Default for TalkLimits {
+    fn default() -> Self {
+        Self {
+            turns_per_minute: 60,
+            turn_burst: 3,
+            max_message_chars: 2000,
+            history_bytes: 16_384,
+            llm_requests: 16,
+            tts_requests: 16,
+            asr_requests: 8,
+            slot_wait_ms: 20_000,
+        }
+    }
 }
 
 /// `[talk.vad]`: voice activity detection on the microphone track a page may send, and barge-in.
@@ -383,6 +425,7 @@ impl Default for TalkConfig {
             lipsync: LipSyncConfig::default(),
             vad: VadConfig::default(),
             asr: AsrConfig::default(),
+            limits: TalkLimits::default(),
             avatars: Default::default(),
         }
     }
@@ -826,6 +869,29 @@ impl WorkerConfig {
                 );
             }
         }
+        let lim = &t.limits;
+        if lim.turns_per_minute > 6_000 || !(1..=100).contains(&lim.turn_burst) {
+            return invalid(
+                "talk.limits.turns_per_minute",
+                "turns_per_minute 0..=6000 (0: no limit), turn_burst 1..=100".into(),
+            );
+        }
+        if !(1..=65_536).contains(&lim.max_message_chars) {
+            return invalid("talk.limits.max_message_chars", "1..=65536".into());
+        }
+        if lim.history_bytes > 1 << 20 {
+            return invalid("talk.limits.history_bytes", "at most 1048576".into());
+        }
+        let requests = [lim.llm_requests, lim.tts_requests, lim.asr_requests];
+        if requests.iter().any(|n| !(1..=4096).contains(n)) {
+            return invalid(
+                "talk.limits.llm_requests",
+                "llm_requests, tts_requests and asr_requests 1..=4096".into(),
+            );
+        }
+        if !(1..=600_000).contains(&lim.slot_wait_ms) {
+            return invalid("talk.limits.slot_wait_ms", "1..=600000".into());
+        }
         let l = &t.lipsync;
         if l.backend == LipSyncBackend::Onnx && l.model.is_none() {
             return invalid("talk.lipsync.model", "the onnx backend needs a model".into());
@@ -890,6 +956,14 @@ mod tests {
             ("[talk.asr]\nbase_url = \"file:///etc/passwd\"\n", "talk.asr.base_url"),
             ("[talk.avatars.a]\nlanguage = \"zh; rm\"\n", "talk.asr.language"),
             ("[talk.llm]\nmodle = \"x\"\n", "modle"),
+            ("[talk.limits]\nturn_burst = 0\n", "talk.limits.turns_per_minute"),
+            (
+                "[talk.limits]\nmax_message_chars = 0\n",
+                "talk.limits.max_message_chars",
+            ),
+            ("[talk.limits]\nhistory_bytes = 99999999\n", "talk.limits.history_bytes"),
+            ("[talk.limits]\nasr_requests = 0\n", "talk.limits.llm_requests"),
+            ("[talk.limits]\nslot_wait_ms = 0\n", "talk.limits.slot_wait_ms"),
             ("[ice]\npublic_ips = [\"not-an-ip\"]\n", "ice.public_ips"),
             ("[ice]\nudp_port_min = 50000\n", "ice.udp_port_min"),
             (

@@ -12,6 +12,10 @@
 //! ([`Conversation::transcribe`]) and its transcript answered like a `text_webrtc`. The browser
 //! sees `user_speech_started`, `user_speech_ended` and `user_transcript` along the way.
 //!
+//! Typed messages and transcripts pass the same per-session limits ([`crate::talk::limits`]): a
+//! message too long or over the turn rate gets `message_too_long` or `rate_limited`, and the
+//! answer in progress goes on. An `interrupt` is not a turn and is never limited.
+//!
 //! How a session ends, and why:
 //! * the relay sends `Close` or finishes the stream (the browser left): stop at once;
 //! * the peer fails or closes: tell the browser (`peer_failed`) and stop;
@@ -330,29 +334,30 @@ impl Session {
         }
     }
 
-    /// Start answering `message` (typed, or a transcript), or tell the browser why not.
+    /// Start answering `message` (typed, or a transcript), or tell the browser why not: the
+    /// session's limits ([`crate::talk::limits`]) refuse a message that is too long or comes
+    /// over the turn rate, and the answer in progress then goes on.
     async fn answer(&mut self, message: String) {
         let refusal = match self.conv.as_mut() {
-            None => Some((
+            None => ServerEvent::error(
                 ErrorCode::Unsupported,
                 "this worker streams the idle avatar only; the talking pipeline is disabled ([talk] enabled = false)",
-            )),
-            Some(_) if message.is_empty() => Some((ErrorCode::InvalidMessage, "`message` is empty")),
-            Some(conv) if !conv.ready() => Some((
-                ErrorCode::NoSession,
-                "the video is not playing yet: send webrtc_offer, wait for the connection, then text_webrtc",
-            )),
-            Some(conv) => {
-                if let Some(turn) = conv.say(message) {
+            ),
+            Some(_) if message.is_empty() => ServerEvent::error(ErrorCode::InvalidMessage, "`message` is empty"),
+            Some(conv) => match conv.say(message) {
+                Ok(turn) => {
                     info!(turn, "answering");
                     metrics::counter!("worker_talk_turns_total").increment(1);
+                    return;
                 }
-                None
-            }
+                Err(refusal) => {
+                    info!(%refusal, "message refused");
+                    metrics::counter!("worker_talk_refused_total", "reason" => refusal.reason()).increment(1);
+                    refusal.event()
+                }
+            },
         };
-        if let Some((code, message)) = refusal {
-            self.event(ServerEvent::error(code, message)).await;
-        }
+        self.event(refusal).await;
     }
 
     async fn on_hearing(&mut self, h: Hearing) {
@@ -382,7 +387,9 @@ impl Session {
                 let duration_ms = crate::talk::vad::duration_ms(&pcm);
                 debug!(duration_ms, "utterance");
                 metrics::counter!("worker_utterances_total").increment(1);
-                conv.transcribe(pcm);
+                if conv.transcribe(pcm) {
+                    debug!("a newer utterance replaced the one waiting for recognition");
+                }
                 ServerEvent::UserSpeechEnded { duration_ms }
             }
             Hearing::Failed(e) => {

@@ -17,13 +17,19 @@
 //! ([`vad`], on a thread per peer: [`hearing`]), each utterance through speech recognition
 //! ([`asr`], [`Conversation::transcribe`]), and its transcript is then said like a `text_webrtc`.
 //!
-//! Worker-wide parts live in [`Talk`] (backends per avatar, the lip-sync runners); each session
-//! has a [`Conversation`] (history, the current turn, the clock's feed).
+//! What a browser may spend is bounded before anything is sent ([`limits`]): a turn rate and a
+//! message length per session, a byte budget for the history, one utterance waiting for
+//! recognition, and a cap on requests in flight to each backend for the whole worker.
+//!
+//! Worker-wide parts live in [`Talk`] (backends per avatar, the lip-sync runners, the backend
+//! slots); each session has a [`Conversation`] (history, turn rate, the current turn, the
+//! clock's feed).
 
 pub mod asr;
 pub mod audio;
 pub mod face;
 pub mod hearing;
+pub mod limits;
 pub mod lipsync;
 pub mod llm;
 pub mod mel;
@@ -32,10 +38,11 @@ pub mod tts;
 pub mod vad;
 
 use crate::config::{
-    AsrConfig, ExecutionProvider, LlmBackend, LlmConfig, TalkConfig, TtsBackend, TtsConfig, VadConfig,
+    AsrConfig, ExecutionProvider, LlmBackend, LlmConfig, TalkConfig, TalkLimits, TtsBackend, TtsConfig, VadConfig,
 };
 use crate::media::avatar::AvatarClip;
 use crate::media::stream::{ClockEvent, Feed, TalkUnit, AUDIO_RATE, PREBUFFER};
+use limits::{Backend, Refusal, Slots, TurnLimiter};
 use lipsync::{FrameInput, LipSyncService};
 use llm::{ChatMessage, Llm, Role};
 use std::collections::HashMap;
@@ -63,6 +70,9 @@ pub enum TalkError {
     Client(String),
     #[error("speech recognition: {0}")]
     Asr(String),
+    /// Every request slot of this backend stayed taken for `talk.limits.slot_wait_ms`.
+    #[error("the {0} is busy: every request slot of this worker stayed taken (talk.limits)")]
+    Busy(&'static str),
 }
 
 /// One avatar's backends.
@@ -84,6 +94,9 @@ pub struct Talk {
     pub lipsync: Arc<LipSyncService>,
     fps: u32,
     history: usize,
+    /// What one session may spend; [`Talk::slots`] shares the backends among sessions.
+    pub limits: TalkLimits,
+    pub slots: Slots,
     session_batch: usize,
     feather: u32,
     /// Voice input: speech recognition, and the voice activity settings (`vad.model` unset: off).
@@ -201,6 +214,8 @@ impl Talk {
             lipsync,
             fps,
             history: cfg.history,
+            limits: cfg.limits.clone(),
+            slots: Slots::new(&cfg.limits),
             session_batch: lcfg.session_batch,
             feather: lcfg.feather_px,
             asr: make_asr(&cfg.asr, &client),
@@ -260,10 +275,14 @@ pub struct Conversation {
     units: Option<std::sync::mpsc::SyncSender<TalkUnit>>,
     active: Option<CancellationToken>,
     events: mpsc::UnboundedSender<TalkEvent>,
-    /// Cancels speech recognitions in flight when the conversation ends.
+    /// This session's turn rate.
+    limiter: TurnLimiter,
+    /// Cancels speech recognition when the conversation ends.
     hearing: CancellationToken,
-    /// The latest recognition (the next waits for it, so transcripts keep their order).
-    transcribing: Option<tokio::task::JoinHandle<()>>,
+    /// The utterance waiting for recognition (at most one: a newer one replaces it).
+    waiting: Arc<std::sync::Mutex<Option<Vec<f32>>>>,
+    /// Wakes the recognition task (started with the first utterance).
+    wake: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl Conversation {
@@ -273,6 +292,11 @@ impl Conversation {
         avatar_id: String,
         events: mpsc::UnboundedSender<TalkEvent>,
     ) -> Self {
+        let limiter = TurnLimiter::new(
+            talk.limits.turns_per_minute,
+            talk.limits.turn_burst,
+            std::time::Instant::now(),
+        );
         Self {
             talk,
             clip,
@@ -284,8 +308,10 @@ impl Conversation {
             units: None,
             active: None,
             events,
+            limiter,
             hearing: CancellationToken::new(),
-            transcribing: None,
+            waiting: Arc::default(),
+            wake: None,
         }
     }
 
@@ -323,29 +349,40 @@ impl Conversation {
     }
 
     /// Recognise an utterance (16 kHz mono); the result comes back as a
-    /// [`TalkEvent::Transcript`] or [`TalkEvent::TranscriptFailed`]. Recognitions run in order
-    /// of arrival, each bounded by `talk.asr.timeout_ms`; dropping the conversation ends them.
-    pub fn transcribe(&mut self, pcm: Vec<f32>) {
-        let asr = Arc::clone(&self.talk.asr);
-        let language = self.talk.backends(&self.avatar_id).language.clone();
-        let events = self.events.clone();
-        let cancel = self.hearing.child_token();
-        let previous = self.transcribing.take();
-        self.transcribing = Some(tokio::spawn(async move {
-            if let Some(previous) = previous {
-                let _ = previous.await;
+    /// [`TalkEvent::Transcript`] or [`TalkEvent::TranscriptFailed`]. One recognition runs at a
+    /// time, bounded by `talk.asr.timeout_ms` and a speech-recognition slot; at most one
+    /// utterance waits for it, and a newer one replaces the waiting one (the newest speech wins).
+    /// Returns whether a waiting utterance was replaced. Dropping the conversation ends them.
+    pub fn transcribe(&mut self, pcm: Vec<f32>) -> bool {
+        let replaced = self
+            .waiting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .replace(pcm)
+            .is_some();
+        if replaced {
+            metrics::counter!("worker_utterances_replaced_total").increment(1);
+        }
+        let wake = match &self.wake {
+            Some(wake) => Arc::clone(wake),
+            None => {
+                let wake = Arc::new(tokio::sync::Notify::new());
+                let recognizer = Recognizer {
+                    talk: Arc::clone(&self.talk),
+                    language: self.talk.backends(&self.avatar_id).language.clone(),
+                    events: self.events.clone(),
+                    waiting: Arc::clone(&self.waiting),
+                    wake: Arc::clone(&wake),
+                    cancel: self.hearing.child_token(),
+                };
+                // Ends when the conversation does (its `hearing` token).
+                tokio::spawn(recognizer.run().instrument(tracing::Span::current()));
+                self.wake = Some(Arc::clone(&wake));
+                wake
             }
-            let started = std::time::Instant::now();
-            let result = tokio::select! {
-                _ = cancel.cancelled() => return,
-                r = asr.transcribe(&pcm, language.as_deref()) => r,
-            };
-            metrics::histogram!("worker_asr_seconds").record(started.elapsed().as_secs_f64());
-            let _ = events.send(match result {
-                Ok(text) => TalkEvent::Transcript { text },
-                Err(e) => TalkEvent::TranscriptFailed { message: e.to_string() },
-            });
-        }));
+        };
+        wake.notify_one();
+        replaced
     }
 
     /// Stop the current answer, if any. The clock ends its speech at the next tick.
@@ -356,7 +393,8 @@ impl Conversation {
         }
     }
 
-    /// Record a finished exchange (for the next turns' context).
+    /// Record a finished exchange (for the next turns' context), keeping at most `talk.history`
+    /// exchanges and `talk.limits.history_bytes` bytes of them.
     pub fn remember(&mut self, user: String, answer: String) {
         if self.talk.history == 0 {
             return;
@@ -369,15 +407,16 @@ impl Conversation {
             role: Role::Assistant,
             content: answer,
         });
-        let keep = self.talk.history * 2;
-        if self.history.len() > keep {
-            self.history.drain(..self.history.len() - keep);
-        }
+        limits::trim_history(&mut self.history, self.talk.history, self.talk.limits.history_bytes);
     }
 
-    /// Start answering `text`, cancelling any answer in progress. Returns the turn number.
-    pub fn say(&mut self, text: String) -> Option<u64> {
-        let units = self.units.clone()?;
+    /// Start answering `text` (typed, or a transcript), cancelling any answer in progress, and
+    /// return the turn number; or refuse it ([`limits`]: too long, over the turn rate, or no
+    /// clock to play it on). A refused message changes nothing: the answer in progress goes on.
+    pub fn say(&mut self, text: String) -> Result<u64, Refusal> {
+        limits::check_length(&text, self.talk.limits.max_message_chars)?;
+        let units = self.units.clone().ok_or(Refusal::NotReady)?;
+        self.limiter.check(std::time::Instant::now())?;
         self.interrupt();
         self.turns += 1;
         let turn = self.turns;
@@ -407,8 +446,11 @@ impl Conversation {
         let span = tracing::info_span!("turn", turn);
         tokio::spawn(
             async move {
-                // Cancelling drops the stages: HTTP requests end, espeak-ng is killed.
+                // Cancelling drops the stages: HTTP requests end, espeak-ng is killed, a wait for
+                // a backend slot ends. Cancellation is looked at first: a turn cancelled just as
+                // a slot came free must not start its request.
                 tokio::select! {
+                    biased;
                     _ = cancel.cancelled() => info!("answer interrupted"),
                     result = run.run(messages, text) => if let Err(e) = result {
                         warn!(error = %e, "answer failed");
@@ -417,7 +459,53 @@ impl Conversation {
             }
             .instrument(span),
         );
-        Some(turn)
+        Ok(turn)
+    }
+}
+
+/// A conversation's speech recognition: takes the waiting utterance, recognises it in a slot of
+/// the worker's, reports the transcript, and waits for the next.
+struct Recognizer {
+    talk: Arc<Talk>,
+    language: Option<String>,
+    events: mpsc::UnboundedSender<TalkEvent>,
+    waiting: Arc<std::sync::Mutex<Option<Vec<f32>>>>,
+    wake: Arc<tokio::sync::Notify>,
+    cancel: CancellationToken,
+}
+
+impl Recognizer {
+    async fn run(self) {
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = self.wake.notified() => {}
+            }
+            loop {
+                let next = self
+                    .waiting
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .take();
+                let Some(pcm) = next else { break };
+                let work = async {
+                    let _slot = self.talk.slots.acquire(Backend::Asr).await?;
+                    let started = std::time::Instant::now();
+                    let text = self.talk.asr.transcribe(&pcm, self.language.as_deref()).await;
+                    metrics::histogram!("worker_asr_seconds").record(started.elapsed().as_secs_f64());
+                    text
+                };
+                let result = tokio::select! {
+                    biased;
+                    _ = self.cancel.cancelled() => return,
+                    r = work => r,
+                };
+                let _ = self.events.send(match result {
+                    Ok(text) => TalkEvent::Transcript { text },
+                    Err(e) => TalkEvent::TranscriptFailed { message: e.to_string() },
+                });
+            }
+        }
     }
 }
 
@@ -490,7 +578,11 @@ impl Turn {
             })
         };
 
-        let llm = backends.llm.stream(messages, text_tx);
+        // The request waits for a slot of the worker's; cancelling the turn drops the wait too.
+        let llm = async {
+            let _slot = self.talk.slots.acquire(Backend::Llm).await?;
+            backends.llm.stream(messages, text_tx).await
+        };
         let text = async {
             let mut chunker = sentences::SentenceChunker::new();
             let mut answer = String::new();
@@ -522,7 +614,10 @@ impl Turn {
                     None if sentences::is_chinese(&sentence) => "cmn-latn-pinyin",
                     None => "en-us",
                 };
-                let pcm = backends.tts.synthesize(&sentence, voice).await?;
+                let pcm = {
+                    let _slot = self.talk.slots.acquire(Backend::Tts).await?;
+                    backends.tts.synthesize(&sentence, voice).await?
+                };
                 let chunk = tokio::task::spawn_blocking(move || -> Result<AudioChunk, TalkError> {
                     Ok(AudioChunk {
                         pcm16: audio::resample(&pcm, mel::SAMPLE_RATE)?,
@@ -680,13 +775,13 @@ mod tests {
         let (mut conv, mut events) = conversation(6);
         assert_eq!(
             conv.say("hello".into()),
-            None,
+            Err(Refusal::NotReady),
             "no clock attached: nothing to play it on"
         );
         let (clock_tx, _clock_rx) = mpsc::unbounded_channel();
         let feed = conv.feed(clock_tx);
         assert!(conv.ready());
-        assert_eq!(conv.say("Hello, who are you?".into()), Some(1));
+        assert_eq!(conv.say("Hello, who are you?".into()), Ok(1));
         // The clock's side, read as it plays (the pipeline runs at most 2 s ahead of it): frames
         // of turn 1 with their audio, up to the one marked last.
         let clock = tokio::task::spawn_blocking(move || {
@@ -741,7 +836,7 @@ mod tests {
         } = conv.feed(clock_tx);
         // A clock that plays whatever comes, so nothing but the interrupt can hold the turn back.
         std::thread::spawn(move || while units.recv_timeout(Duration::from_secs(3)).is_ok() {});
-        assert_eq!(conv.say("Tell me a long story about France.".into()), Some(1));
+        assert_eq!(conv.say("Tell me a long story about France.".into()), Ok(1));
         assert!(matches!(next(&mut events).await, TalkEvent::Text { turn: 1, .. }));
         conv.interrupt();
         assert_eq!(
@@ -759,12 +854,12 @@ mod tests {
         })
         .await;
         assert!(late.is_err(), "an interrupted turn reported Done");
-        assert_eq!(conv.say("Are you there?".into()), Some(2));
+        assert_eq!(conv.say("Are you there?".into()), Ok(2));
         assert_eq!(current_turn.load(Ordering::Acquire), 2);
         // Detached (the peer is being replaced): no clock, no answers.
         conv.detach();
         assert!(!conv.ready());
-        assert_eq!(conv.say("hello".into()), None);
+        assert_eq!(conv.say("hello".into()), Err(Refusal::NotReady));
     }
 
     #[tokio::test]
@@ -778,5 +873,327 @@ mod tests {
         let (mut conv, _events) = conversation(0);
         conv.remember("q".into(), "a".into());
         assert!(conv.history.is_empty());
+    }
+
+    /// A stand-in language model: counts its requests and keeps their prompts, holds every
+    /// answer while its gate is shut, and answers in three words.
+    struct CountingLlm {
+        prompts: std::sync::Mutex<Vec<Vec<ChatMessage>>>,
+        running: AtomicUsize,
+        most: AtomicUsize,
+        gate: tokio::sync::watch::Receiver<bool>,
+    }
+
+    /// Counts down a running request however its future ends (answered or dropped).
+    struct Running<'a>(&'a AtomicUsize);
+
+    impl Drop for Running<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    impl Llm for CountingLlm {
+        fn name(&self) -> String {
+            "counting stand-in".into()
+        }
+
+        fn stream<'a>(
+            &'a self,
+            messages: &'a [ChatMessage],
+            out: mpsc::Sender<String>,
+        ) -> futures::future::BoxFuture<'a, Result<(), TalkError>> {
+            Box::pin(async move {
+                self.prompts.lock().expect("lock").push(messages.to_vec());
+                let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+                self.most.fetch_max(now, Ordering::SeqCst);
+                let _running = Running(&self.running);
+                let _ = self.gate.clone().wait_for(|open| *open).await;
+                let _ = out.send("Fine, thank you.".into()).await;
+                Ok(())
+            })
+        }
+    }
+
+    impl CountingLlm {
+        fn prompts(&self) -> Vec<Vec<ChatMessage>> {
+            self.prompts.lock().expect("lock").clone()
+        }
+    }
+
+    /// A stand-in speech recogniser: keeps the length of each utterance it gets, holds while its
+    /// gate is shut, and answers with that length.
+    struct CountingAsr {
+        heard: std::sync::Mutex<Vec<usize>>,
+        gate: tokio::sync::watch::Receiver<bool>,
+    }
+
+    impl asr::Asr for CountingAsr {
+        fn name(&self) -> String {
+            "counting stand-in".into()
+        }
+
+        fn transcribe<'a>(
+            &'a self,
+            pcm: &'a [f32],
+            _language: Option<&'a str>,
+        ) -> futures::future::BoxFuture<'a, Result<String, TalkError>> {
+            Box::pin(async move {
+                self.heard.lock().expect("lock").push(pcm.len());
+                let _ = self.gate.clone().wait_for(|open| *open).await;
+                Ok(format!("{} samples", pcm.len()))
+            })
+        }
+    }
+
+    /// Speech without espeak-ng: a fifth of a second of silence per sentence.
+    struct SilentTts;
+
+    impl Tts for SilentTts {
+        fn name(&self) -> String {
+            "silence".into()
+        }
+
+        fn synthesize<'a>(
+            &'a self,
+            _text: &'a str,
+            _voice: &'a str,
+        ) -> futures::future::BoxFuture<'a, Result<audio::Pcm, TalkError>> {
+            Box::pin(async {
+                Ok(audio::Pcm {
+                    rate: 16_000,
+                    samples: vec![0.0; 3_200],
+                })
+            })
+        }
+    }
+
+    /// A worker's talking machinery with the stand-ins in place of its backends.
+    struct StandIns {
+        talk: Arc<Talk>,
+        llm: Arc<CountingLlm>,
+        asr: Arc<CountingAsr>,
+        llm_gate: tokio::sync::watch::Sender<bool>,
+        asr_gate: tokio::sync::watch::Sender<bool>,
+    }
+
+    fn stand_ins(limits: TalkLimits, history: usize, gates_open: bool) -> StandIns {
+        let cfg = TalkConfig {
+            history,
+            limits,
+            ..TalkConfig::default()
+        };
+        let mut talk = Talk::new(&cfg, 25).expect("talking pipeline");
+        let (llm_gate, gate) = tokio::sync::watch::channel(gates_open);
+        let llm = Arc::new(CountingLlm {
+            prompts: Default::default(),
+            running: AtomicUsize::new(0),
+            most: AtomicUsize::new(0),
+            gate,
+        });
+        let (asr_gate, gate) = tokio::sync::watch::channel(gates_open);
+        let asr = Arc::new(CountingAsr {
+            heard: Default::default(),
+            gate,
+        });
+        talk.default.llm = Arc::clone(&llm) as Arc<dyn Llm>;
+        talk.default.tts = Arc::new(SilentTts);
+        talk.asr = Arc::clone(&asr) as Arc<dyn asr::Asr>;
+        StandIns {
+            talk: Arc::new(talk),
+            llm,
+            asr,
+            llm_gate,
+            asr_gate,
+        }
+    }
+
+    /// A session's conversation with a clock attached that plays whatever comes.
+    fn attached(talk: &Arc<Talk>) -> (Conversation, mpsc::UnboundedReceiver<TalkEvent>) {
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let clip = Arc::new(synthetic(256, 256, 25));
+        let mut conv = Conversation::new(Arc::clone(talk), clip, "tutor".into(), events_tx);
+        let (clock_tx, _clock_rx) = mpsc::unbounded_channel();
+        let units = conv.feed(clock_tx).units;
+        std::thread::spawn(move || while units.recv().is_ok() {});
+        (conv, events)
+    }
+
+    /// The `code` of the `error` event the browser gets for `refusal`.
+    fn code_of(refusal: &Refusal) -> String {
+        let event = serde_json::to_value(refusal.event()).expect("json");
+        assert_eq!(event["type"], "error", "{event}");
+        event["code"].as_str().expect("a code").to_owned()
+    }
+
+    async fn eventually(what: &str, mut ok: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + WAIT;
+        while !ok() {
+            assert!(std::time::Instant::now() < deadline, "{what}: not within 10 s");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Issue 26 (N3): one session sent 100 messages of 60 KB, one every 50 ms, and caused 100
+    /// language-model requests and 6 MB of prompt in 5 s. The same burst now: the 60 KB messages
+    /// are refused as too long, the rest get the burst and one turn a second, and every prompt
+    /// is bounded by the system prompt, the history budget and one message.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_burst_of_messages_costs_no_more_model_requests_than_the_turn_rate_allows() {
+        let limits = TalkLimits::default();
+        let s = stand_ins(limits.clone(), 6, true);
+        let (mut conv, mut events) = attached(&s.talk);
+        let (huge, long) = ("a".repeat(60_000), "b".repeat(1_900));
+        let (mut turns, mut refused) = (0usize, std::collections::BTreeMap::<String, usize>::new());
+        let started = std::time::Instant::now();
+        for i in 0..100 {
+            let text = if i % 2 == 0 { huge.clone() } else { long.clone() };
+            match conv.say(text) {
+                Ok(_) => turns += 1,
+                Err(refusal) => *refused.entry(code_of(&refusal)).or_default() += 1,
+            }
+            // As the session does: a finished exchange joins the history.
+            while let Ok(ev) = events.try_recv() {
+                if let TalkEvent::Done { user, answer, .. } = ev {
+                    conv.remember(user, answer);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let elapsed = started.elapsed();
+        // Let the last turn reach the model.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let prompts = s.llm.prompts();
+        let bytes: Vec<usize> = prompts
+            .iter()
+            .map(|p| p.iter().map(limits::message_bytes).sum())
+            .collect();
+        let total: usize = bytes.iter().sum();
+        eprintln!(
+            "100 messages in {elapsed:?}: {turns} turns, {} model requests, {total} prompt bytes, refused {refused:?}",
+            prompts.len()
+        );
+        let allowed = limits.turn_burst as usize + elapsed.as_secs() as usize * limits.turns_per_minute as usize / 60;
+        assert_eq!(refused.get("message_too_long"), Some(&50), "every 60 KB message");
+        assert!((3..=allowed).contains(&turns), "{turns} turns, {allowed} allowed");
+        assert_eq!(refused.get("rate_limited"), Some(&(50 - turns)), "{refused:?}");
+        assert_eq!(refused.values().sum::<usize>() + turns, 100, "{refused:?}");
+        assert!(prompts.len() <= turns, "{} requests for {turns} turns", prompts.len());
+        let system = s.talk.default.system_prompt.len();
+        let most = system + limits.history_bytes + 4 * limits.max_message_chars;
+        assert!(bytes.iter().all(|b| *b <= most), "{bytes:?} (at most {most} each)");
+        assert!(total <= allowed * most && total < 200_000, "{total} prompt bytes");
+        assert!(
+            prompts.iter().all(|p| p[0].role == Role::System),
+            "the system prompt leads every request"
+        );
+        // An interrupt is not a turn: it is never limited.
+        conv.interrupt();
+        assert_eq!(conv.current_turn().load(Ordering::Acquire), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_history_budget_keeps_the_prompt_under_its_bytes_and_the_system_prompt_first() {
+        let limits = TalkLimits {
+            history_bytes: 1_000,
+            ..TalkLimits::default()
+        };
+        let s = stand_ins(limits, 6, true);
+        let (mut conv, mut events) = attached(&s.talk);
+        // Six exchanges of about 600 bytes: one fits the budget.
+        for i in 0..6 {
+            conv.remember(
+                format!("question {i} {}", "q".repeat(290)),
+                format!("answer {i} {}", "a".repeat(290)),
+            );
+        }
+        let turn = conv.say("And now?".into()).expect("a turn");
+        loop {
+            match next(&mut events).await {
+                TalkEvent::Done { turn: t, .. } if t == turn => break,
+                TalkEvent::Failed { message, .. } => panic!("the turn failed: {message}"),
+                _ => {}
+            }
+        }
+        let prompts = s.llm.prompts();
+        assert_eq!(prompts.len(), 1);
+        let prompt = &prompts[0];
+        assert_eq!(prompt[0].role, Role::System);
+        assert_eq!(prompt[0].content, s.talk.default.system_prompt);
+        assert_eq!(prompt.last().map(|m| m.content.as_str()), Some("And now?"));
+        let history = &prompt[1..prompt.len() - 1];
+        let bytes: usize = history.iter().map(limits::message_bytes).sum();
+        assert!(bytes <= 1_000, "{bytes} bytes of history");
+        let kept: Vec<&str> = history.iter().map(|m| &m.content[..8]).collect();
+        assert_eq!(kept, ["question", "answer 5"], "the newest exchange, whole");
+        assert!(history[0].content.starts_with("question 5"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_to_a_backend_are_capped_for_the_whole_worker_and_a_waiting_turn_leaves_with_its_interrupt() {
+        let limits = TalkLimits {
+            llm_requests: 2,
+            ..TalkLimits::default()
+        };
+        let s = stand_ins(limits, 0, false);
+        let mut sessions: Vec<_> = (0..5).map(|_| attached(&s.talk)).collect();
+        for (i, (conv, _)) in sessions.iter_mut().enumerate() {
+            conv.say(format!("hello from session {i}")).expect("a turn");
+        }
+        eventually("two requests at the model", || {
+            s.llm.running.load(Ordering::SeqCst) == 2
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(s.llm.prompts().len(), 2, "three sessions wait for a slot");
+        assert_eq!(s.talk.slots.available(Backend::Llm), 0);
+        // One waiting session's user presses Stop: its turn leaves the queue.
+        let asked = |p: &Vec<Vec<ChatMessage>>| -> Vec<String> {
+            p.iter().filter_map(|m| m.last().map(|m| m.content.clone())).collect()
+        };
+        let first = asked(&s.llm.prompts());
+        let waiting = (0..5)
+            .find(|i| !first.contains(&format!("hello from session {i}")))
+            .expect("a waiting session");
+        sessions[waiting].0.interrupt();
+        s.llm_gate.send_replace(true);
+        for (i, (_, events)) in sessions.iter_mut().enumerate() {
+            if i == waiting {
+                continue;
+            }
+            loop {
+                match next(events).await {
+                    TalkEvent::Done { .. } => break,
+                    TalkEvent::Failed { message, .. } => panic!("session {i}: {message}"),
+                    _ => {}
+                }
+            }
+        }
+        let all = asked(&s.llm.prompts());
+        assert_eq!(all.len(), 4, "{all:?}");
+        assert!(!all.contains(&format!("hello from session {waiting}")), "{all:?}");
+        assert_eq!(s.llm.most.load(Ordering::SeqCst), 2, "never more than the slots");
+        assert_eq!(s.talk.slots.available(Backend::Llm), 2, "every slot given back");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_utterance_waits_for_recognition_and_the_newest_replaces_it() {
+        let s = stand_ins(TalkLimits::default(), 6, false);
+        let (mut conv, mut events) = attached(&s.talk);
+        assert!(!conv.transcribe(vec![0.0; 100]), "nothing waiting: recognised at once");
+        eventually("the first utterance at the recogniser", || {
+            s.asr.heard.lock().expect("lock").len() == 1
+        })
+        .await;
+        assert!(!conv.transcribe(vec![0.0; 200]), "waits for the first");
+        assert!(conv.transcribe(vec![0.0; 300]), "replaces the one waiting");
+        s.asr_gate.send_replace(true);
+        for want in ["100 samples", "300 samples"] {
+            match next(&mut events).await {
+                TalkEvent::Transcript { text } => assert_eq!(text, want),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(*s.asr.heard.lock().expect("lock"), [100, 300]);
     }
 }
