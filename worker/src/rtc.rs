@@ -11,6 +11,13 @@
 //! microphone comes back on it and is decoded for voice input ([`Answer::mic`]). RTCP from the senders is read continuously —
 //! that keeps the interceptors (NACK, reports) running — and a PLI or FIR sets the `keyframe`
 //! flag that the video clock consumes to emit an IDR.
+//!
+//! Where the worker sends packets is the browser's choice only within [`CandidateFilter`]: ICE
+//! sends checks to every remote candidate, so candidates aimed at special-purpose addresses are
+//! dropped, and so are mDNS names (`<uuid>.local`). The ICE agent's mDNS is off
+//! ([`setting_engine`]): left on (webrtc-ice's default, `QueryOnly`) it resolves such a name on
+//! the worker's own network, and a name answered with a LAN address took checks there that the
+//! same address written as a literal could not (issue 26, N5).
 
 use avatar_proto::signaling::{CandidateInit, IceServer};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,6 +28,7 @@ use webrtc::api::interceptor_registry::register_default_interceptors;
 use webrtc::api::media_engine::{MediaEngine, MIME_TYPE_H264, MIME_TYPE_OPUS};
 use webrtc::api::setting_engine::SettingEngine;
 use webrtc::api::{APIBuilder, API};
+use webrtc::ice::mdns::MulticastDnsMode;
 use webrtc::ice_transport::ice_candidate::RTCIceCandidateInit;
 use webrtc::ice_transport::ice_server::RTCIceServer;
 use webrtc::interceptor::registry::Registry;
@@ -116,31 +124,47 @@ pub struct RtcEngine {
     api: API,
 }
 
+/// The ICE settings of every peer. mDNS is off: the agent neither resolves remote `.local`
+/// names (a browser could name any host on the worker's LAN that way, past the candidate
+/// filter) nor announces its own host candidates as `.local` names (the browser could not
+/// resolve them across the internet anyway).
+fn setting_engine(settings: &RtcSettings, mdns: MulticastDnsMode) -> Result<SettingEngine, RtcError> {
+    let mut se = SettingEngine::default();
+    se.set_ice_multicast_dns_mode(mdns);
+    se.set_include_loopback_candidate(settings.include_loopback);
+    if !settings.public_ips.is_empty() {
+        se.set_nat_1to1_ips(
+            settings.public_ips.clone(),
+            webrtc::ice_transport::ice_candidate_type::RTCIceCandidateType::Host,
+        );
+    }
+    if let Some((min, max)) = settings.udp_ports {
+        let ports = webrtc::ice::udp_network::EphemeralUDP::new(min, max)
+            .map_err(|e| RtcError::Internal(webrtc::Error::Ice(e)))?;
+        se.set_udp_network(webrtc::ice::udp_network::UDPNetwork::Ephemeral(ports));
+    }
+    // Notice a vanished browser within seconds (3 s disconnected + 5 s failed), not the
+    // default half-minute: its capacity slot goes back to the pool sooner.
+    se.set_ice_timeouts(
+        Some(Duration::from_secs(3)),
+        Some(Duration::from_secs(5)),
+        Some(Duration::from_secs(2)),
+    );
+    Ok(se)
+}
+
 impl RtcEngine {
     pub fn new(settings: &RtcSettings) -> Result<Self, RtcError> {
+        Self::with_mdns(settings, MulticastDnsMode::Disabled)
+    }
+
+    /// The engine with mDNS in `mdns` mode: [`MulticastDnsMode::Disabled`] in the worker; the
+    /// tests build the library's default too, to show what it would do.
+    fn with_mdns(settings: &RtcSettings, mdns: MulticastDnsMode) -> Result<Self, RtcError> {
         let mut media = MediaEngine::default();
         register_codecs(&mut media)?;
         let registry = register_default_interceptors(Registry::new(), &mut media)?;
-        let mut se = SettingEngine::default();
-        se.set_include_loopback_candidate(settings.include_loopback);
-        if !settings.public_ips.is_empty() {
-            se.set_nat_1to1_ips(
-                settings.public_ips.clone(),
-                webrtc::ice_transport::ice_candidate_type::RTCIceCandidateType::Host,
-            );
-        }
-        if let Some((min, max)) = settings.udp_ports {
-            let ports = webrtc::ice::udp_network::EphemeralUDP::new(min, max)
-                .map_err(|e| RtcError::Internal(webrtc::Error::Ice(e)))?;
-            se.set_udp_network(webrtc::ice::udp_network::UDPNetwork::Ephemeral(ports));
-        }
-        // Notice a vanished browser within seconds (3 s disconnected + 5 s failed), not the
-        // default half-minute: its capacity slot goes back to the pool sooner.
-        se.set_ice_timeouts(
-            Some(Duration::from_secs(3)),
-            Some(Duration::from_secs(5)),
-            Some(Duration::from_secs(2)),
-        );
+        let se = setting_engine(settings, mdns)?;
         let api = APIBuilder::new()
             .with_media_engine(media)
             .with_interceptor_registry(registry)
@@ -327,6 +351,10 @@ async fn read_microphone(track: Arc<TrackRemote>, tx: mpsc::Sender<Vec<f32>>) {
 /// allow-listed, and only so many per offer. Refused candidates are dropped quietly: a browser's
 /// private host candidates are normal, and ICE still finds the path (as peer-reflexive) from the
 /// browser's own checks to the candidates in our answer.
+///
+/// mDNS names (`<uuid>.local`, how browsers hide their host addresses) are dropped as well: the
+/// name stands for an address the filter cannot see, and the worker's agent does not resolve
+/// it ([`setting_engine`]). Dropping them costs nothing, for the same reason as above.
 #[derive(Debug, Clone)]
 pub struct CandidateFilter {
     filter: avatar_proto::netfilter::PeerFilter,
@@ -360,15 +388,13 @@ impl CandidateFilter {
     }
 
     /// Check the `candidate:` line of a trickled candidate, the `added`-th of this offer.
-    /// mDNS names (`<uuid>.local`) pass: the ICE agent does not resolve them.
+    /// Only an IP address literal can pass: mDNS names (`<uuid>.local`) and any other name are
+    /// refused.
     pub fn check(&self, candidate: &str, added: usize) -> Result<(), CandidateRefused> {
         if added >= self.max_per_offer {
             return Err(CandidateRefused::TooMany);
         }
         let address = candidate.split_whitespace().nth(4).unwrap_or("");
-        if address.ends_with(".local") {
-            return Ok(());
-        }
         match address.parse::<std::net::IpAddr>() {
             Ok(ip) if self.filter.allows(ip) => Ok(()),
             _ => Err(CandidateRefused::Address),
@@ -535,14 +561,36 @@ mod tests {
         ] {
             assert_eq!(f.check(&line(denied), 0), Err(CandidateRefused::Address), "{denied}");
         }
-        for allowed in [
-            "8.8.8.8",
-            "2001:4860:4860::8888",
-            "1b4c7f1e-2f0a-4e36-9f7b-3b9d0c6b1d2e.local",
-        ] {
+        for allowed in ["8.8.8.8", "2001:4860:4860::8888"] {
             assert_eq!(f.check(&line(allowed), 0), Ok(()), "{allowed}");
         }
         assert_eq!(f.check("", 0), Err(CandidateRefused::Address));
+    }
+
+    /// Issue 26 (N5): an mDNS name passed the filter, and the agent resolved it to a LAN address
+    /// whose literal the filter refuses. Names are refused now, whatever the allow-list says.
+    #[test]
+    fn mdns_names_are_refused_trickled_or_in_the_offer() {
+        let everything: Vec<ipnet::IpNet> = vec!["0.0.0.0/0".parse().expect("net"), "::/0".parse().expect("net")];
+        for f in [
+            CandidateFilter::new(&[], false, 64),
+            CandidateFilter::new(&everything, true, 64),
+        ] {
+            for name in [
+                "1b4c7f1e-2f0a-4e36-9f7b-3b9d0c6b1d2e.local",
+                "printer.local",
+                "LOCAL",
+                "example.com",
+            ] {
+                assert_eq!(f.check(&line(name), 0), Err(CandidateRefused::Address), "{name}");
+            }
+            let sdp =
+                "v=0\r\na=candidate:1 1 udp 2122260223 1b4c7f1e-2f0a-4e36-9f7b-3b9d0c6b1d2e.local 54321 typ host\r\n\
+                       a=candidate:2 1 udp 1686052607 8.8.8.8 4000 typ srflx raddr 0.0.0.0 rport 0\r\n";
+            let (filtered, kept) = f.filter_offer(sdp);
+            assert_eq!(kept, 1);
+            assert!(!filtered.contains(".local"), "{filtered}");
+        }
     }
 
     #[test]
@@ -592,5 +640,102 @@ mod tests {
         assert!(super::udp_url("turn:203.0.113.1:3478"));
         assert!(!super::udp_url("turn:203.0.113.1:3478?transport=tcp"));
         assert!(!super::udp_url("turns:relay.example.com:5349?transport=tcp"));
+    }
+
+    /// How long after a candidate named `name` (which an mDNS responder on this host answers
+    /// with this host's address) is added, past the filter, to a peer of `engine`'s, the first
+    /// packet reaches the candidate's port; None: none within `window`.
+    async fn first_packet_to_an_mdns_name(
+        engine: &super::RtcEngine,
+        name: &str,
+        window: std::time::Duration,
+    ) -> Option<std::time::Duration> {
+        use avatar_proto::signaling::CandidateInit;
+        use webrtc::api::APIBuilder;
+        use webrtc::rtp_transceiver::rtp_codec::RTPCodecType;
+        // The browser's side: an offer for video (its own candidates are not in it).
+        let mut media = webrtc::api::media_engine::MediaEngine::default();
+        super::register_codecs(&mut media).expect("codecs");
+        let browser = APIBuilder::new()
+            .with_media_engine(media)
+            .build()
+            .new_peer_connection(Default::default())
+            .await
+            .expect("browser peer");
+        browser
+            .add_transceiver_from_kind(RTPCodecType::Video, None)
+            .await
+            .expect("video section");
+        let offer = browser.create_offer(None).await.expect("offer").sdp;
+        let answer = engine.answer(offer, &[]).await.expect("answer");
+        let probe = tokio::net::UdpSocket::bind("0.0.0.0:0").await.expect("probe");
+        let port = probe.local_addr().expect("port").port();
+        answer
+            .peer
+            .add_candidate(CandidateInit {
+                candidate: format!("candidate:1 1 udp 2122260223 {name} {port} typ host"),
+                sdp_mid: Some("0".into()),
+                sdp_mline_index: Some(0),
+                username_fragment: None,
+            })
+            .await
+            .expect("the agent takes the candidate");
+        let started = std::time::Instant::now();
+        let mut buf = [0u8; 1500];
+        let first = match tokio::time::timeout(window, probe.recv(&mut buf)).await {
+            Ok(Ok(n)) => {
+                // An ICE check: a STUN Binding request (type 0x0001, then the magic cookie).
+                assert!(
+                    n >= 20 && buf[..2] == [0, 1] && buf[4..8] == [0x21, 0x12, 0xa4, 0x42],
+                    "not a STUN binding request: {:02x?}",
+                    &buf[..n.min(20)]
+                );
+                Some(started.elapsed())
+            }
+            _ => None,
+        };
+        answer.peer.close().await;
+        let _ = browser.close().await;
+        first
+    }
+
+    /// Issue 26 (N5), in memory on this host: an mDNS responder answers a `.local` name with this
+    /// host's own address, and a candidate of that name reaches a peer (as if past the filter).
+    /// A peer of the library's default settings (mDNS `QueryOnly`) resolves the name and sends
+    /// its checks to the probe; a peer of the worker's engine sends it nothing.
+    ///
+    /// Needs IPv4 multicast on a non-loopback interface (an mDNS responder on this host): where
+    /// the control peer gets no packet, the test says so instead of passing without a proof.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_worker_peer_sends_nothing_to_where_an_mdns_name_resolves() {
+        use webrtc::mdns::config::Config;
+        use webrtc::mdns::conn::DnsConn;
+        let name = format!("probe-{:016x}.local", rand::random::<u64>());
+        let responder = DnsConn::server(
+            "0.0.0.0:5353".parse().expect("addr"),
+            Config {
+                local_names: vec![name.clone()],
+                ..Config::default()
+            },
+        )
+        .expect("an mDNS responder on this host (IPv4 multicast on an interface)");
+        let settings = super::RtcSettings::default();
+        let library_default =
+            super::RtcEngine::with_mdns(&settings, webrtc::ice::mdns::MulticastDnsMode::QueryOnly).expect("engine");
+        let took = first_packet_to_an_mdns_name(&library_default, &name, std::time::Duration::from_secs(8))
+            .await
+            .expect(
+                "the control peer (mDNS on) sent nothing to the resolved address: no mDNS on this host, so \
+                 this test would prove nothing here",
+            );
+        let worker = super::RtcEngine::new(&settings).expect("engine");
+        let window = (took * 3).max(std::time::Duration::from_secs(3));
+        let sent = first_packet_to_an_mdns_name(&worker, &name, window).await;
+        let _ = responder.close().await;
+        eprintln!("mDNS on: the first packet after {took:?}; the worker's peer: {sent:?} in {window:?}");
+        assert_eq!(
+            sent, None,
+            "the worker's peer resolved the .local name and sent checks there"
+        );
     }
 }
