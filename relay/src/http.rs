@@ -532,7 +532,8 @@ async fn ws_upgrade(
 /// The initial read buffer of a WebSocket: a typical signaling message fits, a 64 KiB offer grows it.
 const WS_READ_BUFFER: usize = 4 << 10;
 
-/// A browser page may open a socket only from an allowed origin (`http.allowed_origins`), so a
+/// A browser page may open a socket only from an allowed origin (`http.allowed_origins`, and
+/// always the relay's own), so a
 /// third-party page cannot act with a visitor's cookies. Checked before the upgrade: 403.
 fn check_origin(state: &AppState, headers: &HeaderMap) -> Result<(), (StatusCode, &'static str)> {
     let allowed = &state.config.http.allowed_origins;
@@ -547,6 +548,15 @@ fn check_origin(state: &AppState, headers: &HeaderMap) -> Result<(), (StatusCode
         .iter()
         .any(|a| a.trim_end_matches('/').eq_ignore_ascii_case(origin))
     {
+        return Ok(());
+    }
+    // The relay's own page (its origin is the host the request is addressed to) is never
+    // another site, whatever the list says.
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+    let same_origin = origin
+        .split_once("://")
+        .is_some_and(|(_, authority)| host.is_some_and(|h| authority.eq_ignore_ascii_case(h)));
+    if same_origin {
         return Ok(());
     }
     ::metrics::counter!("relay_connections_refused_total", "reason" => "origin").increment(1);
@@ -837,6 +847,27 @@ mod tests {
             get_from(locked, "/api/workers", "203.0.113.9", &wrong).await.0,
             StatusCode::NOT_FOUND
         );
+    }
+
+    #[test]
+    fn allowed_origins_admit_the_listed_pages_and_the_relays_own() {
+        let mut config = RelayConfig::dev();
+        config.http.allowed_origins = vec!["https://tutor.example.com".into()];
+        let state = AppState::new(config, tokio_util::sync::CancellationToken::new());
+        let check = |origin: &str, host: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::ORIGIN, HeaderValue::from_str(origin).expect("value"));
+            h.insert(header::HOST, HeaderValue::from_str(host).expect("value"));
+            check_origin(&state, &h).is_ok()
+        };
+        assert!(check("https://tutor.example.com", "relay.example.com"), "listed");
+        assert!(
+            check("https://relay.example.com", "relay.example.com"),
+            "the relay's own page"
+        );
+        assert!(!check("https://evil.example", "relay.example.com"), "another site");
+        assert!(!check("https://relay.example.com.evil.example", "relay.example.com"));
+        assert!(check_origin(&state, &HeaderMap::new()).is_ok(), "not a browser");
     }
 
     #[test]
