@@ -56,7 +56,7 @@ enum AvatarCommand {
 
 #[derive(clap::Args, Debug)]
 struct PrepareArgs {
-    /// The recording: any video FFmpeg reads (MP4, MOV, WebM, ...).
+    /// The recording: an MP4, MOV, Matroska (MKV) or WebM file.
     input: PathBuf,
     /// The avatar id pages ask for (`avatar_id`): letters, digits, `-`, `_`.
     #[arg(long)]
@@ -92,6 +92,9 @@ struct PrepareArgs {
     /// Replace ID/ if it exists.
     #[arg(long)]
     force: bool,
+    /// The largest input picture, in pixels (width × height); larger recordings are refused.
+    #[arg(long, default_value_t = avatar_worker::media::avatar::DEFAULT_MAX_INPUT_PIXELS)]
+    max_input_pixels: u64,
 }
 
 fn main() -> std::process::ExitCode {
@@ -212,6 +215,7 @@ fn prepare_avatar(args: &Args, p: &PrepareArgs) -> std::process::ExitCode {
         onnxruntime,
         threads: p.threads,
         force: p.force,
+        max_input_pixels: p.max_input_pixels,
     };
     let progress = indicatif::ProgressBar::new(0).with_style(
         indicatif::ProgressStyle::with_template("{msg:>18} [{bar:40}] {pos}/{len} frames, {eta} left")

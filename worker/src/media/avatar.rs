@@ -116,6 +116,26 @@ pub enum AvatarError {
     NoVideo { path: PathBuf },
     #[error("{path}: decoded no frames")]
     Empty { path: PathBuf },
+    /// Not one of the containers this reader takes (`worker avatar prepare`: MP4/MOV, Matroska,
+    /// WebM), by the file's first bytes or by FFmpeg's probe.
+    #[error("{path} is not an MP4/MOV, Matroska or WebM file ({found}); convert it first, e.g. `ffmpeg -i INPUT -c:v libx264 recording.mp4`")]
+    Container { path: PathBuf, found: String },
+    /// The pictures are larger than the reader takes.
+    #[error(
+        "{path}: its pictures are {width}×{height}, more than the {max_pixels} pixels accepted; scale it down first"
+    )]
+    TooLarge {
+        path: PathBuf,
+        width: u32,
+        height: u32,
+        max_pixels: u64,
+    },
+    /// The decoder gives pictures FFmpeg's scaler cannot convert (an unknown pixel format, or none).
+    #[error("{path}: its pictures are in a pixel format that cannot be converted ({format})")]
+    PixelFormat { path: PathBuf, format: String },
+    /// The picture size or pixel format changes partway through.
+    #[error("{path}: the picture size or pixel format changes partway through the video")]
+    Changed { path: PathBuf },
     #[error("{dir}: no avatars found (expected <id>/avatar.toml)")]
     NoneFound { dir: PathBuf },
     #[error("{path}, line {line}: {message}")]
@@ -352,7 +372,15 @@ fn load_one(id: &str, meta_path: &Path, width: u32, height: u32, fps: u32) -> Re
     let dir = meta_path.parent().unwrap_or(Path::new("."));
     let video = dir.join(&meta.video);
     let max_frames = (meta.max_seconds * fps).max(1) as usize;
-    let (frames, src_w, src_h) = decode_video(&video, width, height, max_frames, fps, Fit::Stretch)?;
+    let (frames, src_w, src_h) = decode_video(
+        &video,
+        width,
+        height,
+        max_frames,
+        fps,
+        Fit::Stretch,
+        &InputLimits::AVATAR_DIR,
+    )?;
     let bad = |message: String| AvatarError::Metadata {
         path: meta_path.into(),
         message,
@@ -451,8 +479,146 @@ pub enum Fit {
     Cover,
 }
 
+/// The containers `worker avatar prepare` reads, as FFmpeg's demuxers name themselves (the
+/// `format_whitelist` syntax): MP4/MOV and its family, Matroska and WebM.
+pub const RECORDING_FORMATS: &str = "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm";
+
+/// The largest picture read by default, in pixels: 4096×4096 (about 25 MB a decoded frame).
+pub const DEFAULT_MAX_INPUT_PIXELS: u64 = 4096 * 4096;
+
+/// What [`decode_video`] reads. Whatever the limits, only local files are opened: FFmpeg's
+/// `protocol_whitelist` is `file`, for the file and anything it names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InputLimits {
+    /// The containers accepted ([`RECORDING_FORMATS`]), comma-separated; `None`: any FFmpeg reads.
+    /// A recording from someone else gets the list: FFmpeg knows containers that open other
+    /// files (an HLS playlist named `.mp4` pulls in any local video it lists).
+    pub formats: Option<&'static str>,
+    /// The largest picture, width × height. The decoder is held to it too (`max_pixels`), so a
+    /// larger picture partway through is refused rather than allocated.
+    pub max_pixels: u64,
+}
+
+impl InputLimits {
+    /// An operator's avatar directory: any container FFmpeg reads, pictures up to the default.
+    pub const AVATAR_DIR: Self = Self {
+        formats: None,
+        max_pixels: DEFAULT_MAX_INPUT_PIXELS,
+    };
+
+    /// A recording for `worker avatar prepare`: [`RECORDING_FORMATS`] only.
+    pub fn recording(max_pixels: u64) -> Self {
+        Self {
+            formats: Some(RECORDING_FORMATS),
+            max_pixels,
+        }
+    }
+}
+
+/// The container a file's first bytes announce: `Some("MP4/MOV")` for an ISO media file (a box
+/// type at offset 4 that such files begin with), `Some("Matroska/WebM")` for an EBML header;
+/// `None` for anything else.
+pub fn sniff_container(head: &[u8]) -> Option<&'static str> {
+    const ISO_BOXES: [&[u8; 4]; 7] = [b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pnot"];
+    if head.starts_with(&[0x1a, 0x45, 0xdf, 0xa3]) {
+        return Some("Matroska/WebM");
+    }
+    match head.get(4..8) {
+        Some(kind) if ISO_BOXES.iter().any(|b| b.as_slice() == kind) => Some("MP4/MOV"),
+        _ => None,
+    }
+}
+
+/// What a file that is not a recording starts with, for the error: its first line if it is
+/// text (an HLS playlist says `#EXTM3U`), else its first bytes in hex.
+fn describe_head(head: &[u8]) -> String {
+    let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
+    match std::str::from_utf8(line) {
+        Ok(text) if !text.trim().is_empty() && text.chars().all(|c| !c.is_control() || c == '\r') => {
+            format!("it begins {:?}", text.trim().chars().take(40).collect::<String>())
+        }
+        _ if head.is_empty() => "it is empty".into(),
+        _ => format!("it begins with the bytes {}", hex::encode(&head[..head.len().min(8)])),
+    }
+}
+
+/// Whether FFmpeg's demuxer name `name` (itself a list, e.g. `mov,mp4,m4a`) is in `allowed`.
+fn format_allowed(name: &str, allowed: &str) -> bool {
+    name.split(',').any(|n| allowed.split(',').any(|a| a == n))
+}
+
+/// Whether FFmpeg's scaler can take pictures of `format` at `width`×`height` within `max_pixels`.
+pub(crate) fn check_picture(
+    path: &Path,
+    format: ffmpeg_next::format::Pixel,
+    width: u32,
+    height: u32,
+    max_pixels: u64,
+) -> Result<(), AvatarError> {
+    if width == 0 || height == 0 {
+        return Err(AvatarError::Empty { path: path.into() });
+    }
+    if u64::from(width) * u64::from(height) > max_pixels {
+        return Err(AvatarError::TooLarge {
+            path: path.into(),
+            width,
+            height,
+            max_pixels,
+        });
+    }
+    // swscale asserts (aborting the process) on a format without a descriptor, such as none.
+    if format.descriptor().is_none() || !ffmpeg_next::software::scaling::support::input(format) {
+        return Err(AvatarError::PixelFormat {
+            path: path.into(),
+            format: format!("{format:?}"),
+        });
+    }
+    Ok(())
+}
+
+/// Open `path` for reading within `limits`: the container checked by its first bytes before
+/// FFmpeg sees it, FFmpeg held to the same list (`format_whitelist`, checked before the
+/// demuxer reads anything) and to local files (`protocol_whitelist`), and the probed demuxer
+/// checked again after.
+fn open_input(path: &Path, limits: &InputLimits) -> Result<ffmpeg_next::format::context::Input, AvatarError> {
+    let err = |source| AvatarError::Decode {
+        path: path.into(),
+        source,
+    };
+    let mut options = ffmpeg_next::Dictionary::new();
+    options.set("protocol_whitelist", "file");
+    if let Some(allowed) = limits.formats {
+        let mut head = Vec::with_capacity(16);
+        std::fs::File::open(path)
+            .and_then(|f| std::io::Read::read_to_end(&mut std::io::Read::take(f, 16), &mut head))
+            .map_err(|source| AvatarError::Read {
+                path: path.into(),
+                source,
+            })?;
+        if sniff_container(&head).is_none() {
+            return Err(AvatarError::Container {
+                path: path.into(),
+                found: describe_head(&head),
+            });
+        }
+        options.set("format_whitelist", allowed);
+    }
+    let input = ffmpeg_next::format::input_with_dictionary(path, options).map_err(err)?;
+    if let Some(allowed) = limits.formats {
+        let name = input.format().name().to_owned();
+        if !format_allowed(&name, allowed) {
+            return Err(AvatarError::Container {
+                path: path.into(),
+                found: format!("FFmpeg reads it as {name}"),
+            });
+        }
+    }
+    Ok(input)
+}
+
 /// Decode up to `max_frames` frames of `path` at `fps` (frames dropped or repeated by their
-/// timestamps), scaled to `width`×`height` YUV 4:2:0 as `fit` says. Also returns the source size.
+/// timestamps), scaled to `width`×`height` YUV 4:2:0 as `fit` says, reading only what `limits`
+/// allow. Also returns the source size.
 pub(crate) fn decode_video(
     path: &Path,
     width: u32,
@@ -460,24 +626,42 @@ pub(crate) fn decode_video(
     max_frames: usize,
     fps: u32,
     fit: Fit,
+    limits: &InputLimits,
 ) -> Result<(Vec<Yuv420>, u32, u32), AvatarError> {
-    use ffmpeg_next::{format, media, software::scaling, util::frame::video::Video};
+    use ffmpeg_next::{codec, format, media, software::scaling, util::frame::video::Video};
     let err = |source| AvatarError::Decode {
         path: path.into(),
         source,
     };
-    let mut input = format::input(path).map_err(err)?;
+    let mut input = open_input(path, limits)?;
     let stream = input
         .streams()
         .best(media::Type::Video)
         .ok_or_else(|| AvatarError::NoVideo { path: path.into() })?;
     let index = stream.index();
     let time_base = f64::from(stream.time_base());
-    let ctx = ffmpeg_next::codec::context::Context::from_parameters(stream.parameters()).map_err(err)?;
-    let mut decoder = ctx.decoder().video().map_err(err)?;
-    let (src_w, src_h) = (decoder.width(), decoder.height());
-    if src_w == 0 || src_h == 0 {
-        return Err(AvatarError::Empty { path: path.into() });
+    // The stream's size and pixel format, from a decoder opened only to read them: one opened
+    // with `max_pixels` would quietly forget a larger size instead of refusing it.
+    let (src_w, src_h, src_format) = {
+        let probe = codec::context::Context::from_parameters(stream.parameters())
+            .map_err(err)?
+            .decoder()
+            .video()
+            .map_err(err)?;
+        (probe.width(), probe.height(), probe.format())
+    };
+    check_picture(path, src_format, src_w, src_h, limits.max_pixels)?;
+    let ctx = codec::context::Context::from_parameters(stream.parameters()).map_err(err)?;
+    let codec = codec::decoder::find(ctx.id()).ok_or_else(|| err(ffmpeg_next::Error::DecoderNotFound))?;
+    let mut options = ffmpeg_next::Dictionary::new();
+    options.set("max_pixels", &limits.max_pixels.min(i32::MAX as u64).to_string());
+    let mut decoder = ctx
+        .decoder()
+        .open_as_with(codec, options)
+        .and_then(|d| d.video())
+        .map_err(err)?;
+    if (decoder.width(), decoder.height(), decoder.format()) != (src_w, src_h, src_format) {
+        return Err(AvatarError::Changed { path: path.into() });
     }
     let (scaled_w, scaled_h) = match fit {
         Fit::Stretch => (width, height),
@@ -489,7 +673,7 @@ pub(crate) fn decode_video(
     };
     let (x0, y0) = ((scaled_w - width) / 4 * 2, (scaled_h - height) / 4 * 2);
     let mut scaler = scaling::Context::get(
-        decoder.format(),
+        src_format,
         src_w,
         src_h,
         format::Pixel::YUV420P,
@@ -507,7 +691,10 @@ pub(crate) fn decode_video(
     let mut take = |decoder: &mut ffmpeg_next::decoder::Video, frames: &mut Vec<Yuv420>| -> Result<(), AvatarError> {
         while frames.len() < max_frames && decoder.receive_frame(&mut decoded).is_ok() {
             let mut scaled = Video::empty();
-            scaler.run(&decoded, &mut scaled).map_err(err)?;
+            scaler.run(&decoded, &mut scaled).map_err(|e| match e {
+                ffmpeg_next::Error::InputChanged => AvatarError::Changed { path: path.into() },
+                other => err(other),
+            })?;
             let picture = copy_region(&scaled, x0, y0, width, height);
             let Some(t) = decoded.timestamp().map(|ts| ts as f64 * time_base) else {
                 frames.push(picture); // no timestamps: every picture, in order

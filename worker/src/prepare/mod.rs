@@ -8,6 +8,12 @@
 //!             ─ OUT/ID/ avatar.toml, idle.mp4, boxes.tsv, preview.png, preview.mp4
 //! ```
 //!
+//! The recording may come from someone else, so it is read as data, not as instructions to
+//! FFmpeg ([`avatar::InputLimits::recording`]): only MP4/MOV, Matroska and WebM containers (an
+//! HLS playlist named `.mp4` would otherwise pull in other local files), only the local file,
+//! pictures up to `--max-input-pixels` (4096×4096 by default), and only pixel formats FFmpeg's
+//! scaler can convert; anything else is refused with [`PrepareError::Input`] naming the reason.
+//!
 //! The directory is written under a temporary name and renamed into place when complete, so a
 //! failed run leaves no half avatar and an existing one is only replaced with `--force`. The
 //! worker loads it as any avatar directory ([`crate::media::avatar::load_dir`]); docs/avatars.md
@@ -55,6 +61,8 @@ pub struct Options {
     pub threads: usize,
     /// Replace an existing avatar directory.
     pub force: bool,
+    /// The largest input picture, width × height ([`avatar::DEFAULT_MAX_INPUT_PIXELS`]).
+    pub max_input_pixels: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -210,7 +218,8 @@ pub fn run(options: &Options, progress: &ProgressBar) -> Result<Report, PrepareE
     progress.set_message("decoding");
     let t = Instant::now();
     let max_frames = (MAX_INPUT_SECONDS * fps) as usize;
-    let (frames, _, _) = avatar::decode_video(&options.input, width, height, max_frames, fps, Fit::Cover)
+    let limits = avatar::InputLimits::recording(options.max_input_pixels);
+    let (frames, _, _) = avatar::decode_video(&options.input, width, height, max_frames, fps, Fit::Cover, &limits)
         .map_err(|e| input_error(&options.input, decode_message(e)))?;
     let decode_ms = ms(t);
 
@@ -319,10 +328,29 @@ fn input_error(path: &Path, message: String) -> PrepareError {
 
 /// The decoder's error without the path, which [`PrepareError::Input`] names already.
 fn decode_message(e: avatar::AvatarError) -> String {
+    use avatar::AvatarError as E;
     match e {
-        avatar::AvatarError::Decode { source, .. } => source.to_string(),
-        avatar::AvatarError::NoVideo { .. } => "it has no video stream".into(),
-        avatar::AvatarError::Empty { .. } => "it has no pictures".into(),
+        E::Decode { source, .. } => source.to_string(),
+        E::Read { source, .. } => source.to_string(),
+        E::NoVideo { .. } => "it has no video stream".into(),
+        E::Empty { .. } => "it has no pictures".into(),
+        E::Container { found, .. } => format!(
+            "it is not an MP4/MOV, Matroska or WebM file ({found}); convert it first, e.g. \
+             `ffmpeg -i INPUT -c:v libx264 recording.mp4`"
+        ),
+        E::TooLarge {
+            width,
+            height,
+            max_pixels,
+            ..
+        } => format!(
+            "its pictures are {width}×{height}, more than the {max_pixels} pixels accepted \
+             (--max-input-pixels); scale it down first"
+        ),
+        E::PixelFormat { format, .. } => {
+            format!("its pictures are in a pixel format that cannot be converted ({format})")
+        }
+        E::Changed { .. } => "the picture size or pixel format changes partway through".into(),
         other => other.to_string(),
     }
 }
@@ -519,4 +547,190 @@ fn write_contact_sheet(
     }
     let bytes = file::png(&sheet).map_err(|e| write_error(path, e))?;
     std::fs::write(path, bytes).map_err(|e| write_error(path, e))
+}
+
+/// Recordings made with the ffmpeg program (scripts/install-deps installs it), read the way
+/// `worker avatar prepare` reads them. A process abort inside FFmpeg would end this test binary,
+/// so each test passing also shows the input was refused without one.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::media::avatar::{AvatarError, InputLimits};
+    use std::process::Command;
+
+    fn ffmpeg(args: &[&str], out: &Path) {
+        let status = Command::new("ffmpeg")
+            .args(["-v", "error", "-y"])
+            .args(args)
+            .arg(out)
+            .status()
+            .expect("ffmpeg (scripts/install-deps)");
+        assert!(status.success(), "ffmpeg {args:?}");
+    }
+
+    /// A second of a test pattern, `size`, as `out` (its container by the extension).
+    fn pattern(size: &str, out: &Path) {
+        let source = format!("testsrc=size={size}:rate=25:duration=1");
+        ffmpeg(&["-f", "lavfi", "-i", &source, "-pix_fmt", "yuv420p"], out);
+    }
+
+    fn decode(path: &Path, limits: &InputLimits) -> Result<usize, AvatarError> {
+        crate::media::encoder::init().expect("ffmpeg");
+        ffmpeg_next::util::log::set_level(ffmpeg_next::util::log::Level::Fatal);
+        avatar::decode_video(path, 128, 128, 10, 25, avatar::Fit::Cover, limits).map(|(frames, _, _)| frames.len())
+    }
+
+    #[test]
+    fn recordings_in_mp4_mov_matroska_and_webm_are_read() {
+        let dir = tempfile::tempdir().expect("tmp");
+        for name in ["a.mp4", "a.mov", "a.mkv", "a.webm"] {
+            let path = dir.path().join(name);
+            pattern("160x120", &path);
+            let frames = decode(&path, &InputLimits::recording(avatar::DEFAULT_MAX_INPUT_PIXELS))
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(frames, 10, "{name}");
+        }
+    }
+
+    /// Issue 26 (N9): an HLS playlist named `.mp4` made FFmpeg read another local video (and, in
+    /// a second try, abort the process in swscale). It is refused before FFmpeg opens it.
+    #[test]
+    fn a_playlist_named_mp4_is_refused_and_the_video_it_lists_is_not_read() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let other = dir.path().join("private.ts");
+        pattern("160x120", &other);
+        let playlist = dir.path().join("recording.mp4");
+        std::fs::write(
+            &playlist,
+            format!(
+                "#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:1\n#EXTINF:1.0,\n{}\n#EXT-X-ENDLIST\n",
+                other.display()
+            ),
+        )
+        .expect("write");
+        // Any container, as the worker reads its own avatar directory: FFmpeg follows the list.
+        assert_eq!(
+            decode(&playlist, &InputLimits::AVATAR_DIR).expect("FFmpeg reads the playlist's video"),
+            10,
+            "the attack this test is about"
+        );
+        let err = decode(&playlist, &InputLimits::recording(avatar::DEFAULT_MAX_INPUT_PIXELS))
+            .expect_err("a playlist is not a recording");
+        assert!(matches!(err, AvatarError::Container { .. }), "{err}");
+        let message = decode_message(err);
+        assert!(
+            message.contains("not an MP4/MOV, Matroska or WebM file") && message.contains("#EXTM3U"),
+            "{message}"
+        );
+        // The same refusal from the command's entry point, as the operator sees it.
+        let options = Options {
+            input: playlist.clone(),
+            id: "playlist".into(),
+            out: dir.path().join("avatars"),
+            name: None,
+            width: 128,
+            height: 128,
+            fps: 25,
+            max_seconds: 10,
+            looping: None,
+            detector: dir.path().join("no-detector.onnx"),
+            onnxruntime: dir.path().join("no-onnxruntime.so"),
+            threads: 1,
+            force: false,
+            max_input_pixels: avatar::DEFAULT_MAX_INPUT_PIXELS,
+        };
+        let err = run(&options, &ProgressBar::hidden()).expect_err("refused");
+        assert!(matches!(err, PrepareError::Input { .. }), "{err}");
+        assert!(
+            err.to_string()
+                .contains("recording.mp4 as a video: it is not an MP4/MOV"),
+            "{err}"
+        );
+        assert!(!dir.path().join("avatars").join("playlist").exists());
+    }
+
+    #[test]
+    fn pictures_over_the_pixel_limit_are_refused_before_decoding() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("large.mp4");
+        pattern("320x240", &path);
+        let err = decode(&path, &InputLimits::recording(320 * 240 - 1)).expect_err("over the limit");
+        assert!(
+            matches!(
+                err,
+                AvatarError::TooLarge {
+                    width: 320,
+                    height: 240,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(decode_message(err).contains("320×240, more than the 76799 pixels"));
+        assert_eq!(
+            decode(&path, &InputLimits::recording(320 * 240)).expect("at the limit"),
+            10
+        );
+        // The default: 4096×4096. One picture just over it (MJPEG encodes it in a moment).
+        let huge = dir.path().join("huge.mkv");
+        ffmpeg(
+            &[
+                "-f",
+                "lavfi",
+                "-i",
+                "color=c=gray:size=4112x4096:rate=1:duration=1",
+                "-c:v",
+                "mjpeg",
+            ],
+            &huge,
+        );
+        let err = decode(&huge, &InputLimits::recording(avatar::DEFAULT_MAX_INPUT_PIXELS)).expect_err("too large");
+        assert!(
+            matches!(
+                err,
+                AvatarError::TooLarge {
+                    width: 4112,
+                    height: 4096,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn containers_are_recognised_by_their_first_bytes() {
+        use avatar::sniff_container;
+        assert_eq!(sniff_container(b"\0\0\0\x20ftypisom\0\0\x02\0"), Some("MP4/MOV"));
+        assert_eq!(sniff_container(b"\0\0\0\x08wide\0\0\0\0mdat"), Some("MP4/MOV"));
+        assert_eq!(sniff_container(&[0x1a, 0x45, 0xdf, 0xa3, 0x9f]), Some("Matroska/WebM"));
+        for other in [
+            &b"#EXTM3U\n#EXT-X-VERSION:3"[..],
+            b"ffconcat version 1.0",
+            b"\x47\x40\x11\x10",
+            b"RIFF",
+            b"",
+        ] {
+            assert_eq!(sniff_container(other), None, "{other:?}");
+        }
+    }
+
+    #[test]
+    fn pixel_formats_the_scaler_cannot_take_are_refused_not_asserted_on() {
+        use ffmpeg_next::format::Pixel;
+        crate::media::encoder::init().expect("ffmpeg");
+        let path = Path::new("x.mp4");
+        let check = |format, w, h| avatar::check_picture(path, format, w, h, avatar::DEFAULT_MAX_INPUT_PIXELS);
+        check(Pixel::YUV420P, 640, 480).expect("the usual");
+        check(Pixel::YUVJ420P, 640, 480).expect("full-range, as phones record");
+        assert!(matches!(
+            check(Pixel::None, 640, 480),
+            Err(AvatarError::PixelFormat { .. })
+        ));
+        assert!(matches!(check(Pixel::YUV420P, 0, 480), Err(AvatarError::Empty { .. })));
+        assert!(matches!(
+            check(Pixel::YUV420P, 4097, 4096),
+            Err(AvatarError::TooLarge { .. })
+        ));
+    }
 }
