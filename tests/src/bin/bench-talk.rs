@@ -133,7 +133,7 @@ async fn concurrency(talk: &Arc<Talk>, n: usize, secs: u64) -> (f64, f64, f64) {
     let mut sessions: Vec<Bench> = (0..n).map(|_| session(talk)).collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
     for b in sessions.iter_mut() {
-        b.conv.say(QUESTION.into());
+        b.conv.say(QUESTION.into()).expect("the first question of a session");
     }
     // Count from the moment every session is speaking (start-up costs are the latency rows).
     for b in sessions.iter_mut() {
@@ -154,7 +154,8 @@ async fn concurrency(talk: &Arc<Talk>, n: usize, secs: u64) -> (f64, f64, f64) {
         for b in sessions.iter_mut() {
             while let Ok(ev) = b.clock.try_recv() {
                 if let ClockEvent::SpeechEnded { .. } = ev {
-                    b.conv.say(QUESTION.into());
+                    // One question per answer: far under the session's turn rate.
+                    b.conv.say(QUESTION.into()).expect("within the turn rate");
                 }
             }
             while b.talk_events.try_recv().is_ok() {}
