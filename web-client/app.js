@@ -32,6 +32,8 @@ const TEXT = {
     worker_lost: 'The tutor went away. Reconnecting…',
     peer_failed: 'The video connection failed. Reconnecting…',
     talk_failed: 'The tutor could not answer that. Please ask again.',
+    rate_limited: 'One question at a time, please: wait a moment, then ask again.',
+    message_too_long: 'That message is too long. Please ask in fewer words.',
     unreachable: 'Cannot reach the tutor service. Check your network; we keep trying.',
     error: 'Something went wrong.',
   },
@@ -52,6 +54,8 @@ const TEXT = {
     worker_lost: '老师离开了，正在重新连接…',
     peer_failed: '视频连接失败，正在重新连接…',
     talk_failed: '老师没能回答这个问题，请再问一次。',
+    rate_limited: '请一个一个地提问：稍等一下再问。',
+    message_too_long: '这条消息太长了，请简短一些再问。',
     unreachable: '无法连接到服务，请检查网络，我们会继续尝试。',
     error: '出错了。',
   },
@@ -180,9 +184,10 @@ function onError(e) {
   if (e.code === 'unauthorized') notice('unauthorized', false);
   else if (e.code === 'busy' || e.code === 'no_worker') notice(e.code, true);
   else if (e.code === 'worker_lost' || e.code === 'peer_failed') notice(e.code, false);
-  else if (e.code === 'talk_failed') {
-    notice('talk_failed');
-    setTimeout(() => { if (state.notice === 'talk_failed') notice(null); }, 5000);
+  else if (e.code === 'talk_failed' || e.code === 'rate_limited' || e.code === 'message_too_long') {
+    const code = e.code;
+    notice(code);
+    setTimeout(() => { if (state.notice === code) notice(null); }, 5000);
   }
 }
 
