@@ -699,7 +699,8 @@ impl RelayConfig {
         }
         // With keys per worker, the shared secret is optional (empty: only listed workers).
         let shared = self.tunnel.secret.expose();
-        if shared.len() < 16 && !(shared.is_empty() && !self.tunnel.workers.is_empty()) {
+        let only_listed = shared.is_empty() && !self.tunnel.workers.is_empty();
+        if shared.len() < 16 && !only_listed {
             return invalid(
                 "tunnel.secret",
                 "set a secret of at least 16 characters (or secret_file, or AVATAR_EDGE_TUNNEL_SECRET), or give every worker a key of its own in [[tunnel.workers]]",
@@ -851,6 +852,12 @@ impl TunnelConfig {
                 "must be above 0 and at most tunnel.handshake_timeout_ms",
             );
         }
+        if self.max_pending_handshakes_per_ip == 0 {
+            return invalid(
+                "tunnel.max_pending_handshakes_per_ip",
+                "must be above 0 (at most tunnel.max_pending_handshakes)",
+            );
+        }
         if self.max_capacity_per_worker == 0 {
             return invalid("tunnel.max_capacity_per_worker", "must be above 0");
         }
@@ -972,6 +979,15 @@ impl TurnConfig {
                     (
                         "turn.embedded.unauthorized_per_minute",
                         e.unauthorized_per_minute as u64,
+                    ),
+                    ("turn.embedded.max_stream_connections", e.max_stream_connections as u64),
+                    (
+                        "turn.embedded.max_stream_connections_per_ip",
+                        e.max_stream_connections_per_ip as u64,
+                    ),
+                    (
+                        "turn.embedded.stream_first_message_within_ms",
+                        e.stream_first_message_within_ms,
                     ),
                 ] {
                     if value == 0 {

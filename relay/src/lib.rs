@@ -327,11 +327,13 @@ impl Relay {
     }
 
     /// Whether anyone on the internet may start sessions: the HTTP listener is reachable from
-    /// outside (a wildcard or a public address) and no auth policy is loaded. Every such session
-    /// spends the operator's GPU slots and paid LLM and speech keys, so the relay warns at start.
+    /// outside (a wildcard or a public address, or a reverse proxy forwards to it) and no auth
+    /// policy is loaded. Every such session spends the operator's GPU slots and paid LLM and
+    /// speech keys, so the relay warns at start.
     pub fn open_to_anyone(&self) -> bool {
         let auth = self.state.policies.as_ref().is_some_and(|p| p.has_auth());
-        !auth && reachable_from_outside(self.http_addr().ip())
+        let proxied = !self.state.config.limits.trusted_proxies.is_empty();
+        !auth && (proxied || reachable_from_outside(self.http_addr().ip()))
     }
 
     /// The embedded TURN server, if configured (its addresses and counters).

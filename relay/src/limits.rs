@@ -176,6 +176,26 @@ pub struct OpenGuard {
     key: Option<IpAddr>,
 }
 
+impl OpenGuard {
+    /// Charge a guard counted only in the total to `key` as well, once who holds it is known (a
+    /// QUIC client whose handshake proved its address), unless `key` already holds `per_client`
+    /// (0: no cap). A guard already charged stays as it is.
+    pub fn charge(&mut self, key: IpAddr, per_client: usize) -> Result<(), Refused> {
+        if self.key.is_some() {
+            return Ok(());
+        }
+        let mut c = self.counts.counts();
+        let n = c.per_key.entry(key).or_insert(0);
+        if per_client > 0 && *n >= per_client {
+            return Err(Refused::PerClient);
+        }
+        *n += 1;
+        drop(c);
+        self.key = Some(key);
+        Ok(())
+    }
+}
+
 impl Drop for OpenGuard {
     fn drop(&mut self) {
         let mut c = self.counts.counts();

@@ -37,6 +37,8 @@ const POLICY: u16 = 1008;
 const PROTOCOL_ERROR: u16 = 1002;
 const INVALID_PAYLOAD: u16 = 1007;
 const TOO_BIG: u16 = 1009;
+/// How long a socket closed for a bad frame stays open, so its close frame arrives.
+const CLOSE_LINGER: Duration = Duration::from_millis(500);
 
 /// The close frame a read error deserves (RFC 6455 §7.4.1), or `None` when the connection itself
 /// is gone and nothing can be sent. The library leaves the socket open for writing after a
@@ -341,6 +343,10 @@ pub async fn run_session<S, E>(
                         debug!(error = %e, "websocket error");
                         if let Some((code, reason)) = close_for_read_error(&e) {
                             Box::pin(close(&mut socket, code, reason, write)).await;
+                            // Linger before dropping: closing a socket with unread data resets
+                            // it, and some stacks throw away what they received on a reset, the
+                            // close frame included, while the browser is still sending.
+                            tokio::time::sleep(CLOSE_LINGER.min(write)).await;
                         }
                         break;
                     }

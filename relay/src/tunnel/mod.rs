@@ -50,7 +50,7 @@ use avatar_proto::tunnel::{
 use conn::{RecvHalf, SendHalf, TcpTunnel};
 use rand::RngCore;
 use serde::de::DeserializeOwned;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -128,39 +128,76 @@ pub fn endpoint(
     })
 }
 
-/// Whether a new connection may start its handshake while `pending` others are unauthenticated
-/// (the caps themselves are [`OpenCounts`], checked after this).
-#[derive(Debug, PartialEq, Eq)]
-enum Admission {
-    Accept,
-    /// Make the client prove its address first (stateless for the relay).
-    Retry,
-    Refuse,
+/// Connections between accept and registration, counted until registered or gone, in two pools.
+///
+/// Anyone may start a handshake, so one pool is for anonymous addresses; an attacker with a few
+/// addresses (or an IPv6 /56) can fill it however it is shared. Workers reconnect from addresses
+/// they registered from before, and those get a pool of their own: a relay under such a flood
+/// keeps its workers. An address counts as a worker's for [`KNOWN_FOR`] after a registration
+/// from it, and only once proven (TCP, or QUIC after a Retry or its handshake), since a QUIC
+/// Initial can name any address. Each pool holds `max_pending_handshakes`, and one address at
+/// most `max_pending_handshakes_per_ip` of it. A trusted proxy (`limits.trusted_proxies`, e.g.
+/// an L4 pass-through for 443) carries many workers and is counted in the total only.
+#[derive(Default)]
+struct PendingHandshakes {
+    anonymous: Arc<OpenCounts>,
+    workers: Arc<OpenCounts>,
+    known: std::sync::Mutex<std::collections::HashMap<IpAddr, Instant>>,
 }
 
-fn admission(pending: usize, validated: bool, cfg: &crate::config::TunnelConfig) -> Admission {
-    if pending >= cfg.max_pending_handshakes {
-        Admission::Refuse
-    } else if pending >= cfg.retry_above_pending && !validated {
-        Admission::Retry
-    } else {
-        Admission::Accept
+/// How long an address stays a worker's after it registered.
+const KNOWN_FOR: Duration = Duration::from_secs(24 * 3600);
+/// Addresses remembered at most (a fleet's egress addresses; further ones are not remembered).
+const KNOWN_MAX: usize = 4096;
+
+impl PendingHandshakes {
+    /// The key `remote` is counted under; `None` for a trusted proxy.
+    fn key(remote: SocketAddr, state: &AppState) -> Option<IpAddr> {
+        let ip = avatar_proto::netfilter::canonical(remote.ip());
+        let proxy = state.config.limits.trusted_proxies.iter().any(|n| n.contains(&ip));
+        (!proxy).then(|| crate::limits::client_key(ip, state.config.limits.ipv6_prefix_len))
     }
-}
 
-/// Count a connection as pending until it registers or goes. Only a proven address (a TCP peer,
-/// or a QUIC client after Retry or once validated) is charged to its source: a spoofed Initial
-/// must not use up the share of the address it names. Unproven ones are bounded by the total and
-/// `retry_above_pending`.
-fn admit_pending(
-    pending: &Arc<OpenCounts>,
-    remote: SocketAddr,
-    validated: bool,
-    state: &AppState,
-) -> Result<OpenGuard, Refused> {
-    let cfg = &state.config.tunnel;
-    let key = validated.then(|| crate::limits::client_key(remote.ip(), state.config.limits.ipv6_prefix_len));
-    pending.try_open(key, cfg.max_pending_handshakes_per_ip, cfg.max_pending_handshakes)
+    fn known(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<IpAddr, Instant>> {
+        // Only timestamps are held under this lock; a panic elsewhere leaves them consistent.
+        self.known.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn is_known(&self, key: IpAddr) -> bool {
+        self.known().get(&key).is_some_and(|at| at.elapsed() < KNOWN_FOR)
+    }
+
+    /// A worker registered from `remote`.
+    fn remember(&self, remote: SocketAddr, state: &AppState) {
+        let Some(key) = Self::key(remote, state) else { return };
+        let mut known = self.known();
+        if known.len() >= KNOWN_MAX && !known.contains_key(&key) {
+            known.retain(|_, at| at.elapsed() < KNOWN_FOR);
+            if known.len() >= KNOWN_MAX {
+                return;
+            }
+        }
+        known.insert(key, Instant::now());
+    }
+
+    /// Whether a QUIC client whose address is not proven must prove it first (a stateless
+    /// Retry): past `retry_above_pending` anonymous handshakes, and always to enter the workers'
+    /// pool.
+    fn wants_retry(&self, remote: SocketAddr, state: &AppState) -> bool {
+        self.anonymous.total() >= state.config.tunnel.retry_above_pending
+            || Self::key(remote, state).is_some_and(|k| self.is_known(k))
+    }
+
+    /// Count a new connection, or refuse it. An unproven address is counted in the anonymous
+    /// total only (it may be spoofed); [`OpenGuard::charge`] charges it once proven.
+    fn admit(&self, remote: SocketAddr, validated: bool, state: &AppState) -> Result<OpenGuard, Refused> {
+        let cfg = &state.config.tunnel;
+        let (per_ip, total) = (cfg.max_pending_handshakes_per_ip, cfg.max_pending_handshakes);
+        match Self::key(remote, state) {
+            Some(key) if validated && self.is_known(key) => self.workers.try_open(Some(key), per_ip, total),
+            key => self.anonymous.try_open(key.filter(|_| validated), per_ip, total),
+        }
+    }
 }
 
 fn refused_pending(state: &AppState, remote: SocketAddr, refused: Refused) {
@@ -187,6 +224,8 @@ struct Shared {
     turn: Option<Arc<TurnServer>>,
     /// Five-tuples for TURN streams (see [`serve_turn_stream`]).
     turn_streams: TurnStreamIds,
+    /// Connections that have not registered yet.
+    pending: PendingHandshakes,
 }
 
 /// Accept tunnels until `shutdown`, then close every connection and wait for them to go idle.
@@ -197,12 +236,12 @@ pub async fn serve(listeners: Listeners, state: Arc<AppState>, shutdown: Cancell
         turn,
     } = listeners;
     let tasks = TaskTracker::new();
-    let pending = Arc::new(OpenCounts::default());
     let shared = Arc::new(Shared {
         state: Arc::clone(&state),
         shutdown: shutdown.clone(),
         turn,
         turn_streams: TurnStreamIds::default(),
+        pending: PendingHandshakes::default(),
     });
     loop {
         tokio::select! {
@@ -211,12 +250,12 @@ pub async fn serve(listeners: Listeners, state: Arc<AppState>, shutdown: Cancell
                 let Some(incoming) = incoming else { break };
                 let remote = incoming.remote_address();
                 let validated = incoming.remote_address_validated();
-                if admission(pending.total(), validated, &state.config.tunnel) == Admission::Retry && incoming.may_retry() {
+                if !validated && incoming.may_retry() && shared.pending.wants_retry(remote, &state) {
                     metrics::counter!("relay_tunnel_handshakes_refused_total", "reason" => "retry").increment(1);
                     let _ = incoming.retry();
                     continue;
                 }
-                let guard = match admit_pending(&pending, remote, validated, &state) {
+                let guard = match shared.pending.admit(remote, validated, &state) {
                     Ok(guard) => guard,
                     Err(refused) => {
                         refused_pending(&state, remote, refused);
@@ -238,7 +277,7 @@ pub async fn serve(listeners: Listeners, state: Arc<AppState>, shutdown: Cancell
                 // The TLS handshake is done (the HTTPS listener bounded it); the address is
                 // proven by TCP, so there is no Retry step: only the pending caps.
                 let remote = accepted.remote;
-                let guard = match admit_pending(&pending, remote, true, &state) {
+                let guard = match shared.pending.admit(remote, true, &state) {
                     Ok(guard) => guard,
                     Err(refused) => {
                         refused_pending(&state, remote, refused);
@@ -270,7 +309,7 @@ pub async fn serve(listeners: Listeners, state: Arc<AppState>, shutdown: Cancell
     }
 }
 
-async fn handle_quic(incoming: quinn::Incoming, shared: &Shared, pending: OpenGuard) -> Result<(), TunnelError> {
+async fn handle_quic(incoming: quinn::Incoming, shared: &Shared, mut pending: OpenGuard) -> Result<(), TunnelError> {
     let state = &shared.state;
     // One deadline for the QUIC handshake and ours together.
     let deadline = tokio::time::Instant::now() + Duration::from_millis(state.config.tunnel.handshake_timeout_ms);
@@ -281,21 +320,33 @@ async fn handle_quic(incoming: quinn::Incoming, shared: &Shared, pending: OpenGu
             return Err(TunnelError::Timeout);
         }
     };
+    // The handshake proved the address: from now on it counts against that address's share.
+    if let Some(key) = PendingHandshakes::key(conn.remote_address(), state) {
+        if let Err(refused) = pending.charge(key, state.config.tunnel.max_pending_handshakes_per_ip) {
+            refused_pending(state, conn.remote_address(), refused);
+            conn.close(
+                quinn::VarInt::from_u32(close_code::REJECTED),
+                b"too many unauthenticated connections from this address",
+            );
+            return Err(TunnelError::Rejected("too many unauthenticated connections".into()));
+        }
+    }
+    let hello_by = tokio::time::Instant::now() + Duration::from_millis(state.config.tunnel.hello_timeout_ms);
     let handshake = async {
-        // The worker's control stream arrives with its hello: both within the hello deadline.
-        let hello_within = Duration::from_millis(state.config.tunnel.hello_timeout_ms);
-        let (mut send, mut recv) = tokio::time::timeout(hello_within, conn.accept_bi())
+        // The worker's control stream arrives with its hello: both by the hello deadline.
+        let (mut send, mut recv) = tokio::time::timeout_at(hello_by, conn.accept_bi())
             .await
             .map_err(|_| TunnelError::Protocol("no hello within tunnel.hello_timeout_ms".into()))??;
         let mut exporter = [0u8; EXPORTER_LEN];
         conn.export_keying_material(&mut exporter, EXPORTER_LABEL, b"")
             .map_err(|_| TunnelError::Protocol("TLS exporter unavailable".into()))?;
-        let registered = handshake(&mut send, &mut recv, &exporter, state).await?;
+        let registered = handshake(&mut send, &mut recv, &exporter, state, hello_by).await?;
         Ok::<_, TunnelError>((registered, send, recv))
     };
     let ((worker_id, registration), send, recv) = match tokio::time::timeout_at(deadline, handshake).await {
         Ok(Ok(done)) => {
             drop(pending);
+            shared.pending.remember(conn.remote_address(), state);
             done
         }
         Ok(Err(e)) => {
@@ -337,8 +388,9 @@ async fn handle_tcp(accepted: tcp::TcpAccepted, shared: &Shared, pending: OpenGu
     // The handshake runs on the TLS stream itself, before any multiplexing: an anonymous peer
     // costs one bounded frame at a time and no yamux state.
     let (mut recv, mut send) = tokio::io::split(io);
+    let hello_by = tokio::time::Instant::now() + Duration::from_millis(state.config.tunnel.hello_timeout_ms);
     let (worker_id, registration) =
-        match tokio::time::timeout_at(deadline, handshake(&mut send, &mut recv, &exporter, state)).await {
+        match tokio::time::timeout_at(deadline, handshake(&mut send, &mut recv, &exporter, state, hello_by)).await {
             Ok(Ok(done)) => done,
             Ok(Err(e)) => {
                 warn!(error = %e, "tunnel handshake failed");
@@ -358,6 +410,7 @@ async fn handle_tcp(accepted: tcp::TcpAccepted, shared: &Shared, pending: OpenGu
     let control = match tokio::time::timeout_at(deadline, first_control_stream(&mut incoming)).await {
         Ok(Ok(stream)) => {
             drop(pending);
+            shared.pending.remember(remote, state);
             stream
         }
         Ok(Err(e)) => {
@@ -414,10 +467,10 @@ async fn handshake<S: AsyncWrite + Unpin, R: AsyncRead + Unpin>(
     recv: &mut R,
     exporter: &[u8; EXPORTER_LEN],
     state: &AppState,
+    hello_by: tokio::time::Instant,
 ) -> Result<(String, Registration), TunnelError> {
     // An anonymous peer gets a short while to say who it is, not the whole handshake deadline.
-    let hello_within = Duration::from_millis(state.config.tunnel.hello_timeout_ms);
-    let hello = tokio::time::timeout(hello_within, expect::<Control, _>(recv, "hello"))
+    let hello = tokio::time::timeout_at(hello_by, expect::<Control, _>(recv, "hello"))
         .await
         .map_err(|_| TunnelError::Protocol("no hello within tunnel.hello_timeout_ms".into()))?;
     let (protocol, worker_id) = match hello? {
@@ -488,7 +541,7 @@ async fn handshake<S: AsyncWrite + Unpin, R: AsyncRead + Unpin>(
     }
     // Routing believes a worker's capacity: a box may not claim more than its id is allowed.
     if registration.capacity > credential.max_capacity {
-        info!(
+        warn!(
             %worker_id,
             declared = registration.capacity,
             allowed = credential.max_capacity,
@@ -737,22 +790,23 @@ mod tests {
 
     #[test]
     fn unauthenticated_connections_are_retried_then_refused_under_load() {
-        let cfg = crate::config::TunnelConfig {
-            max_pending_handshakes: 8,
-            retry_above_pending: 2,
-            ..Default::default()
-        };
-        assert_eq!(admission(0, false, &cfg), Admission::Accept);
-        assert_eq!(admission(1, false, &cfg), Admission::Accept);
-        assert_eq!(admission(2, false, &cfg), Admission::Retry);
-        assert_eq!(
-            admission(2, true, &cfg),
-            Admission::Accept,
-            "address proven by the Retry"
-        );
-        assert_eq!(admission(7, true, &cfg), Admission::Accept);
-        assert_eq!(admission(8, true, &cfg), Admission::Refuse);
-        assert_eq!(admission(100, false, &cfg), Admission::Refuse);
+        let mut config = crate::config::RelayConfig::dev();
+        config.tunnel.max_pending_handshakes = 8;
+        config.tunnel.max_pending_handshakes_per_ip = 0;
+        config.tunnel.retry_above_pending = 2;
+        let state = AppState::new(config, CancellationToken::new());
+        let pending = PendingHandshakes::default();
+        let client: SocketAddr = "203.0.113.9:4000".parse().expect("addr");
+        let mut held = Vec::new();
+        assert!(!pending.wants_retry(client, &state));
+        held.push(pending.admit(client, false, &state).expect("first"));
+        held.push(pending.admit(client, false, &state).expect("second"));
+        assert!(pending.wants_retry(client, &state), "past retry_above_pending");
+        while let Ok(guard) = pending.admit(client, true, &state) {
+            held.push(guard);
+        }
+        assert_eq!(held.len(), 8, "the total caps everyone together");
+        assert_eq!(pending.admit(client, true, &state).err(), Some(Refused::Total));
     }
 
     /// A worker in memory: hello, then (given the challenge) proof and registration, over one
@@ -781,7 +835,8 @@ mod tests {
         let exporter = [7u8; EXPORTER_LEN];
         let relay = async {
             let (mut recv, mut send) = tokio::io::split(relay_end);
-            handshake(&mut send, &mut recv, &exporter, &state).await
+            let hello_by = tokio::time::Instant::now() + Duration::from_secs(2);
+            handshake(&mut send, &mut recv, &exporter, &state, hello_by).await
         };
         let worker = async {
             let (mut recv, mut send) = tokio::io::split(worker_end);
@@ -954,28 +1009,69 @@ mod tests {
         let mut config = crate::config::RelayConfig::dev();
         config.tunnel.max_pending_handshakes = 64;
         config.tunnel.max_pending_handshakes_per_ip = 8;
+        config.limits.trusted_proxies = vec!["192.0.2.10/32".parse().expect("net")];
         let state = AppState::new(config, CancellationToken::new());
-        let pending = Arc::new(OpenCounts::default());
+        let pending = PendingHandshakes::default();
         let attacker: SocketAddr = "203.0.113.9:4000".parse().expect("addr");
         let worker: SocketAddr = "198.51.100.7:5000".parse().expect("addr");
         let held: Vec<_> = (0..250)
-            .filter_map(|_| admit_pending(&pending, attacker, true, &state).ok())
+            .filter_map(|_| pending.admit(attacker, true, &state).ok())
             .collect();
         assert_eq!(held.len(), 8, "one address, any transport: its share only");
-        assert_eq!(
-            admit_pending(&pending, attacker, true, &state).err(),
-            Some(Refused::PerClient)
-        );
-        let guard = admit_pending(&pending, worker, true, &state).expect("another address gets in");
+        assert_eq!(pending.admit(attacker, true, &state).err(), Some(Refused::PerClient));
+        let guard = pending.admit(worker, true, &state).expect("another address gets in");
         drop(held);
         drop(guard);
-        assert_eq!(pending.total(), 0, "every share given back");
-        // An unproven QUIC address is not charged to the address it names (it may be spoofed).
-        let spoofed: Vec<_> = (0..16)
-            .filter_map(|_| admit_pending(&pending, worker, false, &state).ok())
+        assert_eq!(pending.anonymous.total(), 0, "every share given back");
+        // An unproven QUIC address is not charged to the address it names (it may be spoofed)
+        // until its handshake proves it.
+        let mut spoofed: Vec<_> = (0..16)
+            .filter_map(|_| pending.admit(worker, false, &state).ok())
             .collect();
         assert_eq!(spoofed.len(), 16);
-        assert!(admit_pending(&pending, worker, true, &state).is_ok());
+        let key = PendingHandshakes::key(worker, &state).expect("key");
+        let charged = spoofed
+            .iter_mut()
+            .map(|g| g.charge(key, 8))
+            .filter(Result::is_ok)
+            .count();
+        assert_eq!(charged, 8, "once proven, the address's share applies");
+        // A trusted proxy (an L4 pass-through) carries many workers: counted in the total only.
+        let proxy: SocketAddr = "192.0.2.10:443".parse().expect("addr");
+        let through_proxy: Vec<_> = (0..20)
+            .filter_map(|_| pending.admit(proxy, true, &state).ok())
+            .collect();
+        assert_eq!(through_proxy.len(), 20);
+    }
+
+    /// The review's multi-address flood: an attacker with many addresses fills the anonymous
+    /// pool, but an address a worker registered from has a pool of its own, and must prove it
+    /// (Retry) before it may use it.
+    #[test]
+    fn workers_reconnect_from_known_addresses_whatever_fills_the_anonymous_pool() {
+        let mut config = crate::config::RelayConfig::dev();
+        config.tunnel.max_pending_handshakes = 64;
+        config.tunnel.max_pending_handshakes_per_ip = 8;
+        let state = AppState::new(config, CancellationToken::new());
+        let pending = PendingHandshakes::default();
+        let worker: SocketAddr = "198.51.100.7:5000".parse().expect("addr");
+        pending.remember(worker, &state);
+        let flood: Vec<_> = (0..8u16)
+            .flat_map(|i| {
+                let from = SocketAddr::new(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, i, 0, 0, 0, 1).into(), 4000);
+                (0..8)
+                    .filter_map(|_| pending.admit(from, true, &state).ok())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        assert_eq!(flood.len(), 64, "eight /64s fill the anonymous pool");
+        let stranger: SocketAddr = "198.51.100.99:5000".parse().expect("addr");
+        assert_eq!(pending.admit(stranger, true, &state).err(), Some(Refused::Total));
+        assert!(
+            pending.wants_retry(worker, &state),
+            "a known address proves itself first"
+        );
+        let _reconnect = pending.admit(worker, true, &state).expect("the worker's own pool");
     }
 
     /// N6: TURN streams' five-tuples never repeat, however many streams a relay has seen (the

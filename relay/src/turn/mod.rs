@@ -173,13 +173,28 @@ impl TurnServer {
                 Err(e) => tracing::error!(error = %e, "TURN UDP socket"),
             }
         }
+        // TCP and TLS connections share one count: the caps are per address and in total,
+        // whichever port they use.
+        let open = Arc::new(crate::limits::OpenCounts::default());
         if let Some(l) = tcp.and_then(|l| TcpListener::from_std(l).ok()) {
-            tasks.spawn(accept_loop(Arc::clone(&server), l, None, shutdown.clone()));
+            tasks.spawn(accept_loop(
+                Arc::clone(&server),
+                l,
+                None,
+                Arc::clone(&open),
+                shutdown.clone(),
+            ));
         }
         if let Some((l, config)) = tls {
             if let Ok(l) = TcpListener::from_std(l) {
                 let acceptor = tokio_rustls::TlsAcceptor::from(config);
-                tasks.spawn(accept_loop(Arc::clone(&server), l, Some(acceptor), shutdown.clone()));
+                tasks.spawn(accept_loop(
+                    Arc::clone(&server),
+                    l,
+                    Some(acceptor),
+                    open,
+                    shutdown.clone(),
+                ));
             }
         }
         let sweeper = {
@@ -223,6 +238,7 @@ async fn accept_loop(
     server: Arc<Server>,
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    open: Arc<crate::limits::OpenCounts>,
     shutdown: CancellationToken,
 ) {
     let Ok(local) = listener.local_addr() else { return };
@@ -230,7 +246,6 @@ async fn accept_loop(
         server.config().max_stream_connections,
         server.config().max_stream_connections_per_ip,
     );
-    let open = Arc::new(crate::limits::OpenCounts::default());
     let mut conns = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
