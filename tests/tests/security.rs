@@ -376,9 +376,10 @@ fn a_16_mib_message_costs_no_memory_beyond_the_cap() {
 }
 
 /// Finding 5: QUIC handshakes in flight were not capped (about 260 KB each). Now 1,000 anonymous
-/// handshakes find at most `max_pending_handshakes` admitted (the rest refused or sent a Retry),
-/// the admitted ones are closed at the handshake deadline, memory stays bounded, and a real
-/// worker registers afterwards.
+/// handshakes find at most `max_pending_handshakes` admitted at once (the rest refused or sent a
+/// Retry), those over the address's share (issue 26) closed as soon as their handshake proves the
+/// address, the rest at the hello deadline; memory stays bounded, and a real worker registers
+/// afterwards.
 #[test]
 fn a_thousand_unauthenticated_quic_handshakes_stay_under_a_memory_bound() {
     netns::run(
@@ -416,15 +417,18 @@ fn a_thousand_unauthenticated_quic_handshakes_stay_under_a_memory_bound() {
                 .collect();
             let (_, hwm_after) = memory_kib(pid);
             let grew_mib = hwm_after.saturating_sub(hwm_before) / 1024;
+            // The relay closes at once the connections over this address's share, so the handful
+            // it keeps free their slots for more: count what stays open, not what completed.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let open = established.iter().filter(|c| c.close_reason().is_none()).count();
             eprintln!(
-                "1000 QUIC handshakes in {:?}: {} admitted, relay peak memory grew {grew_mib} MiB",
+                "1000 QUIC handshakes in {:?}: {} completed, {open} kept open, relay peak memory grew {grew_mib} MiB",
                 started.elapsed(),
                 established.len()
             );
             assert!(
-                established.len() <= 64,
-                "at most max_pending_handshakes (64) admitted: {}",
-                established.len()
+                open <= 8,
+                "one address keeps at most max_pending_handshakes_per_ip (8) open: {open}"
             );
             assert!(grew_mib < 32, "peak memory grew {grew_mib} MiB (bound: 32 MiB)");
             // The admitted ones never authenticate: closed at the handshake deadline.
