@@ -36,11 +36,11 @@ pub struct Cluster {
 }
 
 fn spawn(bin: &str, config: &Path, log: &Path, extra: &[&str]) -> Child {
-    spawn_in(None, bin, config, log, extra)
+    spawn_in(None, bin, config, log, extra, &[])
 }
 
 /// Spawn `bin`, inside the network namespace of process `netns` when given (via `nsenter`).
-fn spawn_in(netns: Option<u32>, bin: &str, config: &Path, log: &Path, extra: &[&str]) -> Child {
+fn spawn_in(netns: Option<u32>, bin: &str, config: &Path, log: &Path, extra: &[&str], env: &[(&str, String)]) -> Child {
     let out = std::fs::File::create(log).expect("log file");
     let err = out.try_clone().expect("log file");
     let mut command = match netns {
@@ -60,6 +60,7 @@ fn spawn_in(netns: Option<u32>, bin: &str, config: &Path, log: &Path, extra: &[&
             std::env::var("AE_LOG").unwrap_or_else(|_| "info,webrtc=warn,webrtc_ice=warn".into()),
         )
         .env("NO_COLOR", "1")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
@@ -253,6 +254,22 @@ impl Cluster {
         trust: &str,
         extra_toml: &str,
     ) -> PathBuf {
+        self.spawn_worker_env(netns, id, capacity, secret, trust, extra_toml, &[])
+    }
+
+    /// As [`Cluster::spawn_worker_in`], with environment variables set for the worker (as a
+    /// unit's `Environment=` lines do).
+    #[allow(clippy::too_many_arguments)]
+    pub fn spawn_worker_env(
+        &mut self,
+        netns: Option<u32>,
+        id: &str,
+        capacity: u32,
+        secret: &str,
+        trust: &str,
+        extra_toml: &str,
+        env: &[(&str, String)],
+    ) -> PathBuf {
         let config = self.dir.path().join(format!("{id}.toml"));
         // `trust` may name the server itself (a certificate for a real domain).
         let server_name = if trust.contains("server_name") {
@@ -270,7 +287,7 @@ impl Cluster {
         .expect("write worker config");
         // A restarted worker logs to a fresh file of its own.
         let log = self.dir.path().join(format!("{id}-{}.log", self.workers.len()));
-        let child = spawn_in(netns, "worker", &config, &log, &[]);
+        let child = spawn_in(netns, "worker", &config, &log, &[], env);
         self.workers.push(WorkerProc {
             child,
             log: log.clone(),

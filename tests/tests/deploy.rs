@@ -10,7 +10,11 @@ fn systemd_units_pass_systemd_analyze_verify() {
         .parent()
         .expect("bin dir")
         .to_path_buf();
-    for unit in ["avatar-edge-relay.service", "avatar-edge-worker.service"] {
+    for unit in [
+        "avatar-edge-relay.service",
+        "avatar-edge-worker.service",
+        "avatar-edge-worker@.service",
+    ] {
         let text = std::fs::read_to_string(root.join("deploy/systemd").join(unit)).expect("unit");
         assert!(
             text.contains("ExecStart=/usr/bin/"),
@@ -26,6 +30,8 @@ fn systemd_units_pass_systemd_analyze_verify() {
         .arg("verify")
         .arg(dir.path().join("avatar-edge-relay.service"))
         .arg(dir.path().join("avatar-edge-worker.service"))
+        // The template, as the instance for GPU 0.
+        .arg(dir.path().join("avatar-edge-worker@0.service"))
         .output()
         .expect("systemd-analyze (scripts/install-deps installs systemd)");
     let report = format!(

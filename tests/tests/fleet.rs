@@ -187,3 +187,50 @@ fn two_relays_share_two_workers_without_oversubscribing_them() {
         }
     });
 }
+
+/// One worker per GPU (issue 27): two instances of `avatar-edge-worker@.service` on one host read
+/// the same config file and register under distinct ids, the unit's `AVATAR_EDGE_WORKER_ID`
+/// (the hostname and the instance) with `%H` and `%i` filled in as systemd does.
+#[test]
+fn two_instances_of_the_unit_template_register_under_distinct_ids() {
+    netns::run(
+        "two_instances_of_the_unit_template_register_under_distinct_ids",
+        || async {
+            let unit = std::fs::read_to_string(
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd/avatar-edge-worker@.service"),
+            )
+            .expect("template");
+            let id_of = |instance: &str| {
+                let template = unit
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Environment=AVATAR_EDGE_WORKER_ID="))
+                    .expect("the template names the worker id");
+                let host = std::fs::read_to_string("/proc/sys/kernel/hostname").expect("hostname");
+                template.replace("%H", host.trim()).replace("%i", instance)
+            };
+            let mut cluster = Cluster::relay_only("").await;
+            let trust = format!("fingerprint = \"{}\"", cluster.relay.fingerprint);
+            let mut logs = Vec::new();
+            for instance in ["0", "1"] {
+                let env = [("AVATAR_EDGE_WORKER_ID", id_of(instance))];
+                // The same config (its worker_id is what the environment replaces).
+                logs.push(cluster.spawn_worker_env(None, "from-the-config", 2, SECRET, &trust, WORKER_TOML, &env));
+            }
+            for log in &logs {
+                cluster.wait_for_log(log, "registered with relay", SECS(15)).await;
+            }
+            let (_, body) = avatar_edge_tests::cluster::http_get(cluster.relay.http, "/api/workers")
+                .await
+                .expect("workers");
+            let workers: serde_json::Value = serde_json::from_str(&body).expect("json");
+            let mut ids: Vec<String> = workers["workers"]
+                .as_array()
+                .expect("list")
+                .iter()
+                .filter_map(|w| w["id"].as_str().map(str::to_owned))
+                .collect();
+            ids.sort();
+            assert_eq!(ids, vec![id_of("0"), id_of("1")], "{workers}");
+        },
+    );
+}

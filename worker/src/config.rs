@@ -41,6 +41,7 @@ pub use avatar_proto::tunnel::DEV_SECRET as DEV_TUNNEL_SECRET;
 #[serde(deny_unknown_fields, default)]
 pub struct WorkerConfig {
     /// This worker's id at the relay; a reconnect under the same id replaces the old entry.
+    /// Overridden by `AVATAR_EDGE_WORKER_ID` (the unit template sets it per GPU).
     pub worker_id: String,
     /// Sessions this worker runs at once.
     pub capacity: u32,
@@ -720,6 +721,11 @@ impl WorkerConfig {
                     self.secret = Secret::new(secret);
                 }
             }
+        }
+        // One unit instance per GPU (`avatar-edge-worker@.service`) shares the config file and
+        // names itself here (the hostname and the instance, by default).
+        if let Ok(id) = std::env::var("AVATAR_EDGE_WORKER_ID") {
+            self.worker_id = id.trim().to_owned();
         }
         if let Ok(p) = std::env::var("AVATAR_EDGE_ONNXRUNTIME") {
             self.talk.lipsync.onnxruntime = PathBuf::from(p);

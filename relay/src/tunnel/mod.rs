@@ -17,7 +17,9 @@
 //! open a TLS connection with the tunnel ALPN. What it may cost is bounded:
 //! - at most `max_pending_handshakes` connections are between accept and registration at once,
 //!   QUIC and TLS/TCP together, and one source address holds at most
-//!   `max_pending_handshakes_per_ip` of them, so one address cannot lock workers out;
+//!   `max_pending_handshakes_per_ip` of them, so one address cannot lock workers out; addresses
+//!   workers registered from have a pool of their own ([`PendingHandshakes`]), so many
+//!   addresses cannot either;
 //! - above `retry_above_pending` a QUIC client must first prove its address with a stateless
 //!   Retry (only a proven address is charged to its source, so a spoofed one cannot use up
 //!   someone else's share);
