@@ -615,6 +615,34 @@ fn relay_tarball_carries_the_policy_modules() {
     );
 }
 
+/// `dist/SHA256SUMS` names every artefact and `sha256sum -c` accepts it (issue 27: operators
+/// check a download against it).
+#[test]
+fn release_checksums_cover_every_artefact() {
+    let dist = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist");
+    let sums = std::fs::read_to_string(dist.join("SHA256SUMS")).expect("dist/SHA256SUMS: run scripts/release first");
+    let listed: Vec<&str> = sums
+        .lines()
+        .filter_map(|l| l.split_once("  ").map(|(_, f)| f))
+        .collect();
+    for entry in std::fs::read_dir(&dist).expect("dist/").filter_map(|e| e.ok()) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name != "SHA256SUMS" && !name.ends_with(".tmp") {
+            assert!(listed.contains(&name.as_str()), "{name} is not in SHA256SUMS:\n{sums}");
+        }
+    }
+    assert!(
+        listed.iter().any(|f| f.ends_with(".deb")) && listed.iter().any(|f| f.ends_with(".tar.gz")),
+        "{sums}"
+    );
+    let out = Command::new("sha256sum")
+        .args(["--check", "--strict", "SHA256SUMS"])
+        .current_dir(&dist)
+        .output()
+        .expect("sha256sum");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+}
+
 /// The packages [`build_upgrade_packages`] made (relay, worker).
 fn upgrade_packages_built() -> Vec<PathBuf> {
     let dir = work().join("upgrade");
