@@ -33,6 +33,10 @@ const SECS: fn(u64) -> Duration = Duration::from_secs;
 /// fast one recognition is, whatever else runs, is issue 31's.)
 static REAL_RECOGNISER: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// The worker's recognition deadline where the real recogniser answers: Whisper base on a
+/// 2-core machine that also runs Chromium took past 2 s for a 3.4 s question once in CI.
+const REAL_RECOGNITION_MS: u64 = 6000;
+
 fn real_recogniser_turn() -> std::sync::MutexGuard<'static, ()> {
     // A test that failed while holding it leaves nothing to repair.
     REAL_RECOGNISER.lock().unwrap_or_else(|e| e.into_inner())
@@ -42,10 +46,10 @@ fn tools() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools")
 }
 
-/// A worker's voice settings: the VAD model, recognition at `asr`, and `extra` TOML.
-fn voice_toml(asr: &str, extra: &str) -> String {
+/// A worker's voice settings: the VAD model, recognition at `asr` within `timeout_ms`, and `extra` TOML.
+fn voice_toml(asr: &str, timeout_ms: u64, extra: &str) -> String {
     format!(
-        "[talk.vad]\nmodel = \"{}\"\n[talk.lipsync]\nonnxruntime = \"{}\"\n[talk.asr]\nbase_url = \"{asr}\"\ntimeout_ms = 2000\n{extra}",
+        "[talk.vad]\nmodel = \"{}\"\n[talk.lipsync]\nonnxruntime = \"{}\"\n[talk.asr]\nbase_url = \"{asr}\"\ntimeout_ms = {timeout_ms}\n{extra}",
         tools().join("models/silero_vad.onnx").display(),
         tools().join("onnxruntime/libonnxruntime.so").display(),
     )
@@ -82,7 +86,7 @@ fn chromium_asks_by_voice_in_english_and_chinese_and_the_avatar_answers() {
             let mut cluster = Cluster::relay_only("").await;
             let extra = "[talk.avatars.zh_tutor]\nlanguage = \"zh\"\n";
             cluster
-                .add_worker("listener", 4, &voice_toml(&asr.base_url(), extra))
+                .add_worker("listener", 4, &voice_toml(&asr.base_url(), REAL_RECOGNITION_MS, extra))
                 .await;
             let mouth = avatar_edge_tests::cdp::mouth_luma();
             for (avatar, voice, question, words) in [
@@ -289,7 +293,7 @@ fn speaking_over_the_avatar_silences_it_within_300_ms_and_is_answered() {
             let asr = AsrServer::start(dir.path()).await;
             let mut cluster = Cluster::relay_only("").await;
             cluster
-                .add_worker("listener", 4, &voice_toml(&asr.base_url(), ""))
+                .add_worker("listener", 4, &voice_toml(&asr.base_url(), REAL_RECOGNITION_MS, ""))
                 .await;
             let mut sig = Signaling::connect(&cluster.ws_url("barge-1")).await.expect("ws");
             let (client, mic) = play_with_microphone(&mut sig, &cluster).await;
@@ -366,7 +370,7 @@ fn a_recogniser_that_fails_or_hangs_gives_talk_failed_and_the_session_lives_on()
             let standin = OpenAiServer::start().await;
             let mut cluster = Cluster::relay_only("").await;
             cluster
-                .add_worker("listener", 4, &voice_toml(&standin.base_url(), ""))
+                .add_worker("listener", 4, &voice_toml(&standin.base_url(), 2000, ""))
                 .await;
             let mut sig = Signaling::connect(&cluster.ws_url("asr-fail-1")).await.expect("ws");
             let (_client, mic) = play_with_microphone(&mut sig, &cluster).await;
