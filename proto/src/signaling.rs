@@ -292,6 +292,17 @@ pub enum ServerEvent {
         #[serde(rename = "final")]
         is_final: bool,
     },
+    /// The video as it follows the viewer's bandwidth: the worker's estimate of the path
+    /// (`estimate_kbps`, audio included), the encoder's bitrate, and the level it sends
+    /// (`fps`, `width`×`height`). Sent when the stream starts, when the level changes, and at most
+    /// once a second while the estimate moves by more than a fifth.
+    VideoQuality {
+        estimate_kbps: u64,
+        bitrate_kbps: u64,
+        fps: u32,
+        width: u32,
+        height: u32,
+    },
 }
 
 impl ServerEvent {

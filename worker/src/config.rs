@@ -592,6 +592,8 @@ pub struct VideoConfig {
     pub gop: u32,
     /// `auto` (h264_nvenc if it opens, else libx264), `h264_nvenc` or `libx264`.
     pub encoder: VideoEncoder,
+    /// `[video.adapt]`: following each viewer's bandwidth (`bitrate_kbps` is the ceiling).
+    pub adapt: crate::media::rate::AdaptConfig,
 }
 
 impl Default for WorkerConfig {
@@ -623,6 +625,7 @@ impl Default for VideoConfig {
             bitrate_kbps: 2000,
             gop: 50,
             encoder: VideoEncoder::Auto,
+            adapt: Default::default(),
         }
     }
 }
@@ -808,6 +811,14 @@ impl WorkerConfig {
         }
         if !(1..=60).contains(&v.fps) {
             return invalid("video.fps", "must be 1..=60");
+        }
+        if v.bitrate_kbps == 0 {
+            return invalid("video.bitrate_kbps", "must be at least 1");
+        }
+        if v.adapt.enabled {
+            if let Err(e) = v.adapt.validate(v.bitrate_kbps) {
+                return invalid("video.adapt", &e);
+            }
         }
         self.validate_talk()
     }

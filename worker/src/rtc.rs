@@ -12,6 +12,12 @@
 //! that keeps the interceptors (NACK, reports) running — and a PLI or FIR sets the `keyframe`
 //! flag that the video clock consumes to emit an IDR.
 //!
+//! Video is written packet by packet ([`Peer::write_video_packet`]), so that the sender can pace
+//! it ([`crate::media::send`]). Each video packet carries `abs-send-time`, and the answer offers
+//! `goog-remb` and no transport-wide congestion control: the browser (or aiortc) then estimates
+//! the path's capacity from the packets' delays and reports it in REMB messages, which come back
+//! as [`Feedback::Remb`], with the loss in each receiver report as [`Feedback::Loss`].
+//!
 //! Where the worker sends packets is the browser's choice only within [`CandidateFilter`]: ICE
 //! sends checks to every remote candidate, so candidates aimed at special-purpose addresses are
 //! dropped, and so are mDNS names (`<uuid>.local`). The ICE agent's mDNS is off
@@ -24,7 +30,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
-use webrtc::api::interceptor_registry::register_default_interceptors;
+use webrtc::api::interceptor_registry::{configure_nack, configure_rtcp_reports};
 use webrtc::api::media_engine::{MediaEngine, MIME_TYPE_H264, MIME_TYPE_OPUS};
 use webrtc::api::setting_engine::SettingEngine;
 use webrtc::api::{APIBuilder, API};
@@ -38,8 +44,12 @@ use webrtc::peer_connection::sdp::session_description::RTCSessionDescription;
 use webrtc::peer_connection::RTCPeerConnection;
 use webrtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use webrtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use webrtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
+use webrtc::rtcp::receiver_report::ReceiverReport;
+use webrtc::rtcp::sender_report::SenderReport;
 use webrtc::rtp_transceiver::rtp_codec::RTCRtpCodecCapability;
 use webrtc::rtp_transceiver::rtp_codec::RTPCodecType;
+use webrtc::track::track_local::track_local_static_rtp::TrackLocalStaticRTP;
 use webrtc::track::track_local::track_local_static_sample::TrackLocalStaticSample;
 use webrtc::track::track_local::TrackLocal;
 use webrtc::track::track_remote::TrackRemote;
@@ -99,6 +109,14 @@ fn register_codecs(media: &mut MediaEngine) -> Result<(), webrtc::Error> {
             ..Default::default()
         },
         RTPCodecType::Audio,
+    )?;
+    // The receiver's delay-based estimate (REMB) needs each packet's send time.
+    media.register_header_extension(
+        webrtc::rtp_transceiver::rtp_codec::RTCRtpHeaderExtensionCapability {
+            uri: webrtc::sdp::extmap::ABS_SEND_TIME_URI.to_owned(),
+        },
+        RTPCodecType::Video,
+        None,
     )?;
     for (payload_type, profile) in [(102, "42001f"), (125, "42e01f")] {
         media.register_codec(
@@ -163,7 +181,9 @@ impl RtcEngine {
     fn with_mdns(settings: &RtcSettings, mdns: MulticastDnsMode) -> Result<Self, RtcError> {
         let mut media = MediaEngine::default();
         register_codecs(&mut media)?;
-        let registry = register_default_interceptors(Registry::new(), &mut media)?;
+        // NACK and RTCP reports; not webrtc-rs's transport-wide CC receiver: offered in the
+        // answer, it would switch the browser from REMB to feedback that nothing here reads.
+        let registry = configure_rtcp_reports(configure_nack(Registry::new(), &mut media));
         let se = setting_engine(settings, mdns)?;
         let api = APIBuilder::new()
             .with_media_engine(media)
@@ -206,7 +226,7 @@ impl RtcEngine {
                 let _ = tx.send(s).await;
             })
         }));
-        let video = Arc::new(TrackLocalStaticSample::new(
+        let video = Arc::new(TrackLocalStaticRTP::new(
             RTCRtpCodecCapability {
                 mime_type: MIME_TYPE_H264.to_owned(),
                 clock_rate: 90_000,
@@ -220,6 +240,7 @@ impl RtcEngine {
         let sender = pc
             .add_track(Arc::clone(&video) as Arc<dyn TrackLocal + Send + Sync>)
             .await?;
+        let video_ssrc = sender.get_parameters().await.encodings.first().map(|e| e.ssrc);
         // Audio only if the browser asked for it: a track the offer has no section for would
         // get a transceiver that no answer can negotiate.
         let wants_audio = avatar_proto::sdp::inspect_offer(&offer_sdp).is_ok_and(|o| o.audio_sections > 0);
@@ -256,6 +277,7 @@ impl RtcEngine {
             Box::pin(async {})
         }));
         let keyframe = Arc::new(AtomicBool::new(true));
+        let (feedback_tx, feedback) = mpsc::channel(FEEDBACK_QUEUE);
         {
             let keyframe = Arc::clone(&keyframe);
             // Ends when the sender closes with the peer connection.
@@ -265,6 +287,11 @@ impl RtcEngine {
                         let any = p.as_any();
                         if any.is::<PictureLossIndication>() || any.is::<FullIntraRequest>() {
                             keyframe.store(true, Ordering::Release);
+                        }
+                        for f in read_feedback(any, video_ssrc) {
+                            // A full queue means the sender is gone or far behind: newer
+                            // feedback replaces what it would have said.
+                            let _ = feedback_tx.try_send(f);
                         }
                     }
                 }
@@ -297,6 +324,7 @@ impl RtcEngine {
             peer,
             states,
             mic,
+            feedback,
             sdp: local.sdp,
         })
     }
@@ -309,8 +337,41 @@ pub struct Answer {
     pub states: mpsc::Receiver<RTCPeerConnectionState>,
     /// The browser's microphone, if it sends one: 16 kHz mono PCM, one chunk per Opus packet.
     pub mic: mpsc::Receiver<Vec<f32>>,
+    /// What the viewer says about the path, for the sender's rate control.
+    pub feedback: mpsc::Receiver<Feedback>,
     /// The answer SDP, every candidate inside.
     pub sdp: String,
+}
+
+/// What a viewer's RTCP says about the path to it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Feedback {
+    /// The receiver's estimate of what the path carries, in bits per second (REMB).
+    Remb(u64),
+    /// The fraction of the video packets lost since the last report (0..=1).
+    Loss(f64),
+}
+
+/// Feedback messages waiting for the sender: REMB and reports come a few times a second.
+const FEEDBACK_QUEUE: usize = 32;
+
+/// The rate-control feedback in one RTCP packet: REMB, and the loss of `video_ssrc` in a sender
+/// or receiver report.
+fn read_feedback(any: &dyn std::any::Any, video_ssrc: Option<u32>) -> Vec<Feedback> {
+    let ours = |ssrc: u32| video_ssrc.is_none_or(|v| v == ssrc);
+    let loss = |r: &webrtc::rtcp::reception_report::ReceptionReport| {
+        ours(r.ssrc).then(|| Feedback::Loss(f64::from(r.fraction_lost) / 256.0))
+    };
+    if let Some(remb) = any.downcast_ref::<ReceiverEstimatedMaximumBitrate>() {
+        if remb.bitrate.is_finite() && remb.bitrate >= 0.0 {
+            return vec![Feedback::Remb(remb.bitrate as u64)];
+        }
+    } else if let Some(rr) = any.downcast_ref::<ReceiverReport>() {
+        return rr.reports.iter().filter_map(loss).collect();
+    } else if let Some(sr) = any.downcast_ref::<SenderReport>() {
+        return sr.reports.iter().filter_map(loss).collect();
+    }
+    Vec::new()
 }
 
 /// Microphone chunks (20 ms each) waiting for the listener: about a second. When it falls behind,
@@ -424,7 +485,7 @@ impl CandidateFilter {
 /// One browser's peer connection.
 pub struct Peer {
     pc: Arc<RTCPeerConnection>,
-    video: Arc<TrackLocalStaticSample>,
+    video: Arc<TrackLocalStaticRTP>,
     audio: Option<Arc<TrackLocalStaticSample>>,
     /// Set on PLI/FIR; the video clock emits an IDR and clears it.
     pub keyframe: Arc<AtomicBool>,
@@ -441,14 +502,12 @@ impl Peer {
         self.pc.add_ice_candidate(init).await.map_err(RtcError::BadCandidate)
     }
 
-    pub async fn write_video(&self, data: bytes::Bytes, duration: Duration) -> Result<(), RtcError> {
-        let sample = webrtc::media::Sample {
-            data,
-            duration,
-            timestamp: SystemTime::now(),
-            ..Default::default()
-        };
-        self.video.write_sample(&sample).await?;
+    /// Send one video packet now, stamped with its send time (`abs-send-time`). The SSRC and
+    /// payload type are the negotiated ones.
+    pub async fn write_video_packet(&self, packet: &webrtc::rtp::packet::Packet) -> Result<(), RtcError> {
+        use webrtc::rtp::extension::{abs_send_time_extension::AbsSendTimeExtension, HeaderExtension};
+        let sent = HeaderExtension::AbsSendTime(AbsSendTimeExtension::new(SystemTime::now()));
+        self.video.write_rtp_with_extensions(packet, &[sent]).await?;
         Ok(())
     }
 

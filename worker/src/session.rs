@@ -25,8 +25,10 @@
 //!
 //! Either way the encoder thread is stopped and the capacity slot returned (both on drop).
 
-use crate::media::stream::{ClockEvent, Feed, MediaOut, VideoStream, OPUS_FRAME};
-use crate::rtc::{CandidateRefused, Peer, RtcError};
+use crate::media::rate::{RateControl, Target};
+use crate::media::send::{send_media, SendParts};
+use crate::media::stream::{Adaptation, ClockEvent, Feed, MediaOut, VideoStream};
+use crate::rtc::{CandidateRefused, Feedback, Peer, RtcError};
 use crate::talk::hearing::Hearing;
 use crate::talk::vad::Heard;
 use crate::talk::{Conversation, TalkEvent};
@@ -36,7 +38,7 @@ use avatar_proto::stream::{send_frame, FramedRecv};
 use avatar_proto::tunnel::SessionFrame;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
 use webrtc::peer_connection::peer_connection_state::RTCPeerConnectionState as PcState;
@@ -61,6 +63,8 @@ struct Active {
     candidates: usize,
     /// The browser's microphone, until voice input takes it.
     mic: Option<mpsc::Receiver<Vec<f32>>>,
+    /// The viewer's RTCP feedback, until the sender takes it.
+    feedback: Option<mpsc::Receiver<Feedback>>,
     /// Stops voice input for this peer when it goes.
     _listening: Option<tokio_util::sync::DropGuard>,
 }
@@ -278,6 +282,7 @@ impl Session {
                             media: None,
                             candidates,
                             mic: Some(answer.mic),
+                            feedback: Some(answer.feedback),
                             _listening: None,
                         });
                         let timestamp = chrono::Local::now().format("%Y-%m-%dT%H:%M:%S%.6f").to_string();
@@ -449,6 +454,16 @@ impl Session {
         let event = match ev {
             ClockEvent::SpeechStarted { turn } => ServerEvent::SpeechStarted { turn },
             ClockEvent::SpeechEnded { turn, interrupted } => ServerEvent::SpeechEnded { turn, interrupted },
+            ClockEvent::Quality(t) => {
+                debug!(estimate_kbps = t.estimate_bps / 1000, video_kbps = t.video_bps / 1000, fps = t.level.fps, height = t.level.height, "video quality");
+                ServerEvent::VideoQuality {
+                    estimate_kbps: t.estimate_bps / 1000,
+                    bitrate_kbps: t.video_bps / 1000,
+                    fps: t.level.fps,
+                    width: t.level.width,
+                    height: t.level.height,
+                }
+            }
         };
         self.event(event).await;
     }
@@ -460,8 +475,9 @@ impl Session {
         if active.media.is_some() {
             return;
         }
-        let (tx, mut rx) = mpsc::channel::<MediaOut>(12);
+        let (tx, rx) = mpsc::channel::<MediaOut>(12);
         let (clock_tx, clock_rx) = mpsc::unbounded_channel();
+        let events = clock_tx.clone();
         let feed = match self.conv.as_mut() {
             Some(conv) => conv.feed(clock_tx),
             None => Feed {
@@ -472,13 +488,30 @@ impl Session {
             },
         };
         self.clock_events = Some(clock_rx);
+        // Each session follows its own viewer's bandwidth, with its own encoder.
+        let settings = &self.ctx.encoder_settings;
+        let cfg = &self.ctx.config.video.adapt;
+        let (control, first, min_keyframe_interval) = if cfg.enabled {
+            let mut rc = RateControl::new(cfg, settings.bitrate_kbps, settings.width, settings.height, settings.fps);
+            let first = rc.target(std::time::Instant::now());
+            (Some(rc), first, Duration::from_millis(cfg.min_keyframe_interval_ms))
+        } else {
+            let fixed = Target::fixed(settings.bitrate_kbps, settings.fps, settings.width, settings.height);
+            (None, fixed, Duration::ZERO)
+        };
+        let (targets_tx, targets) = watch::channel(first);
+        let adapt = Adaptation {
+            targets,
+            min_keyframe_interval,
+        };
         let stream = match VideoStream::start(
             Arc::clone(clip),
             self.ctx.encoder,
-            self.ctx.encoder_settings.clone(),
+            settings.clone(),
             Arc::clone(&active.peer.keyframe),
             tx,
             feed,
+            adapt,
         ) {
             Ok(s) => s,
             Err(e) => {
@@ -486,20 +519,16 @@ impl Session {
                 return;
             }
         };
-        let peer = Arc::clone(&active.peer);
-        let writer = tokio::spawn(async move {
-            let packet = Duration::from_secs_f64(OPUS_FRAME as f64 / 48_000.0);
-            while let Some(media) = rx.recv().await {
-                let written = match media {
-                    MediaOut::Video(frame) => peer.write_video(frame.data, frame.duration).await,
-                    MediaOut::Audio(data) => peer.write_audio(data, packet).await,
-                };
-                if let Err(e) = written {
-                    debug!(error = %e, "media write failed");
-                    break;
-                }
-            }
-        });
+        let writer = tokio::spawn(send_media(SendParts {
+            peer: Arc::clone(&active.peer),
+            media: rx,
+            // A peer answered once has its feedback; a second start (never) would send blind.
+            feedback: active.feedback.take().unwrap_or_else(|| mpsc::channel(1).1),
+            control,
+            targets: targets_tx,
+            keyframe: Arc::clone(&active.peer.keyframe),
+            events,
+        }));
         info!("peer connected: streaming");
         active.media = Some((stream, writer));
         // Voice input, when the browser sends its microphone and the worker has a VAD model.

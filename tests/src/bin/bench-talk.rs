@@ -20,7 +20,7 @@ use avatar_edge_tests::signaling::Signaling;
 use avatar_worker::config::TalkConfig;
 use avatar_worker::media::avatar::synthetic;
 use avatar_worker::media::encoder::{self, EncoderSettings};
-use avatar_worker::media::stream::{ClockEvent, MediaOut, VideoStream};
+use avatar_worker::media::stream::{Adaptation, ClockEvent, MediaOut, VideoStream};
 use avatar_worker::talk::{Conversation, Talk, TalkEvent};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
@@ -34,6 +34,7 @@ fn settings() -> EncoderSettings {
         width: 512,
         height: 512,
         fps: 25,
+        frame_rate: 25,
         bitrate_kbps: 2000,
         gop: 50,
     }
@@ -74,6 +75,7 @@ fn session(talk: &Arc<Talk>) -> Bench {
         Arc::new(AtomicBool::new(false)),
         out_tx,
         feed,
+        Adaptation::fixed(&settings()),
     )
     .expect("clock");
     let sent = Arc::new(std::sync::Mutex::new((Vec::new(), Vec::new())));

@@ -5,6 +5,12 @@
 //! with "Cannot load libcuda.so.1"), and the worker logs loudly which one it uses. Output is
 //! Constrained Baseline (no B-frames), Annex B with SPS/PPS repeated on every IDR, so a browser can
 //! join at any keyframe. [`H264Encoder::encode`] can force an IDR when a receiver sends PLI/FIR.
+//!
+//! Rate control is ABR with a VBV of a quarter second ([`VBV_SECONDS`]): a keyframe may take
+//! about six frames' worth of bits, not fifty, so it leaves the pacer before the frames behind it
+//! are due. The bitrate can change while the encoder runs ([`H264Encoder::set_bitrate`]; FFmpeg
+//! reconfigures x264 and NVENC in place); the VBV is fixed at open, so the clock reopens the
+//! encoder when the bitrate moves far from the one it was opened at.
 
 use super::avatar::Yuv420;
 use crate::config::VideoEncoder;
@@ -35,12 +41,19 @@ impl EncodeError {
     }
 }
 
+/// The VBV buffer, in seconds of the bitrate.
+pub const VBV_SECONDS: f64 = 0.25;
+
 /// What to encode.
 #[derive(Debug, Clone)]
 pub struct EncoderSettings {
     pub width: u32,
     pub height: u32,
+    /// The media clock's rate: timestamps count its ticks.
     pub fps: u32,
+    /// Frames actually encoded per second (below `fps` when the picture steps down), for rate
+    /// control.
+    pub frame_rate: u32,
     pub bitrate_kbps: u32,
     pub gop: u32,
 }
@@ -51,6 +64,7 @@ impl From<&crate::config::VideoConfig> for EncoderSettings {
             width: v.width,
             height: v.height,
             fps: v.fps,
+            frame_rate: v.fps,
             bitrate_kbps: v.bitrate_kbps,
             gop: v.gop,
         }
@@ -106,12 +120,15 @@ impl H264Encoder {
         enc.set_height(s.height);
         enc.set_format(ffmpeg::format::Pixel::YUV420P);
         enc.set_time_base(ffmpeg::Rational::new(1, s.fps as i32));
-        enc.set_frame_rate(Some(ffmpeg::Rational::new(s.fps as i32, 1)));
-        enc.set_bit_rate(s.bitrate_kbps as usize * 1000);
-        enc.set_max_bit_rate(s.bitrate_kbps as usize * 1000);
+        enc.set_frame_rate(Some(ffmpeg::Rational::new(s.frame_rate.clamp(1, s.fps) as i32, 1)));
+        let bps = s.bitrate_kbps as usize * 1000;
+        enc.set_bit_rate(bps);
+        enc.set_max_bit_rate(bps);
         enc.set_gop(s.gop);
         enc.set_max_b_frames(0);
         let mut opts = ffmpeg::Dictionary::new();
+        // rc_buffer_size, which ffmpeg-next has no setter for: the codec context's own option.
+        opts.set("bufsize", &((bps as f64 * VBV_SECONDS) as u64).to_string());
         if name == "h264_nvenc" {
             opts.set("preset", "p1");
             opts.set("tune", "ull");
@@ -140,6 +157,13 @@ impl H264Encoder {
         self.name
     }
 
+    /// Change the target bitrate from the next frame on (x264 and NVENC reconfigure in place).
+    pub fn set_bitrate(&mut self, bps: u64) {
+        let bps = bps.max(1000) as usize;
+        self.encoder.set_bit_rate(bps);
+        self.encoder.set_max_bit_rate(bps);
+    }
+
     /// Encode one picture; returns the Annex B access unit (empty if the encoder buffered it).
     pub fn encode(&mut self, picture: &Yuv420, pts: i64, keyframe: bool) -> Result<Vec<u8>, EncodeError> {
         let err = |source| EncodeError::Ffmpeg {
@@ -161,6 +185,54 @@ impl H264Encoder {
             }
         }
         Ok(out)
+    }
+}
+
+/// Scales pictures to one size (bilinear), reusing its buffers: a session whose picture stepped
+/// down scales every frame.
+pub struct Scaler {
+    context: ffmpeg::software::scaling::Context,
+    source: ffmpeg::frame::Video,
+    scaled: ffmpeg::frame::Video,
+    width: u32,
+    height: u32,
+}
+
+impl Scaler {
+    pub fn new(from: (u32, u32), to: (u32, u32)) -> Result<Self, EncodeError> {
+        let err = |source| EncodeError::Ffmpeg { name: "swscale", source };
+        let pixel = ffmpeg::format::Pixel::YUV420P;
+        let context = ffmpeg::software::scaling::Context::get(
+            pixel,
+            from.0,
+            from.1,
+            pixel,
+            to.0,
+            to.1,
+            ffmpeg::software::scaling::Flags::BILINEAR,
+        )
+        .map_err(err)?;
+        Ok(Self {
+            context,
+            source: ffmpeg::frame::Video::new(pixel, from.0, from.1),
+            scaled: ffmpeg::frame::Video::empty(),
+            width: to.0,
+            height: to.1,
+        })
+    }
+
+    pub fn scale(&mut self, picture: &Yuv420) -> Result<Yuv420, EncodeError> {
+        if (picture.width, picture.height) != (self.source.width(), self.source.height()) {
+            return Err(EncodeError::Ffmpeg {
+                name: "swscale",
+                source: ffmpeg::Error::InputChanged,
+            });
+        }
+        fill(&mut self.source, picture);
+        self.context
+            .run(&self.source, &mut self.scaled)
+            .map_err(|source| EncodeError::Ffmpeg { name: "swscale", source })?;
+        Ok(super::avatar::copy_planes(&self.scaled, self.width, self.height))
     }
 }
 
@@ -199,6 +271,7 @@ mod tests {
             width: 128,
             height: 128,
             fps: 25,
+            frame_rate: 25,
             bitrate_kbps: 500,
             gop: 50,
         };
@@ -220,12 +293,42 @@ mod tests {
     }
 
     #[test]
+    fn the_bitrate_changes_in_place_and_a_scaler_halves_the_picture() {
+        init().expect("ffmpeg");
+        let s = EncoderSettings {
+            width: 256,
+            height: 256,
+            fps: 25,
+            frame_rate: 25,
+            bitrate_kbps: 1000,
+            gop: 250,
+        };
+        let clip = synthetic(256, 256, 25);
+        let mut enc = H264Encoder::open("libx264", &s).expect("libx264");
+        let bytes = |enc: &mut H264Encoder, from: usize| -> usize {
+            (from..from + 25)
+                .map(|i| enc.encode(&clip.frames[i % clip.frames.len()], i as i64, false).map_or(0, |d| d.len()))
+                .sum()
+        };
+        let high = bytes(&mut enc, 0);
+        enc.set_bitrate(100_000);
+        bytes(&mut enc, 25); // x264's rate control settles
+        let low = bytes(&mut enc, 50);
+        assert!(low * 3 < high, "a second at 100 kbit/s ({low} B) is far smaller than at 1 Mbit/s ({high} B)");
+        let mut scaler = Scaler::new((256, 256), (128, 128)).expect("scaler");
+        let half = scaler.scale(&clip.frames[0]).expect("scale");
+        assert_eq!((half.width, half.height, half.y.len(), half.u.len()), (128, 128, 128 * 128, 64 * 64));
+        assert!(scaler.scale(&Yuv420::new(64, 64)).is_err(), "another size is refused, not read out of bounds");
+    }
+
+    #[test]
     fn auto_falls_back_to_libx264_without_a_gpu() {
         init().expect("ffmpeg");
         let s = EncoderSettings {
             width: 64,
             height: 64,
             fps: 25,
+            frame_rate: 25,
             bitrate_kbps: 200,
             gop: 50,
         };

@@ -1,7 +1,10 @@
-//! Media: idle avatars ([`avatar`]), H.264 encoding ([`encoder`]) and the per-session video clock
-//! ([`stream`]). Everything here runs on plain threads, never on the async runtime.
+//! Media: idle avatars ([`avatar`]), H.264 encoding ([`encoder`]), the per-session video clock
+//! ([`stream`]), following the viewer's bandwidth ([`rate`]) and sending video paced to it
+//! ([`send`]). The clock and the encoders run on plain threads, never on the async runtime.
 
 pub mod avatar;
 pub mod encoder;
 pub mod file;
+pub mod rate;
+pub mod send;
 pub mod stream;

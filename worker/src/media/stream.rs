@@ -15,7 +15,17 @@
 //! current one (interrupted) is dropped at the next tick: at most one frame (40 ms) of it shows.
 //!
 //! Encoded media goes through a small bounded channel to an async task that writes it to the
-//! WebRTC tracks; if that task lags, the frame is dropped and counted instead of blocking the clock.
+//! WebRTC tracks ([`super::send`]); if that task lags, the frame is dropped and counted instead of
+//! blocking the clock.
+//!
+//! What the encoder produces follows the viewer's bandwidth ([`Adaptation`]): each tick reads the
+//! latest [`Target`]. A new bitrate is set on the running encoder; a new level (frame rate or
+//! size), or a bitrate far from the one the encoder was opened with (its VBV is sized at open),
+//! reopens it, which starts with a keyframe. At a lower frame rate the clock still ticks at the
+//! full rate, audio included, and encodes only every second or third tick; the RTP timestamps
+//! come from the tick, so time does not stretch. Keyframes asked for by the viewer (PLI, FIR)
+//! are granted at most once per `min_keyframe_interval`: a storm of requests on a lossy path
+//! does not turn every frame into a keyframe.
 //!
 //! The decisions are a function of what arrives, with no encoder, thread or sleep in them:
 //! [`ClockCore::tick`] says what one tick shows and plays (and which speech events it raises), and
@@ -24,14 +34,15 @@
 //! interrupts and the audio/video tie are tested tick by tick below.
 
 use super::avatar::{AvatarClip, Yuv420};
-use super::encoder::{EncoderSettings, H264Encoder};
+use super::encoder::{EncoderSettings, H264Encoder, Scaler};
+use super::rate::Target;
 use bytes::Bytes;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
 
 /// Audio sample rate of the Opus track.
 pub const AUDIO_RATE: u32 = 48_000;
@@ -70,6 +81,8 @@ pub struct TalkUnit {
 pub enum ClockEvent {
     SpeechStarted { turn: u64 },
     SpeechEnded { turn: u64, interrupted: bool },
+    /// The video's level or the viewer's estimated bandwidth changed (from [`super::send`]).
+    Quality(Target),
 }
 
 /// The talking pipeline's side of the clock.
@@ -213,6 +226,11 @@ impl ClockCore {
     }
 }
 
+/// The RTP timestamp (90 kHz) of tick `pts` at `fps` ticks a second; it wraps, as RTP's does.
+pub fn rtp_timestamp(pts: i64, fps: u32) -> u32 {
+    ((pts as i128 * 90_000) / i128::from(fps.max(1))) as u32
+}
+
 /// Frames leave on a deadline: after each tick, sleep until the next one is due, or, more than a
 /// frame behind, count the late frames and start again from now rather than burst.
 pub struct Pacer {
@@ -263,15 +281,40 @@ pub struct VideoStream {
     pub stats: Arc<StreamStats>,
 }
 
-/// An encoded frame and how long it is shown.
+/// An encoded frame and its RTP timestamp (90 kHz, from the clock's tick).
 pub struct EncodedFrame {
     pub data: Bytes,
-    pub duration: Duration,
+    pub rtp_timestamp: u32,
 }
+
+/// How the clock follows the viewer's bandwidth.
+pub struct Adaptation {
+    /// The latest target, published by the sender ([`super::send::send_media`]).
+    pub targets: watch::Receiver<Target>,
+    /// At most one requested keyframe per this interval.
+    pub min_keyframe_interval: Duration,
+}
+
+impl Adaptation {
+    /// The configured bitrate and picture, always.
+    pub fn fixed(settings: &EncoderSettings) -> Self {
+        let target = Target::fixed(settings.bitrate_kbps, settings.fps, settings.width, settings.height);
+        Self {
+            targets: watch::channel(target).1,
+            min_keyframe_interval: Duration::ZERO,
+        }
+    }
+}
+
+/// The encoder must be reopened when the bitrate leaves this range around the one it was opened
+/// with (its VBV buffer is sized then).
+const REOPEN_BELOW: f64 = 0.6;
+const REOPEN_ABOVE: f64 = 2.0;
 
 impl VideoStream {
     /// Start the clock for `clip` with `encoder_name`; media goes to `out`. `keyframe` is set by
-    /// the RTCP reader on PLI/FIR and consumed here.
+    /// the RTCP reader on PLI/FIR and consumed here. `settings` are the clock's rate and the
+    /// avatar's size; the bitrate and level come from `adapt`.
     pub fn start(
         clip: Arc<AvatarClip>,
         encoder_name: &'static str,
@@ -279,6 +322,7 @@ impl VideoStream {
         keyframe: Arc<AtomicBool>,
         out: mpsc::Sender<MediaOut>,
         feed: Feed,
+        adapt: Adaptation,
     ) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(StreamStats::default());
@@ -294,6 +338,7 @@ impl VideoStream {
                     out: &out,
                     stats: &stats,
                     feed,
+                    adapt,
                 }
                 .run(encoder_name, &stop);
             })?
@@ -322,18 +367,75 @@ struct Clock<'a> {
     out: &'a mpsc::Sender<MediaOut>,
     stats: &'a StreamStats,
     feed: Feed,
+    adapt: Adaptation,
+}
+
+/// The encoder as the clock runs it: opened for one level and bitrate, scaling when the level's
+/// size is not the avatar's.
+struct Encoding {
+    encoder: H264Encoder,
+    scaler: Option<Scaler>,
+    target: Target,
+    /// The bitrate the encoder was opened with (its VBV's size).
+    opened_bps: u64,
+    /// Frames the level owes: one is encoded each time this reaches the clock's rate.
+    credit: u32,
+}
+
+impl Encoding {
+    fn open(name: &'static str, base: &EncoderSettings, target: Target) -> Result<Self, super::encoder::EncodeError> {
+        let level = target.level;
+        let settings = EncoderSettings {
+            width: level.width,
+            height: level.height,
+            fps: base.fps,
+            frame_rate: level.fps,
+            bitrate_kbps: (target.video_bps / 1000).max(1) as u32,
+            gop: base.gop,
+        };
+        let scaler = if (level.width, level.height) == (base.width, base.height) {
+            None
+        } else {
+            Some(Scaler::new((base.width, base.height), (level.width, level.height))?)
+        };
+        Ok(Self {
+            encoder: H264Encoder::open(name, &settings)?,
+            scaler,
+            target,
+            opened_bps: target.video_bps,
+            credit: base.fps,
+        })
+    }
+
+    /// Must the encoder be reopened for `target`?
+    fn needs_reopen(&self, target: &Target) -> bool {
+        let ratio = target.video_bps as f64 / self.opened_bps.max(1) as f64;
+        target.level != self.target.level || !(REOPEN_BELOW..=REOPEN_ABOVE).contains(&ratio)
+    }
+
+    /// Whether this tick is one of the level's frames (at 15 of 25 fps: three ticks in five).
+    fn shows(&mut self, clock_fps: u32) -> bool {
+        self.credit += self.target.level.fps.min(clock_fps);
+        if self.credit >= clock_fps {
+            self.credit -= clock_fps;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 impl Clock<'_> {
     /// Encode, send and sleep as [`ClockCore`] and [`Pacer`] decide, until stopped.
     fn run(self, encoder_name: &'static str, stop: &AtomicBool) {
-        let mut encoder = match H264Encoder::open(encoder_name, self.settings) {
+        let mut encoding = match Encoding::open(encoder_name, self.settings, *self.adapt.targets.borrow()) {
             Ok(e) => e,
             Err(e) => {
                 warn!(error = %e, "could not open the video encoder; session has no video");
                 return;
             }
         };
+        let mut last_keyframe: Option<Instant> = None;
         let mut opus = match opus::Encoder::new(AUDIO_RATE, opus::Channels::Mono, opus::Application::Voip) {
             Ok(mut e) => {
                 let _ = e.set_bitrate(opus::Bitrate::Bits(32_000));
@@ -344,7 +446,7 @@ impl Clock<'_> {
                 None
             }
         };
-        info!(encoder = encoder.name(), "media clock started");
+        info!(encoder = encoding.encoder.name(), "media clock started");
         let mut core = ClockCore::new(self.settings.fps, self.feed.idle_index.load(Ordering::Acquire));
         let mut pacer = Pacer::new(self.settings.fps, Instant::now());
         let mut packet = vec![0u8; 1500];
@@ -366,9 +468,45 @@ impl Clock<'_> {
                 }
                 Picture::Idle(i) => self.clip.frame(*i),
             };
-            let force = tick.pts == 0 || self.keyframe.swap(false, Ordering::AcqRel);
+            let target = *self.adapt.targets.borrow();
+            if encoding.needs_reopen(&target) {
+                match Encoding::open(encoder_name, self.settings, target) {
+                    Ok(e) => {
+                        debug!(fps = target.level.fps, width = target.level.width, kbps = target.video_bps / 1000, "video level");
+                        encoding = e;
+                        last_keyframe = Some(Instant::now()); // a new encoder starts with one
+                    }
+                    Err(e) => warn!(error = %e, "could not reopen the video encoder; keeping the old level"),
+                }
+            } else if target.video_bps != encoding.target.video_bps {
+                encoding.encoder.set_bitrate(target.video_bps);
+                encoding.target = target;
+            }
+            let shown = encoding.shows(self.settings.fps);
+            let now = Instant::now();
+            let may_key = last_keyframe.is_none_or(|t| now.saturating_duration_since(t) >= self.adapt.min_keyframe_interval);
+            let force = shown && (tick.pts == 0 || (may_key && self.keyframe.swap(false, Ordering::AcqRel)));
+            if force {
+                last_keyframe = Some(now);
+            }
+            let scaled = match (&mut encoding.scaler, shown) {
+                (Some(scaler), true) => match scaler.scale(picture) {
+                    Ok(p) => Some(p),
+                    Err(e) => {
+                        warn!(error = %e, "scaling failed; stopping the media clock");
+                        break;
+                    }
+                },
+                _ => None,
+            };
+            let picture = scaled.as_ref().unwrap_or(picture);
             let started = Instant::now();
-            match encoder.encode(picture, tick.pts, force) {
+            let encoded = if shown {
+                encoding.encoder.encode(picture, tick.pts, force)
+            } else {
+                Ok(Vec::new())
+            };
+            match encoded {
                 Ok(data) if !data.is_empty() => {
                     let took = started.elapsed();
                     self.stats
@@ -377,7 +515,7 @@ impl Clock<'_> {
                     metrics::histogram!("worker_encode_seconds").record(took.as_secs_f64());
                     let frame = EncodedFrame {
                         data: Bytes::from(data),
-                        duration: pacer.interval(),
+                        rtp_timestamp: rtp_timestamp(tick.pts, self.settings.fps),
                     };
                     match self.out.try_send(MediaOut::Video(frame)) {
                         Ok(()) => {

@@ -1,0 +1,431 @@
+//! Sending one session's media: audio at once, video paced to the estimate.
+//!
+//! An encoded frame is many packets; a keyframe, dozens. Written in one burst they arrive at the
+//! bottleneck together, and a small queue there drops the tail of the frame (the browser then
+//! asks for another keyframe, which is dropped the same way). So video packets leave through a
+//! [`PacedQueue`] at the rate [`RateControl`] allows, a few milliseconds' worth at a time, while
+//! audio packets skip the queue: the answer is heard on time however the picture fares.
+//!
+//! The queue is bounded in time ([`MAX_QUEUE_DELAY`]): when the path narrows faster than the
+//! estimate follows, what is queued is dropped whole and a keyframe is asked for, rather than
+//! letting the picture fall seconds behind the sound.
+//!
+//! [`send_media`] is the async task that ties it together: it packetises frames
+//! ([`H264Packetizer`], RTP timestamps from the media clock, so a frame rate step does not stretch
+//! time), feeds the viewer's REMB and receiver reports to the [`RateControl`], publishes each new
+//! [`Target`] to the clock (which sets the encoder's bitrate and picture from it), and tells the
+//! session when the level or the estimate moved.
+//!
+//! [`RateControl`]: super::rate::RateControl
+
+use super::rate::{RateControl, Target};
+use super::stream::{ClockEvent, MediaOut};
+use crate::rtc::{Feedback, Peer};
+use bytes::Bytes;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+use webrtc::rtp::codecs::h264::H264Payloader;
+use webrtc::rtp::packetizer::Payloader;
+
+/// The longest video may wait in the pacer; beyond it the queue is dropped and a keyframe asked
+/// for.
+pub const MAX_QUEUE_DELAY: Duration = Duration::from_millis(500);
+/// Packets may leave this far ahead of the pacing schedule (a small burst, as browsers allow).
+const BURST: Duration = Duration::from_millis(5);
+/// RTP payload per packet: 1,200 bytes, as webrtc-rs and browsers use, less the RTP header.
+const RTP_PAYLOAD: usize = 1200 - 12;
+/// How often the controller is asked for a target when no feedback arrives (for its up-holds).
+const TARGET_EVERY: Duration = Duration::from_millis(250);
+
+/// Items leave no faster than `rate`, with a burst allowance of [`BURST`]; the queue's drain time
+/// is bounded by `max_delay`.
+#[derive(Debug)]
+pub struct PacedQueue<T> {
+    items: VecDeque<(T, usize)>,
+    bytes: usize,
+    rate_bps: u64,
+    next: Option<Instant>,
+    max_delay: Duration,
+}
+
+/// A frame that would not fit: everything queued was dropped.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Overflow {
+    pub dropped: usize,
+}
+
+impl<T> PacedQueue<T> {
+    pub fn new(rate_bps: u64, max_delay: Duration) -> Self {
+        Self {
+            items: VecDeque::new(),
+            bytes: 0,
+            rate_bps: rate_bps.max(1000),
+            next: None,
+            max_delay,
+        }
+    }
+
+    pub fn set_rate(&mut self, bps: u64) {
+        self.rate_bps = bps.max(1000);
+    }
+
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    fn drain_time(&self, bytes: usize) -> Duration {
+        Duration::from_secs_f64(bytes as f64 * 8.0 / self.rate_bps as f64)
+    }
+
+    /// Queue one frame's items (`(item, bytes)`). If the queue would then take longer than
+    /// `max_delay` to drain, everything already queued is dropped first (the new frame is kept:
+    /// the caller makes it a keyframe next time, or it already is one).
+    pub fn push(&mut self, frame: impl IntoIterator<Item = (T, usize)>) -> Result<(), Overflow> {
+        let frame: Vec<_> = frame.into_iter().collect();
+        let adding: usize = frame.iter().map(|(_, n)| n).sum();
+        let mut result = Ok(());
+        if !self.items.is_empty() && self.drain_time(self.bytes + adding) > self.max_delay {
+            result = Err(Overflow {
+                dropped: self.items.len(),
+            });
+            self.items.clear();
+            self.bytes = 0;
+        }
+        self.bytes += adding;
+        self.items.extend(frame);
+        result
+    }
+
+    /// The next item, if its time has come.
+    pub fn pop(&mut self, now: Instant) -> Option<T> {
+        if self.next.is_some_and(|t| t > now + BURST) {
+            return None;
+        }
+        let (item, n) = self.items.pop_front()?;
+        self.bytes -= n;
+        // A schedule that fell behind (an idle queue) restarts from now, so idle time is not
+        // banked as a burst.
+        let from = self.next.map_or(now, |t| t.max(now));
+        self.next = Some(from + self.drain_time(n));
+        Some(item)
+    }
+
+    /// When [`PacedQueue::pop`] will next return an item (`None`: the queue is empty).
+    pub fn next_due(&self) -> Option<Instant> {
+        if self.items.is_empty() {
+            return None;
+        }
+        Some(self.next.map_or_else(Instant::now, |t| t.checked_sub(BURST).unwrap_or(t)))
+    }
+}
+
+/// H.264 access units to RTP packets (RFC 6184, packetization mode 1). The SSRC and payload type
+/// are the track binding's; the timestamp is the caller's.
+pub struct H264Packetizer {
+    payloader: H264Payloader,
+    sequence: u16,
+    /// Sequence numbers and timestamps start at random values (RFC 3550).
+    timestamp_offset: u32,
+}
+
+impl Default for H264Packetizer {
+    fn default() -> Self {
+        Self {
+            payloader: H264Payloader::default(),
+            sequence: rand::random(),
+            timestamp_offset: rand::random(),
+        }
+    }
+}
+
+impl H264Packetizer {
+    /// One frame (Annex B) at the clock's RTP time `timestamp` (offset by this stream's random
+    /// start); the last packet carries the marker bit.
+    pub fn packetize(&mut self, annex_b: &Bytes, timestamp: u32) -> Vec<webrtc::rtp::packet::Packet> {
+        let payloads = match self.payloader.payload(RTP_PAYLOAD, annex_b) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::debug!(error = %e, "frame not packetised");
+                return Vec::new();
+            }
+        };
+        let count = payloads.len();
+        payloads
+            .into_iter()
+            .enumerate()
+            .map(|(i, payload)| {
+                let sequence_number = self.sequence;
+                self.sequence = self.sequence.wrapping_add(1);
+                webrtc::rtp::packet::Packet {
+                    header: webrtc::rtp::header::Header {
+                        version: 2,
+                        marker: i + 1 == count,
+                        sequence_number,
+                        timestamp: timestamp.wrapping_add(self.timestamp_offset),
+                        ..Default::default()
+                    },
+                    payload,
+                }
+            })
+            .collect()
+    }
+}
+
+/// What the sending task works with.
+pub struct SendParts {
+    pub peer: Arc<Peer>,
+    pub media: mpsc::Receiver<MediaOut>,
+    pub feedback: mpsc::Receiver<Feedback>,
+    /// `None`: the session does not adapt and sends at its fixed target.
+    pub control: Option<RateControl>,
+    pub targets: watch::Sender<Target>,
+    pub keyframe: Arc<AtomicBool>,
+    /// The session hears of level and estimate changes here ([`ClockEvent::Quality`]).
+    pub events: mpsc::UnboundedSender<ClockEvent>,
+}
+
+/// Send until the media channel closes or the peer fails (see the module docs).
+pub async fn send_media(parts: SendParts) {
+    let SendParts {
+        peer,
+        mut media,
+        mut feedback,
+        mut control,
+        targets,
+        keyframe,
+        events,
+    } = parts;
+    let mut target = *targets.borrow();
+    let mut gauge = QualityGauge::new(&target);
+    let mut told = Told::default();
+    told.maybe_tell(&target, Instant::now(), &events);
+    let mut queue = PacedQueue::new(target.pace_bps, MAX_QUEUE_DELAY);
+    let mut packetizer = H264Packetizer::default();
+    let audio_packet = Duration::from_millis(20);
+    let mut every = tokio::time::interval(TARGET_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut feedback_open = true;
+    loop {
+        let due = queue.next_due();
+        tokio::select! {
+            m = media.recv() => match m {
+                None => break,
+                Some(MediaOut::Audio(data)) => {
+                    if let Err(e) = peer.write_audio(data, audio_packet).await {
+                        tracing::debug!(error = %e, "audio write failed");
+                        break;
+                    }
+                }
+                Some(MediaOut::Video(frame)) => {
+                    let packets = packetizer.packetize(&frame.data, frame.rtp_timestamp);
+                    let sized = packets.into_iter().map(|p| {
+                        let n = p.payload.len() + 12;
+                        (p, n)
+                    });
+                    if let Err(Overflow { dropped }) = queue.push(sized) {
+                        metrics::counter!("worker_video_queue_drops_total").increment(1);
+                        tracing::debug!(dropped, "pacer queue over its bound: dropped, keyframe next");
+                        keyframe.store(true, Ordering::Release);
+                    }
+                }
+            },
+            f = feedback.recv(), if feedback_open => match f {
+                None => feedback_open = false,
+                Some(f) => {
+                    if let Some(rc) = control.as_mut() {
+                        let now = Instant::now();
+                        match f {
+                            Feedback::Remb(bps) => rc.on_remb(bps, now),
+                            Feedback::Loss(fraction) => rc.on_loss(fraction, now),
+                        }
+                    }
+                }
+            },
+            _ = every.tick() => {}
+            _ = sleep_until(due), if due.is_some() => {
+                let mut failed = false;
+                while let Some(p) = queue.pop(Instant::now()) {
+                    if let Err(e) = peer.write_video_packet(&p).await {
+                        tracing::debug!(error = %e, "video write failed");
+                        failed = true;
+                        break;
+                    }
+                }
+                if failed {
+                    break;
+                }
+            }
+        }
+        if let Some(rc) = control.as_mut() {
+            let now = Instant::now();
+            let next = rc.target(now);
+            if next != target {
+                gauge.update(&target, &next);
+                target = next;
+                queue.set_rate(target.pace_bps);
+                targets.send_replace(target);
+                told.maybe_tell(&target, now, &events);
+            }
+        }
+    }
+}
+
+async fn sleep_until(due: Option<Instant>) {
+    if let Some(t) = due {
+        tokio::time::sleep_until(tokio::time::Instant::from_std(t)).await;
+    }
+}
+
+/// When the session last told the page, and what.
+#[derive(Default)]
+struct Told {
+    last: Option<(Instant, Target)>,
+}
+
+impl Told {
+    /// Tell on a level change at once; on an estimate that moved by a fifth, at most once a
+    /// second.
+    fn maybe_tell(&mut self, target: &Target, now: Instant, events: &mpsc::UnboundedSender<ClockEvent>) {
+        let tell = match &self.last {
+            None => true,
+            Some((at, last)) => {
+                let moved = (target.estimate_bps as f64 - last.estimate_bps as f64).abs() > last.estimate_bps as f64 * 0.2;
+                last.level != target.level || (moved && now.saturating_duration_since(*at) >= Duration::from_secs(1))
+            }
+        };
+        if tell {
+            self.last = Some((now, *target));
+            let _ = events.send(ClockEvent::Quality(*target));
+        }
+    }
+}
+
+/// This session's share of the aggregate gauges in `/metrics`; taken back on drop.
+struct QualityGauge {
+    target: Target,
+}
+
+impl QualityGauge {
+    fn new(target: &Target) -> Self {
+        Self::add(target, 1.0);
+        Self { target: *target }
+    }
+
+    fn add(t: &Target, sign: f64) {
+        metrics::gauge!("worker_video_estimate_kbps_sum").increment(sign * t.estimate_bps as f64 / 1000.0);
+        metrics::gauge!("worker_video_bitrate_kbps_sum").increment(sign * t.video_bps as f64 / 1000.0);
+        metrics::gauge!(
+            "worker_video_level_sessions",
+            "fps" => t.level.fps.to_string(),
+            "height" => t.level.height.to_string()
+        )
+        .increment(sign);
+    }
+
+    fn update(&mut self, old: &Target, new: &Target) {
+        if new.level.index != old.level.index {
+            let direction = if new.level.index > old.level.index { "down" } else { "up" };
+            metrics::counter!("worker_video_level_changes_total", "direction" => direction).increment(1);
+        }
+        Self::add(old, -1.0);
+        Self::add(new, 1.0);
+        self.target = *new;
+    }
+}
+
+impl Drop for QualityGauge {
+    fn drop(&mut self) {
+        Self::add(&self.target, -1.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packets_leave_at_the_pacing_rate_with_a_small_burst() {
+        // 1 Mbit/s: a 1,250-byte packet takes 10 ms.
+        let mut q = PacedQueue::new(1_000_000, Duration::from_secs(1));
+        let t0 = Instant::now();
+        q.push((0..10).map(|i| (i, 1250))).expect("fits");
+        assert_eq!(q.pop(t0), Some(0), "the first leaves at once");
+        assert_eq!(q.pop(t0), None, "the next is 10 ms away");
+        assert_eq!(q.next_due(), Some(t0 + Duration::from_millis(5)), "due within the burst allowance");
+        assert_eq!(q.pop(t0 + Duration::from_millis(5)), Some(1));
+        let mut sent = 2;
+        let mut t = t0;
+        while q.pop(t).is_some() || !q.is_empty() {
+            t += Duration::from_millis(1);
+            if q.pop(t).is_some() {
+                sent += 1;
+            }
+            if q.is_empty() {
+                break;
+            }
+        }
+        assert_eq!(sent, 10);
+        let took = t - t0;
+        assert!(
+            took >= Duration::from_millis(80) && took <= Duration::from_millis(95),
+            "ten packets at 1 Mbit/s take about 90 ms, not one burst: {took:?}"
+        );
+    }
+
+    #[test]
+    fn an_idle_queue_banks_no_burst_and_a_rate_change_applies_to_the_next_packet() {
+        let mut q = PacedQueue::new(1_000_000, Duration::from_secs(1));
+        let t0 = Instant::now();
+        q.push([(1, 1250)]).expect("fits");
+        assert_eq!(q.pop(t0), Some(1));
+        // A second later (idle): two packets; the second still waits its 10 ms.
+        let t1 = t0 + Duration::from_secs(1);
+        q.push([(2, 1250), (3, 1250)]).expect("fits");
+        assert_eq!(q.pop(t1), Some(2));
+        assert_eq!(q.pop(t1), None);
+        q.set_rate(100_000);
+        assert_eq!(q.pop(t1 + Duration::from_millis(10)), Some(3));
+        q.push([(4, 1250)]).expect("fits");
+        assert_eq!(q.pop(t1 + Duration::from_millis(20)), None, "100 kbit/s: 100 ms a packet now");
+        assert!(q.pop(t1 + Duration::from_millis(110)).is_some());
+    }
+
+    #[test]
+    fn a_queue_past_its_bound_is_dropped_whole_and_the_new_frame_kept() {
+        // 100 kbit/s and 500 ms: 6,250 bytes at most.
+        let mut q = PacedQueue::new(100_000, Duration::from_millis(500));
+        q.push((0..4).map(|i| (i, 1250))).expect("5,000 bytes fit");
+        assert_eq!(q.push((10..12).map(|i| (i, 1250))), Err(Overflow { dropped: 4 }));
+        assert_eq!(q.len(), 2);
+        assert_eq!(q.pop(Instant::now()), Some(10), "the new frame is what is left");
+        // One frame alone is always queued, however large (a keyframe at a low rate).
+        let mut q = PacedQueue::new(100_000, Duration::from_millis(500));
+        assert!(q.push((0..20).map(|i| (i, 1250))).is_ok());
+    }
+
+    #[test]
+    fn frames_become_rtp_packets_with_the_clock_timestamp_and_one_marker() {
+        let mut p = H264Packetizer::default();
+        // SPS, PPS and an IDR slice of 5,000 bytes: STAP-A for the small ones, FU-A for the slice.
+        let mut au = vec![0, 0, 0, 1, 0x67, 0x42, 0xe0, 0x1f, 0, 0, 0, 1, 0x68, 0xce, 0x3c, 0x80, 0, 0, 0, 1, 0x65];
+        au.extend(std::iter::repeat_n(0x88u8, 5000));
+        let packets = p.packetize(&Bytes::from(au), 3600);
+        assert!(packets.len() >= 5, "{}", packets.len());
+        let ts = packets[0].header.timestamp;
+        assert!(packets.iter().all(|pk| pk.header.timestamp == ts && pk.payload.len() <= RTP_PAYLOAD));
+        assert_eq!(packets.iter().filter(|pk| pk.header.marker).count(), 1);
+        assert!(packets.last().is_some_and(|pk| pk.header.marker));
+        let seqs: Vec<u16> = packets.iter().map(|pk| pk.header.sequence_number).collect();
+        assert!(seqs.windows(2).all(|w| w[1] == w[0].wrapping_add(1)), "consecutive");
+        let next = p.packetize(&Bytes::from_static(&[0, 0, 0, 1, 0x41, 0x9a]), 7200);
+        assert_eq!(next[0].header.sequence_number, seqs[seqs.len() - 1].wrapping_add(1));
+        assert_eq!(next[0].header.timestamp.wrapping_sub(ts), 3600, "one frame at 25 fps later");
+    }
+}
