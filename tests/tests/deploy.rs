@@ -1,4 +1,5 @@
-//! The deployment files: systemd's own checker accepts the units with the built binaries in place.
+//! The deployment files: systemd's own checker accepts the units with the built binaries in place;
+//! the GPU runtime installer resolves pinned, hashed wheels for the CUDA the driver supports.
 
 use std::path::Path;
 
@@ -42,3 +43,134 @@ fn systemd_units_pass_systemd_analyze_verify() {
     assert!(out.status.success(), "systemd-analyze verify failed:\n{report}");
     assert!(report.trim().is_empty(), "systemd-analyze verify warns:\n{report}");
 }
+
+/// `deploy/install-gpu-runtime ARGS --dry-run` with `nvidia_smi` as the host's `nvidia-smi`
+/// (a script printing that driver version, or none): its exit status, stdout and stderr.
+fn gpu_runtime_dry_run(args: &[&str], nvidia_smi: Option<&str>) -> (bool, String, String) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let bin = tempfile::tempdir().expect("tempdir");
+    // The host's own nvidia-smi (a GPU CI machine) must not answer: PATH holds the fake one,
+    // or one that fails as nvidia-smi does without a loaded driver.
+    let script = match nvidia_smi {
+        Some(version) => format!("#!/bin/sh\necho {version}\n"),
+        None => "#!/bin/sh\necho 'NVIDIA-SMI has failed' >&2\nexit 9\n".to_owned(),
+    };
+    let fake = bin.path().join("nvidia-smi");
+    std::fs::write(&fake, script).expect("write");
+    std::process::Command::new("chmod")
+        .arg("+x")
+        .arg(&fake)
+        .status()
+        .expect("chmod");
+    let out = std::process::Command::new(root.join("deploy/install-gpu-runtime"))
+        .args(args)
+        .arg("--dry-run")
+        .arg(bin.path().join("gpu"))
+        .env("PATH", format!("{}:/usr/bin:/bin", bin.path().display()))
+        .output()
+        .expect("deploy/install-gpu-runtime");
+    assert!(!bin.path().join("gpu").exists(), "a dry run writes nothing");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn gpu_runtime_dry_run_names_every_wheel_by_hash_for_cuda_12_and_13() {
+    // (CUDA, its ONNX Runtime, a name only its CUDA libraries have, one only the other's have)
+    for (cuda, onnxruntime, ours, theirs) in [
+        (
+            "12",
+            "onnxruntime_gpu-1.26.",
+            "nvidia_cuda_runtime_cu12-12.",
+            "nvidia_cuda_runtime-13.",
+        ),
+        ("13", "onnxruntime_gpu-1.31.", "nvidia_cuda_runtime-13.", "_cu12-"),
+    ] {
+        let (ok, stdout, stderr) = gpu_runtime_dry_run(&["--cuda", cuda], None);
+        assert!(ok, "--cuda {cuda} --dry-run failed:\n{stderr}");
+        assert!(stdout.starts_with(&format!("# CUDA {cuda}: ")), "{stdout}");
+        let files: Vec<Vec<&str>> = stdout
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert!(files.len() >= 5, "CUDA {cuda}: {stdout}");
+        let mut total = 0u64;
+        for file in &files {
+            let [sha256, size, url] = file[..] else {
+                panic!("CUDA {cuda}: a line is not `sha256 size url`: {file:?}");
+            };
+            assert!(
+                sha256.len() == 64 && sha256.bytes().all(|b| b.is_ascii_hexdigit()),
+                "CUDA {cuda}: {sha256} is not a SHA-256"
+            );
+            total += size.parse::<u64>().expect("size");
+            assert!(
+                url.starts_with("https://files.pythonhosted.org/packages/") && url.ends_with(".whl"),
+                "CUDA {cuda}: {url}"
+            );
+            // Wheels for x86_64 Linux that a glibc 2.31 system (Debian 11, Ubuntu 20.04) can load.
+            assert!(url.contains("x86_64"), "{url}");
+        }
+        assert!(
+            stdout.contains(&format!("{total} bytes")),
+            "the header's total: {stdout}"
+        );
+        let urls: Vec<&str> = files.iter().map(|f| f[2]).collect();
+        assert_eq!(
+            urls.iter().filter(|u| u.contains(onnxruntime)).count(),
+            1,
+            "CUDA {cuda}: one ONNX Runtime wheel: {urls:#?}"
+        );
+        for library in ["cudnn", "cublas", "curand", "cufft", "nvrtc", ours] {
+            assert!(
+                urls.iter().any(|u| u.contains(library)),
+                "CUDA {cuda}: no {library} wheel: {urls:#?}"
+            );
+        }
+        assert!(
+            !urls.iter().any(|u| u.contains(theirs)),
+            "CUDA {cuda} lists the other CUDA's libraries: {urls:#?}"
+        );
+    }
+}
+
+#[test]
+fn gpu_runtime_follows_the_driver_that_nvidia_smi_reports() {
+    for (driver, cuda) in [
+        ("550.54.15", "12"),
+        ("525.60.13", "12"),
+        ("579.9", "12"),
+        ("580.65.06", "13"),
+        ("590.1", "13"),
+    ] {
+        let (ok, stdout, stderr) = gpu_runtime_dry_run(&[], Some(driver));
+        assert!(ok, "driver {driver}: {stderr}");
+        assert!(
+            stdout.starts_with(&format!("# CUDA {cuda}: ")),
+            "driver {driver} must get CUDA {cuda}:\n{stdout}"
+        );
+        assert!(
+            stderr.contains(&format!("CUDA {cuda} for NVIDIA driver {driver}")),
+            "{stderr}"
+        );
+    }
+    // Too old a driver, and none at all: refused, naming what to do.
+    let (ok, _, stderr) = gpu_runtime_dry_run(&[], Some("470.256.02"));
+    assert!(!ok && stderr.contains("older than 525"), "{stderr}");
+    let (ok, _, stderr) = gpu_runtime_dry_run(&[], None);
+    assert!(
+        !ok && stderr.contains("--cuda 12") && stderr.contains("--cuda 13"),
+        "{stderr}"
+    );
+    // An explicit choice wins over the driver, with a warning when the driver is too old for it.
+    let (ok, stdout, stderr) = gpu_runtime_dry_run(&["--cuda", "13"], Some("550.54.15"));
+    assert!(ok && stdout.starts_with("# CUDA 13: "), "{stdout}{stderr}");
+    assert!(stderr.contains("needs NVIDIA driver 580"), "{stderr}");
+    let (ok, _, stderr) = gpu_runtime_dry_run(&["--cuda", "11"], None);
+    assert!(!ok && stderr.contains("12 or 13"), "{stderr}");
+}
+
