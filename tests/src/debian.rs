@@ -116,6 +116,18 @@ impl Root {
         ok(&self.chroot(&args), "apt-get install");
     }
 
+    /// Every package installed in this machine (dpkg's view), by name.
+    pub fn packages(&self) -> std::collections::BTreeSet<String> {
+        let out = self.chroot(&["dpkg-query", "-W", "-f=${Package} ${Status}\n"]);
+        ok(&out, "dpkg-query");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.ends_with(" installed"))
+            .filter_map(|l| l.split_whitespace().next())
+            .map(str::to_owned)
+            .collect()
+    }
+
     /// The installed version of a package.
     pub fn package_version(&self, package: &str) -> String {
         let out = self.chroot(&["dpkg-query", "-W", "-f=${Version}", package]);

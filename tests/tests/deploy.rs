@@ -174,3 +174,44 @@ fn gpu_runtime_follows_the_driver_that_nvidia_smi_reports() {
     assert!(!ok && stderr.contains("12 or 13"), "{stderr}");
 }
 
+/// scripts/install-deps installs coturn for its programs only (the tests start their own
+/// `turnserver` on ports of their own): Debian's coturn service, which would serve an open TURN
+/// relay on port 3478 with the shipped configuration, is left disabled and stopped.
+#[test]
+fn coturn_is_installed_for_the_tests_with_its_service_off() {
+    let status = |args: &[&str]| {
+        std::process::Command::new(args[0])
+            .args(&args[1..])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default()
+    };
+    assert!(
+        !status(&["sh", "-c", "command -v turnserver"]).is_empty(),
+        "turnserver (scripts/install-deps installs coturn)"
+    );
+    // Someone's own coturn (a configuration that is no longer Debian's) is theirs to run.
+    let shipped = status(&["dpkg-query", "-W", "-f=${Conffiles}", "coturn"]);
+    let shipped_md5 = shipped
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("/etc/turnserver.conf "))
+        .unwrap_or("")
+        .trim()
+        .to_owned();
+    let md5 = status(&["md5sum", "/etc/turnserver.conf"]);
+    if shipped_md5.is_empty() || !md5.starts_with(&shipped_md5) {
+        eprintln!("/etc/turnserver.conf is not Debian's: this machine's coturn is configured, not checked");
+        return;
+    }
+    if !status(&["sh", "-c", "command -v systemctl"]).is_empty() {
+        assert_ne!(status(&["systemctl", "is-enabled", "coturn.service"]), "enabled");
+    }
+    if Path::new("/run/systemd/system").exists() {
+        assert_ne!(status(&["systemctl", "is-active", "coturn.service"]), "active");
+    }
+    assert_eq!(
+        status(&["pgrep", "-u", "turnserver", "-x", "turnserver"]),
+        "",
+        "coturn's service runs (as its turnserver user)"
+    );
+}

@@ -5,7 +5,8 @@
 //! its own network namespace behind the documentation-range topology of [`Topology`] (the VPS is
 //! the public side, the GPU box and the browser each behind a NAT). The release's packages are
 //! installed with apt (dependencies from Debian's mirror, before the test's namespace is made,
-//! as on a real machine); the shipped configs, unedited, keep both services from starting and
+//! as on a real machine), and the packages each install adds are listed: no test tool (coturn,
+//! Chromium, podman, pebble, Node), build tool or compiler among them; the shipped configs, unedited, keep both services from starting and
 //! name their REQUIRED keys; then exactly the edits deploy.md shows (its `deploy-test` blocks,
 //! read from the file) are applied, the units are started as systemd would start them (see
 //! [`avatar_edge_tests::debian`]: systemd cannot be PID 1 in this sandbox), and headless Chromium
@@ -107,14 +108,65 @@ fn build_upgrade_packages() {
     }
 }
 
+/// What installing our packages must never bring: test tools (coturn's service would be an open
+/// TURN relay on the VPS, and take port 3478), build tools, compilers.
+fn test_or_build_tool(package: &str) -> bool {
+    const NAMES: &str =
+        "coturn chromium podman pebble nodejs npm ffmpeg debootstrap gcc g++ cpp clang rustc cargo make pkg-config";
+    const PREFIXES: &str = "chromium- node- gcc- g++- cpp- clang- llvm- libclang rustc- cargo-";
+    NAMES.split_whitespace().any(|n| n == package)
+        || PREFIXES.split_whitespace().any(|p| package.starts_with(p))
+        || package.ends_with("-dev")
+}
+
+/// `apt install` of `deb` into `root`: the packages it added, none of them a test or build tool.
+fn install_adding_nothing_else(root: &Root, deb: &Path) -> Vec<String> {
+    let before = root.packages();
+    root.apt_install(&[deb], true);
+    let added: Vec<String> = root.packages().difference(&before).cloned().collect();
+    let unwanted: Vec<&String> = added.iter().filter(|p| test_or_build_tool(p)).collect();
+    assert!(
+        unwanted.is_empty(),
+        "installing {} brought test or build tools: {unwanted:?}\n(all it added: {added:?})",
+        deb.display()
+    );
+    added
+}
+
 /// Outside the test's namespace (apt reaches Debian's mirror): two fresh machines, each with
-/// its package installed, and the next revision of both packages built.
+/// its package installed (adding no test or build tool), and the next revision of both packages
+/// built.
 fn prepare_machines() {
     let started = Instant::now();
     let vps = Root::fresh(&work().join("vps"));
-    vps.apt_install(&[&debian::dist_package("avatar-edge-relay_")], true);
+    let added = install_adding_nothing_else(&vps, &debian::dist_package("avatar-edge-relay_"));
+    eprintln!(
+        "deploy: the relay's package added {} packages: {}",
+        added.len(),
+        added.join(" ")
+    );
     let gpu = Root::fresh(&work().join("gpu"));
-    gpu.apt_install(&[&debian::dist_package("avatar-edge-worker_")], true);
+    let added = install_adding_nothing_else(&gpu, &debian::dist_package("avatar-edge-worker_"));
+    eprintln!(
+        "deploy: the worker's package added {} packages: {}",
+        added.len(),
+        added.join(" ")
+    );
+    // The GPU runtime's installer and its lock come with the package, and resolve offline.
+    for cuda in ["12", "13"] {
+        let out = gpu.chroot(&[
+            "/usr/share/avatar-edge/install-gpu-runtime",
+            "--cuda",
+            cuda,
+            "--dry-run",
+        ]);
+        assert!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).starts_with(&format!("# CUDA {cuda}: ")),
+            "install-gpu-runtime --cuda {cuda} --dry-run in the installed package:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     build_upgrade_packages();
     eprintln!(
         "deploy: two machines installed and packages rebuilt in {:?}",
