@@ -21,6 +21,7 @@ const TEXT = {
     good: 'Good connection', poor: 'Poor connection', relayed: 'Relayed connection',
     connection: 'Connection', rtt: 'Round trip', fps: 'Frames per second', bitrate: 'Bitrate',
     loss: 'Packets lost', jitter: 'Jitter', path: 'Path', speaking: 'Speaking…', unmute: 'Turn sound on',
+    estimate: 'Bandwidth estimate', level: 'Picture sent', lowered: 'lowered for this connection',
     retry: 'Try again', avatar: 'Tutor', conversation: 'Conversation', ask: 'Ask your tutor',
     placeholder: 'Ask your tutor something', send: 'Send', stop: 'Stop', you: 'You', tutor: 'Tutor',
     empty: 'Say hello: type a question below, or press Talk and speak.',
@@ -43,6 +44,7 @@ const TEXT = {
     good: '连接良好', poor: '连接较差', relayed: '中继连接',
     connection: '连接', rtt: '往返时延', fps: '帧率', bitrate: '码率',
     loss: '丢包', jitter: '抖动', path: '路径', speaking: '正在说话…', unmute: '打开声音',
+    estimate: '带宽估计', level: '发送画面', lowered: '已按当前网络降低',
     retry: '重试', avatar: '老师', conversation: '对话', ask: '向老师提问',
     placeholder: '向老师提个问题', send: '发送', stop: '停止', you: '你', tutor: '老师',
     empty: '打个招呼吧：在下面输入问题，或按“说话”直接说。',
@@ -285,6 +287,15 @@ async function start() {
     updateButtons();
   });
   session.on('user_speech_started', () => { $('listening').hidden = false; });
+  // The worker follows this connection's bandwidth; the panel says what it sends now.
+  let best = { fps: 0, width: 0 };
+  session.on('video_quality', (q) => {
+    $('p-estimate').textContent = `${q.estimateKbps} kbit/s`;
+    best = { fps: Math.max(best.fps, q.fps), width: Math.max(best.width, q.width) };
+    const full = q.fps >= best.fps && q.width >= best.width;
+    $('p-level').textContent = `${q.width}×${q.height} at ${q.fps} fps, ${q.bitrateKbps} kbit/s${full ? '' : ` (${t('lowered')})`}`;
+    $('p-level').dataset.lowered = String(!full);
+  });
   session.on('user_speech_ended', () => { $('listening').hidden = true; });
   session.on('user_transcript', ({ text }) => {
     if (text) addTurn('user', text);

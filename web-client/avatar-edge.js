@@ -75,6 +75,15 @@
  */
 
 /**
+ * @typedef {object} VideoQuality
+ * @property {number} estimateKbps The worker's estimate of the path to this viewer (audio included).
+ * @property {number} bitrateKbps The video bitrate it encodes at.
+ * @property {number} fps The frame rate it sends.
+ * @property {number} width
+ * @property {number} height
+ */
+
+/**
  * @typedef {object} EventMap
  * @property {AssistantText} assistant_text
  * @property {{turn: number}} speech_started
@@ -82,6 +91,7 @@
  * @property {{}} user_speech_started The worker heard the user start speaking (voice).
  * @property {{durationMs: number}} user_speech_ended The user stopped; the speech goes to recognition.
  * @property {{text: string, final: boolean}} user_transcript What the user said; its answer follows.
+ * @property {VideoQuality} video_quality What the worker sends as it follows this viewer's bandwidth.
  * @property {boolean} microphone The microphone went on (`true`) or off.
  * @property {SessionError} error
  * @property {SessionState} state
@@ -512,6 +522,15 @@ export class Session {
       case 'user_transcript':
         this.textSentAt = performance.now();
         this.emit('user_transcript', { text: String(msg.text || ''), final: !!msg.final });
+        break;
+      case 'video_quality':
+        this.emit('video_quality', {
+          estimateKbps: Number(msg.estimate_kbps) || 0,
+          bitrateKbps: Number(msg.bitrate_kbps) || 0,
+          fps: Number(msg.fps) || 0,
+          width: Number(msg.width) || 0,
+          height: Number(msg.height) || 0,
+        });
         break;
       case 'error':
         this.onError(msg.code, msg.message || '');

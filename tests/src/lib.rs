@@ -19,6 +19,7 @@ pub mod netns;
 pub mod openai;
 pub mod rtc_client;
 pub mod signaling;
+pub mod slow_link;
 pub mod topology;
 pub mod turnutils;
 

@@ -455,7 +455,13 @@ impl Session {
             ClockEvent::SpeechStarted { turn } => ServerEvent::SpeechStarted { turn },
             ClockEvent::SpeechEnded { turn, interrupted } => ServerEvent::SpeechEnded { turn, interrupted },
             ClockEvent::Quality(t) => {
-                debug!(estimate_kbps = t.estimate_bps / 1000, video_kbps = t.video_bps / 1000, fps = t.level.fps, height = t.level.height, "video quality");
+                debug!(
+                    estimate_kbps = t.estimate_bps / 1000,
+                    video_kbps = t.video_bps / 1000,
+                    fps = t.level.fps,
+                    height = t.level.height,
+                    "video quality"
+                );
                 ServerEvent::VideoQuality {
                     estimate_kbps: t.estimate_bps / 1000,
                     bitrate_kbps: t.video_bps / 1000,
@@ -492,7 +498,13 @@ impl Session {
         let settings = &self.ctx.encoder_settings;
         let cfg = &self.ctx.config.video.adapt;
         let (control, first, min_keyframe_interval) = if cfg.enabled {
-            let mut rc = RateControl::new(cfg, settings.bitrate_kbps, settings.width, settings.height, settings.fps);
+            let mut rc = RateControl::new(
+                cfg,
+                settings.bitrate_kbps,
+                settings.width,
+                settings.height,
+                settings.fps,
+            );
             let first = rc.target(std::time::Instant::now());
             (Some(rc), first, Duration::from_millis(cfg.min_keyframe_interval_ms))
         } else {

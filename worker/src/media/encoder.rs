@@ -200,7 +200,10 @@ pub struct Scaler {
 
 impl Scaler {
     pub fn new(from: (u32, u32), to: (u32, u32)) -> Result<Self, EncodeError> {
-        let err = |source| EncodeError::Ffmpeg { name: "swscale", source };
+        let err = |source| EncodeError::Ffmpeg {
+            name: "swscale",
+            source,
+        };
         let pixel = ffmpeg::format::Pixel::YUV420P;
         let context = ffmpeg::software::scaling::Context::get(
             pixel,
@@ -231,7 +234,10 @@ impl Scaler {
         fill(&mut self.source, picture);
         self.context
             .run(&self.source, &mut self.scaled)
-            .map_err(|source| EncodeError::Ffmpeg { name: "swscale", source })?;
+            .map_err(|source| EncodeError::Ffmpeg {
+                name: "swscale",
+                source,
+            })?;
         Ok(super::avatar::copy_planes(&self.scaled, self.width, self.height))
     }
 }
@@ -307,18 +313,30 @@ mod tests {
         let mut enc = H264Encoder::open("libx264", &s).expect("libx264");
         let bytes = |enc: &mut H264Encoder, from: usize| -> usize {
             (from..from + 25)
-                .map(|i| enc.encode(&clip.frames[i % clip.frames.len()], i as i64, false).map_or(0, |d| d.len()))
+                .map(|i| {
+                    enc.encode(&clip.frames[i % clip.frames.len()], i as i64, false)
+                        .map_or(0, |d| d.len())
+                })
                 .sum()
         };
         let high = bytes(&mut enc, 0);
         enc.set_bitrate(100_000);
         bytes(&mut enc, 25); // x264's rate control settles
         let low = bytes(&mut enc, 50);
-        assert!(low * 3 < high, "a second at 100 kbit/s ({low} B) is far smaller than at 1 Mbit/s ({high} B)");
+        assert!(
+            low * 3 < high,
+            "a second at 100 kbit/s ({low} B) is far smaller than at 1 Mbit/s ({high} B)"
+        );
         let mut scaler = Scaler::new((256, 256), (128, 128)).expect("scaler");
         let half = scaler.scale(&clip.frames[0]).expect("scale");
-        assert_eq!((half.width, half.height, half.y.len(), half.u.len()), (128, 128, 128 * 128, 64 * 64));
-        assert!(scaler.scale(&Yuv420::new(64, 64)).is_err(), "another size is refused, not read out of bounds");
+        assert_eq!(
+            (half.width, half.height, half.y.len(), half.u.len()),
+            (128, 128, 128 * 128, 64 * 64)
+        );
+        assert!(
+            scaler.scale(&Yuv420::new(64, 64)).is_err(),
+            "another size is refused, not read out of bounds"
+        );
     }
 
     #[test]

@@ -7,20 +7,22 @@
 //!
 //! * **Delay**: the receiver estimates what the path carries from how packet delays grow, and
 //!   says so in REMB messages ([`RateControl::on_remb`]); Chromium and aiortc both send them
-//!   when the answer offers `goog-remb` and the packets carry `abs-send-time`.
+//!   when the answer offers `goog-remb` and the packets carry `abs-send-time`. Both measure the
+//!   video stream only (audio has no send time on it), so a REMB is read as what *video* may
+//!   send; it never rises past 1.5 times what arrived, so the loop probes upward by sending.
 //! * **Loss**: every receiver report says what fraction of the video was lost
 //!   ([`RateControl::on_loss`]). Above 10 % the estimate falls by half the loss; below 2 % it
 //!   grows: quickly at the start (slow start, until the first sign of congestion), then by 8 %
 //!   a second, and faster again after a quiet spell, so a path that widens is probed up.
 //!
-//! The estimate is the smaller of the two. Audio comes first: its share
-//! ([`AUDIO_RESERVE_BPS`]) is taken off the top, and video gets 85 % of the rest, so the pacer
-//! (which sends video at the full remainder) drains a keyframe's burst instead of building a
-//! queue in front of the audio.
+//! The video estimate is the smaller of the two. Audio comes first: it is never throttled, and
+//! the loss it sees counts against video. The encoder gets 85 % of the video estimate
+//! ([`VIDEO_SHARE`]) and the pacer sends at the whole of it, so a keyframe's burst drains from
+//! the worker's queue (where audio overtakes it) instead of building one at the bottleneck.
 //!
 //! Below the bitrate that keeps the picture acceptable, the picture degrades in steps
-//! ([`Step`]): first the frame rate (25 → 15 → 10), then the size (512 → 384 → 256), so the
-//! mouth stays readable. A step down is taken at once; a step up only after the bitrate has
+//! ([`Step`]): first the frame rate (25 → 20 → 15 → 10), then the size (512 → 384 → 256), so
+//! the mouth stays readable. A step down is taken at once; a step up only after the bitrate has
 //! stayed 15 % above the next step's threshold for [`UP_HOLD`], one step at a time, so a level
 //! does not flap on a noisy estimate.
 //!
@@ -29,9 +31,9 @@
 use std::time::{Duration, Instant};
 
 /// What one session's audio takes on the path: Opus at 32 kbit/s plus 50 packets a second of
-/// IP, UDP, RTP and SRTP headers.
+/// IP, UDP, RTP and SRTP headers. Reported with the video estimate as the path's estimate.
 pub const AUDIO_RESERVE_BPS: f64 = 56_000.0;
-/// Video's share of what the estimate leaves after audio; the pacer sends at the whole of it.
+/// The encoder's share of the video estimate; the pacer sends at the whole of it.
 pub const VIDEO_SHARE: f64 = 0.85;
 /// How long the bitrate must stay above a higher step before the picture steps up.
 pub const UP_HOLD: Duration = Duration::from_secs(2);
@@ -61,15 +63,17 @@ fn full_scale() -> f32 {
     1.0
 }
 
-/// The ladder's default rungs: 25 fps down to 350 kbit/s, 15 down to 180, 10 down to 120, then
-/// 384 px (at 512) down to 80, and 256 px below.
+/// The ladder's default rungs: 25 fps down to 350 kbit/s of video, 20 down to 220, 15 down to
+/// 150, 10 down to 100, then 384 px (of 512) down to 70, and 256 px below.
 pub fn default_steps() -> Vec<Step> {
+    let step = |min_kbps, fps, scale| Step { min_kbps, fps, scale };
     vec![
-        Step { min_kbps: 350, fps: 25, scale: 1.0 },
-        Step { min_kbps: 180, fps: 15, scale: 1.0 },
-        Step { min_kbps: 120, fps: 10, scale: 1.0 },
-        Step { min_kbps: 80, fps: 10, scale: 0.75 },
-        Step { min_kbps: 0, fps: 10, scale: 0.5 },
+        step(350, 25, 1.0),
+        step(220, 20, 1.0),
+        step(150, 15, 1.0),
+        step(100, 10, 1.0),
+        step(70, 10, 0.75),
+        step(0, 10, 0.5),
     ]
 }
 
@@ -110,7 +114,11 @@ impl AdaptConfig {
         if self.steps.is_empty() {
             return Err("video.adapt.steps: at least one step".into());
         }
-        if let Some(s) = self.steps.iter().find(|s| s.fps == 0 || !(s.scale > 0.1 && s.scale <= 1.0)) {
+        if let Some(s) = self
+            .steps
+            .iter()
+            .find(|s| s.fps == 0 || !(s.scale > 0.1 && s.scale <= 1.0))
+        {
             return Err(format!(
                 "video.adapt.steps: fps must be at least 1 and scale in (0.1, 1] (got fps {}, scale {})",
                 s.fps, s.scale
@@ -153,7 +161,7 @@ impl Target {
     pub fn fixed(bitrate_kbps: u32, fps: u32, width: u32, height: u32) -> Self {
         let video_bps = u64::from(bitrate_kbps) * 1000;
         Self {
-            estimate_bps: video_bps + AUDIO_RESERVE_BPS as u64,
+            estimate_bps: video_bps * 2 + AUDIO_RESERVE_BPS as u64,
             video_bps,
             // Twice the bitrate: a keyframe leaves within a few frames, never in one burst.
             pace_bps: video_bps * 2,
@@ -177,7 +185,9 @@ pub struct RateControl {
     width: u32,
     height: u32,
     fps: u32,
+    /// The loss-based video estimate, bits per second.
     loss_based: f64,
+    /// The receiver's video estimate.
     remb: Option<f64>,
     slow_start: bool,
     last_congestion: Option<Instant>,
@@ -202,7 +212,7 @@ impl RateControl {
                 scale: 1.0,
             });
         }
-        steps.sort_by(|a, b| b.min_kbps.cmp(&a.min_kbps));
+        steps.sort_by_key(|s| std::cmp::Reverse(s.min_kbps));
         // The last step takes whatever is left.
         if let Some(last) = steps.last_mut() {
             last.min_kbps = 0;
@@ -217,7 +227,7 @@ impl RateControl {
             width,
             height,
             fps: fps.max(1),
-            loss_based: start_video / VIDEO_SHARE + AUDIO_RESERVE_BPS,
+            loss_based: start_video / VIDEO_SHARE,
             remb: None,
             slow_start: true,
             last_congestion: None,
@@ -268,8 +278,8 @@ impl RateControl {
             let grown = self.loss_based * growth.powf(secs);
             self.loss_based = grown.max(self.loss_based + MIN_GROWTH_BPS * secs);
         }
-        let ceiling = self.max_bps / VIDEO_SHARE + AUDIO_RESERVE_BPS;
-        let floor = self.min_bps / VIDEO_SHARE + AUDIO_RESERVE_BPS;
+        let ceiling = self.max_bps / VIDEO_SHARE;
+        let floor = self.min_bps / VIDEO_SHARE;
         self.loss_based = self.loss_based.clamp(floor, ceiling);
     }
 
@@ -278,13 +288,13 @@ impl RateControl {
         self.last_congestion = Some(now);
     }
 
-    /// The path's estimate: the smaller of the two halves.
+    /// What video may send: the smaller of the two halves.
     fn estimate(&self) -> f64 {
         self.remb.map_or(self.loss_based, |r| r.min(self.loss_based))
     }
 
     fn video_bps(&self, estimate: f64) -> f64 {
-        ((estimate - AUDIO_RESERVE_BPS) * VIDEO_SHARE).clamp(self.min_bps, self.max_bps)
+        (estimate * VIDEO_SHARE).round().clamp(self.min_bps, self.max_bps)
     }
 
     /// The highest step the video bitrate reaches.
@@ -320,9 +330,9 @@ impl RateControl {
             self.up_since = None;
         }
         Target {
-            estimate_bps: estimate as u64,
+            estimate_bps: (estimate + AUDIO_RESERVE_BPS).round() as u64,
             video_bps: video as u64,
-            pace_bps: ((estimate - AUDIO_RESERVE_BPS).max(self.min_bps) as u64).max(video as u64),
+            pace_bps: (estimate.round() as u64).max(video as u64),
             level: self.level(),
         }
     }
@@ -345,7 +355,10 @@ mod tests {
     use super::*;
 
     fn controller() -> (RateControl, Instant) {
-        (RateControl::new(&AdaptConfig::default(), 2000, 512, 512, 25), Instant::now())
+        (
+            RateControl::new(&AdaptConfig::default(), 2000, 512, 512, 25),
+            Instant::now(),
+        )
     }
 
     /// Receiver reports every `every` with `loss`, and REMB `remb` (if any), for `secs`.
@@ -379,31 +392,30 @@ mod tests {
     fn falls_within_a_second_when_the_receiver_reports_a_narrow_path() {
         let (mut rc, mut t) = controller();
         feed(&mut rc, &mut t, 5, 0.0, None);
-        // The path narrows to 400 kbit/s: the receiver's REMB says about 340.
+        // The path narrows to 400 kbit/s: the receiver's REMB for video says about 300.
         t += Duration::from_millis(200);
-        rc.on_remb(340_000, t);
+        rc.on_remb(300_000, t);
         let now = rc.target(t);
-        assert_eq!(now.estimate_bps, 340_000);
-        let video = ((340_000.0 - AUDIO_RESERVE_BPS) * VIDEO_SHARE) as u64;
-        assert_eq!(now.video_bps, video);
-        assert_eq!(now.level.fps, 15, "below 350 kbit/s of video: 15 fps");
-        assert_eq!(now.level.width, 512, "the size holds at 15 fps");
-        assert!(now.pace_bps > now.video_bps && now.pace_bps + 56_000 <= 340_000);
+        assert_eq!(now.estimate_bps, 356_000, "video's estimate plus audio's share");
+        assert_eq!(now.video_bps, 255_000, "85 % of it for the encoder");
+        assert_eq!(now.pace_bps, 300_000, "the pacer sends at the whole of it");
+        assert_eq!(now.level.fps, 20, "below 350 kbit/s of video: 20 fps");
+        assert_eq!(now.level.width, 512, "the size holds while the frame rate steps");
     }
 
     #[test]
     fn heavy_loss_cuts_the_estimate_and_light_loss_holds_it() {
         let (mut rc, mut t) = controller();
-        let before = rc.target(t).estimate_bps;
+        let before = rc.target(t).video_bps;
         t += Duration::from_millis(500);
         rc.on_loss(0.05, t);
-        assert_eq!(rc.target(t).estimate_bps, before, "2-10 %: hold");
+        assert_eq!(rc.target(t).video_bps, before, "2-10 %: hold");
         t += Duration::from_millis(500);
         rc.on_loss(0.4, t);
-        assert_eq!(rc.target(t).estimate_bps, (before as f64 * 0.8) as u64, "40 % loss: minus 20 %");
+        assert_eq!(rc.target(t).video_bps, before * 8 / 10, "40 % loss: minus 20 %");
         // After congestion, growth is 8 % a second, not slow start.
-        let t0 = rc.target(t).estimate_bps as f64;
-        let grown = feed(&mut rc, &mut t, 1, 0.0, None).estimate_bps as f64;
+        let t0 = rc.target(t).video_bps as f64;
+        let grown = feed(&mut rc, &mut t, 1, 0.0, None).video_bps as f64;
         assert!(grown <= t0 * 1.09 && grown > t0, "{t0} -> {grown}");
     }
 
@@ -411,12 +423,12 @@ mod tests {
     fn steps_down_at_once_and_up_one_step_at_a_time_after_a_hold() {
         let (mut rc, mut t) = controller();
         feed(&mut rc, &mut t, 5, 0.0, None);
-        // 200 kbit/s path: about 110 kbit/s of video: 10 fps at 384 px.
-        let low = feed(&mut rc, &mut t, 1, 0.0, Some(185_000));
+        // 200 kbit/s path: a REMB of 110 kbit/s, 94 for the encoder: 10 fps at 384 px.
+        let low = feed(&mut rc, &mut t, 1, 0.0, Some(110_000));
         assert_eq!((low.level.fps, low.level.width, low.level.height), (10, 384, 384));
         // The path widens: REMB 2 Mbit/s. Each step needs its hold, one at a time.
         let mut seen = vec![low.level.index];
-        for _ in 0..60 {
+        for _ in 0..80 {
             t += Duration::from_millis(250);
             rc.on_remb(3_000_000, t);
             rc.on_loss(0.0, t);
@@ -425,7 +437,7 @@ mod tests {
                 seen.push(level);
             }
         }
-        assert_eq!(seen, [3, 2, 1, 0], "one step at a time");
+        assert_eq!(seen, [4, 3, 2, 1, 0], "one step at a time");
     }
 
     #[test]
@@ -434,11 +446,13 @@ mod tests {
         feed(&mut rc, &mut t, 5, 0.0, None);
         feed(&mut rc, &mut t, 1, 0.0, Some(300_000));
         let level = rc.target(t).level.index;
+        assert_eq!(level, 1);
         let mut changes = 0;
         for i in 0..40 {
             t += Duration::from_millis(250);
             // Alternating above and below the 25 fps threshold every quarter second.
-            rc.on_remb(if i % 2 == 0 { 560_000 } else { 300_000 }, t);
+            rc.on_remb(if i % 2 == 0 { 600_000 } else { 300_000 }, t);
+            rc.on_loss(0.0, t);
             if rc.target(t).level.index != level {
                 changes += 1;
             }
@@ -454,7 +468,7 @@ mod tests {
         };
         let mut rc = RateControl::new(&cfg, 2000, 512, 512, 25);
         let mut t = Instant::now();
-        let low = feed(&mut rc, &mut t, 2, 0.0, Some(100_000));
+        let low = feed(&mut rc, &mut t, 2, 0.0, Some(50_000));
         assert_eq!((low.level.fps, low.level.width), (10, 512));
         assert_eq!(low.video_bps, 60_000, "never below min_kbps");
     }

@@ -122,7 +122,10 @@ impl<T> PacedQueue<T> {
         if self.items.is_empty() {
             return None;
         }
-        Some(self.next.map_or_else(Instant::now, |t| t.checked_sub(BURST).unwrap_or(t)))
+        Some(
+            self.next
+                .map_or_else(Instant::now, |t| t.checked_sub(BURST).unwrap_or(t)),
+        )
     }
 }
 
@@ -296,7 +299,8 @@ impl Told {
         let tell = match &self.last {
             None => true,
             Some((at, last)) => {
-                let moved = (target.estimate_bps as f64 - last.estimate_bps as f64).abs() > last.estimate_bps as f64 * 0.2;
+                let moved =
+                    (target.estimate_bps as f64 - last.estimate_bps as f64).abs() > last.estimate_bps as f64 * 0.2;
                 last.level != target.level || (moved && now.saturating_duration_since(*at) >= Duration::from_secs(1))
             }
         };
@@ -331,7 +335,11 @@ impl QualityGauge {
 
     fn update(&mut self, old: &Target, new: &Target) {
         if new.level.index != old.level.index {
-            let direction = if new.level.index > old.level.index { "down" } else { "up" };
+            let direction = if new.level.index > old.level.index {
+                "down"
+            } else {
+                "up"
+            };
             metrics::counter!("worker_video_level_changes_total", "direction" => direction).increment(1);
         }
         Self::add(old, -1.0);
@@ -358,7 +366,11 @@ mod tests {
         q.push((0..10).map(|i| (i, 1250))).expect("fits");
         assert_eq!(q.pop(t0), Some(0), "the first leaves at once");
         assert_eq!(q.pop(t0), None, "the next is 10 ms away");
-        assert_eq!(q.next_due(), Some(t0 + Duration::from_millis(5)), "due within the burst allowance");
+        assert_eq!(
+            q.next_due(),
+            Some(t0 + Duration::from_millis(5)),
+            "due within the burst allowance"
+        );
         assert_eq!(q.pop(t0 + Duration::from_millis(5)), Some(1));
         let mut sent = 2;
         let mut t = t0;
@@ -393,7 +405,11 @@ mod tests {
         q.set_rate(100_000);
         assert_eq!(q.pop(t1 + Duration::from_millis(10)), Some(3));
         q.push([(4, 1250)]).expect("fits");
-        assert_eq!(q.pop(t1 + Duration::from_millis(20)), None, "100 kbit/s: 100 ms a packet now");
+        assert_eq!(
+            q.pop(t1 + Duration::from_millis(20)),
+            None,
+            "100 kbit/s: 100 ms a packet now"
+        );
         assert!(q.pop(t1 + Duration::from_millis(110)).is_some());
     }
 
@@ -414,18 +430,26 @@ mod tests {
     fn frames_become_rtp_packets_with_the_clock_timestamp_and_one_marker() {
         let mut p = H264Packetizer::default();
         // SPS, PPS and an IDR slice of 5,000 bytes: STAP-A for the small ones, FU-A for the slice.
-        let mut au = vec![0, 0, 0, 1, 0x67, 0x42, 0xe0, 0x1f, 0, 0, 0, 1, 0x68, 0xce, 0x3c, 0x80, 0, 0, 0, 1, 0x65];
+        let mut au = vec![
+            0, 0, 0, 1, 0x67, 0x42, 0xe0, 0x1f, 0, 0, 0, 1, 0x68, 0xce, 0x3c, 0x80, 0, 0, 0, 1, 0x65,
+        ];
         au.extend(std::iter::repeat_n(0x88u8, 5000));
         let packets = p.packetize(&Bytes::from(au), 3600);
         assert!(packets.len() >= 5, "{}", packets.len());
         let ts = packets[0].header.timestamp;
-        assert!(packets.iter().all(|pk| pk.header.timestamp == ts && pk.payload.len() <= RTP_PAYLOAD));
+        assert!(packets
+            .iter()
+            .all(|pk| pk.header.timestamp == ts && pk.payload.len() <= RTP_PAYLOAD));
         assert_eq!(packets.iter().filter(|pk| pk.header.marker).count(), 1);
         assert!(packets.last().is_some_and(|pk| pk.header.marker));
         let seqs: Vec<u16> = packets.iter().map(|pk| pk.header.sequence_number).collect();
         assert!(seqs.windows(2).all(|w| w[1] == w[0].wrapping_add(1)), "consecutive");
         let next = p.packetize(&Bytes::from_static(&[0, 0, 0, 1, 0x41, 0x9a]), 7200);
         assert_eq!(next[0].header.sequence_number, seqs[seqs.len() - 1].wrapping_add(1));
-        assert_eq!(next[0].header.timestamp.wrapping_sub(ts), 3600, "one frame at 25 fps later");
+        assert_eq!(
+            next[0].header.timestamp.wrapping_sub(ts),
+            3600,
+            "one frame at 25 fps later"
+        );
     }
 }

@@ -79,8 +79,13 @@ pub struct TalkUnit {
 /// What the clock tells the session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClockEvent {
-    SpeechStarted { turn: u64 },
-    SpeechEnded { turn: u64, interrupted: bool },
+    SpeechStarted {
+        turn: u64,
+    },
+    SpeechEnded {
+        turn: u64,
+        interrupted: bool,
+    },
     /// The video's level or the viewer's estimated bandwidth changed (from [`super::send`]).
     Quality(Target),
 }
@@ -472,7 +477,12 @@ impl Clock<'_> {
             if encoding.needs_reopen(&target) {
                 match Encoding::open(encoder_name, self.settings, target) {
                     Ok(e) => {
-                        debug!(fps = target.level.fps, width = target.level.width, kbps = target.video_bps / 1000, "video level");
+                        debug!(
+                            fps = target.level.fps,
+                            width = target.level.width,
+                            kbps = target.video_bps / 1000,
+                            "video level"
+                        );
                         encoding = e;
                         last_keyframe = Some(Instant::now()); // a new encoder starts with one
                     }
@@ -484,7 +494,8 @@ impl Clock<'_> {
             }
             let shown = encoding.shows(self.settings.fps);
             let now = Instant::now();
-            let may_key = last_keyframe.is_none_or(|t| now.saturating_duration_since(t) >= self.adapt.min_keyframe_interval);
+            let may_key =
+                last_keyframe.is_none_or(|t| now.saturating_duration_since(t) >= self.adapt.min_keyframe_interval);
             let force = shown && (tick.pts == 0 || (may_key && self.keyframe.swap(false, Ordering::AcqRel)));
             if force {
                 last_keyframe = Some(now);

@@ -1,0 +1,223 @@
+//! A viewer behind a slow link: a second network namespace joined to the test's own by a veth
+//! pair, the link from the server's side limited by `tc tbf`, and an independent WebRTC viewer
+//! (aiortc, `tests/py/webrtc_probe.py`) in it.
+//!
+//! ```text
+//!  test namespace (relay, worker)                    viewer namespace (aiortc probe)
+//!  ae-s0 198.51.100.1/24  ──── tbf on egress ────▶  ae-s1 198.51.100.2/24
+//! ```
+//!
+//! The shaping is on what the server sends, as a slow downlink to a phone or a school is. The
+//! probe's report ([`Report`]) is reduced here to what a viewer notices: frames a second, the
+//! first frame, the delay from a question to the first sound of its answer, gaps in the audio,
+//! and freezes.
+
+use crate::netns::{self, ChildNs};
+use serde_json::Value;
+use std::path::PathBuf;
+use std::process::Command;
+
+/// The server side's end of the link.
+pub const SERVER_DEV: &str = "ae-s0";
+pub const SERVER_IP: &str = "198.51.100.1";
+pub const VIEWER_IP: &str = "198.51.100.2";
+/// Audio at least this loud (RMS, 0..1) counts as the answer's voice; silence decodes to 0.
+pub const LOUD: f64 = 0.01;
+
+/// The viewer's namespace and the link to it.
+pub struct SlowLink {
+    pub viewer: ChildNs,
+}
+
+impl SlowLink {
+    /// Make the link (unlimited); call inside a test's own namespace.
+    pub fn new() -> Self {
+        netns::sh(&format!(
+            "ip link add {SERVER_DEV} type veth peer name ae-s1 && ip addr add {SERVER_IP}/24 dev {SERVER_DEV} && ip link set {SERVER_DEV} up"
+        ));
+        let viewer = ChildNs::new();
+        netns::sh(&format!("ip link set ae-s1 netns {}", viewer.pid()));
+        viewer.sh(&format!("ip addr add {VIEWER_IP}/24 dev ae-s1 && ip link set ae-s1 up"));
+        Self { viewer }
+    }
+
+    /// Limit what the server sends to `kbit` kbit/s (`None`: unlimited), at once, mid-session
+    /// too. The bucket holds 300 ms of the rate (at least 8 KiB); the queue, 200 ms.
+    pub fn limit(&self, kbit: Option<u32>) {
+        match kbit {
+            None => {
+                let _ = Command::new("tc")
+                    .args(["qdisc", "del", "dev", SERVER_DEV, "root"])
+                    .status();
+            }
+            Some(k) => {
+                let burst = (k as usize * 1000 / 8 * 3 / 10).max(8192);
+                netns::sh(&format!(
+                    "tc qdisc replace dev {SERVER_DEV} root tbf rate {k}kbit burst {burst} latency 200ms"
+                ));
+            }
+        }
+    }
+
+    /// Run the probe against `ws_url` for `seconds`, asking a question at `text_at` seconds.
+    /// Blocking: call from `spawn_blocking`.
+    pub fn probe(&self, ws_url: &str, seconds: f64, text_at: Option<f64>) -> Report {
+        run_probe(Some(self.viewer.pid()), ws_url, seconds, text_at)
+    }
+}
+
+impl Default for SlowLink {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The Python with aiortc (scripts/install-deps).
+pub fn python() -> PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/rtcpy/bin/python")
+}
+
+pub fn script(name: &str) -> PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("py").join(name)
+}
+
+/// Run the aiortc probe (in namespace `netns` if given) and parse its report.
+pub fn run_probe(netns: Option<u32>, ws_url: &str, seconds: f64, text_at: Option<f64>) -> Report {
+    let mut cmd = match netns {
+        Some(pid) => {
+            let mut c = Command::new("nsenter");
+            c.args(["-t", &pid.to_string(), "-n", "--"]).arg(python());
+            c
+        }
+        None => Command::new(python()),
+    };
+    cmd.arg(script("webrtc_probe.py"))
+        .args(["--ws", ws_url, "--seconds", &seconds.to_string()]);
+    if let Some(t) = text_at {
+        cmd.args(["--text-at", &t.to_string()]);
+    }
+    let out = cmd
+        .output()
+        .expect("run the aiortc probe (scripts/install-deps makes .tools/rtcpy)");
+    assert!(
+        out.status.success(),
+        "probe failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "probe output is not JSON: {e}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    Report::from_json(&v)
+}
+
+/// What the viewer got.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub connected_at: f64,
+    pub answer_at: Option<f64>,
+    /// (arrival, width, height) of each decoded frame.
+    pub frames: Vec<(f64, u32, u32)>,
+    /// (arrival, RMS) of each decoded audio frame.
+    pub audio: Vec<(f64, f64)>,
+    pub text_sent_at: Option<f64>,
+    /// (arrival, event) of each signaling event.
+    pub events: Vec<(f64, Value)>,
+}
+
+impl Report {
+    fn from_json(v: &Value) -> Self {
+        let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+        let rows = |key: &str| v[key].as_array().cloned().unwrap_or_default();
+        Self {
+            connected_at: f(&v["connected_at"]),
+            answer_at: v["answer_at"].as_f64(),
+            frames: rows("video")
+                .iter()
+                .map(|r| {
+                    (
+                        f(&r[0]),
+                        r[1].as_u64().unwrap_or(0) as u32,
+                        r[2].as_u64().unwrap_or(0) as u32,
+                    )
+                })
+                .collect(),
+            audio: rows("audio").iter().map(|r| (f(&r[0]), f(&r[1]))).collect(),
+            text_sent_at: v["text_sent_at"].as_f64(),
+            events: rows("events").iter().map(|r| (f(&r[0]), r[1].clone())).collect(),
+        }
+    }
+
+    /// Frames a second received between `from` and `to` (probe seconds).
+    pub fn fps(&self, from: f64, to: f64) -> f64 {
+        let n = self.frames.iter().filter(|(t, ..)| *t >= from && *t < to).count();
+        n as f64 / (to - from)
+    }
+
+    /// The first frame, seconds after the signaling connection opened.
+    pub fn first_frame(&self) -> Option<f64> {
+        self.frames.first().map(|(t, ..)| t - self.connected_at)
+    }
+
+    /// Question to the first loud audio of its answer, in seconds.
+    pub fn answer_delay(&self) -> Option<f64> {
+        let sent = self.text_sent_at?;
+        self.audio
+            .iter()
+            .find(|(t, rms)| *t > sent && *rms >= LOUD)
+            .map(|(t, _)| t - sent)
+    }
+
+    /// The longest gap between audio frames after `from` (decoded frames are 20 ms apart).
+    pub fn max_audio_gap(&self, from: f64) -> f64 {
+        self.audio
+            .iter()
+            .filter(|(t, _)| *t >= from)
+            .collect::<Vec<_>>()
+            .windows(2)
+            .map(|w| w[1].0 - w[0].0)
+            .fold(0.0, f64::max)
+    }
+
+    /// Seconds of freeze after `from`: the sum of the gaps between frames longer than 200 ms.
+    pub fn freeze(&self, from: f64) -> f64 {
+        self.frames
+            .iter()
+            .filter(|(t, ..)| *t >= from)
+            .collect::<Vec<_>>()
+            .windows(2)
+            .map(|w| w[1].0 - w[0].0)
+            .filter(|gap| *gap > 0.2)
+            .sum()
+    }
+
+    /// The `video_quality` events, in order.
+    pub fn qualities(&self) -> Vec<(f64, Value)> {
+        self.events
+            .iter()
+            .filter(|(_, e)| e["type"] == "video_quality")
+            .cloned()
+            .collect()
+    }
+
+    /// A one-line summary for failure messages and logs.
+    pub fn summary(&self, from: f64, to: f64) -> String {
+        let last = self
+            .frames
+            .last()
+            .map(|(_, w, h)| format!("{w}x{h}"))
+            .unwrap_or_default();
+        format!(
+            "fps {:.1}, first frame {:?} s, answer delay {:?} s, max audio gap {:.3} s, freeze {:.2} s, last size {last}, quality {:?}",
+            self.fps(from, to),
+            self.first_frame(),
+            self.answer_delay(),
+            self.max_audio_gap(from),
+            self.freeze(from),
+            self.qualities().last().map(|(_, e)| e.to_string())
+        )
+    }
+}

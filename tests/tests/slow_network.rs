@@ -1,0 +1,123 @@
+//! Slow networks (issue 33): the stream follows the viewer's bandwidth.
+//!
+//! Real relay and worker processes in the test's namespace; an independent viewer (aiortc, which
+//! sends REMB and receiver reports as browsers do) in a second namespace behind a veth link that
+//! `tc tbf` limits (see `slow_link`). At 1 Mbit/s and 400 kbit/s the viewer must get at least 20
+//! and 15 frames a second, the first frame within a second, and the answer to a question heard
+//! within 500 ms; when the link drops mid-session, the frame rate recovers within 2 s and the
+//! audio never gaps more than 200 ms.
+
+use avatar_edge_tests::cluster::Cluster;
+use avatar_edge_tests::netns;
+use avatar_edge_tests::slow_link::{Report, SlowLink, SERVER_IP};
+use std::sync::Arc;
+
+async fn cluster() -> Cluster {
+    let mut cluster = Cluster::relay_on(SERVER_IP, "", false, "self_signed = true").await;
+    cluster.add_worker("slow-worker", 2, "").await;
+    cluster
+}
+
+/// Probe for `seconds`, asking a question at `text_at`, with `during` run alongside (after
+/// `during_at` seconds) on the link.
+async fn probe(link: &Arc<SlowLink>, cluster: &Cluster, session: &str, seconds: f64, text_at: f64) -> Report {
+    let (link, ws) = (Arc::clone(link), cluster.ws_url(session));
+    tokio::task::spawn_blocking(move || link.probe(&ws, seconds, Some(text_at)))
+        .await
+        .expect("probe task")
+}
+
+fn check_limited(kbit: u32, min_fps: f64, report: &Report, cluster: &Cluster) {
+    let summary = report.summary(3.0, 12.0);
+    eprintln!("{kbit} kbit/s: {summary}");
+    for (t, q) in report.qualities() {
+        eprintln!("  {t:.2}: {q}");
+    }
+    for (t, e) in report
+        .events
+        .iter()
+        .filter(|(_, e)| e["type"] != "video_quality" && e["type"] != "webrtc_answer")
+    {
+        eprintln!("  {t:.2}: {e}");
+    }
+    let fail = |what: &str| panic!("{kbit} kbit/s: {what}: {summary}\n{}", cluster.logs());
+    if report.first_frame().is_none_or(|t| t > 1.0) {
+        fail("first frame not within 1 s");
+    }
+    if report.fps(3.0, 12.0) < min_fps {
+        fail(&format!("fewer than {min_fps} fps"));
+    }
+    if report.answer_delay().is_none_or(|d| d > 0.5) {
+        fail("answer not heard within 500 ms");
+    }
+    if report.qualities().is_empty() {
+        fail("no video_quality event");
+    }
+}
+
+#[test]
+fn at_one_megabit_the_picture_keeps_20_fps_and_the_answer_is_heard_at_once() {
+    netns::run(
+        "at_one_megabit_the_picture_keeps_20_fps_and_the_answer_is_heard_at_once",
+        || async {
+            let link = Arc::new(SlowLink::new());
+            link.limit(Some(1000));
+            let cluster = cluster().await;
+            let report = probe(&link, &cluster, "slow-1m", 12.0, 7.0).await;
+            check_limited(1000, 20.0, &report, &cluster);
+        },
+    );
+}
+
+#[test]
+fn at_400_kilobits_the_picture_keeps_15_fps_and_the_answer_is_heard_at_once() {
+    netns::run(
+        "at_400_kilobits_the_picture_keeps_15_fps_and_the_answer_is_heard_at_once",
+        || async {
+            let link = Arc::new(SlowLink::new());
+            link.limit(Some(400));
+            let cluster = cluster().await;
+            let report = probe(&link, &cluster, "slow-400k", 12.0, 7.0).await;
+            check_limited(400, 15.0, &report, &cluster);
+            // The worker said what it sends: a lowered level, and a bitrate under the link.
+            let (_, last) = report.qualities().pop().expect("quality");
+            assert!(last["bitrate_kbps"].as_u64().is_some_and(|k| k < 400), "{last}");
+            assert!(last["fps"].as_u64().is_some_and(|f| f < 25), "{last}");
+        },
+    );
+}
+
+#[test]
+fn a_drop_mid_session_recovers_the_frame_rate_within_two_seconds_without_audio_gaps() {
+    netns::run(
+        "a_drop_mid_session_recovers_the_frame_rate_within_two_seconds_without_audio_gaps",
+        || async {
+            let link = Arc::new(SlowLink::new());
+            let cluster = cluster().await;
+            let dropper = Arc::clone(&link);
+            // Unlimited for 6 s (probe time, near enough: the probe starts at once), then 500 kbit/s.
+            let drop = tokio::spawn(async move {
+                tokio::time::sleep(std::time::Duration::from_secs(6)).await;
+                dropper.limit(Some(500));
+            });
+            let report = probe(&link, &cluster, "slow-drop", 14.0, 11.0).await;
+            drop.await.expect("drop task");
+            let summary = report.summary(8.0, 14.0);
+            eprintln!("drop to 500 kbit/s: {summary}");
+            let fail = |what: &str| panic!("drop: {what}: {summary}\n{}", cluster.logs());
+            if report.fps(2.0, 6.0) < 23.0 {
+                fail("not 25 fps before the drop");
+            }
+            // Recovered within 2 s of the drop: the frame rate from then on.
+            if report.fps(8.0, 14.0) < 15.0 {
+                fail("frame rate not recovered within 2 s");
+            }
+            if report.max_audio_gap(2.0) > 0.2 {
+                fail("audio gapped more than 200 ms");
+            }
+            if report.answer_delay().is_none_or(|d| d > 0.5) {
+                fail("answer not heard within 500 ms after the drop");
+            }
+        },
+    );
+}
