@@ -288,11 +288,9 @@ async function start() {
   });
   session.on('user_speech_started', () => { $('listening').hidden = false; });
   // The worker follows this connection's bandwidth; the panel says what it sends now.
-  let best = { fps: 0, width: 0 };
   session.on('video_quality', (q) => {
     $('p-estimate').textContent = `${q.estimateKbps} kbit/s`;
-    best = { fps: Math.max(best.fps, q.fps), width: Math.max(best.width, q.width) };
-    const full = q.fps >= best.fps && q.width >= best.width;
+    const full = q.level === 0 && q.bitrateKbps >= 0.9 * q.maxBitrateKbps;
     $('p-level').textContent = `${q.width}×${q.height} at ${q.fps} fps, ${q.bitrateKbps} kbit/s${full ? '' : ` (${t('lowered')})`}`;
     $('p-level').dataset.lowered = String(!full);
   });

@@ -78,6 +78,8 @@
  * @typedef {object} VideoQuality
  * @property {number} estimateKbps The worker's estimate of the path to this viewer (audio included).
  * @property {number} bitrateKbps The video bitrate it encodes at.
+ * @property {number} maxBitrateKbps The bitrate it would use on a path with room to spare.
+ * @property {number} level 0: the best picture; higher: fewer frames a second, then a smaller picture.
  * @property {number} fps The frame rate it sends.
  * @property {number} width
  * @property {number} height
@@ -527,6 +529,8 @@ export class Session {
         this.emit('video_quality', {
           estimateKbps: Number(msg.estimate_kbps) || 0,
           bitrateKbps: Number(msg.bitrate_kbps) || 0,
+          maxBitrateKbps: Number(msg.max_bitrate_kbps) || 0,
+          level: Number(msg.level) || 0,
           fps: Number(msg.fps) || 0,
           width: Number(msg.width) || 0,
           height: Number(msg.height) || 0,

@@ -293,12 +293,15 @@ pub enum ServerEvent {
         is_final: bool,
     },
     /// The video as it follows the viewer's bandwidth: the worker's estimate of the path
-    /// (`estimate_kbps`, audio included), the encoder's bitrate, and the level it sends
-    /// (`fps`, `width`×`height`). Sent when the stream starts, when the level changes, and at most
-    /// once a second while the estimate moves by more than a fifth.
+    /// (`estimate_kbps`, audio included), the encoder's bitrate and its ceiling
+    /// (`max_bitrate_kbps`), and the level it sends (`level` 0 is the best step; `fps`,
+    /// `width`×`height`). Sent when the stream starts, when the level changes, and at most once a
+    /// second while the estimate moves by more than a fifth.
     VideoQuality {
         estimate_kbps: u64,
         bitrate_kbps: u64,
+        max_bitrate_kbps: u64,
+        level: u32,
         fps: u32,
         width: u32,
         height: u32,

@@ -59,6 +59,15 @@ impl SlowLink {
         }
     }
 
+    /// As [`SlowLink::limit`], on what the viewer's side sends (a worker placed there, behind the
+    /// link, sends its media through this limit).
+    pub fn limit_far(&self, kbit: u32) {
+        let burst = (kbit as usize * 1000 / 8 * 3 / 10).max(8192);
+        self.viewer.sh(&format!(
+            "tc qdisc replace dev ae-s1 root tbf rate {kbit}kbit burst {burst} latency 200ms"
+        ));
+    }
+
     /// Run the probe against `ws_url` for `seconds`, asking a question at `text_at` seconds.
     /// Blocking: call from `spawn_blocking`.
     pub fn probe(&self, ws_url: &str, seconds: f64, text_at: Option<f64>) -> Report {

@@ -121,3 +121,96 @@ fn a_drop_mid_session_recovers_the_frame_rate_within_two_seconds_without_audio_g
         },
     );
 }
+
+/// The customer-facing page in real Chromium, with the worker behind a 1 Mbit/s link (the
+/// worker in the far namespace, the relay and Chromium here, so that Chromium's DevTools port
+/// stays on this namespace's loopback): the connection panel shows the lowered level, the picture
+/// keeps moving, and the answer arrives.
+#[test]
+fn chromium_on_the_page_under_one_megabit_shows_the_lowered_level_and_gets_the_answer() {
+    netns::run(
+        "chromium_on_the_page_under_one_megabit_shows_the_lowered_level_and_gets_the_answer",
+        || async {
+            use avatar_edge_tests::cdp::Chromium;
+            use avatar_edge_tests::cluster::SECRET;
+            use std::time::Duration;
+            let link = SlowLink::new();
+            link.limit_far(1000);
+            let mut cluster = Cluster::relay_on(SERVER_IP, "", false, "self_signed = true").await;
+            let trust = format!("fingerprint = \"{}\"", cluster.relay.fingerprint);
+            let log = cluster.spawn_worker_in(Some(link.viewer.pid()), "far-worker", 2, SECRET, &trust, "");
+            cluster
+                .wait_for_log(&log, "registered with relay", Duration::from_secs(15))
+                .await;
+            let url = format!("http://{}/?autoconnect=1&avatar=avatar_tutor_13", cluster.relay.http);
+            let mut browser = Chromium::launch(&url).await.expect("chromium");
+            let stats = "window.avatarEdge ? window.avatarEdge.stats() : {}";
+            let playing = browser
+                .poll(stats, Duration::from_secs(15), |s| {
+                    s["framesDecoded"].as_u64().unwrap_or(0) >= 25
+                })
+                .await;
+            assert!(
+                playing["framesDecoded"].as_u64().unwrap_or(0) >= 25,
+                "{playing}\n{}",
+                cluster.logs()
+            );
+            // Let the estimate settle on the link, then read the panel.
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            let panel = browser
+                .eval("[document.getElementById('p-estimate').textContent, document.getElementById('p-level').textContent]")
+                .await
+                .expect("panel");
+            eprintln!("chromium under 1 Mbit/s: panel {panel}");
+            let estimate: u64 = panel[0]
+                .as_str()
+                .and_then(|s| s.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0);
+            assert!(
+                (300..1300).contains(&estimate),
+                "the panel shows an estimate near the link's 1 Mbit/s: {panel}\n{}",
+                cluster.logs()
+            );
+            assert!(
+                panel[1].as_str().is_some_and(|s| s.contains("lowered")),
+                "the panel says the picture is lowered: {panel}"
+            );
+            let before = browser.eval(stats).await.expect("stats");
+            let sent = std::time::Instant::now();
+            browser
+                .eval("window.avatarEdge.say('Hello, who are you?')")
+                .await
+                .expect("say");
+            let speaking = browser
+                .poll("window.avatarEdge.state.speaking", Duration::from_secs(5), |v| {
+                    !v.is_null()
+                })
+                .await;
+            assert!(
+                !speaking.is_null(),
+                "speech_started reached the page\n{}",
+                cluster.logs()
+            );
+            let heard_after = sent.elapsed();
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let after = browser.eval(stats).await.expect("stats");
+            let delta = |k: &str| after[k].as_f64().unwrap_or(0.0) - before[k].as_f64().unwrap_or(0.0);
+            let secs = 2.0 + heard_after.as_secs_f64();
+            eprintln!(
+                "chromium under 1 Mbit/s: speech_started after {heard_after:?}; {:.1} fps and {:.0} audio samples/s while it spoke",
+                delta("framesDecoded") / secs,
+                delta("audioSamplesReceived") / secs
+            );
+            // Headless Chromium has no audio sink (its levels stay 0); the Opus track arriving
+            // and decoded at 48 kHz is what it shows. The aiortc tests above check the answer is loud.
+            assert!(
+                delta("audioSamplesReceived") / secs > 40_000.0,
+                "audio flows: {before} -> {after}"
+            );
+            assert!(
+                delta("framesDecoded") / secs >= 20.0,
+                "the picture keeps 20 fps: {before} -> {after}"
+            );
+        },
+    );
+}

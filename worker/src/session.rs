@@ -465,6 +465,8 @@ impl Session {
                 ServerEvent::VideoQuality {
                     estimate_kbps: t.estimate_bps / 1000,
                     bitrate_kbps: t.video_bps / 1000,
+                    max_bitrate_kbps: u64::from(self.ctx.encoder_settings.bitrate_kbps),
+                    level: t.level.index as u32,
                     fps: t.level.fps,
                     width: t.level.width,
                     height: t.level.height,

@@ -63,16 +63,16 @@ fn full_scale() -> f32 {
     1.0
 }
 
-/// The ladder's default rungs: 25 fps down to 350 kbit/s of video, 20 down to 220, 15 down to
-/// 150, 10 down to 100, then 384 px (of 512) down to 70, and 256 px below.
+/// The ladder's default rungs: 25 fps down to 350 kbit/s of video, 20 down to 200, 15 down to
+/// 130, 10 down to 90, then 384 px (of 512) down to 60, and 256 px below.
 pub fn default_steps() -> Vec<Step> {
     let step = |min_kbps, fps, scale| Step { min_kbps, fps, scale };
     vec![
         step(350, 25, 1.0),
-        step(220, 20, 1.0),
-        step(150, 15, 1.0),
-        step(100, 10, 1.0),
-        step(70, 10, 0.75),
+        step(200, 20, 1.0),
+        step(130, 15, 1.0),
+        step(90, 10, 1.0),
+        step(60, 10, 0.75),
         step(0, 10, 0.5),
     ]
 }
@@ -423,8 +423,8 @@ mod tests {
     fn steps_down_at_once_and_up_one_step_at_a_time_after_a_hold() {
         let (mut rc, mut t) = controller();
         feed(&mut rc, &mut t, 5, 0.0, None);
-        // 200 kbit/s path: a REMB of 110 kbit/s, 94 for the encoder: 10 fps at 384 px.
-        let low = feed(&mut rc, &mut t, 1, 0.0, Some(110_000));
+        // 200 kbit/s path: a REMB of 80 kbit/s, 68 for the encoder: 10 fps at 384 px.
+        let low = feed(&mut rc, &mut t, 1, 0.0, Some(80_000));
         assert_eq!((low.level.fps, low.level.width, low.level.height), (10, 384, 384));
         // The path widens: REMB 2 Mbit/s. Each step needs its hold, one at a time.
         let mut seen = vec![low.level.index];

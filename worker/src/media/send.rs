@@ -6,7 +6,8 @@
 //! [`PacedQueue`] at the rate [`RateControl`] allows, a few milliseconds' worth at a time, while
 //! audio packets skip the queue: the answer is heard on time however the picture fares.
 //!
-//! The queue is bounded in time ([`MAX_QUEUE_DELAY`]): when the path narrows faster than the
+//! The session's first frame skips the pacer: it is what the viewer waits for, and nothing is
+//! queued ahead of it yet. The queue is bounded in time ([`MAX_QUEUE_DELAY`]): when the path narrows faster than the
 //! estimate follows, what is queued is dropped whole and a keyframe is asked for, rather than
 //! letting the picture fall seconds behind the sound.
 //!
@@ -215,6 +216,7 @@ pub async fn send_media(parts: SendParts) {
     let mut every = tokio::time::interval(TARGET_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut feedback_open = true;
+    let mut first_frame = true;
     loop {
         let due = queue.next_due();
         tokio::select! {
@@ -224,6 +226,15 @@ pub async fn send_media(parts: SendParts) {
                     if let Err(e) = peer.write_audio(data, audio_packet).await {
                         tracing::debug!(error = %e, "audio write failed");
                         break;
+                    }
+                }
+                Some(MediaOut::Video(frame)) if first_frame => {
+                    first_frame = false;
+                    for p in packetizer.packetize(&frame.data, frame.rtp_timestamp) {
+                        if let Err(e) = peer.write_video_packet(&p).await {
+                            tracing::debug!(error = %e, "video write failed");
+                            break;
+                        }
                     }
                 }
                 Some(MediaOut::Video(frame)) => {
