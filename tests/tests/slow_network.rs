@@ -214,3 +214,53 @@ fn chromium_on_the_page_under_one_megabit_shows_the_lowered_level_and_gets_the_a
         },
     );
 }
+
+/// Two viewers of one worker at once, one behind a 300 kbit/s link and one on a fast path: each
+/// session has its own estimate and encoder, so the weak link lowers only its own picture; the
+/// worker's `/metrics` shows both levels.
+#[test]
+fn one_viewers_weak_link_never_lowers_anothers_picture() {
+    netns::run("one_viewers_weak_link_never_lowers_anothers_picture", || async {
+        use avatar_edge_tests::slow_link::run_probe;
+        let link = Arc::new(SlowLink::new());
+        link.limit(Some(300));
+        let mut cluster = Cluster::relay_on(SERVER_IP, "", false, "self_signed = true").await;
+        cluster
+            .add_worker("two-viewers", 2, "metrics_listen = \"127.0.0.1:9466\"")
+            .await;
+        let (far_link, far_ws) = (Arc::clone(&link), cluster.ws_url("far-viewer"));
+        let far = tokio::task::spawn_blocking(move || far_link.probe(&far_ws, 12.0, None));
+        // The near viewer runs here: its path to the worker is this namespace's own, unlimited.
+        let near_ws = cluster.ws_url("near-viewer");
+        let near = tokio::task::spawn_blocking(move || run_probe(None, &near_ws, 12.0, None));
+        tokio::time::sleep(std::time::Duration::from_secs(9)).await;
+        let metrics = avatar_edge_tests::cluster::http_get("127.0.0.1:9466".parse().expect("addr"), "/metrics")
+            .await
+            .map(|(_, body)| body)
+            .unwrap_or_default();
+        let (far, near) = (far.await.expect("far"), near.await.expect("near"));
+        eprintln!("far (300 kbit/s): {}", far.summary(3.0, 12.0));
+        eprintln!("near (unlimited): {}", near.summary(3.0, 12.0));
+        let level = |r: &Report| r.qualities().last().and_then(|(_, q)| q["level"].as_u64());
+        assert!(near.fps(3.0, 12.0) >= 24.0, "near: {}", near.summary(3.0, 12.0));
+        assert_eq!(level(&near), Some(0), "the near viewer keeps the best level");
+        assert!(level(&far).is_some_and(|l| l > 0), "far: {}", far.summary(3.0, 12.0));
+        assert!(far.fps(3.0, 12.0) >= 10.0, "far: {}", far.summary(3.0, 12.0));
+        let sessions_at = |fps: &str| {
+            metrics
+                .lines()
+                .filter(|l| l.starts_with("worker_video_level_sessions{") && l.contains(&format!("fps=\"{fps}\"")))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>()
+        };
+        assert_eq!(sessions_at("25"), 1.0, "one session at the best level:\n{metrics}");
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with("worker_video_estimate_kbps_sum ")),
+            "{metrics}"
+        );
+        let lowered: f64 = ["20", "15", "10"].iter().map(|f| sessions_at(f)).sum();
+        assert_eq!(lowered, 1.0, "one session lowered:\n{metrics}");
+    });
+}

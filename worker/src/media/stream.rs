@@ -231,6 +231,39 @@ impl ClockCore {
     }
 }
 
+/// Keyframes on request, at most one per interval. A request made too soon stays pending (the
+/// flag is left set) and is granted once the interval has passed, so the viewer still gets its
+/// keyframe, and a storm of requests yields one keyframe per interval, not one per frame.
+pub struct KeyframeGate {
+    interval: Duration,
+    last: Option<Instant>,
+}
+
+impl KeyframeGate {
+    pub fn new(interval: Duration) -> Self {
+        Self { interval, last: None }
+    }
+
+    /// A keyframe went out (a new encoder's first frame).
+    pub fn sent(&mut self, now: Instant) {
+        self.last = Some(now);
+    }
+
+    /// Whether to make this frame a keyframe: a request is pending in `requested` and the
+    /// interval has passed (the request is then taken).
+    pub fn grant(&mut self, requested: &AtomicBool, now: Instant) -> bool {
+        let due = self
+            .last
+            .is_none_or(|t| now.saturating_duration_since(t) >= self.interval);
+        if due && requested.swap(false, Ordering::AcqRel) {
+            self.last = Some(now);
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// The RTP timestamp (90 kHz) of tick `pts` at `fps` ticks a second; it wraps, as RTP's does.
 pub fn rtp_timestamp(pts: i64, fps: u32) -> u32 {
     ((pts as i128 * 90_000) / i128::from(fps.max(1))) as u32
@@ -440,7 +473,7 @@ impl Clock<'_> {
                 return;
             }
         };
-        let mut last_keyframe: Option<Instant> = None;
+        let mut keyframes = KeyframeGate::new(self.adapt.min_keyframe_interval);
         let mut opus = match opus::Encoder::new(AUDIO_RATE, opus::Channels::Mono, opus::Application::Voip) {
             Ok(mut e) => {
                 let _ = e.set_bitrate(opus::Bitrate::Bits(32_000));
@@ -484,7 +517,7 @@ impl Clock<'_> {
                             "video level"
                         );
                         encoding = e;
-                        last_keyframe = Some(Instant::now()); // a new encoder starts with one
+                        keyframes.sent(Instant::now()); // a new encoder starts with one
                     }
                     Err(e) => warn!(error = %e, "could not reopen the video encoder; keeping the old level"),
                 }
@@ -494,12 +527,7 @@ impl Clock<'_> {
             }
             let shown = encoding.shows(self.settings.fps);
             let now = Instant::now();
-            let may_key =
-                last_keyframe.is_none_or(|t| now.saturating_duration_since(t) >= self.adapt.min_keyframe_interval);
-            let force = shown && (tick.pts == 0 || (may_key && self.keyframe.swap(false, Ordering::AcqRel)));
-            if force {
-                last_keyframe = Some(now);
-            }
+            let force = shown && (tick.pts == 0 || keyframes.grant(self.keyframe, now));
             let scaled = match (&mut encoding.scaler, shown) {
                 (Some(scaler), true) => match scaler.scale(picture) {
                     Ok(p) => Some(p),
@@ -700,6 +728,34 @@ mod tests {
             })
         );
         assert_eq!(core.stop(), None);
+    }
+
+    #[test]
+    fn a_storm_of_keyframe_requests_yields_one_keyframe_per_interval() {
+        let mut gate = KeyframeGate::new(Duration::from_millis(500));
+        let requested = AtomicBool::new(false);
+        let t0 = Instant::now();
+        let mut granted = Vec::new();
+        // A PLI before every frame for two seconds at 25 fps.
+        for i in 0..50u32 {
+            requested.store(true, Ordering::Release);
+            let now = t0 + Duration::from_millis(40) * i;
+            if gate.grant(&requested, now) {
+                granted.push(i);
+            }
+        }
+        assert_eq!(granted, [0, 13, 26, 39], "one every 500 ms (13 frames of 40 ms)");
+        // A request too soon is kept, not lost: granted once the interval has passed.
+        assert!(requested.load(Ordering::Acquire));
+        assert!(gate.grant(&requested, t0 + Duration::from_millis(40 * 39 + 500)));
+        assert!(
+            !gate.grant(&requested, t0 + Duration::from_secs(10)),
+            "no request, no keyframe"
+        );
+        // A new encoder's first frame counts as one.
+        gate.sent(t0 + Duration::from_secs(20));
+        requested.store(true, Ordering::Release);
+        assert!(!gate.grant(&requested, t0 + Duration::from_millis(20_100)));
     }
 
     #[test]
