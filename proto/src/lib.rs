@@ -13,11 +13,13 @@
 //! and [`sdp`] the quick offer check that catches pages that forgot to add transceivers.
 //! [`netfilter`] is the special-purpose address list that both the TURN server's peers and the
 //! worker's remote ICE candidates are checked against. [`required`] finds the placeholders a shipped
-//! configuration file marks for the operator to fill in.
+//! configuration file marks for the operator to fill in. [`api`] is the session API's commands as
+//! the relay carries them to workers.
 //!
 //! Everything here is a pure function or a state machine: the relay and worker own the sockets,
 //! the tests and fuzz targets drive these types directly.
 
+pub mod api;
 #[cfg(feature = "mux")]
 pub mod mux;
 pub mod netfilter;

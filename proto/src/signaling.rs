@@ -153,6 +153,8 @@ pub enum ErrorCode {
     IdleTimeout,
     /// The session reached the relay's maximum duration.
     SessionExpired,
+    /// The operator's backend ended the session (`DELETE /api/v1/sessions/{id}`).
+    SessionEnded,
     /// Something failed on our side; the details are in the server log.
     Internal,
     /// The answer to a `text_webrtc` or a spoken question could not be produced (speech
@@ -189,6 +191,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::MessageTooLong => "message_too_long",
             ErrorCode::SessionExpired => "session_expired",
+            ErrorCode::SessionEnded => "session_ended",
             ErrorCode::Internal => "internal",
         }
     }

@@ -16,6 +16,9 @@
 //!     |<== one bidi stream per browser session (relay opens) ========|
 //!     |  SessionOpen, then Client(..) messages relay→worker          |
 //!     |  Event(..) messages worker→relay, Close either way          |
+//!     |                                                               |
+//!     |<== one bidi stream per session API call (relay opens) =======|
+//!     |  Command(..) relay→worker, Reply(..) worker→relay            |
 //! ```
 //!
 //! Every stream carries **frames**: a 4-byte big-endian length, then that many bytes of JSON. A
@@ -205,6 +208,10 @@ pub enum SessionFrame {
     Event(ServerEvent),
     /// Either way: the session is over. The sender finishes its side of the stream after this.
     Close { reason: String },
+    /// relay → worker, the only frame of a command stream (the session API, [`crate::api`]).
+    Command(crate::api::Command),
+    /// worker → relay: the answer on a command stream; the worker then finishes the stream.
+    Reply(crate::api::Reply),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

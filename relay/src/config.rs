@@ -53,6 +53,8 @@ pub struct RelayConfig {
     pub limits: LimitsConfig,
     pub policies: PoliciesConfig,
     pub turn: TurnConfig,
+    /// `[api]`: the session API for the operator's backend (off without keys).
+    pub api: ApiConfig,
     /// Keys whose value is still a shipped `REQUIRED` placeholder (see `avatar_proto::required`).
     #[serde(skip)]
     pub unset_required: Vec<String>,
@@ -536,8 +538,75 @@ impl Default for RelayConfig {
             limits: LimitsConfig::default(),
             policies: PoliciesConfig::default(),
             turn: TurnConfig::default(),
+            api: ApiConfig::default(),
             unset_required: Vec::new(),
         }
+    }
+}
+
+/// `[api]`: the session API (`/api/v1/...`) for the operator's servers. Off (404) until a key
+/// is configured; separate from the end users' auth policies.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// `[[api.keys]]`: who may call it.
+    pub keys: Vec<ApiKey>,
+    /// Calls per minute one key may make (a burst of a tenth of it at once).
+    pub requests_per_minute: u32,
+    /// The longest `say` text, in characters (413 above it).
+    pub max_text_chars: usize,
+    /// How long a call waits for the workers' answers.
+    pub timeout_ms: u64,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            keys: Vec::new(),
+            requests_per_minute: 600,
+            max_text_chars: 2000,
+            timeout_ms: 5000,
+        }
+    }
+}
+
+/// `[[api.keys]]`: one caller of the session API.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKey {
+    /// Names the caller in logs and metrics.
+    pub name: String,
+    /// The bearer token (at least 24 characters).
+    #[serde(default)]
+    pub key: Secret,
+    /// Read the key from this file instead (its first line).
+    pub key_file: Option<PathBuf>,
+}
+
+impl ApiConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let mut names = std::collections::HashSet::new();
+        for k in &self.keys {
+            if k.name.is_empty() || !names.insert(k.name.as_str()) {
+                return invalid(
+                    "api.keys.name",
+                    &format!("each key needs a name of its own ({:?})", k.name),
+                );
+            }
+            if k.key.expose().len() < 24 {
+                return invalid(
+                    "api.keys.key",
+                    &format!("key {}: at least 24 characters of random (or key_file)", k.name),
+                );
+            }
+        }
+        if self.requests_per_minute == 0 || self.max_text_chars == 0 || !(1..=60_000).contains(&self.timeout_ms) {
+            return invalid(
+                "api",
+                "requests_per_minute and max_text_chars must be above 0, timeout_ms 1..=60000",
+            );
+        }
+        Ok(())
     }
 }
 
@@ -677,6 +746,17 @@ impl RelayConfig {
         if let Ok(s) = std::env::var("AVATAR_EDGE_TURN_SECRET") {
             self.turn.secret = Secret::new(s);
         }
+        for k in &mut self.api.keys {
+            if let Some(path) = &k.key_file {
+                if !k.key.is_empty() {
+                    return Err(ConfigError::Invalid {
+                        key: "api.keys.key_file",
+                        message: format!("key {}: set either key or key_file", k.name),
+                    });
+                }
+                k.key = Secret::new(read_secret_file(path)?);
+            }
+        }
         for worker in &mut self.tunnel.workers {
             if let Some(path) = &worker.key_file {
                 if !worker.key.is_empty() {
@@ -712,6 +792,7 @@ impl RelayConfig {
         self.limits.validate()?;
         self.turn.validate()?;
         self.policies.validate()?;
+        self.api.validate()?;
         for (key, ms) in [
             ("http.header_read_timeout_ms", self.http.header_read_timeout_ms),
             ("http.tls_handshake_timeout_ms", self.http.tls_handshake_timeout_ms),

@@ -42,7 +42,8 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/workers", get(workers))
         .route("/api/avatars", get(avatars))
-        .route("/api/avatars/{id}/preview.jpg", get(avatar_preview));
+        .route("/api/avatars/{id}/preview.jpg", get(avatar_preview))
+        .merge(crate::api::routes().layer(axum::extract::DefaultBodyLimit::max(crate::api::MAX_BODY)));
     let router = match &state.config.http.web_client_dir {
         Some(dir) => {
             let root = Arc::new(dir.clone());
@@ -356,7 +357,7 @@ pub(crate) fn preview_bytes(base64_jpeg: &str) -> Option<Vec<u8>> {
 }
 
 /// Equal bytes, compared in time that depends only on the length.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

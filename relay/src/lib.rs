@@ -15,6 +15,7 @@
 //! then [`Relay::run`] serves until the cancellation token fires and returns once every task has
 //! stopped. That token is the one shutdown path: HTTP, each WebSocket and each tunnel obey it.
 
+pub mod api;
 pub mod config;
 pub mod http;
 pub mod ice;
@@ -78,6 +79,8 @@ pub struct AppState {
     /// Operator policy modules (auth, router); `None` when none is configured.
     pub policies: Option<Arc<policy::Policies>>,
     pub shutdown: CancellationToken,
+    /// Session API calls per key (`api.requests_per_minute`).
+    pub api_limiter: governor::DefaultKeyedRateLimiter<String>,
     /// New connections per client (its [`limits::client_key`]); `None` when unlimited.
     pub connect_limiter: Option<governor::DefaultKeyedRateLimiter<std::net::IpAddr>>,
     /// TCP connections of the HTTP listener, per client and in total.
@@ -108,7 +111,11 @@ impl AppState {
     ) -> Arc<Self> {
         let connect_limiter = std::num::NonZeroU32::new(config.limits.connections_per_ip_per_minute)
             .map(|n| governor::RateLimiter::keyed(governor::Quota::per_minute(n)));
+        let api_rate = std::num::NonZeroU32::new(config.api.requests_per_minute).unwrap_or(std::num::NonZeroU32::MIN);
+        let api_burst =
+            std::num::NonZeroU32::new(config.api.requests_per_minute / 10).unwrap_or(std::num::NonZeroU32::MIN);
         Arc::new(Self {
+            api_limiter: governor::RateLimiter::keyed(governor::Quota::per_minute(api_rate).allow_burst(api_burst)),
             ice: ice::IceServers::new(&config.turn),
             config,
             registry: Registry::default(),

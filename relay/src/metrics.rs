@@ -26,6 +26,7 @@
 //! | `relay_sessions_rerouted_total` | counter | offers a worker refused as `busy` and the relay routed to another |
 //! | `relay_tunnel_rtt_seconds{worker,transport}` | gauge | RTT of each tunnel (QUIC's estimate, or the relay's pings over TCP); `transport` is `quic` or `tcp` |
 //! | `relay_tunnel_registrations_total{transport}` | counter | successful worker registrations (reconnects included), by transport (`quic`, `tcp`) |
+//! | `relay_api_requests_total{outcome}` | counter | session API calls: `accepted`, `unauthorized`, `rate_limited` |
 //! | `relay_tunnel_turn_streams_total` | counter | TURN streams opened by workers through TCP tunnels |
 //! | `relay_policy_decisions_total{hook,outcome}` | counter | policy decisions (`connect`, `message`, `route`; `allow`, `deny`, `failed`) |
 //! | `relay_policy_failures_total{hook,kind}` | counter | failed decisions (`deadline`, `memory`, `trap`, `output`, `invalid`, `busy`) |

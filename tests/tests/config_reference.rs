@@ -92,6 +92,9 @@ fn every_relay_key_is_in_the_reference_with_its_default() {
         [tls.acme]
         domains = ["relay.example.com"]
         cache_dir = "/var/lib/avatar-edge/acme"
+        [[api.keys]]
+        name = "backend"
+        key = "0123456789abcdef0123456789"
         [[tunnel.workers]]
         id = "gpu-1"
         key = "0123456789abcdef"

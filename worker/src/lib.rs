@@ -10,7 +10,9 @@
 //! decoding or drawing the idle avatars, the WebRTC engine); [`Worker::run`] keeps a tunnel to every
 //! configured relay until the cancellation token fires, then lets sessions end within a grace period.
 
+pub mod api;
 pub mod config;
+pub mod dialogue;
 pub mod media;
 pub mod prepare;
 pub mod rtc;
@@ -140,6 +142,8 @@ pub struct Context {
     /// The talking pipeline (None when `[talk] enabled = false`).
     pub talk: Option<Arc<talk::Talk>>,
     pub sessions: TaskTracker,
+    /// The sessions running now, by id, for the session API.
+    pub directory: Arc<api::Directory>,
     /// Random per process, sent at registration: lets a relay tell this process moving its
     /// tunnel to another transport from a restarted worker with the same id.
     pub instance: String,
@@ -261,6 +265,7 @@ impl Worker {
             encoder,
             encoder_settings,
             sessions: TaskTracker::new(),
+            directory: Default::default(),
             instance: hex::encode(rand::random::<[u8; 8]>()),
             tunnel_idle: Duration::from_secs(3),
             tunnel_keepalive: Duration::from_secs(1),

@@ -25,6 +25,7 @@
 //!
 //! Either way the encoder thread is stopped and the capacity slot returned (both on drop).
 
+use crate::dialogue::Dialogue;
 use crate::media::rate::{RateControl, Target};
 use crate::media::send::{send_media, SendParts};
 use crate::media::stream::{Adaptation, ClockEvent, Feed, MediaOut, VideoStream};
@@ -97,6 +98,9 @@ pub async fn run_session(
     let mut recv = FramedRecv::new(recv);
     let open = match tokio::time::timeout(Duration::from_secs(5), recv.next::<SessionFrame>()).await {
         Ok(Ok(Some(SessionFrame::Open(open)))) => open,
+        Ok(Ok(Some(SessionFrame::Command(command)))) => {
+            return crate::api::serve_command(send, command, ctx).await;
+        }
         other => {
             warn!(?other, "session stream did not start with an open frame");
             return;
@@ -109,10 +113,18 @@ pub async fn run_session(
         let avatar_id = open.avatar_id.clone().unwrap_or_else(|| clip.id.clone());
         Conversation::new(Arc::clone(talk), Arc::clone(&clip), avatar_id, talk_tx)
     });
+    let about = About {
+        session_id: open.session_id.clone(),
+        avatar_id: open.avatar_id.clone().unwrap_or_else(|| clip.id.clone()),
+        user_id: open.user_id.as_ref().map(ToString::to_string),
+        started_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    };
     Session {
         send,
         recv,
         ctx,
+        about,
+        dialogue: Dialogue::default(),
         active: None,
         detached: false,
         conv,
@@ -130,10 +142,21 @@ pub async fn run_session(
     .await
 }
 
+/// What the session API lists about a session.
+struct About {
+    session_id: String,
+    avatar_id: String,
+    user_id: Option<String>,
+    started_at: String,
+}
+
 struct Session {
     send: SendHalf,
     recv: FramedRecv<RecvHalf>,
     ctx: Arc<Context>,
+    about: About,
+    /// Whose turn it is (the browser's messages and the session API's says).
+    dialogue: Dialogue,
     active: Option<Active>,
     /// The tunnel broke; media continues until the peer ends.
     detached: bool,
@@ -166,7 +189,9 @@ impl Session {
         info!(avatar = %clip.id, "session started");
         metrics::counter!("worker_sessions_total").increment(1);
         metrics::gauge!("worker_sessions_active").increment(1.0);
-        let farewell = self.serve(&clip, &shutdown).await;
+        let (registered, mut inbox) = ctx.directory.register(&self.about.session_id);
+        let farewell = self.serve(&clip, &shutdown, &mut inbox).await;
+        drop(registered);
         // Free everything *before* telling the relay, so the browser's next offer finds the slot.
         if let Some(conv) = self.conv.as_mut() {
             conv.interrupt();
@@ -186,7 +211,12 @@ impl Session {
     }
 
     /// Run until the session ends; returns what to tell the relay, if anything.
-    async fn serve(&mut self, clip: &Arc<crate::media::avatar::AvatarClip>, shutdown: &CancellationToken) -> End {
+    async fn serve(
+        &mut self,
+        clip: &Arc<crate::media::avatar::AvatarClip>,
+        shutdown: &CancellationToken,
+        inbox: &mut mpsc::Receiver<crate::api::Request>,
+    ) -> End {
         loop {
             let frame = async {
                 if self.detached {
@@ -214,6 +244,11 @@ impl Session {
                 }
             };
             tokio::select! {
+                Some(request) = inbox.recv() => {
+                    if let Some(end) = self.on_command(request) {
+                        return end;
+                    }
+                }
                 Some(ev) = self.talk_events.recv() => self.on_talk(ev).await,
                 Some(ev) = clock => self.on_clock(ev).await,
                 heard = heard => match heard {
@@ -334,6 +369,7 @@ impl Session {
                 if let Some(conv) = self.conv.as_mut() {
                     info!("interrupted by the browser");
                     conv.interrupt();
+                    self.dialogue.interrupt();
                 }
             }
         }
@@ -352,6 +388,7 @@ impl Session {
             Some(conv) => match conv.say(message) {
                 Ok(turn) => {
                     info!(turn, "answering");
+                    self.dialogue.started(turn);
                     metrics::counter!("worker_talk_turns_total").increment(1);
                     return;
                 }
@@ -382,6 +419,7 @@ impl Session {
                     info!("barge-in: the user spoke over the avatar");
                     metrics::counter!("worker_barge_ins_total").increment(1);
                     conv.interrupt();
+                    self.dialogue.interrupt();
                 }
                 ServerEvent::UserSpeechStarted {}
             }
@@ -433,7 +471,7 @@ impl Session {
                 is_final: false,
             },
             TalkEvent::Done { turn, user, answer } => {
-                if let Some(conv) = self.conv.as_mut() {
+                if let (Some(conv), Some(user)) = (self.conv.as_mut(), user) {
                     conv.remember(user, answer.clone());
                 }
                 ServerEvent::AssistantText {
@@ -444,16 +482,119 @@ impl Session {
             }
             TalkEvent::Failed { turn, message } => {
                 metrics::counter!("worker_talk_failures_total").increment(1);
+                self.turn_ended(turn, false);
                 ServerEvent::error(ErrorCode::TalkFailed, format!("answer {turn} failed: {message}"))
             }
         };
         self.event(event).await;
     }
 
+    /// Turn `turn` is over: start the session API's next waiting say, if any.
+    fn turn_ended(&mut self, turn: u64, interrupted: bool) {
+        let (Some(next), Some(conv)) = (self.dialogue.ended(turn, interrupted), self.conv.as_mut()) else {
+            return;
+        };
+        match conv.speak(Some(next.turn), next.text, next.mode) {
+            Ok(turn) => {
+                info!(turn, "saying what the session API queued");
+                self.dialogue.started(turn);
+            }
+            Err(refusal) => warn!(%refusal, "a queued say could not start"),
+        }
+    }
+
+    /// A command from the session API ([`crate::api`]); `Some` when it ends the session.
+    fn on_command(&mut self, request: crate::api::Request) -> Option<End> {
+        use avatar_proto::api::{Command, Reply};
+        let crate::api::Request { command, reply } = request;
+        let (answer, end) = match command {
+            Command::List {} | Command::Get { .. } => (Reply::Session { session: self.info() }, None),
+            Command::Say { say, .. } => (self.api_say(say), None),
+            Command::Interrupt { .. } => {
+                let interrupted = self.dialogue.interrupt();
+                if let Some(conv) = self.conv.as_mut() {
+                    conv.interrupt();
+                }
+                info!(interrupted, "interrupted by the session API");
+                (Reply::Interrupted { interrupted }, None)
+            }
+            Command::End { .. } => {
+                info!("ended by the session API");
+                let event = ServerEvent::error(ErrorCode::SessionEnded, "the service ended this session");
+                let end = End::Tell {
+                    event: Some(event),
+                    reason: "ended by the session API",
+                };
+                (Reply::Ended {}, Some(end))
+            }
+        };
+        let _ = reply.send(answer);
+        end
+    }
+
+    fn api_say(&mut self, say: avatar_proto::api::SayRequest) -> avatar_proto::api::Reply {
+        use crate::dialogue::Say;
+        use avatar_proto::api::Reply;
+        let refused = |code: ErrorCode, message: String| Reply::Refused {
+            code: code.as_str().to_owned(),
+            message,
+        };
+        let Some(conv) = self.conv.as_mut() else {
+            return refused(
+                ErrorCode::Unsupported,
+                "this worker streams the idle avatar only; the talking pipeline is disabled ([talk] enabled = false)"
+                    .into(),
+            );
+        };
+        if !conv.ready() {
+            return refused(
+                ErrorCode::NoSession,
+                "the session's video is not playing yet (the browser has not connected its peer)".into(),
+            );
+        }
+        let turn = conv.reserve_turn();
+        match self.dialogue.say(turn, say.text, say.mode, say.interrupt) {
+            Say::Queued { ahead } => {
+                info!(turn, ahead, "say queued behind the answer in progress");
+                Reply::Turn { turn, queued: true }
+            }
+            Say::Now(start) => match conv.speak(Some(start.turn), start.text, start.mode) {
+                Ok(turn) => {
+                    info!(turn, mode = ?start.mode, "saying for the session API");
+                    metrics::counter!("worker_api_says_total").increment(1);
+                    self.dialogue.started(turn);
+                    Reply::Turn { turn, queued: false }
+                }
+                Err(refusal) => refused(refusal.code(), refusal.to_string()),
+            },
+        }
+    }
+
+    /// This session as the session API lists it.
+    fn info(&self) -> avatar_proto::api::SessionInfo {
+        let state = match (&self.active, self.dialogue.busy()) {
+            (None, _) => "connecting",
+            (Some(a), _) if a.media.is_none() => "connecting",
+            (_, true) => "speaking",
+            (_, false) => "idle",
+        };
+        avatar_proto::api::SessionInfo {
+            session_id: self.about.session_id.clone(),
+            avatar_id: self.about.avatar_id.clone(),
+            worker_id: self.ctx.config.worker_id.clone(),
+            user_id: self.about.user_id.clone(),
+            started_at: self.about.started_at.clone(),
+            state: state.into(),
+        }
+    }
+
     async fn on_clock(&mut self, ev: ClockEvent) {
         let event = match ev {
             ClockEvent::SpeechStarted { turn } => ServerEvent::SpeechStarted { turn },
-            ClockEvent::SpeechEnded { turn, interrupted } => ServerEvent::SpeechEnded { turn, interrupted },
+            ClockEvent::SpeechEnded { turn, interrupted } => {
+                self.turn_ended(turn, interrupted);
+                ServerEvent::SpeechEnded { turn, interrupted }
+            }
             ClockEvent::Quality(t) => {
                 debug!(
                     estimate_kbps = t.estimate_bps / 1000,

@@ -42,6 +42,7 @@ use crate::config::{
 };
 use crate::media::avatar::AvatarClip;
 use crate::media::stream::{ClockEvent, Feed, TalkUnit, AUDIO_RATE, PREBUFFER};
+use avatar_proto::api::SayMode;
 use limits::{Backend, Refusal, Slots, TurnLimiter};
 use lipsync::{FrameInput, LipSyncService};
 use llm::{ChatMessage, Llm, Role};
@@ -243,10 +244,11 @@ pub enum TalkEvent {
         turn: u64,
         text: String,
     },
-    /// The answer's text is complete (speech may still be playing).
+    /// The answer's text is complete (speech may still be playing). `user` is the message it
+    /// answered (`None` for a text spoken as given).
     Done {
         turn: u64,
-        user: String,
+        user: Option<String>,
         answer: String,
     },
     Failed {
@@ -415,11 +417,33 @@ impl Conversation {
     /// clock to play it on). A refused message changes nothing: the answer in progress goes on.
     pub fn say(&mut self, text: String) -> Result<u64, Refusal> {
         limits::check_length(&text, self.talk.limits.max_message_chars)?;
-        let units = self.units.clone().ok_or(Refusal::NotReady)?;
+        self.units.as_ref().ok_or(Refusal::NotReady)?;
         self.limiter.check(std::time::Instant::now())?;
-        self.interrupt();
+        self.start(None, text, SayMode::Chat)
+    }
+
+    /// Take the next turn number for a turn that starts later ([`Conversation::speak`]).
+    pub fn reserve_turn(&mut self) -> u64 {
         self.turns += 1;
-        let turn = self.turns;
+        self.turns
+    }
+
+    /// The session API's say (the operator's backend: trusted, so neither the browser's turn
+    /// rate nor its message length applies; the relay checks its own limits): `Repeat` speaks
+    /// `text` as given with no language model, `Chat` answers it as the user's message. As turn
+    /// `turn` if one was reserved, else the next; cancels any answer in progress.
+    pub fn speak(&mut self, turn: Option<u64>, text: String, mode: SayMode) -> Result<u64, Refusal> {
+        self.units.as_ref().ok_or(Refusal::NotReady)?;
+        self.start(turn, text, mode)
+    }
+
+    fn start(&mut self, turn: Option<u64>, text: String, mode: SayMode) -> Result<u64, Refusal> {
+        let units = self.units.clone().ok_or(Refusal::NotReady)?;
+        self.interrupt();
+        let turn = match turn {
+            Some(t) => t,
+            None => self.reserve_turn(),
+        };
         self.current_turn.store(turn, Ordering::Release);
         let cancel = CancellationToken::new();
         self.active = Some(cancel.clone());
@@ -435,6 +459,7 @@ impl Conversation {
         });
         let run = Turn {
             turn,
+            mode,
             talk: Arc::clone(&self.talk),
             avatar_id: self.avatar_id.clone(),
             clip: Arc::clone(&self.clip),
@@ -524,6 +549,8 @@ struct AudioChunk {
 
 struct Turn {
     turn: u64,
+    /// `Repeat`: the text is the answer, spoken as given (no language model).
+    mode: SayMode,
     talk: Arc<Talk>,
     avatar_id: String,
     clip: Arc<AvatarClip>,
@@ -580,6 +607,11 @@ impl Turn {
 
         // The request waits for a slot of the worker's; cancelling the turn drops the wait too.
         let llm = async {
+            if self.mode == SayMode::Repeat {
+                // The text is the answer: it goes to speech as a language model's would.
+                let _ = text_tx.send(user.to_owned()).await;
+                return Ok(());
+            }
             let _slot = self.talk.slots.acquire(Backend::Llm).await?;
             backends.llm.stream(messages, text_tx).await
         };
@@ -639,7 +671,8 @@ impl Turn {
             .map_err(|e| TalkError::LipSync(lipsync::LipSyncError::Inference(format!("lip-sync thread: {e}"))))?;
         let _ = self.events.send(TalkEvent::Done {
             turn: self.turn,
-            user: user.to_owned(),
+            // A repeated text is not a user's message: nothing to remember as one.
+            user: (self.mode == SayMode::Chat).then(|| user.to_owned()),
             answer,
         });
         rendered
@@ -811,7 +844,7 @@ mod tests {
                 other => panic!("the turn failed: {other:?}"),
             }
         };
-        assert_eq!(user, "Hello, who are you?");
+        assert_eq!(user.as_deref(), Some("Hello, who are you?"));
         assert!(!answer.is_empty());
         assert!(
             deltas.split_whitespace().eq(answer.split_whitespace()),
@@ -1054,7 +1087,12 @@ mod tests {
             }
             // As the session does: a finished exchange joins the history.
             while let Ok(ev) = events.try_recv() {
-                if let TalkEvent::Done { user, answer, .. } = ev {
+                if let TalkEvent::Done {
+                    user: Some(user),
+                    answer,
+                    ..
+                } = ev
+                {
                     conv.remember(user, answer);
                 }
             }
