@@ -8,8 +8,9 @@
 //!   ([`avatar_proto::api`]), and the worker that runs the session answers. A call on any relay
 //!   reaches the session, whichever relay its browser is on.
 //! * **Errors** are `{"error": {"code", "message"}}` with the status a client can act on: 400 bad
-//!   JSON or empty text, 401 no or a wrong key, 404 no such session, 413 text over the limit, 429
-//!   over the key's rate, 409 a session that cannot do it now, 503 no worker answered.
+//!   JSON or empty text, 401 no or a wrong key, 404 no such session, 409 a session that cannot
+//!   do it now or an id two workers claim, 413 text over the limit, 429 over the key's rate, 503
+//!   no worker connected, 504 a worker did not answer in time (and none had the session).
 
 use crate::AppState;
 use avatar_proto::api::{Command, Reply, RequestError, SayRequest};
@@ -80,8 +81,9 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<String, ApiError> 
     let given = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim())
         .ok_or_else(|| {
             ApiError::new(
                 StatusCode::UNAUTHORIZED,
@@ -122,9 +124,15 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<String, ApiError> 
     Ok(name)
 }
 
-/// Send `command` to every worker at once; the replies that are not `NotFound`. With a
-/// session id, the first such reply is enough.
-async fn ask_workers(state: &AppState, command: Command) -> Result<Vec<Reply>, ApiError> {
+/// What the workers said: the replies that are not `NotFound`, and how many did not answer.
+struct Answers {
+    replies: Vec<Reply>,
+    silent: usize,
+}
+
+/// Send `command` to every worker at once and wait for all of them (so an id two workers claim
+/// is noticed).
+async fn ask_workers(state: &AppState, command: Command) -> Result<Answers, ApiError> {
     let workers = state.registry.all();
     if workers.is_empty() {
         return Err(ApiError::new(
@@ -134,14 +142,17 @@ async fn ask_workers(state: &AppState, command: Command) -> Result<Vec<Reply>, A
         ));
     }
     let timeout = Duration::from_millis(state.config.api.timeout_ms);
-    let one = command.session_id().is_some();
     let mut asks: futures::stream::FuturesUnordered<_> = workers
         .into_iter()
         .map(|w| {
             let command = command.clone();
             async move {
                 let ask = async {
-                    let (mut send, recv) = w.connection.open_bi().await.ok()?;
+                    // A session stream budget shared with browsers: never wait for one.
+                    let (mut send, recv) = tokio::time::timeout(Duration::from_millis(200), w.connection.open_bi())
+                        .await
+                        .ok()?
+                        .ok()?;
                     send_frame(&mut send, &SessionFrame::Command(command)).await.ok()?;
                     let mut recv = FramedRecv::new(recv);
                     match recv.next::<SessionFrame>().await {
@@ -156,38 +167,55 @@ async fn ask_workers(state: &AppState, command: Command) -> Result<Vec<Reply>, A
             }
         })
         .collect();
-    let mut replies = Vec::new();
+    let mut answers = Answers {
+        replies: Vec::new(),
+        silent: 0,
+    };
     while let Some(reply) = futures::StreamExt::next(&mut asks).await {
         match reply {
-            Some(Reply::NotFound {}) | None => {}
-            Some(r) => {
-                replies.push(r);
-                if one {
-                    break;
-                }
-            }
+            Some(Reply::NotFound {}) => {}
+            None => answers.silent += 1,
+            Some(r) => answers.replies.push(r),
         }
     }
-    Ok(replies)
+    Ok(answers)
 }
 
-/// One session's reply, or 404.
+/// One session's reply: 404 if no worker has it, 504 if one did not answer, 409 if two claim it.
 async fn ask_session(state: &AppState, id: &str, command: Command) -> Result<Reply, ApiError> {
-    ask_workers(state, command)
-        .await?
-        .into_iter()
-        .next()
-        .ok_or_else(|| ApiError::not_found(id))
+    if !crate::http::valid_session_id(id) {
+        return Err(ApiError::not_found(id));
+    }
+    let mut answers = ask_workers(state, command).await?;
+    match answers.replies.len() {
+        1 => Ok(answers.replies.remove(0)),
+        0 if answers.silent > 0 => Err(ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "timeout",
+            format!(
+                "{} worker(s) did not answer within api.timeout_ms; the session may be on one of them: retry",
+                answers.silent
+            ),
+        )),
+        0 => Err(ApiError::not_found(id)),
+        n => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "ambiguous",
+            format!("{n} workers run a session `{id}` (session ids must be unique: use random ones)"),
+        )),
+    }
 }
 
 fn refused(code: String, message: String) -> ApiError {
     let status = match code.as_str() {
-        "rate_limited" => StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited" | "queue_full" | "busy" => StatusCode::TOO_MANY_REQUESTS,
         "message_too_long" => StatusCode::PAYLOAD_TOO_LARGE,
         _ => StatusCode::CONFLICT,
     };
     let code: &'static str = match code.as_str() {
         "rate_limited" => "rate_limited",
+        "queue_full" => "queue_full",
+        "busy" => "busy",
         "message_too_long" => "message_too_long",
         "unsupported" => "unsupported",
         "no_session" => "not_ready",
@@ -208,7 +236,18 @@ fn unexpected(reply: &Reply) -> ApiError {
 async fn list(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
     authorize(&state, &headers)?;
     let mut sessions = Vec::new();
-    for reply in ask_workers(&state, Command::List {}).await? {
+    let answers = ask_workers(&state, Command::List {}).await?;
+    if answers.silent > 0 {
+        return Err(ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "timeout",
+            format!(
+                "{} worker(s) did not answer within api.timeout_ms: retry",
+                answers.silent
+            ),
+        ));
+    }
+    for reply in answers.replies {
         if let Reply::Sessions { sessions: s } = reply {
             sessions.extend(s);
         }

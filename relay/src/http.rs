@@ -42,8 +42,13 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/workers", get(workers))
         .route("/api/avatars", get(avatars))
-        .route("/api/avatars/{id}/preview.jpg", get(avatar_preview))
-        .merge(crate::api::routes().layer(axum::extract::DefaultBodyLimit::max(crate::api::MAX_BODY)));
+        .route("/api/avatars/{id}/preview.jpg", get(avatar_preview));
+    // The session API exists only with a key: without one, its paths are as unknown as any.
+    let router = if state.config.api.keys.is_empty() {
+        router
+    } else {
+        router.merge(crate::api::routes().layer(axum::extract::DefaultBodyLimit::max(crate::api::MAX_BODY)))
+    };
     let router = match &state.config.http.web_client_dir {
         Some(dir) => {
             let root = Arc::new(dir.clone());
@@ -362,7 +367,7 @@ pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// Session ids appear in logs and tunnel frames: keep them short and printable.
-fn valid_session_id(id: &str) -> bool {
+pub(crate) fn valid_session_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 128 && id.chars().all(|c| c.is_ascii_graphic())
 }
 

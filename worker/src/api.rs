@@ -16,8 +16,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
-/// How long a session may take to answer a command.
-const REPLY_WITHIN: Duration = Duration::from_secs(5);
+/// How long a session may take to answer a command (under the relay's `api.timeout_ms`, 5 s by
+/// default, so that the relay hears `busy` rather than nothing).
+const REPLY_WITHIN: Duration = Duration::from_secs(3);
+/// How long one session may take to describe itself for a list.
+const LIST_WITHIN: Duration = Duration::from_millis(1000);
 /// Commands that may wait in one session's inbox.
 const INBOX: usize = 16;
 
@@ -85,26 +88,36 @@ impl Directory {
         }
     }
 
-    /// Every session's description.
+    /// Every session's description, all asked at once.
     pub async fn list(&self) -> Vec<SessionInfo> {
-        let mut out = Vec::new();
-        for inbox in self.all() {
-            if let Reply::Session { session } = ask(&inbox, Command::List {}).await {
-                out.push(session);
+        let asks = self.all().into_iter().map(|inbox| async move {
+            match tokio::time::timeout(LIST_WITHIN, ask(&inbox, Command::List {})).await {
+                Ok(Reply::Session { session }) => Some(session),
+                _ => None,
             }
-        }
-        out
+        });
+        futures::future::join_all(asks).await.into_iter().flatten().collect()
     }
 }
 
+/// Put `command` in a session's inbox and wait for its reply: `busy` if the inbox is full or the
+/// session does not answer in time, `NotFound` if it ended.
 async fn ask(inbox: &mpsc::Sender<Request>, command: Command) -> Reply {
+    let busy = || Reply::Refused {
+        code: "busy".into(),
+        message: "the session did not take the command in time; retry".into(),
+    };
     let (reply, answer) = oneshot::channel();
-    if inbox.send(Request { command, reply }).await.is_err() {
-        return Reply::NotFound {};
+    match inbox.try_send(Request { command, reply }) {
+        Ok(()) => {}
+        Err(mpsc::error::TrySendError::Full(_)) => return busy(),
+        Err(mpsc::error::TrySendError::Closed(_)) => return Reply::NotFound {},
     }
     match tokio::time::timeout(REPLY_WITHIN, answer).await {
         Ok(Ok(reply)) => reply,
-        _ => Reply::NotFound {},
+        Ok(Err(_)) => Reply::NotFound {},
+        // The request stays in the inbox; the session skips it (its reply channel is closed).
+        Err(_) => busy(),
     }
 }
 

@@ -13,6 +13,9 @@
 use avatar_proto::api::SayMode;
 use std::collections::VecDeque;
 
+/// Says that may wait behind the answer in progress; more are refused.
+pub const MAX_WAITING: usize = 16;
+
 /// A turn the session should start now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Start {

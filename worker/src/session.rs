@@ -507,6 +507,9 @@ impl Session {
     fn on_command(&mut self, request: crate::api::Request) -> Option<End> {
         use avatar_proto::api::{Command, Reply};
         let crate::api::Request { command, reply } = request;
+        if reply.is_closed() {
+            return None; // the caller gave up waiting (and was told `busy`): do not act late
+        }
         let (answer, end) = match command {
             Command::List {} | Command::Get { .. } => (Reply::Session { session: self.info() }, None),
             Command::Say { say, .. } => (self.api_say(say), None),
@@ -550,6 +553,15 @@ impl Session {
             return refused(
                 ErrorCode::NoSession,
                 "the session's video is not playing yet (the browser has not connected its peer)".into(),
+            );
+        }
+        if !say.interrupt && self.dialogue.waiting() >= crate::dialogue::MAX_WAITING {
+            return refused(
+                ErrorCode::RateLimited,
+                format!(
+                    "{} says are already waiting; send one with interrupt, or wait",
+                    crate::dialogue::MAX_WAITING
+                ),
             );
         }
         let turn = conv.reserve_turn();
@@ -652,12 +664,14 @@ impl Session {
             (Some(rc), first, Duration::from_millis(cfg.min_keyframe_interval_ms))
         } else {
             let fixed = Target::fixed(settings.bitrate_kbps, settings.fps, settings.width, settings.height);
-            (None, fixed, Duration::ZERO)
+            (None, fixed, Duration::from_millis(cfg.min_keyframe_interval_ms))
         };
         let (targets_tx, targets) = watch::channel(first);
+        let backlog = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let adapt = Adaptation {
             targets,
             min_keyframe_interval,
+            backlog: Arc::clone(&backlog),
         };
         let stream = match VideoStream::start(
             Arc::clone(clip),
@@ -683,6 +697,7 @@ impl Session {
             targets: targets_tx,
             keyframe: Arc::clone(&active.peer.keyframe),
             events,
+            backlog,
         }));
         info!("peer connected: streaming");
         active.media = Some((stream, writer));

@@ -45,6 +45,8 @@ const SLOW_START_GROWTH: f64 = 1.8;
 const STEADY_GROWTH: f64 = 1.08;
 const RECOVERY_GROWTH: f64 = 1.25;
 const QUIET_FOR: Duration = Duration::from_secs(5);
+/// A REMB this much older than the latest receiver report no longer counts.
+const REMB_EXPIRES: Duration = Duration::from_secs(5);
 /// The smallest step the estimate grows by, per second (8 % of 100 kbit/s would take minutes).
 const MIN_GROWTH_BPS: f64 = 20_000.0;
 
@@ -187,8 +189,8 @@ pub struct RateControl {
     fps: u32,
     /// The loss-based video estimate, bits per second.
     loss_based: f64,
-    /// The receiver's video estimate.
-    remb: Option<f64>,
+    /// The receiver's video estimate, and when it came.
+    remb: Option<(f64, Instant)>,
     slow_start: bool,
     last_congestion: Option<Instant>,
     last_report: Option<Instant>,
@@ -248,7 +250,7 @@ impl RateControl {
             // REMB that rises would let a long-stale estimate through at once.
             self.loss_based = self.loss_based.min(bps * 1.5);
         }
-        self.remb = Some(bps);
+        self.remb = Some((bps, now));
     }
 
     /// A receiver report: `fraction` of the video packets since the last report were lost.
@@ -288,9 +290,19 @@ impl RateControl {
         self.last_congestion = Some(now);
     }
 
-    /// What video may send: the smaller of the two halves.
+    /// What video may send: the smaller of the two halves (a REMB older than [`REMB_EXPIRES`]
+    /// no longer counts: a receiver that stopped sending them is not held to the last one).
     fn estimate(&self) -> f64 {
-        self.remb.map_or(self.loss_based, |r| r.min(self.loss_based))
+        match self.remb {
+            Some((r, at))
+                if self
+                    .last_report
+                    .is_none_or(|t| t.saturating_duration_since(at) < REMB_EXPIRES) =>
+            {
+                r.min(self.loss_based)
+            }
+            _ => self.loss_based,
+        }
     }
 
     fn video_bps(&self, estimate: f64) -> f64 {

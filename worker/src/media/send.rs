@@ -7,9 +7,15 @@
 //! audio packets skip the queue: the answer is heard on time however the picture fares.
 //!
 //! The session's first frame skips the pacer: it is what the viewer waits for, and nothing is
-//! queued ahead of it yet. The queue is bounded in time ([`MAX_QUEUE_DELAY`]): when the path narrows faster than the
-//! estimate follows, what is queued is dropped whole and a keyframe is asked for, rather than
-//! letting the picture fall seconds behind the sound.
+//! queued ahead of it yet.
+//!
+//! The queue's length in time is published to the media clock ([`SendParts::backlog`]), which
+//! skips encoding while more than [`SKIP_ABOVE`] is queued: a keyframe larger than the path
+//! carries in a frame's time (on a narrow path, most of them) then drains whole instead of being
+//! followed by frames that cannot leave either. Frames skipped before encoding leave the stream
+//! decodable; frames dropped after it would not. As a last resort the queue is bounded
+//! ([`MAX_QUEUE_DELAY`]): past it, what is queued is dropped whole and a keyframe asked for,
+//! rather than letting the picture fall seconds behind the sound.
 //!
 //! [`send_media`] is the async task that ties it together: it packetises frames
 //! ([`H264Packetizer`], RTP timestamps from the media clock, so a frame rate step does not stretch
@@ -24,7 +30,7 @@ use super::stream::{ClockEvent, MediaOut};
 use crate::rtc::{Feedback, Peer};
 use bytes::Bytes;
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
@@ -33,7 +39,9 @@ use webrtc::rtp::packetizer::Payloader;
 
 /// The longest video may wait in the pacer; beyond it the queue is dropped and a keyframe asked
 /// for.
-pub const MAX_QUEUE_DELAY: Duration = Duration::from_millis(500);
+pub const MAX_QUEUE_DELAY: Duration = Duration::from_millis(1000);
+/// While more than this is queued, the clock encodes no new frame.
+pub const SKIP_ABOVE: Duration = Duration::from_millis(150);
 /// Packets may leave this far ahead of the pacing schedule (a small burst, as browsers allow).
 const BURST: Duration = Duration::from_millis(5);
 /// RTP payload per packet: 1,200 bytes, as webrtc-rs and browsers use, less the RTP header.
@@ -79,6 +87,17 @@ impl<T> PacedQueue<T> {
 
     pub fn is_empty(&self) -> bool {
         self.items.is_empty()
+    }
+
+    /// Drop everything queued.
+    pub fn clear(&mut self) {
+        self.items.clear();
+        self.bytes = 0;
+    }
+
+    /// How long what is queued takes to leave at the current rate.
+    pub fn delay(&self) -> Duration {
+        self.drain_time(self.bytes)
     }
 
     fn drain_time(&self, bytes: usize) -> Duration {
@@ -193,6 +212,8 @@ pub struct SendParts {
     pub keyframe: Arc<AtomicBool>,
     /// The session hears of level and estimate changes here ([`ClockEvent::Quality`]).
     pub events: mpsc::UnboundedSender<ClockEvent>,
+    /// What the queue holds, in milliseconds at the pacing rate (the clock reads it).
+    pub backlog: Arc<AtomicU64>,
 }
 
 /// Send until the media channel closes or the peer fails (see the module docs).
@@ -205,6 +226,7 @@ pub async fn send_media(parts: SendParts) {
         targets,
         keyframe,
         events,
+        backlog,
     } = parts;
     let mut target = *targets.borrow();
     let mut gauge = QualityGauge::new(&target);
@@ -230,11 +252,16 @@ pub async fn send_media(parts: SendParts) {
                 }
                 Some(MediaOut::Video(frame)) if first_frame => {
                     first_frame = false;
+                    let mut failed = false;
                     for p in packetizer.packetize(&frame.data, frame.rtp_timestamp) {
                         if let Err(e) = peer.write_video_packet(&p).await {
                             tracing::debug!(error = %e, "video write failed");
+                            failed = true;
                             break;
                         }
+                    }
+                    if failed {
+                        break;
                     }
                 }
                 Some(MediaOut::Video(frame)) => {
@@ -243,10 +270,15 @@ pub async fn send_media(parts: SendParts) {
                         let n = p.payload.len() + 12;
                         (p, n)
                     });
+                    let key = super::encoder::contains_idr(&frame.data);
                     if let Err(Overflow { dropped }) = queue.push(sized) {
                         metrics::counter!("worker_video_queue_drops_total").increment(1);
                         tracing::debug!(dropped, "pacer queue over its bound: dropped, keyframe next");
                         keyframe.store(true, Ordering::Release);
+                        if !key {
+                            // Its references were just dropped: it would only show garbage.
+                            queue.clear();
+                        }
                     }
                 }
             },
@@ -277,6 +309,7 @@ pub async fn send_media(parts: SendParts) {
                 }
             }
         }
+        backlog.store(queue.delay().as_millis() as u64, Ordering::Release);
         if let Some(rc) = control.as_mut() {
             let now = Instant::now();
             let next = rc.target(now);
@@ -376,6 +409,7 @@ mod tests {
         let t0 = Instant::now();
         q.push((0..10).map(|i| (i, 1250))).expect("fits");
         assert_eq!(q.pop(t0), Some(0), "the first leaves at once");
+        assert_eq!(q.delay(), Duration::from_millis(90), "nine packets of 10 ms wait");
         assert_eq!(q.pop(t0), None, "the next is 10 ms away");
         assert_eq!(
             q.next_due(),

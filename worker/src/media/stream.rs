@@ -331,6 +331,9 @@ pub struct Adaptation {
     pub targets: watch::Receiver<Target>,
     /// At most one requested keyframe per this interval.
     pub min_keyframe_interval: Duration,
+    /// What the sender's pacer holds, in milliseconds: above [`super::send::SKIP_ABOVE`] the
+    /// clock encodes no new frame.
+    pub backlog: Arc<AtomicU64>,
 }
 
 impl Adaptation {
@@ -340,6 +343,7 @@ impl Adaptation {
         Self {
             targets: watch::channel(target).1,
             min_keyframe_interval: Duration::ZERO,
+            backlog: Default::default(),
         }
     }
 }
@@ -474,6 +478,7 @@ impl Clock<'_> {
             }
         };
         let mut keyframes = KeyframeGate::new(self.adapt.min_keyframe_interval);
+        let mut reopen_failed: Option<Instant> = None;
         let mut opus = match opus::Encoder::new(AUDIO_RATE, opus::Channels::Mono, opus::Application::Voip) {
             Ok(mut e) => {
                 let _ = e.set_bitrate(opus::Bitrate::Bits(32_000));
@@ -507,7 +512,8 @@ impl Clock<'_> {
                 Picture::Idle(i) => self.clip.frame(*i),
             };
             let target = *self.adapt.targets.borrow();
-            if encoding.needs_reopen(&target) {
+            let may_reopen = reopen_failed.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(2));
+            if may_reopen && encoding.needs_reopen(&target) {
                 match Encoding::open(encoder_name, self.settings, target) {
                     Ok(e) => {
                         debug!(
@@ -517,15 +523,28 @@ impl Clock<'_> {
                             "video level"
                         );
                         encoding = e;
+                        reopen_failed = None;
                         keyframes.sent(Instant::now()); // a new encoder starts with one
                     }
-                    Err(e) => warn!(error = %e, "could not reopen the video encoder; keeping the old level"),
+                    Err(e) => {
+                        // Keep the old encoder (and try again in 2 s, not on every tick).
+                        warn!(error = %e, "could not reopen the video encoder; keeping the old level");
+                        reopen_failed = Some(Instant::now());
+                        encoding.encoder.set_bitrate(target.video_bps);
+                    }
                 }
             } else if target.video_bps != encoding.target.video_bps {
                 encoding.encoder.set_bitrate(target.video_bps);
                 encoding.target = target;
             }
-            let shown = encoding.shows(self.settings.fps);
+            // The pacer still holds more than a few frames' worth (a keyframe on a narrow path):
+            // skip this frame rather than queue one that cannot leave either.
+            let backlogged = self.adapt.backlog.load(Ordering::Acquire) > super::send::SKIP_ABOVE.as_millis() as u64;
+            let due = encoding.shows(self.settings.fps);
+            let shown = due && !(backlogged && tick.pts > 0);
+            if due && !shown {
+                metrics::counter!("worker_video_frames_skipped_total").increment(1);
+            }
             let now = Instant::now();
             let force = shown && (tick.pts == 0 || keyframes.grant(self.keyframe, now));
             let scaled = match (&mut encoding.scaler, shown) {
