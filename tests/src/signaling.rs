@@ -24,7 +24,9 @@ impl Signaling {
         self.send_text(v.to_string()).await
     }
 
-    /// The next JSON event, or an error on timeout or close.
+    /// The next JSON event, or an error on timeout or close. `video_quality` reports (the
+    /// stream following the bandwidth, sent whenever it moves) are skipped: the tests that read
+    /// them use an independent viewer (`slow_link`) or the page.
     pub async fn next_event(&mut self, timeout: Duration) -> anyhow::Result<Value> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
@@ -32,7 +34,13 @@ impl Signaling {
                 .await
                 .map_err(|_| anyhow::anyhow!("no event within {timeout:?}"))?;
             match msg {
-                Some(Ok(Message::Text(t))) => return Ok(serde_json::from_str(t.as_str())?),
+                Some(Ok(Message::Text(t))) => {
+                    let ev: Value = serde_json::from_str(t.as_str())?;
+                    if ev["type"] == "video_quality" {
+                        continue;
+                    }
+                    return Ok(ev);
+                }
                 Some(Ok(Message::Close(c))) => anyhow::bail!("socket closed: {c:?}"),
                 Some(Ok(_)) => continue,
                 Some(Err(e)) => anyhow::bail!("socket error: {e}"),
