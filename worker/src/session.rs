@@ -12,6 +12,15 @@
 //! ([`Conversation::transcribe`]) and its transcript answered like a `text_webrtc`. The browser
 //! sees `user_speech_started`, `user_speech_ended` and `user_transcript` along the way.
 //!
+//! The operator's backend reaches the session through its command inbox ([`crate::api`]):
+//! describe, say, interrupt and end are handled between the session's other events, on its own
+//! task. Which answer plays when (the browser's message cuts in; a backend's say waits its turn
+//! unless it interrupts) is the pure [`crate::dialogue::Dialogue`]'s decision.
+//!
+//! Media follows the viewer's bandwidth: the peer's REMB and receiver reports go to the sender
+//! task ([`crate::media::send`]), which paces video and publishes the target the media clock
+//! encodes at.
+//!
 //! Typed messages and transcripts pass the same per-session limits ([`crate::talk::limits`]): a
 //! message too long or over the turn rate gets `message_too_long` or `rate_limited`, and the
 //! answer in progress goes on. An `interrupt` is not a turn and is never limited.
