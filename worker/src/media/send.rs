@@ -252,15 +252,7 @@ pub async fn send_media(parts: SendParts) {
                 }
                 Some(MediaOut::Video(frame)) if first_frame => {
                     first_frame = false;
-                    let mut failed = false;
-                    for p in packetizer.packetize(&frame.data, frame.rtp_timestamp) {
-                        if let Err(e) = peer.write_video_packet(&p).await {
-                            tracing::debug!(error = %e, "video write failed");
-                            failed = true;
-                            break;
-                        }
-                    }
-                    if failed {
+                    if !write_all(&peer, packetizer.packetize(&frame.data, frame.rtp_timestamp)).await {
                         break;
                     }
                 }
@@ -296,15 +288,8 @@ pub async fn send_media(parts: SendParts) {
             },
             _ = every.tick() => {}
             _ = sleep_until(due), if due.is_some() => {
-                let mut failed = false;
-                while let Some(p) = queue.pop(Instant::now()) {
-                    if let Err(e) = peer.write_video_packet(&p).await {
-                        tracing::debug!(error = %e, "video write failed");
-                        failed = true;
-                        break;
-                    }
-                }
-                if failed {
+                // Whatever the pacer lets go now.
+                if !write_all(&peer, std::iter::from_fn(|| queue.pop(Instant::now()))).await {
                     break;
                 }
             }
@@ -322,6 +307,17 @@ pub async fn send_media(parts: SendParts) {
             }
         }
     }
+}
+
+/// Write `packets` in order; `false` once a write fails (the peer is gone).
+async fn write_all(peer: &Peer, packets: impl IntoIterator<Item = webrtc::rtp::packet::Packet>) -> bool {
+    for p in packets {
+        if let Err(e) = peer.write_video_packet(&p).await {
+            tracing::debug!(error = %e, "video write failed");
+            return false;
+        }
+    }
+    true
 }
 
 async fn sleep_until(due: Option<Instant>) {
