@@ -285,19 +285,8 @@ fn a_call_on_any_relay_of_a_fleet_reaches_the_session() {
         );
         let trust = format!("fingerprint = \"{}\"", b.relay.fingerprint);
         let log = b.spawn_worker("fleet-worker", 4, SECRET, &trust, &also_a);
-        let deadline = Instant::now() + SECS(15);
-        while avatar_edge_tests::cluster::log_text(&log)
-            .matches("registered with relay")
-            .count()
-            < 2
-        {
-            assert!(
-                Instant::now() < deadline,
-                "not registered with both relays:\n{}",
-                b.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let registered = avatar_edge_tests::cluster::wait_for_count(&log, "registered with relay", 2, SECS(15)).await;
+        assert!(registered.is_some(), "not registered with both relays:\n{}", b.logs());
         // The browser is on relay A; the backend calls relay B.
         let mut sig = Signaling::connect(&a.ws_url("fleet-1")).await.expect("ws");
         let _client = play(&mut sig, &a).await;
