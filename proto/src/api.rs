@@ -8,6 +8,11 @@
 //! [`Reply::NotFound`]. The events the command causes (`assistant_text`, `speech_started`, ...)
 //! reach the browser on its own session stream, through whichever relay it is on.
 //!
+//! Audio of the backend's own ([`Command::Audio`]) rides the same command stream: once the worker
+//! has answered [`Reply::Turn`], the relay writes the raw samples after the frames (16-bit signed
+//! little-endian, mono, at the command's `rate`) and finishes the stream when the upload ends.
+//! The worker plays them as they come, so a chunked upload is heard before it ends.
+//!
 //! This module holds the messages and the checks a request must pass before it is sent
 //! ([`SayRequest::validate`]); no I/O.
 //!
@@ -15,6 +20,9 @@
 //! [`SessionFrame::Reply`]: crate::tunnel::SessionFrame::Reply
 
 use serde::{Deserialize, Serialize};
+
+/// The sample rates [`Command::Audio`] takes, in Hz.
+pub const AUDIO_RATES: std::ops::RangeInclusive<u32> = 8_000..=48_000;
 
 /// How `say` treats its text.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,6 +87,16 @@ pub enum Command {
     Interrupt {
         session_id: String,
     },
+    /// Play the backend's own speech (lip-synced; no language model, no speech synthesis): the
+    /// samples follow on the stream once the worker answers [`Reply::Turn`] (see the module docs).
+    Audio {
+        session_id: String,
+        /// Samples per second of what follows (8,000–48,000).
+        rate: u32,
+        /// Cut what the avatar says now instead of waiting for it to finish.
+        #[serde(default)]
+        interrupt: bool,
+    },
     /// End the session: the browser is told, the peer closes.
     End {
         session_id: String,
@@ -93,6 +111,7 @@ impl Command {
             Command::Get { session_id }
             | Command::Say { session_id, .. }
             | Command::Interrupt { session_id }
+            | Command::Audio { session_id, .. }
             | Command::End { session_id } => Some(session_id),
         }
     }

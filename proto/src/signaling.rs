@@ -319,6 +319,18 @@ impl ServerEvent {
         }
     }
 
+    /// Whether the browser's socket closes after this event: the service ended the session for
+    /// good (the session API's `DELETE`), so the page must not start it again with a new offer.
+    pub fn ends_session(&self) -> bool {
+        matches!(
+            self,
+            ServerEvent::Error {
+                code: ErrorCode::SessionEnded,
+                ..
+            }
+        )
+    }
+
     pub fn to_json(&self) -> String {
         // Serialising these plain structs cannot fail: every field is a string or a unit enum.
         serde_json::to_string(self)

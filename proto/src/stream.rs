@@ -70,6 +70,15 @@ impl<R: AsyncRead + Unpin> FramedRecv<R> {
     }
 }
 
+impl<R> FramedRecv<R> {
+    /// The stream back, with the bytes already read past the last frame: for a stream whose
+    /// frames are followed by raw bytes (the session API's audio, [`crate::api`]).
+    pub fn into_parts(mut self) -> (R, bytes::Bytes) {
+        let rest = self.decoder.take_rest();
+        (self.recv, rest)
+    }
+}
+
 /// Read exactly one frame and nothing after it: for a handshake on a byte stream that another
 /// protocol takes over afterwards (the TLS/TCP tunnel), where [`FramedRecv`]'s read-ahead could
 /// swallow the next protocol's first bytes. `None` at a clean end before the frame.

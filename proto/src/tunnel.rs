@@ -278,6 +278,12 @@ impl FrameDecoder {
         self.buf.extend_from_slice(data);
     }
 
+    /// The bytes received past the last complete frame, taken out: for a stream that carries
+    /// something other than frames after them (the session API's audio, [`crate::api`]).
+    pub fn take_rest(&mut self) -> Bytes {
+        self.buf.split().freeze()
+    }
+
     /// The next complete frame payload, `Ok(None)` if more bytes are needed. An oversized length
     /// prefix is reported as soon as the prefix is seen, before its body is buffered.
     pub fn next_frame(&mut self) -> Result<Option<Bytes>, FrameError> {

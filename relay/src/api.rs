@@ -12,6 +12,8 @@
 //!   do it now or an id two workers claim, 413 text over the limit, 429 over the key's rate, 503
 //!   no worker connected, 504 a worker did not answer in time (and none had the session).
 
+use crate::tunnel::conn::SendHalf;
+use crate::upload::{Format, Samples};
 use crate::AppState;
 use avatar_proto::api::{Command, Reply, RequestError, SayRequest};
 use avatar_proto::stream::{send_frame, FramedRecv};
@@ -36,6 +38,7 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/api/v1/sessions/{id}", get(get_one).delete(end))
         .route("/api/v1/sessions/{id}/say", post(say))
         .route("/api/v1/sessions/{id}/interrupt", post(interrupt))
+        .route("/api/v1/sessions/{id}/audio", post(audio))
 }
 
 /// An API error: its status, code and message.
@@ -124,10 +127,17 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<String, ApiError> 
     Ok(name)
 }
 
-/// What the workers said: the replies that are not `NotFound`, and how many did not answer.
+/// What the workers said: the replies that are not `NotFound`, with the streams they came on,
+/// and how many workers did not answer.
 struct Answers {
-    replies: Vec<Reply>,
+    replies: Vec<Answer>,
     silent: usize,
+}
+
+/// One worker's reply, and its command stream (which goes on for an audio upload).
+struct Answer {
+    reply: Reply,
+    send: SendHalf,
 }
 
 /// Send `command` to every worker at once and wait for all of them (so an id two workers claim
@@ -156,7 +166,7 @@ async fn ask_workers(state: &AppState, command: Command) -> Result<Answers, ApiE
                     send_frame(&mut send, &SessionFrame::Command(command)).await.ok()?;
                     let mut recv = FramedRecv::new(recv);
                     match recv.next::<SessionFrame>().await {
-                        Ok(Some(SessionFrame::Reply(reply))) => Some(reply),
+                        Ok(Some(SessionFrame::Reply(reply))) => Some(Answer { reply, send }),
                         other => {
                             debug!(worker = %w.id, ?other, "no reply to a session API command (an older worker?)");
                             None
@@ -171,11 +181,14 @@ async fn ask_workers(state: &AppState, command: Command) -> Result<Answers, ApiE
         replies: Vec::new(),
         silent: 0,
     };
-    while let Some(reply) = futures::StreamExt::next(&mut asks).await {
-        match reply {
-            Some(Reply::NotFound {}) => {}
+    while let Some(answer) = futures::StreamExt::next(&mut asks).await {
+        match answer {
+            Some(Answer {
+                reply: Reply::NotFound {},
+                ..
+            }) => {}
             None => answers.silent += 1,
-            Some(r) => answers.replies.push(r),
+            Some(a) => answers.replies.push(a),
         }
     }
     Ok(answers)
@@ -183,6 +196,11 @@ async fn ask_workers(state: &AppState, command: Command) -> Result<Answers, ApiE
 
 /// One session's reply: 404 if no worker has it, 504 if one did not answer, 409 if two claim it.
 async fn ask_session(state: &AppState, id: &str, command: Command) -> Result<Reply, ApiError> {
+    ask_session_stream(state, id, command).await.map(|a| a.reply)
+}
+
+/// [`ask_session`], keeping the stream the reply came on.
+async fn ask_session_stream(state: &AppState, id: &str, command: Command) -> Result<Answer, ApiError> {
     if !crate::http::valid_session_id(id) {
         return Err(ApiError::not_found(id));
     }
@@ -247,8 +265,8 @@ async fn list(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<
             ),
         ));
     }
-    for reply in answers.replies {
-        if let Reply::Sessions { sessions: s } = reply {
+    for answer in answers.replies {
+        if let Reply::Sessions { sessions: s } = answer.reply {
             sessions.extend(s);
         }
     }
@@ -332,4 +350,151 @@ async fn end(
         }
         other => Err(unexpected(&other)),
     }
+}
+
+/// `POST /api/v1/sessions/{id}/audio?interrupt=true|false`'s query.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AudioQuery {
+    #[serde(default)]
+    interrupt: bool,
+}
+
+/// The next piece of an upload: `None` at its end; 408 if the client sends nothing for
+/// `api.timeout_ms`, 400 if the body broke off.
+async fn next_piece(
+    body: &mut axum::body::BodyDataStream,
+    idle: Duration,
+) -> Result<Option<axum::body::Bytes>, ApiError> {
+    match tokio::time::timeout(idle, futures::StreamExt::next(body)).await {
+        Ok(None) => Ok(None),
+        Ok(Some(Ok(bytes))) => Ok(Some(bytes)),
+        Ok(Some(Err(e))) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_body",
+            format!("the upload broke off: {e}"),
+        )),
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "upload_stalled",
+            format!("no bytes for {} ms (api.timeout_ms)", idle.as_millis()),
+        )),
+    }
+}
+
+/// `POST /api/v1/sessions/{id}/audio`: the backend's own speech, lip-synced and played as it
+/// arrives ([`crate::upload`] for the formats). The worker is found first (the WAV header is read
+/// to know the rate), then the samples stream to it while the body is still coming.
+async fn audio(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    query: Result<axum::extract::Query<AudioQuery>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Result<Response, ApiError> {
+    let key = authorize(&state, &headers)?;
+    let axum::extract::Query(query) = query.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_query",
+            format!("{e} (?interrupt=true|false)"),
+        )
+    })?;
+    let unsupported = |e: crate::upload::FormatError| {
+        ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_audio", e.to_string())
+    };
+    let content_type = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let format = crate::upload::format_of(content_type).map_err(unsupported)?;
+    let idle = Duration::from_millis(state.config.api.timeout_ms);
+    let max_seconds = state.config.api.max_audio_seconds;
+    let mut body = body.into_data_stream();
+    let (spec, data_len, first) = match format {
+        Format::Raw(spec) => (spec, None, Vec::new()),
+        Format::Wav => {
+            let mut head = Vec::new();
+            loop {
+                if let Some(h) = crate::upload::parse_wav_header(&head).map_err(unsupported)? {
+                    break (h.spec, h.data_len, head.split_off(h.data_offset));
+                }
+                match next_piece(&mut body, idle).await? {
+                    Some(piece) => head.extend_from_slice(&piece),
+                    None => {
+                        return Err(unsupported(crate::upload::FormatError::Wav(
+                            "the body ends inside its header",
+                        )))
+                    }
+                }
+            }
+        }
+    };
+    let too_long = |seconds: f64| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "audio_too_long",
+            format!("{seconds:.1} s of audio; the limit is {max_seconds} s (api.max_audio_seconds)"),
+        )
+    };
+    let frame_bytes = 2 * u64::from(spec.channels);
+    if let Some(len) = data_len {
+        let seconds = (len / frame_bytes) as f64 / f64::from(spec.rate);
+        if seconds > f64::from(max_seconds) {
+            return Err(too_long(seconds));
+        }
+    }
+    let command = Command::Audio {
+        session_id: id.clone(),
+        rate: spec.rate,
+        interrupt: query.interrupt,
+    };
+    let Answer { reply, mut send } = ask_session_stream(&state, &id, command).await?;
+    let (turn, queued) = match reply {
+        Reply::Turn { turn, queued } => (turn, queued),
+        Reply::Refused { code, message } => return Err(refused(code, message)),
+        other => return Err(unexpected(&other)),
+    };
+    info!(%key, session_id = %id, turn, queued, rate = spec.rate, "session API: audio");
+    // Samples after the limit are not sent; the upload is then refused with what was played.
+    let allowed = u64::from(max_seconds) * u64::from(spec.rate) * 2;
+    let mut sent = 0u64;
+    let mut samples = Samples::new(spec, data_len);
+    let mut out = Vec::new();
+    let mut piece = Some(axum::body::Bytes::from(first));
+    let result = loop {
+        let Some(bytes) = piece.take() else { break Ok(()) };
+        out.clear();
+        samples.push(&bytes, &mut out);
+        let room = usize::try_from(allowed - sent).unwrap_or(usize::MAX);
+        let over = out.len() > room;
+        out.truncate(room);
+        sent += out.len() as u64;
+        if tokio::io::AsyncWriteExt::write_all(&mut send, &out).await.is_err() {
+            break Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "interrupted",
+                format!("turn {turn} ended before the upload did (interrupted, or the session ended)"),
+            ));
+        }
+        if over {
+            break Err(too_long(samples.seconds()));
+        }
+        if samples.complete() {
+            break Ok(());
+        }
+        match next_piece(&mut body, idle).await {
+            Ok(next) => piece = next,
+            Err(e) => break Err(e),
+        }
+    };
+    // The end of the stream is the end of the audio: the avatar finishes what it got.
+    let _ = tokio::io::AsyncWriteExt::shutdown(&mut send).await;
+    result?;
+    let seconds = sent as f64 / 2.0 / f64::from(spec.rate);
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"turn": turn, "queued": queued, "seconds": (seconds * 1000.0).round() / 1000.0})),
+    )
+        .into_response())
 }

@@ -555,8 +555,10 @@ pub struct ApiConfig {
     pub requests_per_minute: u32,
     /// The longest `say` text, in characters (413 above it).
     pub max_text_chars: usize,
-    /// How long a call waits for the workers' answers.
+    /// How long a call waits for the workers' answers (and an audio upload for its next bytes).
     pub timeout_ms: u64,
+    /// The longest audio upload, in seconds of audio (413 above it).
+    pub max_audio_seconds: u32,
 }
 
 impl Default for ApiConfig {
@@ -566,6 +568,7 @@ impl Default for ApiConfig {
             requests_per_minute: 600,
             max_text_chars: 2000,
             timeout_ms: 5000,
+            max_audio_seconds: 300,
         }
     }
 }
@@ -600,10 +603,14 @@ impl ApiConfig {
                 );
             }
         }
-        if self.requests_per_minute == 0 || self.max_text_chars == 0 || !(1..=60_000).contains(&self.timeout_ms) {
+        if self.requests_per_minute == 0
+            || self.max_text_chars == 0
+            || self.max_audio_seconds == 0
+            || !(1..=60_000).contains(&self.timeout_ms)
+        {
             return invalid(
                 "api",
-                "requests_per_minute and max_text_chars must be above 0, timeout_ms 1..=60000",
+                "requests_per_minute, max_text_chars and max_audio_seconds must be above 0, timeout_ms 1..=60000",
             );
         }
         Ok(())

@@ -28,6 +28,7 @@ pub mod signaling;
 pub mod tls;
 pub mod tunnel;
 pub mod turn;
+pub mod upload;
 
 use axum_server::accept::NoDelayAcceptor;
 use axum_server::tls_rustls::RustlsAcceptor;

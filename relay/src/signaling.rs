@@ -384,6 +384,11 @@ pub async fn run_session<S, E>(
             if !Box::pin(send_event(&mut socket, &ev, write)).await {
                 break 'session;
             }
+            if ev.ends_session() {
+                info!("the service ended the session");
+                Box::pin(close(&mut socket, NORMAL, "session ended", write)).await;
+                break 'session;
+            }
         }
     }
     if let Some(mut a) = attached {

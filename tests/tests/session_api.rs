@@ -71,6 +71,78 @@ fn loud(stats: &ReceiverStats, from: Instant, to: Instant) -> (usize, usize) {
     (audio.iter().filter(|v| **v > 0.02).count(), audio.len())
 }
 
+/// POST `pieces` to `path` with chunked transfer encoding, `gap` apart; the status, the JSON body
+/// and when the last piece was sent.
+async fn upload(
+    addr: SocketAddr,
+    path: &str,
+    content_type: &str,
+    pieces: &[&[u8]],
+    gap: Duration,
+) -> (u16, Value, Instant) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAuthorization: Bearer {KEY}\r\n\
+         Content-Type: {content_type}\r\nTransfer-Encoding: chunked\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.expect("head");
+    let mut last = Instant::now();
+    for (i, piece) in pieces.iter().enumerate() {
+        if i > 0 {
+            tokio::time::sleep(gap).await;
+        }
+        let mut chunk = format!("{:x}\r\n", piece.len()).into_bytes();
+        chunk.extend_from_slice(piece);
+        chunk.extend_from_slice(b"\r\n");
+        if s.write_all(&chunk).await.is_err() {
+            break; // refused before the end: the response says why
+        }
+        last = Instant::now();
+    }
+    let _ = s.write_all(b"0\r\n\r\n").await;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(SECS(30), s.read_to_end(&mut buf)).await;
+    let text = String::from_utf8_lossy(&buf);
+    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
+    (status, serde_json::from_str(body.trim()).unwrap_or(Value::Null), last)
+}
+
+/// A WAV file of `text` spoken by espeak-ng (22,050 Hz, 16-bit mono), as `-w` writes it (true
+/// sizes) or as `--stdout` does (placeholder sizes: to the end of the stream).
+fn espeak_wav(text: &str, streaming: bool) -> Vec<u8> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("speech.wav");
+    let mut cmd = std::process::Command::new("espeak-ng");
+    cmd.args(["-s", "150", "-v", "en-us"]);
+    if streaming {
+        cmd.arg("--stdout");
+    } else {
+        cmd.arg("-w").arg(&path);
+    }
+    let out = cmd.arg(text).output().expect("espeak-ng (scripts/install-deps)");
+    assert!(
+        out.status.success(),
+        "espeak-ng: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if streaming {
+        out.stdout
+    } else {
+        std::fs::read(&path).expect("the WAV")
+    }
+}
+
+/// Seconds of 16-bit mono audio in a 44-byte-header WAV at 22,050 Hz.
+fn wav_seconds(wav: &[u8]) -> f64 {
+    (wav.len() - 44) as f64 / 2.0 / 22_050.0
+}
+
+fn mean(v: &[f32]) -> f32 {
+    v.iter().sum::<f32>() / v.len().max(1) as f32
+}
+
 async fn talking_cluster(relay_extra: &str, llm: &OpenAiServer) -> Cluster {
     let mut cluster = Cluster::relay_only(relay_extra).await;
     let worker = format!(
@@ -193,9 +265,172 @@ fn the_backend_lists_the_session_makes_it_speak_interrupts_and_ends_it() {
             assert_eq!(status, 204);
             let err = sig.wait_for("error", SECS(5)).await.expect("told");
             assert_eq!(err["code"], "session_ended", "{err}");
+            let closed = sig.next_event(SECS(3)).await;
+            assert!(
+                closed.as_ref().is_err_and(|e| e.to_string().contains("closed")),
+                "the socket closes, so the page cannot start the session again: {closed:?}"
+            );
             let (status, gone) = call(api, "GET", "/api/v1/sessions/lesson-7", None).await;
             assert_eq!(status, 404, "{gone}");
             assert_eq!(gone["error"]["code"], "no_session");
+        },
+    );
+}
+
+#[test]
+fn the_backends_own_audio_is_lip_synced_and_plays_while_it_uploads() {
+    netns::run(
+        "the_backends_own_audio_is_lip_synced_and_plays_while_it_uploads",
+        || async {
+            let llm = OpenAiServer::start().await;
+            // Speech synthesis through the stand-in too, so that a request to it would show.
+            let mut cluster = Cluster::relay_only(&api_keys("max_audio_seconds = 8")).await;
+            let worker = format!(
+                "[talk.llm]\nbackend = \"openai\"\nbase_url = \"{0}\"\nmodel = \"tutor-1\"\napi_key = \"sk-test\"\n\
+             [talk.tts]\nbackend = \"openai\"\nbase_url = \"{0}\"\nmodel = \"voice-1\"\napi_key = \"sk-test\"\n",
+                llm.base_url()
+            );
+            cluster.add_worker("talker", 4, &worker).await;
+            let api = cluster.relay.http;
+            let mut sig = Signaling::connect(&cluster.ws_url("audio-1")).await.expect("ws");
+            let client = play(&mut sig, &cluster).await;
+            client.wait_frames(10, SECS(5)).await;
+            let idle_mouth = {
+                let now = Instant::now();
+                tokio::time::sleep(Duration::from_millis(600)).await;
+                mean(&client.snapshot().mouth_between(now, Instant::now()))
+            };
+
+            // A whole WAV file, as espeak-ng writes it.
+            let wav = espeak_wav(
+                "The water cycle moves water from the sea to the sky and back again.",
+                false,
+            );
+            let seconds = wav_seconds(&wav);
+            let path = "/api/v1/sessions/audio-1/audio";
+            let (status, turn, _) = upload(api, path, "audio/wav", &[&wav], Duration::ZERO).await;
+            assert_eq!(status, 202, "{turn}\n{}", cluster.logs());
+            assert!(
+                (turn["seconds"].as_f64().unwrap_or(0.0) - seconds).abs() < 0.01,
+                "{turn} vs {seconds}"
+            );
+            let (events, started, ended) = until_speech_ended(&mut sig, &cluster).await;
+            let played = (ended - started).as_secs_f64();
+            eprintln!("audio of {seconds:.2} s played for {played:.2} s (speech_started → speech_ended)");
+            assert!(
+                (played - seconds).abs() <= seconds * 0.1,
+                "played {played:.2} s of a {seconds:.2} s file"
+            );
+            assert!(
+                !events.iter().any(|e| e["type"] == "assistant_text"),
+                "audio has no text: {events:?}"
+            );
+            let stats = client.snapshot();
+            let (n_loud, n) = loud(&stats, started + Duration::from_millis(150), ended);
+            assert!(n_loud * 3 >= n && n > 20, "speech heard: {n_loud}/{n} loud packets");
+            let mouth = stats.mouth_between(started + Duration::from_millis(150), ended);
+            let moved = mouth.iter().filter(|m| (**m - idle_mouth).abs() > 6.0).count();
+            eprintln!("mouth luma idle {idle_mouth:.1}; {moved}/{} frames moved", mouth.len());
+            assert!(
+                moved * 4 >= mouth.len() && mouth.len() > 20,
+                "the mouth moves: {moved}/{}",
+                mouth.len()
+            );
+            let seen = llm.seen();
+            assert!(
+                seen.chat_requests.is_empty() && seen.speech_requests.is_empty(),
+                "no language model and no speech synthesis"
+            );
+
+            // A streaming WAV (placeholder sizes) sent in pieces at about real time: the avatar
+            // speaks before the last piece is sent.
+            let wav = espeak_wav(
+                "This lesson is streamed to the avatar while it is still being made.",
+                true,
+            );
+            let sent_at = Instant::now();
+            let streamed = wav.clone();
+            let uploading = tokio::spawn(async move {
+                let pieces: Vec<&[u8]> = streamed.chunks(8_820).collect(); // 0.2 s each
+                upload(api, path, "audio/wav", &pieces, Duration::from_millis(150)).await
+            });
+            let started = sig
+                .wait_for("speech_started", SECS(10))
+                .await
+                .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+            let heard_at = Instant::now();
+            let (status, _, last_piece) = uploading.await.expect("upload");
+            assert_eq!(status, 202);
+            eprintln!(
+                "chunked: speech_started {:?} after the first piece, last piece sent at {:?}",
+                heard_at - sent_at,
+                last_piece - sent_at
+            );
+            assert!(heard_at < last_piece, "playing began before the upload ended");
+            let ended = sig.wait_for("speech_ended", SECS(15)).await.expect("ended");
+            assert_eq!(
+                (ended["turn"].clone(), ended["interrupted"].clone()),
+                (started["turn"].clone(), json!(false))
+            );
+
+            // Raw samples: audio/L16 (big-endian) at 16 kHz, interrupting nothing.
+            let tone: Vec<u8> = (0..16_000)
+                .flat_map(|i| (((i as f32 * 0.06).sin() * 12_000.0) as i16).to_be_bytes())
+                .collect();
+            let (status, reply, _) = upload(api, path, "audio/L16;rate=16000", &[&tone], Duration::ZERO).await;
+            assert_eq!((status, reply["seconds"].as_f64()), (202, Some(1.0)), "{reply}");
+            let (_, started, ended) = until_speech_ended(&mut sig, &cluster).await;
+            let played = (ended - started).as_secs_f64();
+            assert!((played - 1.0).abs() <= 0.1, "1 s of L16 played for {played:.2} s");
+
+            // What it does not take.
+            for (content_type, body, status, code) in [
+                ("audio/mpeg", &b"ID3\x03\0\0\0\0\0\0"[..], 415, "unsupported_audio"),
+                ("audio/L16", &tone[..64], 415, "unsupported_audio"),
+                (
+                    "audio/wav",
+                    &b"RIFF\0\0\0\0WAVEfmt \x10\0\0\0\x03\0\x01\0\x80\xbb\0\0\0\0\0\0\x04\0\x20\0"[..],
+                    415,
+                    "unsupported_audio",
+                ),
+            ] {
+                let (got, reply, _) = upload(api, path, content_type, &[body], Duration::ZERO).await;
+                assert_eq!(
+                    (got, &reply["error"]["code"]),
+                    (status, &json!(code)),
+                    "{content_type}: {reply}"
+                );
+                eprintln!("{content_type}: {}", reply["error"]["message"]);
+            }
+            // Over api.max_audio_seconds (8 s): a file that says so up front is refused whole.
+            let long: Vec<u8> = {
+                let mut w =
+                    b"RIFF\0\0\0\0WAVEfmt \x10\0\0\0\x01\0\x01\0\x80\x3e\0\0\0\x7d\0\0\x02\0\x10\0data".to_vec();
+                w.extend_from_slice(&(16_000u32 * 2 * 9).to_le_bytes());
+                w.resize(w.len() + 16_000 * 2 * 9, 0);
+                w
+            };
+            let (got, reply, _) = upload(api, path, "audio/wav", &[&long], Duration::ZERO).await;
+            assert_eq!(
+                (got, &reply["error"]["code"]),
+                (413, &json!("audio_too_long")),
+                "{reply}"
+            );
+            let (status, _, _) = upload(
+                api,
+                "/api/v1/sessions/nobody/audio",
+                "audio/wav",
+                &[&wav],
+                Duration::ZERO,
+            )
+            .await;
+            assert_eq!(status, 404);
+            assert!(llm.seen().speech_requests.is_empty());
+            let frames = client.snapshot().frames_decoded;
+            assert!(
+                client.wait_frames(frames + 10, SECS(5)).await.frames_decoded >= frames + 10,
+                "still playing"
+            );
         },
     );
 }
@@ -316,6 +551,24 @@ fn a_call_on_any_relay_of_a_fleet_reaches_the_session() {
         assert_eq!((status, &stopped["interrupted"]), (200, &json!(true)));
         let ended = sig.wait_for("speech_ended", SECS(2)).await.expect("interrupted");
         assert_eq!(ended["interrupted"], true);
+        // Audio sent to relay B plays to the browser on A.
+        let half_second: Vec<u8> = (0..8_000)
+            .flat_map(|i| (((i as f32 * 0.05).sin() * 12_000.0) as i16).to_le_bytes())
+            .collect();
+        let (status, reply, _) = upload(
+            api,
+            "/api/v1/sessions/fleet-1/audio",
+            "audio/pcm;rate=16000",
+            &[&half_second],
+            Duration::ZERO,
+        )
+        .await;
+        assert_eq!(status, 202, "{reply}");
+        let ended = sig
+            .wait_for("speech_ended", SECS(10))
+            .await
+            .expect("the audio played on A");
+        assert_eq!(ended["turn"], reply["turn"]);
         let (status, _) = call(api, "DELETE", "/api/v1/sessions/fleet-1", None).await;
         assert_eq!(status, 204);
         let err = sig.wait_for("error", SECS(5)).await.expect("ended");

@@ -5,11 +5,19 @@
 //! [`serve_command`] finds the session by id, puts the command in its inbox with a reply
 //! channel, and sends the reply back on the stream. The session acts on the command between its
 //! other events, so everything about a session still happens on its own task.
+//!
+//! An audio command's samples follow its frame on the stream ([`avatar_proto::api`]): once the
+//! session has taken the turn, [`serve_command`] reads them and hands them on in pieces as they
+//! come ([`AudioIn`]), so the avatar speaks while the upload goes on. The pieces wait in a small
+//! channel: while the turn waits its place, or the lip-sync is behind, the stream is not read,
+//! and the upload waits with it. When the turn is cut, reading stops and the relay hears that
+//! the stream was dropped.
 
-use crate::session::SendHalf;
+use crate::session::{RecvHalf, SendHalf};
+use crate::talk::AudioIn;
 use crate::Context;
 use avatar_proto::api::{Command, Reply, SessionInfo};
-use avatar_proto::stream::send_frame;
+use avatar_proto::stream::{send_frame, FramedRecv};
 use avatar_proto::tunnel::SessionFrame;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -23,11 +31,15 @@ const REPLY_WITHIN: Duration = Duration::from_secs(3);
 const LIST_WITHIN: Duration = Duration::from_millis(1000);
 /// Commands that may wait in one session's inbox.
 const INBOX: usize = 16;
+/// Pieces of uploaded audio (up to 16 KiB each) read ahead of the lip-sync.
+const AUDIO_AHEAD: usize = 8;
 
 /// A command for one session, with where its reply goes.
 pub struct Request {
     pub command: Command,
     pub reply: oneshot::Sender<Reply>,
+    /// An audio command's samples.
+    pub audio: Option<AudioIn>,
 }
 
 /// The sessions this worker runs, by id.
@@ -81,9 +93,9 @@ impl Directory {
     }
 
     /// Ask one session; `NotFound` if it is not here or ended before it answered.
-    pub async fn ask(&self, id: &str, command: Command) -> Reply {
+    pub async fn ask(&self, id: &str, command: Command, audio: Option<AudioIn>) -> Reply {
         match self.inbox(id) {
-            Some(inbox) => ask(&inbox, command).await,
+            Some(inbox) => ask(&inbox, command, audio).await,
             None => Reply::NotFound {},
         }
     }
@@ -91,7 +103,7 @@ impl Directory {
     /// Every session's description, all asked at once.
     pub async fn list(&self) -> Vec<SessionInfo> {
         let asks = self.all().into_iter().map(|inbox| async move {
-            match tokio::time::timeout(LIST_WITHIN, ask(&inbox, Command::List {})).await {
+            match tokio::time::timeout(LIST_WITHIN, ask(&inbox, Command::List {}, None)).await {
                 Ok(Reply::Session { session }) => Some(session),
                 _ => None,
             }
@@ -102,13 +114,13 @@ impl Directory {
 
 /// Put `command` in a session's inbox and wait for its reply: `busy` if the inbox is full or the
 /// session does not answer in time, `NotFound` if it ended.
-async fn ask(inbox: &mpsc::Sender<Request>, command: Command) -> Reply {
+async fn ask(inbox: &mpsc::Sender<Request>, command: Command, audio: Option<AudioIn>) -> Reply {
     let busy = || Reply::Refused {
         code: "busy".into(),
         message: "the session did not take the command in time; retry".into(),
     };
     let (reply, answer) = oneshot::channel();
-    match inbox.try_send(Request { command, reply }) {
+    match inbox.try_send(Request { command, reply, audio }) {
         Ok(()) => {}
         Err(mpsc::error::TrySendError::Full(_)) => return busy(),
         Err(mpsc::error::TrySendError::Closed(_)) => return Reply::NotFound {},
@@ -121,19 +133,76 @@ async fn ask(inbox: &mpsc::Sender<Request>, command: Command) -> Reply {
     }
 }
 
-/// Serve one command stream from a relay: answer the command and finish the stream.
-pub async fn serve_command(mut send: SendHalf, command: Command, ctx: Arc<Context>) {
-    let reply = match command.session_id() {
-        None => Reply::Sessions {
+/// Serve one command stream from a relay: answer the command (and take an audio command's
+/// samples), and finish the stream.
+pub async fn serve_command(mut send: SendHalf, recv: FramedRecv<RecvHalf>, command: Command, ctx: Arc<Context>) {
+    let mut samples = None;
+    let reply = match (command.session_id(), &command) {
+        (None, _) => Reply::Sessions {
             sessions: ctx.directory.list().await,
         },
-        Some(id) => {
+        (Some(id), Command::Audio { rate, .. }) => {
             let id = id.to_owned();
-            ctx.directory.ask(&id, command).await
+            let (tx, pieces) = mpsc::channel(AUDIO_AHEAD);
+            samples = Some(tx);
+            let audio = AudioIn { rate: *rate, pieces };
+            ctx.directory.ask(&id, command, Some(audio)).await
+        }
+        (Some(id), _) => {
+            let id = id.to_owned();
+            ctx.directory.ask(&id, command, None).await
         }
     };
+    let taken = matches!(reply, Reply::Turn { .. });
     if let Err(e) = send_frame(&mut send, &SessionFrame::Reply(reply)).await {
         tracing::debug!(error = %e, "could not send the command's reply");
     }
+    if let (Some(pieces), true) = (samples, taken) {
+        let (recv, rest) = recv.into_parts();
+        read_audio(recv, rest, pieces).await;
+    }
     let _ = tokio::io::AsyncWriteExt::shutdown(&mut send).await;
+}
+
+/// Read 16-bit little-endian samples to the end of the stream and pass them on as pieces; stop
+/// when the turn no longer takes them.
+async fn read_audio(mut recv: RecvHalf, rest: bytes::Bytes, pieces: mpsc::Sender<Vec<f32>>) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut odd: Option<u8> = None;
+    let mut first = Some(rest);
+    loop {
+        let bytes: &[u8] = match first.take() {
+            Some(rest) if !rest.is_empty() => {
+                let n = rest.len().min(buf.len());
+                buf[..n].copy_from_slice(&rest[..n]);
+                if n < rest.len() {
+                    first = Some(rest.slice(n..));
+                }
+                &buf[..n]
+            }
+            _ => match recv.read(&mut buf).await {
+                Ok(0) => return,
+                Ok(n) => &buf[..n],
+                Err(e) => {
+                    tracing::debug!(error = %e, "the audio upload's stream broke");
+                    return;
+                }
+            },
+        };
+        let mut piece = Vec::with_capacity(bytes.len() / 2 + 1);
+        let mut bytes = bytes;
+        if let (Some(lo), Some((&hi, tail))) = (odd, bytes.split_first()) {
+            piece.push(f32::from(i16::from_le_bytes([lo, hi])) / 32768.0);
+            odd = None;
+            bytes = tail;
+        }
+        let pairs = bytes.chunks_exact(2);
+        odd = odd.or_else(|| pairs.remainder().first().copied());
+        piece.extend(pairs.map(|b| f32::from(i16::from_le_bytes([b[0], b[1]])) / 32768.0));
+        if !piece.is_empty() && pieces.send(piece).await.is_err() {
+            tracing::debug!("the audio's turn ended; the rest of the upload is refused");
+            return;
+        }
+    }
 }

@@ -13,7 +13,7 @@
 //! sees `user_speech_started`, `user_speech_ended` and `user_transcript` along the way.
 //!
 //! The operator's backend reaches the session through its command inbox ([`crate::api`]):
-//! describe, say, interrupt and end are handled between the session's other events, on its own
+//! describe, say, audio, interrupt and end are handled between the session's other events, on its own
 //! task. Which answer plays when (the browser's message cuts in; a backend's say waits its turn
 //! unless it interrupts) is the pure [`crate::dialogue::Dialogue`]'s decision.
 //!
@@ -34,14 +34,14 @@
 //!
 //! Either way the encoder thread is stopped and the capacity slot returned (both on drop).
 
-use crate::dialogue::Dialogue;
+use crate::dialogue::{Dialogue, Said, Start};
 use crate::media::rate::{RateControl, Target};
 use crate::media::send::{send_media, SendParts};
 use crate::media::stream::{Adaptation, ClockEvent, Feed, MediaOut, VideoStream};
 use crate::rtc::{CandidateRefused, Feedback, Peer, RtcError};
 use crate::talk::hearing::Hearing;
 use crate::talk::vad::Heard;
-use crate::talk::{Conversation, TalkEvent};
+use crate::talk::{AudioIn, Conversation, TalkEvent};
 use crate::Context;
 use avatar_proto::signaling::{ClientMessage, ErrorCode, ServerEvent};
 use avatar_proto::stream::{send_frame, FramedRecv};
@@ -108,7 +108,7 @@ pub async fn run_session(
     let open = match tokio::time::timeout(Duration::from_secs(5), recv.next::<SessionFrame>()).await {
         Ok(Ok(Some(SessionFrame::Open(open)))) => open,
         Ok(Ok(Some(SessionFrame::Command(command)))) => {
-            return crate::api::serve_command(send, command, ctx).await;
+            return crate::api::serve_command(send, recv, command, ctx).await;
         }
         other => {
             warn!(?other, "session stream did not start with an open frame");
@@ -165,7 +165,7 @@ struct Session {
     ctx: Arc<Context>,
     about: About,
     /// Whose turn it is (the browser's messages and the session API's says).
-    dialogue: Dialogue,
+    dialogue: Dialogue<AudioIn>,
     active: Option<Active>,
     /// The tunnel broke; media continues until the peer ends.
     detached: bool,
@@ -479,7 +479,18 @@ impl Session {
                 text,
                 is_final: false,
             },
-            TalkEvent::Done { turn, user, answer } => {
+            TalkEvent::Done {
+                turn,
+                user,
+                answer,
+                spoken,
+            } => {
+                if !spoken {
+                    // Nothing to hear (a text of no words, audio of no samples): the clock will
+                    // not report an end of speech, so the turn ends here.
+                    self.turn_ended(turn, false);
+                }
+                let Some(answer) = answer else { return };
                 if let (Some(conv), Some(user)) = (self.conv.as_mut(), user) {
                     conv.remember(user, answer.clone());
                 }
@@ -500,28 +511,52 @@ impl Session {
 
     /// Turn `turn` is over: start the session API's next waiting say, if any.
     fn turn_ended(&mut self, turn: u64, interrupted: bool) {
-        let (Some(next), Some(conv)) = (self.dialogue.ended(turn, interrupted), self.conv.as_mut()) else {
+        let Some(next) = self.dialogue.ended(turn, interrupted) else {
             return;
         };
-        match conv.speak(Some(next.turn), next.text, next.mode) {
-            Ok(turn) => {
-                info!(turn, "saying what the session API queued");
-                self.dialogue.started(turn);
-            }
+        match self.begin(next) {
+            Ok(turn) => info!(turn, "saying what the session API queued"),
             Err(refusal) => warn!(%refusal, "a queued say could not start"),
         }
+    }
+
+    /// Start a backend's turn on the conversation.
+    fn begin(&mut self, start: Start<AudioIn>) -> Result<u64, crate::talk::limits::Refusal> {
+        let conv = self.conv.as_mut().ok_or(crate::talk::limits::Refusal::NotReady)?;
+        let turn = match start.said {
+            Said::Text { text, mode } => conv.speak(Some(start.turn), text, mode)?,
+            Said::Audio(audio) => conv.play(Some(start.turn), audio)?,
+        };
+        self.dialogue.started(turn);
+        Ok(turn)
     }
 
     /// A command from the session API ([`crate::api`]); `Some` when it ends the session.
     fn on_command(&mut self, request: crate::api::Request) -> Option<End> {
         use avatar_proto::api::{Command, Reply};
-        let crate::api::Request { command, reply } = request;
+        let crate::api::Request { command, reply, audio } = request;
         if reply.is_closed() {
             return None; // the caller gave up waiting (and was told `busy`): do not act late
         }
         let (answer, end) = match command {
             Command::List {} | Command::Get { .. } => (Reply::Session { session: self.info() }, None),
-            Command::Say { say, .. } => (self.api_say(say), None),
+            Command::Say { say, .. } => {
+                let said = Said::Text {
+                    text: say.text,
+                    mode: say.mode,
+                };
+                (self.api_turn(said, say.interrupt), None)
+            }
+            Command::Audio { interrupt, .. } => match audio {
+                Some(audio) => (self.api_turn(Said::Audio(audio), interrupt), None),
+                None => (
+                    Reply::Refused {
+                        code: ErrorCode::BadJson.as_str().into(),
+                        message: "an audio command without its audio".into(),
+                    },
+                    None,
+                ),
+            },
             Command::Interrupt { .. } => {
                 let interrupted = self.dialogue.interrupt();
                 if let Some(conv) = self.conv.as_mut() {
@@ -544,7 +579,8 @@ impl Session {
         end
     }
 
-    fn api_say(&mut self, say: avatar_proto::api::SayRequest) -> avatar_proto::api::Reply {
+    /// The session API's say or audio: start it, or queue it behind the answer in progress.
+    fn api_turn(&mut self, said: Said<AudioIn>, interrupt: bool) -> avatar_proto::api::Reply {
         use crate::dialogue::Say;
         use avatar_proto::api::Reply;
         let refused = |code: ErrorCode, message: String| Reply::Refused {
@@ -564,7 +600,7 @@ impl Session {
                 "the session's video is not playing yet (the browser has not connected its peer)".into(),
             );
         }
-        if !say.interrupt && self.dialogue.waiting() >= crate::dialogue::MAX_WAITING {
+        if !interrupt && self.dialogue.waiting() >= crate::dialogue::MAX_WAITING {
             return refused(
                 ErrorCode::RateLimited,
                 format!(
@@ -574,16 +610,19 @@ impl Session {
             );
         }
         let turn = conv.reserve_turn();
-        match self.dialogue.say(turn, say.text, say.mode, say.interrupt) {
+        let kind = match &said {
+            Said::Text { mode, .. } => format!("{mode:?}"),
+            Said::Audio(a) => format!("audio at {} Hz", a.rate),
+        };
+        match self.dialogue.say(turn, said, interrupt) {
             Say::Queued { ahead } => {
-                info!(turn, ahead, "say queued behind the answer in progress");
+                info!(turn, ahead, %kind, "queued behind the answer in progress");
                 Reply::Turn { turn, queued: true }
             }
-            Say::Now(start) => match conv.speak(Some(start.turn), start.text, start.mode) {
+            Say::Now(start) => match self.begin(start) {
                 Ok(turn) => {
-                    info!(turn, mode = ?start.mode, "saying for the session API");
+                    info!(turn, %kind, "saying for the session API");
                     metrics::counter!("worker_api_says_total").increment(1);
-                    self.dialogue.started(turn);
                     Reply::Turn { turn, queued: false }
                 }
                 Err(refusal) => refused(refusal.code(), refusal.to_string()),

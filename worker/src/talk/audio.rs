@@ -129,6 +129,120 @@ pub fn resample(pcm: &Pcm, to: u32) -> Result<Vec<f32>, AudioError> {
     Ok(out)
 }
 
+/// [`resample`] for audio that arrives in pieces (the session API's uploads): each
+/// [`StreamResampler::push`] returns what the pieces so far make, and [`StreamResampler::finish`]
+/// the rest, so that all of it is `round(len · to / from)` samples, aligned like [`resample`]'s.
+pub struct StreamResampler {
+    from: u32,
+    to: u32,
+    /// `None` when the rates are equal.
+    rs: Option<FftFixedInOut<f32>>,
+    pending: Vec<f32>,
+    /// Output samples still to drop (the resampler's delay).
+    skip: usize,
+    taken: u64,
+    given: u64,
+}
+
+impl StreamResampler {
+    pub fn new(from: u32, to: u32) -> Result<Self, AudioError> {
+        let rs = if from == to {
+            None
+        } else {
+            Some(
+                FftFixedInOut::<f32>::new(from as usize, to as usize, 1024, 1).map_err(|e| AudioError::Resample {
+                    from,
+                    to,
+                    message: e.to_string(),
+                })?,
+            )
+        };
+        let skip = rs.as_ref().map_or(0, |r| r.output_delay());
+        Ok(Self {
+            from,
+            to,
+            rs,
+            pending: Vec::new(),
+            skip,
+            taken: 0,
+            given: 0,
+        })
+    }
+
+    fn err(&self, e: impl std::fmt::Display) -> AudioError {
+        AudioError::Resample {
+            from: self.from,
+            to: self.to,
+            message: e.to_string(),
+        }
+    }
+
+    fn emit(&mut self, mut out: Vec<f32>) -> Vec<f32> {
+        let drop = self.skip.min(out.len());
+        out.drain(..drop);
+        self.skip -= drop;
+        self.given += out.len() as u64;
+        out
+    }
+
+    /// The next piece in; whatever output it completes out.
+    pub fn push(&mut self, samples: &[f32]) -> Result<Vec<f32>, AudioError> {
+        self.taken += samples.len() as u64;
+        let Some(rs) = self.rs.as_mut() else {
+            self.given += samples.len() as u64;
+            return Ok(samples.to_vec());
+        };
+        self.pending.extend_from_slice(samples);
+        let mut out = Vec::new();
+        let mut used = 0;
+        while self.pending.len() - used >= rs.input_frames_next() {
+            let n = rs.input_frames_next();
+            match rs.process(&[&self.pending[used..used + n]], None) {
+                Ok(chunk) => out.extend_from_slice(&chunk[0]),
+                Err(e) => {
+                    let e = e.to_string();
+                    return Err(self.err(e));
+                }
+            }
+            used += n;
+        }
+        self.pending.drain(..used);
+        Ok(self.emit(out))
+    }
+
+    /// The end of the audio: the rest of the output.
+    pub fn finish(&mut self) -> Result<Vec<f32>, AudioError> {
+        let want = (self.taken * u64::from(self.to) + u64::from(self.from) / 2) / u64::from(self.from);
+        let Some(rs) = self.rs.as_mut() else {
+            return Ok(Vec::new());
+        };
+        let pending = std::mem::take(&mut self.pending);
+        let mut out = Vec::new();
+        let mut first = true;
+        // Feed the tail and then silence until the delayed output has all come out.
+        while self.given + (out.len().saturating_sub(self.skip) as u64) < want {
+            let chunk = if first {
+                rs.process_partial(Some(&[&pending[..]]), None)
+            } else {
+                rs.process_partial::<&[f32]>(None, None)
+            };
+            first = false;
+            match chunk {
+                Ok(c) => out.extend_from_slice(&c[0]),
+                Err(e) => {
+                    let e = e.to_string();
+                    return Err(self.err(e));
+                }
+            }
+        }
+        let mut out = self.emit(out);
+        let excess = usize::try_from(self.given.saturating_sub(want)).unwrap_or(usize::MAX);
+        out.truncate(out.len().saturating_sub(excess));
+        self.given = want;
+        Ok(out)
+    }
+}
+
 /// Root mean square of `samples` (0 for none).
 pub fn rms(samples: &[f32]) -> f32 {
     if samples.is_empty() {
@@ -173,6 +287,23 @@ mod tests {
                 "{from}->{to}: {} vs {expected}",
                 out[100]
             );
+        }
+    }
+
+    #[test]
+    fn streaming_resampling_in_odd_pieces_matches_the_whole_sentence() {
+        for (from, to) in [(22_050, 16_000), (8_000, 48_000), (48_000, 16_000), (16_000, 16_000)] {
+            let input = sine(from, 440.0, 0.7);
+            let whole = resample(&input, to).expect("whole");
+            let mut rs = StreamResampler::new(from, to).expect("new");
+            let mut out = Vec::new();
+            for piece in input.samples.chunks(317) {
+                out.extend(rs.push(piece).expect("push"));
+            }
+            out.extend(rs.finish().expect("finish"));
+            assert_eq!(out.len(), whole.len(), "{from}->{to}");
+            let worst = out.iter().zip(&whole).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+            assert!(worst < 1e-3, "{from}->{to}: differs by {worst}");
         }
     }
 

@@ -13,6 +13,9 @@
 //! sees that its turn is no longer current, and the clock drops the turn's queued frames at its
 //! next tick — which is why an interrupt silences the avatar within one frame.
 //!
+//! The session API's audio joins them too: the backend's own speech ([`AudioIn`]) goes straight
+//! to the lip-sync thread as it arrives, resampled on the way, with no model and no synthesis.
+//!
 //! Voice input joins the same turns: the microphone's audio goes through voice activity detection
 //! ([`vad`], on a thread per peer: [`hearing`]), each utterance through speech recognition
 //! ([`asr`], [`Conversation::transcribe`]), and its transcript is then said like a `text_webrtc`.
@@ -244,12 +247,14 @@ pub enum TalkEvent {
         turn: u64,
         text: String,
     },
-    /// The answer's text is complete (speech may still be playing). `user` is the message it
-    /// answered (`None` for a text spoken as given).
+    /// The turn's work is done (speech may still be playing). `user` is the message it answered
+    /// (`None` for a text spoken as given, or audio); `answer` its text (`None` for audio);
+    /// `spoken` whether anything went to the clock (a turn of no sound has no speech to end).
     Done {
         turn: u64,
         user: Option<String>,
-        answer: String,
+        answer: Option<String>,
+        spoken: bool,
     },
     Failed {
         turn: u64,
@@ -263,6 +268,28 @@ pub enum TalkEvent {
     TranscriptFailed {
         message: String,
     },
+}
+
+/// Speech of the backend's own, arriving in pieces: mono samples in [−1, 1] at `rate`. The
+/// sender ends the audio by dropping its side.
+pub struct AudioIn {
+    pub rate: u32,
+    pub pieces: mpsc::Receiver<Vec<f32>>,
+}
+
+impl std::fmt::Debug for AudioIn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AudioIn")
+            .field("rate", &self.rate)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a turn says.
+enum What {
+    /// Text: answered by the language model (`Chat`) or spoken as given (`Repeat`).
+    Text(String, SayMode),
+    Audio(AudioIn),
 }
 
 /// One session's conversation.
@@ -419,7 +446,7 @@ impl Conversation {
         limits::check_length(&text, self.talk.limits.max_message_chars)?;
         self.units.as_ref().ok_or(Refusal::NotReady)?;
         self.limiter.check(std::time::Instant::now())?;
-        self.start(None, text, SayMode::Chat)
+        self.start(None, What::Text(text, SayMode::Chat))
     }
 
     /// Take the next turn number for a turn that starts later ([`Conversation::speak`]).
@@ -434,10 +461,17 @@ impl Conversation {
     /// `turn` if one was reserved, else the next; cancels any answer in progress.
     pub fn speak(&mut self, turn: Option<u64>, text: String, mode: SayMode) -> Result<u64, Refusal> {
         self.units.as_ref().ok_or(Refusal::NotReady)?;
-        self.start(turn, text, mode)
+        self.start(turn, What::Text(text, mode))
     }
 
-    fn start(&mut self, turn: Option<u64>, text: String, mode: SayMode) -> Result<u64, Refusal> {
+    /// The session API's audio: lip-sync `audio` and play it as it arrives, as turn `turn` if
+    /// one was reserved, else the next; cancels any answer in progress.
+    pub fn play(&mut self, turn: Option<u64>, audio: AudioIn) -> Result<u64, Refusal> {
+        self.units.as_ref().ok_or(Refusal::NotReady)?;
+        self.start(turn, What::Audio(audio))
+    }
+
+    fn start(&mut self, turn: Option<u64>, what: What) -> Result<u64, Refusal> {
         let units = self.units.clone().ok_or(Refusal::NotReady)?;
         self.interrupt();
         let turn = match turn {
@@ -447,19 +481,24 @@ impl Conversation {
         self.current_turn.store(turn, Ordering::Release);
         let cancel = CancellationToken::new();
         self.active = Some(cancel.clone());
-        let backends = self.talk.backends(&self.avatar_id);
-        let mut messages = vec![ChatMessage {
-            role: Role::System,
-            content: backends.system_prompt.clone(),
-        }];
-        messages.extend(self.history.iter().cloned());
-        messages.push(ChatMessage {
-            role: Role::User,
-            content: text.clone(),
-        });
+        let messages = match &what {
+            What::Text(text, SayMode::Chat) => {
+                let backends = self.talk.backends(&self.avatar_id);
+                let mut messages = vec![ChatMessage {
+                    role: Role::System,
+                    content: backends.system_prompt.clone(),
+                }];
+                messages.extend(self.history.iter().cloned());
+                messages.push(ChatMessage {
+                    role: Role::User,
+                    content: text.clone(),
+                });
+                messages
+            }
+            What::Text(_, SayMode::Repeat) | What::Audio(_) => Vec::new(),
+        };
         let run = Turn {
             turn,
-            mode,
             talk: Arc::clone(&self.talk),
             avatar_id: self.avatar_id.clone(),
             clip: Arc::clone(&self.clip),
@@ -477,7 +516,7 @@ impl Conversation {
                 tokio::select! {
                     biased;
                     _ = cancel.cancelled() => info!("answer interrupted"),
-                    result = run.run(messages, text) => if let Err(e) = result {
+                    result = run.run(messages, what) => if let Err(e) = result {
                         warn!(error = %e, "answer failed");
                     },
                 }
@@ -549,8 +588,6 @@ struct AudioChunk {
 
 struct Turn {
     turn: u64,
-    /// `Repeat`: the text is the answer, spoken as given (no language model).
-    mode: SayMode,
     talk: Arc<Talk>,
     avatar_id: String,
     clip: Arc<AvatarClip>,
@@ -565,8 +602,11 @@ impl Turn {
         self.current_turn.load(Ordering::Acquire) == self.turn
     }
 
-    async fn run(&self, messages: Vec<ChatMessage>, user: String) -> Result<(), TalkError> {
-        let result = self.pipeline(&messages, &user).await;
+    async fn run(&self, messages: Vec<ChatMessage>, what: What) -> Result<(), TalkError> {
+        let result = match what {
+            What::Text(text, mode) => self.pipeline(&messages, &text, mode).await,
+            What::Audio(audio) => self.play(audio).await,
+        };
         if let Err(e) = &result {
             if self.is_current() {
                 // Drop whatever is queued and return to idle before the browser hears of it.
@@ -582,32 +622,86 @@ impl Turn {
         result
     }
 
-    async fn pipeline(&self, messages: &[ChatMessage], user: &str) -> Result<(), TalkError> {
+    /// Start the lip-sync thread: it ends when the audio channel closes or the turn stops being
+    /// current, and says whether it sent the clock anything.
+    fn lip_sync(
+        &self,
+    ) -> (
+        mpsc::Sender<AudioChunk>,
+        tokio::task::JoinHandle<Result<bool, TalkError>>,
+    ) {
+        let (audio_tx, audio_rx) = mpsc::channel::<AudioChunk>(4);
+        let p = Producer {
+            turn: self.turn,
+            talk: Arc::clone(&self.talk),
+            clip: Arc::clone(&self.clip),
+            units: self.units.clone(),
+            current_turn: Arc::clone(&self.current_turn),
+            idle_index: Arc::clone(&self.idle_index),
+        };
+        let span = tracing::Span::current();
+        let producer = tokio::task::spawn_blocking(move || {
+            let _e = span.enter();
+            p.run(audio_rx)
+        });
+        (audio_tx, producer)
+    }
+
+    async fn finished(
+        &self,
+        producer: tokio::task::JoinHandle<Result<bool, TalkError>>,
+        user: Option<String>,
+        answer: Option<String>,
+    ) -> Result<(), TalkError> {
+        let spoken = producer
+            .await
+            .map_err(|e| TalkError::LipSync(lipsync::LipSyncError::Inference(format!("lip-sync thread: {e}"))))??;
+        let _ = self.events.send(TalkEvent::Done {
+            turn: self.turn,
+            user,
+            answer,
+            spoken,
+        });
+        Ok(())
+    }
+
+    /// The backend's own audio: resampled as it arrives and lip-synced.
+    async fn play(&self, mut audio: AudioIn) -> Result<(), TalkError> {
+        let (audio_tx, producer) = self.lip_sync();
+        let feed = async {
+            let resampling = |e: audio::AudioError| TalkError::Tts(format!("the uploaded audio: {e}"));
+            let mut to16 = audio::StreamResampler::new(audio.rate, mel::SAMPLE_RATE).map_err(resampling)?;
+            let mut to48 = audio::StreamResampler::new(audio.rate, AUDIO_RATE).map_err(resampling)?;
+            while let Some(piece) = audio.pieces.recv().await {
+                let chunk = AudioChunk {
+                    pcm16: to16.push(&piece).map_err(resampling)?,
+                    pcm48: to48.push(&piece).map_err(resampling)?,
+                };
+                if audio_tx.send(chunk).await.is_err() {
+                    return Ok(()); // the lip-sync thread ended (turn no longer current)
+                }
+            }
+            let last = AudioChunk {
+                pcm16: to16.finish().map_err(resampling)?,
+                pcm48: to48.finish().map_err(resampling)?,
+            };
+            let _ = audio_tx.send(last).await;
+            Ok::<_, TalkError>(())
+        };
+        feed.await?;
+        drop(audio_tx);
+        self.finished(producer, None, None).await
+    }
+
+    async fn pipeline(&self, messages: &[ChatMessage], user: &str, mode: SayMode) -> Result<(), TalkError> {
         let backends = self.talk.backends(&self.avatar_id);
         let (text_tx, mut text_rx) = mpsc::channel::<String>(64);
         let (sentence_tx, mut sentence_rx) = mpsc::channel::<String>(16);
-        let (audio_tx, audio_rx) = mpsc::channel::<AudioChunk>(4);
-
-        // The lip-sync thread: ends when the audio channel closes or the turn stops being current.
-        let producer = {
-            let p = Producer {
-                turn: self.turn,
-                talk: Arc::clone(&self.talk),
-                clip: Arc::clone(&self.clip),
-                units: self.units.clone(),
-                current_turn: Arc::clone(&self.current_turn),
-                idle_index: Arc::clone(&self.idle_index),
-            };
-            let span = tracing::Span::current();
-            tokio::task::spawn_blocking(move || {
-                let _e = span.enter();
-                p.run(audio_rx)
-            })
-        };
+        let (audio_tx, producer) = self.lip_sync();
 
         // The request waits for a slot of the worker's; cancelling the turn drops the wait too.
         let llm = async {
-            if self.mode == SayMode::Repeat {
+            if mode == SayMode::Repeat {
                 // The text is the answer: it goes to speech as a language model's would.
                 let _ = text_tx.send(user.to_owned()).await;
                 return Ok(());
@@ -666,16 +760,9 @@ impl Turn {
             Ok::<_, TalkError>(())
         };
         let (_, answer, _) = tokio::try_join!(llm, text, speech)?;
-        let rendered = producer
-            .await
-            .map_err(|e| TalkError::LipSync(lipsync::LipSyncError::Inference(format!("lip-sync thread: {e}"))))?;
-        let _ = self.events.send(TalkEvent::Done {
-            turn: self.turn,
-            // A repeated text is not a user's message: nothing to remember as one.
-            user: (self.mode == SayMode::Chat).then(|| user.to_owned()),
-            answer,
-        });
-        rendered
+        // A repeated text is not a user's message: nothing to remember as one.
+        let user = (mode == SayMode::Chat).then(|| user.to_owned());
+        self.finished(producer, user, Some(answer)).await
     }
 }
 
@@ -694,7 +781,8 @@ impl Producer {
         self.current_turn.load(Ordering::Acquire) == self.turn
     }
 
-    fn run(self, mut audio: mpsc::Receiver<AudioChunk>) -> Result<(), TalkError> {
+    /// Render the turn; whether anything went to the clock.
+    fn run(self, mut audio: mpsc::Receiver<AudioChunk>) -> Result<bool, TalkError> {
         let fps = self.talk.fps;
         let first =
             self.clip.frames.first().ok_or_else(|| {
@@ -711,6 +799,7 @@ impl Producer {
         let mut pcm48: Vec<f32> = Vec::new();
         let mut next = 0usize;
         let mut base: Option<usize> = None;
+        let mut sent = false;
         loop {
             let chunk = audio.blocking_recv();
             let done = chunk.is_none();
@@ -722,7 +811,7 @@ impl Producer {
                 None => cols.extend(stream.finish()),
             }
             if !self.is_current() {
-                return Ok(());
+                return Ok(sent);
             }
             // Talking frames are drawn from the idle frames the clock will be at when they play:
             // where it is now, plus the prebuffer and the time to render it.
@@ -763,13 +852,14 @@ impl Producer {
                         last: done && i + 1 == total,
                     };
                     if !self.is_current() || self.units.send(unit).is_err() {
-                        return Ok(()); // interrupted, or the clock is gone
+                        return Ok(sent); // interrupted, or the clock is gone
                     }
+                    sent = true;
                 }
                 next += n;
             }
             if done {
-                return Ok(());
+                return Ok(sent);
             }
         }
     }
@@ -837,9 +927,15 @@ mod tests {
                     assert_eq!(turn, 1);
                     deltas.push_str(&text);
                 }
-                TalkEvent::Done { turn, user, answer } => {
+                TalkEvent::Done {
+                    turn,
+                    user,
+                    answer,
+                    spoken,
+                } => {
                     assert_eq!(turn, 1);
-                    break (user, answer);
+                    assert!(spoken);
+                    break (user, answer.expect("a text turn has an answer"));
                 }
                 other => panic!("the turn failed: {other:?}"),
             }
@@ -1089,7 +1185,7 @@ mod tests {
             while let Ok(ev) = events.try_recv() {
                 if let TalkEvent::Done {
                     user: Some(user),
-                    answer,
+                    answer: Some(answer),
                     ..
                 } = ev
                 {
