@@ -8,9 +8,11 @@
 //!   ([`avatar_proto::api`]), and the worker that runs the session answers. A call on any relay
 //!   reaches the session, whichever relay its browser is on.
 //! * **Errors** are `{"error": {"code", "message"}}` with the status a client can act on: 400 bad
-//!   JSON or empty text, 401 no or a wrong key, 404 no such session, 409 a session that cannot
-//!   do it now or an id two workers claim, 413 text over the limit, 429 over the key's rate, 503
-//!   no worker connected, 504 a worker did not answer in time (and none had the session).
+//!   JSON or empty text, 401 no or a wrong key, 404 no such session, 408 an audio upload that
+//!   stalled (`api.timeout_ms`), 409 a session that cannot do it now, an id two workers claim or
+//!   an audio turn cut before its upload ended, 413 text or audio over the limit
+//!   (`api.max_audio_seconds`), 415 audio in a format it does not take, 429 over the key's rate,
+//!   503 no worker connected, 504 a worker did not answer in time (and none had the session).
 
 use crate::tunnel::conn::SendHalf;
 use crate::upload::{Format, Samples};
