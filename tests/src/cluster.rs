@@ -438,6 +438,53 @@ pub async fn http_request(
     Ok((status, body))
 }
 
+/// POST `pieces` to `path` with chunked transfer encoding, `gap` apart: the status, the body,
+/// and when the last piece was sent. A server that answers before the end (a refusal) stops the
+/// sending; its answer is still read.
+pub async fn http_upload(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    pieces: &[&[u8]],
+    gap: Duration,
+) -> (u16, String, Instant) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+        return (0, String::new(), Instant::now());
+    };
+    let mut head =
+        format!("POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    let mut last = Instant::now();
+    if s.write_all(head.as_bytes()).await.is_ok() {
+        for (i, piece) in pieces.iter().enumerate() {
+            if i > 0 {
+                tokio::time::sleep(gap).await;
+            }
+            let mut chunk = format!("{:x}\r\n", piece.len()).into_bytes();
+            chunk.extend_from_slice(piece);
+            chunk.extend_from_slice(b"\r\n");
+            if s.write_all(&chunk).await.is_err() {
+                break;
+            }
+            last = Instant::now();
+        }
+        let _ = s.write_all(b"0\r\n\r\n").await;
+    }
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut buf)).await;
+    let text = String::from_utf8_lossy(&buf);
+    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body, last)
+}
+
 /// A log file's text without its ANSI colours.
 pub fn log_text(path: &Path) -> String {
     let raw = std::fs::read_to_string(path).unwrap_or_default();

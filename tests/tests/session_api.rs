@@ -3,7 +3,7 @@
 //! the pictures and the audio, and a real HTTP server speaking the OpenAI API as the language
 //! model (so a test can tell whether the model was asked).
 
-use avatar_edge_tests::cluster::{http_request, Cluster, SECRET};
+use avatar_edge_tests::cluster::{http_request, http_upload, Cluster, SECRET};
 use avatar_edge_tests::netns;
 use avatar_edge_tests::openai::OpenAiServer;
 use avatar_edge_tests::rtc_client::{ReceiverStats, RtcClient};
@@ -71,8 +71,7 @@ fn loud(stats: &ReceiverStats, from: Instant, to: Instant) -> (usize, usize) {
     (audio.iter().filter(|v| **v > 0.02).count(), audio.len())
 }
 
-/// POST `pieces` to `path` with chunked transfer encoding, `gap` apart; the status, the JSON body
-/// and when the last piece was sent.
+/// POST `pieces` to `path` with the test key, chunked, `gap` apart ([`http_upload`]).
 async fn upload(
     addr: SocketAddr,
     path: &str,
@@ -80,32 +79,9 @@ async fn upload(
     pieces: &[&[u8]],
     gap: Duration,
 ) -> (u16, Value, Instant) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let head = format!(
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAuthorization: Bearer {KEY}\r\n\
-         Content-Type: {content_type}\r\nTransfer-Encoding: chunked\r\n\r\n"
-    );
-    s.write_all(head.as_bytes()).await.expect("head");
-    let mut last = Instant::now();
-    for (i, piece) in pieces.iter().enumerate() {
-        if i > 0 {
-            tokio::time::sleep(gap).await;
-        }
-        let mut chunk = format!("{:x}\r\n", piece.len()).into_bytes();
-        chunk.extend_from_slice(piece);
-        chunk.extend_from_slice(b"\r\n");
-        if s.write_all(&chunk).await.is_err() {
-            break; // refused before the end: the response says why
-        }
-        last = Instant::now();
-    }
-    let _ = s.write_all(b"0\r\n\r\n").await;
-    let mut buf = Vec::new();
-    let _ = tokio::time::timeout(SECS(30), s.read_to_end(&mut buf)).await;
-    let text = String::from_utf8_lossy(&buf);
-    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
+    let auth = format!("Bearer {KEY}");
+    let headers = [("Authorization", auth.as_str()), ("Content-Type", content_type)];
+    let (status, body, last) = http_upload(addr, path, &headers, pieces, gap).await;
     (status, serde_json::from_str(body.trim()).unwrap_or(Value::Null), last)
 }
 
