@@ -33,7 +33,7 @@ use tracing::{debug, info};
 /// The largest request body (a `say` of `api.max_text_chars` fits many times over); larger is 413.
 pub const MAX_BODY: usize = 64 * 1024;
 
-/// The API's routes (mounted by [`crate::http::app`]).
+/// The API's routes (the HTTP router mounts them, under a [`MAX_BODY`] limit).
 pub fn routes() -> Router<Arc<AppState>> {
     Router::new()
         .route("/api/v1/sessions", get(list))
@@ -102,7 +102,7 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<String, ApiError> 
     let given = digest(given);
     let mut matched = None;
     for k in keys {
-        if crate::http::constant_time_eq(&given, &digest(k.key.expose())) {
+        if crate::ids::constant_time_eq(&given, &digest(k.key.expose())) {
             matched = Some(k.name.clone());
         }
     }
@@ -203,7 +203,7 @@ async fn ask_session(state: &AppState, id: &str, command: Command) -> Result<Rep
 
 /// [`ask_session`], keeping the stream the reply came on.
 async fn ask_session_stream(state: &AppState, id: &str, command: Command) -> Result<Answer, ApiError> {
-    if !crate::http::valid_session_id(id) {
+    if !crate::ids::valid_session_id(id) {
         return Err(ApiError::not_found(id));
     }
     let mut answers = ask_workers(state, command).await?;

@@ -13,6 +13,8 @@
 //! page out of frames and its scripts to its own origin. A web client directory serves neither
 //! dotfiles nor symlinks, and no path redirects off the site.
 
+use crate::avatars::preview_bytes;
+use crate::ids::{constant_time_eq, valid_session_id};
 use crate::limits::{client_ip, client_key};
 use crate::policy::{self, ConnectDecision, ConnectRequest, Header, Principal};
 use crate::signaling::{refuse, run_session};
@@ -348,27 +350,6 @@ async fn avatar_preview(
             .into_response(),
         None => StatusCode::NOT_FOUND.into_response(),
     }
-}
-
-/// The JPEG in a worker's base64 avatar preview, if it is one and small enough to serve.
-pub(crate) fn preview_bytes(base64_jpeg: &str) -> Option<Vec<u8>> {
-    use base64::Engine as _;
-    if base64_jpeg.len() > avatar_proto::tunnel::MAX_AVATAR_PREVIEW_LEN.div_ceil(3) * 4 {
-        return None;
-    }
-    let bytes = base64::engine::general_purpose::STANDARD.decode(base64_jpeg).ok()?;
-    (bytes.len() <= avatar_proto::tunnel::MAX_AVATAR_PREVIEW_LEN && bytes.starts_with(&[0xFF, 0xD8, 0xFF]))
-        .then_some(bytes)
-}
-
-/// Equal bytes, compared in time that depends only on the length.
-pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// Session ids appear in logs and tunnel frames: keep them short and printable.
-pub(crate) fn valid_session_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= 128 && id.chars().all(|c| c.is_ascii_graphic())
 }
 
 /// Ask the auth module about a connect: `Ok(None)` without a module, `Ok(Some)` with the
@@ -874,31 +855,5 @@ mod tests {
         assert!(!check("https://evil.example", "relay.example.com"), "another site");
         assert!(!check("https://relay.example.com.evil.example", "relay.example.com"));
         assert!(check_origin(&state, &HeaderMap::new()).is_ok(), "not a browser");
-    }
-
-    #[test]
-    fn only_small_jpegs_are_served_as_avatar_previews() {
-        use base64::Engine as _;
-        let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
-        let jpeg = [&[0xFF, 0xD8, 0xFF, 0xE0][..], &[7u8; 100][..]].concat();
-        assert_eq!(preview_bytes(&b64(&jpeg)), Some(jpeg.clone()));
-        // A PNG, or an HTML page, is not served as a JPEG; nor is too large a JPEG, or no base64.
-        assert_eq!(preview_bytes(&b64(b"\x89PNG\r\n\x1a\n....")), None);
-        assert_eq!(preview_bytes(&b64(b"<script>alert(1)</script>")), None);
-        let big = [
-            &[0xFF, 0xD8, 0xFF][..],
-            &vec![0u8; avatar_proto::tunnel::MAX_AVATAR_PREVIEW_LEN][..],
-        ]
-        .concat();
-        assert_eq!(preview_bytes(&b64(&big)), None);
-        assert_eq!(preview_bytes("not base64!"), None);
-    }
-
-    #[test]
-    fn session_ids_are_checked() {
-        assert!(valid_session_id("test-session-1767600000000"));
-        assert!(!valid_session_id(""));
-        assert!(!valid_session_id("a b"));
-        assert!(!valid_session_id(&"x".repeat(129)));
     }
 }

@@ -16,9 +16,11 @@
 //! stopped. That token is the one shutdown path: HTTP, each WebSocket and each tunnel obey it.
 
 pub mod api;
+mod avatars;
 pub mod config;
 pub mod http;
 pub mod ice;
+mod ids;
 pub mod limits;
 pub mod metrics;
 pub mod policy;

@@ -568,7 +568,7 @@ async fn handshake<S: AsyncWrite + Unpin, R: AsyncRead + Unpin>(
     let previews = std::mem::take(&mut registration.avatar_previews);
     registration.avatar_previews = previews
         .into_iter()
-        .filter(|(id, preview)| registration.avatars.contains(id) && crate::http::preview_bytes(preview).is_some())
+        .filter(|(id, preview)| registration.avatars.contains(id) && crate::avatars::preview_bytes(preview).is_some())
         .collect();
     send_frame(
         send,
