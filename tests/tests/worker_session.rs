@@ -1,7 +1,8 @@
 //! The worker's session loop without a relay or a tunnel: `run_session` on one end of a
 //! `tokio::io::duplex`, this test as the relay on the other, and a real WebRTC peer (the Rust
 //! receiver) as the browser, in one process. What the tunnel carries is exactly what a relay
-//! would send: the open frame, the offer, a text message, the close.
+//! would send: the open frame, the offer, a text message, the close. A second media sink joins
+//! through the session's handle, as a recording will.
 
 use avatar_edge_tests::netns;
 use avatar_edge_tests::rtc_client::RtcClient;
@@ -9,6 +10,8 @@ use avatar_proto::signaling::{decode_client_message, ServerEvent, DEFAULT_MAX_ME
 use avatar_proto::stream::{send_frame, FramedRecv};
 use avatar_proto::tunnel::{SessionFrame, SessionOpen};
 use avatar_worker::config::WorkerConfig;
+use avatar_worker::media::encoder::contains_idr;
+use avatar_worker::media::stream::MediaOut;
 use serde_json::json;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -67,6 +70,38 @@ fn a_session_answers_streams_talks_and_ends_on_close_with_no_relay() {
             client.connected(SECS(10)).await.expect("ICE connects");
             let stats = client.wait_frames(25, SECS(6)).await;
             assert!(stats.frames_decoded >= 25, "idle video plays: {stats:?}");
+
+            // A second sink joins the media mid-session through the session's handle (as a
+            // recording will): it starts at a keyframe asked for at once, gets the audio too,
+            // and the viewer plays on.
+            let handle = ctx.directory.handle("in-memory").expect("registered by id");
+            let joined = std::time::Instant::now();
+            let mut tap = handle.tap("test-sink", 64).await.expect("the session runs");
+            let (mut pictures, mut packets, mut first_is_key) = (0, 0, None);
+            while pictures < 25 || packets < 25 {
+                match tokio::time::timeout(SECS(5), tap.recv()).await {
+                    Ok(Some(MediaOut::Video(frame))) => {
+                        first_is_key.get_or_insert_with(|| {
+                            eprintln!("tap: first picture {:?} after joining", joined.elapsed());
+                            contains_idr(&frame.data)
+                        });
+                        pictures += 1;
+                    }
+                    Ok(Some(MediaOut::Audio(_))) => packets += 1,
+                    other => panic!("the tap stopped after {pictures} pictures, {packets} packets: {other:?}"),
+                }
+            }
+            assert_eq!(first_is_key, Some(true), "the tap's first picture is a keyframe");
+            assert!(
+                joined.elapsed() < SECS(2),
+                "25 pictures in about a second, not after a GOP"
+            );
+            let before = client.snapshot().frames_decoded;
+            drop(tap);
+            assert!(
+                client.wait_frames(before + 10, SECS(3)).await.frames_decoded >= before + 10,
+                "the viewer plays on after the sink leaves"
+            );
 
             // A text message: the answer's text and its speech come back as events.
             let text = json!({"type": "text_webrtc", "message": "hello"}).to_string();

@@ -1,9 +1,9 @@
 //! The session API on the worker: sessions addressable by id.
 //!
-//! Each running session registers a handle here ([`Directory::register`]): a command inbox.
-//! A relay carries an operator's API call as a command stream ([`avatar_proto::api`]);
-//! [`serve_command`] finds the session by id, puts the command in its inbox with a reply
-//! channel, and sends the reply back on the stream. The session acts on the command between its
+//! Each running session registers its handle here ([`Directory::register`]): its inbox. A relay
+//! carries an operator's API call as a command stream ([`avatar_proto::api`]); [`serve_command`]
+//! finds the session by id, puts the command in its inbox with a reply channel (never waiting:
+//! a full inbox is `busy`), and sends the reply back on the stream. The session acts on the command between its
 //! other events, so everything about a session still happens on its own task.
 //!
 //! An audio command's samples follow its frame on the stream ([`avatar_proto::api`]): once the
@@ -13,7 +13,7 @@
 //! and the upload waits with it. When the turn is cut, reading stops and the relay hears that
 //! the stream was dropped.
 
-use crate::session::{RecvHalf, SendHalf};
+use crate::session::{NotTaken, RecvHalf, SendHalf, SessionHandle};
 use crate::talk::AudioIn;
 use crate::Context;
 use avatar_proto::api::{Command, Reply, SessionInfo};
@@ -29,8 +29,6 @@ use tokio::sync::{mpsc, oneshot};
 const REPLY_WITHIN: Duration = Duration::from_secs(3);
 /// How long one session may take to describe itself for a list.
 const LIST_WITHIN: Duration = Duration::from_millis(1000);
-/// Commands that may wait in one session's inbox.
-const INBOX: usize = 16;
 /// Pieces of uploaded audio (up to 16 KiB each) read ahead of the lip-sync.
 const AUDIO_AHEAD: usize = 8;
 
@@ -45,7 +43,7 @@ pub struct Request {
 /// The sessions this worker runs, by id.
 #[derive(Default)]
 pub struct Directory {
-    sessions: Mutex<HashMap<String, (u64, mpsc::Sender<Request>)>>,
+    sessions: Mutex<HashMap<String, (u64, SessionHandle)>>,
     next: std::sync::atomic::AtomicU64,
 }
 
@@ -67,43 +65,43 @@ impl Drop for Registered {
 }
 
 impl Directory {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, mpsc::Sender<Request>)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, SessionHandle)>> {
         self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Register session `id`; its commands arrive on the returned receiver until the guard drops.
-    pub fn register(self: &Arc<Self>, id: &str) -> (Registered, mpsc::Receiver<Request>) {
-        let (tx, rx) = mpsc::channel(INBOX);
+    /// Register session `id` until the guard drops (a newer session with the same id, the
+    /// browser reconnecting, takes the entry over).
+    pub fn register(self: &Arc<Self>, id: &str, handle: SessionHandle) -> Registered {
         let key = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.lock().insert(id.to_owned(), (key, tx));
-        let guard = Registered {
+        self.lock().insert(id.to_owned(), (key, handle));
+        Registered {
             directory: Arc::clone(self),
             id: id.to_owned(),
             key,
-        };
-        (guard, rx)
+        }
     }
 
-    fn inbox(&self, id: &str) -> Option<mpsc::Sender<Request>> {
-        self.lock().get(id).map(|(_, tx)| tx.clone())
+    /// Session `id`'s handle, if it runs here.
+    pub fn handle(&self, id: &str) -> Option<SessionHandle> {
+        self.lock().get(id).map(|(_, h)| h.clone())
     }
 
-    fn all(&self) -> Vec<mpsc::Sender<Request>> {
-        self.lock().values().map(|(_, tx)| tx.clone()).collect()
+    fn all(&self) -> Vec<SessionHandle> {
+        self.lock().values().map(|(_, h)| h.clone()).collect()
     }
 
     /// Ask one session; `NotFound` if it is not here or ended before it answered.
     pub async fn ask(&self, id: &str, command: Command, audio: Option<AudioIn>) -> Reply {
-        match self.inbox(id) {
-            Some(inbox) => ask(&inbox, command, audio).await,
+        match self.handle(id) {
+            Some(session) => ask(&session, command, audio).await,
             None => Reply::NotFound {},
         }
     }
 
     /// Every session's description, all asked at once.
     pub async fn list(&self) -> Vec<SessionInfo> {
-        let asks = self.all().into_iter().map(|inbox| async move {
-            match tokio::time::timeout(LIST_WITHIN, ask(&inbox, Command::List {}, None)).await {
+        let asks = self.all().into_iter().map(|session| async move {
+            match tokio::time::timeout(LIST_WITHIN, ask(&session, Command::List {}, None)).await {
                 Ok(Reply::Session { session }) => Some(session),
                 _ => None,
             }
@@ -114,16 +112,16 @@ impl Directory {
 
 /// Put `command` in a session's inbox and wait for its reply: `busy` if the inbox is full or the
 /// session does not answer in time, `NotFound` if it ended.
-async fn ask(inbox: &mpsc::Sender<Request>, command: Command, audio: Option<AudioIn>) -> Reply {
+async fn ask(session: &SessionHandle, command: Command, audio: Option<AudioIn>) -> Reply {
     let busy = || Reply::Refused {
         code: "busy".into(),
         message: "the session did not take the command in time; retry".into(),
     };
     let (reply, answer) = oneshot::channel();
-    match inbox.try_send(Request { command, reply, audio }) {
+    match session.try_command(Request { command, reply, audio }) {
         Ok(()) => {}
-        Err(mpsc::error::TrySendError::Full(_)) => return busy(),
-        Err(mpsc::error::TrySendError::Closed(_)) => return Reply::NotFound {},
+        Err(NotTaken::Full) => return busy(),
+        Err(NotTaken::Ended) => return Reply::NotFound {},
     }
     match tokio::time::timeout(REPLY_WITHIN, answer).await {
         Ok(Ok(reply)) => reply,

@@ -223,7 +223,7 @@ impl RtcEngine {
         pc.on_peer_connection_state_change(Box::new(move |s| {
             let tx = state_tx.clone();
             Box::pin(async move {
-                let _ = tx.send(s).await;
+                let _ = tx.send(PeerState::from(s)).await;
             })
         }));
         let video = Arc::new(TrackLocalStaticRTP::new(
@@ -330,11 +330,32 @@ impl RtcEngine {
     }
 }
 
+/// Where a peer connection is, as a session acts on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerState {
+    /// ICE and DTLS are up: media can flow.
+    Connected,
+    /// Failed or closed: it will not carry media again.
+    Ended,
+    /// New, connecting, or disconnected (which may recover).
+    Other,
+}
+
+impl From<RTCPeerConnectionState> for PeerState {
+    fn from(s: RTCPeerConnectionState) -> Self {
+        match s {
+            RTCPeerConnectionState::Connected => PeerState::Connected,
+            RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed => PeerState::Ended,
+            _ => PeerState::Other,
+        }
+    }
+}
+
 /// The result of answering an offer.
 pub struct Answer {
     pub peer: Arc<Peer>,
     /// Connection state changes, in order.
-    pub states: mpsc::Receiver<RTCPeerConnectionState>,
+    pub states: mpsc::Receiver<PeerState>,
     /// The browser's microphone, if it sends one: 16 kHz mono PCM, one chunk per Opus packet.
     pub mic: mpsc::Receiver<Vec<f32>>,
     /// What the viewer says about the path, for the sender's rate control.

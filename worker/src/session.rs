@@ -12,9 +12,21 @@
 //! ([`Conversation::transcribe`]) and its transcript answered like a `text_webrtc`. The browser
 //! sees `user_speech_started`, `user_speech_ended` and `user_transcript` along the way.
 //!
-//! The operator's backend reaches the session through its command inbox ([`crate::api`]):
-//! describe, say, audio, interrupt and end are handled between the session's other events, on its own
-//! task. Which answer plays when (the browser's message cuts in; a backend's say waits its turn
+//! Nothing outside reaches into a session: it runs on its own task, and everything it is told
+//! arrives in its inbox through a [`SessionHandle`]. Adapters turn their protocols into
+//! [`Input`]s: the relay's session stream ([`relay_link`]: the browser's messages, the relay's
+//! close, a lost tunnel) and the session API ([`crate::api`]: describe, say, audio, interrupt,
+//! end), and later WHEP. What the session says goes out as [`Output`]s, which the relay link
+//! writes as frames.
+//!
+//! ```text
+//!  relay stream ──frames──▶ relay_link ──Input──┐                ┌──Output──▶ relay_link ──frames──▶ relay
+//!  session API ──Request──▶ Directory ──Input───┼─▶ inbox ─▶ Session ─┤
+//!  (media sinks) ─────────── tap ───── Input ───┘                └──media──▶ viewer + taps (fan-out)
+//! ```
+//!
+//! The session's media is a fan-out ([`crate::media::fanout`]): the viewer's peer first, and any
+//! sink that joins through [`SessionHandle::tap`] (a recording, another viewer). Which answer plays when (the browser's message cuts in; a backend's say waits its turn
 //! unless it interrupts) is the pure [`crate::dialogue::Dialogue`]'s decision.
 //!
 //! Media follows the viewer's bandwidth: the peer's REMB and receiver reports go to the sender
@@ -35,10 +47,11 @@
 //! Either way the encoder thread is stopped and the capacity slot returned (both on drop).
 
 use crate::dialogue::{Dialogue, Said, Start};
+use crate::media::fanout::Taps;
 use crate::media::rate::{RateControl, Target};
 use crate::media::send::{send_media, SendParts};
-use crate::media::stream::{Adaptation, ClockEvent, Feed, MediaOut, VideoStream};
-use crate::rtc::{CandidateRefused, Feedback, Peer, RtcError};
+use crate::media::stream::{Adaptation, ClockEvent, Feed, MediaOut, Sinks, VideoStream};
+use crate::rtc::{CandidateRefused, Feedback, Peer, PeerState, RtcError};
 use crate::talk::hearing::Hearing;
 use crate::talk::vad::Heard;
 use crate::talk::{AudioIn, Conversation, TalkEvent};
@@ -48,10 +61,9 @@ use avatar_proto::stream::{send_frame, FramedRecv};
 use avatar_proto::tunnel::SessionFrame;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
-use webrtc::peer_connection::peer_connection_state::RTCPeerConnectionState as PcState;
 
 /// How a session ended, and what the relay must hear about it.
 enum End {
@@ -67,7 +79,7 @@ enum End {
 /// A negotiated peer and, once connected, its running media.
 struct Active {
     peer: Arc<Peer>,
-    states: mpsc::Receiver<PcState>,
+    states: mpsc::Receiver<PeerState>,
     media: Option<(VideoStream, tokio::task::JoinHandle<()>)>,
     /// Remote candidates added since this offer (capped).
     candidates: usize,
@@ -87,6 +99,79 @@ impl Active {
             writer.abort();
         }
         self.peer.close().await;
+    }
+}
+
+/// Inputs that may wait in a session's inbox. The relay link waits for room; a session API
+/// command that finds it full is refused as `busy`.
+const INBOX: usize = 32;
+/// Outputs that may wait for the relay link to write them.
+const OUTBOX: usize = 64;
+
+/// What reaches a session, from any adapter.
+pub enum Input {
+    /// A browser message, from the relay's stream.
+    Client(ClientMessage),
+    /// The relay closed the session (the browser left).
+    Closed { reason: String },
+    /// The relay's stream ended without a close, or broke: the tunnel is lost.
+    Lost,
+    /// The relay's stream carried a frame a session stream must not.
+    ProtocolError,
+    /// A command from the session API.
+    Command(crate::api::Request),
+    /// Join the session's media ([`crate::media::fanout`]).
+    Tap {
+        name: String,
+        capacity: usize,
+        reply: oneshot::Sender<mpsc::Receiver<MediaOut>>,
+    },
+}
+
+/// What a session says, for the relay's stream.
+#[derive(Debug)]
+pub enum Output {
+    /// An event for the browser.
+    Event(ServerEvent),
+    /// The session is over; the link sends `Close` and finishes the stream.
+    Close { reason: String },
+}
+
+/// Why a session did not take a command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotTaken {
+    /// Its inbox is full: it is busy, retry.
+    Full,
+    /// It has ended.
+    Ended,
+}
+
+/// A running session, as the world outside reaches it: its inbox.
+#[derive(Clone)]
+pub struct SessionHandle {
+    inbox: mpsc::Sender<Input>,
+}
+
+impl SessionHandle {
+    /// Hand the session a session API command without waiting.
+    pub fn try_command(&self, request: crate::api::Request) -> Result<(), NotTaken> {
+        self.inbox.try_send(Input::Command(request)).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => NotTaken::Full,
+            mpsc::error::TrySendError::Closed(_) => NotTaken::Ended,
+        })
+    }
+
+    /// Join the session's media as a sink named `name`, with room for `capacity` packets (see
+    /// [`crate::media::fanout`]); `None` if the session has ended.
+    pub async fn tap(&self, name: &str, capacity: usize) -> Option<mpsc::Receiver<MediaOut>> {
+        let (reply, media) = oneshot::channel();
+        let input = Input::Tap {
+            name: name.to_owned(),
+            capacity,
+            reply,
+        };
+        self.inbox.send(input).await.ok()?;
+        media.await.ok()
     }
 }
 
@@ -116,6 +201,10 @@ pub async fn run_session(
         }
     };
     let span = info_span!("session", session_id = %open.session_id, worker_id = %ctx.config.worker_id);
+    let (inbox_tx, inbox) = mpsc::channel(INBOX);
+    let (outbox, outbox_rx) = mpsc::channel(OUTBOX);
+    let handle = SessionHandle { inbox: inbox_tx };
+    let link = tokio::spawn(relay_link(send, recv, handle.clone(), outbox_rx).instrument(span.clone()));
     let (talk_tx, talk_events) = mpsc::unbounded_channel();
     let clip = ctx.avatars.get(open.avatar_id.as_deref());
     let conv = ctx.talk.as_ref().map(|talk| {
@@ -129,8 +218,10 @@ pub async fn run_session(
         started_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
     };
     Session {
-        send,
-        recv,
+        handle,
+        inbox,
+        outbox,
+        taps: Taps::default(),
         ctx,
         about,
         dialogue: Dialogue::default(),
@@ -148,7 +239,67 @@ pub async fn run_session(
     }
     .run(clip, shutdown)
     .instrument(span)
-    .await
+    .await;
+    // The session has dropped its outbox: the link writes what is left and finishes the stream.
+    let _ = link.await;
+}
+
+/// The relay's session stream as an adapter onto a session: frames in become [`Input`]s, the
+/// session's [`Output`]s go out as frames. It ends when the session drops its outbox (reading
+/// stops then too), or, once the relay's side has ended, when the session is done writing.
+async fn relay_link(
+    mut send: SendHalf,
+    mut recv: FramedRecv<RecvHalf>,
+    session: SessionHandle,
+    mut outbox: mpsc::Receiver<Output>,
+) {
+    let reading = async {
+        loop {
+            let input = match recv.next::<SessionFrame>().await {
+                Ok(Some(SessionFrame::Client(msg))) => Input::Client(msg),
+                Ok(Some(SessionFrame::Close { reason })) => {
+                    let _ = session.inbox.send(Input::Closed { reason }).await;
+                    return;
+                }
+                Ok(Some(other)) => {
+                    warn!(?other, "unexpected frame on a session stream");
+                    let _ = session.inbox.send(Input::ProtocolError).await;
+                    return;
+                }
+                // The relay ends a session with a `Close` frame; a stream that ends without one
+                // was lost (the tunnel broke, or the relay is stopping).
+                Ok(None) | Err(_) => {
+                    let _ = session.inbox.send(Input::Lost).await;
+                    return;
+                }
+            };
+            if session.inbox.send(input).await.is_err() {
+                return;
+            }
+        }
+    };
+    let writing = async {
+        while let Some(output) = outbox.recv().await {
+            let (frame, last) = match output {
+                Output::Event(ev) => (SessionFrame::Event(ev), false),
+                Output::Close { reason } => (SessionFrame::Close { reason }, true),
+            };
+            if let Err(e) = send_frame(&mut send, &frame).await {
+                info!(error = %e, "could not reach the relay");
+                return; // the session sees its outbox closed and stops writing
+            }
+            if last {
+                break;
+            }
+        }
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut send).await;
+    };
+    tokio::pin!(writing);
+    tokio::select! {
+        _ = &mut writing => return,
+        _ = reading => {}
+    }
+    writing.await;
 }
 
 /// What the session API lists about a session.
@@ -160,14 +311,19 @@ struct About {
 }
 
 struct Session {
-    send: SendHalf,
-    recv: FramedRecv<RecvHalf>,
+    /// Its own handle, for the directory.
+    handle: SessionHandle,
+    inbox: mpsc::Receiver<Input>,
+    /// To the relay link.
+    outbox: mpsc::Sender<Output>,
+    /// The media's sinks beyond the viewer (they outlive a renegotiated peer).
+    taps: Taps,
     ctx: Arc<Context>,
     about: About,
     /// Whose turn it is (the browser's messages and the session API's says).
     dialogue: Dialogue<AudioIn>,
     active: Option<Active>,
-    /// The tunnel broke; media continues until the peer ends.
+    /// The tunnel broke (or the relay link is gone); media continues until the peer ends.
     detached: bool,
     /// The talking pipeline (None when `[talk] enabled = false`).
     conv: Option<Conversation>,
@@ -198,8 +354,8 @@ impl Session {
         info!(avatar = %clip.id, "session started");
         metrics::counter!("worker_sessions_total").increment(1);
         metrics::gauge!("worker_sessions_active").increment(1.0);
-        let (registered, mut inbox) = ctx.directory.register(&self.about.session_id);
-        let farewell = self.serve(&clip, &shutdown, &mut inbox).await;
+        let registered = ctx.directory.register(&self.about.session_id, self.handle.clone());
+        let farewell = self.serve(&clip, &shutdown).await;
         drop(registered);
         // Free everything *before* telling the relay, so the browser's next offer finds the slot.
         if let Some(conv) = self.conv.as_mut() {
@@ -220,20 +376,8 @@ impl Session {
     }
 
     /// Run until the session ends; returns what to tell the relay, if anything.
-    async fn serve(
-        &mut self,
-        clip: &Arc<crate::media::avatar::AvatarClip>,
-        shutdown: &CancellationToken,
-        inbox: &mut mpsc::Receiver<crate::api::Request>,
-    ) -> End {
+    async fn serve(&mut self, clip: &Arc<crate::media::avatar::AvatarClip>, shutdown: &CancellationToken) -> End {
         loop {
-            let frame = async {
-                if self.detached {
-                    std::future::pending().await
-                } else {
-                    self.recv.next::<SessionFrame>().await
-                }
-            };
             let state = async {
                 match self.active.as_mut() {
                     Some(a) => a.states.recv().await,
@@ -253,8 +397,9 @@ impl Session {
                 }
             };
             tokio::select! {
-                Some(request) = inbox.recv() => {
-                    if let Some(end) = self.on_command(request) {
+                // The session holds a handle itself: the inbox never closes under it.
+                Some(input) = self.inbox.recv() => {
+                    if let Some(end) = self.on_input(input).await {
                         return end;
                     }
                 }
@@ -271,27 +416,9 @@ impl Session {
                     );
                     return End::Tell { event: Some(event), reason: "worker shutting down" };
                 }
-                frame = frame => match frame {
-                    Ok(Some(SessionFrame::Client(msg))) => self.on_client(msg).await,
-                    Ok(Some(SessionFrame::Close { reason })) => {
-                        info!(%reason, "relay closed the session");
-                        return End::Quiet;
-                    }
-                    Ok(Some(other)) => {
-                        warn!(?other, "unexpected frame; ending the session");
-                        return End::Tell { event: None, reason: "protocol error" };
-                    }
-                    // The relay ends a session with a `Close` frame; a stream that ends without one
-                    // was lost (the tunnel broke, or the relay is stopping).
-                    Ok(None) | Err(_) if self.active.is_none() => return End::Quiet,
-                    lost => {
-                        info!(error = ?lost.err(), "tunnel stream lost; media continues while the peer lives");
-                        self.detached = true;
-                    }
-                },
                 state = state => match state {
-                    Some(PcState::Connected) => self.start_media(clip),
-                    Some(PcState::Failed) | Some(PcState::Closed) | None => {
+                    Some(PeerState::Connected) => self.start_media(clip),
+                    Some(PeerState::Ended) | None => {
                         info!(?state, "peer connection ended");
                         let event = ServerEvent::error(
                             ErrorCode::PeerFailed,
@@ -299,10 +426,38 @@ impl Session {
                         );
                         return End::Tell { event: Some(event), reason: "peer failed" };
                     }
-                    Some(other) => debug!(state = ?other, "peer state"),
+                    Some(PeerState::Other) => debug!("peer state changed"),
                 },
             }
         }
+    }
+
+    /// One input from an adapter; `Some` when it ends the session.
+    async fn on_input(&mut self, input: Input) -> Option<End> {
+        match input {
+            Input::Client(msg) => self.on_client(msg).await,
+            Input::Closed { reason } => {
+                info!(%reason, "relay closed the session");
+                return Some(End::Quiet);
+            }
+            Input::ProtocolError => {
+                return Some(End::Tell {
+                    event: None,
+                    reason: "protocol error",
+                })
+            }
+            Input::Lost if self.active.is_none() => return Some(End::Quiet),
+            Input::Lost => {
+                info!("tunnel stream lost; media continues while the peer lives");
+                self.detached = true;
+            }
+            Input::Command(request) => return self.on_command(request),
+            Input::Tap { name, capacity, reply } => {
+                info!(%name, "a media sink joined");
+                let _ = reply.send(self.taps.join(&name, capacity));
+            }
+        }
+        None
     }
 
     async fn on_client(&mut self, msg: ClientMessage) {
@@ -721,12 +876,16 @@ impl Session {
             min_keyframe_interval,
             backlog: Arc::clone(&backlog),
         };
+        self.taps.attach(Arc::clone(&active.peer.keyframe));
         let stream = match VideoStream::start(
             Arc::clone(clip),
             self.ctx.encoder,
             settings.clone(),
             Arc::clone(&active.peer.keyframe),
-            tx,
+            Sinks {
+                viewer: tx,
+                taps: self.taps.clone(),
+            },
             feed,
             adapt,
         ) {
@@ -772,9 +931,8 @@ impl Session {
         if self.detached {
             return;
         }
-        if let Err(e) = send_frame(&mut self.send, &SessionFrame::Event(ev)).await {
-            info!(error = %e, "could not reach the relay");
-            self.detached = true;
+        if self.outbox.send(Output::Event(ev)).await.is_err() {
+            self.detached = true; // the link could not write: the tunnel is gone
         }
     }
 
@@ -782,7 +940,6 @@ impl Session {
         if self.detached {
             return;
         }
-        let _ = send_frame(&mut self.send, &SessionFrame::Close { reason: reason.into() }).await;
-        let _ = tokio::io::AsyncWriteExt::shutdown(&mut self.send).await;
+        let _ = self.outbox.send(Output::Close { reason: reason.into() }).await;
     }
 }

@@ -73,7 +73,10 @@ fn session(talk: &Arc<Talk>) -> Bench {
         "libx264",
         settings(),
         Arc::new(AtomicBool::new(false)),
-        out_tx,
+        avatar_worker::media::stream::Sinks {
+            viewer: out_tx,
+            taps: Default::default(),
+        },
         feed,
         Adaptation::fixed(&settings()),
     )

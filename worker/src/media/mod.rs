@@ -4,6 +4,7 @@
 
 pub mod avatar;
 pub mod encoder;
+pub mod fanout;
 pub mod file;
 pub mod rate;
 pub mod send;

@@ -35,6 +35,7 @@
 
 use super::avatar::{AvatarClip, Yuv420};
 use super::encoder::{EncoderSettings, H264Encoder, Scaler};
+use super::fanout::Taps;
 use super::rate::Target;
 use bytes::Bytes;
 use std::collections::VecDeque;
@@ -100,7 +101,17 @@ pub struct Feed {
     pub events: mpsc::UnboundedSender<ClockEvent>,
 }
 
-/// Encoded media for the track writer.
+/// Where the clock's encoded media goes.
+pub struct Sinks {
+    /// The viewer's sender ([`super::send::send_media`]): offered every packet first; a full
+    /// channel loses a picture and asks for a keyframe.
+    pub viewer: mpsc::Sender<MediaOut>,
+    /// Every other sink ([`super::fanout`]).
+    pub taps: Taps,
+}
+
+/// Encoded media for the track writer (and the session's other sinks, [`super::fanout`]).
+#[derive(Debug, Clone)]
 pub enum MediaOut {
     Video(EncodedFrame),
     /// One 20 ms Opus packet.
@@ -320,6 +331,7 @@ pub struct VideoStream {
 }
 
 /// An encoded frame and its RTP timestamp (90 kHz, from the clock's tick).
+#[derive(Debug, Clone)]
 pub struct EncodedFrame {
     pub data: Bytes,
     pub rtp_timestamp: u32,
@@ -362,10 +374,11 @@ impl VideoStream {
         encoder_name: &'static str,
         settings: EncoderSettings,
         keyframe: Arc<AtomicBool>,
-        out: mpsc::Sender<MediaOut>,
+        sinks: Sinks,
         feed: Feed,
         adapt: Adaptation,
     ) -> std::io::Result<Self> {
+        let Sinks { viewer: out, taps } = sinks;
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(StreamStats::default());
         let thread = {
@@ -378,6 +391,7 @@ impl VideoStream {
                     settings: &settings,
                     keyframe: &keyframe,
                     out: &out,
+                    taps: &taps,
                     stats: &stats,
                     feed,
                     adapt,
@@ -407,6 +421,8 @@ struct Clock<'a> {
     settings: &'a EncoderSettings,
     keyframe: &'a AtomicBool,
     out: &'a mpsc::Sender<MediaOut>,
+    /// Sinks beyond the viewer, offered the same packets.
+    taps: &'a Taps,
     stats: &'a StreamStats,
     feed: Feed,
     adapt: Adaptation,
@@ -575,6 +591,10 @@ impl Clock<'_> {
                         data: Bytes::from(data),
                         rtp_timestamp: rtp_timestamp(tick.pts, self.settings.fps),
                     };
+                    if !self.taps.is_empty() {
+                        let keyframe = super::encoder::contains_idr(&frame.data);
+                        self.taps.offer(&MediaOut::Video(frame.clone()), keyframe);
+                    }
                     match self.out.try_send(MediaOut::Video(frame)) {
                         Ok(()) => {
                             self.stats.frames_sent.fetch_add(1, Ordering::Relaxed);
@@ -598,11 +618,9 @@ impl Clock<'_> {
                 for pcm in &tick.audio {
                     match opus.encode_float(pcm, &mut packet) {
                         Ok(n) => {
-                            if self
-                                .out
-                                .try_send(MediaOut::Audio(Bytes::copy_from_slice(&packet[..n])))
-                                .is_ok()
-                            {
+                            let packet = MediaOut::Audio(Bytes::copy_from_slice(&packet[..n]));
+                            self.taps.offer(&packet, false);
+                            if self.out.try_send(packet).is_ok() {
                                 self.stats.audio_packets.fetch_add(1, Ordering::Relaxed);
                             }
                         }
