@@ -148,6 +148,11 @@ pub enum Reply {
     Interrupted {
         interrupted: bool,
     },
+    /// The end of an audio command's stream: its turn holds all `samples` (it plays them to
+    /// the end unless it is cut). A turn cut first answers `Refused` with code `interrupted`.
+    Received {
+        samples: u64,
+    },
     Ended {},
     /// This worker does not run the session.
     NotFound {},

@@ -14,7 +14,7 @@
 //!   (`api.max_audio_seconds`), 415 audio in a format it does not take, 429 over the key's rate,
 //!   503 no worker connected, 504 a worker did not answer in time (and none had the session).
 
-use crate::tunnel::conn::SendHalf;
+use crate::tunnel::conn::{RecvHalf, SendHalf};
 use crate::upload::{Format, Samples};
 use crate::AppState;
 use avatar_proto::api::{Command, Reply, RequestError, SayRequest};
@@ -29,6 +29,10 @@ use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::{debug, info};
+
+/// How long an audio upload may trail real time before it must keep up at half speed (see
+/// `upload_too_slow` in `docs/api.md`).
+const SLOW_UPLOAD_GRACE: Duration = Duration::from_secs(10);
 
 /// The largest request body (a `say` of `api.max_text_chars` fits many times over); larger is 413.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -140,6 +144,7 @@ struct Answers {
 struct Answer {
     reply: Reply,
     send: SendHalf,
+    recv: FramedRecv<RecvHalf>,
 }
 
 /// Send `command` to every worker at once and wait for all of them (so an id two workers claim
@@ -168,7 +173,7 @@ async fn ask_workers(state: &AppState, command: Command) -> Result<Answers, ApiE
                     send_frame(&mut send, &SessionFrame::Command(command)).await.ok()?;
                     let mut recv = FramedRecv::new(recv);
                     match recv.next::<SessionFrame>().await {
-                        Ok(Some(SessionFrame::Reply(reply))) => Some(Answer { reply, send }),
+                        Ok(Some(SessionFrame::Reply(reply))) => Some(Answer { reply, send, recv }),
                         other => {
                             debug!(worker = %w.id, ?other, "no reply to a session API command (an older worker?)");
                             None
@@ -230,6 +235,7 @@ fn refused(code: String, message: String) -> ApiError {
     let status = match code.as_str() {
         "rate_limited" | "queue_full" | "busy" => StatusCode::TOO_MANY_REQUESTS,
         "message_too_long" => StatusCode::PAYLOAD_TOO_LARGE,
+        "bad_request" => StatusCode::BAD_REQUEST,
         _ => StatusCode::CONFLICT,
     };
     let code: &'static str = match code.as_str() {
@@ -238,6 +244,8 @@ fn refused(code: String, message: String) -> ApiError {
         "busy" => "busy",
         "message_too_long" => "message_too_long",
         "unsupported" => "unsupported",
+        "interrupted" => "interrupted",
+        "bad_request" => "bad_request",
         "no_session" => "not_ready",
         _ => "refused",
     };
@@ -451,19 +459,49 @@ async fn audio(
         rate: spec.rate,
         interrupt: query.interrupt,
     };
-    let Answer { reply, mut send } = ask_session_stream(&state, &id, command).await?;
+    // One upload per key at a time beyond `api.max_uploads_per_key`: each holds a tunnel stream.
+    let _upload = state
+        .api_uploads
+        .try_open(Some(key.clone()), state.config.api.max_uploads_per_key, usize::MAX)
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_uploads",
+                format!(
+                    "key {key}: {} audio uploads are in progress (api.max_uploads_per_key)",
+                    state.config.api.max_uploads_per_key
+                ),
+            )
+        })?;
+    let Answer {
+        reply,
+        mut send,
+        mut recv,
+    } = ask_session_stream(&state, &id, command).await?;
     let (turn, queued) = match reply {
         Reply::Turn { turn, queued } => (turn, queued),
         Reply::Refused { code, message } => return Err(refused(code, message)),
         other => return Err(unexpected(&other)),
     };
     info!(%key, session_id = %id, turn, queued, rate = spec.rate, "session API: audio");
+    let interrupted = || {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "interrupted",
+            format!("turn {turn} was cut before the upload ended (interrupted, or the session ended)"),
+        )
+    };
+    // A queued upload is read as its turn plays: the session may hold it this long.
+    let settle = Duration::from_secs(u64::from(max_seconds) + 60);
     // Samples after the limit are not sent; the upload is then refused with what was played.
     let allowed = u64::from(max_seconds) * u64::from(spec.rate) * 2;
     let mut sent = 0u64;
     let mut samples = Samples::new(spec, data_len);
     let mut out = Vec::new();
     let mut piece = Some(axum::body::Bytes::from(first));
+    // Time spent waiting for the client's bytes: a client that sends slower than half real time
+    // (after a grace) holds a stream and a turn for nothing.
+    let mut client_wait = Duration::ZERO;
     let result = loop {
         let Some(bytes) = piece.take() else { break Ok(()) };
         out.clear();
@@ -472,12 +510,16 @@ async fn audio(
         let over = out.len() > room;
         out.truncate(room);
         sent += out.len() as u64;
-        if tokio::io::AsyncWriteExt::write_all(&mut send, &out).await.is_err() {
-            break Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "interrupted",
-                format!("turn {turn} ended before the upload did (interrupted, or the session ended)"),
-            ));
+        match tokio::time::timeout(settle, tokio::io::AsyncWriteExt::write_all(&mut send, &out)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => break Err(interrupted()),
+            Err(_) => {
+                break Err(ApiError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "timeout",
+                    format!("the session took none of the audio for {} s", settle.as_secs()),
+                ))
+            }
         }
         if over {
             break Err(too_long(samples.seconds()));
@@ -485,15 +527,53 @@ async fn audio(
         if samples.complete() {
             break Ok(());
         }
+        let waiting = std::time::Instant::now();
         match next_piece(&mut body, idle).await {
             Ok(next) => piece = next,
             Err(e) => break Err(e),
         }
+        client_wait += waiting.elapsed();
+        if client_wait > SLOW_UPLOAD_GRACE + Duration::from_secs_f64(2.0 * samples.seconds()) {
+            break Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "upload_too_slow",
+                format!(
+                    "{:.1} s of audio in {:.1} s: send at least half as fast as it plays",
+                    samples.seconds(),
+                    client_wait.as_secs_f64()
+                ),
+            ));
+        }
     };
     // The end of the stream is the end of the audio: the avatar finishes what it got.
-    let _ = tokio::io::AsyncWriteExt::shutdown(&mut send).await;
+    let _ = tokio::time::timeout(idle, tokio::io::AsyncWriteExt::shutdown(&mut send)).await;
     result?;
-    let seconds = sent as f64 / 2.0 / f64::from(spec.rate);
+    // The worker answers once the turn holds all of it, or when it was cut first.
+    let seconds = match tokio::time::timeout(settle, recv.next::<SessionFrame>()).await {
+        Ok(Ok(Some(SessionFrame::Reply(Reply::Received { samples })))) => samples as f64 / f64::from(spec.rate),
+        Ok(Ok(Some(SessionFrame::Reply(Reply::Refused { code, message })))) => return Err(refused(code, message)),
+        Ok(Ok(Some(other))) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "internal",
+                format!("the worker answered {other:?}"),
+            ))
+        }
+        Ok(Ok(None) | Err(_)) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "worker_lost",
+                "the worker's tunnel ended before it confirmed the audio; the session may have ended",
+            ))
+        }
+        Err(_) => {
+            return Err(ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "timeout",
+                format!("the session did not confirm the audio within {} s", settle.as_secs()),
+            ))
+        }
+    };
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({"turn": turn, "queued": queued, "seconds": (seconds * 1000.0).round() / 1000.0})),

@@ -559,6 +559,9 @@ pub struct ApiConfig {
     pub timeout_ms: u64,
     /// The longest audio upload, in seconds of audio (413 above it).
     pub max_audio_seconds: u32,
+    /// Audio uploads one key may have in progress at once (each holds a tunnel stream); more get
+    /// 429. Raise it for a backend that speaks into more sessions at once.
+    pub max_uploads_per_key: usize,
 }
 
 impl Default for ApiConfig {
@@ -569,6 +572,7 @@ impl Default for ApiConfig {
             max_text_chars: 2000,
             timeout_ms: 5000,
             max_audio_seconds: 300,
+            max_uploads_per_key: 32,
         }
     }
 }
@@ -606,11 +610,12 @@ impl ApiConfig {
         if self.requests_per_minute == 0
             || self.max_text_chars == 0
             || self.max_audio_seconds == 0
+            || self.max_uploads_per_key == 0
             || !(1..=60_000).contains(&self.timeout_ms)
         {
             return invalid(
                 "api",
-                "requests_per_minute, max_text_chars and max_audio_seconds must be above 0, timeout_ms 1..=60000",
+                "requests_per_minute, max_text_chars, max_audio_seconds and max_uploads_per_key must be above 0, timeout_ms 1..=60000",
             );
         }
         Ok(())

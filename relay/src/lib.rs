@@ -84,6 +84,8 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Session API calls per key (`api.requests_per_minute`).
     pub api_limiter: governor::DefaultKeyedRateLimiter<String>,
+    /// Audio uploads in progress, per key (`api.max_uploads_per_key`).
+    pub api_uploads: Arc<limits::OpenCounts<String>>,
     /// New connections per client (its [`limits::client_key`]); `None` when unlimited.
     pub connect_limiter: Option<governor::DefaultKeyedRateLimiter<std::net::IpAddr>>,
     /// TCP connections of the HTTP listener, per client and in total.
@@ -119,6 +121,7 @@ impl AppState {
             std::num::NonZeroU32::new(config.api.requests_per_minute / 10).unwrap_or(std::num::NonZeroU32::MIN);
         Arc::new(Self {
             api_limiter: governor::RateLimiter::keyed(governor::Quota::per_minute(api_rate).allow_burst(api_burst)),
+            api_uploads: Arc::default(),
             ice: ice::IceServers::new(&config.turn),
             config,
             registry: Registry::default(),

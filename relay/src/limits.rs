@@ -96,16 +96,26 @@ fn parse_forwarded_node(s: &str) -> Option<IpAddr> {
     s.rsplit_once(':').and_then(|(ip, _)| ip.parse().ok())
 }
 
-/// Counts of what each client holds open, and in total.
-#[derive(Default)]
-pub struct OpenCounts {
-    inner: Mutex<Counts>,
+/// Counts of what each client holds open, and in total. Clients are addresses by default; the
+/// session API counts its uploads per key name.
+pub struct OpenCounts<K = IpAddr> {
+    inner: Mutex<Counts<K>>,
 }
 
-#[derive(Default)]
-struct Counts {
+impl<K> Default for OpenCounts<K> {
+    fn default() -> Self {
+        Self {
+            inner: Mutex::new(Counts {
+                total: 0,
+                per_key: HashMap::new(),
+            }),
+        }
+    }
+}
+
+struct Counts<K> {
     total: usize,
-    per_key: HashMap<IpAddr, usize>,
+    per_key: HashMap<K, usize>,
 }
 
 /// Why [`OpenCounts::try_open`] refused.
@@ -126,8 +136,8 @@ impl Refused {
     }
 }
 
-impl OpenCounts {
-    fn counts(&self) -> std::sync::MutexGuard<'_, Counts> {
+impl<K: Eq + std::hash::Hash + Clone> OpenCounts<K> {
+    fn counts(&self) -> std::sync::MutexGuard<'_, Counts<K>> {
         // Only counters are held under this lock; a panic elsewhere leaves them consistent.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -137,15 +147,15 @@ impl OpenCounts {
     /// the guard drops.
     pub fn try_open(
         self: &Arc<Self>,
-        key: Option<IpAddr>,
+        key: Option<K>,
         per_client: usize,
         total: usize,
-    ) -> Result<OpenGuard, Refused> {
+    ) -> Result<OpenGuard<K>, Refused> {
         let mut c = self.counts();
         if c.total >= total {
             return Err(Refused::Total);
         }
-        if let Some(key) = key {
+        if let Some(key) = key.clone() {
             let n = c.per_key.entry(key).or_insert(0);
             if per_client > 0 && *n >= per_client {
                 return Err(Refused::PerClient);
@@ -171,21 +181,21 @@ impl OpenCounts {
 }
 
 /// One open connection or socket, counted until dropped.
-pub struct OpenGuard {
-    counts: Arc<OpenCounts>,
-    key: Option<IpAddr>,
+pub struct OpenGuard<K: Eq + std::hash::Hash + Clone = IpAddr> {
+    counts: Arc<OpenCounts<K>>,
+    key: Option<K>,
 }
 
-impl OpenGuard {
+impl<K: Eq + std::hash::Hash + Clone> OpenGuard<K> {
     /// Charge a guard counted only in the total to `key` as well, once who holds it is known (a
     /// QUIC client whose handshake proved its address), unless `key` already holds `per_client`
     /// (0: no cap). A guard already charged stays as it is.
-    pub fn charge(&mut self, key: IpAddr, per_client: usize) -> Result<(), Refused> {
+    pub fn charge(&mut self, key: K, per_client: usize) -> Result<(), Refused> {
         if self.key.is_some() {
             return Ok(());
         }
         let mut c = self.counts.counts();
-        let n = c.per_key.entry(key).or_insert(0);
+        let n = c.per_key.entry(key.clone()).or_insert(0);
         if per_client > 0 && *n >= per_client {
             return Err(Refused::PerClient);
         }
@@ -196,11 +206,11 @@ impl OpenGuard {
     }
 }
 
-impl Drop for OpenGuard {
+impl<K: Eq + std::hash::Hash + Clone> Drop for OpenGuard<K> {
     fn drop(&mut self) {
         let mut c = self.counts.counts();
         c.total = c.total.saturating_sub(1);
-        if let Some(key) = self.key {
+        if let Some(key) = self.key.take() {
             if let Some(n) = c.per_key.get_mut(&key) {
                 *n = n.saturating_sub(1);
                 if *n == 0 {

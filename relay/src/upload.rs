@@ -18,6 +18,9 @@ use avatar_proto::api::AUDIO_RATES;
 
 /// The longest WAV header read before its `data` chunk must have started.
 pub const MAX_HEADER: usize = 64 * 1024;
+/// Chunks before `data` (writers put `fmt `, perhaps `LIST` or `fact`): the header is parsed again
+/// as each piece of the body arrives, so its cost must not grow with a header of many tiny chunks.
+pub const MAX_CHUNKS: usize = 16;
 
 /// Why an upload is refused (the API answers 415).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -122,7 +125,7 @@ pub fn parse_wav_header(b: &[u8]) -> Result<Option<WavHeader>, FormatError> {
     }
     let mut spec = None;
     let mut pos = 12;
-    loop {
+    for _ in 0..MAX_CHUNKS {
         if pos + 8 > b.len() {
             return if b.len() >= MAX_HEADER {
                 Err(FormatError::Wav("no data chunk in the first 64 KiB"))
@@ -181,6 +184,7 @@ pub fn parse_wav_header(b: &[u8]) -> Result<Option<WavHeader>, FormatError> {
             return Err(FormatError::Wav("no data chunk in the first 64 KiB"));
         }
     }
+    Err(FormatError::Wav("more than 16 chunks before the data chunk"))
 }
 
 /// Bytes of PCM in, mono 16-bit little-endian out, across any chunk boundaries.
@@ -344,10 +348,19 @@ mod tests {
         ));
         let mut no_data = b"RIFF\0\0\0\0WAVE".to_vec();
         while no_data.len() < MAX_HEADER + 16 {
-            no_data.extend_from_slice(b"junk\x00\x01\0\0");
-            no_data.resize(no_data.len() + 256, 0);
+            no_data.extend_from_slice(b"junk\x00\x10\0\0");
+            no_data.resize(no_data.len() + 4096, 0);
         }
         assert!(matches!(parse_wav_header(&no_data), Err(FormatError::Wav(_))));
+        // Many empty chunks: refused after a few, however the body is cut.
+        let mut tiny = b"RIFF\0\0\0\0WAVE".to_vec();
+        for _ in 0..1000 {
+            tiny.extend_from_slice(b"junk\0\0\0\0");
+        }
+        assert_eq!(
+            parse_wav_header(&tiny),
+            Err(FormatError::Wav("more than 16 chunks before the data chunk"))
+        );
     }
 
     #[test]

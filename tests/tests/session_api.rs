@@ -284,13 +284,17 @@ fn the_backends_own_audio_is_lip_synced_and_plays_while_it_uploads() {
             );
             let seconds = wav_seconds(&wav);
             let path = "/api/v1/sessions/audio-1/audio";
-            let (status, turn, _) = upload(api, path, "audio/wav", &[&wav], Duration::ZERO).await;
+            // The answer comes once the avatar's turn holds all of it, which may be some way
+            // into its playback: the events are read meanwhile, as they arrive.
+            let file = wav.clone();
+            let uploading = tokio::spawn(async move { upload(api, path, "audio/wav", &[&file], Duration::ZERO).await });
+            let (events, started, ended) = until_speech_ended(&mut sig, &cluster).await;
+            let (status, turn, _) = uploading.await.expect("upload");
             assert_eq!(status, 202, "{turn}\n{}", cluster.logs());
             assert!(
                 (turn["seconds"].as_f64().unwrap_or(0.0) - seconds).abs() < 0.01,
                 "{turn} vs {seconds}"
             );
-            let (events, started, ended) = until_speech_ended(&mut sig, &cluster).await;
             let played = (ended - started).as_secs_f64();
             eprintln!("audio of {seconds:.2} s played for {played:.2} s (speech_started → speech_ended)");
             assert!(
@@ -335,6 +339,10 @@ fn the_backends_own_audio_is_lip_synced_and_plays_while_it_uploads() {
                 .await
                 .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
             let heard_at = Instant::now();
+            // One upload at a time: a second one while this one streams is refused.
+            let silence = [0u8; 3200];
+            let (second, reply, _) = upload(api, path, "audio/L16;rate=16000", &[&silence[..]], Duration::ZERO).await;
+            assert_eq!((second, &reply["error"]["code"]), (429, &json!("busy")), "{reply}");
             let (status, _, last_piece) = uploading.await.expect("upload");
             assert_eq!(status, 202);
             eprintln!(
@@ -353,9 +361,12 @@ fn the_backends_own_audio_is_lip_synced_and_plays_while_it_uploads() {
             let tone: Vec<u8> = (0..16_000)
                 .flat_map(|i| (((i as f32 * 0.06).sin() * 12_000.0) as i16).to_be_bytes())
                 .collect();
-            let (status, reply, _) = upload(api, path, "audio/L16;rate=16000", &[&tone], Duration::ZERO).await;
-            assert_eq!((status, reply["seconds"].as_f64()), (202, Some(1.0)), "{reply}");
+            let raw = tone.clone();
+            let uploading =
+                tokio::spawn(async move { upload(api, path, "audio/L16;rate=16000", &[&raw], Duration::ZERO).await });
             let (_, started, ended) = until_speech_ended(&mut sig, &cluster).await;
+            let (status, reply, _) = uploading.await.expect("upload");
+            assert_eq!((status, reply["seconds"].as_f64()), (202, Some(1.0)), "{reply}");
             let played = (ended - started).as_secs_f64();
             assert!((played - 1.0).abs() <= 0.1, "1 s of L16 played for {played:.2} s");
 

@@ -9,9 +9,10 @@
 //! An audio command's samples follow its frame on the stream ([`avatar_proto::api`]): once the
 //! session has taken the turn, [`serve_command`] reads them and hands them on in pieces as they
 //! come ([`AudioIn`]), so the avatar speaks while the upload goes on. The pieces wait in a small
-//! channel: while the turn waits its place, or the lip-sync is behind, the stream is not read,
-//! and the upload waits with it. When the turn is cut, reading stops and the relay hears that
-//! the stream was dropped.
+//! channel: while the turn waits its place, or the lip-sync is behind, the stream is not read
+//! (beyond what the transport's window holds), and the upload waits with it. At the end of the
+//! stream, once the turn holds every piece, the relay hears [`Reply::Received`]; when the turn
+//! is cut first, reading stops at once and it hears `interrupted`.
 
 use crate::session::{NotTaken, RecvHalf, SendHalf, SessionHandle};
 use crate::talk::AudioIn;
@@ -139,11 +140,19 @@ pub async fn serve_command(mut send: SendHalf, recv: FramedRecv<RecvHalf>, comma
         (None, _) => Reply::Sessions {
             sessions: ctx.directory.list().await,
         },
+        (Some(_), Command::Audio { rate, .. }) if !avatar_proto::api::AUDIO_RATES.contains(rate) => Reply::Refused {
+            code: "bad_request".into(),
+            message: format!("a sample rate of {rate} Hz is not taken"),
+        },
         (Some(id), Command::Audio { rate, .. }) => {
             let id = id.to_owned();
             let (tx, pieces) = mpsc::channel(AUDIO_AHEAD);
+            let audio = AudioIn {
+                rate: *rate,
+                pieces,
+                upload: tx.downgrade(),
+            };
             samples = Some(tx);
-            let audio = AudioIn { rate: *rate, pieces };
             ctx.directory.ask(&id, command, Some(audio)).await
         }
         (Some(id), _) => {
@@ -157,18 +166,30 @@ pub async fn serve_command(mut send: SendHalf, recv: FramedRecv<RecvHalf>, comma
     }
     if let (Some(pieces), true) = (samples, taken) {
         let (recv, rest) = recv.into_parts();
-        read_audio(recv, rest, pieces).await;
+        let outcome = match read_audio(recv, rest, &pieces).await {
+            Some(samples) => Reply::Received { samples },
+            None => Reply::Refused {
+                code: "interrupted".into(),
+                message: "the turn was cut before it had all of the audio (interrupted, or the session ended)".into(),
+            },
+        };
+        drop(pieces);
+        if let Err(e) = send_frame(&mut send, &SessionFrame::Reply(outcome)).await {
+            tracing::debug!(error = %e, "could not confirm the audio");
+        }
     }
     let _ = tokio::io::AsyncWriteExt::shutdown(&mut send).await;
 }
 
-/// Read 16-bit little-endian samples to the end of the stream and pass them on as pieces; stop
-/// when the turn no longer takes them.
-async fn read_audio(mut recv: RecvHalf, rest: bytes::Bytes, pieces: mpsc::Sender<Vec<f32>>) {
+/// Read 16-bit little-endian samples to the end of the stream and pass them on as pieces.
+/// The samples read once the turn holds them all; `None` when the turn stopped taking them (it
+/// was cut, or the session ended) or the stream broke.
+async fn read_audio(mut recv: RecvHalf, rest: bytes::Bytes, pieces: &mpsc::Sender<Vec<f32>>) -> Option<u64> {
     use tokio::io::AsyncReadExt;
     let mut buf = vec![0u8; 16 * 1024];
     let mut odd: Option<u8> = None;
     let mut first = Some(rest);
+    let mut samples = 0u64;
     loop {
         let bytes: &[u8] = match first.take() {
             Some(rest) if !rest.is_empty() => {
@@ -179,14 +200,21 @@ async fn read_audio(mut recv: RecvHalf, rest: bytes::Bytes, pieces: mpsc::Sender
                 }
                 &buf[..n]
             }
-            _ => match recv.read(&mut buf).await {
-                Ok(0) => return,
-                Ok(n) => &buf[..n],
-                Err(e) => {
-                    tracing::debug!(error = %e, "the audio upload's stream broke");
-                    return;
+            _ => {
+                let read = tokio::select! {
+                    // Cut while waiting for bytes: stop now, so the relay hears of it at once.
+                    _ = pieces.closed() => return None,
+                    read = recv.read(&mut buf) => read,
+                };
+                match read {
+                    Ok(0) => break,
+                    Ok(n) => &buf[..n],
+                    Err(e) => {
+                        tracing::debug!(error = %e, "the audio upload's stream broke");
+                        return None;
+                    }
                 }
-            },
+            }
         };
         let mut piece = Vec::with_capacity(bytes.len() / 2 + 1);
         let mut bytes = bytes;
@@ -198,9 +226,18 @@ async fn read_audio(mut recv: RecvHalf, rest: bytes::Bytes, pieces: mpsc::Sender
         let pairs = bytes.chunks_exact(2);
         odd = odd.or_else(|| pairs.remainder().first().copied());
         piece.extend(pairs.map(|b| f32::from(i16::from_le_bytes([b[0], b[1]])) / 32768.0));
+        samples += piece.len() as u64;
         if !piece.is_empty() && pieces.send(piece).await.is_err() {
             tracing::debug!("the audio's turn ended; the rest of the upload is refused");
-            return;
+            return None;
         }
     }
+    // The end of the upload: answer once the turn has taken every piece.
+    while pieces.capacity() < pieces.max_capacity() {
+        tokio::select! {
+            _ = pieces.closed() => return None,
+            _ = tokio::time::sleep(std::time::Duration::from_millis(20)) => {}
+        }
+    }
+    Some(samples)
 }

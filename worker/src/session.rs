@@ -1,7 +1,7 @@
 //! One browser session on the worker, from the relay's `Open` frame to its end.
 //!
-//! The session waits on three things: the next frame from the relay, the peer connection's state,
-//! and shutdown. An offer creates (or replaces) the peer and answers with every candidate inside;
+//! The session waits on its inbox (the browser's messages, the relay's close, the session API's
+//! commands), the peer connection's state, its conversation and media clock, and shutdown. An offer creates (or replaces) the peer and answers with every candidate inside;
 //! when ICE connects, the media clock starts and idle avatar frames flow at once. A `text_webrtc`
 //! starts an answer in the session's [`Conversation`]; its text deltas, speech start/end and
 //! failures come back here and go to the browser as events.
@@ -222,6 +222,7 @@ pub async fn run_session(
         inbox,
         outbox,
         taps: Taps::default(),
+        upload: None,
         ctx,
         about,
         dialogue: Dialogue::default(),
@@ -286,7 +287,10 @@ async fn relay_link(
             };
             if let Err(e) = send_frame(&mut send, &frame).await {
                 info!(error = %e, "could not reach the relay");
-                return; // the session sees its outbox closed and stops writing
+                // The session sees its outbox closed when it next writes; a session with no peer
+                // may not write again, so it is told as well.
+                let _ = session.inbox.try_send(Input::Lost);
+                return;
             }
             if last {
                 break;
@@ -318,6 +322,8 @@ struct Session {
     outbox: mpsc::Sender<Output>,
     /// The media's sinks beyond the viewer (they outlive a renegotiated peer).
     taps: Taps,
+    /// The session API's audio upload in progress, if any.
+    upload: Option<mpsc::WeakSender<Vec<f32>>>,
     ctx: Arc<Context>,
     about: About,
     /// Whose turn it is (the browser's messages and the session API's says).
@@ -468,6 +474,9 @@ impl Session {
                     if let Some(conv) = self.conv.as_mut() {
                         conv.detach();
                     }
+                    // The answer in progress went with the old clock and will report no end:
+                    // nothing is current, and what waited for it is dropped.
+                    self.dialogue.interrupt();
                     old.stop().await;
                 }
                 let started = std::time::Instant::now();
@@ -703,7 +712,22 @@ impl Session {
                 (self.api_turn(said, say.interrupt), None)
             }
             Command::Audio { interrupt, .. } => match audio {
-                Some(audio) => (self.api_turn(Said::Audio(audio), interrupt), None),
+                // One upload at a time (each holds a tunnel stream), unless the new one cuts in.
+                Some(_) if !interrupt && self.upload.as_ref().is_some_and(|u| u.upgrade().is_some()) => (
+                    Reply::Refused {
+                        code: "busy".into(),
+                        message: "an audio upload to this session is in progress: wait for its answer, or send with interrupt=true".into(),
+                    },
+                    None,
+                ),
+                Some(audio) => {
+                    let upload = audio.upload.clone();
+                    let reply = self.api_turn(Said::Audio(audio), interrupt);
+                    if matches!(reply, Reply::Turn { .. }) {
+                        self.upload = Some(upload);
+                    }
+                    (reply, None)
+                }
                 None => (
                     Reply::Refused {
                         code: ErrorCode::BadJson.as_str().into(),

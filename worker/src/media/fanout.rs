@@ -1,7 +1,7 @@
 //! A session's media, to every sink that wants it.
 //!
 //! The media clock ([`super::stream`]) encodes each picture and each 20 ms of speech once. The
-//! session's viewer gets them first, through the sender that paces them to its bandwidth
+//! session's viewer gets them through the sender that paces them to its bandwidth
 //! ([`super::send`]). Further sinks (a recording, a second viewer) join through [`Taps::join`]
 //! and get the same encoded media from then on:
 //!
@@ -14,7 +14,9 @@
 //!
 //! A tap can never slow the viewer: the clock offers it each packet without waiting
 //! ([`Taps::offer`]), and a tap that is full loses the packet. Video then has a hole, so the tap
-//! skips video until the next keyframe (audio goes on), and the loss is counted. A sink that
+//! skips video until the next keyframe (audio goes on), and the loss is counted. It does not ask
+//! for that keyframe: a slow recorder must not cost the viewer's bandwidth; the next one comes
+//! within the encoder's keyframe interval (`video.gop`). A sink that
 //! joins asks for a keyframe, so its first picture comes at once, not at the end of the GOP. A
 //! tap whose receiver is dropped leaves.
 //!
@@ -98,8 +100,8 @@ impl Taps {
         self.lock().taps.iter().map(|t| (t.name.clone(), t.dropped)).collect()
     }
 
-    /// Offer one packet to every sink, never waiting (called by the media clock, after the
-    /// viewer has it). `keyframe`: whether a video packet is a keyframe.
+    /// Offer one packet to every sink, never waiting (called by the media clock for each packet
+    /// it also gives the viewer). `keyframe`: whether a video packet is a keyframe.
     pub fn offer(&self, media: &MediaOut, keyframe: bool) {
         let mut inner = self.lock();
         inner.taps.retain_mut(|tap| {

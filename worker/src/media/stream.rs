@@ -103,8 +103,8 @@ pub struct Feed {
 
 /// Where the clock's encoded media goes.
 pub struct Sinks {
-    /// The viewer's sender ([`super::send::send_media`]): offered every packet first; a full
-    /// channel loses a picture and asks for a keyframe.
+    /// The viewer's sender ([`super::send::send_media`]): a full channel loses a picture and
+    /// asks for a keyframe.
     pub viewer: mpsc::Sender<MediaOut>,
     /// Every other sink ([`super::fanout`]).
     pub taps: Taps,

@@ -275,6 +275,8 @@ pub enum TalkEvent {
 pub struct AudioIn {
     pub rate: u32,
     pub pieces: mpsc::Receiver<Vec<f32>>,
+    /// The sending side, while the upload goes on (the session allows one at a time).
+    pub upload: mpsc::WeakSender<Vec<f32>>,
 }
 
 impl std::fmt::Debug for AudioIn {
