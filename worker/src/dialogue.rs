@@ -7,6 +7,11 @@
 //! another. An interrupt (the API's, the browser's, or a voice barge-in) stops the answer and
 //! drops every say still waiting.
 //!
+//! The user's voice follows the same rules ([`Dialogue::voice_started`]): speech that starts
+//! while the avatar speaks is a barge-in, which interrupts it, when barge-in is allowed; when it
+//! is not, that speech is most likely the avatar's own echo, and the utterance it starts is
+//! dropped ([`Dialogue::utterance`]) rather than answered.
+//!
 //! [`Dialogue`] only decides (what a turn says is opaque to it: `A` is how its audio arrives); the session does what it says (starts a turn on its conversation)
 //! and reports back what happened ([`Dialogue::started`], [`Dialogue::ended`]).
 
@@ -41,24 +46,67 @@ pub enum Say<A> {
     Queued { ahead: usize },
 }
 
+/// What to do when the user starts speaking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Voice {
+    /// Listen (tell the browser `user_speech_started`).
+    Listen,
+    /// The user spoke over the avatar: it was interrupted (stop the conversation's answer too),
+    /// then listen.
+    BargeIn,
+    /// Over the avatar, with barge-in off: ignore this speech and its utterance.
+    Ignore,
+}
+
 /// The turn order of one session (see the module docs).
 #[derive(Debug)]
 pub struct Dialogue<A> {
     /// The turn being prepared or spoken.
     current: Option<u64>,
     waiting: VecDeque<Start<A>>,
+    /// May the user's voice interrupt the avatar?
+    barge_in: bool,
+    /// The utterance in progress started over the avatar with barge-in off: drop it.
+    ignoring: bool,
 }
 
 impl<A> Default for Dialogue<A> {
     fn default() -> Self {
-        Self {
-            current: None,
-            waiting: VecDeque::new(),
-        }
+        Self::new(true)
     }
 }
 
 impl<A> Dialogue<A> {
+    /// A dialogue in which the user's voice may interrupt the avatar, or not (`talk.vad.barge_in`).
+    pub fn new(barge_in: bool) -> Self {
+        Self {
+            current: None,
+            waiting: VecDeque::new(),
+            barge_in,
+            ignoring: false,
+        }
+    }
+
+    /// The user started speaking; `over_avatar`: while the avatar was speaking.
+    pub fn voice_started(&mut self, over_avatar: bool) -> Voice {
+        if !over_avatar {
+            self.ignoring = false;
+            return Voice::Listen;
+        }
+        if !self.barge_in {
+            self.ignoring = true;
+            return Voice::Ignore;
+        }
+        self.interrupt();
+        Voice::BargeIn
+    }
+
+    /// The user's utterance ended: whether to recognise and answer it (not when its start was
+    /// ignored).
+    pub fn utterance(&mut self) -> bool {
+        !std::mem::take(&mut self.ignoring)
+    }
+
     /// Whether an answer is being prepared or spoken.
     pub fn busy(&self) -> bool {
         self.current.is_some()
@@ -241,5 +289,28 @@ mod tests {
         assert_eq!(d.ended(1, true), None);
         assert_eq!(d.ended(3, false), None);
         assert!(!d.busy());
+    }
+
+    #[test]
+    fn speech_over_the_avatar_barges_in_or_is_ignored_as_echo_with_its_utterance() {
+        let mut d = Dialogue::<Clip>::new(true);
+        assert_eq!(d.voice_started(false), Voice::Listen);
+        assert!(d.utterance(), "an ordinary utterance is answered");
+        d.started(1);
+        d.say(2, Said::Audio("after.wav"), false);
+        assert_eq!(d.voice_started(true), Voice::BargeIn);
+        assert!(
+            !d.busy() && d.waiting() == 0,
+            "the barge-in stopped the answer and what waited"
+        );
+        assert!(d.utterance(), "and the user's words are answered");
+
+        let mut quiet = Dialogue::<Clip>::new(false);
+        quiet.started(1);
+        assert_eq!(quiet.voice_started(true), Voice::Ignore);
+        assert!(quiet.busy(), "barge-in off: the avatar goes on");
+        assert!(!quiet.utterance(), "the echo's utterance is dropped");
+        assert_eq!(quiet.voice_started(false), Voice::Listen);
+        assert!(quiet.utterance(), "the next one, after the avatar, is answered");
     }
 }

@@ -46,7 +46,7 @@
 //!
 //! Either way the encoder thread is stopped and the capacity slot returned (both on drop).
 
-use crate::dialogue::{Dialogue, Said, Start};
+use crate::dialogue::{Dialogue, Said, Start, Voice};
 use crate::media::fanout::Taps;
 use crate::media::rate::{RateControl, Target};
 use crate::media::send::{send_media, SendParts};
@@ -201,6 +201,7 @@ pub async fn run_session(
         }
     };
     let span = info_span!("session", session_id = %open.session_id, worker_id = %ctx.config.worker_id);
+    let barge_in = ctx.talk.as_ref().is_some_and(|t| t.vad.barge_in);
     let (inbox_tx, inbox) = mpsc::channel(INBOX);
     let (outbox, outbox_rx) = mpsc::channel(OUTBOX);
     let handle = SessionHandle { inbox: inbox_tx };
@@ -225,14 +226,13 @@ pub async fn run_session(
         upload: None,
         ctx,
         about,
-        dialogue: Dialogue::default(),
+        dialogue: Dialogue::new(barge_in),
         active: None,
         detached: false,
         conv,
         talk_events,
         clock_events: None,
         hearing: None,
-        ignoring: false,
         ice_servers: match turn_gateway {
             Some(gateway) => crate::rtc::through_gateway(&open.ice_servers, gateway),
             None => open.ice_servers,
@@ -338,8 +338,6 @@ struct Session {
     clock_events: Option<mpsc::UnboundedReceiver<ClockEvent>>,
     /// Voice input from the current peer's microphone.
     hearing: Option<mpsc::UnboundedReceiver<Hearing>>,
-    /// The current utterance started while the avatar spoke and barge-in is off: drop it.
-    ignoring: bool,
     /// STUN/TURN servers from the relay, for this session's peers.
     ice_servers: Vec<avatar_proto::signaling::IceServer>,
 }
@@ -576,28 +574,24 @@ impl Session {
     }
 
     async fn on_hearing(&mut self, h: Hearing) {
-        let barge_in_allowed = self.ctx.talk.as_ref().is_some_and(|t| t.vad.barge_in);
         let Some(conv) = self.conv.as_mut() else {
             return;
         };
         let event = match h {
-            Hearing::Heard(Heard::Started { barge_in }) => {
-                if barge_in && !barge_in_allowed {
-                    // The avatar is speaking and voice may not interrupt it: most likely its own
-                    // echo, and a question now would cut the answer anyway.
-                    self.ignoring = true;
-                    return;
-                }
-                if barge_in {
+            Hearing::Heard(Heard::Started { barge_in }) => match self.dialogue.voice_started(barge_in) {
+                // The avatar is speaking and voice may not interrupt it: most likely its own
+                // echo, and a question now would cut the answer anyway.
+                Voice::Ignore => return,
+                Voice::BargeIn => {
                     info!("barge-in: the user spoke over the avatar");
                     metrics::counter!("worker_barge_ins_total").increment(1);
                     conv.interrupt();
-                    self.dialogue.interrupt();
+                    ServerEvent::UserSpeechStarted {}
                 }
-                ServerEvent::UserSpeechStarted {}
-            }
+                Voice::Listen => ServerEvent::UserSpeechStarted {},
+            },
             Hearing::Heard(Heard::Utterance { pcm, .. }) => {
-                if std::mem::take(&mut self.ignoring) {
+                if !self.dialogue.utterance() {
                     return;
                 }
                 let duration_ms = crate::talk::vad::duration_ms(&pcm);
