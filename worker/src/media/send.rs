@@ -263,6 +263,7 @@ pub async fn send_media(parts: SendParts) {
                         (p, n)
                     });
                     let key = super::encoder::contains_idr(&frame.data);
+                    tracing::trace!(bytes = frame.data.len(), key, queued_ms = queue.delay().as_millis() as u64, pace_kbps = target.pace_bps / 1000, "video frame");
                     if let Err(Overflow { dropped }) = queue.push(sized) {
                         metrics::counter!("worker_video_queue_drops_total").increment(1);
                         tracing::debug!(dropped, "pacer queue over its bound: dropped, keyframe next");
