@@ -178,8 +178,17 @@ fn the_backend_lists_the_session_makes_it_speak_interrupts_and_ends_it() {
                 .expect("final text");
             assert_eq!(said["text"], text, "the browser sees exactly the text");
             assert_eq!(said["turn"], turn["turn"]);
-            let (n_loud, n) = loud(&client.snapshot(), started + Duration::from_millis(150), ended);
+            let stats = client.snapshot();
+            let (n_loud, n) = loud(&stats, started + Duration::from_millis(150), ended);
             assert!(n_loud * 3 >= n && n > 20, "speech heard: {n_loud}/{n} loud packets");
+            let idle_mouth = mean(&stats.mouth_between(sent - Duration::from_millis(600), sent));
+            let mouth = stats.mouth_between(started + Duration::from_millis(150), ended);
+            let moved = mouth.iter().filter(|m| (**m - idle_mouth).abs() > 6.0).count();
+            assert!(
+                moved * 4 >= mouth.len() && mouth.len() > 20,
+                "the mouth moves: {moved}/{} frames (idle luma {idle_mouth:.1})",
+                mouth.len()
+            );
             assert!(llm.seen().chat_requests.is_empty(), "repeat asks no language model");
 
             // say (chat): the language model answers it.
