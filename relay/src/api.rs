@@ -459,7 +459,7 @@ async fn audio(
         rate: spec.rate,
         interrupt: query.interrupt,
     };
-    // One upload per key at a time beyond `api.max_uploads_per_key`: each holds a tunnel stream.
+    // At most `api.max_uploads_per_key` uploads per key at once: each holds a tunnel stream.
     let _upload = state
         .api_uploads
         .try_open(Some(key.clone()), state.config.api.max_uploads_per_key, usize::MAX)
