@@ -31,6 +31,23 @@ async fn probe(link: &Arc<SlowLink>, cluster: &Cluster, session: &str, seconds: 
         .expect("probe task")
 }
 
+/// Chromium on the page, its worker behind a link limited to `kbit` kbit/s (the worker's media
+/// crosses the limit; the relay and the browser are in this namespace).
+async fn chromium_behind(kbit: u32) -> (SlowLink, Cluster, avatar_edge_tests::cdp::Chromium) {
+    use avatar_edge_tests::cluster::SECRET;
+    let link = SlowLink::new();
+    link.limit_far(kbit);
+    let mut cluster = Cluster::relay_on(SERVER_IP, "", false, "self_signed = true").await;
+    let trust = format!("fingerprint = \"{}\"", cluster.relay.fingerprint);
+    let log = cluster.spawn_worker_in(Some(link.viewer.pid()), "far-worker", 2, SECRET, &trust, "");
+    cluster
+        .wait_for_log(&log, "registered with relay", std::time::Duration::from_secs(15))
+        .await;
+    let url = format!("http://{}/?autoconnect=1&avatar=avatar_tutor_13", cluster.relay.http);
+    let browser = avatar_edge_tests::cdp::Chromium::launch(&url).await.expect("chromium");
+    (link, cluster, browser)
+}
+
 fn check_limited(kbit: u32, min_fps: f64, report: &Report, cluster: &Cluster) {
     let summary = report.summary(3.0, 12.0);
     eprintln!("{kbit} kbit/s: {summary}");
@@ -135,19 +152,8 @@ fn chromium_on_the_page_under_one_megabit_shows_the_lowered_level_and_gets_the_a
     netns::run(
         "chromium_on_the_page_under_one_megabit_shows_the_lowered_level_and_gets_the_answer",
         || async {
-            use avatar_edge_tests::cdp::Chromium;
-            use avatar_edge_tests::cluster::SECRET;
             use std::time::Duration;
-            let link = SlowLink::new();
-            link.limit_far(1000);
-            let mut cluster = Cluster::relay_on(SERVER_IP, "", false, "self_signed = true").await;
-            let trust = format!("fingerprint = \"{}\"", cluster.relay.fingerprint);
-            let log = cluster.spawn_worker_in(Some(link.viewer.pid()), "far-worker", 2, SECRET, &trust, "");
-            cluster
-                .wait_for_log(&log, "registered with relay", Duration::from_secs(15))
-                .await;
-            let url = format!("http://{}/?autoconnect=1&avatar=avatar_tutor_13", cluster.relay.http);
-            let mut browser = Chromium::launch(&url).await.expect("chromium");
+            let (_link, cluster, mut browser) = chromium_behind(1000).await;
             let stats = "window.avatarEdge ? window.avatarEdge.stats() : {}";
             let playing = browser
                 .poll(stats, Duration::from_secs(15), |s| {
@@ -272,19 +278,8 @@ fn one_viewers_weak_link_never_lowers_anothers_picture() {
 #[test]
 fn chromium_at_200_kilobits_keeps_a_steady_smaller_picture() {
     netns::run("chromium_at_200_kilobits_keeps_a_steady_smaller_picture", || async {
-        use avatar_edge_tests::cdp::Chromium;
-        use avatar_edge_tests::cluster::SECRET;
         use std::time::Duration;
-        let link = SlowLink::new();
-        link.limit_far(200);
-        let mut cluster = Cluster::relay_on(SERVER_IP, "", false, "self_signed = true").await;
-        let trust = format!("fingerprint = \"{}\"", cluster.relay.fingerprint);
-        let log = cluster.spawn_worker_in(Some(link.viewer.pid()), "far-worker", 2, SECRET, &trust, "");
-        cluster
-            .wait_for_log(&log, "registered with relay", Duration::from_secs(15))
-            .await;
-        let url = format!("http://{}/?autoconnect=1&avatar=avatar_tutor_13", cluster.relay.http);
-        let mut browser = Chromium::launch(&url).await.expect("chromium");
+        let (_link, cluster, mut browser) = chromium_behind(200).await;
         let stats = "window.avatarEdge ? window.avatarEdge.stats() : {}";
         let decoded = |s: &serde_json::Value| s["framesDecoded"].as_u64().unwrap_or(0);
         let playing = browser.poll(stats, Duration::from_secs(15), |s| decoded(s) >= 5).await;
