@@ -18,6 +18,27 @@ pub fn base_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release-work/bookworm-root")
 }
 
+/// A debootstrap tree of Debian `suite` (`bullseye`, `bookworm`, `trixie`): nothing but Debian's
+/// minimal base. Bookworm's is [`base_root`]; the others are made once here, next to it, from
+/// Debian's archive (about a minute each; this needs the network, so call it outside the test's
+/// namespace).
+pub fn suite_root(suite: &str) -> PathBuf {
+    if suite == "bookworm" {
+        return base_root();
+    }
+    let path = base_root().with_file_name(format!("{suite}-root"));
+    if !path.join(".complete").exists() {
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        run(Command::new("debootstrap")
+            .args(["--variant=minbase", suite])
+            .arg(&path)
+            .arg("http://deb.debian.org/debian"));
+        std::fs::write(path.join(".complete"), b"").expect("mark the root complete");
+    }
+    path
+}
+
 /// The newest `dist/` package whose file name starts with `prefix` (e.g. `avatar-edge-relay_`).
 pub fn dist_package(prefix: &str) -> PathBuf {
     let dist = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist");
@@ -43,7 +64,11 @@ pub struct Root {
 impl Root {
     /// A fresh copy of the debootstrap base at `path` (replacing what was there).
     pub fn fresh(path: &Path) -> Self {
-        let base = base_root();
+        Self::fresh_from(&base_root(), path)
+    }
+
+    /// A fresh copy at `path` of the debootstrap tree at `base` (see [`suite_root`]).
+    pub fn fresh_from(base: &Path, path: &Path) -> Self {
         assert!(
             base.join(".complete").exists(),
             "no Debian base at {}: run scripts/release --images first",
@@ -51,7 +76,7 @@ impl Root {
         );
         let _ = std::fs::remove_dir_all(path);
         std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
-        run(Command::new("cp").arg("-a").arg(&base).arg(path));
+        run(Command::new("cp").arg("-a").arg(base).arg(path));
         let _ = std::fs::remove_file(path.join(".complete"));
         std::fs::copy("/etc/resolv.conf", path.join("etc/resolv.conf")).expect("resolv.conf");
         Self {

@@ -28,6 +28,35 @@ pub fn valid_voice(voice: &str) -> bool {
         && !voice.starts_with('-')
 }
 
+/// The portable tarball carries its own espeak-ng beside the worker: `libexec/espeak-ng` with its
+/// voices in `share/espeak-ng-data` (docs/deploy.md, "Portable tarballs"). With the default
+/// program name and such a bundle next to the running binary (`bin/worker`), that copy runs, told
+/// where its data is; any other name, or no bundle, runs the program from `PATH`.
+fn espeak_command(program: &str) -> tokio::process::Command {
+    let bundled = std::env::current_exe()
+        .ok()
+        .and_then(|exe| bundled_espeak(&exe, program));
+    match bundled {
+        Some((binary, data)) => {
+            let mut cmd = tokio::process::Command::new(binary);
+            cmd.env("ESPEAK_DATA_PATH", data);
+            cmd
+        }
+        None => tokio::process::Command::new(program),
+    }
+}
+
+/// The bundled espeak-ng for a worker binary at `exe`, and the directory that holds its
+/// `espeak-ng-data`, when `program` is the default and the bundle is complete.
+fn bundled_espeak(exe: &std::path::Path, program: &str) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+    if program != "espeak-ng" {
+        return None;
+    }
+    let prefix = exe.parent()?.parent()?;
+    let (binary, data) = (prefix.join("libexec/espeak-ng"), prefix.join("share"));
+    (binary.is_file() && data.join("espeak-ng-data").is_dir()).then_some((binary, data))
+}
+
 pub struct EspeakTts {
     pub program: String,
     /// Words per minute.
@@ -45,7 +74,7 @@ impl Tts for EspeakTts {
             if !valid_voice(voice) {
                 return Err(TalkError::Tts(format!("invalid voice name {voice:?}")));
             }
-            let mut child = tokio::process::Command::new(&self.program)
+            let mut child = espeak_command(&self.program)
                 .args(["--stdout", "-b", "1", "-v", voice, "-s", &self.speed.to_string()])
                 .stdin(std::process::Stdio::piped())
                 .stdout(std::process::Stdio::piped())
@@ -127,6 +156,27 @@ mod tests {
     fn voice_names_cannot_carry_options() {
         assert!(valid_voice("en-us") && valid_voice("cmn") && valid_voice("alloy"));
         assert!(!valid_voice("--stdout") && !valid_voice("en us") && !valid_voice("") && !valid_voice("a;b"));
+    }
+
+    #[test]
+    fn the_bundled_espeak_is_used_only_for_the_default_name_and_a_complete_bundle() {
+        let dir = std::env::temp_dir().join(format!("espeak-bundle-{}", std::process::id()));
+        let exe = dir.join("bin/worker");
+        assert_eq!(bundled_espeak(&exe, "espeak-ng"), None, "no bundle");
+        std::fs::create_dir_all(dir.join("libexec")).expect("mkdir");
+        std::fs::write(dir.join("libexec/espeak-ng"), b"").expect("write");
+        assert_eq!(bundled_espeak(&exe, "espeak-ng"), None, "a binary without its voices");
+        std::fs::create_dir_all(dir.join("share/espeak-ng-data")).expect("mkdir");
+        assert_eq!(
+            bundled_espeak(&exe, "espeak-ng"),
+            Some((dir.join("libexec/espeak-ng"), dir.join("share")))
+        );
+        assert_eq!(
+            bundled_espeak(&exe, "/usr/bin/espeak-ng"),
+            None,
+            "an operator's own choice"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]
