@@ -17,6 +17,7 @@
 
 pub mod api;
 mod avatars;
+pub mod check;
 pub mod config;
 pub mod http;
 pub mod ice;
@@ -277,11 +278,11 @@ impl Relay {
                 (ServerCerts::Resolver(acme.resolver()), Some(acme))
             }
             None => {
-                let identity = match (&config.tls.cert, &config.tls.key) {
-                    (Some(cert), Some(key)) => Identity::load(cert, key)?,
-                    _ => Identity::self_signed()?,
+                let certs = match (&config.tls.cert, &config.tls.key) {
+                    (Some(cert), Some(key)) => ServerCerts::Files(Arc::new(tls::files::FileCert::load(cert, key)?)),
+                    _ => ServerCerts::Static(Identity::self_signed()?),
                 };
-                (ServerCerts::Static(identity), None)
+                (certs, None)
             }
         };
         if let (Some(path), Some(fingerprint)) = (&config.tls.fingerprint_file, certs.fingerprint()) {
@@ -405,6 +406,10 @@ impl Relay {
         }
         if let Some(p) = state.policies.clone() {
             tasks.spawn(p.watch(shutdown.clone()));
+        }
+        if let ServerCerts::Files(files) = &certs {
+            let fingerprint_file = state.config.tls.fingerprint_file.clone();
+            tasks.spawn(tls::files::watch(Arc::clone(files), fingerprint_file, shutdown.clone()));
         }
         let grace = Duration::from_millis(state.config.http.shutdown_grace_ms);
         let handle = axum_server::Handle::new();

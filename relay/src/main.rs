@@ -42,13 +42,20 @@ fn main() -> std::process::ExitCode {
         }
     };
     if args.check_config {
-        // Policy modules are part of the configuration: compile and check them too.
-        if let Err(e) = avatar_relay::policy::Policies::load(&config.policies) {
-            eprintln!("relay: bad configuration: policy: {e}");
-            return std::process::ExitCode::from(64);
-        }
-        println!("configuration OK");
-        return std::process::ExitCode::SUCCESS;
+        // What the file points at too: certificate and key, policy modules, writable folders.
+        return match avatar_relay::check::check(&config, std::time::SystemTime::now()) {
+            Ok(report) => {
+                for line in report {
+                    println!("{line}");
+                }
+                println!("configuration OK");
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("relay: bad configuration: {e}");
+                std::process::ExitCode::from(64)
+            }
+        };
     }
     match run(config, args.ready_file) {
         Ok(()) => std::process::ExitCode::SUCCESS,

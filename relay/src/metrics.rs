@@ -32,6 +32,8 @@
 //! | `relay_policy_failures_total{hook,kind}` | counter | failed decisions (`deadline`, `memory`, `trap`, `output`, `invalid`, `busy`) |
 //! | `relay_policy_decision_seconds{hook}` | histogram | decision latency, pool wait included |
 //! | `relay_policy_reloads_total{module,result}` | counter | module reloads (`reloaded`, `failed`) |
+//! | `relay_tls_cert_expiry_seconds` | gauge | time the certificate in use has left (files or ACME; negative once expired), set every minute |
+//! | `relay_tls_reloads_total{result}` | counter | certificate files re-read after a change or SIGHUP (`reloaded`, `failed`: the old one stays) |
 
 use crate::AppState;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};

@@ -215,3 +215,42 @@ fn coturn_is_installed_for_the_tests_with_its_service_off() {
         "coturn's service runs (as its turnserver user)"
     );
 }
+
+#[test]
+fn the_alert_rules_use_only_metrics_the_binaries_export_and_the_stop_timeout_covers_the_drain() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let rules = std::fs::read_to_string(root.join("deploy/prometheus/avatar-edge.rules.yml")).expect("rules");
+    let documented = std::fs::read_to_string(root.join("relay/src/metrics.rs")).expect("metrics.rs");
+    let mut names: Vec<&str> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("expr:"))
+        .flat_map(|expr| {
+            expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("relay_") || w.starts_with("worker_"))
+        })
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    assert!(names.len() >= 3, "the rules read metrics: {names:?}");
+    for name in names {
+        assert!(
+            documented.contains(&format!("`{name}")),
+            "{name} is not a metric the relay documents (relay/src/metrics.rs)"
+        );
+    }
+    // systemd must not kill a draining worker before its own limit ends the sessions.
+    let config = avatar_worker::config::WorkerConfig::default();
+    for unit in ["avatar-edge-worker.service", "avatar-edge-worker@.service"] {
+        let text = std::fs::read_to_string(root.join("deploy/systemd").join(unit)).expect("unit");
+        let stop: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("TimeoutStopSec="))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{unit}: TimeoutStopSec in seconds"));
+        assert!(
+            stop > config.drain_timeout_s && stop <= config.drain_timeout_s + 60,
+            "{unit}: TimeoutStopSec={stop} must just cover drain_timeout_s ({})",
+            config.drain_timeout_s
+        );
+    }
+}

@@ -404,15 +404,106 @@ fn a_partition_between_a_natted_worker_and_the_relay_does_not_stop_the_video() {
     );
 }
 
+/// Frames `client` decodes over `window`.
+async fn frames_over(client: &RtcClient, window: Duration) -> u64 {
+    let before = client.snapshot().frames_decoded;
+    tokio::time::sleep(window).await;
+    client.snapshot().frames_decoded - before
+}
+
 #[test]
-fn a_worker_shutdown_tells_the_browser_and_exits_within_its_grace_period() {
+fn a_stopped_worker_drains_its_sessions_play_on_and_it_exits_when_they_end() {
     netns::run(
-        "a_worker_shutdown_tells_the_browser_and_exits_within_its_grace_period",
+        "a_stopped_worker_drains_its_sessions_play_on_and_it_exits_when_they_end",
+        || async {
+            let mut cluster = Cluster::start().await;
+            let mut live = Vec::new();
+            for id in ["drain-1", "drain-2"] {
+                let mut sig = Signaling::connect(&cluster.ws_url(id)).await.expect("ws");
+                let client = play(&mut sig).await;
+                assert!(client.wait_frames(25, SECS(5)).await.frames_decoded >= 25);
+                live.push((sig, client));
+            }
+            let stopped = Instant::now();
+            avatar_edge_tests::cluster::signal(&cluster.workers[0].child, "TERM");
+            // The relay knows at once: a new session finds no worker to take it.
+            let mut sig = Signaling::connect(&cluster.ws_url("drain-new")).await.expect("ws");
+            let client = RtcClient::new(true).await.expect("client");
+            sig.send_offer(&client.offer().await.expect("offer"), "a")
+                .await
+                .expect("send");
+            let ev = sig.wait_for("error", SECS(5)).await.expect("refused");
+            assert!(
+                ev["code"] == "no_worker" || ev["code"] == "busy",
+                "{ev}\n{}",
+                cluster.logs()
+            );
+            eprintln!(
+                "drain: a new session refused {:?} after SIGTERM ({})",
+                stopped.elapsed(),
+                ev["code"]
+            );
+            // Another worker takes the new sessions.
+            cluster.add_worker("second", 2, "").await;
+            let mut sig = Signaling::connect(&cluster.ws_url("drain-second")).await.expect("ws");
+            let fresh = play(&mut sig).await;
+            assert!(fresh.wait_frames(25, SECS(5)).await.frames_decoded >= 25);
+            cluster
+                .wait_for_log(&cluster.relay.log, "worker_id=second", SECS(5))
+                .await;
+            // The live sessions play on, told nothing.
+            for (sig, client) in live.iter_mut() {
+                let frames = frames_over(client, SECS(2)).await;
+                assert!(
+                    frames >= 40,
+                    "a draining worker's session plays on: {frames} frames in 2 s"
+                );
+                let told = sig.wait_for("error", Duration::from_millis(100)).await;
+                assert!(told.is_err(), "the browser is not told anything: {told:?}");
+            }
+            assert!(
+                cluster.workers[0].child.try_wait().expect("wait").is_none(),
+                "the worker waits for its sessions"
+            );
+            // The browsers leave; the worker exits 0 soon after.
+            let left = Instant::now();
+            for (sig, client) in live {
+                client.close().await;
+                sig.close().await;
+            }
+            let deadline = Instant::now() + SECS(5);
+            let exit = loop {
+                if let Some(exit) = cluster.workers[0].child.try_wait().expect("wait") {
+                    break exit;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the drained worker did not exit\n{}",
+                    cluster.logs()
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
+            let exited = left.elapsed();
+            eprintln!("drain: the worker exited {exited:?} after its last browser left");
+            assert!(exit.success(), "a drained worker exits 0: {exit}");
+            assert!(exited < SECS(2), "exit within 2 s of the last session: {exited:?}");
+            fresh.close().await;
+            client.close().await;
+        },
+    );
+}
+
+#[test]
+fn a_second_stop_ends_the_sessions_left_and_tells_each_browser() {
+    netns::run(
+        "a_second_stop_ends_the_sessions_left_and_tells_each_browser",
         || async {
             let mut cluster = Cluster::start().await;
             let mut sig = Signaling::connect(&cluster.ws_url("drain")).await.expect("ws");
             let client = play(&mut sig).await;
             assert!(client.wait_frames(25, SECS(5)).await.frames_decoded >= 25);
+            avatar_edge_tests::cluster::signal(&cluster.workers[0].child, "TERM");
+            assert!(frames_over(&client, SECS(1)).await >= 15, "draining, it plays on");
             let started = Instant::now();
             avatar_edge_tests::cluster::signal(&cluster.workers[0].child, "TERM");
             let ev = sig.wait_for("error", SECS(3)).await.expect("the browser is told");
@@ -425,8 +516,8 @@ fn a_worker_shutdown_tells_the_browser_and_exits_within_its_grace_period() {
             let exit = cluster.workers[0].child.wait().expect("worker exits");
             let exited = started.elapsed();
             assert!(exit.success(), "worker exits 0 on SIGTERM: {exit}");
-            eprintln!("worker shutdown: browser told after {told:?}, process exited after {exited:?}");
-            assert!(exited < SECS(5), "worker exited within its grace period: {exited:?}");
+            eprintln!("worker stop: browser told after {told:?}, process exited after {exited:?}");
+            assert!(exited < SECS(5), "worker exited soon after the second stop: {exited:?}");
             // Gone from the relay: the next offer has nowhere to go, and says so.
             let deadline = Instant::now() + SECS(5);
             while cluster.worker_count().await > 0 {
@@ -440,6 +531,100 @@ fn a_worker_shutdown_tells_the_browser_and_exits_within_its_grace_period() {
             let ev = sig.wait_for("error", SECS(5)).await.expect("error");
             assert_eq!(ev["code"], "no_worker", "{ev}");
             client.close().await;
+        },
+    );
+}
+
+/// `relay --check-config` with `[tls]` pointing at `cert` and `key`: (exit code, stdout + stderr).
+fn check_config(dir: &std::path::Path, cert: &std::path::Path, key: &std::path::Path) -> (Option<i32>, String) {
+    let config = dir.join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[tunnel]\nsecret = \"{SECRET}\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+            cert.display(),
+            key.display()
+        ),
+    )
+    .expect("write config");
+    let out = std::process::Command::new(avatar_edge_tests::bin_path("relay"))
+        .arg("--config")
+        .arg(&config)
+        .arg("--check-config")
+        .output()
+        .expect("run relay");
+    (
+        out.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn check_config_fails_on_a_missing_certificate_or_a_key_of_another_and_passes_a_good_pair() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = (dir.path().join("fullchain.pem"), dir.path().join("privkey.pem"));
+    // What a fresh install looks like before certbot has run: the files are not there yet.
+    let (code, out) = check_config(dir.path(), &cert, &key);
+    assert_eq!(code, Some(64), "{out}");
+    assert!(out.contains("fullchain.pem"), "names the missing file: {out}");
+
+    let pair = rcgen::generate_simple_self_signed(vec!["relay.example.com".to_owned()]).expect("cert");
+    let other = rcgen::KeyPair::generate().expect("key");
+    std::fs::write(&cert, pair.cert.pem()).expect("write");
+    std::fs::write(&key, other.serialize_pem()).expect("write");
+    let (code, out) = check_config(dir.path(), &cert, &key);
+    assert_eq!(code, Some(64), "{out}");
+    assert!(out.contains("does not belong to the certificate"), "{out}");
+
+    std::fs::write(&key, pair.signing_key.serialize_pem()).expect("write");
+    let (code, out) = check_config(dir.path(), &cert, &key);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("the key matches") && out.contains("configuration OK"),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_relay_on_the_ipv6_wildcard_serves_ipv4_and_ipv6_clients_and_workers() {
+    netns::run(
+        "a_relay_on_the_ipv6_wildcard_serves_ipv4_and_ipv6_clients_and_workers",
+        || async {
+            // What docs/deploy.md says for an AAAA record: listen on [::] (dual-stack on Linux).
+            let mut cluster = Cluster::relay_at("[::]:0", "[::]:0", "", false, "self_signed = true").await;
+            let (http, tunnel) = (cluster.relay.http.port(), cluster.relay.tunnel.port());
+            for host in ["127.0.0.1", "[::1]"] {
+                let addr = format!("{host}:{http}").parse().expect("address");
+                let (status, body) = http_get(addr, "/healthz").await.expect("healthz");
+                assert_eq!(status, 200, "{host}: {body}");
+            }
+            // Workers dial the tunnel over IPv4 and over IPv6, and sessions reach both.
+            for (id, host) in [("v4", "127.0.0.1"), ("v6", "[::1]")] {
+                cluster.relay.tunnel = format!("{host}:{tunnel}").parse().expect("address");
+                cluster.add_worker(id, 1, "").await;
+            }
+            assert_eq!(cluster.worker_count().await, 2);
+            // One session each (capacity 1), both open at once.
+            let mut open = Vec::new();
+            for session in ["ipv6-a", "ipv6-b"] {
+                let url = format!("ws://[::1]:{http}/ws/{session}");
+                let mut sig = Signaling::connect(&url).await.expect("ws over IPv6");
+                let client = play(&mut sig).await;
+                assert!(client.wait_frames(25, SECS(5)).await.frames_decoded >= 25);
+                open.push((sig, client));
+            }
+            for id in ["v4", "v6"] {
+                cluster
+                    .wait_for_log(&cluster.relay.log, &format!("session routed worker_id={id}"), SECS(2))
+                    .await;
+            }
+            for (_sig, client) in open {
+                client.close().await;
+            }
         },
     );
 }

@@ -329,3 +329,106 @@ fn embedded_turn_relays_the_media_for_a_relay_only_browser() {
         sig.close().await;
     });
 }
+
+/// A fresh self-signed pair for `localhost` written as `cert.pem`/`key.pem` in `dir` the way
+/// certbot replaces its files (written aside, then renamed over); returns its fingerprint.
+fn write_certificate(dir: &std::path::Path) -> String {
+    use sha2::Digest;
+    let pair = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
+    for (name, pem) in [
+        ("cert.pem", pair.cert.pem()),
+        ("key.pem", pair.signing_key.serialize_pem()),
+    ] {
+        let tmp = dir.join(format!("{name}.new"));
+        std::fs::write(&tmp, pem).expect("write");
+        std::fs::rename(&tmp, dir.join(name)).expect("rename");
+    }
+    hex::encode(sha2::Sha256::digest(pair.cert.der()))
+}
+
+/// The SHA-256 fingerprint of the certificate a new TLS connection to `port` is given (openssl).
+fn served_fingerprint(port: u16) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "openssl s_client -connect 127.0.0.1:{port} -servername localhost </dev/null 2>/dev/null \
+             | openssl x509 -noout -fingerprint -sha256"
+        ))
+        .output()
+        .expect("openssl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split('=')
+        .nth(1)
+        .unwrap_or_default()
+        .trim()
+        .replace(':', "")
+        .to_lowercase()
+}
+
+#[test]
+fn a_certificate_renewal_is_a_reload_the_session_through_turn_plays_on_and_new_connections_get_the_new_certificate() {
+    netns::run(
+        "a_certificate_renewal_is_a_reload_the_session_through_turn_plays_on_and_new_connections_get_the_new_certificate",
+        || async {
+            let (port, tls_port) = (turnutils::free_port("127.0.0.1"), turnutils::free_port("127.0.0.1"));
+            let dir = tempfile::tempdir().expect("tempdir");
+            let first = write_certificate(dir.path());
+            let tls = format!(
+                "cert = \"{}\"\nkey = \"{}\"",
+                dir.path().join("cert.pem").display(),
+                dir.path().join("key.pem").display()
+            );
+            let mut cluster =
+                Cluster::relay_with_tls(&embedded_toml(port, tls_port, "\"127.0.0.0/8\""), false, &tls).await;
+            cluster.add_worker("worker-1", 2, "").await;
+            assert_eq!(served_fingerprint(tls_port), first, "TURN over TLS serves the files' certificate");
+            let mut sig = Signaling::connect(&cluster.ws_url("renewal")).await.expect("ws");
+            let ev = sig.next_event(Duration::from_secs(5)).await.expect("event");
+            let client = relay_only_plays(&cluster, &mut sig, &ev["ice_servers"], String::new).await;
+
+            // certbot renews and its hook runs `systemctl reload` (SIGHUP).
+            let pid = cluster.relay.child.id();
+            let renewed_at = Instant::now();
+            let second = write_certificate(dir.path());
+            avatar_edge_tests::cluster::signal(&cluster.relay.child, "HUP");
+            cluster
+                .wait_for_log(&cluster.relay.log, "certificate reloaded", Duration::from_secs(5))
+                .await;
+            let reloaded = renewed_at.elapsed();
+            assert_eq!(served_fingerprint(tls_port), second, "a new connection gets the new certificate");
+            assert!(
+                cluster.relay.child.try_wait().expect("wait").is_none(),
+                "the relay (pid {pid}) runs on"
+            );
+            // The session through the relay's TURN played on, with no gap.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let stats = client.snapshot();
+            let arrivals: Vec<Instant> = stats
+                .mouth
+                .iter()
+                .map(|(t, _)| *t)
+                .filter(|t| *t + Duration::from_secs(1) >= renewed_at)
+                .collect();
+            let gap = arrivals
+                .windows(2)
+                .map(|w| w[1] - w[0])
+                .max()
+                .unwrap_or(Duration::MAX);
+            eprintln!(
+                "renewal: reloaded {reloaded:?} after the files changed; {} frames around it, longest gap {gap:?}",
+                arrivals.len()
+            );
+            assert!(arrivals.len() >= 60, "frames kept coming: {}", arrivals.len());
+            assert!(gap <= Duration::from_millis(200), "longest gap in frames: {gap:?}");
+            let (_, metrics) = http_get(cluster.relay.http, "/metrics").await.expect("metrics");
+            let left = metrics
+                .lines()
+                .find_map(|l| l.strip_prefix("relay_tls_cert_expiry_seconds "))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or_else(|| panic!("no expiry gauge:\n{metrics}"));
+            assert!(left > 86_400.0, "the new certificate has time left: {left} s");
+            client.close().await;
+            sig.close().await;
+        },
+    );
+}

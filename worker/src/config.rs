@@ -45,6 +45,10 @@ pub struct WorkerConfig {
     pub worker_id: String,
     /// Sessions this worker runs at once.
     pub capacity: u32,
+    /// On SIGTERM the worker drains: it takes no new session and waits this long at most for its
+    /// live ones to end, then ends what is left (a second SIGTERM ends them at once). Default:
+    /// 4 hours, the relay's longest session (`limits.max_session_ms`).
+    pub drain_timeout_s: u64,
     /// Shared tunnel secret. Overridden by `AVATAR_EDGE_TUNNEL_SECRET`.
     pub secret: Secret,
     /// Read the secret from this file instead (its first line: a copy of the relay's
@@ -601,6 +605,7 @@ impl Default for WorkerConfig {
         Self {
             worker_id: "worker-1".into(),
             capacity: 4,
+            drain_timeout_s: 4 * 3600,
             secret: Secret::default(),
             secret_file: None,
             relays: Vec::new(),
@@ -755,6 +760,9 @@ impl WorkerConfig {
         };
         if !avatar_proto::tunnel::valid_worker_id(&self.worker_id) {
             return invalid("worker_id", "1-64 characters of [A-Za-z0-9-_.:]");
+        }
+        if !(1..=30 * 24 * 3600).contains(&self.drain_timeout_s) {
+            return invalid("drain_timeout_s", "between 1 s and 30 days");
         }
         if !(1..=avatar_proto::tunnel::MAX_WORKER_CAPACITY).contains(&self.capacity) {
             let most = avatar_proto::tunnel::MAX_WORKER_CAPACITY;

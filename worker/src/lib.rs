@@ -8,7 +8,8 @@
 //!
 //! Driving it: [`Worker::new`] does the slow start-up work once (FFmpeg, choosing NVENC or x264,
 //! decoding or drawing the idle avatars, the WebRTC engine); [`Worker::run`] keeps a tunnel to every
-//! configured relay until the cancellation token fires, then lets sessions end within a grace period.
+//! configured relay until told to [`Stop`]: first it drains (no new session, the live ones play on
+//! until they end), then it ends what is left, each browser told.
 
 pub mod api;
 pub mod config;
@@ -191,6 +192,23 @@ impl Context {
     }
 }
 
+/// How a running worker is stopped, in two steps (SIGTERM, then a second SIGTERM or the drain
+/// limit, in `main`):
+/// * `drain`: take no new session. Every tunnel tells its relay at once (`Control::Draining`), so
+///   routing, `/readyz` and `relay_sessions_free` stop counting this worker; the live sessions play
+///   on, and each tunnel closes when its last session ends.
+/// * `end`: end the sessions that are left; each browser gets `worker_lost` ("shutting down").
+///
+/// Ending without draining first is allowed (it drains on the way).
+#[derive(Debug, Clone, Default)]
+pub struct Stop {
+    pub drain: CancellationToken,
+    pub end: CancellationToken,
+}
+
+/// Time the sessions get, once ended, to say goodbye to their browsers before the process exits.
+const GOODBYE: Duration = Duration::from_secs(3);
+
 /// A worker ready to run.
 pub struct Worker {
     ctx: Arc<Context>,
@@ -279,19 +297,46 @@ impl Worker {
         &self.ctx
     }
 
-    /// Keep tunnels to every relay until `shutdown`, then wait up to `grace` for sessions to end.
-    pub async fn run(self, shutdown: CancellationToken, grace: Duration) {
+    /// Keep tunnels to every relay until `stop.drain`; then wait up to `drain_limit` for the live
+    /// sessions to end on their own (or until `stop.end`), end what is left, and return once the
+    /// sessions have said goodbye.
+    pub async fn run(self, stop: Stop, drain_limit: Duration) {
         let tunnels = TaskTracker::new();
         for target in self.ctx.config.relays.clone() {
-            tunnels.spawn(tunnel::maintain(target, Arc::clone(&self.ctx), shutdown.clone()));
+            tunnels.spawn(tunnel::maintain(target, Arc::clone(&self.ctx), stop.clone()));
         }
         tunnels.close();
+        tokio::select! {
+            _ = stop.drain.cancelled() => {}
+            _ = stop.end.cancelled() => stop.drain.cancel(),
+        }
+        let active = self.ctx.active_sessions();
+        if !stop.end.is_cancelled() && active > 0 {
+            info!(
+                active,
+                limit_s = drain_limit.as_secs(),
+                "draining: no new sessions; the live ones play on until they end (a second stop signal ends them)"
+            );
+            let mut load = self.ctx.watch_load();
+            tokio::select! {
+                _ = load.wait_for(|n| *n == 0) => info!("drained: the last session ended"),
+                _ = tokio::time::sleep(drain_limit) => warn!(
+                    active = self.ctx.active_sessions(),
+                    "drain limit reached: ending the sessions that are left"
+                ),
+                _ = stop.end.cancelled() => warn!(
+                    active = self.ctx.active_sessions(),
+                    "stop signal while draining: ending the sessions that are left"
+                ),
+            }
+        }
+        stop.end.cancel();
         tunnels.wait().await;
         self.ctx.sessions.close();
-        if tokio::time::timeout(grace, self.ctx.sessions.wait()).await.is_err() {
+        if tokio::time::timeout(GOODBYE, self.ctx.sessions.wait()).await.is_err() {
             warn!(
                 active = self.ctx.active_sessions(),
-                "sessions did not end within the grace period"
+                "sessions did not end within {GOODBYE:?} of being ended"
             );
         }
         info!("worker stopped");

@@ -6,7 +6,6 @@ use avatar_worker::Worker;
 use clap::Parser;
 use std::path::PathBuf;
 use std::time::Duration;
-use tokio_util::sync::CancellationToken;
 
 /// The avatar-edge worker (GPU box side).
 #[derive(Parser, Debug)]
@@ -31,9 +30,10 @@ struct Args {
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
-    /// Seconds sessions get to finish on shutdown.
-    #[arg(long, default_value_t = 3)]
-    grace_secs: u64,
+    /// Seconds a draining worker waits for its live sessions to end (SIGTERM; a second SIGTERM
+    /// ends them at once). Overrides `drain_timeout_s` (default 4 hours).
+    #[arg(long)]
+    grace_secs: Option<u64>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -126,7 +126,8 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         };
     }
-    match run(config, Duration::from_secs(args.grace_secs)) {
+    let drain_limit = Duration::from_secs(args.grace_secs.unwrap_or(config.drain_timeout_s));
+    match run(config, drain_limit) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("worker failed: {e:#}");
@@ -251,7 +252,7 @@ fn load_config(args: &Args) -> anyhow::Result<WorkerConfig> {
 }
 
 #[tokio::main]
-async fn run(config: WorkerConfig, grace: Duration) -> anyhow::Result<()> {
+async fn run(config: WorkerConfig, drain_limit: Duration) -> anyhow::Result<()> {
     if let Some(addr) = config.metrics_listen {
         metrics_exporter_prometheus::PrometheusBuilder::new()
             .with_http_listener(addr)
@@ -270,14 +271,18 @@ async fn run(config: WorkerConfig, grace: Duration) -> anyhow::Result<()> {
         metrics = ?worker.context().config.metrics_listen,
         "worker started"
     );
-    let shutdown = CancellationToken::new();
-    let trigger = shutdown.clone();
+    // The first SIGTERM (or Ctrl-C) drains, the second ends the sessions that are left.
+    let stop = avatar_worker::Stop::default();
+    let trigger = stop.clone();
     tokio::spawn(async move {
         wait_for_signal().await;
-        tracing::info!("shutdown requested");
-        trigger.cancel();
+        tracing::info!("stop requested: draining");
+        trigger.drain.cancel();
+        wait_for_signal().await;
+        tracing::info!("second stop signal: ending the sessions that are left");
+        trigger.end.cancel();
     });
-    worker.run(shutdown, grace).await;
+    worker.run(stop, drain_limit).await;
     tracing::info!("clean shutdown");
     Ok(())
 }

@@ -11,14 +11,30 @@ use crate::config::AcmeConfig;
 use futures::StreamExt;
 use rustls_acme::caches::DirCache;
 use rustls_acme::{AcmeState, ResolvesServerCertAcme};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info};
 
 /// The ACME client: its resolver (for the TLS listeners) and the state machine to drive.
 pub struct Acme {
     resolver: Arc<ResolvesServerCertAcme>,
     state: AcmeState<std::io::Error>,
+    cache_dir: PathBuf,
+}
+
+/// When the newest certificate rustls-acme cached in `dir` (`cached_cert_*`: key and chain in
+/// PEM) expires, in Unix seconds.
+fn newest_cached_not_after(dir: &Path) -> Option<i64> {
+    let newest = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("cached_cert_"))
+        .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok())?;
+    let pem = std::fs::read(newest.path()).ok()?;
+    let leaf = rustls_pemfile::certs(&mut pem.as_slice()).next()?.ok()?;
+    super::validity(&leaf).ok().map(|(_, not_after)| not_after)
 }
 
 /// The ALPN protocol of the TLS-ALPN-01 challenge; the HTTPS listener must offer it.
@@ -60,6 +76,7 @@ impl Acme {
         Ok(Self {
             resolver: state.resolver(),
             state,
+            cache_dir: config.cache_dir.clone(),
         })
     }
 
@@ -68,16 +85,27 @@ impl Acme {
         Arc::clone(&self.resolver)
     }
 
-    /// Order, renew and deploy certificates until `shutdown`, logging each step.
+    /// Order, renew and deploy certificates until `shutdown`, logging each step. A failed order
+    /// or renewal is an error in the log (the CA's reason included; rustls-acme retries), and
+    /// `relay_tls_cert_expiry_seconds` says, every minute, how long the certificate in use has left.
     pub async fn drive(mut self, shutdown: CancellationToken) {
+        let mut not_after = None;
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
                 event = self.state.next() => match event {
-                    Some(Ok(ok)) => info!(event = ?ok, "acme"),
-                    Some(Err(e)) => warn!(error = ?e, "acme: will retry"),
+                    Some(Ok(ok)) => {
+                        info!(event = ?ok, "acme");
+                        not_after = newest_cached_not_after(&self.cache_dir).or(not_after);
+                    }
+                    Some(Err(e)) => error!(error = ?e, "acme: ordering or renewing the certificate failed; retrying"),
                     None => return,
                 },
+            }
+            if let Some(t) = not_after {
+                metrics::gauge!("relay_tls_cert_expiry_seconds").set(super::files::seconds_left(t, SystemTime::now()));
             }
         }
     }

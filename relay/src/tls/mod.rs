@@ -3,9 +3,11 @@
 //! The same certificate secures the QUIC tunnel and, when enabled, HTTPS/WSS. Workers pin it by
 //! its SHA-256 fingerprint ([`fingerprint`]) or trust the CA that issued it. With `[tls.acme]`
 //! the certificate comes from an ACME CA ([`acme`]) through a rustls resolver that both
-//! listeners share, so a renewal reaches HTTPS and the tunnel at once.
+//! listeners share, so a renewal reaches HTTPS and the tunnel at once. Certificate files
+//! (`tls.cert`, `tls.key`) go through a resolver of the same kind ([`files`]), re-read on SIGHUP.
 
 pub mod acme;
+pub mod files;
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::{Digest, Sha256};
@@ -21,6 +23,8 @@ pub enum TlsError {
     NoKey { path: String },
     #[error("generating a self-signed certificate: {0}")]
     Generate(#[from] rcgen::Error),
+    #[error("{path}: not a certificate the relay can use: {reason}")]
+    BadCert { path: String, reason: String },
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
     #[error("ACME: {0}")]
@@ -31,6 +35,8 @@ pub enum TlsError {
 #[derive(Clone)]
 pub enum ServerCerts {
     Static(Identity),
+    /// From `tls.cert` and `tls.key`, replaced in place on SIGHUP ([`files::watch`]).
+    Files(std::sync::Arc<files::FileCert>),
     Resolver(std::sync::Arc<dyn rustls::server::ResolvesServerCert>),
 }
 
@@ -46,6 +52,7 @@ impl ServerCerts {
         .with_no_client_auth();
         let mut config = match self {
             ServerCerts::Static(id) => builder.with_single_cert(id.chain.clone(), id.key.clone_key())?,
+            ServerCerts::Files(f) => builder.with_cert_resolver(std::sync::Arc::clone(f) as _),
             ServerCerts::Resolver(r) => builder.with_cert_resolver(std::sync::Arc::clone(r)),
         };
         config.alpn_protocols = alpn;
@@ -56,6 +63,7 @@ impl ServerCerts {
     pub fn fingerprint(&self) -> Option<String> {
         match self {
             ServerCerts::Static(id) => Some(id.fingerprint()),
+            ServerCerts::Files(f) => Some(f.fingerprint()),
             ServerCerts::Resolver(_) => None,
         }
     }
@@ -125,6 +133,13 @@ impl Identity {
 }
 
 /// Lowercase hex SHA-256 of a DER certificate, as workers' `fingerprint` setting expects.
+/// The validity period of a DER certificate, `(not_before, not_after)` in Unix seconds.
+pub fn validity(der: &[u8]) -> Result<(i64, i64), String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
+    let v = cert.validity();
+    Ok((v.not_before.timestamp(), v.not_after.timestamp()))
+}
+
 pub fn fingerprint(der: &[u8]) -> String {
     hex::encode(Sha256::digest(der))
 }

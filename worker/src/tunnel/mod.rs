@@ -16,7 +16,7 @@ pub mod gateway;
 
 use crate::config::{RelayTarget, TunnelTransport};
 use crate::session::{run_session, RecvHalf, SendHalf};
-use crate::Context;
+use crate::{Context, Stop};
 use avatar_proto::mux::{self, Incoming, Mux, MuxError};
 use avatar_proto::stream::{recv_frame_exact, send_frame, FramedRecv, StreamError};
 use avatar_proto::tunnel::{
@@ -33,7 +33,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, info_span, warn, Instrument};
 
@@ -494,8 +493,9 @@ async fn establish(
     }
 }
 
-/// Keep a tunnel to `target` until `shutdown`.
-pub async fn maintain(target: RelayTarget, ctx: Arc<Context>, shutdown: CancellationToken) {
+/// Keep a tunnel to `target` until the worker drains ([`Stop::drain`]); then let the tunnels that
+/// are up finish their sessions.
+pub async fn maintain(target: RelayTarget, ctx: Arc<Context>, stop: Stop) {
     let span = info_span!("relay", address = %target.address);
     async move {
         let mode = ctx.config.tunnel.transport;
@@ -504,7 +504,8 @@ pub async fn maintain(target: RelayTarget, ctx: Arc<Context>, shutdown: Cancella
         let mut attempt = 0u32;
         let mut prefer_tcp = false;
         let mut next: Option<Tunnel> = None;
-        while !shutdown.is_cancelled() {
+        // Draining: the tunnels that are up finish their sessions; none is dialled any more.
+        while !stop.drain.is_cancelled() {
             let tunnel = match next.take() {
                 Some(t) => Ok(t),
                 None => establish(&target, &ctx, mode, prefer_tcp).await,
@@ -521,7 +522,7 @@ pub async fn maintain(target: RelayTarget, ctx: Arc<Context>, shutdown: Cancella
                         found: moved_tx,
                     });
                     let mut task = serving.spawn(
-                        serve(tunnel, Arc::clone(&ctx), shutdown.clone(), probe)
+                        serve(tunnel, Arc::clone(&ctx), stop.clone(), probe)
                             .instrument(info_span!("tunnel", transport = transport.as_str())),
                     );
                     tokio::select! {
@@ -554,13 +555,13 @@ pub async fn maintain(target: RelayTarget, ctx: Arc<Context>, shutdown: Cancella
                     attempt = attempt.saturating_add(1);
                 }
             }
-            if shutdown.is_cancelled() {
+            if stop.drain.is_cancelled() {
                 break;
             }
             let wait = backoff(attempt, &mut rand::thread_rng());
             info!(wait_ms = wait.as_millis() as u64, "reconnecting");
             tokio::select! {
-                _ = shutdown.cancelled() => break,
+                _ = stop.drain.cancelled() => break,
                 _ = tokio::time::sleep(wait) => {}
             }
         }
@@ -580,14 +581,10 @@ struct Probe {
 }
 
 /// Serve one tunnel: its control stream, and a session task per stream the relay opens. A
-/// successful QUIC probe turns a TCP tunnel into a draining one, which takes no new sessions
-/// and ends when its last session does.
-async fn serve(
-    tunnel: Tunnel,
-    ctx: Arc<Context>,
-    shutdown: CancellationToken,
-    probe: Option<Probe>,
-) -> Result<(), TunnelError> {
+/// successful QUIC probe, or the worker draining ([`Stop::drain`]), turns it into a draining one,
+/// which takes no new sessions and ends when its last session does.
+async fn serve(tunnel: Tunnel, ctx: Arc<Context>, stop: Stop, probe: Option<Probe>) -> Result<(), TunnelError> {
+    let shutdown = stop.end.clone();
     let Tunnel {
         mut link,
         mut send,
@@ -650,6 +647,13 @@ async fn serve(
                 tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + crossing)).await;
                 break Ok(());
             }
+            _ = stop.drain.cancelled(), if !draining => {
+                // The relay stops routing here at once; the sessions already here play on.
+                send_frame(&mut send, &Control::Draining {}).await?;
+                info!(sessions = ctx.active_sessions(), "draining: the relay sends no new session");
+                draining = true;
+                sessions.close();
+            }
             stream = link.accept(), if !draining => match stream {
                 Some((send, recv)) => {
                     let session = run_session(send, recv, Arc::clone(&ctx), shutdown.clone(), gateway);
@@ -683,7 +687,7 @@ async fn serve(
                 }
             }
             _ = sessions.wait(), if draining => {
-                info!("last session on the TLS/TCP tunnel ended; closing it");
+                info!("the last session on this tunnel ended; closing it");
                 break Ok(());
             }
             _ = tick.tick() => {
