@@ -3,8 +3,10 @@
 //! (docs/deploy.md, "Change the configuration safely"; the unit runs it before every start).
 //!
 //! [`RelayConfig::validate`] has already read the file. This checks what the file points at:
-//! * `tls.cert` and `tls.key`: readable PEM, the key belongs to the certificate, and the
-//!   certificate is valid now (a note when it expires within [`EXPIRY_NOTE`]);
+//! * `tls.cert` and `tls.key`: readable PEM, and the key belongs to the certificate (what the
+//!   relay loads at start, [`FileCert::load`]). Its validity is reported, not enforced: an expired
+//!   certificate is a WARNING line (browsers will refuse it, but a worker that pins it does not),
+//!   and one that expires within [`EXPIRY_NOTE`] says so;
 //! * `[[policies]]`: every module compiles and passes its checks, as at start;
 //! * the places the relay writes at start: `tls.acme.cache_dir` and the folder of
 //!   `tls.fingerprint_file` must be writable by the user that runs the check.
@@ -13,7 +15,7 @@
 
 use crate::config::RelayConfig;
 use crate::policy::{LoadError, Policies};
-use crate::tls::{self, Identity};
+use crate::tls::files::FileCert;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -23,13 +25,9 @@ pub const EXPIRY_NOTE: Duration = Duration::from_secs(14 * 24 * 3600);
 #[derive(Debug, thiserror::Error)]
 pub enum CheckError {
     #[error(transparent)]
-    Tls(#[from] tls::TlsError),
-    #[error("{cert}: not a certificate this relay can use: {reason}")]
-    BadCertificate { cert: String, reason: String },
+    Tls(crate::tls::TlsError),
     #[error("{key} does not belong to the certificate in {cert} ({reason})")]
     KeyMismatch { cert: String, key: String, reason: String },
-    #[error("{cert}: the certificate {when}")]
-    NotValidNow { cert: String, when: String },
     #[error("policy: {0}")]
     Policy(#[from] LoadError),
     #[error("{path}: the relay must write here, and cannot: {source}")]
@@ -68,53 +66,43 @@ pub fn check(config: &RelayConfig, now: SystemTime) -> Result<Vec<String>, Check
     Ok(report)
 }
 
-/// The certificate and key at these paths: readable, matching, valid at `now`.
+/// The certificate and key at these paths: readable and matching (an error otherwise), and how
+/// long the certificate is valid as of `now` (a warning once it is not).
 fn certificate(cert: &Path, key: &Path, now: SystemTime) -> Result<String, CheckError> {
-    let identity = Identity::load(cert, key)?;
     let cert_name = cert.display().to_string();
-    let leaf = identity.chain.first().ok_or_else(|| CheckError::BadCertificate {
-        cert: cert_name.clone(),
-        reason: "an empty chain".into(),
-    })?;
-    let (from, until) = tls::validity(leaf).map_err(|reason| CheckError::BadCertificate {
-        cert: cert_name.clone(),
-        reason,
-    })?;
-    rustls::sign::CertifiedKey::from_der(identity.chain.clone(), identity.key.clone_key(), &tls::provider()).map_err(
-        |e| CheckError::KeyMismatch {
+    let loaded = FileCert::load(cert, key).map_err(|e| match e {
+        // The pair parsed; rustls refused the key for this certificate.
+        crate::tls::TlsError::Rustls(reason) => CheckError::KeyMismatch {
             cert: cert_name.clone(),
             key: key.display().to_string(),
-            reason: e.to_string(),
+            reason: reason.to_string(),
         },
-    )?;
+        other => CheckError::Tls(other),
+    })?;
+    let (from, until) = loaded.validity();
     let now = now.duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
     let date = |t: i64| {
         x509_parser::time::ASN1Time::from_timestamp(t)
             .map(|t| t.to_string())
             .unwrap_or_else(|_| format!("{t} (Unix time)"))
     };
-    if now < from {
-        return Err(CheckError::NotValidNow {
-            cert: cert_name,
-            when: format!("is not valid before {}", date(from)),
-        });
-    }
-    if now >= until {
-        return Err(CheckError::NotValidNow {
-            cert: cert_name,
-            when: format!("expired on {}", date(until)),
-        });
-    }
-    let days = (until - now) / 86_400;
-    let note = if (until - now) as u64 <= EXPIRY_NOTE.as_secs() {
-        " (renew it soon)"
+    let validity = if now < from {
+        format!(
+            "WARNING: not valid before {} (is this machine's clock right?)",
+            date(from)
+        )
+    } else if now >= until {
+        format!("WARNING: expired on {}; browsers refuse it (renew it)", date(until))
+    } else if (until - now) as u64 <= EXPIRY_NOTE.as_secs() {
+        format!(
+            "valid until {} ({} days; renew it soon)",
+            date(until),
+            (until - now) / 86_400
+        )
     } else {
-        ""
+        format!("valid until {} ({} days)", date(until), (until - now) / 86_400)
     };
-    Ok(format!(
-        "certificate {cert_name}: the key matches; valid until {} ({days} days){note}",
-        date(until)
-    ))
+    Ok(format!("certificate {cert_name}: the key matches; {validity}"))
 }
 
 /// `dir`, or the nearest folder above it that exists (the relay creates the rest), takes a new file.
@@ -127,8 +115,12 @@ fn writable(dir: &Path) -> Result<(), CheckError> {
         });
     }
     let probe = existing.join(format!(".avatar-edge-check-{}", std::process::id()));
-    std::fs::write(&probe, b"")
-        .and_then(|()| std::fs::remove_file(&probe))
+    // A new file only: never through a link someone else left under that name.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+        .and_then(|_| std::fs::remove_file(&probe))
         .map_err(|source| CheckError::NotWritable {
             path: existing.display().to_string(),
             source,
@@ -179,7 +171,7 @@ mod tests {
         let (cert, key) = pem_files(dir.path(), (2030, 1, 1), false);
         let report = check(&config_with(&cert, &key), at(2029, 12, 25)).expect("good certificate");
         assert!(
-            report[0].contains("the key matches") && report[0].contains("(renew it soon)"),
+            report[0].contains("the key matches") && report[0].contains("renew it soon"),
             "{report:?}"
         );
         let report = check(&config_with(&cert, &key), at(2029, 1, 1)).expect("good certificate");
@@ -187,7 +179,7 @@ mod tests {
     }
 
     #[test]
-    fn missing_files_a_foreign_key_and_an_expired_certificate_fail_by_name() {
+    fn missing_files_and_a_foreign_key_fail_by_name_and_an_expired_certificate_is_a_warning() {
         let dir = tempfile::tempdir().expect("tempdir");
         let missing = check(
             &config_with(&dir.path().join("nope.pem"), &dir.path().join("key.pem")),
@@ -202,8 +194,9 @@ mod tests {
         assert!(foreign.to_string().contains("privkey.pem"), "{foreign}");
 
         let (cert, key) = pem_files(dir.path(), (2030, 1, 1), false);
-        let expired = check(&config_with(&cert, &key), at(2031, 1, 1)).expect_err("expired");
-        assert!(expired.to_string().contains("expired on"), "{expired}");
+        // Expired: reported, not refused (a worker that pins it still connects).
+        let expired = check(&config_with(&cert, &key), at(2031, 1, 1)).expect("expired is a warning");
+        assert!(expired[0].contains("WARNING: expired on"), "{expired:?}");
     }
 
     #[test]

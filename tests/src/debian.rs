@@ -109,9 +109,13 @@ impl Root {
         std::fs::write(self.file(path), text).unwrap_or_else(|e| panic!("writing {path}: {e}"));
     }
 
-    /// Run a command inside this machine as root (chroot), in the caller's network namespace.
+    /// Run a command inside this machine as root (chroot), in the caller's network namespace,
+    /// with /proc mounted (in a mount namespace of its own) as on a running system: the
+    /// packaged binaries find their libraries through `$ORIGIN`, which the loader reads there.
     pub fn chroot(&self, args: &[&str]) -> Output {
-        Command::new("chroot")
+        Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+            .arg(r#"mount -t proc proc "$0/proc" && exec chroot "$0" "$@""#)
             .arg(&self.path)
             .args(args)
             .env_clear()

@@ -160,7 +160,7 @@ fn when_udp_returns_the_worker_moves_to_quic_and_the_playing_session_plays_on() 
             let gap = report["max_gap_ms"].as_u64().unwrap_or(u64::MAX);
             assert!(gap < 1000, "no stall at the receiver across the move: {report}");
             // Its tunnel closes after it, and a new session goes over QUIC (the relay routes it there).
-            wait_for_count(&log, "last session on the TLS/TCP tunnel ended", 1, SECS(15))
+            wait_for_count(&log, "the last session on this tunnel ended", 1, SECS(15))
                 .await
                 .unwrap_or_else(|| panic!("the TCP tunnel drained\n{}", log_text(&log)));
             let next = browse_async(&topo, 50, None, 0).await;

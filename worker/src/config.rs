@@ -678,7 +678,7 @@ impl WorkerConfig {
     }
 
     /// Defaults for `worker --dev`: one relay on 127.0.0.1:4433 pinned through the fingerprint
-    /// file a `relay --dev` writes, loopback candidates on, the built-in avatar.
+    /// file a `relay --dev` writes, loopback candidates on, the built-in avatar, a 2 s drain.
     pub fn dev() -> Self {
         Self {
             secret: Secret::new(DEV_TUNNEL_SECRET),
@@ -694,6 +694,8 @@ impl WorkerConfig {
                 include_loopback: true,
                 ..IceConfig::default()
             },
+            // Ctrl-C on a development worker stops it within seconds, sessions or not.
+            drain_timeout_s: 2,
             ..Self::default()
         }
     }

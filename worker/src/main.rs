@@ -31,9 +31,10 @@ struct Args {
     #[arg(long)]
     log_json: bool,
     /// Seconds a draining worker waits for its live sessions to end (SIGTERM; a second SIGTERM
-    /// ends them at once). Overrides `drain_timeout_s` (default 4 hours).
-    #[arg(long)]
-    grace_secs: Option<u64>,
+    /// ends them at once). Overrides `drain_timeout_s` (default 4 hours). `--grace-secs`, its
+    /// old name, still works.
+    #[arg(long = "drain-timeout-s", alias = "grace-secs")]
+    drain_timeout_s: Option<u64>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -126,7 +127,7 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         };
     }
-    let drain_limit = Duration::from_secs(args.grace_secs.unwrap_or(config.drain_timeout_s));
+    let drain_limit = Duration::from_secs(args.drain_timeout_s.unwrap_or(config.drain_timeout_s));
     match run(config, drain_limit) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -274,11 +275,13 @@ async fn run(config: WorkerConfig, drain_limit: Duration) -> anyhow::Result<()> 
     // The first SIGTERM (or Ctrl-C) drains, the second ends the sessions that are left.
     let stop = avatar_worker::Stop::default();
     let trigger = stop.clone();
+    // Listening from here on, so a second signal right after the first is not lost.
+    let mut signals = StopSignals::new();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        signals.next().await;
         tracing::info!("stop requested: draining");
         trigger.drain.cancel();
-        wait_for_signal().await;
+        signals.next().await;
         tracing::info!("second stop signal: ending the sessions that are left");
         trigger.end.cancel();
     });
@@ -287,15 +290,36 @@ async fn run(config: WorkerConfig, drain_limit: Duration) -> anyhow::Result<()> 
     Ok(())
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let ctrl_c = tokio::signal::ctrl_c();
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+/// SIGTERM and SIGINT (Ctrl-C), each delivery counted from the moment this is made.
+struct StopSignals {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl StopSignals {
+    fn new() -> Self {
+        use tokio::signal::unix::{signal, SignalKind};
+        Self {
+            term: signal(SignalKind::terminate()).ok(),
+            int: signal(SignalKind::interrupt()).ok(),
         }
-        Err(_) => {
-            let _ = ctrl_c.await;
+    }
+
+    /// The next SIGTERM or SIGINT.
+    async fn next(&mut self) {
+        async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
+            match s {
+                Some(s) => {
+                    if s.recv().await.is_none() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+                None => std::future::pending().await,
+            }
+        }
+        tokio::select! {
+            _ = recv(&mut self.term) => {}
+            _ = recv(&mut self.int) => {}
         }
     }
 }

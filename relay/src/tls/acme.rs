@@ -89,7 +89,8 @@ impl Acme {
     /// or renewal is an error in the log (the CA's reason included; rustls-acme retries), and
     /// `relay_tls_cert_expiry_seconds` says, every minute, how long the certificate in use has left.
     pub async fn drive(mut self, shutdown: CancellationToken) {
-        let mut not_after = None;
+        // What a restart finds in the cache counts at once, even before the CA answers.
+        let mut not_after = newest_cached_not_after(&self.cache_dir);
         let mut tick = tokio::time::interval(Duration::from_secs(60));
         loop {
             tokio::select! {

@@ -30,7 +30,8 @@ const POLL: Duration = Duration::from_secs(60);
 struct Loaded {
     key: Arc<CertifiedKey>,
     fingerprint: String,
-    /// Unix seconds.
+    /// Validity period, Unix seconds.
+    not_before: i64,
     not_after: i64,
     /// The files' modification times when they were read.
     stamp: (Option<SystemTime>, Option<SystemTime>),
@@ -54,7 +55,7 @@ fn load(cert: &Path, key: &Path) -> Result<Loaded, TlsError> {
     let leaf = identity.chain.first().cloned().ok_or_else(|| TlsError::NoCert {
         path: cert.display().to_string(),
     })?;
-    let (_, not_after) = validity(&leaf).map_err(|reason| TlsError::BadCert {
+    let (not_before, not_after) = validity(&leaf).map_err(|reason| TlsError::BadCert {
         path: cert.display().to_string(),
         reason,
     })?;
@@ -63,6 +64,7 @@ fn load(cert: &Path, key: &Path) -> Result<Loaded, TlsError> {
     Ok(Loaded {
         key: Arc::new(key),
         fingerprint: fingerprint(&leaf),
+        not_before,
         not_after,
         stamp,
     })
@@ -98,6 +100,12 @@ impl FileCert {
     pub fn not_after(&self) -> i64 {
         self.current.load().not_after
     }
+
+    /// The validity period of the certificate in use, `(not_before, not_after)` in Unix seconds.
+    pub fn validity(&self) -> (i64, i64) {
+        let loaded = self.current.load();
+        (loaded.not_before, loaded.not_after)
+    }
 }
 
 impl ResolvesServerCert for FileCert {
@@ -120,6 +128,10 @@ pub fn seconds_left(not_after: i64, now: SystemTime) -> f64 {
 pub async fn watch(certs: Arc<FileCert>, fingerprint_file: Option<PathBuf>, shutdown: CancellationToken) {
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     let mut tick = tokio::time::interval(POLL);
+    // Both outcomes exist from the start, so an alert on the first failure sees it rise from 0.
+    for result in ["reloaded", "failed"] {
+        metrics::counter!("relay_tls_reloads_total", "result" => result).absolute(0);
+    }
     loop {
         let force = tokio::select! {
             _ = shutdown.cancelled() => return,

@@ -132,7 +132,6 @@ impl Identity {
     }
 }
 
-/// Lowercase hex SHA-256 of a DER certificate, as workers' `fingerprint` setting expects.
 /// The validity period of a DER certificate, `(not_before, not_after)` in Unix seconds.
 pub fn validity(der: &[u8]) -> Result<(i64, i64), String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
@@ -140,6 +139,7 @@ pub fn validity(der: &[u8]) -> Result<(i64, i64), String> {
     Ok((v.not_before.timestamp(), v.not_after.timestamp()))
 }
 
+/// Lowercase hex SHA-256 of a DER certificate, as workers' `fingerprint` setting expects.
 pub fn fingerprint(der: &[u8]) -> String {
     hex::encode(Sha256::digest(der))
 }
