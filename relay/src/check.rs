@@ -1,13 +1,13 @@
 //! `relay --check-config`: what a start needs beyond a valid file, checked without binding a port
 //! or touching a running relay, so an edit is proved before the relay is restarted or reloaded
-//! (docs/deploy.md, "Change the configuration safely"; the unit runs it before every start).
+//! (docs/deploy.md, step 4; the unit runs it before every start and every reload).
 //!
 //! [`RelayConfig::validate`] has already read the file. This checks what the file points at:
 //! * `tls.cert` and `tls.key`: readable PEM, and the key belongs to the certificate (what the
 //!   relay loads at start, [`FileCert::load`]). Its validity is reported, not enforced: an expired
 //!   certificate is a WARNING line (browsers will refuse it, but a worker that pins it does not),
 //!   and one that expires within [`EXPIRY_NOTE`] says so;
-//! * `[[policies]]`: every module compiles and passes its checks, as at start;
+//! * `[policies.auth]`, `[policies.router]`: each module compiles and passes its checks, as at start;
 //! * the places the relay writes at start: `tls.acme.cache_dir` and the folder of
 //!   `tls.fingerprint_file` must be writable by the user that runs the check.
 //!
