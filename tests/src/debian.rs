@@ -41,6 +41,11 @@ pub fn suite_root(suite: &str) -> PathBuf {
 
 /// The newest `dist/` package whose file name starts with `prefix` (e.g. `avatar-edge-relay_`).
 pub fn dist_package(prefix: &str) -> PathBuf {
+    dist_file(prefix, "_amd64.deb")
+}
+
+/// The newest `dist/` file whose name starts with `prefix` and ends with `suffix`.
+pub fn dist_file(prefix: &str, suffix: &str) -> PathBuf {
     let dist = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist");
     let mut found: Vec<PathBuf> = std::fs::read_dir(&dist)
         .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
@@ -48,12 +53,12 @@ pub fn dist_package(prefix: &str) -> PathBuf {
     found.retain(|p| {
         p.file_name()
             .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with(prefix) && n.ends_with("_amd64.deb"))
+            .is_some_and(|n| n.starts_with(prefix) && n.ends_with(suffix))
     });
     found.sort_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
     found
         .pop()
-        .unwrap_or_else(|| panic!("no {prefix}*.deb in {}: run scripts/release first", dist.display()))
+        .unwrap_or_else(|| panic!("no {prefix}*{suffix} in {}: run scripts/release first", dist.display()))
 }
 
 /// One machine's root filesystem.

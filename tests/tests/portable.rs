@@ -104,20 +104,7 @@ fn work() -> PathBuf {
 
 /// The newest `dist/avatar-edge-ROLE-*-x86_64-linux.tar.gz`.
 fn tarball(role: &str) -> PathBuf {
-    let dist = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist");
-    let prefix = format!("avatar-edge-{role}-");
-    let mut found: Vec<PathBuf> = std::fs::read_dir(&dist)
-        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
-        .unwrap_or_default();
-    found.retain(|p| {
-        p.file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with(&prefix) && n.ends_with("-x86_64-linux.tar.gz"))
-    });
-    found.sort_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
-    found
-        .pop()
-        .unwrap_or_else(|| panic!("no {prefix}*.tar.gz in {}: run scripts/release first", dist.display()))
+    debian::dist_file(&format!("avatar-edge-{role}-"), "-x86_64-linux.tar.gz")
 }
 
 fn chroot_ok(root: &Root, args: &[&str]) -> String {
