@@ -182,11 +182,17 @@ impl Report {
 
     /// The longest gap between audio frames after `from` (decoded frames are 20 ms apart).
     pub fn max_audio_gap(&self, from: f64) -> f64 {
+        self.max_audio_gap_between(from, f64::INFINITY)
+    }
+
+    /// The longest gap between audio packets that starts in `from..to`, in seconds.
+    pub fn max_audio_gap_between(&self, from: f64, to: f64) -> f64 {
         self.audio
             .iter()
             .filter(|(t, _)| *t >= from)
             .collect::<Vec<_>>()
             .windows(2)
+            .filter(|w| w[0].0 < to)
             .map(|w| w[1].0 - w[0].0)
             .fold(0.0, f64::max)
     }
