@@ -101,6 +101,11 @@ pub enum Command {
     End {
         session_id: String,
     },
+    /// Every turn said so far, while the session runs and for `transcripts.keep_s` after it
+    /// ends ([`Reply::Transcript`]).
+    Transcript {
+        session_id: String,
+    },
 }
 
 impl Command {
@@ -112,7 +117,8 @@ impl Command {
             | Command::Say { session_id, .. }
             | Command::Interrupt { session_id }
             | Command::Audio { session_id, .. }
-            | Command::End { session_id } => Some(session_id),
+            | Command::End { session_id }
+            | Command::Transcript { session_id } => Some(session_id),
         }
     }
 }
@@ -154,6 +160,10 @@ pub enum Reply {
         samples: u64,
     },
     Ended {},
+    /// The turns this worker heard and said in the session, in order.
+    Transcript {
+        turns: Vec<TranscriptTurn>,
+    },
     /// This worker does not run the session.
     NotFound {},
     /// The session is there but cannot do it (`code` as in the signaling errors, e.g.
@@ -162,6 +172,42 @@ pub enum Reply {
         code: String,
         message: String,
     },
+}
+
+/// Who said a turn of a transcript.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Speaker {
+    User,
+    Assistant,
+}
+
+/// Where a turn came from: the browser's typed message, the user's voice, or the session API
+/// (a `say` or `audio`). An answer has the source of what it answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    Text,
+    Voice,
+    Api,
+}
+
+/// One turn of a session's transcript: what the user said, or the avatar's answer in full.
+/// Times are RFC 3339 UTC with milliseconds: a user's turn from when the message arrived (typed)
+/// or the speech began (voice) to when it was taken; an answer from when it was asked for to
+/// when its speech ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TranscriptTurn {
+    /// The session's answer number this turn belongs to (a user's turn and its answer share it).
+    pub turn: u64,
+    pub speaker: Speaker,
+    pub text: String,
+    pub source: Source,
+    pub started_at: String,
+    pub ended_at: String,
+    /// An answer cut before its end (by the user, an interrupt, or a new message).
+    #[serde(default)]
+    pub interrupted: bool,
 }
 
 #[cfg(test)]

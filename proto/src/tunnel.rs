@@ -212,6 +212,9 @@ pub enum SessionFrame {
     Command(crate::api::Command),
     /// worker → relay: the answer on a command stream; the worker then finishes the stream.
     Reply(crate::api::Reply),
+    /// worker → relay, only when the `Open` asked for them (`records`): a turn of the
+    /// transcript, complete, for the relay's webhooks. Never forwarded to the browser.
+    Record(crate::api::TranscriptTurn),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -223,6 +226,10 @@ pub struct SessionOpen {
     /// carries relay candidates. Empty when the relay hands out none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ice_servers: Vec<crate::signaling::IceServer>,
+    /// The relay wants each finished turn as a [`SessionFrame::Record`] (it has webhooks).
+    /// Absent (false) from older relays, which would not understand the frame.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub records: bool,
 }
 
 /// Errors reading or writing tunnel frames.
@@ -445,6 +452,7 @@ mod tests {
                 username: Some("1700000000:worker:w".into()),
                 credential: Some("c2VjcmV0".into()),
             }],
+            records: true,
         }));
         round_trip(SessionFrame::Client(ClientMessage::WebrtcOffer(Offer {
             session_id: None,

@@ -45,6 +45,7 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/api/v1/sessions/{id}/say", post(say))
         .route("/api/v1/sessions/{id}/interrupt", post(interrupt))
         .route("/api/v1/sessions/{id}/audio", post(audio))
+        .route("/api/v1/sessions/{id}/transcript", get(transcript))
 }
 
 /// An API error: its status, code and message.
@@ -295,6 +296,42 @@ async fn get_one(
         Reply::Session { session } => Ok(Json(session).into_response()),
         other => Err(unexpected(&other)),
     }
+}
+
+/// `GET /api/v1/sessions/{id}/transcript`: every turn, from every worker that ran the session
+/// (a browser that reconnected may have moved), in time order; while the session runs and for
+/// the workers' `transcripts.keep_s` after it ends.
+async fn transcript(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    if !crate::ids::valid_session_id(&id) {
+        return Err(ApiError::not_found(&id));
+    }
+    let answers = ask_workers(&state, Command::Transcript { session_id: id.clone() }).await?;
+    let mut turns = Vec::new();
+    let mut found = false;
+    for answer in answers.replies {
+        if let Reply::Transcript { turns: t } = answer.reply {
+            found = true;
+            turns.extend(t);
+        }
+    }
+    if !found {
+        return Err(match answers.silent {
+            0 => ApiError::not_found(&id),
+            n => ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "timeout",
+                format!("{n} worker(s) did not answer within api.timeout_ms; the session may be on one of them: retry"),
+            ),
+        });
+    }
+    // Stable: a user's turn and its answer may share a start time.
+    turns.sort_by(|a, b| a.started_at.cmp(&b.started_at));
+    Ok(Json(json!({ "session_id": id, "turns": turns })).into_response())
 }
 
 /// `POST /api/v1/sessions/{id}/say`

@@ -55,6 +55,10 @@ pub struct RelayConfig {
     pub turn: TurnConfig,
     /// `[api]`: the session API for the operator's backend (off without keys).
     pub api: ApiConfig,
+    /// `[[webhooks]]`: where each session's events are POSTed, signed ([`crate::webhooks`]).
+    pub webhooks: Vec<WebhookConfig>,
+    /// `[webhook_delivery]`: the queue on disk and the retries, for every webhook.
+    pub webhook_delivery: WebhookDelivery,
     /// Keys whose value is still a shipped `REQUIRED` placeholder (see `avatar_proto::required`).
     #[serde(skip)]
     pub unset_required: Vec<String>,
@@ -539,6 +543,8 @@ impl Default for RelayConfig {
             policies: PoliciesConfig::default(),
             turn: TurnConfig::default(),
             api: ApiConfig::default(),
+            webhooks: Vec::new(),
+            webhook_delivery: WebhookDelivery::default(),
             unset_required: Vec::new(),
         }
     }
@@ -574,6 +580,91 @@ impl Default for ApiConfig {
             max_audio_seconds: 300,
             max_uploads_per_key: 32,
         }
+    }
+}
+
+/// `[[webhooks]]`: one receiver of the relay's events.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// Where each event is POSTed (`http://` or `https://`).
+    pub url: String,
+    /// Signs every POST (`Avatar-Edge-Signature`); at least 16 characters.
+    #[serde(default)]
+    pub secret: Secret,
+    /// Read the secret from this file instead (its first line).
+    pub secret_file: Option<PathBuf>,
+    /// Only these event types (default: all of them).
+    pub events: Option<Vec<String>>,
+    /// Names the receiver in logs and metrics (default: the URL's host).
+    pub name: Option<String>,
+}
+
+/// `[webhook_delivery]`: how events reach the `[[webhooks]]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhookDelivery {
+    /// The queue on disk: one folder per webhook, one file per event not yet delivered.
+    pub dir: PathBuf,
+    /// Events one webhook's queue holds; past it the oldest are dropped (and counted).
+    pub max_queued: usize,
+    /// How long an event is retried before it is dropped (and counted); at least an hour.
+    pub retry_for_s: u64,
+    /// The longest wait between two tries (the wait doubles from 1 s up to this).
+    pub max_backoff_s: u64,
+    /// How long one POST may take.
+    pub timeout_ms: u64,
+}
+
+impl Default for WebhookDelivery {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("/var/lib/avatar-edge/webhooks"),
+            max_queued: 100_000,
+            retry_for_s: 86_400,
+            max_backoff_s: 300,
+            timeout_ms: 10_000,
+        }
+    }
+}
+
+impl RelayConfig {
+    fn validate_webhooks(&self) -> Result<(), ConfigError> {
+        let mut urls = std::collections::HashSet::new();
+        for hook in &self.webhooks {
+            let scheme_ok = hook.url.starts_with("http://") || hook.url.starts_with("https://");
+            if !scheme_ok || hook.url.parse::<axum::http::Uri>().is_err() {
+                return invalid("webhooks.url", &format!("{:?} is not an http:// or https:// URL", hook.url));
+            }
+            if !urls.insert(hook.url.as_str()) {
+                return invalid("webhooks.url", &format!("{} is listed twice", hook.url));
+            }
+            if hook.secret.expose().len() < 16 {
+                return invalid(
+                    "webhooks.secret",
+                    &format!("{}: a secret of at least 16 characters (or secret_file)", hook.url),
+                );
+            }
+            for event in hook.events.iter().flatten() {
+                if !crate::webhooks::EVENT_TYPES.contains(&event.as_str()) {
+                    return invalid(
+                        "webhooks.events",
+                        &format!(
+                            "{event:?} is not an event; the events are {}",
+                            crate::webhooks::EVENT_TYPES.join(", ")
+                        ),
+                    );
+                }
+            }
+        }
+        let d = &self.webhook_delivery;
+        if d.max_queued == 0 || d.retry_for_s < 3600 || d.max_backoff_s == 0 || !(1..=300_000).contains(&d.timeout_ms) {
+            return invalid(
+                "webhook_delivery",
+                "max_queued and max_backoff_s must be above 0, retry_for_s at least 3600, timeout_ms 1..=300000",
+            );
+        }
+        Ok(())
     }
 }
 
@@ -769,6 +860,17 @@ impl RelayConfig {
                 k.key = Secret::new(read_secret_file(path)?);
             }
         }
+        for hook in &mut self.webhooks {
+            if let Some(path) = &hook.secret_file {
+                if !hook.secret.is_empty() {
+                    return Err(ConfigError::Invalid {
+                        key: "webhooks.secret_file",
+                        message: format!("{}: set either secret or secret_file", hook.url),
+                    });
+                }
+                hook.secret = Secret::new(read_secret_file(path)?);
+            }
+        }
         for worker in &mut self.tunnel.workers {
             if let Some(path) = &worker.key_file {
                 if !worker.key.is_empty() {
@@ -805,6 +907,7 @@ impl RelayConfig {
         self.turn.validate()?;
         self.policies.validate()?;
         self.api.validate()?;
+        self.validate_webhooks()?;
         for (key, ms) in [
             ("http.header_read_timeout_ms", self.http.header_read_timeout_ms),
             ("http.tls_handshake_timeout_ms", self.http.tls_handshake_timeout_ms),

@@ -765,6 +765,7 @@ mod tests {
                 tokio_util::sync::CancellationToken::new(),
                 Some(handle.clone()),
                 None,
+                crate::webhooks::Webhooks::default(),
             )
         };
         let open = state(RelayConfig::dev());

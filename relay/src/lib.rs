@@ -32,6 +32,7 @@ pub mod tls;
 pub mod tunnel;
 pub mod turn;
 pub mod upload;
+pub mod webhooks;
 
 use axum_server::accept::NoDelayAcceptor;
 use axum_server::tls_rustls::RustlsAcceptor;
@@ -72,6 +73,8 @@ pub enum RelayError {
     Policy(#[from] policy::LoadError),
     #[error("{0}")]
     Turn(#[from] turn::TurnError),
+    #[error("{0}")]
+    Webhooks(#[from] webhooks::WebhookError),
 }
 
 /// Shared state of one relay.
@@ -102,11 +105,13 @@ pub struct AppState {
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// STUN/TURN servers handed to browsers and workers (`[turn]`).
     pub ice: ice::IceServers,
+    /// Where sessions' events go (`[[webhooks]]`); empty without any.
+    pub webhooks: webhooks::Webhooks,
 }
 
 impl AppState {
     pub fn new(config: RelayConfig, shutdown: CancellationToken) -> Arc<Self> {
-        Self::with_metrics(config, shutdown, None, None)
+        Self::with_metrics(config, shutdown, None, None, webhooks::Webhooks::default())
     }
 
     pub fn with_metrics(
@@ -114,6 +119,7 @@ impl AppState {
         shutdown: CancellationToken,
         metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
         policies: Option<Arc<policy::Policies>>,
+        webhooks: webhooks::Webhooks,
     ) -> Arc<Self> {
         let connect_limiter = std::num::NonZeroU32::new(config.limits.connections_per_ip_per_minute)
             .map(|n| governor::RateLimiter::keyed(governor::Quota::per_minute(n)));
@@ -137,6 +143,7 @@ impl AppState {
             )),
             sessions: Default::default(),
             metrics,
+            webhooks,
         })
     }
 
@@ -250,6 +257,8 @@ pub struct Relay {
     endpoint: quinn::Endpoint,
     /// The embedded TURN server, with `[turn] mode = "embedded"`.
     turn: Option<turn::TurnServer>,
+    /// One per webhook, each delivering its queue.
+    deliverers: Vec<webhooks::Deliverer>,
 }
 
 impl Relay {
@@ -299,6 +308,8 @@ impl Relay {
         }
         // Compiled here, before any socket is bound: a broken module stops the start, not a request.
         let policies = policy::Policies::load(&config.policies)?;
+        // The queues are opened (and what a previous run left read) before anything listens.
+        let (webhooks, deliverers) = webhooks::Webhooks::open(&config.webhooks, &config.webhook_delivery)?;
         let http_addr = config.http.listen;
         let http = limits::listen_tcp(http_addr).map_err(|source| RelayError::Bind {
             what: "http (TCP)",
@@ -313,12 +324,13 @@ impl Relay {
             None
         };
         Ok(Self {
-            state: AppState::with_metrics(config, shutdown, metrics, policies),
+            state: AppState::with_metrics(config, shutdown, metrics, policies, webhooks),
             certs,
             acme,
             http,
             endpoint,
             turn,
+            deliverers,
         })
     }
 
@@ -364,6 +376,7 @@ impl Relay {
             http,
             endpoint,
             turn,
+            deliverers,
         } = self;
         // Every background task of the relay, so that shutdown waits for all of them in one place.
         // Each ends when `shutdown` fires; none has a grace timer of its own.
@@ -371,6 +384,9 @@ impl Relay {
         let turn_server = turn.as_ref().map(turn::TurnServer::server);
         if let Some(t) = turn {
             tasks.spawn(t.run());
+        }
+        for d in deliverers {
+            tasks.spawn(d.run(state.shutdown.clone()));
         }
         let acme_running = acme.is_some();
         if let Some(a) = acme {

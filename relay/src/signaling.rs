@@ -28,6 +28,20 @@ struct Attached {
     _slot: SessionSlot,
     send: SendHalf,
     recv: FramedRecv<RecvHalf>,
+    /// Who runs the session, for its `session.started` webhook.
+    about: serde_json::Value,
+}
+
+/// A finished turn from the worker, as its `transcript.*` webhook.
+fn record(state: &AppState, session_id: &str, turn: avatar_proto::api::TranscriptTurn) {
+    let kind = match turn.speaker {
+        avatar_proto::api::Speaker::User => crate::webhooks::TRANSCRIPT_USER,
+        avatar_proto::api::Speaker::Assistant => crate::webhooks::TRANSCRIPT_ASSISTANT,
+    };
+    match serde_json::to_value(turn) {
+        Ok(data) => state.webhooks.emit(session_id, kind, data),
+        Err(e) => warn!(error = %e, "a transcript turn could not be written"),
+    }
 }
 
 /// WebSocket close codes used here.
@@ -240,6 +254,9 @@ pub async fn run_session<S, E>(
     let mut idle_deadline = tokio::time::Instant::now() + idle;
     let mut session = SignalingSession::new(state.config.http.max_message_bytes);
     let mut attached: Option<Attached> = None;
+    // For the webhooks: when the first worker took the session, and why the session ended.
+    let mut started: Option<std::time::Instant> = None;
+    let mut end_reason = "browser_left";
     info!("browser connected");
     // Set when the relay itself is going away: the session's media must outlive it.
     let mut relay_stopping = false;
@@ -261,10 +278,12 @@ pub async fn run_session<S, E>(
             Wake::Shutdown => {
                 Box::pin(close(&mut socket, GOING_AWAY, "relay shutting down", write)).await;
                 relay_stopping = true;
+                end_reason = "relay_stopped";
                 break;
             }
             Wake::Idle => {
                 info!("idle timeout");
+                end_reason = "idle";
                 let ev = ServerEvent::error(
                     ErrorCode::IdleTimeout,
                     format!(
@@ -278,6 +297,7 @@ pub async fn run_session<S, E>(
             }
             Wake::Expired => {
                 info!("maximum session duration reached");
+                end_reason = "expired";
                 let ev = ServerEvent::error(
                     ErrorCode::SessionExpired,
                     "this session reached its maximum duration; reconnect to continue",
@@ -307,6 +327,10 @@ pub async fn run_session<S, E>(
                     Action::Reply(ev) => vec![ev],
                     Action::Forward(_) | Action::Ignore => vec![],
                 },
+                Ok(Some(SessionFrame::Record(turn))) => {
+                    record(&state, &session_id, turn);
+                    vec![]
+                }
                 Ok(Some(SessionFrame::Close { reason })) => {
                     info!(%reason, "worker closed the session");
                     idle_deadline = tokio::time::Instant::now() + idle;
@@ -341,6 +365,7 @@ pub async fn run_session<S, E>(
                     None | Some(Ok(Message::Close(_))) => break,
                     Some(Err(e)) => {
                         debug!(error = %e, "websocket error");
+                        end_reason = "browser_error";
                         if let Some((code, reason)) = close_for_read_error(&e) {
                             Box::pin(close(&mut socket, code, reason, write)).await;
                             // Linger before dropping: closing a socket with unread data resets
@@ -380,11 +405,19 @@ pub async fn run_session<S, E>(
                 }
             }
         };
+        if let (None, Some(a)) = (started, &attached) {
+            started = Some(std::time::Instant::now());
+            state
+                .webhooks
+                .emit(&session_id, crate::webhooks::SESSION_STARTED, a.about.clone());
+        }
         for ev in out {
             if !Box::pin(send_event(&mut socket, &ev, write)).await {
+                end_reason = "browser_gone";
                 break 'session;
             }
             if ev.ends_session() {
+                end_reason = "ended_by_api";
                 info!("the service ended the session");
                 Box::pin(close(&mut socket, NORMAL, "session ended", write)).await;
                 break 'session;
@@ -398,17 +431,37 @@ pub async fn run_session<S, E>(
             // the video plays on (media never rides the relay) until the browser's peer goes away.
             drop(a);
             info!("relay stopping; the session is left to play on");
-            return;
+        } else {
+            // Best effort: tell the worker to end the session now rather than when the stream
+            // drops. It closes the answer in progress on its way out: read that turn (briefly)
+            // for the webhooks.
+            let (state, session_id) = (&state, session_id.as_str());
+            Box::pin(async move {
+                let close = SessionFrame::Close {
+                    reason: "browser left".into(),
+                };
+                let _ = send_frame(&mut a.send, &close).await;
+                let _ = tokio::io::AsyncWriteExt::shutdown(&mut a.send).await;
+                if state.webhooks.enabled() {
+                    let rest = async {
+                        while let Ok(Some(frame)) = a.recv.next::<SessionFrame>().await {
+                            if let SessionFrame::Record(turn) = frame {
+                                record(state, session_id, turn);
+                            }
+                        }
+                    };
+                    let _ = tokio::time::timeout(Duration::from_secs(2), rest).await;
+                }
+            })
+            .await;
         }
-        // Best effort: tell the worker to end the session now rather than when the stream drops.
-        Box::pin(async move {
-            let close = SessionFrame::Close {
-                reason: "browser left".into(),
-            };
-            let _ = send_frame(&mut a.send, &close).await;
-            let _ = tokio::io::AsyncWriteExt::shutdown(&mut a.send).await;
-        })
-        .await;
+    }
+    if let Some(at) = started {
+        let data = serde_json::json!({
+            "duration_s": (at.elapsed().as_secs_f64() * 1000.0).round() / 1000.0,
+            "reason": end_reason,
+        });
+        state.webhooks.emit(&session_id, crate::webhooks::SESSION_ENDED, data);
     }
     info!("browser disconnected");
 }
@@ -505,10 +558,18 @@ async fn route(offer: Offer, refused_by: &[String], ctx: &Ctx<'_>) -> Result<(At
     let slot = worker
         .try_acquire()
         .ok_or((ErrorCode::Busy, format!("worker {worker_id} is at capacity")))?;
+    let about = serde_json::json!({
+        "avatar": avatar,
+        "worker": worker_id,
+        "relay": state.config.relay_id,
+        "user_id": user_id.as_ref().map(|u| u.to_string()),
+    });
     let open = SessionOpen {
         session_id: session_id.to_owned(),
         avatar_id: avatar,
         user_id,
+        records: state.webhooks.wants(crate::webhooks::TRANSCRIPT_USER)
+            || state.webhooks.wants(crate::webhooks::TRANSCRIPT_ASSISTANT),
         // The worker's own credentials: its answer then carries relay candidates too.
         ice_servers: state
             .ice
@@ -527,6 +588,7 @@ async fn route(offer: Offer, refused_by: &[String], ctx: &Ctx<'_>) -> Result<(At
                     _slot: slot,
                     send,
                     recv,
+                    about,
                 },
                 worker_id,
             ))

@@ -52,6 +52,7 @@ fn a_session_answers_streams_talks_and_ends_on_close_with_no_relay() {
                 avatar_id: Some("avatar_tutor_13".into()),
                 user_id: None,
                 ice_servers: vec![],
+                records: false,
             };
             send_frame(&mut relay_send, &SessionFrame::Open(open))
                 .await

@@ -155,6 +155,11 @@ pub async fn serve_command(mut send: SendHalf, recv: FramedRecv<RecvHalf>, comma
             samples = Some(tx);
             ctx.directory.ask(&id, command, Some(audio)).await
         }
+        // Kept after the session ends, so not asked of the session itself.
+        (Some(id), Command::Transcript { .. }) => match ctx.transcripts.get(id) {
+            Some(turns) => Reply::Transcript { turns },
+            None => Reply::NotFound {},
+        },
         (Some(id), _) => {
             let id = id.to_owned();
             ctx.directory.ask(&id, command, None).await

@@ -68,6 +68,8 @@ pub struct WorkerConfig {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// The talking pipeline: language model, speech, lip-sync.
     pub talk: TalkConfig,
+    /// `[transcripts]`: how long the session API can read a session's transcript after it ends.
+    pub transcripts: crate::transcript::TranscriptsConfig,
     /// Keys whose value is still a shipped `REQUIRED` placeholder (see `avatar_proto::required`).
     #[serde(skip)]
     pub unset_required: Vec<String>,
@@ -616,6 +618,7 @@ impl Default for WorkerConfig {
             labels: Default::default(),
             metrics_listen: None,
             talk: TalkConfig::default(),
+            transcripts: Default::default(),
             unset_required: Vec::new(),
         }
     }

@@ -20,6 +20,7 @@ pub mod rtc;
 pub mod selftest;
 pub mod session;
 pub mod talk;
+pub mod transcript;
 pub mod tunnel;
 
 use config::WorkerConfig;
@@ -145,6 +146,8 @@ pub struct Context {
     pub sessions: TaskTracker,
     /// The sessions running now, by id, for the session API.
     pub directory: Arc<api::Directory>,
+    /// What was said in each session, for the session API (`[transcripts]`).
+    pub transcripts: Arc<transcript::Transcripts>,
     /// Random per process, sent at registration: lets a relay tell this process moving its
     /// tunnel to another transport from a restarted worker with the same id.
     pub instance: String,
@@ -284,6 +287,7 @@ impl Worker {
             encoder_settings,
             sessions: TaskTracker::new(),
             directory: Default::default(),
+            transcripts: Arc::new(transcript::Transcripts::new(config.transcripts.clone())),
             instance: hex::encode(rand::random::<[u8; 8]>()),
             tunnel_idle: Duration::from_secs(3),
             tunnel_keepalive: Duration::from_secs(1),

@@ -55,7 +55,9 @@ use crate::rtc::{CandidateRefused, Feedback, Peer, PeerState, RtcError};
 use crate::talk::hearing::Hearing;
 use crate::talk::vad::Heard;
 use crate::talk::{AudioIn, Conversation, TalkEvent};
+use crate::transcript::Transcript;
 use crate::Context;
+use avatar_proto::api::{Source, TranscriptTurn};
 use avatar_proto::signaling::{ClientMessage, ErrorCode, ServerEvent};
 use avatar_proto::stream::{send_frame, FramedRecv};
 use avatar_proto::tunnel::SessionFrame;
@@ -133,6 +135,8 @@ pub enum Input {
 pub enum Output {
     /// An event for the browser.
     Event(ServerEvent),
+    /// A complete turn of the transcript, for the relay's webhooks (only when it asked).
+    Record(TranscriptTurn),
     /// The session is over; the link sends `Close` and finishes the stream.
     Close { reason: String },
 }
@@ -227,6 +231,10 @@ pub async fn run_session(
         ctx,
         about,
         dialogue: Dialogue::new(barge_in),
+        transcript: Transcript::default(),
+        records: open.records,
+        finished: Vec::new(),
+        voice_began: None,
         active: None,
         detached: false,
         conv,
@@ -283,6 +291,7 @@ async fn relay_link(
         while let Some(output) = outbox.recv().await {
             let (frame, last) = match output {
                 Output::Event(ev) => (SessionFrame::Event(ev), false),
+                Output::Record(turn) => (SessionFrame::Record(turn), false),
                 Output::Close { reason } => (SessionFrame::Close { reason }, true),
             };
             if let Err(e) = send_frame(&mut send, &frame).await {
@@ -328,6 +337,14 @@ struct Session {
     about: About,
     /// Whose turn it is (the browser's messages and the session API's says).
     dialogue: Dialogue<AudioIn>,
+    /// What was said, turn by turn ([`crate::transcript`]).
+    transcript: Transcript,
+    /// The relay wants each complete turn ([`Output::Record`]).
+    records: bool,
+    /// Complete turns the relay has not been sent yet.
+    finished: Vec<TranscriptTurn>,
+    /// When the user's current utterance began.
+    voice_began: Option<chrono::DateTime<chrono::Utc>>,
     active: Option<Active>,
     /// The tunnel broke (or the relay link is gone); media continues until the peer ends.
     detached: bool,
@@ -359,8 +376,14 @@ impl Session {
         metrics::counter!("worker_sessions_total").increment(1);
         metrics::gauge!("worker_sessions_active").increment(1.0);
         let registered = ctx.directory.register(&self.about.session_id, self.handle.clone());
+        ctx.transcripts.started(&self.about.session_id);
         let farewell = self.serve(&clip, &shutdown).await;
         drop(registered);
+        for turn in self.transcript.close(chrono::Utc::now()) {
+            self.note(Some(turn));
+        }
+        self.send_records().await;
+        ctx.transcripts.ended(&self.about.session_id);
         // Free everything *before* telling the relay, so the browser's next offer finds the slot.
         if let Some(conv) = self.conv.as_mut() {
             conv.interrupt();
@@ -382,6 +405,8 @@ impl Session {
     /// Run until the session ends; returns what to tell the relay, if anything.
     async fn serve(&mut self, clip: &Arc<crate::media::avatar::AvatarClip>, shutdown: &CancellationToken) -> End {
         loop {
+            // Turns completed by the last input, for the relay's webhooks.
+            self.send_records().await;
             let state = async {
                 match self.active.as_mut() {
                     Some(a) => a.states.recv().await,
@@ -535,7 +560,10 @@ impl Session {
                         .await;
                 }
             }
-            ClientMessage::TextWebrtc(t) => self.answer(t.message.trim().to_owned()).await,
+            ClientMessage::TextWebrtc(t) => {
+                self.answer(t.message.trim().to_owned(), Source::Text, chrono::Utc::now())
+                    .await
+            }
             ClientMessage::Interrupt {} => {
                 if let Some(conv) = self.conv.as_mut() {
                     info!("interrupted by the browser");
@@ -549,17 +577,21 @@ impl Session {
     /// Start answering `message` (typed, or a transcript), or tell the browser why not: the
     /// session's limits ([`crate::talk::limits`]) refuse a message that is too long or comes
     /// over the turn rate, and the answer in progress then goes on.
-    async fn answer(&mut self, message: String) {
+    async fn answer(&mut self, message: String, source: Source, began: chrono::DateTime<chrono::Utc>) {
         let refusal = match self.conv.as_mut() {
             None => ServerEvent::error(
                 ErrorCode::Unsupported,
                 "this worker streams the idle avatar only; the talking pipeline is disabled ([talk] enabled = false)",
             ),
             Some(_) if message.is_empty() => ServerEvent::error(ErrorCode::InvalidMessage, "`message` is empty"),
-            Some(conv) => match conv.say(message) {
+            Some(conv) => match conv.say(message.clone()) {
                 Ok(turn) => {
                     info!(turn, "answering");
                     self.dialogue.started(turn);
+                    let now = chrono::Utc::now();
+                    let user = self.transcript.user(turn, &message, source, began, now);
+                    self.note(user);
+                    self.transcript.asked(turn, source, None, now);
                     metrics::counter!("worker_talk_turns_total").increment(1);
                     return;
                 }
@@ -583,12 +615,16 @@ impl Session {
                 // echo, and a question now would cut the answer anyway.
                 Voice::Ignore => return,
                 Voice::BargeIn => {
+                    self.voice_began = Some(chrono::Utc::now());
                     info!("barge-in: the user spoke over the avatar");
                     metrics::counter!("worker_barge_ins_total").increment(1);
                     conv.interrupt();
                     ServerEvent::UserSpeechStarted {}
                 }
-                Voice::Listen => ServerEvent::UserSpeechStarted {},
+                Voice::Listen => {
+                    self.voice_began = Some(chrono::Utc::now());
+                    ServerEvent::UserSpeechStarted {}
+                }
             },
             Hearing::Heard(Heard::Utterance { pcm, .. }) => {
                 if !self.dialogue.utterance() {
@@ -625,18 +661,22 @@ impl Session {
                     is_final: true,
                 })
                 .await;
-                self.answer(text).await;
+                let began = self.voice_began.take().unwrap_or_else(chrono::Utc::now);
+                self.answer(text, Source::Voice, began).await;
                 return;
             }
             TalkEvent::TranscriptFailed { message } => {
                 metrics::counter!("worker_talk_failures_total").increment(1);
                 ServerEvent::error(ErrorCode::TalkFailed, message)
             }
-            TalkEvent::Text { turn, text } => ServerEvent::AssistantText {
-                turn,
-                text,
-                is_final: false,
-            },
+            TalkEvent::Text { turn, text } => {
+                self.transcript.delta(turn, &text);
+                ServerEvent::AssistantText {
+                    turn,
+                    text,
+                    is_final: false,
+                }
+            }
             TalkEvent::Done {
                 turn,
                 user,
@@ -649,6 +689,7 @@ impl Session {
                     self.turn_ended(turn, false);
                 }
                 let Some(answer) = answer else { return };
+                self.transcript.answer(turn, &answer);
                 if let (Some(conv), Some(user)) = (self.conv.as_mut(), user) {
                     conv.remember(user, answer.clone());
                 }
@@ -669,6 +710,8 @@ impl Session {
 
     /// Turn `turn` is over: start the session API's next waiting say, if any.
     fn turn_ended(&mut self, turn: u64, interrupted: bool) {
+        let done = self.transcript.ended(turn, interrupted, chrono::Utc::now());
+        self.note(done);
         let Some(next) = self.dialogue.ended(turn, interrupted) else {
             return;
         };
@@ -680,12 +723,25 @@ impl Session {
 
     /// Start a backend's turn on the conversation.
     fn begin(&mut self, start: Start<AudioIn>) -> Result<u64, crate::talk::limits::Refusal> {
+        use avatar_proto::api::SayMode;
         let conv = self.conv.as_mut().ok_or(crate::talk::limits::Refusal::NotReady)?;
-        let turn = match start.said {
-            Said::Text { text, mode } => conv.speak(Some(start.turn), text, mode)?,
-            Said::Audio(audio) => conv.play(Some(start.turn), audio)?,
+        let now = chrono::Utc::now();
+        let (turn, user, answer) = match start.said {
+            Said::Text { text, mode } => {
+                let turn = conv.speak(Some(start.turn), text.clone(), mode)?;
+                match mode {
+                    SayMode::Repeat => (turn, None, Some(text)),
+                    SayMode::Chat => (turn, Some(text), None),
+                }
+            }
+            Said::Audio(audio) => (conv.play(Some(start.turn), audio)?, None, None),
         };
         self.dialogue.started(turn);
+        if let Some(user) = user {
+            let user = self.transcript.user(turn, &user, Source::Api, now, now);
+            self.note(user);
+        }
+        self.transcript.asked(turn, Source::Api, answer, now);
         Ok(turn)
     }
 
@@ -698,6 +754,11 @@ impl Session {
         }
         let (answer, end) = match command {
             Command::List {} | Command::Get { .. } => (Reply::Session { session: self.info() }, None),
+            // The API serves transcripts from the worker's store; asked here, the same answer.
+            Command::Transcript { .. } => {
+                let turns = self.ctx.transcripts.get(&self.about.session_id).unwrap_or_default();
+                (Reply::Transcript { turns }, None)
+            }
             Command::Say { say, .. } => {
                 let said = Said::Text {
                     text: say.text,
@@ -942,6 +1003,27 @@ impl Session {
             );
             active._listening = Some(stop.drop_guard());
             self.hearing = Some(rx);
+        }
+    }
+
+    /// A complete turn (if any): into the worker's transcripts, and for the relay if it asked.
+    fn note(&mut self, turn: Option<TranscriptTurn>) {
+        let Some(turn) = turn else { return };
+        self.ctx.transcripts.push(&self.about.session_id, turn.clone());
+        if self.records {
+            self.finished.push(turn);
+        }
+    }
+
+    /// Send the relay the complete turns it has not had.
+    async fn send_records(&mut self) {
+        for turn in std::mem::take(&mut self.finished) {
+            if self.detached {
+                return;
+            }
+            if self.outbox.send(Output::Record(turn)).await.is_err() {
+                self.detached = true;
+            }
         }
     }
 

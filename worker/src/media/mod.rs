@@ -7,5 +7,6 @@ pub mod encoder;
 pub mod fanout;
 pub mod file;
 pub mod rate;
+pub mod record;
 pub mod send;
 pub mod stream;
