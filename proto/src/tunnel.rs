@@ -215,6 +215,21 @@ pub enum SessionFrame {
     /// worker → relay, only when the `Open` asked for them (`records`): a turn of the
     /// transcript, complete, for the relay's webhooks. Never forwarded to the browser.
     Record(crate::api::TranscriptTurn),
+    /// worker → relay, only when the `Open` asked for records: the session's recording is
+    /// complete (its `recording.ready` webhook). Sent after the session's last turn.
+    Recording(RecordingReady),
+}
+
+/// A session's finished recording, on the worker that made it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecordingReady {
+    /// The file's path on the worker (`[recording] dir`).
+    pub file: String,
+    pub worker: String,
+    pub duration_s: f64,
+    pub bytes: u64,
+    /// Lower-case hex.
+    pub sha256: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -226,7 +241,8 @@ pub struct SessionOpen {
     /// carries relay candidates. Empty when the relay hands out none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ice_servers: Vec<crate::signaling::IceServer>,
-    /// The relay wants each finished turn as a [`SessionFrame::Record`] (it has webhooks).
+    /// The relay wants each finished turn as a [`SessionFrame::Record`] and the recording as a
+    /// [`SessionFrame::Recording`] (it has webhooks).
     /// Absent (false) from older relays, which would not understand the frame.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub records: bool,
@@ -453,6 +469,13 @@ mod tests {
                 credential: Some("c2VjcmV0".into()),
             }],
             records: true,
+        }));
+        round_trip(SessionFrame::Recording(RecordingReady {
+            file: "/var/lib/avatar-edge/recordings/s-1800000000.mp4".into(),
+            worker: "gpu-1".into(),
+            duration_s: 61.25,
+            bytes: 1_234_567,
+            sha256: "ab".repeat(32),
         }));
         round_trip(SessionFrame::Client(ClientMessage::WebrtcOffer(Offer {
             session_id: None,

@@ -257,6 +257,8 @@ pub async fn run_session<S, E>(
     // For the webhooks: when the first worker took the session, and why the session ended.
     let mut started: Option<std::time::Instant> = None;
     let mut end_reason = "browser_left";
+    // Recordings the workers finished, announced after `session.ended`.
+    let mut recordings: Vec<serde_json::Value> = Vec::new();
     info!("browser connected");
     // Set when the relay itself is going away: the session's media must outlive it.
     let mut relay_stopping = false;
@@ -329,6 +331,10 @@ pub async fn run_session<S, E>(
                 },
                 Ok(Some(SessionFrame::Record(turn))) => {
                     record(&state, &session_id, turn);
+                    vec![]
+                }
+                Ok(Some(SessionFrame::Recording(done))) => {
+                    recordings.extend(serde_json::to_value(done).ok());
                     vec![]
                 }
                 Ok(Some(SessionFrame::Close { reason })) => {
@@ -435,7 +441,7 @@ pub async fn run_session<S, E>(
             // Best effort: tell the worker to end the session now rather than when the stream
             // drops. It closes the answer in progress on its way out: read that turn (briefly)
             // for the webhooks.
-            let (state, session_id) = (&state, session_id.as_str());
+            let (state, session_id, recordings) = (&state, session_id.as_str(), &mut recordings);
             Box::pin(async move {
                 let close = SessionFrame::Close {
                     reason: "browser left".into(),
@@ -445,12 +451,16 @@ pub async fn run_session<S, E>(
                 if state.webhooks.enabled() {
                     let rest = async {
                         while let Ok(Some(frame)) = a.recv.next::<SessionFrame>().await {
-                            if let SessionFrame::Record(turn) = frame {
-                                record(state, session_id, turn);
+                            match frame {
+                                SessionFrame::Record(turn) => record(state, session_id, turn),
+                                SessionFrame::Recording(done) => recordings.extend(serde_json::to_value(done).ok()),
+                                _ => {}
                             }
                         }
                     };
-                    let _ = tokio::time::timeout(Duration::from_secs(2), rest).await;
+                    // The worker finishes its recording's file first (a few hundred ms for an
+                    // hour's session).
+                    let _ = tokio::time::timeout(Duration::from_secs(10), rest).await;
                 }
             })
             .await;
@@ -462,6 +472,9 @@ pub async fn run_session<S, E>(
             "reason": end_reason,
         });
         state.webhooks.emit(&session_id, crate::webhooks::SESSION_ENDED, data);
+    }
+    for done in recordings {
+        state.webhooks.emit(&session_id, crate::webhooks::RECORDING_READY, done);
     }
     info!("browser disconnected");
 }

@@ -22,6 +22,7 @@ pub mod signaling;
 pub mod slow_link;
 pub mod topology;
 pub mod turnutils;
+pub mod webhook_receiver;
 
 /// Where `cargo build --release` put the workspace binaries: next to this test executable's
 /// `deps/` directory.
@@ -83,8 +84,24 @@ pub fn unix_now() -> u64 {
 
 /// Play a session on an open signaling socket: offer, answer, and wait for ICE to connect.
 pub async fn play(sig: &mut signaling::Signaling, avatar: &str) -> anyhow::Result<rtc_client::RtcClient> {
-    use std::time::Duration;
     let client = rtc_client::RtcClient::new(true).await?;
+    connect(sig, &client, avatar).await?;
+    Ok(client)
+}
+
+/// As [`play`], with a microphone the worker hears (voice input).
+pub async fn play_with_microphone(
+    sig: &mut signaling::Signaling,
+    avatar: &str,
+) -> anyhow::Result<(rtc_client::RtcClient, rtc_client::Microphone)> {
+    let (client, mic) = rtc_client::RtcClient::with_microphone().await?;
+    connect(sig, &client, avatar).await?;
+    Ok((client, mic))
+}
+
+/// Offer `client`'s peer for `avatar`, take the answer and wait until ICE connects.
+async fn connect(sig: &mut signaling::Signaling, client: &rtc_client::RtcClient, avatar: &str) -> anyhow::Result<()> {
+    use std::time::Duration;
     sig.send_offer(&client.offer().await?, avatar).await?;
     let answer = sig.wait_for("webrtc_answer", Duration::from_secs(10)).await?;
     let sdp = answer["sdp"]
@@ -92,7 +109,7 @@ pub async fn play(sig: &mut signaling::Signaling, avatar: &str) -> anyhow::Resul
         .ok_or_else(|| anyhow::anyhow!("answer without sdp: {answer}"))?;
     client.accept_answer(sdp).await?;
     client.connected(Duration::from_secs(10)).await?;
-    Ok(client)
+    Ok(())
 }
 
 /// Log to stderr for test debugging (RUST_LOG controls it).

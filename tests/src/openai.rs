@@ -31,6 +31,8 @@ pub struct Seen {
     /// Body sizes of the transcription requests (each a multipart form with a WAV file).
     pub transcriptions: Vec<usize>,
     pub authorization: Vec<String>,
+    /// Skip the two failing transcriptions ([`OpenAiServer::recognise_at_once`]).
+    pub recognise_at_once: bool,
 }
 
 pub struct OpenAiServer {
@@ -63,6 +65,11 @@ impl OpenAiServer {
 
     pub fn base_url(&self) -> String {
         format!("http://{}/v1", self.addr)
+    }
+
+    /// Every transcription answers `{"text": "hello after the failures"}`, the first too.
+    pub fn recognise_at_once(&self) {
+        self.seen.lock().expect("seen").recognise_at_once = true;
     }
 
     pub fn seen(&self) -> Seen {
@@ -134,7 +141,7 @@ async fn transcription(State(seen): State<Arc<Mutex<Seen>>>, headers: HeaderMap,
     let n = {
         let mut seen = seen.lock().expect("seen");
         seen.transcriptions.push(body.len());
-        seen.transcriptions.len()
+        seen.transcriptions.len() + if seen.recognise_at_once { 2 } else { 0 }
     };
     match n {
         1 => (

@@ -70,9 +70,39 @@ pub struct WorkerConfig {
     pub talk: TalkConfig,
     /// `[transcripts]`: how long the session API can read a session's transcript after it ends.
     pub transcripts: crate::transcript::TranscriptsConfig,
+    /// `[recording]`: record every session, as the browser received it (off by default).
+    pub recording: RecordingConfig,
     /// Keys whose value is still a shipped `REQUIRED` placeholder (see `avatar_proto::required`).
     #[serde(skip)]
     pub unset_required: Vec<String>,
+}
+
+/// `[recording]`: each session's media, as its browser received it, in a fragmented MP4
+/// ([`crate::media::record`]): `<dir>/<session id>-<unix seconds>.mp4`, announced to the relay's
+/// `recording.ready` webhook when complete, deleted after `retention_days`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecordingConfig {
+    /// Record every session.
+    pub enabled: bool,
+    /// Where the files go (created at start).
+    pub dir: PathBuf,
+    /// Recordings older than this many days are deleted (checked hourly); 0 keeps them.
+    pub retention_days: u32,
+    /// Packets the recorder may fall behind the session (about 75 a second) before it loses
+    /// some; the session never waits for it.
+    pub buffer_packets: usize,
+}
+
+impl Default for RecordingConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            dir: PathBuf::from("/var/lib/avatar-edge/recordings"),
+            retention_days: 30,
+            buffer_packets: 512,
+        }
+    }
 }
 
 /// A closed set of names in the config: parsed by serde (an unknown one is refused with the valid
@@ -619,6 +649,7 @@ impl Default for WorkerConfig {
             metrics_listen: None,
             talk: TalkConfig::default(),
             transcripts: Default::default(),
+            recording: RecordingConfig::default(),
             unset_required: Vec::new(),
         }
     }

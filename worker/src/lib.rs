@@ -48,6 +48,8 @@ pub enum WorkerError {
     Rtc(#[from] rtc::RtcError),
     #[error("talking pipeline: {0}")]
     Talk(#[from] talk::TalkError),
+    #[error("recording.dir {path}: {source}")]
+    RecordingDir { path: String, source: std::io::Error },
 }
 
 /// The idle avatars this worker serves.
@@ -223,6 +225,13 @@ impl Worker {
     pub fn new(config: WorkerConfig) -> Result<Self, WorkerError> {
         config.validate()?;
         media::encoder::init()?;
+        if config.recording.enabled {
+            std::fs::create_dir_all(&config.recording.dir).map_err(|source| WorkerError::RecordingDir {
+                path: config.recording.dir.display().to_string(),
+                source,
+            })?;
+            info!(dir = %config.recording.dir.display(), "recording every session");
+        }
         let v = &config.video;
         let encoder_settings = EncoderSettings::from(v);
         let encoder = media::encoder::select_encoder(v.encoder, &encoder_settings)?;
@@ -306,6 +315,11 @@ impl Worker {
     /// sessions have said goodbye.
     pub async fn run(self, stop: Stop, drain_limit: Duration) {
         let tunnels = TaskTracker::new();
+        let recording = &self.ctx.config.recording;
+        if recording.enabled && recording.retention_days > 0 {
+            let (dir, keep) = (recording.dir.clone(), Duration::from_secs(u64::from(recording.retention_days) * 86_400));
+            tunnels.spawn(sweep_recordings(dir, keep, stop.end.clone()));
+        }
         for target in self.ctx.config.relays.clone() {
             tunnels.spawn(tunnel::maintain(target, Arc::clone(&self.ctx), stop.clone()));
         }
@@ -344,5 +358,23 @@ impl Worker {
             );
         }
         info!("worker stopped");
+    }
+}
+
+/// Delete recordings older than `keep` from `dir`, at start and hourly, until `stop`.
+async fn sweep_recordings(dir: std::path::PathBuf, keep: Duration, stop: tokio_util::sync::CancellationToken) {
+    let mut hourly = tokio::time::interval(Duration::from_secs(3600));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = hourly.tick() => {}
+        }
+        let dir = dir.clone();
+        match tokio::task::spawn_blocking(move || media::record::sweep(&dir, keep)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => info!(deleted = n, "expired recordings deleted (recording.retention_days)"),
+            Ok(Err(e)) => warn!(error = %e, "could not sweep expired recordings"),
+            Err(e) => warn!(error = %e, "the recordings sweep stopped"),
+        }
     }
 }

@@ -48,6 +48,7 @@
 
 use crate::dialogue::{Dialogue, Said, Start, Voice};
 use crate::media::fanout::Taps;
+use crate::media::record::{RecordError, Recording, RecordingSpec};
 use crate::media::rate::{RateControl, Target};
 use crate::media::send::{send_media, SendParts};
 use crate::media::stream::{Adaptation, ClockEvent, Feed, MediaOut, Sinks, VideoStream};
@@ -137,6 +138,8 @@ pub enum Output {
     Event(ServerEvent),
     /// A complete turn of the transcript, for the relay's webhooks (only when it asked).
     Record(TranscriptTurn),
+    /// The session's recording is complete, for the relay's webhooks (only when it asked).
+    Recording(avatar_proto::tunnel::RecordingReady),
     /// The session is over; the link sends `Close` and finishes the stream.
     Close { reason: String },
 }
@@ -292,6 +295,7 @@ async fn relay_link(
             let (frame, last) = match output {
                 Output::Event(ev) => (SessionFrame::Event(ev), false),
                 Output::Record(turn) => (SessionFrame::Record(turn), false),
+                Output::Recording(done) => (SessionFrame::Recording(done), false),
                 Output::Close { reason } => (SessionFrame::Close { reason }, true),
             };
             if let Err(e) = send_frame(&mut send, &frame).await {
@@ -377,6 +381,7 @@ impl Session {
         metrics::gauge!("worker_sessions_active").increment(1.0);
         let registered = ctx.directory.register(&self.about.session_id, self.handle.clone());
         ctx.transcripts.started(&self.about.session_id);
+        let recording = self.start_recording();
         let farewell = self.serve(&clip, &shutdown).await;
         drop(registered);
         for turn in self.transcript.close(chrono::Utc::now()) {
@@ -393,6 +398,9 @@ impl Session {
         }
         drop(slot);
         metrics::gauge!("worker_sessions_active").decrement(1.0);
+        if let Some(recording) = recording {
+            self.finish_recording(recording).await;
+        }
         if let End::Tell { event, reason } = farewell {
             if let Some(event) = event {
                 self.event(event).await;
@@ -1003,6 +1011,57 @@ impl Session {
             );
             active._listening = Some(stop.drop_guard());
             self.hearing = Some(rx);
+        }
+    }
+
+    /// With `[recording] enabled`: join the session's media as the `recording` sink, written to
+    /// its file by [`crate::media::record`] until the session ends.
+    fn start_recording(&mut self) -> Option<tokio::task::JoinHandle<Result<Recording, RecordError>>> {
+        let config = &self.ctx.config.recording;
+        if !config.enabled {
+            return None;
+        }
+        let media = self.taps.join("recording", config.buffer_packets);
+        let spec = RecordingSpec {
+            path: config
+                .dir
+                .join(crate::media::record::file_name(&self.about.session_id, std::time::SystemTime::now())),
+            width: self.ctx.encoder_settings.width,
+            height: self.ctx.encoder_settings.height,
+        };
+        Some(tokio::spawn(
+            crate::media::record::record(media, spec).instrument(tracing::Span::current()),
+        ))
+    }
+
+    /// The media has stopped: let the recorder finish its file, and tell the relay.
+    async fn finish_recording(&mut self, recording: tokio::task::JoinHandle<Result<Recording, RecordError>>) {
+        // The last sender of the recorder's channel goes with the session's list of sinks.
+        self.taps = Taps::default();
+        match recording.await {
+            Ok(Ok(done)) => {
+                info!(file = %done.path.display(), duration_s = done.duration_s, bytes = done.bytes, "recording complete");
+                metrics::counter!("worker_recordings_total").increment(1);
+                metrics::counter!("worker_recording_bytes_total").increment(done.bytes);
+                if self.records && !self.detached {
+                    let ready = avatar_proto::tunnel::RecordingReady {
+                        file: done.path.display().to_string(),
+                        worker: self.ctx.config.worker_id.clone(),
+                        duration_s: (done.duration_s * 1000.0).round() / 1000.0,
+                        bytes: done.bytes,
+                        sha256: done.sha256,
+                    };
+                    if self.outbox.send(Output::Recording(ready)).await.is_err() {
+                        self.detached = true;
+                    }
+                }
+            }
+            Ok(Err(RecordError::Empty)) => debug!("nothing recorded: the session never played"),
+            Ok(Err(e)) => {
+                metrics::counter!("worker_recording_failures_total").increment(1);
+                warn!(error = %e, "the session's recording failed");
+            }
+            Err(e) => warn!(error = %e, "the recorder stopped"),
         }
     }
 
