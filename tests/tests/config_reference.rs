@@ -95,6 +95,11 @@ fn every_relay_key_is_in_the_reference_with_its_default() {
         [[api.keys]]
         name = "backend"
         key = "0123456789abcdef0123456789"
+        [[webhooks]]
+        url = "https://backend.example.com/avatar-events"
+        secret = "0123456789abcdef"
+        events = ["session.ended"]
+        name = "backend"
         [[tunnel.workers]]
         id = "gpu-1"
         key = "0123456789abcdef"
