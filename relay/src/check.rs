@@ -8,8 +8,9 @@
 //!   certificate is a WARNING line (browsers will refuse it, but a worker that pins it does not),
 //!   and one that expires within [`EXPIRY_NOTE`] says so;
 //! * `[policies.auth]`, `[policies.router]`: each module compiles and passes its checks, as at start;
-//! * the places the relay writes at start: `tls.acme.cache_dir` and the folder of
-//!   `tls.fingerprint_file` must be writable by the user that runs the check.
+//! * the places the relay writes at start: `tls.acme.cache_dir`, the folder of
+//!   `tls.fingerprint_file` and, with `[[webhooks]]`, `webhook_delivery.dir` must be writable by
+//!   the user that runs the check.
 //!
 //! [`check`] returns one line per thing it looked at, or the first failure.
 
@@ -41,6 +42,11 @@ pub fn check(config: &RelayConfig, now: SystemTime) -> Result<Vec<String>, Check
         if let (Some(cert), Some(key)) = (&config.tls.cert, &config.tls.key) {
             report.push(certificate(cert, key, now)?);
         }
+    }
+    if !config.webhooks.is_empty() {
+        let dir = &config.webhook_delivery.dir;
+        writable(dir)?;
+        report.push(format!("webhook queue {}: writable", dir.display()));
     }
     if let Some(acme) = &config.tls.acme {
         writable(&acme.cache_dir)?;

@@ -614,6 +614,8 @@ pub struct WebhookDelivery {
     pub max_backoff_s: u64,
     /// How long one POST may take.
     pub timeout_ms: u64,
+    /// POSTs in flight at once per webhook (each session's events still go one at a time).
+    pub concurrency: usize,
 }
 
 impl Default for WebhookDelivery {
@@ -624,6 +626,7 @@ impl Default for WebhookDelivery {
             retry_for_s: 86_400,
             max_backoff_s: 300,
             timeout_ms: 10_000,
+            concurrency: 8,
         }
     }
 }
@@ -658,10 +661,15 @@ impl RelayConfig {
             }
         }
         let d = &self.webhook_delivery;
-        if d.max_queued == 0 || d.retry_for_s < 3600 || d.max_backoff_s == 0 || !(1..=300_000).contains(&d.timeout_ms) {
+        if d.max_queued == 0
+            || d.retry_for_s < 3600
+            || d.max_backoff_s == 0
+            || !(1..=300_000).contains(&d.timeout_ms)
+            || !(1..=256).contains(&d.concurrency)
+        {
             return invalid(
                 "webhook_delivery",
-                "max_queued and max_backoff_s must be above 0, retry_for_s at least 3600, timeout_ms 1..=300000",
+                "max_queued and max_backoff_s must be above 0, retry_for_s at least 3600, timeout_ms 1..=300000, concurrency 1..=256",
             );
         }
         Ok(())

@@ -20,7 +20,7 @@ use futures::{Sink, SinkExt, Stream, StreamExt};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, trace, warn};
+use tracing::{debug, info, trace, warn, Instrument};
 
 /// A session attached to a worker.
 struct Attached {
@@ -411,11 +411,14 @@ pub async fn run_session<S, E>(
                 }
             }
         };
+        // The session starts, for the webhooks, when a worker has answered its first offer.
         if let (None, Some(a)) = (started, &attached) {
-            started = Some(std::time::Instant::now());
-            state
-                .webhooks
-                .emit(&session_id, crate::webhooks::SESSION_STARTED, a.about.clone());
+            if out.iter().any(|ev| matches!(ev, ServerEvent::WebrtcAnswer { .. })) {
+                started = Some(std::time::Instant::now());
+                state
+                    .webhooks
+                    .emit(&session_id, crate::webhooks::SESSION_STARTED, a.about.clone());
+            }
         }
         for ev in out {
             if !Box::pin(send_event(&mut socket, &ev, write)).await {
@@ -430,53 +433,87 @@ pub async fn run_session<S, E>(
             }
         }
     }
-    if let Some(mut a) = attached {
-        if relay_stopping {
+    let ended = started.map(|at| {
+        serde_json::json!({
+            "duration_s": (at.elapsed().as_secs_f64() * 1000.0).round() / 1000.0,
+            "reason": end_reason,
+        })
+    });
+    // A reconnect with this id may start now.
+    drop(_claim);
+    match attached {
+        Some(a) if relay_stopping => {
             // Not the browser leaving: the relay is. End the stream without a `Close` frame, which
             // the worker takes as a lost tunnel, not the end of the session: it detaches it and
             // the video plays on (media never rides the relay) until the browser's peer goes away.
             drop(a);
             info!("relay stopping; the session is left to play on");
-        } else {
+        }
+        Some(a) => {
+            let Attached { _slot, mut send, recv, .. } = a;
+            drop(_slot);
             // Best effort: tell the worker to end the session now rather than when the stream
-            // drops. It closes the answer in progress on its way out: read that turn (briefly)
-            // for the webhooks.
-            let (state, session_id, recordings) = (&state, session_id.as_str(), &mut recordings);
-            Box::pin(async move {
-                let close = SessionFrame::Close {
-                    reason: "browser left".into(),
-                };
-                let _ = send_frame(&mut a.send, &close).await;
-                let _ = tokio::io::AsyncWriteExt::shutdown(&mut a.send).await;
-                if state.webhooks.enabled() {
-                    let rest = async {
-                        while let Ok(Some(frame)) = a.recv.next::<SessionFrame>().await {
-                            match frame {
-                                SessionFrame::Record(turn) => record(state, session_id, turn),
-                                SessionFrame::Recording(done) => recordings.extend(serde_json::to_value(done).ok()),
-                                _ => {}
-                            }
-                        }
-                    };
-                    // The worker finishes its recording's file first (a few hundred ms for an
-                    // hour's session).
-                    let _ = tokio::time::timeout(Duration::from_secs(10), rest).await;
-                }
-            })
-            .await;
+            // drops.
+            let close = SessionFrame::Close {
+                reason: "browser left".into(),
+            };
+            let _ = Box::pin(send_frame(&mut send, &close)).await;
+            let _ = tokio::io::AsyncWriteExt::shutdown(&mut send).await;
+            if state.webhooks.enabled() && ended.is_some() {
+                info!("browser disconnected");
+                tokio::spawn(tail(Arc::clone(&state), session_id.clone(), recv, ended, recordings).in_current_span());
+                return;
+            }
+        }
+        None => {}
+    }
+    finish(&state, &session_id, ended, recordings);
+    info!("browser disconnected");
+}
+
+/// How long the worker's last turns may take to arrive after the browser left (they are sent at
+/// once), and its recording (hashed once its file is complete: seconds for hours of video).
+const TAIL_TURNS: Duration = Duration::from_secs(2);
+const TAIL_RECORDING: Duration = Duration::from_secs(600);
+
+/// After the browser left, for the webhooks: the worker closes the answer in progress and sends
+/// that turn, then `session.ended` goes out, then the recording once its file is complete.
+async fn tail(
+    state: Arc<AppState>,
+    session_id: String,
+    mut recv: FramedRecv<RecvHalf>,
+    mut ended: Option<serde_json::Value>,
+    mut recordings: Vec<serde_json::Value>,
+) {
+    loop {
+        let within = if ended.is_some() { TAIL_TURNS } else { TAIL_RECORDING };
+        match tokio::time::timeout(within, recv.next::<SessionFrame>()).await {
+            Ok(Ok(Some(SessionFrame::Record(turn)))) => record(&state, &session_id, turn),
+            Ok(Ok(Some(SessionFrame::Recording(done)))) => {
+                finish(&state, &session_id, ended.take(), std::mem::take(&mut recordings));
+                recordings.extend(serde_json::to_value(done).ok());
+            }
+            Ok(Ok(Some(_))) => {}
+            Ok(Ok(None)) | Ok(Err(_)) => break,
+            // No more turns: the session has ended; wait on for a recording.
+            Err(_) if ended.is_some() => finish(&state, &session_id, ended.take(), std::mem::take(&mut recordings)),
+            Err(_) => {
+                debug!("no recording from the worker in time");
+                break;
+            }
         }
     }
-    if let Some(at) = started {
-        let data = serde_json::json!({
-            "duration_s": (at.elapsed().as_secs_f64() * 1000.0).round() / 1000.0,
-            "reason": end_reason,
-        });
-        state.webhooks.emit(&session_id, crate::webhooks::SESSION_ENDED, data);
+    finish(&state, &session_id, ended, recordings);
+}
+
+/// `session.ended` (if not sent yet), then the recordings the worker finished.
+fn finish(state: &AppState, session_id: &str, ended: Option<serde_json::Value>, recordings: Vec<serde_json::Value>) {
+    if let Some(data) = ended {
+        state.webhooks.emit(session_id, crate::webhooks::SESSION_ENDED, data);
     }
     for done in recordings {
-        state.webhooks.emit(&session_id, crate::webhooks::RECORDING_READY, done);
+        state.webhooks.emit(session_id, crate::webhooks::RECORDING_READY, done);
     }
-    info!("browser disconnected");
 }
 
 /// Who the session is, for routing.
@@ -581,8 +618,14 @@ async fn route(offer: Offer, refused_by: &[String], ctx: &Ctx<'_>) -> Result<(At
         session_id: session_id.to_owned(),
         avatar_id: avatar,
         user_id,
-        records: state.webhooks.wants(crate::webhooks::TRANSCRIPT_USER)
-            || state.webhooks.wants(crate::webhooks::TRANSCRIPT_ASSISTANT),
+        // Turns and the recording, for the webhooks that take them.
+        records: [
+            crate::webhooks::TRANSCRIPT_USER,
+            crate::webhooks::TRANSCRIPT_ASSISTANT,
+            crate::webhooks::RECORDING_READY,
+        ]
+        .iter()
+        .any(|kind| state.webhooks.wants(kind)),
         // The worker's own credentials: its answer then carries relay candidates too.
         ice_servers: state
             .ice

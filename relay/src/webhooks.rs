@@ -16,16 +16,18 @@
 //! **Never lost, never in the way.** An event is written to disk the moment it happens
 //! ([`Queue::push`]: one small file, renamed into place), before anything is sent; a session
 //! never waits for a receiver. Each receiver has its own queue and its own task
-//! ([`Deliverer`]), which sends the oldest event, and only then the next, so events keep their
-//! order (per session and overall). A try that fails (no answer within `timeout_ms`, a status
-//! other than 2xx) is retried after 1 s, 2 s, 4 s, ... up to `max_backoff_s`, for `retry_for_s`
-//! (a day); a relay restarted meanwhile picks the queue up from disk. The receiver deduplicates
-//! by `id`: delivery is at least once.
+//! ([`Deliverer`]). Events of one session go one at a time, oldest first, so they keep their
+//! order; different sessions' events go side by side, up to `concurrency` POSTs at once, so a
+//! receiver far away still keeps up with a busy relay. A try that fails (no answer within
+//! `timeout_ms`, a status other than 2xx) is retried after 1 s, 2 s, 4 s, ... up to
+//! `max_backoff_s`, for `retry_for_s` (a day), and that session's later events wait for it; a
+//! relay restarted meanwhile picks the queue up from disk. The receiver deduplicates by `id`:
+//! delivery is at least once.
 //!
 //! ```text
-//!  signaling ──emit──▶ Queue (disk, per webhook) ──oldest first──▶ Deliverer ──POST──▶ receiver
-//!                           ▲ bound: max_queued, oldest dropped          │ 2xx: delete; else retry later
-//!                           └────────────────────────────────────────────┘
+//!  signaling ──emit──▶ Queue (disk, per webhook) ──each session's oldest──▶ Deliverer ──POSTs──▶ receiver
+//!                           ▲ bound: max_queued, oldest dropped                  │ 2xx: delete; else retry later
+//!                           └────────────────────────────────────────────────────┘
 //! ```
 //!
 //! Bounded: a queue holds at most `max_queued` events; past it the oldest is dropped. Every drop
@@ -139,12 +141,13 @@ impl Webhooks {
             deliverers.push(Deliverer {
                 name: name.clone(),
                 url: hook.url.clone(),
-                secret: hook.secret.expose().as_bytes().to_vec(),
+                secret: Arc::from(hook.secret.expose().as_bytes()),
                 queue: Arc::clone(&queue),
                 wake: Arc::clone(&wake),
                 client,
                 retry_for: Duration::from_secs(delivery.retry_for_s),
                 max_backoff: Duration::from_secs(delivery.max_backoff_s),
+                concurrency: delivery.concurrency.max(1),
             });
             out.hooks.push(Hook {
                 name,
@@ -188,7 +191,7 @@ impl Webhooks {
         };
         for hook in self.hooks.iter().filter(|h| h.takes(kind)) {
             let mut queue = lock(&hook.queue);
-            match queue.push(&body) {
+            match queue.push(session_id, &body) {
                 Ok(dropped) => {
                     if dropped > 0 {
                         metrics::counter!("relay_webhook_dropped_total", "webhook" => hook.name.clone(), "reason" => "full")
@@ -231,25 +234,36 @@ fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-/// An event waiting in a queue: its file is `<seq>-<queued at, unix ms>.json`.
+/// An event waiting in a queue: its file is `<seq>-<queued at, unix ms>-<lane>.json`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Item {
     seq: u64,
     queued_ms: u64,
+    /// Its session's lane (a hash of the session id): a lane's events go one at a time.
+    lane: u64,
 }
 
 impl Item {
     fn file_name(&self) -> String {
-        format!("{:020}-{}.json", self.seq, self.queued_ms)
+        format!("{:020}-{}-{:016x}.json", self.seq, self.queued_ms, self.lane)
     }
 
     fn parse(name: &str) -> Option<Self> {
-        let (seq, rest) = name.strip_suffix(".json")?.split_once('-')?;
+        let mut parts = name.strip_suffix(".json")?.splitn(3, '-');
         Some(Self {
-            seq: seq.parse().ok()?,
-            queued_ms: rest.parse().ok()?,
+            seq: parts.next()?.parse().ok()?,
+            queued_ms: parts.next()?.parse().ok()?,
+            lane: u64::from_str_radix(parts.next()?, 16).ok()?,
         })
     }
+}
+
+/// The lane of a session's events.
+fn lane(session_id: &str) -> u64 {
+    let digest = Sha256::digest(session_id.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(first)
 }
 
 /// One webhook's events on disk, oldest first.
@@ -265,6 +279,10 @@ impl Queue {
     /// Open (or create) the queue in `dir`, with what an earlier run left there.
     pub fn open(dir: &Path, max: usize) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
+        // Writable now, not at the first event.
+        let probe = dir.join(format!("probe-{}.tmp", std::process::id()));
+        std::fs::write(&probe, b"")?;
+        std::fs::remove_file(&probe)?;
         let mut items = Vec::new();
         for entry in std::fs::read_dir(dir)? {
             let entry = entry?;
@@ -291,12 +309,13 @@ impl Queue {
         Ok(queue)
     }
 
-    /// Write an event's body as the newest item; returns how many of the oldest were dropped to
+    /// Write an event of `session_id`'s as the newest item; returns how many of the oldest were dropped to
     /// stay within the bound.
-    pub fn push(&mut self, body: &[u8]) -> std::io::Result<u64> {
+    pub fn push(&mut self, session_id: &str, body: &[u8]) -> std::io::Result<u64> {
         let item = Item {
             seq: self.next_seq,
             queued_ms: unix_ms(SystemTime::now()),
+            lane: lane(session_id),
         };
         let path = self.dir.join(item.file_name());
         let tmp = path.with_extension("tmp");
@@ -318,6 +337,7 @@ impl Queue {
         dropped
     }
 
+    #[cfg(test)]
     fn head(&self) -> Option<Item> {
         self.items.front().cloned()
     }
@@ -348,71 +368,147 @@ pub fn backoff(attempt: u32, max: Duration) -> Duration {
     Duration::from_secs(1u64 << attempt.saturating_sub(1).min(20)).min(max)
 }
 
-/// Delivers one webhook's queue, oldest first (see the module docs).
+/// Delivers one webhook's queue (see the module docs): up to `concurrency` POSTs at once, each
+/// session's events one at a time and oldest first.
 pub struct Deliverer {
     name: String,
     url: String,
-    secret: Vec<u8>,
+    secret: Arc<[u8]>,
     queue: Arc<Mutex<Queue>>,
     wake: Arc<Notify>,
     client: reqwest::Client,
     retry_for: Duration,
     max_backoff: Duration,
+    concurrency: usize,
+}
+
+/// How far into a queue the deliverer looks for events it may send: a session whose oldest
+/// event lies further back waits until the events ahead of it have gone.
+const SCAN: usize = 4096;
+
+/// An event's failed tries, and when the next is due.
+struct Retry {
+    failures: u32,
+    due: tokio::time::Instant,
 }
 
 impl Deliverer {
     /// Deliver until `shutdown`; what is left stays on disk for the next start.
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut failures = 0u32;
+        let mut flying: tokio::task::JoinSet<(Item, Result<(), String>)> = tokio::task::JoinSet::new();
+        let mut in_flight: std::collections::HashSet<u64> = Default::default();
+        let mut retries: std::collections::HashMap<u64, Retry> = Default::default();
         loop {
-            let head = lock(&self.queue).head();
-            let Some(item) = head else {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = self.wake.notified() => continue,
+            let (starts, next_due) = self.pick(&in_flight, &retries, flying.len());
+            for item in starts {
+                let Some(body) = self.body(&item) else {
+                    retries.remove(&item.seq);
+                    continue;
+                };
+                in_flight.insert(item.seq);
+                let post = post(self.client.clone(), self.url.clone(), Arc::clone(&self.secret), body);
+                flying.spawn(async move { (item, post.await) });
+            }
+            let due = async {
+                match next_due {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
                 }
             };
-            let age = Duration::from_millis(unix_ms(SystemTime::now()).saturating_sub(item.queued_ms));
-            let body = match lock(&self.queue).read(&item) {
-                Ok(body) if age <= self.retry_for => body,
-                Ok(_) => {
-                    warn!(webhook = %self.name, "a webhook event was not delivered within webhook_delivery.retry_for_s: dropped");
-                    self.give_up(&item, "expired");
-                    failures = 0;
-                    continue;
-                }
-                Err(e) => {
-                    warn!(webhook = %self.name, error = %e, "a queued webhook event could not be read: dropped");
-                    self.give_up(&item, "unreadable");
-                    continue;
-                }
-            };
-            let outcome = tokio::select! {
+            tokio::select! {
                 _ = shutdown.cancelled() => return,
-                outcome = self.post(body) => outcome,
-            };
-            match outcome {
-                Ok(()) => {
-                    failures = 0;
-                    let mut queue = lock(&self.queue);
-                    queue.remove(&item);
-                    metrics::counter!("relay_webhook_delivered_total", "webhook" => self.name.clone()).increment(1);
-                    metrics::gauge!("relay_webhook_queue_depth", "webhook" => self.name.clone()).set(queue.len() as f64);
+                Some(done) = flying.join_next(), if !flying.is_empty() => {
+                    let Ok((item, outcome)) = done else { continue };
+                    in_flight.remove(&item.seq);
+                    self.settle(&item, outcome, &mut retries);
                 }
-                Err(why) => {
-                    failures = failures.saturating_add(1);
-                    let wait = backoff(failures, self.max_backoff);
-                    metrics::counter!("relay_webhook_retries_total", "webhook" => self.name.clone()).increment(1);
-                    if failures == 1 || failures.is_power_of_two() {
-                        warn!(webhook = %self.name, %why, failures, retry_in_s = wait.as_secs(), "webhook delivery failed; retrying");
-                    } else {
-                        debug!(webhook = %self.name, %why, failures, "webhook delivery failed");
-                    }
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(wait) => {}
-                    }
+                _ = self.wake.notified() => {}
+                _ = due => {}
+            }
+        }
+    }
+
+    /// The events that may go now: per session only its oldest, when it is not in flight and
+    /// its next try is due; and when the next try falls due.
+    fn pick(
+        &self,
+        in_flight: &std::collections::HashSet<u64>,
+        retries: &std::collections::HashMap<u64, Retry>,
+        flying: usize,
+    ) -> (Vec<Item>, Option<tokio::time::Instant>) {
+        let now = tokio::time::Instant::now();
+        let queue = lock(&self.queue);
+        let mut lanes = std::collections::HashSet::new();
+        let mut starts = Vec::new();
+        let mut next_due: Option<tokio::time::Instant> = None;
+        for item in queue.items.iter().take(SCAN) {
+            if flying + starts.len() >= self.concurrency {
+                break;
+            }
+            // An older event of this session goes first.
+            if !lanes.insert(item.lane) || in_flight.contains(&item.seq) {
+                continue;
+            }
+            match retries.get(&item.seq) {
+                Some(r) if r.due > now => next_due = Some(next_due.map_or(r.due, |d| d.min(r.due))),
+                _ => starts.push(item.clone()),
+            }
+        }
+        (starts, next_due)
+    }
+
+    /// The event's body, if it is still worth sending: one past `retry_for`, or unreadable, is
+    /// dropped (and counted).
+    fn body(&self, item: &Item) -> Option<Vec<u8>> {
+        let age = Duration::from_millis(unix_ms(SystemTime::now()).saturating_sub(item.queued_ms));
+        let read = lock(&self.queue).read(item);
+        match read {
+            Ok(_) if age > self.retry_for => {
+                warn!(webhook = %self.name, "a webhook event was not delivered within webhook_delivery.retry_for_s: dropped");
+                self.give_up(item, "expired");
+                None
+            }
+            // A file cut short (a crash while writing) is not an event.
+            Ok(body) if serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_ok() => Some(body),
+            Ok(_) => {
+                warn!(webhook = %self.name, "a queued webhook event is not JSON: dropped");
+                self.give_up(item, "unreadable");
+                None
+            }
+            Err(e) => {
+                warn!(webhook = %self.name, error = %e, "a queued webhook event could not be read: dropped");
+                self.give_up(item, "unreadable");
+                None
+            }
+        }
+    }
+
+    /// After a try: delivered (off the queue), or due again after the backoff.
+    fn settle(&self, item: &Item, outcome: Result<(), String>, retries: &mut std::collections::HashMap<u64, Retry>) {
+        match outcome {
+            Ok(()) => {
+                retries.remove(&item.seq);
+                let mut queue = lock(&self.queue);
+                queue.remove(item);
+                metrics::counter!("relay_webhook_delivered_total", "webhook" => self.name.clone()).increment(1);
+                metrics::gauge!("relay_webhook_queue_depth", "webhook" => self.name.clone()).set(queue.len() as f64);
+            }
+            Err(why) => {
+                let failures = retries.get(&item.seq).map_or(0, |r| r.failures).saturating_add(1);
+                let wait = backoff(failures, self.max_backoff);
+                metrics::counter!("relay_webhook_retries_total", "webhook" => self.name.clone()).increment(1);
+                if failures == 1 || failures.is_power_of_two() {
+                    warn!(webhook = %self.name, %why, failures, retry_in_s = wait.as_secs(), "webhook delivery failed; retrying");
+                } else {
+                    debug!(webhook = %self.name, %why, failures, "webhook delivery failed");
                 }
+                retries.insert(
+                    item.seq,
+                    Retry {
+                        failures,
+                        due: tokio::time::Instant::now() + wait,
+                    },
+                );
             }
         }
     }
@@ -423,26 +519,25 @@ impl Deliverer {
         metrics::counter!("relay_webhook_dropped_total", "webhook" => self.name.clone(), "reason" => reason).increment(1);
         metrics::gauge!("relay_webhook_queue_depth", "webhook" => self.name.clone()).set(queue.len() as f64);
     }
+}
 
-    /// One try: `Ok` on a 2xx answer.
-    async fn post(&self, body: Vec<u8>) -> Result<(), String> {
-        let t = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        let signed = signature(&self.secret, t, &body);
-        let response = self
-            .client
-            .post(&self.url)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .header(SIGNATURE_HEADER, signed)
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| e.to_string())?;
-        let status = response.status();
-        if status.is_success() {
-            Ok(())
-        } else {
-            Err(format!("the receiver answered {status}"))
-        }
+/// One try: `Ok` on a 2xx answer.
+async fn post(client: reqwest::Client, url: String, secret: Arc<[u8]>, body: Vec<u8>) -> Result<(), String> {
+    let t = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let signed = signature(&secret, t, &body);
+    let response = client
+        .post(&url)
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .header(SIGNATURE_HEADER, signed)
+        .body(body)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = response.status();
+    if status.is_success() {
+        Ok(())
+    } else {
+        Err(format!("the receiver answered {status}"))
     }
 }
 
@@ -474,7 +569,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut q = Queue::open(dir.path(), 3).expect("open");
         for n in 0..3 {
-            assert_eq!(q.push(format!("{{\"n\":{n}}}").as_bytes()).expect("push"), 0);
+            assert_eq!(q.push("s", format!("{{\"n\":{n}}}").as_bytes()).expect("push"), 0);
         }
         // A write cut short by a crash, and a stranger's file: neither is an event.
         std::fs::write(dir.path().join("x.tmp"), b"half").expect("tmp");
@@ -483,7 +578,7 @@ mod tests {
         let mut q = Queue::open(dir.path(), 3).expect("reopen");
         assert_eq!(q.len(), 3);
         assert!(!dir.path().join("x.tmp").exists(), "a torn write is cleaned up");
-        assert_eq!(q.push(b"{\"n\":3}").expect("push"), 1, "the oldest goes");
+        assert_eq!(q.push("s", b"{\"n\":3}").expect("push"), 1, "the oldest goes");
         let head = q.head().expect("head");
         assert_eq!(q.read(&head).expect("read"), b"{\"n\":1}");
         q.remove(&head);
@@ -493,9 +588,84 @@ mod tests {
         // Sequence numbers go on after a restart: the new event sorts last.
         drop(q);
         let mut q = Queue::open(dir.path(), 3).expect("reopen");
-        q.push(b"{\"n\":4}").expect("push");
+        q.push("s", b"{\"n\":4}").expect("push");
         let order: Vec<Vec<u8>> = q.items.clone().iter().map(|i| q.read(i).expect("read")).collect();
         assert_eq!(order, [b"{\"n\":2}".to_vec(), b"{\"n\":3}".to_vec(), b"{\"n\":4}".to_vec()]);
+    }
+
+    /// A receiver on loopback that refuses the first POST of session `a`, then takes everything;
+    /// the bodies it took, in order.
+    type Got = Arc<Mutex<Vec<Value>>>;
+    type Refused = Arc<std::sync::atomic::AtomicBool>;
+
+    async fn receiver() -> (String, Got) {
+        use axum::routing::post;
+        let got: Got = Arc::default();
+        let refused = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let state = (Arc::clone(&got), refused);
+        let app = axum::Router::new()
+            .route(
+                "/",
+                post(
+                    |axum::extract::State((got, refused)): axum::extract::State<(Got, Refused)>,
+                     body: axum::body::Bytes| async move {
+                        let event: Value = serde_json::from_slice(&body).unwrap_or_default();
+                        if event["session_id"] == "a" && !refused.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                            return axum::http::StatusCode::SERVICE_UNAVAILABLE;
+                        }
+                        got.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(event);
+                        axum::http::StatusCode::NO_CONTENT
+                    },
+                ),
+            )
+            .with_state(state);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}/", listener.local_addr().expect("addr"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (url, got)
+    }
+
+    #[tokio::test]
+    async fn a_session_whose_event_is_retried_waits_while_others_go_on() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (url, got) = receiver().await;
+        let hooks = [WebhookConfig {
+            url,
+            secret: crate::config::Secret::new("0123456789abcdef"),
+            secret_file: None,
+            events: None,
+            name: None,
+        }];
+        let delivery = WebhookDelivery {
+            dir: dir.path().to_owned(),
+            max_backoff_s: 1,
+            ..Default::default()
+        };
+        let (hooks, deliverers) = Webhooks::open(&hooks, &delivery).expect("open");
+        for (session, n) in [("a", 1), ("b", 1), ("a", 2), ("b", 2)] {
+            hooks.emit(session, SESSION_STARTED, serde_json::json!({ "n": n }));
+        }
+        let stop = CancellationToken::new();
+        let tasks: Vec<_> = deliverers.into_iter().map(|d| tokio::spawn(d.run(stop.clone()))).collect();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while got.lock().map(|g| g.len()).unwrap_or(0) < 4 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stop.cancel();
+        for t in tasks {
+            let _ = t.await;
+        }
+        let got = got.lock().map(|g| g.clone()).unwrap_or_default();
+        let order: Vec<(String, i64)> = got
+            .iter()
+            .map(|e| (e["session_id"].as_str().unwrap_or("").to_owned(), e["data"]["n"].as_i64().unwrap_or(0)))
+            .collect();
+        // b went on while a's first event waited a second for its retry; a kept its order.
+        assert_eq!(
+            order,
+            [("b".to_owned(), 1), ("b".to_owned(), 2), ("a".to_owned(), 1), ("a".to_owned(), 2)]
+        );
+        assert!(lock(&hooks.hooks[0].queue).is_empty());
     }
 
     #[test]

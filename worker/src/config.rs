@@ -92,6 +92,9 @@ pub struct RecordingConfig {
     /// Packets the recorder may fall behind the session (about 75 a second) before it loses
     /// some; the session never waits for it.
     pub buffer_packets: usize,
+    /// A session is not recorded (and the skip counted) while the folder's disk has less than
+    /// this many MB free: recordings must not fill the GPU box.
+    pub min_free_mb: u64,
 }
 
 impl Default for RecordingConfig {
@@ -101,6 +104,7 @@ impl Default for RecordingConfig {
             dir: PathBuf::from("/var/lib/avatar-edge/recordings"),
             retention_days: 30,
             buffer_packets: 512,
+            min_free_mb: 2048,
         }
     }
 }
@@ -796,6 +800,9 @@ impl WorkerConfig {
         };
         if !avatar_proto::tunnel::valid_worker_id(&self.worker_id) {
             return invalid("worker_id", "1-64 characters of [A-Za-z0-9-_.:]");
+        }
+        if !(1..=65_536).contains(&self.recording.buffer_packets) {
+            return invalid("recording.buffer_packets", "1..=65536");
         }
         if !(1..=30 * 24 * 3600).contains(&self.drain_timeout_s) {
             return invalid("drain_timeout_s", "between 1 s and 30 days");

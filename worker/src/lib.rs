@@ -226,10 +226,16 @@ impl Worker {
         config.validate()?;
         media::encoder::init()?;
         if config.recording.enabled {
-            std::fs::create_dir_all(&config.recording.dir).map_err(|source| WorkerError::RecordingDir {
-                path: config.recording.dir.display().to_string(),
+            let dir = &config.recording.dir;
+            let err = |source| WorkerError::RecordingDir {
+                path: dir.display().to_string(),
                 source,
-            })?;
+            };
+            std::fs::create_dir_all(dir).map_err(err)?;
+            // Writable now, not at the first session's end.
+            let probe = dir.join(format!(".probe-{}", std::process::id()));
+            std::fs::write(&probe, b"").map_err(err)?;
+            let _ = std::fs::remove_file(&probe);
             info!(dir = %config.recording.dir.display(), "recording every session");
         }
         let v = &config.video;

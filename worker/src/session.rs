@@ -398,13 +398,18 @@ impl Session {
         }
         drop(slot);
         metrics::gauge!("worker_sessions_active").decrement(1.0);
+        // The browser hears why at once; the relay hears of the recording before the close.
+        let (event, reason) = match farewell {
+            End::Tell { event, reason } => (event, Some(reason)),
+            End::Quiet => (None, None),
+        };
+        if let Some(event) = event {
+            self.event(event).await;
+        }
         if let Some(recording) = recording {
             self.finish_recording(recording).await;
         }
-        if let End::Tell { event, reason } = farewell {
-            if let Some(event) = event {
-                self.event(event).await;
-            }
+        if let Some(reason) = reason {
             self.close(reason).await;
         }
         info!("session ended");
@@ -508,6 +513,7 @@ impl Session {
                     // The answer in progress went with the old clock and will report no end:
                     // nothing is current, and what waited for it is dropped.
                     self.dialogue.interrupt();
+                    self.cut(None);
                     old.stop().await;
                 }
                 let started = std::time::Instant::now();
@@ -577,6 +583,7 @@ impl Session {
                     info!("interrupted by the browser");
                     conv.interrupt();
                     self.dialogue.interrupt();
+                    self.cut(None);
                 }
             }
         }
@@ -600,6 +607,8 @@ impl Session {
                     let user = self.transcript.user(turn, &message, source, began, now);
                     self.note(user);
                     self.transcript.asked(turn, source, None, now);
+                    // A message cuts the answer in progress.
+                    self.cut(Some(turn));
                     metrics::counter!("worker_talk_turns_total").increment(1);
                     return;
                 }
@@ -627,6 +636,7 @@ impl Session {
                     info!("barge-in: the user spoke over the avatar");
                     metrics::counter!("worker_barge_ins_total").increment(1);
                     conv.interrupt();
+                    self.cut(None);
                     ServerEvent::UserSpeechStarted {}
                 }
                 Voice::Listen => {
@@ -691,13 +701,15 @@ impl Session {
                 answer,
                 spoken,
             } => {
+                if let Some(answer) = &answer {
+                    self.transcript.answer(turn, answer);
+                }
                 if !spoken {
                     // Nothing to hear (a text of no words, audio of no samples): the clock will
                     // not report an end of speech, so the turn ends here.
                     self.turn_ended(turn, false);
                 }
                 let Some(answer) = answer else { return };
-                self.transcript.answer(turn, &answer);
                 if let (Some(conv), Some(user)) = (self.conv.as_mut(), user) {
                     conv.remember(user, answer.clone());
                 }
@@ -709,6 +721,9 @@ impl Session {
             }
             TalkEvent::Failed { turn, message } => {
                 metrics::counter!("worker_talk_failures_total").increment(1);
+                // What was said of it, cut short.
+                let cut = self.transcript.ended(turn, true, chrono::Utc::now());
+                self.note(cut);
                 self.turn_ended(turn, false);
                 ServerEvent::error(ErrorCode::TalkFailed, format!("answer {turn} failed: {message}"))
             }
@@ -750,6 +765,7 @@ impl Session {
             self.note(user);
         }
         self.transcript.asked(turn, Source::Api, answer, now);
+        self.cut(Some(turn));
         Ok(turn)
     }
 
@@ -804,6 +820,7 @@ impl Session {
                 if let Some(conv) = self.conv.as_mut() {
                     conv.interrupt();
                 }
+                self.cut(None);
                 info!(interrupted, "interrupted by the session API");
                 (Reply::Interrupted { interrupted }, None)
             }
@@ -1021,6 +1038,14 @@ impl Session {
         if !config.enabled {
             return None;
         }
+        let free_mb = rustix::fs::statvfs(&config.dir)
+            .map(|s| s.f_bavail.saturating_mul(s.f_frsize) / 1_000_000)
+            .unwrap_or(0);
+        if free_mb < config.min_free_mb {
+            metrics::counter!("worker_recordings_skipped_total", "reason" => "disk_full").increment(1);
+            warn!(free_mb, min_free_mb = config.min_free_mb, dir = %config.dir.display(), "not recording this session: too little free space (recording.min_free_mb)");
+            return None;
+        }
         let media = self.taps.join("recording", config.buffer_packets);
         let spec = RecordingSpec {
             path: config
@@ -1062,6 +1087,15 @@ impl Session {
                 warn!(error = %e, "the session's recording failed");
             }
             Err(e) => warn!(error = %e, "the recorder stopped"),
+        }
+    }
+
+    /// Answers cut before they ended (an interrupt, a barge-in, a new message or peer): each
+    /// but `keep` is complete now, as interrupted. (The clock reports the end only of an answer
+    /// that was playing; one still being written would otherwise wait for the session's end.)
+    fn cut(&mut self, keep: Option<u64>) {
+        for turn in self.transcript.cut_except(keep, chrono::Utc::now()) {
+            self.note(Some(turn));
         }
     }
 

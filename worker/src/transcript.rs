@@ -122,7 +122,13 @@ impl Transcript {
 
     /// The session ends: every answer still open, as interrupted, in turn order.
     pub fn close(&mut self, now: DateTime<Utc>) -> Vec<TranscriptTurn> {
-        let mut turns: Vec<u64> = self.open.keys().copied().collect();
+        self.cut_except(None, now)
+    }
+
+    /// Every answer still open but `keep`, as interrupted now, in turn order: they were cut
+    /// (an interrupt, a barge-in, a new message), whether or not they had begun to play.
+    pub fn cut_except(&mut self, keep: Option<u64>, now: DateTime<Utc>) -> Vec<TranscriptTurn> {
+        let mut turns: Vec<u64> = self.open.keys().copied().filter(|t| Some(*t) != keep).collect();
         turns.sort_unstable();
         turns.into_iter().filter_map(|t| self.ended(t, true, now)).collect()
     }
@@ -185,10 +191,15 @@ impl Transcripts {
         self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// A session with this id starts (a reconnect under the same id continues its transcript).
+    /// A session with this id starts. While another session with the id runs here (the browser
+    /// renegotiating through a second stream), the transcript goes on; an id reused after its
+    /// session ended starts a fresh one, so nobody reads another's lesson under a reused id.
     pub fn started(&self, session_id: &str) {
         let mut inner = self.lock();
         let kept = inner.sessions.entry(session_id.to_owned()).or_default();
+        if kept.live == 0 {
+            kept.turns.clear();
+        }
         kept.live += 1;
         kept.ended = None;
     }
@@ -299,6 +310,19 @@ mod tests {
     }
 
     #[test]
+    fn a_new_message_cuts_every_other_open_answer_at_once() {
+        let mut t = Transcript::default();
+        t.asked(1, Source::Text, None, at(0));
+        t.delta(1, "Thinking about");
+        t.asked(2, Source::Voice, None, at(3));
+        let cut = t.cut_except(Some(2), at(3));
+        assert_eq!(cut.len(), 1);
+        assert_eq!((cut[0].turn, cut[0].text.as_str(), cut[0].interrupted), (1, "Thinking about", true));
+        assert_eq!(cut[0].ended_at, "2027-01-15T08:00:03.000Z", "cut when the new message came");
+        assert!(t.ended(2, false, at(5)).is_none(), "turn 2 has no text yet");
+    }
+
+    #[test]
     fn answers_open_at_the_end_close_as_interrupted_in_order() {
         let mut t = Transcript::default();
         t.asked(7, Source::Api, Some("seven".into()), at(0));
@@ -347,9 +371,14 @@ mod tests {
         assert!(store.get_at("b", t0).is_none());
         assert!(store.get_at("c", t0).is_some() && store.get_at("d", t0).is_some());
 
-        // A reconnect under an id that ended continues its transcript, and is kept while it runs.
+        // An id reused after its session ended starts afresh, and is kept while it runs.
         store.started("c");
         store.push("c", turn(2));
-        assert!(store.get_at("c", t0 + Duration::from_secs(120)).is_some_and(|t| t.len() == 2));
+        assert!(store.get_at("c", t0 + Duration::from_secs(120)).is_some_and(|t| t.len() == 1));
+        // A second session with an id that runs goes on with its transcript.
+        store.started("c");
+        store.push("c", turn(3));
+        store.ended_at("c", t0);
+        assert_eq!(store.get_at("c", t0).map(|t| t.len()), Some(2));
     }
 }

@@ -14,12 +14,17 @@
 //!   mouth opened (positive: video later). Measured over a few answers.
 //! * **Concurrency**: N sessions in one worker, every one talking all the time; N rises until a
 //!   session falls behind 25 fps (late frames or underruns after the first answer started).
+//! * **Recording** (`[recording]`): the same two talking sessions without and with a recorder on
+//!   each (a media tap muxing a fragmented MP4, no re-encoding): the process's CPU (% of one
+//!   core per session) and the files' MB per minute.
 
 use avatar_edge_tests::cluster::Cluster;
 use avatar_edge_tests::signaling::Signaling;
 use avatar_worker::config::TalkConfig;
 use avatar_worker::media::avatar::synthetic;
 use avatar_worker::media::encoder::{self, EncoderSettings};
+use avatar_worker::media::fanout::Taps;
+use avatar_worker::media::record::{RecordError, Recording, RecordingSpec};
 use avatar_worker::media::stream::{Adaptation, ClockEvent, MediaOut, VideoStream};
 use avatar_worker::talk::{Conversation, Talk, TalkEvent};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -59,9 +64,28 @@ struct Bench {
     talk_events: mpsc::UnboundedReceiver<TalkEvent>,
     /// When each video frame and audio packet reached the track writer.
     sent: Arc<std::sync::Mutex<(Vec<Instant>, Vec<Instant>)>>,
+    /// The session's recorder, when it has one; it finishes when the session drops.
+    recording: Option<tokio::task::JoinHandle<Result<Recording, RecordError>>>,
 }
 
 fn session(talk: &Arc<Talk>) -> Bench {
+    session_recorded(talk, None)
+}
+
+/// A session whose media is also recorded to `record` (as `[recording]` does it: a tap).
+fn session_recorded(talk: &Arc<Talk>, record: Option<std::path::PathBuf>) -> Bench {
+    let taps = Taps::default();
+    let recording = record.map(|path| {
+        let media = taps.join("recording", 512);
+        tokio::spawn(avatar_worker::media::record::record(
+            media,
+            RecordingSpec {
+                path,
+                width: 512,
+                height: 512,
+            },
+        ))
+    });
     let clip = Arc::new(synthetic(512, 512, 25));
     let (talk_tx, talk_events) = mpsc::unbounded_channel();
     let mut conv = Conversation::new(Arc::clone(talk), Arc::clone(&clip), "bench".into(), talk_tx);
@@ -75,7 +99,7 @@ fn session(talk: &Arc<Talk>) -> Bench {
         Arc::new(AtomicBool::new(false)),
         avatar_worker::media::stream::Sinks {
             viewer: out_tx,
-            taps: Default::default(),
+            taps,
         },
         feed,
         Adaptation::fixed(&settings()),
@@ -99,7 +123,53 @@ fn session(talk: &Arc<Talk>) -> Bench {
         clock,
         talk_events,
         sent,
+        recording,
     }
+}
+
+/// This process's CPU time so far (user + system), from `/proc/self/stat`.
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // After the command name's closing parenthesis: state is field 3; utime and stime 14 and 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest.split_whitespace().map(|x| x.parse().unwrap_or(0)).collect();
+    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    Duration::from_millis(ticks * 10) // USER_HZ is 100 on Linux
+}
+
+/// `n` sessions talking without pause for `secs`, recorded into `dir` or not: CPU % of one
+/// core per session over the window, and the recordings' MB per minute per session.
+async fn recording_cost(talk: &Arc<Talk>, n: usize, secs: u64, dir: Option<&std::path::Path>) -> (f64, f64) {
+    let mut sessions: Vec<Bench> = (0..n)
+        .map(|i| session_recorded(talk, dir.map(|d| d.join(format!("bench-{i}.mp4")))))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for b in sessions.iter_mut() {
+        b.conv.say(QUESTION.into()).expect("the first question of a session");
+    }
+    let (cpu0, t0) = (cpu_time(), Instant::now());
+    while t0.elapsed() < Duration::from_secs(secs) {
+        for b in sessions.iter_mut() {
+            while let Ok(ev) = b.clock.try_recv() {
+                if let ClockEvent::SpeechEnded { .. } = ev {
+                    b.conv.say(QUESTION.into()).expect("within the turn rate");
+                }
+            }
+            while b.talk_events.try_recv().is_ok() {}
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    let cpu = (cpu_time() - cpu0).as_secs_f64() / wall * 100.0 / n as f64;
+    let recorders: Vec<_> = sessions.iter_mut().filter_map(|b| b.recording.take()).collect();
+    let _ = tokio::task::spawn_blocking(move || drop(sessions)).await;
+    let mut bytes = 0u64;
+    for r in recorders {
+        if let Ok(Ok(done)) = r.await {
+            bytes += done.bytes;
+        }
+    }
+    (cpu, bytes as f64 / 1e6 / n as f64 / (wall / 60.0))
 }
 
 fn ms(d: Duration) -> f64 {
@@ -279,6 +349,18 @@ async fn main() {
             i,
             best.to_string(),
         );
+    }
+    {
+        let talk = Arc::new(Talk::new(&talk_config(false), 25).expect("talk"));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (cpu_without, _) = recording_cost(&talk, 2, secs, None).await;
+        let (cpu_with, mb) = recording_cost(&talk, 2, secs, Some(dir.path())).await;
+        push(
+            "CPU % of a core per talking session: no recording → recording (2 sessions)",
+            0,
+            format!("{cpu_without:.0} → {cpu_with:.0}"),
+        );
+        push("recording, MB per minute per session (512×512)", 0, format!("{mb:.1}"));
     }
     let offsets = av_offset(4).await;
     push(
