@@ -11,6 +11,8 @@
 //!   every event arrives, in order. A worker killed mid-session leaves a recording that plays.
 //! * A receiver that never answers does not slow a session: first frame and answer as fast as
 //!   with no webhooks at all.
+//! * Two relays with the same webhook, the browser on one and the backend on the other: each
+//!   event arrives once, and either relay reads the transcript.
 
 use avatar_edge_tests::cluster::{http_get, http_request, Cluster};
 use avatar_edge_tests::netns;
@@ -403,4 +405,57 @@ fn a_receiver_that_never_answers_does_not_slow_sessions() {
         assert!(frame1 <= frame0 + Duration::from_millis(150), "first frame {frame1:?} vs {frame0:?}");
         assert!(answer1 <= answer0 + Duration::from_millis(150), "answer {answer1:?} vs {answer0:?}");
     });
+}
+
+#[test]
+fn in_a_fleet_each_event_is_sent_once_and_any_relay_reads_the_transcript() {
+    netns::run(
+        "in_a_fleet_each_event_is_sent_once_and_any_relay_reads_the_transcript",
+        || async {
+            use avatar_edge_tests::cluster::SECRET;
+            let dir = tempfile::tempdir().expect("tempdir");
+            let receiver = WebhookReceiver::start(HOOK_SECRET, Mode::Up).await;
+            let llm = OpenAiServer::start().await;
+            // Both relays send to the same receiver, each from a queue of its own.
+            let hooks = |name: &str| format!("{}{}", api_keys(), receiver.relay_toml(&dir.path().join(name), ""));
+            let a = Cluster::relay_only(&hooks("a")).await;
+            let mut b = Cluster::relay_only(&hooks("b")).await;
+            let also_a = format!(
+                "[[relays]]\naddress = \"{}\"\nserver_name = \"localhost\"\nfingerprint = \"{}\"\n{}",
+                a.relay.tunnel,
+                a.relay.fingerprint,
+                worker_toml(&llm, "")
+            );
+            let trust = format!("fingerprint = \"{}\"", b.relay.fingerprint);
+            let log = b.spawn_worker("fleet-worker", 4, SECRET, &trust, &also_a);
+            let registered = avatar_edge_tests::cluster::wait_for_count(&log, "registered with relay", 2, SECS(15)).await;
+            assert!(registered.is_some(), "not registered with both relays:\n{}", b.logs());
+
+            // The browser is on relay A; the backend speaks and reads through relay B.
+            let mut sig = Signaling::connect(&a.ws_url("fleet-7")).await.expect("ws");
+            let client = avatar_edge_tests::play(&mut sig, AVATAR)
+                .await
+                .unwrap_or_else(|e| panic!("{e}\n{}", a.logs()));
+            client.wait_frames(10, SECS(10)).await;
+            let (status, said) = api(&b, "POST", "/api/v1/sessions/fleet-7/say", Some(json!({"text": "Hello from the lesson plan."}))).await;
+            assert_eq!(status, 202, "{said}");
+            until(&mut sig, "speech_ended", &a).await;
+            let (status, transcript) = api(&b, "GET", "/api/v1/sessions/fleet-7/transcript", None).await;
+            assert_eq!(status, 200, "{transcript}");
+            assert_eq!(transcript["turns"][0]["text"], "Hello from the lesson plan.", "{transcript}");
+            sig.close().await;
+            client.close().await;
+
+            receiver
+                .wait_until(SECS(10), |evs| evs.iter().any(|e| e["type"] == "session.ended"))
+                .await;
+            // Anything a second relay would send would come as fast: give it time to show.
+            tokio::time::sleep(SECS(2)).await;
+            let events = receiver.events();
+            let kinds: Vec<&str> = events.iter().filter_map(|e| e["type"].as_str()).collect();
+            assert_eq!(kinds, ["session.started", "transcript.assistant", "session.ended"], "{events:#?}");
+            assert_eq!(events[1]["data"]["source"], "api");
+            assert_eq!(receiver.bad_signatures(), 0);
+        },
+    );
 }
