@@ -127,6 +127,23 @@ fn session_recorded(talk: &Arc<Talk>, record: Option<std::path::PathBuf>) -> Ben
     }
 }
 
+/// Keep every session talking for `secs`: a new question as each answer ends.
+async fn keep_talking(sessions: &mut [Bench], secs: u64) {
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(secs) {
+        for b in sessions.iter_mut() {
+            while let Ok(ev) = b.clock.try_recv() {
+                if let ClockEvent::SpeechEnded { .. } = ev {
+                    // One question per answer: far under the session's turn rate.
+                    b.conv.say(QUESTION.into()).expect("within the turn rate");
+                }
+            }
+            while b.talk_events.try_recv().is_ok() {}
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// This process's CPU time so far (user + system), from `/proc/self/stat`.
 fn cpu_time() -> Duration {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
@@ -148,17 +165,7 @@ async fn recording_cost(talk: &Arc<Talk>, n: usize, secs: u64, dir: Option<&std:
         b.conv.say(QUESTION.into()).expect("the first question of a session");
     }
     let (cpu0, t0) = (cpu_time(), Instant::now());
-    while t0.elapsed() < Duration::from_secs(secs) {
-        for b in sessions.iter_mut() {
-            while let Ok(ev) = b.clock.try_recv() {
-                if let ClockEvent::SpeechEnded { .. } = ev {
-                    b.conv.say(QUESTION.into()).expect("within the turn rate");
-                }
-            }
-            while b.talk_events.try_recv().is_ok() {}
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    keep_talking(&mut sessions, secs).await;
     let wall = t0.elapsed().as_secs_f64();
     let cpu = (cpu_time() - cpu0).as_secs_f64() / wall * 100.0 / n as f64;
     let recorders: Vec<_> = sessions.iter_mut().filter_map(|b| b.recording.take()).collect();
@@ -225,18 +232,7 @@ async fn concurrency(talk: &Arc<Talk>, n: usize, secs: u64) -> (f64, f64, f64) {
         })
         .collect();
     let t0 = Instant::now();
-    while t0.elapsed() < Duration::from_secs(secs) {
-        for b in sessions.iter_mut() {
-            while let Ok(ev) = b.clock.try_recv() {
-                if let ClockEvent::SpeechEnded { .. } = ev {
-                    // One question per answer: far under the session's turn rate.
-                    b.conv.say(QUESTION.into()).expect("within the turn rate");
-                }
-            }
-            while b.talk_events.try_recv().is_ok() {}
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    keep_talking(&mut sessions, secs).await;
     let minutes = t0.elapsed().as_secs_f64() / 60.0;
     let (mut late, mut under, mut talking) = (0.0, 0.0, 0.0);
     for (b, (l0, u0, t0)) in sessions.iter().zip(base) {
