@@ -637,7 +637,10 @@ impl RelayConfig {
         for hook in &self.webhooks {
             let scheme_ok = hook.url.starts_with("http://") || hook.url.starts_with("https://");
             if !scheme_ok || hook.url.parse::<axum::http::Uri>().is_err() {
-                return invalid("webhooks.url", &format!("{:?} is not an http:// or https:// URL", hook.url));
+                return invalid(
+                    "webhooks.url",
+                    &format!("{:?} is not an http:// or https:// URL", hook.url),
+                );
             }
             if !urls.insert(hook.url.as_str()) {
                 return invalid("webhooks.url", &format!("{} is listed twice", hook.url));

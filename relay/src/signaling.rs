@@ -450,7 +450,9 @@ pub async fn run_session<S, E>(
             info!("relay stopping; the session is left to play on");
         }
         Some(a) => {
-            let Attached { _slot, mut send, recv, .. } = a;
+            let Attached {
+                _slot, mut send, recv, ..
+            } = a;
             drop(_slot);
             // Best effort: tell the worker to end the session now rather than when the stream
             // drops.

@@ -121,7 +121,9 @@ impl Webhooks {
         for hook in hooks {
             let name = hook.name.clone().unwrap_or_else(|| host_of(&hook.url));
             // Named by the URL, so that reordering or renaming webhooks keeps each one's queue.
-            let dir = delivery.dir.join(&hex::encode(Sha256::digest(hook.url.as_bytes()))[..16]);
+            let dir = delivery
+                .dir
+                .join(&hex::encode(Sha256::digest(hook.url.as_bytes()))[..16]);
             let queue = Queue::open(&dir, delivery.max_queued).map_err(|source| WebhookError::Queue {
                 path: dir.clone(),
                 source,
@@ -516,7 +518,8 @@ impl Deliverer {
     fn give_up(&self, item: &Item, reason: &'static str) {
         let mut queue = lock(&self.queue);
         queue.remove(item);
-        metrics::counter!("relay_webhook_dropped_total", "webhook" => self.name.clone(), "reason" => reason).increment(1);
+        metrics::counter!("relay_webhook_dropped_total", "webhook" => self.name.clone(), "reason" => reason)
+            .increment(1);
         metrics::gauge!("relay_webhook_queue_depth", "webhook" => self.name.clone()).set(queue.len() as f64);
     }
 }
@@ -590,7 +593,10 @@ mod tests {
         let mut q = Queue::open(dir.path(), 3).expect("reopen");
         q.push("s", b"{\"n\":4}").expect("push");
         let order: Vec<Vec<u8>> = q.items.clone().iter().map(|i| q.read(i).expect("read")).collect();
-        assert_eq!(order, [b"{\"n\":2}".to_vec(), b"{\"n\":3}".to_vec(), b"{\"n\":4}".to_vec()]);
+        assert_eq!(
+            order,
+            [b"{\"n\":2}".to_vec(), b"{\"n\":3}".to_vec(), b"{\"n\":4}".to_vec()]
+        );
     }
 
     /// A receiver on loopback that refuses the first POST of session `a`, then takes everything;
@@ -613,7 +619,9 @@ mod tests {
                         if event["session_id"] == "a" && !refused.swap(true, std::sync::atomic::Ordering::SeqCst) {
                             return axum::http::StatusCode::SERVICE_UNAVAILABLE;
                         }
-                        got.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(event);
+                        got.lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .push(event);
                         axum::http::StatusCode::NO_CONTENT
                     },
                 ),
@@ -646,7 +654,10 @@ mod tests {
             hooks.emit(session, SESSION_STARTED, serde_json::json!({ "n": n }));
         }
         let stop = CancellationToken::new();
-        let tasks: Vec<_> = deliverers.into_iter().map(|d| tokio::spawn(d.run(stop.clone()))).collect();
+        let tasks: Vec<_> = deliverers
+            .into_iter()
+            .map(|d| tokio::spawn(d.run(stop.clone())))
+            .collect();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while got.lock().map(|g| g.len()).unwrap_or(0) < 4 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -658,12 +669,22 @@ mod tests {
         let got = got.lock().map(|g| g.clone()).unwrap_or_default();
         let order: Vec<(String, i64)> = got
             .iter()
-            .map(|e| (e["session_id"].as_str().unwrap_or("").to_owned(), e["data"]["n"].as_i64().unwrap_or(0)))
+            .map(|e| {
+                (
+                    e["session_id"].as_str().unwrap_or("").to_owned(),
+                    e["data"]["n"].as_i64().unwrap_or(0),
+                )
+            })
             .collect();
         // b went on while a's first event waited a second for its retry; a kept its order.
         assert_eq!(
             order,
-            [("b".to_owned(), 1), ("b".to_owned(), 2), ("a".to_owned(), 1), ("a".to_owned(), 2)]
+            [
+                ("b".to_owned(), 1),
+                ("b".to_owned(), 2),
+                ("a".to_owned(), 1),
+                ("a".to_owned(), 2)
+            ]
         );
         assert!(lock(&hooks.hooks[0].queue).is_empty());
     }
@@ -702,7 +723,9 @@ mod tests {
         assert_eq!(first["type"], SESSION_STARTED);
         assert_eq!(first["session_id"], "s1");
         assert_eq!(first["data"]["worker"], "w");
-        assert!(first["id"].as_str().is_some_and(|id| id.starts_with("evt_") && id.len() == 28));
+        assert!(first["id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("evt_") && id.len() == 28));
         assert!(first["created_at"].as_str().is_some_and(|t| t.ends_with('Z')));
     }
 }

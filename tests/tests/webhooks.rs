@@ -83,7 +83,9 @@ async fn api(cluster: &Cluster, method: &str, path: &str, body: Option<Value>) -
 
 /// The user types `message`, as the customer's page sends it.
 async fn ask(sig: &mut Signaling, message: &str) {
-    sig.send_json(&json!({"type": "text_webrtc", "message": message})).await.expect("text_webrtc");
+    sig.send_json(&json!({"type": "text_webrtc", "message": message}))
+        .await
+        .expect("text_webrtc");
 }
 
 /// The user speaks `text` into the microphone, at about -20 dBFS.
@@ -112,7 +114,11 @@ fn probe(file: &Path) -> Value {
         .arg(file)
         .output()
         .expect("ffprobe (scripts/install-deps)");
-    assert!(out.status.success(), "ffprobe: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "ffprobe: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).expect("ffprobe JSON")
 }
 
@@ -136,7 +142,10 @@ fn stream<'a>(probe: &'a Value, kind: &str) -> &'a Value {
 }
 
 fn seconds(v: &Value) -> f64 {
-    v.as_str().and_then(|s| s.parse().ok()).or(v.as_f64()).unwrap_or(f64::NAN)
+    v.as_str()
+        .and_then(|s| s.parse().ok())
+        .or(v.as_f64())
+        .unwrap_or(f64::NAN)
 }
 
 #[test]
@@ -183,7 +192,12 @@ fn a_session_yields_signed_events_in_order_a_transcript_and_a_recording_that_pla
             let turns = live["turns"].as_array().cloned().unwrap_or_default();
             let summary: Vec<(String, String)> = turns
                 .iter()
-                .map(|t| (t["speaker"].as_str().unwrap_or("").to_owned(), t["source"].as_str().unwrap_or("").to_owned()))
+                .map(|t| {
+                    (
+                        t["speaker"].as_str().unwrap_or("").to_owned(),
+                        t["source"].as_str().unwrap_or("").to_owned(),
+                    )
+                })
                 .collect();
             let expected: Vec<(String, String)> = [
                 ("user", "text"),
@@ -198,9 +212,16 @@ fn a_session_yields_signed_events_in_order_a_transcript_and_a_recording_that_pla
             assert_eq!(summary, expected, "{live}");
             assert_eq!(turns[0]["text"], "What is the sea?");
             assert_eq!(turns[2]["text"], "hello after the failures");
-            assert!(turns[1]["text"].as_str().is_some_and(|t| t.contains("You asked: What is the sea?")), "{live}");
+            assert!(
+                turns[1]["text"]
+                    .as_str()
+                    .is_some_and(|t| t.contains("You asked: What is the sea?")),
+                "{live}"
+            );
             assert_eq!(turns[4]["text"], "Well done. See you tomorrow.");
-            assert!(turns.iter().all(|t| t["interrupted"] == false && t["ended_at"].as_str() >= t["started_at"].as_str()));
+            assert!(turns
+                .iter()
+                .all(|t| t["interrupted"] == false && t["ended_at"].as_str() >= t["started_at"].as_str()));
 
             // The browser leaves.
             sig.close().await;
@@ -229,13 +250,26 @@ fn a_session_yields_signed_events_in_order_a_transcript_and_a_recording_that_pla
             ids.sort_unstable();
             ids.dedup();
             assert_eq!(ids.len(), events.len(), "every event has an id of its own");
-            assert!(events.iter().all(|e| e["session_id"] == "lesson-42" && e["created_at"].is_string()));
+            assert!(events
+                .iter()
+                .all(|e| e["session_id"] == "lesson-42" && e["created_at"].is_string()));
             let started = &events[0]["data"];
-            assert_eq!((started["avatar"].as_str(), started["worker"].as_str()), (Some(AVATAR), Some("recorder")), "{started}");
+            assert_eq!(
+                (started["avatar"].as_str(), started["worker"].as_str()),
+                (Some(AVATAR), Some("recorder")),
+                "{started}"
+            );
             assert_eq!(started["relay"], "test-relay", "{started}");
-            let sources: Vec<&str> = events[1..6].iter().filter_map(|e| e["data"]["source"].as_str()).collect();
+            let sources: Vec<&str> = events[1..6]
+                .iter()
+                .filter_map(|e| e["data"]["source"].as_str())
+                .collect();
             assert_eq!(sources, ["text", "text", "voice", "voice", "api"]);
-            assert_eq!(events[1..6].iter().map(|e| e["data"].clone()).collect::<Vec<_>>(), turns, "webhooks and API agree");
+            assert_eq!(
+                events[1..6].iter().map(|e| e["data"].clone()).collect::<Vec<_>>(),
+                turns,
+                "webhooks and API agree"
+            );
             let ended = &events[6]["data"];
             assert_eq!(ended["reason"], "browser_left", "{ended}");
             let duration = ended["duration_s"].as_f64().expect("duration_s");
@@ -247,24 +281,49 @@ fn a_session_yields_signed_events_in_order_a_transcript_and_a_recording_that_pla
             let bytes = std::fs::read(&file).expect("recording");
             assert_eq!(ready["bytes"].as_u64(), Some(bytes.len() as u64));
             use sha2::Digest;
-            assert_eq!(ready["sha256"].as_str(), Some(hex::encode(sha2::Sha256::digest(&bytes)).as_str()));
+            assert_eq!(
+                ready["sha256"].as_str(),
+                Some(hex::encode(sha2::Sha256::digest(&bytes)).as_str())
+            );
             let probed = probe(&file);
             let video = stream(&probed, "video");
             let audio = stream(&probed, "audio");
-            assert_eq!((video["codec_name"].as_str(), video["width"].as_u64(), video["height"].as_u64()), (Some("h264"), Some(512), Some(512)), "{video}");
+            assert_eq!(
+                (
+                    video["codec_name"].as_str(),
+                    video["width"].as_u64(),
+                    video["height"].as_u64()
+                ),
+                (Some("h264"), Some(512), Some(512)),
+                "{video}"
+            );
             assert_eq!(video["r_frame_rate"], "25/1", "{video}");
             assert_eq!(audio["codec_name"], "opus", "{audio}");
             let length = seconds(&probed["format"]["duration"]);
-            eprintln!("session {duration:.3} s, recording {length:.3} s, {} bytes, {:.2} MB/min", bytes.len(), bytes.len() as f64 / 1e6 / (length / 60.0));
-            assert!((length - duration).abs() < 0.5, "recording {length} s for a session of {duration} s");
-            assert!((length - ready["duration_s"].as_f64().unwrap_or(f64::NAN)).abs() < 0.1, "{ready}");
+            eprintln!(
+                "session {duration:.3} s, recording {length:.3} s, {} bytes, {:.2} MB/min",
+                bytes.len(),
+                bytes.len() as f64 / 1e6 / (length / 60.0)
+            );
+            assert!(
+                (length - duration).abs() < 0.5,
+                "recording {length} s for a session of {duration} s"
+            );
+            assert!(
+                (length - ready["duration_s"].as_f64().unwrap_or(f64::NAN)).abs() < 0.1,
+                "{ready}"
+            );
             let offset = seconds(&video["start_time"]) - seconds(&audio["start_time"]);
             assert!(offset.abs() < 0.05, "audio and video start together: {offset} s");
             assert_eq!(decode_errors(&file), "", "the recording decodes cleanly");
 
             // After the end, the transcript is still there.
             let (status, after) = api(&cluster, "GET", "/api/v1/sessions/lesson-42/transcript", None).await;
-            assert_eq!((status, after["turns"].as_array().map(Vec::len)), (200, Some(5)), "{after}");
+            assert_eq!(
+                (status, after["turns"].as_array().map(Vec::len)),
+                (200, Some(5)),
+                "{after}"
+            );
             let (status, _) = api(&cluster, "GET", "/api/v1/sessions/never-was/transcript", None).await;
             assert_eq!(status, 404);
         },
@@ -306,7 +365,10 @@ fn a_receiver_down_and_a_relay_restart_lose_nothing_and_a_killed_worker_leaves_a
             let probed = probe(&file);
             let length = seconds(&probed["format"]["duration"]);
             eprintln!("killed after {killed_after:.2} s of media; the file plays {length:.2} s");
-            assert!(length > killed_after - 2.0 && length <= killed_after + 0.5, "{length} s of {killed_after} s: {probed}");
+            assert!(
+                length > killed_after - 2.0 && length <= killed_after + 0.5,
+                "{length} s of {killed_after} s: {probed}"
+            );
             assert_eq!(stream(&probed, "video")["codec_name"], "h264");
             assert_eq!(decode_errors(&file), "", "the cut file decodes cleanly");
 
@@ -329,7 +391,10 @@ fn a_receiver_down_and_a_relay_restart_lose_nothing_and_a_killed_worker_leaves_a
             assert!(receiver.events().is_empty());
             let (_, metrics) = http_get(cluster.relay.http, "/metrics").await.expect("metrics");
             assert!(metrics.contains("relay_webhook_retries_total"), "{metrics}");
-            assert!(metrics.contains("relay_webhook_queue_depth{webhook=\"127.0.0.1\"} 4"), "{metrics}");
+            assert!(
+                metrics.contains("relay_webhook_queue_depth{webhook=\"127.0.0.1\"} 4"),
+                "{metrics}"
+            );
 
             // The relay restarts with them queued; then the receiver comes back.
             assert!(cluster.stop_relay().success());
@@ -339,7 +404,12 @@ fn a_receiver_down_and_a_relay_restart_lose_nothing_and_a_killed_worker_leaves_a
             let kinds: Vec<&str> = events.iter().filter_map(|e| e["type"].as_str()).collect();
             assert_eq!(
                 kinds,
-                ["session.started", "transcript.user", "transcript.assistant", "session.ended"],
+                [
+                    "session.started",
+                    "transcript.user",
+                    "transcript.assistant",
+                    "session.ended"
+                ],
                 "{events:#?}\n{}",
                 cluster.logs()
             );
@@ -351,7 +421,10 @@ fn a_receiver_down_and_a_relay_restart_lose_nothing_and_a_killed_worker_leaves_a
             }
             assert_eq!(queued(&queue), 0, "delivered events leave the disk");
             let (_, metrics) = http_get(cluster.relay.http, "/metrics").await.expect("metrics");
-            assert!(metrics.contains("relay_webhook_delivered_total{webhook=\"127.0.0.1\"} 4"), "{metrics}");
+            assert!(
+                metrics.contains("relay_webhook_delivered_total{webhook=\"127.0.0.1\"} 4"),
+                "{metrics}"
+            );
         },
     );
 }
@@ -402,8 +475,14 @@ fn a_receiver_that_never_answers_does_not_slow_sessions() {
         }
         assert!(receiver.posts() >= 1, "the hanging receiver was asked");
         let ((frame0, answer0), (frame1, answer1)) = (rows[0], rows[1]);
-        assert!(frame1 <= frame0 + Duration::from_millis(150), "first frame {frame1:?} vs {frame0:?}");
-        assert!(answer1 <= answer0 + Duration::from_millis(150), "answer {answer1:?} vs {answer0:?}");
+        assert!(
+            frame1 <= frame0 + Duration::from_millis(150),
+            "first frame {frame1:?} vs {frame0:?}"
+        );
+        assert!(
+            answer1 <= answer0 + Duration::from_millis(150),
+            "answer {answer1:?} vs {answer0:?}"
+        );
     });
 }
 
@@ -428,7 +507,8 @@ fn in_a_fleet_each_event_is_sent_once_and_any_relay_reads_the_transcript() {
             );
             let trust = format!("fingerprint = \"{}\"", b.relay.fingerprint);
             let log = b.spawn_worker("fleet-worker", 4, SECRET, &trust, &also_a);
-            let registered = avatar_edge_tests::cluster::wait_for_count(&log, "registered with relay", 2, SECS(15)).await;
+            let registered =
+                avatar_edge_tests::cluster::wait_for_count(&log, "registered with relay", 2, SECS(15)).await;
             assert!(registered.is_some(), "not registered with both relays:\n{}", b.logs());
 
             // The browser is on relay A; the backend speaks and reads through relay B.
@@ -437,12 +517,21 @@ fn in_a_fleet_each_event_is_sent_once_and_any_relay_reads_the_transcript() {
                 .await
                 .unwrap_or_else(|e| panic!("{e}\n{}", a.logs()));
             client.wait_frames(10, SECS(10)).await;
-            let (status, said) = api(&b, "POST", "/api/v1/sessions/fleet-7/say", Some(json!({"text": "Hello from the lesson plan."}))).await;
+            let (status, said) = api(
+                &b,
+                "POST",
+                "/api/v1/sessions/fleet-7/say",
+                Some(json!({"text": "Hello from the lesson plan."})),
+            )
+            .await;
             assert_eq!(status, 202, "{said}");
             until(&mut sig, "speech_ended", &a).await;
             let (status, transcript) = api(&b, "GET", "/api/v1/sessions/fleet-7/transcript", None).await;
             assert_eq!(status, 200, "{transcript}");
-            assert_eq!(transcript["turns"][0]["text"], "Hello from the lesson plan.", "{transcript}");
+            assert_eq!(
+                transcript["turns"][0]["text"], "Hello from the lesson plan.",
+                "{transcript}"
+            );
             sig.close().await;
             client.close().await;
 
@@ -453,7 +542,11 @@ fn in_a_fleet_each_event_is_sent_once_and_any_relay_reads_the_transcript() {
             tokio::time::sleep(SECS(2)).await;
             let events = receiver.events();
             let kinds: Vec<&str> = events.iter().filter_map(|e| e["type"].as_str()).collect();
-            assert_eq!(kinds, ["session.started", "transcript.assistant", "session.ended"], "{events:#?}");
+            assert_eq!(
+                kinds,
+                ["session.started", "transcript.assistant", "session.ended"],
+                "{events:#?}"
+            );
             assert_eq!(events[1]["data"]["source"], "api");
             assert_eq!(receiver.bad_signatures(), 0);
         },

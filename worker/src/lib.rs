@@ -323,7 +323,10 @@ impl Worker {
         let tunnels = TaskTracker::new();
         let recording = &self.ctx.config.recording;
         if recording.enabled && recording.retention_days > 0 {
-            let (dir, keep) = (recording.dir.clone(), Duration::from_secs(u64::from(recording.retention_days) * 86_400));
+            let (dir, keep) = (
+                recording.dir.clone(),
+                Duration::from_secs(u64::from(recording.retention_days) * 86_400),
+            );
             tunnels.spawn(sweep_recordings(dir, keep, stop.end.clone()));
         }
         for target in self.ctx.config.relays.clone() {

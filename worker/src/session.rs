@@ -48,8 +48,8 @@
 
 use crate::dialogue::{Dialogue, Said, Start, Voice};
 use crate::media::fanout::Taps;
-use crate::media::record::{RecordError, Recording, RecordingSpec};
 use crate::media::rate::{RateControl, Target};
+use crate::media::record::{RecordError, Recording, RecordingSpec};
 use crate::media::send::{send_media, SendParts};
 use crate::media::stream::{Adaptation, ClockEvent, Feed, MediaOut, Sinks, VideoStream};
 use crate::rtc::{CandidateRefused, Feedback, Peer, PeerState, RtcError};
@@ -1048,9 +1048,10 @@ impl Session {
         }
         let media = self.taps.join("recording", config.buffer_packets);
         let spec = RecordingSpec {
-            path: config
-                .dir
-                .join(crate::media::record::file_name(&self.about.session_id, std::time::SystemTime::now())),
+            path: config.dir.join(crate::media::record::file_name(
+                &self.about.session_id,
+                std::time::SystemTime::now(),
+            )),
             width: self.ctx.encoder_settings.width,
             height: self.ctx.encoder_settings.height,
         };

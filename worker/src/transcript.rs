@@ -274,9 +274,17 @@ mod tests {
     #[test]
     fn a_chat_turn_is_the_users_words_then_the_models_whole_answer() {
         let mut t = Transcript::default();
-        let user = t.user(1, " What is the sea? ", Source::Voice, at(0), at(1)).expect("user turn");
-        assert_eq!((user.speaker, user.text.as_str(), user.source), (Speaker::User, "What is the sea?", Source::Voice));
-        assert_eq!((user.started_at.as_str(), user.ended_at.as_str()), ("2027-01-15T08:00:00.000Z", "2027-01-15T08:00:01.000Z"));
+        let user = t
+            .user(1, " What is the sea? ", Source::Voice, at(0), at(1))
+            .expect("user turn");
+        assert_eq!(
+            (user.speaker, user.text.as_str(), user.source),
+            (Speaker::User, "What is the sea?", Source::Voice)
+        );
+        assert_eq!(
+            (user.started_at.as_str(), user.ended_at.as_str()),
+            ("2027-01-15T08:00:00.000Z", "2027-01-15T08:00:01.000Z")
+        );
         t.asked(1, Source::Voice, None, at(1));
         t.delta(1, "Salt ");
         t.delta(1, "water.");
@@ -284,7 +292,10 @@ mod tests {
         t.delta(1, " ignored");
         let answer = t.ended(1, false, at(4)).expect("answer");
         assert_eq!(answer.text, "Salt water, mostly.");
-        assert_eq!((answer.speaker, answer.source, answer.interrupted), (Speaker::Assistant, Source::Voice, false));
+        assert_eq!(
+            (answer.speaker, answer.source, answer.interrupted),
+            (Speaker::Assistant, Source::Voice, false)
+        );
         assert_eq!(answer.ended_at, "2027-01-15T08:00:04.000Z");
         assert!(t.ended(1, false, at(5)).is_none(), "a turn ends once");
     }
@@ -305,7 +316,10 @@ mod tests {
         t.delta(3, "never");
         assert_eq!(t.ended(3, false, at(2)).map(|a| a.text), Some("Welcome back.".into()));
         t.asked(4, Source::Api, None, at(2));
-        assert!(t.ended(4, false, at(3)).is_none(), "the backend's own audio has no text");
+        assert!(
+            t.ended(4, false, at(3)).is_none(),
+            "the backend's own audio has no text"
+        );
         assert!(t.user(5, "   ", Source::Text, at(0), at(0)).is_none());
     }
 
@@ -317,8 +331,14 @@ mod tests {
         t.asked(2, Source::Voice, None, at(3));
         let cut = t.cut_except(Some(2), at(3));
         assert_eq!(cut.len(), 1);
-        assert_eq!((cut[0].turn, cut[0].text.as_str(), cut[0].interrupted), (1, "Thinking about", true));
-        assert_eq!(cut[0].ended_at, "2027-01-15T08:00:03.000Z", "cut when the new message came");
+        assert_eq!(
+            (cut[0].turn, cut[0].text.as_str(), cut[0].interrupted),
+            (1, "Thinking about", true)
+        );
+        assert_eq!(
+            cut[0].ended_at, "2027-01-15T08:00:03.000Z",
+            "cut when the new message came"
+        );
         assert!(t.ended(2, false, at(5)).is_none(), "turn 2 has no text yet");
     }
 
@@ -328,7 +348,10 @@ mod tests {
         t.asked(7, Source::Api, Some("seven".into()), at(0));
         t.asked(6, Source::Text, Some("six".into()), at(0));
         let closed = t.close(at(9));
-        assert_eq!(closed.iter().map(|c| (c.turn, c.interrupted)).collect::<Vec<_>>(), [(6, true), (7, true)]);
+        assert_eq!(
+            closed.iter().map(|c| (c.turn, c.interrupted)).collect::<Vec<_>>(),
+            [(6, true), (7, true)]
+        );
         assert!(t.close(at(10)).is_empty());
     }
 
@@ -358,8 +381,14 @@ mod tests {
         }
         assert_eq!(store.get_at("a", t0).map(|t| t.len()), Some(2), "bounded per session");
         store.ended_at("a", t0);
-        assert!(store.get_at("a", t0 + Duration::from_secs(59)).is_some(), "kept after the end");
-        assert!(store.get_at("a", t0 + Duration::from_secs(61)).is_none(), "gone after keep_s");
+        assert!(
+            store.get_at("a", t0 + Duration::from_secs(59)).is_some(),
+            "kept after the end"
+        );
+        assert!(
+            store.get_at("a", t0 + Duration::from_secs(61)).is_none(),
+            "gone after keep_s"
+        );
         assert!(store.get("never").is_none());
 
         // At most two ended sessions: the oldest goes first.
@@ -374,7 +403,9 @@ mod tests {
         // An id reused after its session ended starts afresh, and is kept while it runs.
         store.started("c");
         store.push("c", turn(2));
-        assert!(store.get_at("c", t0 + Duration::from_secs(120)).is_some_and(|t| t.len() == 1));
+        assert!(store
+            .get_at("c", t0 + Duration::from_secs(120))
+            .is_some_and(|t| t.len() == 1));
         // A second session with an id that runs goes on with its transcript.
         store.started("c");
         store.push("c", turn(3));

@@ -97,10 +97,7 @@ fn session_recorded(talk: &Arc<Talk>, record: Option<std::path::PathBuf>) -> Ben
         "libx264",
         settings(),
         Arc::new(AtomicBool::new(false)),
-        avatar_worker::media::stream::Sinks {
-            viewer: out_tx,
-            taps,
-        },
+        avatar_worker::media::stream::Sinks { viewer: out_tx, taps },
         feed,
         Adaptation::fixed(&settings()),
     )
