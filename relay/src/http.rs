@@ -650,6 +650,51 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn each_api_key_has_its_own_rate_and_past_it_gets_429() {
+        let mut cfg = RelayConfig::dev();
+        cfg.api.requests_per_minute = 20; // a burst of 2
+        for name in ["backend", "grader"] {
+            cfg.api.keys.push(crate::config::ApiKey {
+                name: name.into(),
+                key: crate::config::Secret::new(format!("{name}-0123456789abcdef0123456789")),
+                key_file: None,
+            });
+        }
+        let state = state_with(cfg);
+        let call = |key: &'static str| {
+            let state = Arc::clone(&state);
+            async move {
+                let auth = format!("Bearer {key}-0123456789abcdef0123456789");
+                let (status, _, body) =
+                    get_from(state, "/api/v1/sessions", "127.0.0.1", &[("authorization", &auth)]).await;
+                (status, body)
+            }
+        };
+        // Past the key's burst: 429, naming the setting. No worker: the two allowed calls get 503.
+        let statuses: Vec<StatusCode> = [call("backend").await, call("backend").await, call("backend").await]
+            .iter()
+            .map(|(s, _)| *s)
+            .collect();
+        assert_eq!(
+            statuses,
+            [
+                StatusCode::SERVICE_UNAVAILABLE,
+                StatusCode::SERVICE_UNAVAILABLE,
+                StatusCode::TOO_MANY_REQUESTS
+            ]
+        );
+        let (_, body) = call("backend").await;
+        assert!(
+            body.contains("rate_limited") && body.contains("api.requests_per_minute"),
+            "{body}"
+        );
+        // Another key is not slowed by the first.
+        assert_eq!(call("grader").await.0, StatusCode::SERVICE_UNAVAILABLE);
+        // A wrong key is refused before any rate is counted.
+        assert_eq!(call("nobody").await.0, StatusCode::UNAUTHORIZED);
+    }
+
+    #[tokio::test]
     async fn the_sdk_is_served_to_any_origin_and_the_ice_list_to_allowed_ones() {
         let (status, headers, body) =
             get_from(state_with(RelayConfig::dev()), "/avatar-edge.js", "203.0.113.9", &[]).await;

@@ -32,6 +32,42 @@ struct Attached {
     about: serde_json::Value,
 }
 
+/// What the webhooks need to know of a session, as it goes (boxed: the session's future, held
+/// for every idle socket, stays small).
+struct Ledger {
+    /// When a worker answered the first offer (`session.started`).
+    started: Option<std::time::Instant>,
+    ended_at: Option<std::time::Instant>,
+    end_reason: &'static str,
+    /// Recordings the workers finished, announced after `session.ended`.
+    recordings: Vec<serde_json::Value>,
+}
+
+impl Default for Ledger {
+    fn default() -> Self {
+        Self {
+            started: None,
+            ended_at: None,
+            end_reason: "browser_left",
+            recordings: Vec::new(),
+        }
+    }
+}
+
+impl Ledger {
+    /// `session.ended`'s data (if the session started), and the recordings to announce after it.
+    fn close(&mut self) -> (Option<serde_json::Value>, Vec<serde_json::Value>) {
+        let end = self.ended_at.unwrap_or_else(std::time::Instant::now);
+        let ended = self.started.map(|at| {
+            serde_json::json!({
+                "duration_s": (end.saturating_duration_since(at).as_secs_f64() * 1000.0).round() / 1000.0,
+                "reason": self.end_reason,
+            })
+        });
+        (ended, std::mem::take(&mut self.recordings))
+    }
+}
+
 /// A finished turn from the worker, as its `transcript.*` webhook.
 fn record(state: &AppState, session_id: &str, turn: avatar_proto::api::TranscriptTurn) {
     let kind = match turn.speaker {
@@ -254,11 +290,7 @@ pub async fn run_session<S, E>(
     let mut idle_deadline = tokio::time::Instant::now() + idle;
     let mut session = SignalingSession::new(state.config.http.max_message_bytes);
     let mut attached: Option<Attached> = None;
-    // For the webhooks: when the first worker took the session, and why the session ended.
-    let mut started: Option<std::time::Instant> = None;
-    let mut end_reason = "browser_left";
-    // Recordings the workers finished, announced after `session.ended`.
-    let mut recordings: Vec<serde_json::Value> = Vec::new();
+    let mut ledger = Box::<Ledger>::default();
     info!("browser connected");
     // Set when the relay itself is going away: the session's media must outlive it.
     let mut relay_stopping = false;
@@ -280,12 +312,12 @@ pub async fn run_session<S, E>(
             Wake::Shutdown => {
                 Box::pin(close(&mut socket, GOING_AWAY, "relay shutting down", write)).await;
                 relay_stopping = true;
-                end_reason = "relay_stopped";
+                ledger.end_reason = "relay_stopped";
                 break;
             }
             Wake::Idle => {
                 info!("idle timeout");
-                end_reason = "idle";
+                ledger.end_reason = "idle";
                 let ev = ServerEvent::error(
                     ErrorCode::IdleTimeout,
                     format!(
@@ -299,7 +331,7 @@ pub async fn run_session<S, E>(
             }
             Wake::Expired => {
                 info!("maximum session duration reached");
-                end_reason = "expired";
+                ledger.end_reason = "expired";
                 let ev = ServerEvent::error(
                     ErrorCode::SessionExpired,
                     "this session reached its maximum duration; reconnect to continue",
@@ -334,7 +366,7 @@ pub async fn run_session<S, E>(
                     vec![]
                 }
                 Ok(Some(SessionFrame::Recording(done))) => {
-                    recordings.extend(serde_json::to_value(done).ok());
+                    ledger.recordings.extend(serde_json::to_value(done).ok());
                     vec![]
                 }
                 Ok(Some(SessionFrame::Close { reason })) => {
@@ -371,7 +403,7 @@ pub async fn run_session<S, E>(
                     None | Some(Ok(Message::Close(_))) => break,
                     Some(Err(e)) => {
                         debug!(error = %e, "websocket error");
-                        end_reason = "browser_error";
+                        ledger.end_reason = "browser_error";
                         if let Some((code, reason)) = close_for_read_error(&e) {
                             Box::pin(close(&mut socket, code, reason, write)).await;
                             // Linger before dropping: closing a socket with unread data resets
@@ -412,9 +444,9 @@ pub async fn run_session<S, E>(
             }
         };
         // The session starts, for the webhooks, when a worker has answered its first offer.
-        if let (None, Some(a)) = (started, &attached) {
+        if let (None, Some(a)) = (ledger.started, &attached) {
             if out.iter().any(|ev| matches!(ev, ServerEvent::WebrtcAnswer { .. })) {
-                started = Some(std::time::Instant::now());
+                ledger.started = Some(std::time::Instant::now());
                 state
                     .webhooks
                     .emit(&session_id, crate::webhooks::SESSION_STARTED, a.about.clone());
@@ -422,23 +454,18 @@ pub async fn run_session<S, E>(
         }
         for ev in out {
             if !Box::pin(send_event(&mut socket, &ev, write)).await {
-                end_reason = "browser_gone";
+                ledger.end_reason = "browser_gone";
                 break 'session;
             }
             if ev.ends_session() {
-                end_reason = "ended_by_api";
+                ledger.end_reason = "ended_by_api";
                 info!("the service ended the session");
                 Box::pin(close(&mut socket, NORMAL, "session ended", write)).await;
                 break 'session;
             }
         }
     }
-    let ended = started.map(|at| {
-        serde_json::json!({
-            "duration_s": (at.elapsed().as_secs_f64() * 1000.0).round() / 1000.0,
-            "reason": end_reason,
-        })
-    });
+    ledger.ended_at = Some(std::time::Instant::now());
     // A reconnect with this id may start now.
     drop(_claim);
     match attached {
@@ -450,17 +477,8 @@ pub async fn run_session<S, E>(
             info!("relay stopping; the session is left to play on");
         }
         Some(a) => {
-            let Attached {
-                _slot, mut send, recv, ..
-            } = a;
-            drop(_slot);
-            // Best effort: tell the worker to end the session now rather than when the stream
-            // drops.
-            let close = SessionFrame::Close {
-                reason: "browser left".into(),
-            };
-            let _ = Box::pin(send_frame(&mut send, &close)).await;
-            let _ = tokio::io::AsyncWriteExt::shutdown(&mut send).await;
+            let recv = Box::pin(farewell(a)).await;
+            let (ended, recordings) = ledger.close();
             if state.webhooks.enabled() && ended.is_some() {
                 info!("browser disconnected");
                 tokio::spawn(tail(Arc::clone(&state), session_id.clone(), recv, ended, recordings).in_current_span());
@@ -469,8 +487,25 @@ pub async fn run_session<S, E>(
         }
         None => {}
     }
+    let (ended, recordings) = ledger.close();
     finish(&state, &session_id, ended, recordings);
     info!("browser disconnected");
+}
+
+/// The browser left: give the worker's slot back and tell the worker to end the session now
+/// rather than when the stream drops (best effort). The stream's reading half is left, for what
+/// the worker still sends.
+async fn farewell(a: Attached) -> FramedRecv<RecvHalf> {
+    let Attached {
+        _slot, mut send, recv, ..
+    } = a;
+    drop(_slot);
+    let close = SessionFrame::Close {
+        reason: "browser left".into(),
+    };
+    let _ = send_frame(&mut send, &close).await;
+    let _ = tokio::io::AsyncWriteExt::shutdown(&mut send).await;
+    recv
 }
 
 /// How long the worker's last turns may take to arrive after the browser left (they are sent at

@@ -110,6 +110,30 @@ fn espeak_wav(text: &str, streaming: bool) -> Vec<u8> {
     }
 }
 
+/// RMS (0..1) of each 20 ms of a 44-byte-header 16-bit mono WAV at 22,050 Hz: what the receiver
+/// measures per Opus packet.
+fn wav_rms(wav: &[u8]) -> Vec<f32> {
+    let samples: Vec<f32> = wav[44..]
+        .chunks_exact(2)
+        .map(|b| f32::from(i16::from_le_bytes([b[0], b[1]])) / 32768.0)
+        .collect();
+    samples
+        .chunks(441)
+        .map(|c| (c.iter().map(|s| s * s).sum::<f32>() / c.len().max(1) as f32).sqrt())
+        .collect()
+}
+
+/// Seconds from the first to the last 20 ms whose level is above a tenth of the loudest.
+fn voiced_span(levels: impl Iterator<Item = f32>) -> f64 {
+    let levels: Vec<f32> = levels.collect();
+    let peak = levels.iter().copied().fold(0.0, f32::max);
+    let voiced: Vec<usize> = (0..levels.len()).filter(|i| levels[*i] > peak * 0.1).collect();
+    match (voiced.first(), voiced.last()) {
+        (Some(a), Some(b)) => (b - a + 1) as f64 * 0.02,
+        _ => 0.0,
+    }
+}
+
 /// Seconds of 16-bit mono audio in a 44-byte-header WAV at 22,050 Hz.
 fn wav_seconds(wav: &[u8]) -> f64 {
     (wav.len() - 44) as f64 / 2.0 / 22_050.0
@@ -317,6 +341,22 @@ fn the_backends_own_audio_is_lip_synced_and_plays_while_it_uploads() {
             let stats = client.snapshot();
             let (n_loud, n) = loud(&stats, started + Duration::from_millis(150), ended);
             assert!(n_loud * 3 >= n && n > 20, "speech heard: {n_loud}/{n} loud packets");
+            // At the receiver: the speech it heard lasts as long as the file's (±10 %).
+            let heard = voiced_span(
+                stats
+                    .audio
+                    .iter()
+                    .filter(|(t, _)| {
+                        *t + Duration::from_millis(500) >= started && *t <= ended + Duration::from_millis(500)
+                    })
+                    .map(|(_, v)| *v),
+            );
+            let voiced = voiced_span(wav_rms(&wav).into_iter());
+            eprintln!("voiced {voiced:.2} s in the file, {heard:.2} s heard at the receiver");
+            assert!(
+                (heard - voiced).abs() <= voiced * 0.1,
+                "heard {heard:.2} s of speech for {voiced:.2} s in the file"
+            );
             let mouth = stats.mouth_between(started + Duration::from_millis(150), ended);
             let moved = mouth.iter().filter(|m| (**m - idle_mouth).abs() > 6.0).count();
             eprintln!("mouth luma idle {idle_mouth:.1}; {moved}/{} frames moved", mouth.len());
@@ -360,6 +400,18 @@ fn the_backends_own_audio_is_lip_synced_and_plays_while_it_uploads() {
                 last_piece - sent_at
             );
             assert!(heard_at < last_piece, "playing began before the upload ended");
+            let first_loud = client
+                .snapshot()
+                .audio
+                .iter()
+                .find(|(t, v)| *t >= sent_at && *v > 0.02)
+                .map(|(t, _)| *t);
+            assert!(
+                first_loud.is_some_and(|t| t < last_piece),
+                "the receiver heard the speech before the last piece was sent ({:?} vs {:?})",
+                first_loud.map(|t| t - sent_at),
+                last_piece - sent_at
+            );
             let ended = sig.wait_for("speech_ended", SECS(15)).await.expect("ended");
             assert_eq!(
                 (ended["turn"].clone(), ended["interrupted"].clone()),
