@@ -4,7 +4,9 @@
 //! each browser session the relay hands it ([`session`]): a WebRTC peer ([`rtc`]) that answers the
 //! browser's offer with every candidate inside, then streams the avatar as H.264 from a per-session
 //! media clock ([`media`]); on `text_webrtc` the talking pipeline ([`talk`]) turns the answer into
-//! speech and lip-synced frames that the clock plays.
+//! speech and lip-synced frames that the clock plays. What each session says is kept turn by turn
+//! ([`transcript`]) for the session API and the relay's webhooks, and with `[recording]` its media
+//! is written, as sent, to a file ([`media::record`]).
 //!
 //! Driving it: [`Worker::new`] does the slow start-up work once (FFmpeg, choosing NVENC or x264,
 //! decoding or drawing the idle avatars, the WebRTC engine); [`Worker::run`] keeps a tunnel to every
