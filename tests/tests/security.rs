@@ -598,6 +598,18 @@ fn origins_open_sockets_and_forwarded_addresses_are_checked() {
         );
         assert_eq!(upgrade_status(relay, "/ws/o-3", &[]).await, 101);
 
+        // The upgrades above closed their sockets: wait until the relay has let them go (CI saw
+        // the next socket refused while they still counted).
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let (_, metrics) = http_get(relay, "/metrics").await.expect("metrics");
+            if metrics.lines().any(|l| l == "relay_sessions_active 0") || std::time::Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+
         // Open sockets per address: two held, the third refused, one freed, one admitted.
         let a = Signaling::connect(&cluster.ws_url("s-1")).await.expect("first");
         let _b = Signaling::connect(&cluster.ws_url("s-2")).await.expect("second");
