@@ -120,13 +120,12 @@ fn writable(dir: &Path) -> Result<(), CheckError> {
             source: std::io::Error::other("a file where a folder must be"),
         });
     }
-    let probe = existing.join(format!(".avatar-edge-check-{}", std::process::id()));
-    // A new file only: never through a link someone else left under that name.
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&probe)
-        .and_then(|_| std::fs::remove_file(&probe))
+    // A new file under a random name (`O_EXCL`, so never through a link someone left there, and
+    // never colliding with another check running at once); removed when dropped.
+    tempfile::Builder::new()
+        .prefix(".avatar-edge-check-")
+        .tempfile_in(existing)
+        .map(drop)
         .map_err(|source| CheckError::NotWritable {
             path: existing.display().to_string(),
             source,
