@@ -14,7 +14,8 @@
 //! [`netfilter`] is the special-purpose address list that both the TURN server's peers and the
 //! worker's remote ICE candidates are checked against. [`required`] finds the placeholders a shipped
 //! configuration file marks for the operator to fill in. [`api`] is the session API's commands as
-//! the relay carries them to workers.
+//! the relay carries them to workers, and [`webhook`] names the events the relay sends the
+//! operator's webhooks.
 //!
 //! Everything here is a pure function or a state machine: the relay and worker own the sockets,
 //! the tests and fuzz targets drive these types directly.
@@ -30,5 +31,6 @@ pub mod signaling;
 #[cfg(feature = "io")]
 pub mod stream;
 pub mod tunnel;
+pub mod webhook;
 
 pub use signaling::{ClientMessage, ErrorCode, Id, ServerEvent, SignalError};

@@ -14,7 +14,7 @@
 //!   (`api.max_audio_seconds`), 415 audio in a format it does not take, 429 over the key's rate,
 //!   503 no worker connected, 504 a worker did not answer in time (and none had the session).
 
-use crate::tunnel::conn::{RecvHalf, SendHalf};
+use crate::conn::{RecvHalf, SendHalf};
 use crate::upload::{Format, Samples};
 use crate::AppState;
 use avatar_proto::api::{Command, Reply, RequestError, SayRequest};
@@ -23,7 +23,7 @@ use avatar_proto::tunnel::SessionFrame;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use axum::{Json, Router};
 use serde_json::json;
 use std::sync::Arc;
@@ -46,6 +46,40 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/api/v1/sessions/{id}/interrupt", post(interrupt))
         .route("/api/v1/sessions/{id}/audio", post(audio))
         .route("/api/v1/sessions/{id}/transcript", get(transcript))
+        // Anything else under the prefix, and a method a route does not take: the API's own
+        // errors, in its JSON shape, not the router's plain text.
+        .route("/api/v1/{*rest}", any(no_such_endpoint))
+        .method_not_allowed_fallback(wrong_method)
+}
+
+async fn no_such_endpoint(uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no endpoint {} (see docs/api.md)", uri.path()),
+    )
+}
+
+async fn wrong_method(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!(
+            "{method} is not one of the methods {} takes (see docs/api.md)",
+            uri.path()
+        ),
+    )
+}
+
+/// A body axum could not read: over [`MAX_BODY`] (413) or cut short, in the API's shape.
+fn unreadable(rejection: axum::extract::rejection::BytesRejection) -> ApiError {
+    let status = rejection.status();
+    let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+        "body_too_large"
+    } else {
+        "bad_request"
+    };
+    ApiError::new(status, code, format!("the request body: {}", rejection.body_text()))
 }
 
 /// An API error: its status, code and message.
@@ -261,12 +295,14 @@ fn unexpected(reply: &Reply) -> ApiError {
     )
 }
 
-/// `GET /api/v1/sessions`
+/// `GET /api/v1/sessions`: what every worker that answered in time runs. A worker that did not
+/// answer does not hide the others' sessions: the list comes, with `unanswered_workers` saying
+/// how many it lacks (504 only when no worker answered at all).
 async fn list(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
     authorize(&state, &headers)?;
     let mut sessions = Vec::new();
     let answers = ask_workers(&state, Command::List {}).await?;
-    if answers.silent > 0 {
+    if answers.silent > 0 && answers.replies.is_empty() {
         return Err(ApiError::new(
             StatusCode::GATEWAY_TIMEOUT,
             "timeout",
@@ -282,7 +318,11 @@ async fn list(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<
         }
     }
     sessions.sort_by(|a, b| a.started_at.cmp(&b.started_at));
-    Ok(Json(json!({ "sessions": sessions })).into_response())
+    let mut body = json!({ "sessions": sessions });
+    if answers.silent > 0 {
+        body["unanswered_workers"] = answers.silent.into();
+    }
+    Ok(Json(body).into_response())
 }
 
 /// `GET /api/v1/sessions/{id}`
@@ -339,9 +379,10 @@ async fn say(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
     let key = authorize(&state, &headers)?;
+    let body = body.map_err(unreadable)?;
     let request: SayRequest = serde_json::from_slice(&body).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,

@@ -652,12 +652,12 @@ impl RelayConfig {
                 );
             }
             for event in hook.events.iter().flatten() {
-                if !crate::webhooks::EVENT_TYPES.contains(&event.as_str()) {
+                if !avatar_proto::webhook::EVENT_TYPES.contains(&event.as_str()) {
                     return invalid(
                         "webhooks.events",
                         &format!(
                             "{event:?} is not an event; the events are {}",
-                            crate::webhooks::EVENT_TYPES.join(", ")
+                            avatar_proto::webhook::EVENT_TYPES.join(", ")
                         ),
                     );
                 }

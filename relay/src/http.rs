@@ -695,6 +695,59 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_unknown_endpoint_a_wrong_method_and_an_oversized_body_get_the_apis_json_errors() {
+        let mut cfg = RelayConfig::dev();
+        let key = "backend-0123456789abcdef0123456789";
+        cfg.api.keys.push(crate::config::ApiKey {
+            name: "backend".into(),
+            key: crate::config::Secret::new(key.to_owned()),
+            key_file: None,
+        });
+        let state = state_with(cfg);
+        let call = |method: &str, path: &str, body: Vec<u8>| {
+            let request = axum::http::Request::builder()
+                .method(method)
+                .uri(path)
+                .header("authorization", format!("Bearer {key}"))
+                .header("content-type", "application/json")
+                .body(axum::body::Body::from(body))
+                .expect("request");
+            let state = Arc::clone(&state);
+            async move {
+                let from = SocketAddr::new([127, 0, 0, 1].into(), 40000);
+                let res = app(state)
+                    .layer(axum::extract::connect_info::MockConnectInfo(from))
+                    .oneshot(request)
+                    .await
+                    .expect("response");
+                let status = res.status();
+                let body = res.into_body().collect().await.expect("body").to_bytes();
+                let json: serde_json::Value = serde_json::from_slice(&body)
+                    .unwrap_or_else(|e| panic!("{status}: not JSON ({e}): {}", String::from_utf8_lossy(&body)));
+                (status, json["error"]["code"].as_str().unwrap_or_default().to_owned())
+            }
+        };
+        assert_eq!(
+            call("GET", "/api/v1/nothing/here", vec![]).await,
+            (StatusCode::NOT_FOUND, "not_found".into())
+        );
+        assert_eq!(
+            call("GET", "/api/v1/sessions/lesson-1/say", vec![]).await,
+            (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed".into())
+        );
+        let huge = format!("{{\"text\": \"{}\"}}", "a".repeat(crate::api::MAX_BODY + 1));
+        assert_eq!(
+            call("POST", "/api/v1/sessions/lesson-1/say", huge.into_bytes()).await,
+            (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large".into())
+        );
+        // The routes themselves still answer (no worker here: 503, in the same shape).
+        assert_eq!(
+            call("POST", "/api/v1/sessions/lesson-1/say", br#"{"text": "hi"}"#.to_vec()).await,
+            (StatusCode::SERVICE_UNAVAILABLE, "no_worker".into())
+        );
+    }
+
+    #[tokio::test]
     async fn the_sdk_is_served_to_any_origin_and_the_ice_list_to_allowed_ones() {
         let (status, headers, body) =
             get_from(state_with(RelayConfig::dev()), "/avatar-edge.js", "203.0.113.9", &[]).await;

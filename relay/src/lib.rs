@@ -19,6 +19,7 @@ pub mod api;
 mod avatars;
 pub mod check;
 pub mod config;
+pub mod conn;
 pub mod http;
 pub mod ice;
 mod ids;

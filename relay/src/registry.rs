@@ -7,8 +7,8 @@
 //! transport, the old tunnel stays open, draining, so the sessions on it play on. Choosing a
 //! worker is [`crate::routing`]'s.
 
+use crate::conn::TunnelConn;
 use crate::routing::WorkerView;
-use crate::tunnel::TunnelConn;
 use avatar_proto::tunnel::Registration;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};

@@ -5,10 +5,10 @@
 //! [`SignalingSession`] state machine, which says what to do; this module only does it. The loop
 //! is generic over `Sink`/`Stream` of axum messages, so tests can drive it with channels.
 
+use crate::conn::{RecvHalf, SendHalf};
 use crate::policy::{self, MessageKind, MessageRequest, Principal, Verdict};
 use crate::registry::SessionSlot;
 use crate::routing::{self, RouteRequest};
-use crate::tunnel::conn::{RecvHalf, SendHalf};
 use crate::tunnel::open_session;
 use crate::{AppState, ClaimRefused};
 use avatar_proto::session::{Action, SignalingSession};
@@ -706,9 +706,8 @@ async fn route(offer: Offer, refused_by: &[String], ctx: &Ctx<'_>) -> Result<(At
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::conn::{TcpTunnel, TunnelConn};
     use crate::registry::WorkerHandle;
-    use crate::tunnel::conn::TcpTunnel;
-    use crate::tunnel::TunnelConn;
     use avatar_proto::mux::{self, Incoming, Mux};
     use avatar_proto::tunnel::Registration;
     use futures::channel::mpsc as chan;

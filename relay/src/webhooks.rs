@@ -48,19 +48,9 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-/// Every event type, as `type` names it.
-pub const EVENT_TYPES: &[&str] = &[
-    SESSION_STARTED,
-    SESSION_ENDED,
-    TRANSCRIPT_USER,
-    TRANSCRIPT_ASSISTANT,
-    RECORDING_READY,
-];
-pub const SESSION_STARTED: &str = "session.started";
-pub const SESSION_ENDED: &str = "session.ended";
-pub const TRANSCRIPT_USER: &str = "transcript.user";
-pub const TRANSCRIPT_ASSISTANT: &str = "transcript.assistant";
-pub const RECORDING_READY: &str = "recording.ready";
+pub use avatar_proto::webhook::{
+    EVENT_TYPES, RECORDING_READY, SESSION_ENDED, SESSION_STARTED, TRANSCRIPT_ASSISTANT, TRANSCRIPT_USER,
+};
 
 /// The header that carries the signature.
 pub const SIGNATURE_HEADER: &str = "Avatar-Edge-Signature";

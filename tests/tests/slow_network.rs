@@ -5,7 +5,8 @@
 //! `tc tbf` limits (see `slow_link`). At 1 Mbit/s and 400 kbit/s the viewer must get at least 20
 //! and 15 frames a second, the first frame within a second, and the answer to a question heard
 //! within 500 ms; when the link drops mid-session, the frame rate recovers within 2 s and the
-//! audio never gaps more than 200 ms. Chromium on the page sees the lowered level at 1 Mbit/s, and
+//! audio never gaps more than 200 ms; a narrow link steps the size down, and when it widens the
+//! sender probes back up to the full picture. Chromium on the page sees the lowered level at 1 Mbit/s, and
 //! at 200 kbit/s a steady smaller picture (aiortc is not the viewer there: its jitter buffer
 //! re-asks for a lost packet only when a new gap appears, and waits 128 packets — 13 s at 10 fps
 //! — before it asks for a keyframe, so one loss in the start's overshoot freezes it; Chromium
@@ -154,6 +155,71 @@ fn a_drop_mid_session_recovers_the_frame_rate_within_two_seconds_without_audio_g
             }
             if report.answer_delay().is_none_or(|d| d > 0.5) {
                 fail("answer not heard within 500 ms after the drop");
+            }
+        },
+    );
+}
+
+/// A narrow link steps the picture's size down, and once the link widens the sender probes up
+/// again, back to the full picture. The worker's ladder is configured here so that the size
+/// drops at a rate aiortc plays reliably (its jitter buffer freezes on a loss at the default
+/// ladder's 60 kbit/s): 512 px from 260 kbit/s of video, 384 px below. The link carries
+/// 300 kbit/s for the first 6 s, then nothing limits it.
+#[test]
+fn a_narrow_link_steps_the_size_down_and_a_widened_one_is_probed_back_to_the_full_picture() {
+    netns::run(
+        "a_narrow_link_steps_the_size_down_and_a_widened_one_is_probed_back_to_the_full_picture",
+        || async {
+            let link = Arc::new(SlowLink::new());
+            link.limit(Some(300));
+            let mut cluster = Cluster::relay_on(SERVER_IP, "", false, "self_signed = true").await;
+            cluster
+                .add_worker(
+                    "slow-widen",
+                    2,
+                    "[video.adapt]\nsteps = [{ min_kbps = 260, fps = 25 }, { min_kbps = 0, fps = 25, scale = 0.75 }]\n",
+                )
+                .await;
+            let widener = Arc::clone(&link);
+            let widen = tokio::spawn(async move {
+                tokio::time::sleep(std::time::Duration::from_secs(6)).await;
+                widener.limit(None);
+            });
+            let report = probe(&link, &cluster, "slow-widen", 24.0, 20.0).await;
+            widen.await.expect("widen task");
+            eprintln!("narrow then wide: {}", report.summary(3.0, 24.0));
+            for (t, q) in report.qualities() {
+                eprintln!("  {t:.2}: {q}");
+            }
+            let fail = |what: &str| panic!("widen: {what}: {}\n{}", report.summary(3.0, 24.0), cluster.logs());
+            // Narrow (3–5 s on the probe's clock, which starts up to a second after the link's
+            // timer): the smaller size, still at 25 fps.
+            let narrow: Vec<_> = report.frames.iter().filter(|(t, ..)| (3.0..5.0).contains(t)).collect();
+            if narrow.len() < 30 || narrow.iter().any(|(_, w, h)| (*w, *h) != (384, 384)) {
+                fail("not a 384×384 picture on the narrow link");
+            }
+            // Widened: probed back up to the full picture, and it holds to the end.
+            let Some(&(full_at, ..)) = report.frames.iter().find(|(t, w, _)| *t > 5.0 && *w == 512) else {
+                fail("never back to 512×512 after the link widened");
+                return;
+            };
+            eprintln!(
+                "the full picture returned {:.1} s after the link widened (5–6 s)",
+                full_at - 6.0
+            );
+            // The viewer's estimate (REMB) grows additively near the rate it last saw
+            // congestion at: a local run measured 9.7 s.
+            if full_at > 20.0 {
+                fail("the full picture took more than 14 s to return");
+            }
+            if report.frames.iter().any(|(t, w, _)| *t > full_at + 0.5 && *w != 512) {
+                fail("the picture fell back after it returned on an unlimited link");
+            }
+            if report.fps(full_at.min(22.0), 24.0) < 23.0 {
+                fail("not 25 fps on the widened link");
+            }
+            if report.qualities().last().is_none_or(|(_, q)| q["level"] != 0) {
+                fail("the last video_quality is not the best level");
             }
         },
     );

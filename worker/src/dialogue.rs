@@ -1,21 +1,30 @@
-//! Whose turn it is: the rules that order a session's answers, as a pure state machine.
+//! The dialogue rules of one session, as a pure state machine: what the user and the backend
+//! say, what the conversation and the media clock report, and the peer's changes go in; the
+//! browser's events and the commands for the conversation come out.
 //!
 //! Turns come from the browser (a typed message, a transcript of speech) and from the operator's
-//! backend (the session API's `say`, and its `audio`: speech of its own). A browser's message always starts at once: the user is
-//! talking, and the answer in progress is cut. A backend's `say` waits until the avatar has
-//! finished what it says, unless it asks to `interrupt`; waiting says play in order, one after
-//! another. An interrupt (the API's, the browser's, or a voice barge-in) stops the answer and
-//! drops every say still waiting.
+//! backend (the session API's `say`, and its `audio`: speech of its own). A browser's message
+//! always starts at once: the user is talking, and the answer in progress is cut. A backend's
+//! `say` waits until the avatar has finished what it says, unless it asks to `interrupt`; waiting
+//! says play in order, one after another. An interrupt (the API's, the browser's, or a voice
+//! barge-in) stops the answer and drops every say still waiting; so does a new peer (the browser
+//! renegotiated, and the answer in progress went with the old media clock).
 //!
-//! The user's voice follows the same rules ([`Dialogue::voice_started`]): speech that starts
-//! while the avatar speaks is a barge-in, which interrupts it, when barge-in is allowed; when it
-//! is not, that speech is most likely the avatar's own echo, and the utterance it starts is
-//! dropped ([`Dialogue::utterance`]) rather than answered.
+//! The user's voice follows the same rules: speech that starts while the avatar speaks is a
+//! barge-in, which interrupts it, when barge-in is allowed; when it is not, that speech is most
+//! likely the avatar's own echo, and the utterance it starts is dropped rather than answered. An
+//! utterance is recognised, and its transcript (unless it has no words) answered like a typed
+//! message.
 //!
-//! [`Dialogue`] only decides (what a turn says is opaque to it: `A` is how its audio arrives); the session does what it says (starts a turn on its conversation)
-//! and reports back what happened ([`Dialogue::started`], [`Dialogue::ended`]).
+//! [`Dialogue`] does no I/O and keeps no clock. Each input is a method; what follows from it is
+//! queued as [`Out`]s, which the session takes with [`Dialogue::poll`] and carries out: events
+//! go to the browser, [`Out::Answer`] and [`Out::Start`] start a turn on the conversation, whose
+//! numbering and limits ([`crate::talk::limits`]) are its own. The session reports back what
+//! happened: [`Dialogue::began`] when a turn started, [`Dialogue::start_failed`] when a queued
+//! one could not. What a turn says is opaque here: `A` is how a backend's audio arrives.
 
-use avatar_proto::api::SayMode;
+use avatar_proto::api::{SayMode, Source};
+use avatar_proto::signaling::{ErrorCode, ServerEvent};
 use std::collections::VecDeque;
 
 /// Says that may wait behind the answer in progress; more are refused.
@@ -30,81 +39,128 @@ pub enum Said<A> {
     Audio(A),
 }
 
-/// A turn the session should start now.
+/// A backend's turn the session should start now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Start<A> {
     pub turn: u64,
     pub said: Said<A>,
 }
 
-/// What to do with a backend's `say` or `audio`.
+/// What became of a backend's `say` or `audio`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Say<A> {
     /// Start it now.
     Now(Start<A>),
     /// It waits behind the answer in progress (and `ahead` other says).
-    Queued { ahead: usize },
+    Queued { turn: u64, ahead: usize },
 }
 
-/// What to do when the user starts speaking.
+/// Why a backend's `say` or `audio` was refused; the session is unharmed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("this worker streams the idle avatar only; the talking pipeline is disabled ([talk] enabled = false)")]
+    Unsupported,
+    #[error("the session's video is not playing yet (the browser has not connected its peer)")]
+    NotReady,
+    #[error("{MAX_WAITING} says are already waiting; send one with interrupt, or wait")]
+    QueueFull,
+    #[error("an audio upload to this session is in progress: wait for its answer, or send with interrupt=true")]
+    Uploading,
+}
+
+impl Refused {
+    /// The code the session API's error carries.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Unsupported => ErrorCode::Unsupported.as_str(),
+            Self::NotReady => ErrorCode::NoSession.as_str(),
+            Self::QueueFull => ErrorCode::RateLimited.as_str(),
+            Self::Uploading => "busy",
+        }
+    }
+}
+
+/// What the session knows when a backend's turn arrives.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Conditions {
+    /// The session's media is playing (the conversation can speak).
+    pub ready: bool,
+    /// An audio upload to the session is still arriving.
+    pub uploading: bool,
+}
+
+/// Who stopped the avatar.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Voice {
-    /// Listen (tell the browser `user_speech_started`).
-    Listen,
-    /// The user spoke over the avatar: it was interrupted (stop the conversation's answer too),
-    /// then listen.
+pub enum Cause {
+    /// The browser's `interrupt`.
+    Browser,
+    /// The session API's `interrupt`, or a say or audio sent with `interrupt`.
+    Api,
+    /// The user spoke over the avatar.
     BargeIn,
-    /// Over the avatar, with barge-in off: ignore this speech and its utterance.
-    Ignore,
 }
 
-/// The turn order of one session (see the module docs).
+/// What the session should do, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Out<A> {
+    /// Tell the browser.
+    Event(ServerEvent),
+    /// Answer the user's message (typed, or a transcript): start a turn on the conversation,
+    /// then report [`Dialogue::began`], or tell the browser why the conversation refused it.
+    Answer { text: String, source: Source },
+    /// Start a backend's turn that waited, then report [`Dialogue::began`] (or
+    /// [`Dialogue::start_failed`]).
+    Start(Start<A>),
+    /// Stop what the conversation prepares or plays.
+    Stop(Cause),
+    /// Close the transcript's open turns as cut short, all but `keep`.
+    Cut { keep: Option<u64> },
+    /// Recognise the utterance that just ended.
+    Recognise,
+    /// Keep this exchange in the conversation's history.
+    Remember { user: String, answer: String },
+    /// Turn `turn` is over: spoken to its end, or `cut` short.
+    TurnOver { turn: u64, cut: bool },
+}
+
+/// The dialogue of one session (see the module docs).
 #[derive(Debug)]
 pub struct Dialogue<A> {
+    /// Whether the session has a talking pipeline at all (`[talk] enabled`).
+    talk: bool,
+    /// May the user's voice interrupt the avatar? (`talk.vad.barge_in`)
+    barge_in: bool,
     /// The turn being prepared or spoken.
     current: Option<u64>,
     waiting: VecDeque<Start<A>>,
-    /// May the user's voice interrupt the avatar?
-    barge_in: bool,
     /// The utterance in progress started over the avatar with barge-in off: drop it.
     ignoring: bool,
+    out: VecDeque<Out<A>>,
 }
 
 impl<A> Default for Dialogue<A> {
     fn default() -> Self {
-        Self::new(true)
+        Self::new(true, true)
     }
 }
 
 impl<A> Dialogue<A> {
-    /// A dialogue in which the user's voice may interrupt the avatar, or not (`talk.vad.barge_in`).
-    pub fn new(barge_in: bool) -> Self {
+    /// The dialogue of a session with a talking pipeline or not (`talk`), in which the user's
+    /// voice may interrupt the avatar or not (`barge_in`).
+    pub fn new(talk: bool, barge_in: bool) -> Self {
         Self {
+            talk,
+            barge_in,
             current: None,
             waiting: VecDeque::new(),
-            barge_in,
             ignoring: false,
+            out: VecDeque::new(),
         }
     }
 
-    /// The user started speaking; `over_avatar`: while the avatar was speaking.
-    pub fn voice_started(&mut self, over_avatar: bool) -> Voice {
-        if !over_avatar {
-            self.ignoring = false;
-            return Voice::Listen;
-        }
-        if !self.barge_in {
-            self.ignoring = true;
-            return Voice::Ignore;
-        }
-        self.interrupt();
-        Voice::BargeIn
-    }
-
-    /// The user's utterance ended: whether to recognise and answer it (not when its start was
-    /// ignored).
-    pub fn utterance(&mut self) -> bool {
-        !std::mem::take(&mut self.ignoring)
+    /// The next thing to do, in the order the inputs called for them.
+    pub fn poll(&mut self) -> Option<Out<A>> {
+        self.out.pop_front()
     }
 
     /// Whether an answer is being prepared or spoken.
@@ -117,49 +173,256 @@ impl<A> Dialogue<A> {
         self.waiting.len()
     }
 
-    /// A backend's `say` or `audio` as turn `turn` (the conversation's next number).
-    pub fn say(&mut self, turn: u64, said: Said<A>, interrupt: bool) -> Say<A> {
-        let start = Start { turn, said };
-        if interrupt {
-            self.waiting.clear();
-            return Say::Now(start);
-        }
-        if self.busy() {
-            self.waiting.push_back(start);
-            Say::Queued {
-                ahead: self.waiting.len() - 1,
-            }
-        } else {
-            Say::Now(start)
-        }
+    fn event(&mut self, event: ServerEvent) {
+        self.out.push_back(Out::Event(event));
     }
 
-    /// Turn `turn` started (a backend's say, or the browser's message, which always starts at
-    /// once and cuts the one in progress).
-    pub fn started(&mut self, turn: u64) {
-        self.current = Some(turn);
-    }
-
-    /// Turn `turn` finished speaking, was interrupted, or failed: the next waiting say, if it is
-    /// the current turn that ended and it was not cut by an interrupt.
-    pub fn ended(&mut self, turn: u64, interrupted: bool) -> Option<Start<A>> {
-        if self.current != Some(turn) {
-            return None; // an older turn that a newer one already replaced
-        }
-        self.current = None;
-        if interrupted {
-            return None;
-        }
-        self.waiting.pop_front()
-    }
-
-    /// Stop: nothing is current and every waiting say is dropped. Returns whether anything was
-    /// being said or waiting.
-    pub fn interrupt(&mut self) -> bool {
+    /// Nothing is current and nothing waits.
+    fn clear(&mut self) -> bool {
         let was = self.busy() || !self.waiting.is_empty();
         self.current = None;
         self.waiting.clear();
         was
+    }
+
+    // ---- the browser ----
+
+    /// The browser's `text_webrtc`.
+    pub fn typed(&mut self, message: &str) {
+        let text = message.trim();
+        if !self.talk {
+            self.event(ServerEvent::error(
+                ErrorCode::Unsupported,
+                Refused::Unsupported.to_string(),
+            ));
+        } else if text.is_empty() {
+            self.event(ServerEvent::error(ErrorCode::InvalidMessage, "`message` is empty"));
+        } else {
+            self.out.push_back(Out::Answer {
+                text: text.to_owned(),
+                source: Source::Text,
+            });
+        }
+    }
+
+    /// The browser's `interrupt`.
+    pub fn browser_interrupt(&mut self) {
+        if self.talk {
+            self.clear();
+            self.out.push_back(Out::Stop(Cause::Browser));
+        }
+    }
+
+    /// The browser renegotiated: a new peer replaced the old one, and the answer in progress
+    /// went with the old media clock (it will report no end). Nothing is current, what waited
+    /// is dropped, and the transcript's open turns are cut.
+    pub fn peer_replaced(&mut self) {
+        self.clear();
+        self.ignoring = false;
+        self.out.push_back(Out::Cut { keep: None });
+    }
+
+    // ---- the user's voice ----
+
+    /// The user started speaking; `over_avatar`: while the avatar was speaking.
+    pub fn voice_started(&mut self, over_avatar: bool) {
+        if !self.talk {
+            return;
+        }
+        if over_avatar && !self.barge_in {
+            self.ignoring = true;
+            return;
+        }
+        self.ignoring = false;
+        if over_avatar {
+            self.clear();
+            self.out.push_back(Out::Stop(Cause::BargeIn));
+        }
+        self.event(ServerEvent::UserSpeechStarted {});
+    }
+
+    /// The user's utterance ended after `duration_ms`: recognise it, unless its start was
+    /// ignored.
+    pub fn utterance_ended(&mut self, duration_ms: u64) {
+        if !self.talk || std::mem::take(&mut self.ignoring) {
+            return;
+        }
+        self.out.push_back(Out::Recognise);
+        self.event(ServerEvent::UserSpeechEnded { duration_ms });
+    }
+
+    /// What recognition heard: shown, then answered like a typed message; an utterance with no
+    /// words (a cough) is neither.
+    pub fn transcript(&mut self, text: &str) {
+        let text = text.trim();
+        if !self.talk || text.is_empty() {
+            return;
+        }
+        self.event(ServerEvent::UserTranscript {
+            text: text.to_owned(),
+            is_final: true,
+        });
+        self.out.push_back(Out::Answer {
+            text: text.to_owned(),
+            source: Source::Voice,
+        });
+    }
+
+    /// Recognition failed; the session goes on.
+    pub fn transcript_failed(&mut self, message: String) {
+        self.event(ServerEvent::error(ErrorCode::TalkFailed, message));
+    }
+
+    // ---- the backend ----
+
+    /// A backend's `say` or `audio`. `turn` numbers it (the conversation's next number), and
+    /// is asked for only once the say is accepted.
+    pub fn say(
+        &mut self,
+        said: Said<A>,
+        interrupt: bool,
+        now: Conditions,
+        turn: impl FnOnce() -> u64,
+    ) -> Result<Say<A>, Refused> {
+        if !self.talk {
+            return Err(Refused::Unsupported);
+        }
+        if !now.ready {
+            return Err(Refused::NotReady);
+        }
+        if !interrupt {
+            // One upload at a time (each holds a tunnel stream), unless the new one cuts in.
+            if matches!(said, Said::Audio(_)) && now.uploading {
+                return Err(Refused::Uploading);
+            }
+            if self.waiting.len() >= MAX_WAITING {
+                return Err(Refused::QueueFull);
+            }
+        }
+        let start = Start { turn: turn(), said };
+        if interrupt {
+            self.clear();
+            self.out.push_back(Out::Stop(Cause::Api));
+            return Ok(Say::Now(start));
+        }
+        if self.busy() {
+            let turn = start.turn;
+            self.waiting.push_back(start);
+            Ok(Say::Queued {
+                turn,
+                ahead: self.waiting.len() - 1,
+            })
+        } else {
+            Ok(Say::Now(start))
+        }
+    }
+
+    /// The session API's `interrupt`: whether anything was being said or waiting.
+    pub fn api_interrupt(&mut self) -> bool {
+        let was = self.clear();
+        if self.talk {
+            self.out.push_back(Out::Stop(Cause::Api));
+        }
+        was
+    }
+
+    // ---- what the session reports ----
+
+    /// Turn `turn` started on the conversation (the user's message or a backend's say). A
+    /// message cuts the answer in progress: the transcript's other open turns are cut.
+    pub fn began(&mut self, turn: u64) {
+        self.current = Some(turn);
+        self.out.push_back(Out::Cut { keep: Some(turn) });
+    }
+
+    /// A backend's turn that waited could not start (the conversation refused it): the next
+    /// one plays.
+    pub fn start_failed(&mut self, turn: u64) {
+        if self.current == Some(turn) {
+            self.current = None;
+        }
+        if self.current.is_none() {
+            self.next();
+        }
+    }
+
+    /// A piece of answer `turn`'s text, as the language model writes it.
+    pub fn answer_text(&mut self, turn: u64, text: String) {
+        self.event(ServerEvent::AssistantText {
+            turn,
+            text,
+            is_final: false,
+        });
+    }
+
+    /// Answer `turn` is written (`answer`, to the user's message `user` if it answered one);
+    /// `spoken`: it has audio to play (the clock will report its end).
+    pub fn answer_done(&mut self, turn: u64, user: Option<String>, answer: Option<String>, spoken: bool) {
+        if !spoken {
+            // Nothing to hear (a text of no words, audio of no samples): the clock will not
+            // report an end of speech, so the turn ends here.
+            self.over(turn, false);
+        }
+        let Some(answer) = answer else { return };
+        if let Some(user) = user {
+            self.out.push_back(Out::Remember {
+                user,
+                answer: answer.clone(),
+            });
+        }
+        self.event(ServerEvent::AssistantText {
+            turn,
+            text: answer,
+            is_final: true,
+        });
+    }
+
+    /// Answer `turn` failed: what was said of it is cut short, and the next say plays.
+    pub fn answer_failed(&mut self, turn: u64, message: &str) {
+        self.out.push_back(Out::TurnOver { turn, cut: true });
+        self.advance(turn);
+        self.event(ServerEvent::error(
+            ErrorCode::TalkFailed,
+            format!("answer {turn} failed: {message}"),
+        ));
+    }
+
+    /// The avatar started speaking turn `turn`.
+    pub fn speech_started(&mut self, turn: u64) {
+        self.event(ServerEvent::SpeechStarted { turn });
+    }
+
+    /// The avatar stopped speaking turn `turn`: at its end, or `interrupted`.
+    pub fn speech_ended(&mut self, turn: u64, interrupted: bool) {
+        self.over(turn, interrupted);
+        self.event(ServerEvent::SpeechEnded { turn, interrupted });
+    }
+
+    /// Turn `turn` is over: the next waiting say plays if it was the current turn and it was
+    /// not cut by an interrupt.
+    fn over(&mut self, turn: u64, interrupted: bool) {
+        self.out.push_back(Out::TurnOver { turn, cut: interrupted });
+        if interrupted {
+            if self.current == Some(turn) {
+                self.current = None;
+                self.waiting.clear();
+            }
+        } else {
+            self.advance(turn);
+        }
+    }
+
+    fn advance(&mut self, turn: u64) {
+        if self.current == Some(turn) {
+            self.current = None;
+            self.next();
+        }
+    }
+
+    fn next(&mut self) {
+        if let Some(start) = self.waiting.pop_front() {
+            self.out.push_back(Out::Start(start));
+        }
     }
 }
 
@@ -169,6 +432,12 @@ mod tests {
 
     /// Audio stands in as its name: the rules never look inside it.
     type Clip = &'static str;
+    type D = Dialogue<Clip>;
+
+    const READY: Conditions = Conditions {
+        ready: true,
+        uploading: false,
+    };
 
     fn text(text: &str, mode: SayMode) -> Said<Clip> {
         Said::Text {
@@ -185,132 +454,392 @@ mod tests {
         Start { turn, said: repeat(t) }
     }
 
+    fn say(d: &mut D, turn: u64, said: Said<Clip>, interrupt: bool) -> Say<Clip> {
+        d.say(said, interrupt, READY, || turn).expect("accepted")
+    }
+
+    fn drain(d: &mut D) -> Vec<Out<Clip>> {
+        std::iter::from_fn(|| d.poll()).collect()
+    }
+
+    /// The outputs that start something: the turns started, and stops.
+    fn starts(d: &mut D) -> Vec<Out<Clip>> {
+        drain(d)
+            .into_iter()
+            .filter(|o| matches!(o, Out::Start(_) | Out::Stop(_) | Out::Answer { .. }))
+            .collect()
+    }
+
+    fn events(outs: &[Out<Clip>]) -> Vec<ServerEvent> {
+        outs.iter()
+            .filter_map(|o| match o {
+                Out::Event(e) => Some(e.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
     #[test]
     fn a_say_while_the_avatar_speaks_waits_its_turn_and_they_play_in_order() {
-        let mut d = Dialogue::<Clip>::default();
-        assert_eq!(d.say(1, repeat("one"), false), Say::Now(start(1, "one")));
-        d.started(1);
-        assert_eq!(d.say(2, repeat("two"), false), Say::Queued { ahead: 0 });
-        assert_eq!(d.say(3, text("three", SayMode::Chat), false), Say::Queued { ahead: 1 });
-        assert!(d.busy() && d.waiting() == 2);
-        assert_eq!(d.ended(1, false), Some(start(2, "two")));
-        d.started(2);
-        let next = d.ended(2, false).expect("three");
+        let mut d = D::default();
+        assert_eq!(say(&mut d, 1, repeat("one"), false), Say::Now(start(1, "one")));
+        d.began(1);
+        assert_eq!(say(&mut d, 2, repeat("two"), false), Say::Queued { turn: 2, ahead: 0 });
         assert_eq!(
-            next,
-            Start {
+            say(&mut d, 3, text("three", SayMode::Chat), false),
+            Say::Queued { turn: 3, ahead: 1 }
+        );
+        assert!(d.busy() && d.waiting() == 2);
+        drain(&mut d);
+        d.speech_ended(1, false);
+        let outs = drain(&mut d);
+        assert_eq!(
+            outs,
+            vec![
+                Out::TurnOver { turn: 1, cut: false },
+                Out::Start(start(2, "two")),
+                Out::Event(ServerEvent::SpeechEnded {
+                    turn: 1,
+                    interrupted: false
+                }),
+            ]
+        );
+        d.began(2);
+        d.speech_ended(2, false);
+        assert_eq!(
+            starts(&mut d),
+            vec![Out::Start(Start {
                 turn: 3,
                 said: text("three", SayMode::Chat)
-            }
+            })]
         );
-        d.started(3);
-        assert_eq!(d.ended(3, false), None);
+        d.began(3);
+        d.speech_ended(3, false);
+        assert_eq!(starts(&mut d), vec![]);
         assert!(!d.busy());
     }
 
     #[test]
     fn interrupt_true_cuts_in_and_drops_the_waiting_says() {
-        let mut d = Dialogue::<Clip>::default();
-        d.started(1);
-        d.say(2, repeat("later"), false);
-        assert_eq!(d.say(3, repeat("now"), true), Say::Now(start(3, "now")));
-        d.started(3);
+        let mut d = D::default();
+        d.began(1);
+        say(&mut d, 2, repeat("later"), false);
+        drain(&mut d);
+        assert_eq!(say(&mut d, 3, repeat("now"), true), Say::Now(start(3, "now")));
+        assert_eq!(starts(&mut d), vec![Out::Stop(Cause::Api)]);
+        d.began(3);
         assert_eq!(d.waiting(), 0);
         // Turn 1's end arrives late (it was cut): it starts nothing.
-        assert_eq!(d.ended(1, true), None);
+        d.speech_ended(1, true);
+        assert_eq!(starts(&mut d), vec![]);
         assert!(d.busy(), "turn 3 is still current");
     }
 
     #[test]
     fn the_browsers_message_cuts_in_and_the_waiting_says_follow_it() {
-        let mut d = Dialogue::<Clip>::default();
-        d.started(1);
-        d.say(2, repeat("backend"), false);
-        // The user types a question: it starts at once (turn 3), turn 1 is cut.
-        d.started(3);
-        assert_eq!(d.ended(1, true), None);
+        let mut d = D::default();
+        d.began(1);
+        say(&mut d, 2, repeat("backend"), false);
+        drain(&mut d);
+        // The user types a question: the session starts it at once (turn 3), turn 1 is cut.
+        d.typed("  What is a fraction?  ");
         assert_eq!(
-            d.ended(3, false),
-            Some(start(2, "backend")),
+            drain(&mut d),
+            vec![Out::Answer {
+                text: "What is a fraction?".into(),
+                source: Source::Text
+            }]
+        );
+        d.began(3);
+        assert_eq!(drain(&mut d), vec![Out::Cut { keep: Some(3) }]);
+        d.speech_ended(1, true);
+        assert_eq!(starts(&mut d), vec![]);
+        d.speech_ended(3, false);
+        assert_eq!(
+            starts(&mut d),
+            vec![Out::Start(start(2, "backend"))],
             "the backend's say follows the answer"
         );
     }
 
     #[test]
-    fn an_interrupt_or_a_barge_in_stops_everything() {
-        let mut d = Dialogue::<Clip>::default();
-        assert!(!d.interrupt(), "nothing to stop");
-        d.started(1);
-        d.say(2, repeat("waiting"), false);
-        assert!(d.interrupt());
-        assert!(!d.busy() && d.waiting() == 0);
-        assert_eq!(d.ended(1, true), None);
+    fn an_empty_message_or_one_without_talking_gets_an_error_and_nothing_starts() {
+        let mut d = D::default();
+        d.typed("   ");
+        let outs = drain(&mut d);
+        assert!(
+            matches!(
+                &events(&outs)[..],
+                [ServerEvent::Error {
+                    code: ErrorCode::InvalidMessage,
+                    ..
+                }]
+            ),
+            "{outs:?}"
+        );
+        let mut idle = D::new(false, true);
+        idle.typed("hello");
+        let outs = drain(&mut idle);
+        assert!(
+            matches!(
+                &events(&outs)[..],
+                [ServerEvent::Error {
+                    code: ErrorCode::Unsupported,
+                    ..
+                }]
+            ),
+            "{outs:?}"
+        );
+        assert_eq!(idle.say(repeat("hi"), false, READY, || 1), Err(Refused::Unsupported));
+        idle.voice_started(false);
+        idle.utterance_ended(800);
+        idle.browser_interrupt();
+        assert_eq!(drain(&mut idle), vec![], "no voice and nothing to stop without talking");
     }
 
     #[test]
-    fn a_failed_turn_lets_the_next_say_play() {
-        let mut d = Dialogue::<Clip>::default();
-        d.started(1);
-        d.say(2, repeat("after"), false);
-        assert_eq!(d.ended(1, false), Some(start(2, "after")));
+    fn an_interrupt_or_a_barge_in_stops_everything() {
+        let mut d = D::default();
+        assert!(!d.api_interrupt(), "nothing to stop");
+        d.began(1);
+        say(&mut d, 2, repeat("waiting"), false);
+        drain(&mut d);
+        assert!(d.api_interrupt());
+        assert_eq!(drain(&mut d), vec![Out::Stop(Cause::Api)]);
+        assert!(!d.busy() && d.waiting() == 0);
+        d.speech_ended(1, true);
+        assert_eq!(starts(&mut d), vec![]);
+
+        d.began(3);
+        say(&mut d, 4, repeat("waiting"), false);
+        d.browser_interrupt();
+        assert!(!d.busy() && d.waiting() == 0);
+        assert_eq!(starts(&mut d), vec![Out::Stop(Cause::Browser)]);
+    }
+
+    #[test]
+    fn a_failed_turn_lets_the_next_say_play_and_says_why() {
+        let mut d = D::default();
+        d.began(1);
+        say(&mut d, 2, repeat("after"), false);
+        drain(&mut d);
+        d.answer_failed(1, "the LLM answered 500");
+        let outs = drain(&mut d);
+        assert_eq!(outs[0], Out::TurnOver { turn: 1, cut: true });
+        assert_eq!(outs[1], Out::Start(start(2, "after")));
+        assert!(
+            matches!(&events(&outs)[..], [ServerEvent::Error { code: ErrorCode::TalkFailed, message }] if message.contains("answer 1 failed")),
+            "{outs:?}"
+        );
+    }
+
+    #[test]
+    fn a_queued_say_that_cannot_start_lets_the_one_after_it_play() {
+        let mut d = D::default();
+        d.began(1);
+        say(&mut d, 2, repeat("refused"), false);
+        say(&mut d, 3, repeat("played"), false);
+        d.speech_ended(1, false);
+        assert_eq!(starts(&mut d), vec![Out::Start(start(2, "refused"))]);
+        // The conversation refused turn 2 (say, over its rate): turn 3 does not wait forever.
+        d.start_failed(2);
+        assert_eq!(starts(&mut d), vec![Out::Start(start(3, "played"))]);
+    }
+
+    #[test]
+    fn an_answer_with_nothing_to_hear_ends_its_turn_and_is_remembered() {
+        let mut d = D::default();
+        d.began(1);
+        say(&mut d, 2, repeat("next"), false);
+        drain(&mut d);
+        d.answer_done(1, Some("hi".into()), Some("Hello!".into()), false);
+        assert_eq!(
+            drain(&mut d),
+            vec![
+                Out::TurnOver { turn: 1, cut: false },
+                Out::Start(start(2, "next")),
+                Out::Remember {
+                    user: "hi".into(),
+                    answer: "Hello!".into()
+                },
+                Out::Event(ServerEvent::AssistantText {
+                    turn: 1,
+                    text: "Hello!".into(),
+                    is_final: true
+                }),
+            ]
+        );
+        // Spoken: the turn goes on until the clock says it ended.
+        d.began(2);
+        drain(&mut d);
+        d.answer_done(2, None, Some("next".into()), true);
+        assert!(d.busy());
+    }
+
+    #[test]
+    fn a_new_peer_drops_the_answer_and_what_waits() {
+        let mut d = D::default();
+        d.began(1);
+        say(&mut d, 2, repeat("waiting"), false);
+        drain(&mut d);
+        d.peer_replaced();
+        assert_eq!(drain(&mut d), vec![Out::Cut { keep: None }]);
+        assert!(!d.busy() && d.waiting() == 0);
+    }
+
+    #[test]
+    fn says_are_refused_before_the_video_plays_past_the_queue_and_beside_an_upload() {
+        let mut d = D::default();
+        let not_ready = Conditions::default();
+        let mut numbered = false;
+        assert_eq!(
+            d.say(repeat("early"), false, not_ready, || {
+                numbered = true;
+                1
+            }),
+            Err(Refused::NotReady)
+        );
+        assert!(!numbered, "a refused say takes no turn number");
+        d.began(1);
+        for turn in 2..2 + MAX_WAITING as u64 {
+            say(&mut d, turn, repeat("queued"), false);
+        }
+        assert_eq!(d.say(repeat("one more"), false, READY, || 99), Err(Refused::QueueFull));
+        assert!(
+            d.say(repeat("urgent"), true, READY, || 99).is_ok(),
+            "an interrupting say is never refused for the queue"
+        );
+        let uploading = Conditions {
+            ready: true,
+            uploading: true,
+        };
+        assert_eq!(
+            d.say(Said::Audio("second.wav"), false, uploading, || 100),
+            Err(Refused::Uploading)
+        );
+        assert!(d.say(repeat("text is fine"), false, uploading, || 101).is_ok());
+        assert!(d.say(Said::Audio("cuts in"), true, uploading, || 102).is_ok());
     }
 
     #[test]
     fn audio_waits_its_turn_like_a_say_and_an_interrupting_one_cuts_in() {
-        let mut d = Dialogue::<Clip>::default();
+        let mut d = D::default();
         assert_eq!(
-            d.say(1, Said::Audio("greeting.wav"), false),
+            say(&mut d, 1, Said::Audio("greeting.wav"), false),
             Say::Now(Start {
                 turn: 1,
                 said: Said::Audio("greeting.wav")
             })
         );
-        d.started(1);
-        assert_eq!(d.say(2, Said::Audio("lesson.wav"), false), Say::Queued { ahead: 0 });
-        assert_eq!(d.say(3, repeat("and text after it"), false), Say::Queued { ahead: 1 });
-        let next = d.ended(1, false).expect("the queued audio");
-        assert_eq!(next.said, Said::Audio("lesson.wav"));
-        d.started(2);
-        // Urgent audio: cuts turn 2 and drops the text waiting behind it.
-        assert!(matches!(d.say(4, Said::Audio("urgent.wav"), true), Say::Now(_)));
-        d.started(4);
-        assert_eq!((d.ended(2, true), d.waiting()), (None, 0));
-    }
-
-    #[test]
-    fn a_voice_barge_in_during_a_backends_turn_stops_it_and_what_waits() {
-        let mut d = Dialogue::<Clip>::default();
-        d.started(1);
-        d.say(2, Said::Audio("next.wav"), false);
-        // The user starts speaking (barge-in): the session interrupts; their words then start
-        // a turn of their own, and nothing of the backend's follows it.
-        assert!(d.interrupt());
-        d.started(3);
-        assert_eq!(d.ended(1, true), None);
-        assert_eq!(d.ended(3, false), None);
-        assert!(!d.busy());
-    }
-
-    #[test]
-    fn speech_over_the_avatar_barges_in_or_is_ignored_as_echo_with_its_utterance() {
-        let mut d = Dialogue::<Clip>::new(true);
-        assert_eq!(d.voice_started(false), Voice::Listen);
-        assert!(d.utterance(), "an ordinary utterance is answered");
-        d.started(1);
-        d.say(2, Said::Audio("after.wav"), false);
-        assert_eq!(d.voice_started(true), Voice::BargeIn);
-        assert!(
-            !d.busy() && d.waiting() == 0,
-            "the barge-in stopped the answer and what waited"
+        d.began(1);
+        assert_eq!(
+            say(&mut d, 2, Said::Audio("lesson.wav"), false),
+            Say::Queued { turn: 2, ahead: 0 }
         );
-        assert!(d.utterance(), "and the user's words are answered");
+        assert_eq!(
+            say(&mut d, 3, repeat("and text after it"), false),
+            Say::Queued { turn: 3, ahead: 1 }
+        );
+        drain(&mut d);
+        d.speech_ended(1, false);
+        assert_eq!(
+            starts(&mut d),
+            vec![Out::Start(Start {
+                turn: 2,
+                said: Said::Audio("lesson.wav")
+            })]
+        );
+        d.began(2);
+        // Urgent audio: cuts turn 2 and drops the text waiting behind it.
+        assert!(matches!(say(&mut d, 4, Said::Audio("urgent.wav"), true), Say::Now(_)));
+        d.began(4);
+        d.speech_ended(2, true);
+        assert_eq!(d.waiting(), 0);
+        assert_eq!(starts(&mut d), vec![Out::Stop(Cause::Api)]);
+    }
 
-        let mut quiet = Dialogue::<Clip>::new(false);
-        quiet.started(1);
-        assert_eq!(quiet.voice_started(true), Voice::Ignore);
+    #[test]
+    fn a_chat_say_is_answered_by_the_model_in_its_turn() {
+        let mut d = D::default();
+        let chat = text("Ask the student about fractions", SayMode::Chat);
+        assert_eq!(
+            say(&mut d, 1, chat.clone(), false),
+            Say::Now(Start { turn: 1, said: chat })
+        );
+        d.began(1);
+        d.answer_text(1, "What".into());
+        d.answer_done(
+            1,
+            Some("Ask the student about fractions".into()),
+            Some("What is 1/2?".into()),
+            true,
+        );
+        let outs = drain(&mut d);
+        assert!(outs.contains(&Out::Remember {
+            user: "Ask the student about fractions".into(),
+            answer: "What is 1/2?".into()
+        }));
+        assert_eq!(events(&outs).len(), 2, "the delta and the final text: {outs:?}");
+    }
+
+    #[test]
+    fn a_voice_barge_in_during_a_backends_turn_stops_it_and_what_waits_and_is_answered() {
+        let mut d = D::default();
+        d.began(1);
+        say(&mut d, 2, Said::Audio("next.wav"), false);
+        drain(&mut d);
+        d.voice_started(true);
+        assert_eq!(
+            drain(&mut d),
+            vec![Out::Stop(Cause::BargeIn), Out::Event(ServerEvent::UserSpeechStarted {})]
+        );
+        assert!(!d.busy() && d.waiting() == 0);
+        d.utterance_ended(900);
+        assert_eq!(
+            drain(&mut d),
+            vec![
+                Out::Recognise,
+                Out::Event(ServerEvent::UserSpeechEnded { duration_ms: 900 })
+            ]
+        );
+        d.transcript(" What is two plus two? ");
+        assert_eq!(
+            drain(&mut d),
+            vec![
+                Out::Event(ServerEvent::UserTranscript {
+                    text: "What is two plus two?".into(),
+                    is_final: true
+                }),
+                Out::Answer {
+                    text: "What is two plus two?".into(),
+                    source: Source::Voice
+                }
+            ]
+        );
+        d.began(3);
+        d.speech_ended(1, true);
+        d.speech_ended(3, false);
+        assert_eq!(starts(&mut d), vec![], "nothing of the backend's follows it");
+        // A cough: no words, no transcript, no answer.
+        d.transcript("  ");
+        assert_eq!(drain(&mut d), vec![]);
+    }
+
+    #[test]
+    fn speech_over_the_avatar_with_barge_in_off_is_ignored_as_echo_with_its_utterance() {
+        let mut quiet = D::new(true, false);
+        quiet.began(1);
+        drain(&mut quiet);
+        quiet.voice_started(true);
         assert!(quiet.busy(), "barge-in off: the avatar goes on");
-        assert!(!quiet.utterance(), "the echo's utterance is dropped");
-        assert_eq!(quiet.voice_started(false), Voice::Listen);
-        assert!(quiet.utterance(), "the next one, after the avatar, is answered");
+        quiet.utterance_ended(700);
+        assert_eq!(drain(&mut quiet), vec![], "the echo and its utterance are dropped");
+        quiet.voice_started(false);
+        quiet.utterance_ended(700);
+        let outs = drain(&mut quiet);
+        assert!(
+            outs.contains(&Out::Recognise),
+            "the next one, after the avatar, is recognised"
+        );
     }
 }

@@ -20,8 +20,10 @@ struct Args {
     /// Check the configuration and exit.
     #[arg(long)]
     check_config: bool,
-    /// Prove the configured encoder and lip-sync model run here (GPU or CPU), print a table of
-    /// their speed, and exit (non-zero if any failed).
+    /// Prove that everything the configuration needs works here: the encoder and lip-sync model
+    /// run (GPU or CPU, with their speed), the VAD and face models load, each configured LLM, TTS
+    /// and speech recognition answers one small request and has its API key variable set. Prints
+    /// a table and exits non-zero naming what failed.
     #[arg(long)]
     self_test: bool,
     /// Frames per self-test measurement.
@@ -119,7 +121,11 @@ fn main() -> std::process::ExitCode {
         return std::process::ExitCode::SUCCESS;
     }
     if args.self_test {
-        let report = avatar_worker::selftest::run(&config, args.self_test_frames);
+        let options = avatar_worker::selftest::Options {
+            frames: args.self_test_frames,
+            face_model: self_test_face_model(&config),
+        };
+        let report = avatar_worker::selftest::run(&config, &options);
         print!("{}", report.render());
         return if report.ok() {
             std::process::ExitCode::SUCCESS
@@ -172,36 +178,11 @@ fn prepare_avatar(args: &Args, p: &PrepareArgs) -> std::process::ExitCode {
         "pingpong" => Some(avatar_worker::media::avatar::Looping::Pingpong),
         other => return fail(64, &format!("--loop {other}: expected auto, forward or pingpong")),
     };
-    // The flag, else the environment (as for the worker itself), else the first that exists of:
-    // the config's, the Debian package's, the tarball's (lib/ beside bin/), the checkout's.
-    let exe_lib = std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().and_then(|bin| bin.parent()).map(|root| root.join("lib")));
-    let find = |flag: &Option<PathBuf>, env: &str, candidates: Vec<Option<PathBuf>>| {
-        flag.clone()
-            .or_else(|| std::env::var_os(env).map(PathBuf::from))
-            .or_else(|| candidates.iter().flatten().find(|c| c.is_file()).cloned())
-            .or_else(|| candidates.iter().flatten().next().cloned())
-            .unwrap_or_default()
-    };
-    let detector = find(
-        &p.detector,
-        "AVATAR_EDGE_FACE_MODEL",
-        vec![
-            Some(PathBuf::from("/usr/share/avatar-edge/centerface.onnx")),
-            exe_lib.as_ref().map(|l| l.join("centerface.onnx")),
-            Some(PathBuf::from(".tools/models/centerface.onnx")),
-        ],
-    );
-    let onnxruntime = find(
+    let detector = find_file(&p.detector, FACE_MODEL_ENV, &face_model_candidates());
+    let onnxruntime = find_file(
         &p.onnxruntime,
-        "AVATAR_EDGE_ONNXRUNTIME",
-        vec![
-            config.as_ref().map(|c| c.talk.lipsync.onnxruntime.clone()),
-            Some(PathBuf::from("/usr/lib/avatar-edge/libonnxruntime.so")),
-            exe_lib.as_ref().map(|l| l.join("libonnxruntime.so")),
-            Some(PathBuf::from(".tools/onnxruntime/libonnxruntime.so")),
-        ],
+        ONNXRUNTIME_ENV,
+        &onnxruntime_candidates(config.as_ref()),
     );
     let options = prepare::Options {
         input: p.input.clone(),
@@ -239,6 +220,56 @@ fn prepare_avatar(args: &Args, p: &PrepareArgs) -> std::process::ExitCode {
             fail(code, &e)
         }
     }
+}
+
+const FACE_MODEL_ENV: &str = "AVATAR_EDGE_FACE_MODEL";
+const ONNXRUNTIME_ENV: &str = "AVATAR_EDGE_ONNXRUNTIME";
+
+/// `lib/` beside `bin/` of the running binary: where the portable tarball keeps its libraries.
+fn exe_lib() -> Option<PathBuf> {
+    std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().and_then(|bin| bin.parent()).map(|root| root.join("lib")))
+}
+
+/// Where a CenterFace model may be: the Debian package's, the tarball's, the checkout's.
+fn face_model_candidates() -> Vec<Option<PathBuf>> {
+    vec![
+        Some(PathBuf::from("/usr/share/avatar-edge/centerface.onnx")),
+        exe_lib().map(|l| l.join("centerface.onnx")),
+        Some(PathBuf::from(".tools/models/centerface.onnx")),
+    ]
+}
+
+/// Where ONNX Runtime may be: the config's, the Debian package's, the tarball's, the checkout's.
+fn onnxruntime_candidates(config: Option<&WorkerConfig>) -> Vec<Option<PathBuf>> {
+    vec![
+        config.map(|c| c.talk.lipsync.onnxruntime.clone()),
+        Some(PathBuf::from("/usr/lib/avatar-edge/libonnxruntime.so")),
+        exe_lib().map(|l| l.join("libonnxruntime.so")),
+        Some(PathBuf::from(".tools/onnxruntime/libonnxruntime.so")),
+    ]
+}
+
+/// The flag, else the environment (as for the worker itself), else the first of `candidates`
+/// that exists, else the first of them (for the error to name).
+fn find_file(flag: &Option<PathBuf>, env: &str, candidates: &[Option<PathBuf>]) -> PathBuf {
+    flag.clone()
+        .or_else(|| std::env::var_os(env).map(PathBuf::from))
+        .or_else(|| candidates.iter().flatten().find(|c| c.is_file()).cloned())
+        .or_else(|| candidates.iter().flatten().next().cloned())
+        .unwrap_or_default()
+}
+
+/// The face model `worker avatar prepare` would use here, for the self-test to load: the one
+/// `AVATAR_EDGE_FACE_MODEL` names (missing or not), else the first installed one; none when
+/// this box has none (the worker does not need one to serve).
+fn self_test_face_model(config: &WorkerConfig) -> Option<avatar_worker::selftest::FaceModel> {
+    let model = std::env::var_os(FACE_MODEL_ENV)
+        .map(PathBuf::from)
+        .or_else(|| face_model_candidates().into_iter().flatten().find(|c| c.is_file()))?;
+    let onnxruntime = find_file(&None, ONNXRUNTIME_ENV, &onnxruntime_candidates(Some(config)));
+    Some(avatar_worker::selftest::FaceModel { model, onnxruntime })
 }
 
 fn load_config(args: &Args) -> anyhow::Result<WorkerConfig> {

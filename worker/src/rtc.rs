@@ -525,7 +525,7 @@ impl Peer {
 
     /// Send one video packet now, stamped with its send time (`abs-send-time`). The SSRC and
     /// payload type are the negotiated ones.
-    pub async fn write_video_packet(&self, packet: &webrtc::rtp::packet::Packet) -> Result<(), RtcError> {
+    pub async fn write_video_packet(&self, packet: &rtp::packet::Packet) -> Result<(), RtcError> {
         use webrtc::rtp::extension::{abs_send_time_extension::AbsSendTimeExtension, HeaderExtension};
         let sent = HeaderExtension::AbsSendTime(AbsSendTimeExtension::new(SystemTime::now()));
         self.video.write_rtp_with_extensions(packet, &[sent]).await?;

@@ -26,8 +26,13 @@
 //! ```
 //!
 //! The session's media is a fan-out ([`crate::media::fanout`]): the viewer's peer first, and any
-//! sink that joins through [`SessionHandle::tap`] (a recording, another viewer). Which answer plays when (the browser's message cuts in; a backend's say waits its turn
-//! unless it interrupts) is the pure [`crate::dialogue::Dialogue`]'s decision.
+//! sink that joins through [`SessionHandle::tap`] (a recording, another viewer).
+//!
+//! The dialogue rules are the pure [`Dialogue`]'s: which answer plays when (the browser's
+//! message cuts in; a backend's say waits its turn unless it interrupts), what the user's voice
+//! does, and which events the browser gets for it all. The session feeds it what happened (the
+//! browser's messages, the API's says, what the listener heard, the conversation's and the
+//! clock's reports, a new peer) and carries out what it decides, in order (`Session::follow`).
 //!
 //! Media follows the viewer's bandwidth: the peer's REMB and receiver reports go to the sender
 //! task ([`crate::media::send`]), which paces video and publishes the target the media clock
@@ -46,7 +51,7 @@
 //!
 //! Either way the encoder thread is stopped and the capacity slot returned (both on drop).
 
-use crate::dialogue::{Dialogue, Said, Start, Voice};
+use crate::dialogue::{Cause, Conditions, Dialogue, Out, Said, Say, Start};
 use crate::media::fanout::Taps;
 use crate::media::rate::{RateControl, Target};
 use crate::media::record::{RecordError, Recording, RecordingSpec};
@@ -233,11 +238,12 @@ pub async fn run_session(
         upload: None,
         ctx,
         about,
-        dialogue: Dialogue::new(barge_in),
+        dialogue: Dialogue::new(conv.is_some(), barge_in),
         transcript: Transcript::default(),
         records: open.records,
         finished: Vec::new(),
         voice_began: None,
+        utterance: None,
         active: None,
         detached: false,
         conv,
@@ -349,6 +355,8 @@ struct Session {
     finished: Vec<TranscriptTurn>,
     /// When the user's current utterance began.
     voice_began: Option<chrono::DateTime<chrono::Utc>>,
+    /// The utterance that just ended, until the dialogue says to recognise it.
+    utterance: Option<Vec<f32>>,
     active: Option<Active>,
     /// The tunnel broke (or the relay link is gone); media continues until the peer ends.
     detached: bool,
@@ -418,7 +426,9 @@ impl Session {
     /// Run until the session ends; returns what to tell the relay, if anything.
     async fn serve(&mut self, clip: &Arc<crate::media::avatar::AvatarClip>, shutdown: &CancellationToken) -> End {
         loop {
-            // Turns completed by the last input, for the relay's webhooks.
+            // What the last input made the dialogue decide, then the turns it completed, for
+            // the relay's webhooks.
+            self.follow().await;
             self.send_records().await;
             let state = async {
                 match self.active.as_mut() {
@@ -510,10 +520,7 @@ impl Session {
                     if let Some(conv) = self.conv.as_mut() {
                         conv.detach();
                     }
-                    // The answer in progress went with the old clock and will report no end:
-                    // nothing is current, and what waited for it is dropped.
-                    self.dialogue.interrupt();
-                    self.cut(None);
+                    self.dialogue.peer_replaced();
                     old.stop().await;
                 }
                 let started = std::time::Instant::now();
@@ -574,126 +581,131 @@ impl Session {
                         .await;
                 }
             }
-            ClientMessage::TextWebrtc(t) => {
-                self.answer(t.message.trim().to_owned(), Source::Text, chrono::Utc::now())
-                    .await
-            }
-            ClientMessage::Interrupt {} => {
-                if let Some(conv) = self.conv.as_mut() {
-                    info!("interrupted by the browser");
-                    conv.interrupt();
-                    self.dialogue.interrupt();
+            ClientMessage::TextWebrtc(t) => self.dialogue.typed(&t.message),
+            ClientMessage::Interrupt {} => self.dialogue.browser_interrupt(),
+        }
+    }
+
+    /// Carry out what the dialogue decided ([`crate::dialogue`]), in order.
+    async fn follow(&mut self) {
+        while let Some(out) = self.dialogue.poll() {
+            match out {
+                Out::Event(event) => {
+                    if event == (ServerEvent::UserSpeechStarted {}) {
+                        self.voice_began = Some(chrono::Utc::now());
+                    }
+                    self.event(event).await;
+                }
+                Out::Answer { text, source } => self.answer(text, source).await,
+                Out::Start(start) => {
+                    let turn = start.turn;
+                    match self.begin(start) {
+                        Ok(turn) => info!(turn, "saying what the session API queued"),
+                        Err(refusal) => {
+                            warn!(turn, %refusal, "a queued say could not start; the next one plays");
+                            self.dialogue.start_failed(turn);
+                        }
+                    }
+                }
+                Out::Stop(cause) => {
+                    match cause {
+                        Cause::Browser => info!("interrupted by the browser"),
+                        Cause::Api => info!("interrupted by the session API"),
+                        Cause::BargeIn => {
+                            info!("barge-in: the user spoke over the avatar");
+                            metrics::counter!("worker_barge_ins_total").increment(1);
+                        }
+                    }
+                    if let Some(conv) = self.conv.as_mut() {
+                        conv.interrupt();
+                    }
                     self.cut(None);
                 }
+                Out::Cut { keep } => self.cut(keep),
+                Out::Recognise => {
+                    if let (Some(conv), Some(pcm)) = (self.conv.as_mut(), self.utterance.take()) {
+                        metrics::counter!("worker_utterances_total").increment(1);
+                        if conv.transcribe(pcm) {
+                            debug!("a newer utterance replaced the one waiting for recognition");
+                        }
+                    }
+                }
+                Out::Remember { user, answer } => {
+                    if let Some(conv) = self.conv.as_mut() {
+                        conv.remember(user, answer);
+                    }
+                }
+                Out::TurnOver { turn, cut } => {
+                    let done = self.transcript.ended(turn, cut, chrono::Utc::now());
+                    self.note(done);
+                }
+            }
+        }
+        // An utterance the dialogue did not ask to recognise (echo over the avatar) is dropped.
+        self.utterance = None;
+    }
+
+    /// Start answering the user's `message` (typed, or a transcript), or tell the browser why
+    /// not: the session's limits ([`crate::talk::limits`]) refuse a message that is too long or
+    /// comes over the turn rate, and the answer in progress then goes on.
+    async fn answer(&mut self, message: String, source: Source) {
+        let now = chrono::Utc::now();
+        let began = match source {
+            Source::Voice => self.voice_began.take().unwrap_or(now),
+            _ => now,
+        };
+        let Some(conv) = self.conv.as_mut() else { return };
+        match conv.say(message.clone()) {
+            Ok(turn) => {
+                info!(turn, "answering");
+                let user = self.transcript.user(turn, &message, source, began, now);
+                self.note(user);
+                self.transcript.asked(turn, source, None, now);
+                self.dialogue.began(turn);
+                metrics::counter!("worker_talk_turns_total").increment(1);
+            }
+            Err(refusal) => {
+                info!(%refusal, "message refused");
+                metrics::counter!("worker_talk_refused_total", "reason" => refusal.reason()).increment(1);
+                self.event(refusal.event()).await;
             }
         }
     }
 
-    /// Start answering `message` (typed, or a transcript), or tell the browser why not: the
-    /// session's limits ([`crate::talk::limits`]) refuse a message that is too long or comes
-    /// over the turn rate, and the answer in progress then goes on.
-    async fn answer(&mut self, message: String, source: Source, began: chrono::DateTime<chrono::Utc>) {
-        let refusal = match self.conv.as_mut() {
-            None => ServerEvent::error(
-                ErrorCode::Unsupported,
-                "this worker streams the idle avatar only; the talking pipeline is disabled ([talk] enabled = false)",
-            ),
-            Some(_) if message.is_empty() => ServerEvent::error(ErrorCode::InvalidMessage, "`message` is empty"),
-            Some(conv) => match conv.say(message.clone()) {
-                Ok(turn) => {
-                    info!(turn, "answering");
-                    self.dialogue.started(turn);
-                    let now = chrono::Utc::now();
-                    let user = self.transcript.user(turn, &message, source, began, now);
-                    self.note(user);
-                    self.transcript.asked(turn, source, None, now);
-                    // A message cuts the answer in progress.
-                    self.cut(Some(turn));
-                    metrics::counter!("worker_talk_turns_total").increment(1);
-                    return;
-                }
-                Err(refusal) => {
-                    info!(%refusal, "message refused");
-                    metrics::counter!("worker_talk_refused_total", "reason" => refusal.reason()).increment(1);
-                    refusal.event()
-                }
-            },
-        };
-        self.event(refusal).await;
-    }
-
     async fn on_hearing(&mut self, h: Hearing) {
-        let Some(conv) = self.conv.as_mut() else {
-            return;
-        };
-        let event = match h {
-            Hearing::Heard(Heard::Started { barge_in }) => match self.dialogue.voice_started(barge_in) {
-                // The avatar is speaking and voice may not interrupt it: most likely its own
-                // echo, and a question now would cut the answer anyway.
-                Voice::Ignore => return,
-                Voice::BargeIn => {
-                    self.voice_began = Some(chrono::Utc::now());
-                    info!("barge-in: the user spoke over the avatar");
-                    metrics::counter!("worker_barge_ins_total").increment(1);
-                    conv.interrupt();
-                    self.cut(None);
-                    ServerEvent::UserSpeechStarted {}
-                }
-                Voice::Listen => {
-                    self.voice_began = Some(chrono::Utc::now());
-                    ServerEvent::UserSpeechStarted {}
-                }
-            },
+        match h {
+            Hearing::Heard(Heard::Started { barge_in }) => self.dialogue.voice_started(barge_in),
             Hearing::Heard(Heard::Utterance { pcm, .. }) => {
-                if !self.dialogue.utterance() {
-                    return;
-                }
                 let duration_ms = crate::talk::vad::duration_ms(&pcm);
                 debug!(duration_ms, "utterance");
-                metrics::counter!("worker_utterances_total").increment(1);
-                if conv.transcribe(pcm) {
-                    debug!("a newer utterance replaced the one waiting for recognition");
-                }
-                ServerEvent::UserSpeechEnded { duration_ms }
+                self.utterance = Some(pcm);
+                self.dialogue.utterance_ended(duration_ms);
             }
             Hearing::Failed(e) => {
                 warn!(error = %e, "voice input stopped");
                 self.hearing = None;
-                ServerEvent::error(ErrorCode::TalkFailed, format!("voice input stopped: {e}"))
+                self.event(ServerEvent::error(
+                    ErrorCode::TalkFailed,
+                    format!("voice input stopped: {e}"),
+                ))
+                .await;
             }
-        };
-        self.event(event).await;
+        }
     }
 
     async fn on_talk(&mut self, ev: TalkEvent) {
-        let event = match ev {
+        match ev {
             TalkEvent::Transcript { text } => {
-                let text = text.trim().to_owned();
-                if text.is_empty() {
-                    debug!("an utterance with no words");
-                    return;
-                }
-                info!(chars = text.chars().count(), "heard");
-                self.event(ServerEvent::UserTranscript {
-                    text: text.clone(),
-                    is_final: true,
-                })
-                .await;
-                let began = self.voice_began.take().unwrap_or_else(chrono::Utc::now);
-                self.answer(text, Source::Voice, began).await;
-                return;
+                info!(chars = text.trim().chars().count(), "heard");
+                self.dialogue.transcript(&text);
             }
             TalkEvent::TranscriptFailed { message } => {
                 metrics::counter!("worker_talk_failures_total").increment(1);
-                ServerEvent::error(ErrorCode::TalkFailed, message)
+                self.dialogue.transcript_failed(message);
             }
             TalkEvent::Text { turn, text } => {
                 self.transcript.delta(turn, &text);
-                ServerEvent::AssistantText {
-                    turn,
-                    text,
-                    is_final: false,
-                }
+                self.dialogue.answer_text(turn, text);
             }
             TalkEvent::Done {
                 turn,
@@ -704,43 +716,12 @@ impl Session {
                 if let Some(answer) = &answer {
                     self.transcript.answer(turn, answer);
                 }
-                if !spoken {
-                    // Nothing to hear (a text of no words, audio of no samples): the clock will
-                    // not report an end of speech, so the turn ends here.
-                    self.turn_ended(turn, false);
-                }
-                let Some(answer) = answer else { return };
-                if let (Some(conv), Some(user)) = (self.conv.as_mut(), user) {
-                    conv.remember(user, answer.clone());
-                }
-                ServerEvent::AssistantText {
-                    turn,
-                    text: answer,
-                    is_final: true,
-                }
+                self.dialogue.answer_done(turn, user, answer, spoken);
             }
             TalkEvent::Failed { turn, message } => {
                 metrics::counter!("worker_talk_failures_total").increment(1);
-                // What was said of it, cut short.
-                let cut = self.transcript.ended(turn, true, chrono::Utc::now());
-                self.note(cut);
-                self.turn_ended(turn, false);
-                ServerEvent::error(ErrorCode::TalkFailed, format!("answer {turn} failed: {message}"))
+                self.dialogue.answer_failed(turn, &message);
             }
-        };
-        self.event(event).await;
-    }
-
-    /// Turn `turn` is over: start the session API's next waiting say, if any.
-    fn turn_ended(&mut self, turn: u64, interrupted: bool) {
-        let done = self.transcript.ended(turn, interrupted, chrono::Utc::now());
-        self.note(done);
-        let Some(next) = self.dialogue.ended(turn, interrupted) else {
-            return;
-        };
-        match self.begin(next) {
-            Ok(turn) => info!(turn, "saying what the session API queued"),
-            Err(refusal) => warn!(%refusal, "a queued say could not start"),
         }
     }
 
@@ -759,13 +740,12 @@ impl Session {
             }
             Said::Audio(audio) => (conv.play(Some(start.turn), audio)?, None, None),
         };
-        self.dialogue.started(turn);
         if let Some(user) = user {
             let user = self.transcript.user(turn, &user, Source::Api, now, now);
             self.note(user);
         }
         self.transcript.asked(turn, Source::Api, answer, now);
-        self.cut(Some(turn));
+        self.dialogue.began(turn);
         Ok(turn)
     }
 
@@ -791,14 +771,6 @@ impl Session {
                 (self.api_turn(said, say.interrupt), None)
             }
             Command::Audio { interrupt, .. } => match audio {
-                // One upload at a time (each holds a tunnel stream), unless the new one cuts in.
-                Some(_) if !interrupt && self.upload.as_ref().is_some_and(|u| u.upgrade().is_some()) => (
-                    Reply::Refused {
-                        code: "busy".into(),
-                        message: "an audio upload to this session is in progress: wait for its answer, or send with interrupt=true".into(),
-                    },
-                    None,
-                ),
                 Some(audio) => {
                     let upload = audio.upload.clone();
                     let reply = self.api_turn(Said::Audio(audio), interrupt);
@@ -816,12 +788,7 @@ impl Session {
                 ),
             },
             Command::Interrupt { .. } => {
-                let interrupted = self.dialogue.interrupt();
-                if let Some(conv) = self.conv.as_mut() {
-                    conv.interrupt();
-                }
-                self.cut(None);
-                info!(interrupted, "interrupted by the session API");
+                let interrupted = self.dialogue.api_interrupt();
                 (Reply::Interrupted { interrupted }, None)
             }
             Command::End { .. } => {
@@ -838,53 +805,40 @@ impl Session {
         end
     }
 
-    /// The session API's say or audio: start it, or queue it behind the answer in progress.
+    /// The session API's say or audio: start it, or queue it behind the answer in progress
+    /// (the dialogue decides; see [`crate::dialogue::Dialogue::say`]).
     fn api_turn(&mut self, said: Said<AudioIn>, interrupt: bool) -> avatar_proto::api::Reply {
-        use crate::dialogue::Say;
         use avatar_proto::api::Reply;
-        let refused = |code: ErrorCode, message: String| Reply::Refused {
-            code: code.as_str().to_owned(),
-            message,
+        let now = Conditions {
+            ready: self.conv.as_ref().is_some_and(|c| c.ready()),
+            // One upload at a time: each holds a tunnel stream.
+            uploading: self.upload.as_ref().is_some_and(|u| u.upgrade().is_some()),
         };
-        let Some(conv) = self.conv.as_mut() else {
-            return refused(
-                ErrorCode::Unsupported,
-                "this worker streams the idle avatar only; the talking pipeline is disabled ([talk] enabled = false)"
-                    .into(),
-            );
-        };
-        if !conv.ready() {
-            return refused(
-                ErrorCode::NoSession,
-                "the session's video is not playing yet (the browser has not connected its peer)".into(),
-            );
-        }
-        if !interrupt && self.dialogue.waiting() >= crate::dialogue::MAX_WAITING {
-            return refused(
-                ErrorCode::RateLimited,
-                format!(
-                    "{} says are already waiting; send one with interrupt, or wait",
-                    crate::dialogue::MAX_WAITING
-                ),
-            );
-        }
-        let turn = conv.reserve_turn();
         let kind = match &said {
             Said::Text { mode, .. } => format!("{mode:?}"),
             Said::Audio(a) => format!("audio at {} Hz", a.rate),
         };
-        match self.dialogue.say(turn, said, interrupt) {
-            Say::Queued { ahead } => {
+        let conv = &mut self.conv;
+        let next_turn = || conv.as_mut().map_or(0, |c| c.reserve_turn());
+        match self.dialogue.say(said, interrupt, now, next_turn) {
+            Err(refused) => Reply::Refused {
+                code: refused.code().to_owned(),
+                message: refused.to_string(),
+            },
+            Ok(Say::Queued { turn, ahead }) => {
                 info!(turn, ahead, %kind, "queued behind the answer in progress");
                 Reply::Turn { turn, queued: true }
             }
-            Say::Now(start) => match self.begin(start) {
+            Ok(Say::Now(start)) => match self.begin(start) {
                 Ok(turn) => {
                     info!(turn, %kind, "saying for the session API");
                     metrics::counter!("worker_api_says_total").increment(1);
                     Reply::Turn { turn, queued: false }
                 }
-                Err(refusal) => refused(refusal.code(), refusal.to_string()),
+                Err(refusal) => Reply::Refused {
+                    code: refusal.code().as_str().to_owned(),
+                    message: refusal.to_string(),
+                },
             },
         }
     }
@@ -909,11 +863,8 @@ impl Session {
 
     async fn on_clock(&mut self, ev: ClockEvent) {
         let event = match ev {
-            ClockEvent::SpeechStarted { turn } => ServerEvent::SpeechStarted { turn },
-            ClockEvent::SpeechEnded { turn, interrupted } => {
-                self.turn_ended(turn, interrupted);
-                ServerEvent::SpeechEnded { turn, interrupted }
-            }
+            ClockEvent::SpeechStarted { turn } => return self.dialogue.speech_started(turn),
+            ClockEvent::SpeechEnded { turn, interrupted } => return self.dialogue.speech_ended(turn, interrupted),
             ClockEvent::Quality(t) => {
                 debug!(
                     estimate_kbps = t.estimate_bps / 1000,

@@ -35,9 +35,9 @@
 //! one is set, which trusts every box that holds it alike. Either way, a worker's declared
 //! capacity is capped per id, so no box can draw every new session to itself.
 
-pub mod conn;
 pub mod tcp;
 
+use crate::conn::{self, RecvHalf, SendHalf, TcpTunnel};
 use crate::limits::{OpenCounts, OpenGuard, Refused};
 use crate::registry::{SessionSlot, WorkerHandle};
 use crate::tls::ServerCerts;
@@ -49,7 +49,6 @@ use avatar_proto::tunnel::{
     session_stream_limit, valid_worker_id, verify_auth_proof, Control, Registration, SessionFrame, SessionOpen,
     StreamHeader, ALPN, EXPORTER_LABEL, EXPORTER_LEN, NONCE_LEN, PROTOCOL_VERSION,
 };
-use conn::{RecvHalf, SendHalf, TcpTunnel};
 use rand::RngCore;
 use serde::de::DeserializeOwned;
 use std::net::{IpAddr, SocketAddr};
@@ -62,8 +61,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, info_span, warn, Instrument};
 
+pub use crate::conn::{Transport, TunnelConn};
 pub use avatar_proto::tunnel::close_code;
-pub use conn::{Transport, TunnelConn};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {

@@ -29,13 +29,13 @@ use super::rate::{RateControl, Target};
 use super::stream::{ClockEvent, MediaOut};
 use crate::rtc::{Feedback, Peer};
 use bytes::Bytes;
+use rtp::codecs::h264::H264Payloader;
+use rtp::packetizer::Payloader;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
-use webrtc::rtp::codecs::h264::H264Payloader;
-use webrtc::rtp::packetizer::Payloader;
 
 /// The longest video may wait in the pacer; beyond it the queue is dropped and a keyframe asked
 /// for.
@@ -171,7 +171,7 @@ impl Default for H264Packetizer {
 impl H264Packetizer {
     /// One frame (Annex B) at the clock's RTP time `timestamp` (offset by this stream's random
     /// start); the last packet carries the marker bit.
-    pub fn packetize(&mut self, annex_b: &Bytes, timestamp: u32) -> Vec<webrtc::rtp::packet::Packet> {
+    pub fn packetize(&mut self, annex_b: &Bytes, timestamp: u32) -> Vec<rtp::packet::Packet> {
         let payloads = match self.payloader.payload(RTP_PAYLOAD, annex_b) {
             Ok(p) => p,
             Err(e) => {
@@ -186,8 +186,8 @@ impl H264Packetizer {
             .map(|(i, payload)| {
                 let sequence_number = self.sequence;
                 self.sequence = self.sequence.wrapping_add(1);
-                webrtc::rtp::packet::Packet {
-                    header: webrtc::rtp::header::Header {
+                rtp::packet::Packet {
+                    header: rtp::header::Header {
                         version: 2,
                         marker: i + 1 == count,
                         sequence_number,
@@ -311,7 +311,7 @@ pub async fn send_media(parts: SendParts) {
 }
 
 /// Write `packets` in order; `false` once a write fails (the peer is gone).
-async fn write_all(peer: &Peer, packets: impl IntoIterator<Item = webrtc::rtp::packet::Packet>) -> bool {
+async fn write_all(peer: &Peer, packets: impl IntoIterator<Item = rtp::packet::Packet>) -> bool {
     for p in packets {
         if let Err(e) = peer.write_video_packet(&p).await {
             tracing::debug!(error = %e, "video write failed");

@@ -110,7 +110,8 @@ pub struct Talk {
     pub onnxruntime: std::path::PathBuf,
 }
 
-fn http_client() -> Result<reqwest::Client, TalkError> {
+/// The HTTP client every backend shares (and `worker --self-test` calls them with).
+pub(crate) fn http_client() -> Result<reqwest::Client, TalkError> {
     reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(5))
         .user_agent(concat!("avatar-edge/", env!("CARGO_PKG_VERSION")))
@@ -118,7 +119,8 @@ fn http_client() -> Result<reqwest::Client, TalkError> {
         .map_err(|e| TalkError::Client(e.to_string()))
 }
 
-fn make_llm(cfg: &LlmConfig, client: &reqwest::Client) -> Arc<dyn Llm> {
+/// The backends as the pipeline builds them from their config (the self-test checks these very ones).
+pub(crate) fn make_llm(cfg: &LlmConfig, client: &reqwest::Client) -> Arc<dyn Llm> {
     match cfg.backend {
         LlmBackend::Openai => Arc::new(llm::OpenAiLlm {
             client: client.clone(),
@@ -134,7 +136,7 @@ fn make_llm(cfg: &LlmConfig, client: &reqwest::Client) -> Arc<dyn Llm> {
     }
 }
 
-fn make_asr(cfg: &AsrConfig, client: &reqwest::Client) -> Arc<dyn asr::Asr> {
+pub(crate) fn make_asr(cfg: &AsrConfig, client: &reqwest::Client) -> Arc<dyn asr::Asr> {
     Arc::new(asr::OpenAiAsr {
         client: client.clone(),
         base_url: cfg.base_url.clone(),
@@ -145,7 +147,7 @@ fn make_asr(cfg: &AsrConfig, client: &reqwest::Client) -> Arc<dyn asr::Asr> {
     })
 }
 
-fn make_tts(cfg: &TtsConfig, client: &reqwest::Client) -> Arc<dyn Tts> {
+pub(crate) fn make_tts(cfg: &TtsConfig, client: &reqwest::Client) -> Arc<dyn Tts> {
     match cfg.backend {
         TtsBackend::Openai => Arc::new(tts::OpenAiTts {
             client: client.clone(),
