@@ -287,6 +287,10 @@ async function start() {
     updateButtons();
   });
   session.on('user_speech_started', () => { $('listening').hidden = false; });
+  // A worker that cannot hear (no voice input, or its speech recognition is down) gets no Talk.
+  session.on('features', ({ voice }) => {
+    $('mic').hidden = !voice || !(navigator.mediaDevices && navigator.mediaDevices.getUserMedia);
+  });
   // The worker follows this connection's bandwidth; the panel says what it sends now.
   session.on('video_quality', (q) => {
     $('p-estimate').textContent = `${q.estimateKbps} kbit/s`;

@@ -94,6 +94,8 @@
  * @property {{durationMs: number}} user_speech_ended The user stopped; the speech goes to recognition.
  * @property {{text: string, final: boolean}} user_transcript What the user said; its answer follows.
  * @property {VideoQuality} video_quality What the worker sends as it follows this viewer's bandwidth.
+ * @property {{voice: boolean}} features What the session's worker can do: `voice` false means it
+ *   cannot hear the microphone now (no voice input, or its speech recognition is down): hide Talk.
  * @property {boolean} microphone The microphone went on (`true`) or off.
  * @property {SessionError} error
  * @property {SessionState} state
@@ -129,6 +131,8 @@ export class Session {
     this.sessionId = null;
     /** @type {string | null} Which worker serves the session. */
     this.workerId = null;
+    /** @type {boolean | null} Whether the worker hears the microphone (null: not said yet). */
+    this.voice = null;
     /** @type {WebSocket | null} */
     this.socket = null;
     /** @type {RTCPeerConnection | null} */
@@ -524,6 +528,10 @@ export class Session {
       case 'user_transcript':
         this.textSentAt = performance.now();
         this.emit('user_transcript', { text: String(msg.text || ''), final: !!msg.final });
+        break;
+      case 'features':
+        this.voice = !!msg.voice;
+        this.emit('features', { voice: this.voice });
         break;
       case 'video_quality':
         this.emit('video_quality', {

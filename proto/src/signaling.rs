@@ -309,6 +309,13 @@ pub enum ServerEvent {
         width: u32,
         height: u32,
     },
+    /// What the session's worker can do, sent once when the session opens. `voice`: it hears
+    /// the microphone (voice input is configured and its speech recognition answers); a page
+    /// hides its microphone button when it is false, instead of failing each attempt. Pages
+    /// may ignore it (the customer's page does).
+    Features {
+        voice: bool,
+    },
 }
 
 impl ServerEvent {

@@ -103,6 +103,20 @@ fn chromium_asks_by_voice_in_english_and_chinese_and_the_avatar_answers() {
                 write_wav(&wav, &speak(voice, question, 48_000), 48_000, 1.5, 4.0);
                 let url = format!("http://{}/?voice=1&avatar={avatar}", cluster.relay.http);
                 let mut browser = live_with_microphone(&url, &wav, &cluster).await;
+                // The worker hears (its recogniser answers): the page offers Talk.
+                let features = browser
+                    .poll(
+                        "window.avatarEdge.state.session ? window.avatarEdge.state.session.voice : null",
+                        SECS(5),
+                        |v| !v.is_null(),
+                    )
+                    .await;
+                assert_eq!(features, true, "features said the worker hears");
+                let hidden = browser
+                    .eval("document.getElementById('mic').hidden")
+                    .await
+                    .expect("mic");
+                assert_eq!(hidden, false, "Talk is offered");
                 let frames = browser
                     .poll("window.avatarEdge.stats().then(s => s.framesDecoded)", SECS(10), |v| {
                         v.as_u64().unwrap_or(0) >= 10
@@ -358,6 +372,53 @@ fn speaking_over_the_avatar_silences_it_within_300_ms_and_is_answered() {
             assert!(text.contains("two") || text.contains('2'), "{transcript}");
             let (_, next) = until(&mut sig, "speech_started", &cluster).await;
             assert_eq!(next["turn"], 2, "{next}");
+        },
+    );
+}
+
+/// Voice input is configured, but speech recognition cannot be reached: the worker says so at
+/// start, and the page hides Talk instead of failing each attempt.
+#[test]
+fn a_worker_whose_recogniser_is_down_says_so_at_start_and_its_page_hides_talk() {
+    netns::run(
+        "a_worker_whose_recogniser_is_down_says_so_at_start_and_its_page_hides_talk",
+        || async {
+            // Nothing listens on port 9 in the test's own namespace: refused at once.
+            let mut cluster = Cluster::relay_only("").await;
+            cluster
+                .add_worker("deaf", 2, &voice_toml("http://127.0.0.1:9/v1", 2000, ""))
+                .await;
+            let log = cluster.workers[0].log.clone();
+            cluster
+                .wait_for_log(&log, "speech recognition cannot be reached", SECS(5))
+                .await;
+            let url = format!("http://{}/?avatar=avatar_tutor_13", cluster.relay.http);
+            let mut browser = Chromium::launch(&url).await.expect("chromium");
+            let state = browser.poll(SESSION_STATE, SECS(15), |v| v == "live").await;
+            assert_eq!(state, "live", "{}", cluster.logs());
+            let voice = browser
+                .poll(
+                    "window.avatarEdge.state.session ? window.avatarEdge.state.session.voice : null",
+                    SECS(5),
+                    |v| !v.is_null(),
+                )
+                .await;
+            assert_eq!(voice, false, "features said the worker cannot hear\n{}", cluster.logs());
+            let hidden = browser
+                .eval("document.getElementById('mic').hidden")
+                .await
+                .expect("mic");
+            assert_eq!(hidden, true, "Talk is hidden");
+            // Typing still works.
+            browser.eval("window.avatarEdge.say('Hello?')").await.expect("say");
+            let speaking = browser
+                .poll("window.avatarEdge.state.speaking", SECS(10), |v| !v.is_null())
+                .await;
+            assert!(
+                !speaking.is_null(),
+                "the typed question is answered\n{}",
+                cluster.logs()
+            );
         },
     );
 }

@@ -331,6 +331,11 @@ impl Worker {
             );
             tunnels.spawn(sweep_recordings(dir, keep, stop.end.clone()));
         }
+        if let Some(talk) = &self.ctx.talk {
+            // Before the first session: whether its page may offer Talk.
+            talk.check_hearing(true).await;
+            tunnels.spawn(Arc::clone(talk).watch_hearing(stop.end.clone()));
+        }
         for target in self.ctx.config.relays.clone() {
             tunnels.spawn(tunnel::maintain(target, Arc::clone(&self.ctx), stop.clone()));
         }

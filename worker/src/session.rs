@@ -385,6 +385,8 @@ impl Session {
             return;
         };
         info!(avatar = %clip.id, "session started");
+        let voice = ctx.talk.as_ref().is_some_and(|t| t.hears());
+        self.event(ServerEvent::Features { voice }).await;
         metrics::counter!("worker_sessions_total").increment(1);
         metrics::gauge!("worker_sessions_active").increment(1.0);
         let registered = ctx.directory.register(&self.about.session_id, self.handle.clone());
@@ -964,7 +966,10 @@ impl Session {
         info!("peer connected: streaming");
         active.media = Some((stream, writer));
         // Voice input, when the browser sends its microphone and the worker has a VAD model.
-        let voice = self.ctx.talk.as_ref().and_then(|t| t.vad.model.clone().map(|m| (t, m)));
+        // (Not while speech recognition cannot be reached: the page was told there is no Talk.)
+        let voice = (self.ctx.talk.as_ref())
+            .filter(|t| t.hears())
+            .and_then(|t| t.vad.model.clone().map(|m| (t, m)));
         if let (Some((talk, model)), Some(conv), Some(mic)) = (voice, self.conv.as_ref(), active.mic.take()) {
             let (tx, rx) = mpsc::unbounded_channel();
             let stop = CancellationToken::new();

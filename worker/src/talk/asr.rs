@@ -15,7 +15,15 @@ pub trait Asr: Send + Sync {
     fn name(&self) -> String;
     /// `pcm`: mono at [`super::vad::RATE`]. `language`: a code like `en`, or `None` to detect.
     fn transcribe<'a>(&'a self, pcm: &'a [f32], language: Option<&'a str>) -> BoxFuture<'a, Result<String, TalkError>>;
+    /// Whether the recogniser answers at all (any HTTP answer counts; a refused or timed-out
+    /// connection does not): voice input is offered only while it does.
+    fn reachable(&self) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async { Ok(()) })
+    }
 }
+
+/// How long [`Asr::reachable`] waits for an answer.
+pub const REACHABLE_WITHIN: Duration = Duration::from_secs(3);
 
 /// Largest transcript accepted (the text of a minute of speech is a few kilobytes).
 const MAX_TRANSCRIPT_BYTES: usize = 256 * 1024;
@@ -52,6 +60,26 @@ pub fn wav_bytes(pcm: &[f32], rate: u32) -> Result<Vec<u8>, TalkError> {
 impl Asr for OpenAiAsr {
     fn name(&self) -> String {
         format!("openai:{} at {}", self.model, self.base_url)
+    }
+
+    fn reachable(&self) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            let url = format!("{}/models", self.base_url.trim_end_matches('/'));
+            match tokio::time::timeout(REACHABLE_WITHIN, self.client.get(&url).send()).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => {
+                    // reqwest's own text is "error sending request"; the cause is below it.
+                    let mut why = e.to_string();
+                    let mut source = std::error::Error::source(&e);
+                    while let Some(cause) = source {
+                        why = format!("{why}: {cause}");
+                        source = cause.source();
+                    }
+                    Err(format!("{url}: {}", snippet(&why)))
+                }
+                Err(_) => Err(format!("{url}: no answer within {REACHABLE_WITHIN:?}")),
+            }
+        })
     }
 
     fn transcribe<'a>(&'a self, pcm: &'a [f32], language: Option<&'a str>) -> BoxFuture<'a, Result<String, TalkError>> {

@@ -106,6 +106,8 @@ pub struct Talk {
     /// Voice input: speech recognition, and the voice activity settings (`vad.model` unset: off).
     pub asr: Arc<dyn asr::Asr>,
     pub vad: VadConfig,
+    /// Whether speech recognition answered at its last check ([`Talk::watch_hearing`]).
+    recogniser_up: std::sync::atomic::AtomicBool,
     /// The ONNX Runtime library (the VAD model runs on it too).
     pub onnxruntime: std::path::PathBuf,
 }
@@ -226,6 +228,7 @@ impl Talk {
             feather: lcfg.feather_px,
             asr: make_asr(&cfg.asr, &client),
             vad: cfg.vad.clone(),
+            recogniser_up: std::sync::atomic::AtomicBool::new(true),
             onnxruntime: lcfg.onnxruntime.clone(),
         })
     }
@@ -233,7 +236,49 @@ impl Talk {
     fn backends(&self, avatar_id: &str) -> &Backends {
         self.per_avatar.get(avatar_id).unwrap_or(&self.default)
     }
+
+    /// Whether sessions can take voice input now: a VAD model is configured and speech
+    /// recognition answered at its last check. Pages hide their microphone button when not
+    /// (`features` event), instead of failing each attempt.
+    pub fn hears(&self) -> bool {
+        self.vad.model.is_some() && self.recogniser_up.load(Ordering::Relaxed)
+    }
+
+    /// With voice input configured, check that speech recognition answers, and log what
+    /// changed (`first`: the worker's start, which always says).
+    pub async fn check_hearing(&self, first: bool) {
+        if self.vad.model.is_none() {
+            return;
+        }
+        let up = self.asr.reachable().await;
+        let was = self.recogniser_up.swap(up.is_ok(), Ordering::Relaxed);
+        match up {
+            Ok(()) if first || !was => info!(asr = %self.asr.name(), "speech recognition answers: voice input is on"),
+            Err(e) if first || was => warn!(
+                asr = %self.asr.name(),
+                error = %e,
+                "speech recognition cannot be reached: voice input is off (pages hide Talk) until it answers"
+            ),
+            _ => {}
+        }
+    }
+
+    /// [`Talk::check_hearing`] every [`HEARING_CHECK_EVERY`] until `stop`.
+    pub async fn watch_hearing(self: Arc<Self>, stop: CancellationToken) {
+        if self.vad.model.is_none() {
+            return;
+        }
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(HEARING_CHECK_EVERY) => self.check_hearing(false).await,
+                _ = stop.cancelled() => return,
+            }
+        }
+    }
 }
+
+/// How often a worker with voice input checks that speech recognition answers.
+pub const HEARING_CHECK_EVERY: Duration = Duration::from_secs(30);
 
 impl Drop for Talk {
     fn drop(&mut self) {
