@@ -290,6 +290,7 @@ async function start() {
   // A worker that cannot hear (no voice input, or its speech recognition is down) gets no Talk.
   session.on('features', ({ voice }) => {
     $('mic').hidden = !voice || !(navigator.mediaDevices && navigator.mediaDevices.getUserMedia);
+    if (!voice && session.microphone) session.stopMicrophone();
   });
   // The worker follows this connection's bandwidth; the panel says what it sends now.
   session.on('video_quality', (q) => {

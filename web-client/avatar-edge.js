@@ -382,6 +382,7 @@ export class Session {
     await this.fetchIceServers();
     const rnd = globalThis.crypto && crypto.randomUUID ? crypto.randomUUID() : String(Math.random()).slice(2);
     this.sessionId = `web-${rnd}`;
+    this.voice = null; // the next worker says again
     const u = this.url(`/ws/${encodeURIComponent(this.sessionId)}`);
     u.protocol = u.protocol === 'https:' ? 'wss:' : 'ws:';
     const socket = new WebSocket(u);

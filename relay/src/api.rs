@@ -52,7 +52,10 @@ pub fn routes() -> Router<Arc<AppState>> {
         .method_not_allowed_fallback(wrong_method)
 }
 
-async fn no_such_endpoint(uri: axum::http::Uri) -> ApiError {
+async fn no_such_endpoint(State(state): State<Arc<AppState>>, uri: axum::http::Uri) -> ApiError {
+    if state.live().api.keys.is_empty() {
+        return ApiError::off();
+    }
     ApiError::new(
         StatusCode::NOT_FOUND,
         "not_found",
@@ -60,7 +63,14 @@ async fn no_such_endpoint(uri: axum::http::Uri) -> ApiError {
     )
 }
 
-async fn wrong_method(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+async fn wrong_method(
+    State(state): State<Arc<AppState>>,
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+) -> ApiError {
+    if state.live().api.keys.is_empty() {
+        return ApiError::off();
+    }
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
@@ -99,6 +109,11 @@ impl ApiError {
         }
     }
 
+    /// The API is off (no key configured): a bare 404, as for any unknown path.
+    fn off() -> Self {
+        Self::new(StatusCode::NOT_FOUND, "", "")
+    }
+
     fn not_found(id: &str) -> Self {
         Self::new(
             StatusCode::NOT_FOUND,
@@ -110,6 +125,9 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        if self.code.is_empty() {
+            return self.status.into_response();
+        }
         let body = json!({"error": {"code": self.code, "message": self.message}});
         (self.status, Json(body)).into_response()
     }
@@ -117,10 +135,11 @@ impl IntoResponse for ApiError {
 
 /// Check the caller's key and rate; the key's name on success.
 fn authorize(state: &AppState, headers: &HeaderMap) -> Result<String, ApiError> {
-    let keys = &state.config.api.keys;
+    let live = state.live();
+    let keys = &live.api.keys;
     if keys.is_empty() {
         // Off: indistinguishable from a relay without the API.
-        return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint"));
+        return Err(ApiError::off());
     }
     let given = headers
         .get(axum::http::header::AUTHORIZATION)
@@ -193,7 +212,7 @@ async fn ask_workers(state: &AppState, command: Command) -> Result<Answers, ApiE
             "no worker is connected to this relay",
         ));
     }
-    let timeout = Duration::from_millis(state.config.api.timeout_ms);
+    let timeout = Duration::from_millis(state.live().api.timeout_ms);
     let mut asks: futures::stream::FuturesUnordered<_> = workers
         .into_iter()
         .map(|w| {
@@ -390,7 +409,7 @@ async fn say(
             format!("the body is not a say request ({{\"text\", \"mode\": \"repeat\"|\"chat\", \"interrupt\"}}): {e}"),
         )
     })?;
-    let request = request.validate(state.config.api.max_text_chars).map_err(|e| match e {
+    let request = request.validate(state.live().api.max_text_chars).map_err(|e| match e {
         RequestError::EmptyText => ApiError::new(StatusCode::BAD_REQUEST, "empty_text", e.to_string()),
         RequestError::TextTooLong { .. } => {
             ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "text_too_long", e.to_string())
@@ -496,8 +515,8 @@ async fn audio(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     let format = crate::upload::format_of(content_type).map_err(unsupported)?;
-    let idle = Duration::from_millis(state.config.api.timeout_ms);
-    let max_seconds = state.config.api.max_audio_seconds;
+    let idle = Duration::from_millis(state.live().api.timeout_ms);
+    let max_seconds = state.live().api.max_audio_seconds;
     let mut body = body.into_data_stream();
     let (spec, data_len, first) = match format {
         Format::Raw(spec) => (spec, None, Vec::new()),
@@ -540,14 +559,14 @@ async fn audio(
     // At most `api.max_uploads_per_key` uploads per key at once: each holds a tunnel stream.
     let _upload = state
         .api_uploads
-        .try_open(Some(key.clone()), state.config.api.max_uploads_per_key, usize::MAX)
+        .try_open(Some(key.clone()), state.live().api.max_uploads_per_key, usize::MAX)
         .map_err(|_| {
             ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "too_many_uploads",
                 format!(
                     "key {key}: {} audio uploads are in progress (api.max_uploads_per_key)",
-                    state.config.api.max_uploads_per_key
+                    state.live().api.max_uploads_per_key
                 ),
             )
         })?;

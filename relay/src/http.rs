@@ -45,12 +45,9 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/api/workers", get(workers))
         .route("/api/avatars", get(avatars))
         .route("/api/avatars/{id}/preview.jpg", get(avatar_preview));
-    // The session API exists only with a key: without one, its paths are as unknown as any.
-    let router = if state.config.api.keys.is_empty() {
-        router
-    } else {
-        router.merge(crate::api::routes().layer(axum::extract::DefaultBodyLimit::max(crate::api::MAX_BODY)))
-    };
+    // The session API answers only with a key configured (a reload may add one): without one,
+    // its paths are as unknown as any (404).
+    let router = router.merge(crate::api::routes().layer(axum::extract::DefaultBodyLimit::max(crate::api::MAX_BODY)));
     let router = match &state.config.http.web_client_dir {
         Some(dir) => {
             let root = Arc::new(dir.clone());
@@ -523,7 +520,8 @@ const WS_READ_BUFFER: usize = 4 << 10;
 /// always the relay's own), so a
 /// third-party page cannot act with a visitor's cookies. Checked before the upgrade: 403.
 fn check_origin(state: &AppState, headers: &HeaderMap) -> Result<(), (StatusCode, &'static str)> {
-    let allowed = &state.config.http.allowed_origins;
+    let live = state.live();
+    let allowed = &live.allowed_origins;
     let Some(origin) = headers.get(header::ORIGIN) else {
         return Ok(()); // not a browser page
     };

@@ -78,9 +78,40 @@ pub enum RelayError {
     Webhooks(#[from] webhooks::WebhookError),
 }
 
+/// The settings a reload (SIGHUP, `systemctl reload`) replaces in a running relay, with no
+/// restart and nothing cut: who may call the session API and its limits (`[api]`), and which
+/// pages may open sockets (`http.allowed_origins`). Read with [`AppState::live`]; the rest of
+/// [`AppState::config`] applies at the next restart (certificates and policy modules reload on
+/// their own; see `tls::files` and `policy`).
+#[derive(Debug, Clone)]
+pub struct Live {
+    pub allowed_origins: Vec<String>,
+    pub api: config::ApiConfig,
+}
+
+impl Live {
+    fn of(config: &RelayConfig) -> Self {
+        Self {
+            allowed_origins: config.http.allowed_origins.clone(),
+            api: config.api.clone(),
+        }
+    }
+}
+
+/// What [`AppState::reload`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reloaded {
+    /// The settings that changed and now apply.
+    pub changed: Vec<String>,
+    /// Other settings changed too: they apply at the next restart.
+    pub restart_needed: bool,
+}
+
 /// Shared state of one relay.
 pub struct AppState {
+    /// The configuration the relay started with (for what a reload changes, see [`Live`]).
     pub config: RelayConfig,
+    live: arc_swap::ArcSwap<Live>,
     pub registry: Registry,
     /// The built-in routing rule: used without a router module, and as its fallback.
     pub router: Box<dyn RoutePolicy>,
@@ -131,6 +162,7 @@ impl AppState {
             api_limiter: governor::RateLimiter::keyed(governor::Quota::per_minute(api_rate).allow_burst(api_burst)),
             api_uploads: Arc::default(),
             ice: ice::IceServers::new(&config.turn),
+            live: arc_swap::ArcSwap::from_pointee(Live::of(&config)),
             config,
             registry: Registry::default(),
             router: Box::new(LeastLoaded),
@@ -146,6 +178,52 @@ impl AppState {
             metrics,
             webhooks,
         })
+    }
+
+    /// The reloadable settings as they are now.
+    pub fn live(&self) -> arc_swap::Guard<Arc<Live>> {
+        self.live.load()
+    }
+
+    /// Apply a reloaded configuration: its [`Live`] settings at once, for the next request.
+    /// Returns what changed, and whether anything else changed that only a restart applies
+    /// (`api.requests_per_minute` among them: the key's rate limiter keeps its quota).
+    pub fn reload(&self, new: &RelayConfig) -> Reloaded {
+        let (old, next) = (self.live.load_full(), Live::of(new));
+        let mut changed = Vec::new();
+        if old.allowed_origins != next.allowed_origins {
+            changed.push("http.allowed_origins".to_owned());
+        }
+        let names = |api: &config::ApiConfig| api.keys.iter().map(|k| k.name.clone()).collect::<Vec<_>>();
+        let secrets = |api: &config::ApiConfig| api.keys.iter().map(|k| k.key.expose().to_owned()).collect::<Vec<_>>();
+        if names(&old.api) != names(&next.api) || secrets(&old.api) != secrets(&next.api) {
+            changed.push(format!("api.keys ({} now)", next.api.keys.len()));
+        }
+        let limits = |a: &config::ApiConfig| {
+            (
+                a.max_text_chars,
+                a.timeout_ms,
+                a.max_audio_seconds,
+                a.max_uploads_per_key,
+            )
+        };
+        if limits(&old.api) != limits(&next.api) {
+            changed.push("api limits".to_owned());
+        }
+        // Everything else, compared as the file would say it.
+        let mut rest = new.clone();
+        rest.http.allowed_origins = self.config.http.allowed_origins.clone();
+        rest.api = config::ApiConfig {
+            requests_per_minute: new.api.requests_per_minute,
+            ..self.config.api.clone()
+        };
+        let text = |c: &RelayConfig| toml::to_string(c).unwrap_or_default();
+        let restart_needed = text(&rest) != text(&self.config);
+        self.live.store(Arc::new(next));
+        Reloaded {
+            changed,
+            restart_needed,
+        }
     }
 
     /// Whether a line about one more refused request may be logged now (ten a second at most).
@@ -511,6 +589,43 @@ mod tests {
         let mut config = RelayConfig::dev();
         config.limits.session_binding_s = binding_s;
         AppState::new(config, CancellationToken::new())
+    }
+
+    #[test]
+    fn a_reload_swaps_keys_origins_and_api_limits_and_says_when_the_rest_needs_a_restart() {
+        let s = state(600);
+        let mut new = RelayConfig::dev();
+        new.http.allowed_origins = vec!["https://school.example".into()];
+        new.api.max_text_chars = 99;
+        new.api.keys.push(config::ApiKey {
+            name: "backend".into(),
+            key: config::Secret::new("backend-0123456789abcdef0123456789"),
+            key_file: None,
+        });
+        let done = s.reload(&new);
+        assert_eq!(
+            done,
+            Reloaded {
+                changed: vec![
+                    "http.allowed_origins".into(),
+                    "api.keys (1 now)".into(),
+                    "api limits".into()
+                ],
+                restart_needed: false
+            }
+        );
+        let live = s.live();
+        assert_eq!(live.allowed_origins, ["https://school.example"]);
+        assert_eq!((live.api.keys.len(), live.api.max_text_chars), (1, 99));
+        // The same again: nothing changed. A listen address: only a restart moves it.
+        assert_eq!(s.reload(&new).changed, Vec::<String>::new());
+        new.http.listen = "127.0.0.1:9999".parse().expect("address");
+        assert!(s.reload(&new).restart_needed);
+        assert_eq!(
+            s.config.http.listen,
+            RelayConfig::dev().http.listen,
+            "the running listener stays"
+        );
     }
 
     #[test]

@@ -57,7 +57,7 @@ fn main() -> std::process::ExitCode {
             }
         };
     }
-    match run(config, args.ready_file) {
+    match run(config, args.ready_file, args.config.clone()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("relay failed: {e:#}");
@@ -71,31 +71,58 @@ fn main() -> std::process::ExitCode {
 }
 
 fn load_config(args: &Args) -> anyhow::Result<RelayConfig> {
-    let mut config = match (&args.config, args.dev) {
-        (Some(path), _) => RelayConfig::load(path).with_context(|| format!("loading {}", path.display()))?,
-        (None, true) => RelayConfig::dev(),
+    match (&args.config, args.dev) {
+        (Some(path), _) => read_config(path),
+        (None, true) => {
+            let mut config = RelayConfig::dev();
+            config.apply_env()?;
+            config.validate()?;
+            Ok(config)
+        }
         (None, false) => anyhow::bail!("pass --config FILE, or --dev for local development"),
-    };
+    }
+}
+
+/// The file, with the environment's overrides, validated: at start and on each reload.
+fn read_config(path: &std::path::Path) -> anyhow::Result<RelayConfig> {
+    let mut config = RelayConfig::load(path).with_context(|| format!("loading {}", path.display()))?;
     config.apply_env()?;
     config.validate()?;
     Ok(config)
 }
 
 #[tokio::main]
-async fn run(config: RelayConfig, ready_file: Option<PathBuf>) -> anyhow::Result<()> {
+async fn run(config: RelayConfig, ready_file: Option<PathBuf>, config_file: Option<PathBuf>) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let metrics = avatar_relay::metrics::install().context("installing the metrics recorder")?;
     let relay = Relay::bind_with_metrics(config, shutdown.clone(), Some(metrics))?;
-    if relay.state().policies.is_none() {
-        // SIGHUP reloads policies; without any, it must not kill the relay (its default action).
-        #[cfg(unix)]
-        if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-            tokio::spawn(async move {
-                while hup.recv().await.is_some() {
-                    tracing::info!("SIGHUP: no policy modules configured, nothing to reload");
+    // SIGHUP (`systemctl reload`): the certificates and policy modules reload themselves; here
+    // the config file's reloadable settings (`avatar_relay::Live`). A broken edit changes
+    // nothing. Without a handler, SIGHUP's default action would kill the relay.
+    #[cfg(unix)]
+    if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        let state = std::sync::Arc::clone(relay.state());
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                let Some(path) = &config_file else {
+                    tracing::info!("SIGHUP: no config file to re-read (--dev)");
+                    continue;
+                };
+                match read_config(path) {
+                    Ok(new) => {
+                        let done = state.reload(&new);
+                        tracing::info!(changed = ?done.changed, "SIGHUP: configuration reloaded");
+                        if done.restart_needed {
+                            tracing::warn!(
+                                config = %path.display(),
+                                "SIGHUP: other settings changed too; they apply at the next restart (docs/deploy.md)"
+                            );
+                        }
+                    }
+                    Err(e) => tracing::error!("SIGHUP: {e:#}; the running settings stay"),
                 }
-            });
-        }
+            }
+        });
     }
     if let Some(path) = ready_file {
         let ready = serde_json::json!({

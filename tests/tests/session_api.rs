@@ -269,6 +269,43 @@ fn the_backend_lists_the_session_makes_it_speak_interrupts_and_ends_it() {
             let (_, again) = call(api, "POST", "/api/v1/sessions/lesson-7/interrupt", None).await;
             assert_eq!(again["interrupted"], false, "the queued say was dropped too");
 
+            // A say with interrupt cuts the answer in progress and plays itself to its end.
+            call(
+                api,
+                "POST",
+                "/api/v1/sessions/lesson-7/say",
+                Some(json!({"text": long})),
+            )
+            .await;
+            let first = sig.wait_for("speech_started", SECS(10)).await.expect("speaking");
+            let (status, cut_in) = call(
+                api,
+                "POST",
+                "/api/v1/sessions/lesson-7/say",
+                Some(json!({"text": "Sorry, one urgent thing.", "interrupt": true})),
+            )
+            .await;
+            assert_eq!((status, &cut_in["queued"]), (202, &json!(false)), "{cut_in}");
+            let urgent = cut_in["turn"].as_u64().expect("turn");
+            let (mut started, mut ended) = (false, None);
+            let deadline = Instant::now() + SECS(10);
+            while ended.is_none() && Instant::now() < deadline {
+                let Ok(ev) = sig.next_event(SECS(10)).await else { break };
+                match ev["type"].as_str() {
+                    Some("speech_started") if ev["turn"] == urgent => started = true,
+                    Some("speech_ended") if ev["turn"] == urgent => ended = Some(ev["interrupted"].clone()),
+                    _ => {}
+                }
+            }
+            assert!(
+                started && ended == Some(json!(false)),
+                "the urgent say (turn {urgent}, after turn {}) played to its end: started {started}, ended {ended:?}\n{}",
+                first["turn"],
+                cluster.logs()
+            );
+            let (_, state) = call(api, "GET", "/api/v1/sessions/lesson-7", None).await;
+            assert_eq!(state["state"], "idle", "nothing is left speaking: {state}");
+
             // DELETE ends the browser's session.
             let (status, _) = call(api, "DELETE", "/api/v1/sessions/lesson-7", None).await;
             assert_eq!(status, 204);
@@ -622,4 +659,63 @@ fn a_call_on_any_relay_of_a_fleet_reaches_the_session() {
         let err = sig.wait_for("error", SECS(5)).await.expect("ended");
         assert_eq!(err["code"], "session_ended");
     });
+}
+
+/// Write the relay's config file, send SIGHUP, and wait until its log says `outcome` once more.
+async fn reload(cluster: &Cluster, text: &str, outcome: &str) {
+    let count = || {
+        std::fs::read_to_string(&cluster.relay.log)
+            .unwrap_or_default()
+            .matches(outcome)
+            .count()
+    };
+    let before = count();
+    std::fs::write(cluster.dir.path().join("relay.toml"), text).expect("write config");
+    avatar_edge_tests::cluster::signal(&cluster.relay.child, "HUP");
+    for _ in 0..50 {
+        if count() > before {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the relay did not log {outcome:?} after SIGHUP\n{}", cluster.logs());
+}
+
+/// `systemctl reload` (SIGHUP) re-reads the config file: a key added there works at once, a key
+/// removed stops working, the relay's process stays the same, and a broken edit changes nothing.
+#[test]
+fn a_reload_adds_and_removes_api_keys_without_a_restart_and_a_broken_edit_keeps_them() {
+    netns::run(
+        "a_reload_adds_and_removes_api_keys_without_a_restart_and_a_broken_edit_keeps_them",
+        || async {
+            const RELOADED: &str = "configuration reloaded";
+            let mut cluster = Cluster::relay_only("").await;
+            let (pid, http) = (cluster.relay.child.id(), cluster.relay.http);
+            // No key yet: the API is off.
+            assert_eq!(call(http, "GET", "/api/v1/sessions", None).await.0, 404);
+            let original = std::fs::read_to_string(cluster.dir.path().join("relay.toml")).expect("config");
+            let with_key = format!("{original}\n[[api.keys]]\nname = \"backend\"\nkey = \"{KEY}\"\n");
+            reload(&cluster, &with_key, RELOADED).await;
+            // The key works (no worker here: 503, past the key check).
+            let (status, body) = call(http, "GET", "/api/v1/sessions", None).await;
+            assert_eq!((status, &body["error"]["code"]), (503, &json!("no_worker")), "{body}");
+            // A broken edit: refused, logged, and the key goes on working.
+            reload(
+                &cluster,
+                &format!("{with_key}\nthis is not toml ["),
+                "the running settings stay",
+            )
+            .await;
+            assert_eq!(call(http, "GET", "/api/v1/sessions", None).await.0, 503);
+            // The key replaced by another: refused at once.
+            let other =
+                format!("{original}\n[[api.keys]]\nname = \"other\"\nkey = \"other-key-0123456789abcdef0123\"\n");
+            reload(&cluster, &other, RELOADED).await;
+            assert_eq!(call(http, "GET", "/api/v1/sessions", None).await.0, 401);
+            assert!(
+                cluster.relay.child.try_wait().expect("status").is_none() && cluster.relay.child.id() == pid,
+                "the same relay process throughout"
+            );
+        },
+    );
 }

@@ -58,12 +58,16 @@ pub enum Say<A> {
 /// Why a backend's `say` or `audio` was refused; the session is unharmed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Refused {
+    /// The worker has no talking pipeline.
     #[error("this worker streams the idle avatar only; the talking pipeline is disabled ([talk] enabled = false)")]
     Unsupported,
+    /// The browser's peer is not playing yet: nothing could be heard.
     #[error("the session's video is not playing yet (the browser has not connected its peer)")]
     NotReady,
+    /// [`MAX_WAITING`] says already wait.
     #[error("{MAX_WAITING} says are already waiting; send one with interrupt, or wait")]
     QueueFull,
+    /// Another audio upload to the session is still arriving.
     #[error("an audio upload to this session is in progress: wait for its answer, or send with interrupt=true")]
     Uploading,
 }
@@ -75,7 +79,7 @@ impl Refused {
             Self::Unsupported => ErrorCode::Unsupported.as_str(),
             Self::NotReady => ErrorCode::NoSession.as_str(),
             Self::QueueFull => ErrorCode::RateLimited.as_str(),
-            Self::Uploading => "busy",
+            Self::Uploading => ErrorCode::Busy.as_str(),
         }
     }
 }
@@ -94,7 +98,7 @@ pub struct Conditions {
 pub enum Cause {
     /// The browser's `interrupt`.
     Browser,
-    /// The session API's `interrupt`, or a say or audio sent with `interrupt`.
+    /// The session API's `interrupt`.
     Api,
     /// The user spoke over the avatar.
     BargeIn,
@@ -135,6 +139,8 @@ pub struct Dialogue<A> {
     waiting: VecDeque<Start<A>>,
     /// The utterance in progress started over the avatar with barge-in off: drop it.
     ignoring: bool,
+    /// What the page was last told about voice input (`features`).
+    told_voice: Option<bool>,
     out: VecDeque<Out<A>>,
 }
 
@@ -154,6 +160,7 @@ impl<A> Dialogue<A> {
             current: None,
             waiting: VecDeque::new(),
             ignoring: false,
+            told_voice: None,
             out: VecDeque::new(),
         }
     }
@@ -223,6 +230,16 @@ impl<A> Dialogue<A> {
     }
 
     // ---- the user's voice ----
+
+    /// Whether the session can hear the user now (voice input configured, its recogniser
+    /// answering): the page is told when the session opens and whenever it changes, so it
+    /// offers Talk only while speaking can work.
+    pub fn hearing(&mut self, voice: bool) {
+        if self.told_voice != Some(voice) {
+            self.told_voice = Some(voice);
+            self.event(ServerEvent::Features { voice });
+        }
+    }
 
     /// The user started speaking; `over_avatar`: while the avatar was speaking.
     pub fn voice_started(&mut self, over_avatar: bool) {
@@ -301,8 +318,9 @@ impl<A> Dialogue<A> {
         }
         let start = Start { turn: turn(), said };
         if interrupt {
+            // Starting it cuts the answer in progress (as a browser's message does); what
+            // waited is dropped. No `Stop`: it would stop this very turn once started.
             self.clear();
-            self.out.push_back(Out::Stop(Cause::Api));
             return Ok(Say::Now(start));
         }
         if self.busy() {
@@ -526,8 +544,10 @@ mod tests {
         say(&mut d, 2, repeat("later"), false);
         drain(&mut d);
         assert_eq!(say(&mut d, 3, repeat("now"), true), Say::Now(start(3, "now")));
-        assert_eq!(starts(&mut d), vec![Out::Stop(Cause::Api)]);
+        // Starting turn 3 cuts turn 1: nothing must stop the new turn after it starts.
+        assert_eq!(starts(&mut d), vec![]);
         d.began(3);
+        assert_eq!(drain(&mut d), vec![Out::Cut { keep: Some(3) }]);
         assert_eq!(d.waiting(), 0);
         // Turn 1's end arrives late (it was cut): it starts nothing.
         d.speech_ended(1, true);
@@ -755,7 +775,8 @@ mod tests {
         d.began(4);
         d.speech_ended(2, true);
         assert_eq!(d.waiting(), 0);
-        assert_eq!(starts(&mut d), vec![Out::Stop(Cause::Api)]);
+        assert_eq!(starts(&mut d), vec![], "turn 4 plays on");
+        assert!(d.busy());
     }
 
     #[test]
@@ -823,6 +844,21 @@ mod tests {
         // A cough: no words, no transcript, no answer.
         d.transcript("  ");
         assert_eq!(drain(&mut d), vec![]);
+    }
+
+    #[test]
+    fn the_page_is_told_whether_the_worker_hears_at_the_start_and_on_each_change() {
+        let mut d = D::default();
+        d.hearing(true);
+        d.hearing(true);
+        d.hearing(false);
+        assert_eq!(
+            drain(&mut d),
+            vec![
+                Out::Event(ServerEvent::Features { voice: true }),
+                Out::Event(ServerEvent::Features { voice: false })
+            ]
+        );
     }
 
     #[test]

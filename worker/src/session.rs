@@ -385,8 +385,7 @@ impl Session {
             return;
         };
         info!(avatar = %clip.id, "session started");
-        let voice = ctx.talk.as_ref().is_some_and(|t| t.hears());
-        self.event(ServerEvent::Features { voice }).await;
+        self.dialogue.hearing(ctx.talk.as_ref().is_some_and(|t| t.hears()));
         metrics::counter!("worker_sessions_total").increment(1);
         metrics::gauge!("worker_sessions_active").increment(1.0);
         let registered = ctx.directory.register(&self.about.session_id, self.handle.clone());
@@ -966,9 +965,12 @@ impl Session {
         info!("peer connected: streaming");
         active.media = Some((stream, writer));
         // Voice input, when the browser sends its microphone and the worker has a VAD model.
-        // (Not while speech recognition cannot be reached: the page was told there is no Talk.)
+        // Not while speech recognition cannot be reached; the page hears which, as it hides or
+        // offers Talk by it.
+        let hears = self.ctx.talk.as_ref().is_some_and(|t| t.hears());
+        self.dialogue.hearing(hears);
         let voice = (self.ctx.talk.as_ref())
-            .filter(|t| t.hears())
+            .filter(|_| hears)
             .and_then(|t| t.vad.model.clone().map(|m| (t, m)));
         if let (Some((talk, model)), Some(conv), Some(mic)) = (voice, self.conv.as_ref(), active.mic.take()) {
             let (tx, rx) = mpsc::unbounded_channel();
