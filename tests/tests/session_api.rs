@@ -501,6 +501,15 @@ fn the_backends_own_audio_is_lip_synced_and_plays_while_it_uploads() {
                 (413, &json!("audio_too_long")),
                 "{reply}"
             );
+            // A stream that does not say its length is cut where it passes the limit.
+            let second = vec![0u8; 16_000 * 2];
+            let stream: Vec<&[u8]> = (0..9).map(|_| &second[..]).collect();
+            let (got, reply, _) = upload(api, path, "audio/L16;rate=16000", &stream, Duration::ZERO).await;
+            assert_eq!(
+                (got, &reply["error"]["code"]),
+                (413, &json!("audio_too_long")),
+                "{reply}"
+            );
             let (status, _, _) = upload(
                 api,
                 "/api/v1/sessions/nobody/audio",
