@@ -62,6 +62,11 @@ fn a_session_answers_streams_talks_and_ends_on_close_with_no_relay() {
             send_frame(&mut relay_send, &SessionFrame::Client(offer))
                 .await
                 .expect("offer");
+            // First what the session can do: no VAD model here, so no voice input.
+            assert_eq!(
+                next_event(&mut relay_recv, SECS(10)).await,
+                ServerEvent::Features { voice: false }
+            );
             let sdp = match next_event(&mut relay_recv, SECS(10)).await {
                 ServerEvent::WebrtcAnswer { sdp, .. } => sdp,
                 other => panic!("expected the answer, got {other:?}"),

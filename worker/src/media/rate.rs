@@ -16,7 +16,8 @@
 //!   a second, and faster again after a quiet spell, so a path that widens is probed up.
 //!
 //! The video estimate is the smaller of the two. Audio comes first: it is never throttled, and
-//! the loss it sees counts against video. The encoder gets 85 % of the video estimate
+//! its share of the path ([`AUDIO_RESERVE_BPS`]) is set aside before video gets any (only the
+//! video stream's loss is read: audio shares its path). The encoder gets 85 % of the video estimate
 //! ([`VIDEO_SHARE`]) and the pacer sends at the whole of it, so a keyframe's burst drains from
 //! the worker's queue (where audio overtakes it) instead of building one at the bottleneck.
 //!
