@@ -535,9 +535,11 @@ impl TtsConfig {
     }
 }
 
+/// The variable `env` names, unless unset or empty; else the key in the file.
 fn resolve_key(key: &Option<Secret>, env: &Option<String>) -> Option<String> {
     env.as_ref()
         .and_then(|name| std::env::var(name).ok())
+        .filter(|k| !k.is_empty())
         .or_else(|| key.as_ref().map(|k| k.expose().to_owned()))
         .filter(|k| !k.is_empty())
 }

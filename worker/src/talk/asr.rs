@@ -15,8 +15,8 @@ pub trait Asr: Send + Sync {
     fn name(&self) -> String;
     /// `pcm`: mono at [`super::vad::RATE`]. `language`: a code like `en`, or `None` to detect.
     fn transcribe<'a>(&'a self, pcm: &'a [f32], language: Option<&'a str>) -> BoxFuture<'a, Result<String, TalkError>>;
-    /// Whether the recogniser answers at all (any HTTP answer counts; a refused or timed-out
-    /// connection does not): voice input is offered only while it does.
+    /// Whether the recogniser answers at all (any HTTP answer but a server error counts; a
+    /// refused or timed-out connection does not): voice input is offered only while it does.
     fn reachable(&self) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async { Ok(()) })
     }
@@ -66,6 +66,8 @@ impl Asr for OpenAiAsr {
         Box::pin(async move {
             let url = format!("{}/models", self.base_url.trim_end_matches('/'));
             match tokio::time::timeout(REACHABLE_WITHIN, self.client.get(&url).send()).await {
+                // A proxy in front of a recogniser that is down answers 502/503.
+                Ok(Ok(r)) if r.status().is_server_error() => Err(format!("{url}: HTTP {}", r.status())),
                 Ok(Ok(_)) => Ok(()),
                 Ok(Err(e)) => {
                     // reqwest's own text is "error sending request"; the cause is below it.
