@@ -36,10 +36,16 @@ async fn call_with(addr: SocketAddr, method: &str, path: &str, key: Option<&str>
     (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
+/// Connect a receiver and wait until its video plays: ICE connecting on the receiver's side comes
+/// a moment before the worker starts the session's media, and until then a say is refused
+/// (409 `not_ready`), as a backend would be told.
 async fn play(sig: &mut Signaling, cluster: &Cluster) -> RtcClient {
-    avatar_edge_tests::play(sig, "avatar_tutor_13")
+    let client = avatar_edge_tests::play(sig, "avatar_tutor_13")
         .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()))
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+    let playing = client.wait_frames(1, SECS(10)).await;
+    assert!(playing.frames_decoded >= 1, "no video\n{}", cluster.logs());
+    client
 }
 
 /// Events until the `speech_ended` of the next speech to start; (events, started, ended).
@@ -635,7 +641,7 @@ fn a_call_on_any_relay_of_a_fleet_reaches_the_session() {
             Some(json!({"text": "Hello through the other relay, and a little more to say."})),
         )
         .await;
-        assert_eq!(status, 202);
+        assert_eq!(status, 202, "{}", b.logs());
         let said = sig
             .wait_for("speech_started", SECS(10))
             .await
