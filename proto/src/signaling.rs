@@ -309,7 +309,8 @@ pub enum ServerEvent {
         width: u32,
         height: u32,
     },
-    /// What the session's worker can do, sent once when the session opens. `voice`: it hears
+    /// What the session's worker can do, sent when the session opens and again when it changes
+    /// (as the peer connects). `voice`: it hears
     /// the microphone (voice input is configured and its speech recognition answers); a page
     /// hides its microphone button when it is false, instead of failing each attempt. Pages
     /// may ignore it (the customer's page does).

@@ -65,6 +65,22 @@ async fn page_events(browser: &mut Chromium, types: &[&str]) -> Vec<Value> {
     serde_json::from_str(v.as_str().unwrap_or("[]")).expect("events JSON")
 }
 
+/// What the page was told (`features`: does the worker hear?) and whether it hides Talk.
+async fn talk_offered(browser: &mut Chromium) -> (Value, Value) {
+    let voice = browser
+        .poll(
+            "window.avatarEdge.state.session ? window.avatarEdge.state.session.voice : null",
+            SECS(5),
+            |v| !v.is_null(),
+        )
+        .await;
+    let hidden = browser
+        .eval("document.getElementById('mic').hidden")
+        .await
+        .expect("mic");
+    (voice, hidden)
+}
+
 /// Chromium at `url` with a fake microphone that will play `wav` once, the page playing.
 async fn live_with_microphone(url: &str, wav: &std::path::Path, cluster: &Cluster) -> Chromium {
     let mut browser = Chromium::launch_with(url, &fake_microphone(wav))
@@ -104,19 +120,11 @@ fn chromium_asks_by_voice_in_english_and_chinese_and_the_avatar_answers() {
                 let url = format!("http://{}/?voice=1&avatar={avatar}", cluster.relay.http);
                 let mut browser = live_with_microphone(&url, &wav, &cluster).await;
                 // The worker hears (its recogniser answers): the page offers Talk.
-                let features = browser
-                    .poll(
-                        "window.avatarEdge.state.session ? window.avatarEdge.state.session.voice : null",
-                        SECS(5),
-                        |v| !v.is_null(),
-                    )
-                    .await;
-                assert_eq!(features, true, "features said the worker hears");
-                let hidden = browser
-                    .eval("document.getElementById('mic').hidden")
-                    .await
-                    .expect("mic");
-                assert_eq!(hidden, false, "Talk is offered");
+                assert_eq!(
+                    talk_offered(&mut browser).await,
+                    (json!(true), json!(false)),
+                    "the worker hears: Talk is offered"
+                );
                 let frames = browser
                     .poll("window.avatarEdge.stats().then(s => s.framesDecoded)", SECS(10), |v| {
                         v.as_u64().unwrap_or(0) >= 10
@@ -396,19 +404,12 @@ fn a_worker_whose_recogniser_is_down_says_so_at_start_and_its_page_hides_talk() 
             let mut browser = Chromium::launch(&url).await.expect("chromium");
             let state = browser.poll(SESSION_STATE, SECS(15), |v| v == "live").await;
             assert_eq!(state, "live", "{}", cluster.logs());
-            let voice = browser
-                .poll(
-                    "window.avatarEdge.state.session ? window.avatarEdge.state.session.voice : null",
-                    SECS(5),
-                    |v| !v.is_null(),
-                )
-                .await;
-            assert_eq!(voice, false, "features said the worker cannot hear\n{}", cluster.logs());
-            let hidden = browser
-                .eval("document.getElementById('mic').hidden")
-                .await
-                .expect("mic");
-            assert_eq!(hidden, true, "Talk is hidden");
+            assert_eq!(
+                talk_offered(&mut browser).await,
+                (json!(false), json!(true)),
+                "the worker cannot hear: Talk is hidden\n{}",
+                cluster.logs()
+            );
             // Typing still works.
             browser.eval("window.avatarEdge.say('Hello?')").await.expect("say");
             let speaking = browser
