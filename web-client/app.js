@@ -6,7 +6,8 @@
 //
 // Query parameters: `avatar` (which avatar), `user_id`, `lang` (en|zh), `debug=1` (the raw event
 // log), `autoconnect=0` (wait for the Retry button), `voice=1` (offer the microphone from the start,
-// so the Talk button needs no new negotiation); every parameter also goes to the relay (its
+// so the Talk button needs no new negotiation), `ice=relay` (media only through the relay's TURN:
+// the GPU box never sees the user's address); every parameter also goes to the relay (its
 // policies may read e.g. `token`). Tests and operators read `window.avatarEdge`.
 import { Session } from './avatar-edge.js';
 
@@ -275,6 +276,7 @@ async function start() {
     video: $('video'),
     query: Object.fromEntries(params),
     voice: params.get('voice') === '1',
+    iceTransportPolicy: params.get('ice') === 'relay' ? 'relay' : 'all',
   });
   state.session = session;
   session.on('event', logEvent);

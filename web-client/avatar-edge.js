@@ -35,6 +35,8 @@
  * @property {boolean} [reconnect] Reconnect after a lost socket or worker (default true).
  * @property {boolean} [voice] Offer to send a microphone (audio `sendrecv`) from the start, so that
  *   `startMicrophone()` needs no new negotiation (default false; `startMicrophone()` turns it on).
+ * @property {'all' | 'relay'} [iceTransportPolicy] `'relay'`: media only through the relay's TURN
+ *   server, never a direct path, so the GPU box never learns the user's address (default `'all'`).
  */
 
 /**
@@ -410,7 +412,10 @@ export class Session {
       this.previousPeer = this.peer;
       this.peer = null;
     }
-    const peer = new RTCPeerConnection({ iceServers: this.iceServers });
+    const peer = new RTCPeerConnection({
+      iceServers: this.iceServers,
+      iceTransportPolicy: this.options.iceTransportPolicy === 'relay' ? 'relay' : 'all',
+    });
     this.peer = peer;
     // The fix the old test page lacked: without these the offer has no media sections.
     peer.addTransceiver('video', { direction: 'recvonly' });

@@ -346,7 +346,7 @@ pub enum RouterFallback {
     Reject,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     /// New WebSocket connections (and `/api/ice-servers` requests) one client address may make

@@ -216,7 +216,7 @@ fn operator_allowed(state: &AppState, remote: SocketAddr, headers: &HeaderMap) -
             // A proxy on the same host forwards everyone's requests from loopback, with or
             // without forwarding headers: a peer in `limits.trusted_proxies` is never local.
             let peer = avatar_proto::netfilter::canonical(remote.ip());
-            let proxy = state.config.limits.trusted_proxies.iter().any(|n| n.contains(&peer));
+            let proxy = state.live().limits.trusted_proxies.iter().any(|n| n.contains(&peer));
             let proxied = ["forwarded", "x-forwarded-for", "x-real-ip"]
                 .iter()
                 .any(|h| headers.contains_key(*h));
@@ -289,8 +289,8 @@ async fn avatars(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
 ) -> Response {
-    let client = client_ip(remote.ip(), &headers, &state.config.limits.trusted_proxies);
-    if let Err(refused) = check_rate(&state, client_key(client, state.config.limits.ipv6_prefix_len)) {
+    let (_, key) = client_of(&state, remote, &headers);
+    if let Err(refused) = check_rate(&state, key) {
         return refused.into_response();
     }
     let mut by_id = std::collections::BTreeMap::new();
@@ -326,8 +326,8 @@ async fn avatar_preview(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let client = client_ip(remote.ip(), &headers, &state.config.limits.trusted_proxies);
-    if let Err(refused) = check_rate(&state, client_key(client, state.config.limits.ipv6_prefix_len)) {
+    let (_, key) = client_of(&state, remote, &headers);
+    if let Err(refused) = check_rate(&state, key) {
         return refused.into_response();
     }
     let jpeg = state
@@ -407,8 +407,8 @@ async fn ice_servers(
     uri: Uri,
     headers: HeaderMap,
 ) -> Response {
-    let client = client_ip(remote.ip(), &headers, &state.config.limits.trusted_proxies);
-    if let Err(refused) = check_rate(&state, client_key(client, state.config.limits.ipv6_prefix_len)) {
+    let (client, key) = client_of(&state, remote, &headers);
+    if let Err(refused) = check_rate(&state, key) {
         return refused.into_response();
     }
     let user = match authorize(&state, "api-ice-servers", &uri, &headers, remote).await {
@@ -451,15 +451,12 @@ async fn ws_upgrade(
     if let Err(refused) = check_origin(&state, &headers) {
         return refused.into_response();
     }
-    let client = client_ip(remote.ip(), &headers, &state.config.limits.trusted_proxies);
-    let key = client_key(client, state.config.limits.ipv6_prefix_len);
+    let (client, key) = client_of(&state, remote, &headers);
     if let Err(refused) = check_rate(&state, key) {
         return refused.into_response();
     }
-    let socket_slot = match state
-        .sockets
-        .try_open(Some(key), state.config.limits.sockets_per_ip, usize::MAX)
-    {
+    let per_client = state.live().limits.sockets_per_ip;
+    let socket_slot = match state.sockets.try_open(Some(key), per_client, usize::MAX) {
         Ok(slot) => slot,
         Err(_) => {
             ::metrics::counter!("relay_connections_rate_limited_total", "reason" => "open_sockets").increment(1);
@@ -483,7 +480,7 @@ async fn ws_upgrade(
         }
         // Upgrade anyway: a browser reads the reason from an `error` event, not from a 403.
         Err(reason) => {
-            let write = std::time::Duration::from_millis(state.config.limits.write_timeout_ms);
+            let write = std::time::Duration::from_millis(state.live().limits.write_timeout_ms);
             return ws.on_upgrade(move |socket| refuse(socket, reason, write).instrument(span));
         }
     };
@@ -551,9 +548,19 @@ fn check_origin(state: &AppState, headers: &HeaderMap) -> Result<(), (StatusCode
     Err((StatusCode::FORBIDDEN, "this page's origin may not connect here"))
 }
 
-/// New connections (and ICE server requests) per client (its [`client_key`]) and minute.
+/// The client a request comes from ([`client_ip`]) and the key it is counted under
+/// ([`client_key`]), by the live `[limits]` (`trusted_proxies`, `ipv6_prefix_len`).
+fn client_of(state: &AppState, remote: SocketAddr, headers: &HeaderMap) -> (IpAddr, IpAddr) {
+    let live = state.live();
+    let client = client_ip(remote.ip(), headers, &live.limits.trusted_proxies);
+    (client, client_key(client, live.limits.ipv6_prefix_len))
+}
+
+/// New connections (and ICE server requests) per client (its [`client_key`]) and minute, by
+/// the limiter in force (a reload that changes the quota replaces it).
 fn check_rate(state: &AppState, key: IpAddr) -> Result<(), (StatusCode, &'static str)> {
-    let Some(limiter) = &state.connect_limiter else {
+    let limiter = state.connect_limiter.load();
+    let Some(limiter) = limiter.as_deref() else {
         return Ok(());
     };
     if limiter.check_key(&key).is_ok() {

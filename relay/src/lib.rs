@@ -79,14 +79,20 @@ pub enum RelayError {
 }
 
 /// The settings a reload (SIGHUP, `systemctl reload`) replaces in a running relay, with no
-/// restart and nothing cut: who may call the session API and its limits (`[api]`), and which
-/// pages may open sockets (`http.allowed_origins`). Read with [`AppState::live`]; the rest of
+/// restart and nothing cut: who may call the session API and its limits (`[api]`), which
+/// pages may open sockets (`http.allowed_origins`), and what each client may open and for how
+/// long (`[limits]`: each request, connection and session reads them as it starts, so an open
+/// session keeps the deadlines it started with; a changed `connections_per_ip_per_minute`
+/// counts every client afresh, see [`AppState::connect_limiter`]). Read with
+/// [`AppState::live`]. A reload also applies `[[webhooks]]` ([`webhooks::Webhooks::reload`]:
+/// added, removed, a secret or filter changed, each queue kept); the rest of
 /// [`AppState::config`] applies at the next restart (certificates and policy modules reload on
 /// their own; see `tls::files` and `policy`).
 #[derive(Debug, Clone)]
 pub struct Live {
     pub allowed_origins: Vec<String>,
     pub api: config::ApiConfig,
+    pub limits: config::LimitsConfig,
 }
 
 impl Live {
@@ -94,8 +100,15 @@ impl Live {
         Self {
             allowed_origins: config.http.allowed_origins.clone(),
             api: config.api.clone(),
+            limits: config.limits.clone(),
         }
     }
+}
+
+/// The limiter of `limits.connections_per_ip_per_minute`; `None` when unlimited.
+fn new_connect_limiter(per_minute: u32) -> Option<Arc<governor::DefaultKeyedRateLimiter<std::net::IpAddr>>> {
+    std::num::NonZeroU32::new(per_minute)
+        .map(|n| Arc::new(governor::RateLimiter::keyed(governor::Quota::per_minute(n))))
 }
 
 /// What [`AppState::reload`] did.
@@ -105,6 +118,9 @@ pub struct Reloaded {
     pub changed: Vec<String>,
     /// Other settings changed too: they apply at the next restart.
     pub restart_needed: bool,
+    /// Settings that could not be applied, and why (the running ones stay): a `[[webhooks]]`
+    /// entry whose queue cannot be opened. The next start would fail on it too.
+    pub failed: Vec<String>,
 }
 
 /// Shared state of one relay.
@@ -122,8 +138,10 @@ pub struct AppState {
     pub api_limiter: governor::DefaultKeyedRateLimiter<String>,
     /// Audio uploads in progress, per key (`api.max_uploads_per_key`).
     pub api_uploads: Arc<limits::OpenCounts<String>>,
-    /// New connections per client (its [`limits::client_key`]); `None` when unlimited.
-    pub connect_limiter: Option<governor::DefaultKeyedRateLimiter<std::net::IpAddr>>,
+    /// New connections per client (its [`limits::client_key`]); `None` when unlimited. A reload
+    /// that changes `limits.connections_per_ip_per_minute` puts a new limiter here (a quota is
+    /// fixed when its limiter is made): every client's count starts afresh.
+    pub connect_limiter: arc_swap::ArcSwapOption<governor::DefaultKeyedRateLimiter<std::net::IpAddr>>,
     /// TCP connections of the HTTP listener, per client and in total.
     pub http_connections: Arc<limits::OpenCounts>,
     /// Open WebSockets per client.
@@ -137,7 +155,7 @@ pub struct AppState {
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// STUN/TURN servers handed to browsers and workers (`[turn]`).
     pub ice: ice::IceServers,
-    /// Where sessions' events go (`[[webhooks]]`); empty without any.
+    /// Where sessions' events go (`[[webhooks]]`, replaced by a reload); empty without any.
     pub webhooks: webhooks::Webhooks,
 }
 
@@ -153,8 +171,8 @@ impl AppState {
         policies: Option<Arc<policy::Policies>>,
         webhooks: webhooks::Webhooks,
     ) -> Arc<Self> {
-        let connect_limiter = std::num::NonZeroU32::new(config.limits.connections_per_ip_per_minute)
-            .map(|n| governor::RateLimiter::keyed(governor::Quota::per_minute(n)));
+        let connect_limiter =
+            arc_swap::ArcSwapOption::new(new_connect_limiter(config.limits.connections_per_ip_per_minute));
         let api_rate = std::num::NonZeroU32::new(config.api.requests_per_minute).unwrap_or(std::num::NonZeroU32::MIN);
         let api_burst =
             std::num::NonZeroU32::new(config.api.requests_per_minute / 10).unwrap_or(std::num::NonZeroU32::MIN);
@@ -185,9 +203,21 @@ impl AppState {
         self.live.load()
     }
 
-    /// Apply a reloaded configuration: its [`Live`] settings at once, for the next request.
-    /// Returns what changed, and whether anything else changed that only a restart applies
-    /// (`api.requests_per_minute` among them: the key's rate limiter keeps its quota).
+    /// The key a connection straight from `peer` is counted under ([`limits::client_key`], by
+    /// the live `[limits]`); `None` for a trusted proxy, which carries many clients.
+    pub fn connection_key(&self, peer: std::net::IpAddr) -> Option<std::net::IpAddr> {
+        let ip = avatar_proto::netfilter::canonical(peer);
+        let live = self.live();
+        let proxy = live.limits.trusted_proxies.iter().any(|n| n.contains(&ip));
+        (!proxy).then(|| limits::client_key(ip, live.limits.ipv6_prefix_len))
+    }
+
+    /// Apply a reloaded configuration: its [`Live`] settings at once, for the next request (with
+    /// a new [`AppState::connect_limiter`] when its quota changed), and its `[[webhooks]]` (with
+    /// the `[webhook_delivery]` the relay started with). Returns what
+    /// changed, whether anything else changed that only a restart applies
+    /// (`api.requests_per_minute` among them: the key's rate limiter keeps its quota;
+    /// `[webhook_delivery]` too), and what could not be applied.
     pub fn reload(&self, new: &RelayConfig) -> Reloaded {
         let (old, next) = (self.live.load_full(), Live::of(new));
         let mut changed = Vec::new();
@@ -210,9 +240,25 @@ impl AppState {
         if limits(&old.api) != limits(&next.api) {
             changed.push("api limits".to_owned());
         }
+        if old.limits != next.limits {
+            changed.push("limits".to_owned());
+        }
+        let per_minute = next.limits.connections_per_ip_per_minute;
+        if per_minute != old.limits.connections_per_ip_per_minute {
+            self.connect_limiter.store(new_connect_limiter(per_minute));
+        }
+        // Each webhook keeps its queue (and its deliverer) while its URL stays; a change to
+        // `[webhook_delivery]` is left to the restart (compared below with the rest).
+        let mut failed = Vec::new();
+        match self.webhooks.reload(&new.webhooks, &self.config.webhook_delivery) {
+            Ok(lines) => changed.extend(lines),
+            Err(e) => failed.push(format!("[[webhooks]] not reloaded, the running ones stay: {e}")),
+        }
         // Everything else, compared as the file would say it.
         let mut rest = new.clone();
         rest.http.allowed_origins = self.config.http.allowed_origins.clone();
+        rest.webhooks = self.config.webhooks.clone();
+        rest.limits = self.config.limits.clone();
         rest.api = config::ApiConfig {
             requests_per_minute: new.api.requests_per_minute,
             ..self.config.api.clone()
@@ -223,6 +269,7 @@ impl AppState {
         Reloaded {
             changed,
             restart_needed,
+            failed,
         }
     }
 
@@ -243,7 +290,7 @@ impl AppState {
         session_id: &str,
         owner: Option<&str>,
     ) -> Result<SessionClaim, ClaimRefused> {
-        let binding = std::time::Duration::from_secs(self.config.limits.session_binding_s);
+        let binding = std::time::Duration::from_secs(self.live().limits.session_binding_s);
         let now = std::time::Instant::now();
         let mut sessions = self.sessions();
         if let Some(entry) = sessions.get(session_id) {
@@ -270,7 +317,7 @@ impl AppState {
 
     /// Forget bindings older than `limits.session_binding_s` (called periodically).
     fn sweep_sessions(&self) {
-        let binding = std::time::Duration::from_secs(self.config.limits.session_binding_s);
+        let binding = std::time::Duration::from_secs(self.live().limits.session_binding_s);
         let now = std::time::Instant::now();
         self.sessions()
             .retain(|_, e| e.released.is_none_or(|at| now.duration_since(at) < binding));
@@ -336,8 +383,6 @@ pub struct Relay {
     endpoint: quinn::Endpoint,
     /// The embedded TURN server, with `[turn] mode = "embedded"`.
     turn: Option<turn::TurnServer>,
-    /// One per webhook, each delivering its queue.
-    deliverers: Vec<webhooks::Deliverer>,
 }
 
 impl Relay {
@@ -387,8 +432,9 @@ impl Relay {
         }
         // Compiled here, before any socket is bound: a broken module stops the start, not a request.
         let policies = policy::Policies::load(&config.policies)?;
-        // The queues are opened (and what a previous run left read) before anything listens.
-        let (webhooks, deliverers) = webhooks::Webhooks::open(&config.webhooks, &config.webhook_delivery)?;
+        // The queues are opened (and what a previous run left read) before anything listens;
+        // their deliverers start with the relay's other tasks (`run`).
+        let webhooks = webhooks::Webhooks::open(&config.webhooks, &config.webhook_delivery)?;
         let http_addr = config.http.listen;
         let http = limits::listen_tcp(http_addr).map_err(|source| RelayError::Bind {
             what: "http (TCP)",
@@ -409,7 +455,6 @@ impl Relay {
             http,
             endpoint,
             turn,
-            deliverers,
         })
     }
 
@@ -455,7 +500,6 @@ impl Relay {
             http,
             endpoint,
             turn,
-            deliverers,
         } = self;
         // Every background task of the relay, so that shutdown waits for all of them in one place.
         // Each ends when `shutdown` fires; none has a grace timer of its own.
@@ -464,9 +508,8 @@ impl Relay {
         if let Some(t) = turn {
             tasks.spawn(t.run());
         }
-        for d in deliverers {
-            tasks.spawn(d.run(state.shutdown.clone()));
-        }
+        // One deliverer per webhook; those a reload adds later join these tasks too.
+        state.webhooks.start(&tasks, &state.shutdown);
         let acme_running = acme.is_some();
         if let Some(a) = acme {
             tasks.spawn(a.drive(state.shutdown.clone()));
@@ -489,7 +532,7 @@ impl Relay {
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
                         _ = tick.tick() => {
-                            if let Some(l) = &state.connect_limiter {
+                            if let Some(l) = state.connect_limiter.load().as_deref() {
                                 l.retain_recent();
                                 l.shrink_to_fit();
                             }
@@ -523,8 +566,7 @@ impl Relay {
             counts: Arc::clone(&state.http_connections),
             per_client: http_cfg.max_connections_per_ip,
             total: max_connections,
-            v6_prefix_len: state.config.limits.ipv6_prefix_len,
-            trusted_proxies: state.config.limits.trusted_proxies.clone().into(),
+            state: Arc::clone(&state),
         };
         let header_read = Duration::from_millis(http_cfg.header_read_timeout_ms);
         // Slowloris and silent connections: the first request head must arrive within
@@ -611,7 +653,8 @@ mod tests {
                     "api.keys (1 now)".into(),
                     "api limits".into()
                 ],
-                restart_needed: false
+                restart_needed: false,
+                failed: vec![]
             }
         );
         let live = s.live();
@@ -626,6 +669,95 @@ mod tests {
             RelayConfig::dev().http.listen,
             "the running listener stays"
         );
+    }
+
+    #[test]
+    fn a_reload_applies_limits_and_a_changed_connection_rate_to_the_next_request() {
+        let s = state(600);
+        let ip: std::net::IpAddr = "192.0.2.7".parse().expect("ip");
+        let allowed = || {
+            s.connect_limiter
+                .load()
+                .as_deref()
+                .is_none_or(|l| l.check_key(&ip).is_ok())
+        };
+        assert!(allowed() && allowed(), "120 a minute: two at once pass");
+        let mut new = RelayConfig::dev();
+        new.limits.connections_per_ip_per_minute = 1;
+        new.limits.session_binding_s = 0;
+        new.limits.trusted_proxies = vec!["198.51.100.0/24".parse().expect("net")];
+        assert_eq!(
+            s.reload(&new),
+            Reloaded {
+                changed: vec!["limits".into()],
+                restart_needed: false,
+                failed: vec![]
+            }
+        );
+        assert_eq!(s.live().limits.connections_per_ip_per_minute, 1);
+        assert_eq!(
+            s.config.limits.session_binding_s, 600,
+            "the started config stays as it was"
+        );
+        // A new limiter, its counts afresh: the first connection passes, the second is refused.
+        assert!(allowed(), "counted afresh");
+        assert!(!allowed(), "one a minute");
+        // A trusted proxy is exempt from the per-client caps from now on...
+        assert_eq!(s.connection_key("198.51.100.2".parse().expect("ip")), None);
+        assert_eq!(s.connection_key(ip), Some(ip));
+        // ...and without a binding time a left session id is free at once.
+        drop(s.claim_session("lesson", Some("alice")).expect("free"));
+        drop(
+            s.claim_session("lesson", Some("bob"))
+                .expect("no binding since the reload"),
+        );
+        // Another limit changed: the limiter, and what it counted, stay.
+        new.limits.sockets_per_ip = 3;
+        assert_eq!(s.reload(&new).changed, ["limits"]);
+        assert!(!allowed(), "still counted");
+        // 0: no limit.
+        new.limits.connections_per_ip_per_minute = 0;
+        assert_eq!(s.reload(&new).changed, ["limits"]);
+        assert!(s.connect_limiter.load().is_none());
+        assert!(allowed() && allowed());
+    }
+
+    #[test]
+    fn a_reload_applies_webhooks_and_leaves_webhook_delivery_to_a_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = RelayConfig::dev();
+        config.webhook_delivery.dir = dir.path().join("webhooks");
+        let s = AppState::new(config.clone(), CancellationToken::new());
+        let mut new = config;
+        new.webhooks.push(config::WebhookConfig {
+            url: "http://192.0.2.1/events".into(),
+            secret: config::Secret::new("0123456789abcdef"),
+            secret_file: None,
+            events: None,
+            name: Some("backend".into()),
+        });
+        let done = s.reload(&new);
+        assert_eq!(
+            done,
+            Reloaded {
+                changed: vec!["webhooks: added backend".into()],
+                restart_needed: false,
+                failed: vec![]
+            }
+        );
+        assert!(s.webhooks.enabled());
+        // `[webhook_delivery]`: read at start only.
+        new.webhook_delivery.max_queued = 7;
+        let done = s.reload(&new);
+        assert_eq!((done.changed.len(), done.restart_needed), (0, true));
+        // A queue that cannot be opened (a file where its folder goes): said, and nothing changes.
+        let mut blocked = RelayConfig::dev();
+        blocked.webhook_delivery.dir = dir.path().join("webhooks-file");
+        std::fs::write(&blocked.webhook_delivery.dir, b"").expect("file");
+        let s = AppState::new(blocked, CancellationToken::new());
+        let done = s.reload(&new);
+        assert_eq!((done.changed.len(), done.failed.len()), (0, 1), "{done:?}");
+        assert!(!s.webhooks.enabled());
     }
 
     #[test]

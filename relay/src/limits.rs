@@ -227,9 +227,10 @@ pub struct ConnectionLimits {
     pub counts: Arc<OpenCounts>,
     pub per_client: usize,
     pub total: usize,
-    pub v6_prefix_len: u8,
-    /// Proxies carry many clients: exempt from the per-client cap.
-    pub trusted_proxies: Arc<[IpNet]>,
+    /// Whose connection it is ([`crate::AppState::connection_key`]), by the `[limits]` in force
+    /// when it is accepted (a reload applies to the next one). Proxies carry many clients:
+    /// exempt from the per-client cap.
+    pub state: Arc<crate::AppState>,
 }
 
 /// An acceptor that counts each TCP connection against [`ConnectionLimits`] before the inner
@@ -262,8 +263,7 @@ where
     fn accept(&self, stream: TcpStream, service: S) -> Self::Future {
         let l = &self.limits;
         let guard = stream.peer_addr().map_err(Some).and_then(|peer| {
-            let ip = avatar_proto::netfilter::canonical(peer.ip());
-            let key = (!l.trusted_proxies.iter().any(|n| n.contains(&ip))).then(|| client_key(ip, l.v6_prefix_len));
+            let key = l.state.connection_key(peer.ip());
             l.counts.try_open(key, l.per_client, l.total).map_err(|refused| {
                 metrics::counter!("relay_http_connections_refused_total", "reason" => refused.as_str()).increment(1);
                 None

@@ -97,8 +97,8 @@ async fn run(config: RelayConfig, ready_file: Option<PathBuf>, config_file: Opti
     let metrics = avatar_relay::metrics::install().context("installing the metrics recorder")?;
     let relay = Relay::bind_with_metrics(config, shutdown.clone(), Some(metrics))?;
     // SIGHUP (`systemctl reload`): the certificates and policy modules reload themselves; here
-    // the config file's reloadable settings (`avatar_relay::Live`). A broken edit changes
-    // nothing. Without a handler, SIGHUP's default action would kill the relay.
+    // the config file's reloadable settings (`avatar_relay::Live`, and `[[webhooks]]`). A broken
+    // edit changes nothing. Without a handler, SIGHUP's default action would kill the relay.
     #[cfg(unix)]
     if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         let state = std::sync::Arc::clone(relay.state());
@@ -112,6 +112,9 @@ async fn run(config: RelayConfig, ready_file: Option<PathBuf>, config_file: Opti
                     Ok(new) => {
                         let done = state.reload(&new);
                         tracing::info!(changed = ?done.changed, "SIGHUP: configuration reloaded");
+                        for why in &done.failed {
+                            tracing::error!(config = %path.display(), "SIGHUP: {why}");
+                        }
                         if done.restart_needed {
                             tracing::warn!(
                                 config = %path.display(),

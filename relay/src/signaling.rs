@@ -263,7 +263,16 @@ pub async fn run_session<S, E>(
     S: Sink<Message> + Stream<Item = Result<Message, E>> + Unpin,
     E: std::error::Error + 'static,
 {
-    let write = Duration::from_millis(state.config.limits.write_timeout_ms);
+    // The `[limits]` in force now hold for the whole session (a reload applies to the next one).
+    let (write, idle, max_session_ms) = {
+        let live = state.live();
+        let l = &live.limits;
+        (
+            Duration::from_millis(l.write_timeout_ms),
+            Duration::from_millis(l.idle_timeout_ms),
+            l.max_session_ms,
+        )
+    };
     let owner = principal.as_ref().map(|p| p.user_id.as_str());
     let _claim = match state.claim_session(&session_id, owner) {
         Ok(claim) => claim,
@@ -284,9 +293,7 @@ pub async fn run_session<S, E>(
         }
     };
     let _gauge = ActiveGauge::new();
-    let limits = &state.config.limits;
-    let idle = Duration::from_millis(limits.idle_timeout_ms);
-    let expires = tokio::time::Instant::now() + Duration::from_millis(limits.max_session_ms);
+    let expires = tokio::time::Instant::now() + Duration::from_millis(max_session_ms);
     let mut idle_deadline = tokio::time::Instant::now() + idle;
     let mut session = SignalingSession::new(state.config.http.max_message_bytes);
     let mut attached: Option<Attached> = None;

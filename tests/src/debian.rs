@@ -132,9 +132,19 @@ impl Root {
     }
 
     /// `apt-get install` local package files (copied in), with their dependencies from Debian.
-    /// With `update`, the package lists are fetched first (that needs the network).
+    /// With `update`, the package lists are fetched first (that needs the network). Unattended,
+    /// as deploy.md's step 9 says: a config file the operator changed is kept, even where the
+    /// new version ships a different one (no question asked).
     pub fn apt_install(&self, debs: &[&Path], update: bool) {
-        let mut args = vec!["apt-get", "install", "-y", "-q", "--no-install-recommends"];
+        let mut args = vec![
+            "apt-get",
+            "install",
+            "-y",
+            "-q",
+            "--no-install-recommends",
+            "-o",
+            "Dpkg::Options::=--force-confold",
+        ];
         let names: Vec<String> = debs
             .iter()
             .map(|deb| {
@@ -381,39 +391,14 @@ pub fn doc_block(markdown: &str, name: &str) -> String {
     body[..body.find("```").expect("closing fence")].to_owned()
 }
 
-/// Apply a TOML fragment to a config file's text the way a reader edits it: every key the
-/// fragment sets is set in place (comments and the other keys stay), tables it names are created
-/// where missing, and the n-th `[[table]]` of the fragment edits the n-th one of the file.
-pub fn apply_toml(config: &str, fragment: &str) -> String {
-    let mut doc: toml_edit::DocumentMut = config.parse().expect("the config is TOML");
-    let edit: toml_edit::DocumentMut = fragment.parse().expect("the fragment is TOML");
-    merge(doc.as_table_mut(), edit.as_table());
-    doc.to_string()
-}
-
-fn merge(into: &mut toml_edit::Table, from: &toml_edit::Table) {
-    for (key, item) in from.iter() {
-        match (into.get_mut(key), item) {
-            (Some(toml_edit::Item::Table(dst)), toml_edit::Item::Table(src)) => merge(dst, src),
-            (Some(toml_edit::Item::ArrayOfTables(dst)), toml_edit::Item::ArrayOfTables(src)) => {
-                for (i, src) in src.iter().enumerate() {
-                    match dst.get_mut(i) {
-                        Some(t) => merge(t, src),
-                        None => dst.push(src.clone()),
-                    }
-                }
-            }
-            (Some(toml_edit::Item::Value(dst)), toml_edit::Item::Value(src)) => {
-                // Keep the comment beside the value the reader replaced.
-                let decor = dst.decor().clone();
-                *dst = src.clone();
-                *dst.decor_mut() = decor;
-            }
-            _ => {
-                into.insert(key, item.clone());
-            }
-        }
-    }
+/// The file a `doc_block` writes, as `cat > FILE <<'EOF'` … `EOF` (or `>>`) does: its
+/// here-document.
+pub fn heredoc(block: &str) -> String {
+    let body = block
+        .split_once("<<'EOF'\n")
+        .expect("the block writes a file: <<'EOF'")
+        .1;
+    body[..body.find("\nEOF").expect("the here-document's end") + 1].to_owned()
 }
 
 #[cfg(test)]
@@ -421,22 +406,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_fragment_edits_values_in_place_and_adds_tables() {
-        let config = "# top\nworker_id = \"REQUIRED: x\"   # note\n\n[[relays]]\naddress = \"REQUIRED\"\nca_file = \"/etc/ca\"\n";
-        let fragment = "worker_id = \"gpu-1\"\n[[relays]]\naddress = \"relay.example.com:4433\"\n[ice]\nmax_remote_candidates = 8\n";
-        let out = apply_toml(config, fragment);
-        assert!(out.contains("worker_id = \"gpu-1\"   # note"), "{out}");
-        assert!(out.contains("address = \"relay.example.com:4433\""), "{out}");
-        assert!(out.contains("ca_file = \"/etc/ca\""), "{out}");
-        assert!(out.contains("[ice]\nmax_remote_candidates = 8"), "{out}");
-        assert!(!out.contains("REQUIRED"), "{out}");
-    }
-
-    #[test]
     fn a_doc_block_is_found_by_its_marker() {
         let md = "text\n<!-- deploy-test: a -->\n```toml\nx = 1\n```\n<!-- deploy-test: b -->\n```sh\necho\n```\n";
         assert_eq!(doc_block(md, "a"), "x = 1\n");
         assert_eq!(doc_block(md, "b"), "echo\n");
+    }
+
+    #[test]
+    fn a_heredoc_is_the_file_the_block_writes() {
+        let block = "cat > /etc/x.toml <<'EOF'\na = 1\n\n[b]\nc = 2\nEOF\nsystemctl reload x\n";
+        assert_eq!(heredoc(block), "a = 1\n\n[b]\nc = 2\n");
     }
 
     #[test]

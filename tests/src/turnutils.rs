@@ -7,6 +7,21 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The `[turn]` secret of [`embedded_toml`].
+pub const EMBEDDED_SECRET: &str = "embedded-turn-secret-for-tests";
+
+/// `[turn]` for an embedded server on loopback: UDP and TCP on `port`, TLS on `tls_port`, peers
+/// allowed from `allow` (TOML strings, e.g. `"\"127.0.0.0/8\""`). Relayed ports lie above Linux's
+/// ephemeral range (32768–60999), so the peers' ports never fall in it.
+pub fn embedded_toml(port: u16, tls_port: u16, allow: &str) -> String {
+    format!(
+        "[turn]\nmode = \"embedded\"\nsecret = \"{EMBEDDED_SECRET}\"\nttl_s = 300\n\
+         [turn.embedded]\nlisten_udp = \"127.0.0.1:{port}\"\nlisten_tcp = \"127.0.0.1:{port}\"\n\
+         listen_tls = \"127.0.0.1:{tls_port}\"\nrelay_ip = \"127.0.0.1\"\nrelay_port_min = 61000\n\
+         relay_port_max = 63999\nallow_peers = [{allow}]\nmax_allocations_per_credential = 64\n"
+    )
+}
+
 /// A free port on `ip` for both UDP and TCP (bound and released; good enough on a quiet machine).
 pub fn free_port(ip: &str) -> u16 {
     for _ in 0..50 {

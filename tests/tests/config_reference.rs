@@ -144,3 +144,37 @@ fn every_worker_key_is_in_the_reference_with_its_default() {
         &serde_json::to_value(&defaults).expect("json"),
     );
 }
+
+/// deploy.md's config files, whole, as its steps write them: each one parses and validates in
+/// the binary it is for, so pasting them can never leave a duplicated table or a misspelt key.
+/// (`tests/tests/packages.rs` pastes the first-start ones into installed systems and plays.)
+#[test]
+fn the_config_files_deploy_md_writes_are_valid_whole() {
+    use avatar_edge_tests::debian::{doc_block, heredoc};
+    let docs = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/deploy.md")).expect("deploy.md");
+    let block = |name: &str| heredoc(&doc_block(&docs, name));
+    let auth = block("relay-auth");
+    for (name, text) in [
+        ("relay-acme", block("relay-acme")),
+        ("relay-certbot", block("relay-certbot")),
+        ("relay-certbot + relay-auth", block("relay-certbot") + &auth),
+    ] {
+        let mut config = avatar_relay::config::RelayConfig::from_toml(&text)
+            .unwrap_or_else(|e| panic!("deploy.md's {name}: {e}\n{text}"));
+        // (what `secret_file` holds, read at start)
+        config.tunnel.secret = avatar_relay::config::Secret::new("a-tunnel-secret-from-the-file");
+        config
+            .validate()
+            .unwrap_or_else(|e| panic!("deploy.md's {name}: {e}\n{text}"));
+        assert!(config.unset_required.is_empty(), "{name}: {:?}", config.unset_required);
+    }
+    for name in ["worker-toml", "worker-toml-production"] {
+        let text = block(name);
+        let mut config = avatar_worker::config::WorkerConfig::from_toml(&text)
+            .unwrap_or_else(|e| panic!("deploy.md's {name}: {e}\n{text}"));
+        config.secret = avatar_worker::config::Secret::new("a-tunnel-secret-from-the-file");
+        config
+            .validate()
+            .unwrap_or_else(|e| panic!("deploy.md's {name}: {e}\n{text}"));
+    }
+}

@@ -7,8 +7,10 @@
 //! installed with apt (dependencies from Debian's mirror, before the test's namespace is made,
 //! as on a real machine), and the packages each install adds are listed: no test tool (coturn,
 //! Chromium, podman, pebble, Node), build tool or compiler among them; the shipped configs, unedited, keep both services from starting and
-//! name their REQUIRED keys; then exactly the edits deploy.md shows (its `deploy-test` blocks,
-//! read from the file) are applied, the units are started as systemd would start them (see
+//! name their REQUIRED keys; then deploy.md's steps are pasted as printed (its `deploy-test`
+//! shell blocks, read from the file and run in each root with `sh -e`; no TOML is merged): the
+//! nftables ruleset is loaded in the VPS's namespace and guards everything after, the config
+//! files are written whole, and the token policy is appended. The units are started as systemd would start them (see
 //! [`avatar_edge_tests::debian`]: systemd cannot be PID 1 in this sandbox), and headless Chromium
 //! in the browser namespace opens `https://relay.avatar-edge.test/`, plays and makes the avatar
 //! talk. Then deploy.md's step 8 switches on the packaged HMAC token policy: a socket without a
@@ -23,7 +25,7 @@
 //! the TURN peer filter refuse by default; the one edit here that deploy.md does not show lets
 //! those ranges through (`[ice] allow_candidate_ranges`, `turn.embedded.allow_peers`).
 
-use avatar_edge_tests::debian::{self, apply_toml, doc_block, Root, Service};
+use avatar_edge_tests::debian::{self, doc_block, Root, Service};
 use avatar_edge_tests::netns;
 use avatar_edge_tests::topology::Topology;
 use std::path::{Path, PathBuf};
@@ -61,22 +63,45 @@ fn ours(block: &str) -> String {
         .replace("198.51.100.7", VPS_IP)
 }
 
-/// The shipped relay.toml after deploy.md's step 3b: "delete the [tls.acme] section", then its
-/// block; and the one edit for this test's documentation-range internet.
-fn relay_toml_step_3b(shipped: &str) -> String {
-    let mut without_acme: toml_edit::DocumentMut = shipped.parse().expect("toml");
-    without_acme["tls"].as_table_mut().expect("[tls]").remove("acme");
-    let edited = apply_toml(
-        &without_acme.to_string(),
-        &ours(&doc_block(&deploy_md(), "relay-certbot")),
+/// Run one of deploy.md's shell blocks in `root` exactly as printed (with this test's name and
+/// address for the examples), as an operator pastes it into a root shell.
+fn paste(root: &Root, name: &str) {
+    let out = root.chroot(&["sh", "-ec", &ours(&doc_block(&deploy_md(), name))]);
+    assert!(
+        out.status.success(),
+        "deploy.md's {name} block: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
-    apply_toml(&edited, &format!("[turn.embedded]\nallow_peers = {DOC_RANGES}\n"))
 }
 
-/// The shipped worker.toml after deploy.md's step 6, and the test network's one edit.
-fn worker_toml_step_6(shipped: &str) -> String {
-    let edited = apply_toml(shipped, &ours(&doc_block(&deploy_md(), "worker-toml")));
-    apply_toml(&edited, &format!("[ice]\nallow_candidate_ranges = {DOC_RANGES}\n"))
+/// The file a deploy.md block writes (its here-document), with this test's name and address.
+fn heredoc(name: &str) -> String {
+    debian::heredoc(&ours(&doc_block(&deploy_md(), name)))
+}
+
+/// The one edit deploy.md does not show, for this test's documentation-range internet: every
+/// address here is one the relay's TURN and the worker's ICE refuse by default. The relay's
+/// line goes at the end of the file, which step 3 ends in `[turn.embedded]`.
+fn relay_toml_in_documentation_ranges(relay: &str) -> String {
+    let last_table = relay.lines().rfind(|l| l.starts_with('['));
+    assert_eq!(
+        last_table,
+        Some("[turn.embedded]"),
+        "step 3's relay.toml ends in [turn.embedded]"
+    );
+    format!("{relay}allow_peers = {DOC_RANGES}\n")
+}
+
+/// The worker's side of [`relay_toml_in_documentation_ranges`].
+fn worker_toml_in_documentation_ranges(worker: &str) -> String {
+    format!("{worker}\n[ice]\nallow_candidate_ranges = {DOC_RANGES}\n")
+}
+
+fn allow_documentation_ranges(vps: &Root, gpu: &Root) {
+    let relay = relay_toml_in_documentation_ranges(&vps.read("/etc/avatar-edge/relay.toml"));
+    vps.write("/etc/avatar-edge/relay.toml", &relay);
+    let worker = worker_toml_in_documentation_ranges(&gpu.read("/etc/avatar-edge/worker.toml"));
+    gpu.write("/etc/avatar-edge/worker.toml", &worker);
 }
 
 /// Rebuilt packages: the same binaries as the next revision, as an upgrade would bring.
@@ -412,14 +437,26 @@ fn packages_install_on_fresh_debian_and_a_session_talks() {
     eprintln!("deploy: unedited configs refused:\n{refused}");
 
     let docs = deploy_md();
-    let shipped_relay = vps.read("/etc/avatar-edge/relay.toml");
-    // Step 3a (ACME): the edit makes a config that passes the check (the order itself is
-    // tests/tests/acme.rs's business: no CA on the internet here).
-    vps.write(
-        "/tmp/relay-acme.toml",
-        &apply_toml(&shipped_relay, &ours(&doc_block(&docs, "relay-acme"))),
+    // Step 1: deploy.md's nftables ruleset guards the VPS (this test's network namespace)
+    // for the rest of the test: everything below gets through it, or fails.
+    paste(&vps, "nftables");
+    let nft = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "nft -c -f {conf} && nft -f {conf}",
+            conf = vps.file("/etc/nftables.conf").display()
+        ))
+        .output()
+        .expect("nft (scripts/install-deps installs nftables)");
+    assert!(
+        nft.status.success(),
+        "step 1, nft -f /etc/nftables.conf: {}",
+        String::from_utf8_lossy(&nft.stderr)
     );
-    let check = vps.chroot(&["relay", "--config", "/tmp/relay-acme.toml", "--check-config"]);
+    // Step 3a (ACME), pasted: the file passes the check (the order itself is
+    // tests/tests/acme.rs's business: no CA on the internet here).
+    paste(&vps, "relay-acme");
+    let check = vps.chroot(&["relay", "--config", "/etc/avatar-edge/relay.toml", "--check-config"]);
     assert!(
         check.status.success(),
         "step 3a: {}",
@@ -443,18 +480,18 @@ fn packages_install_on_fresh_debian_and_a_session_talks() {
         "deploy hook: {}",
         String::from_utf8_lossy(&hook.stderr)
     );
-    let relay_toml = relay_toml_step_3b(&shipped_relay);
-    vps.write("/etc/avatar-edge/relay.toml", &relay_toml);
+    paste(&vps, "relay-certbot");
 
-    // Step 6: the relay's secret copied over the worker's placeholder; worker.toml's block. The
+    // Step 6: the relay's secret copied over the worker's placeholder; worker.toml pasted. The
     // test's DNS (the relay's name) and public CA (the test CA) on the GPU box.
     std::fs::copy(
         vps.file("/etc/avatar-edge/tunnel.secret"),
         gpu.file("/etc/avatar-edge/tunnel.secret"),
     )
     .expect("copy the secret");
-    let worker_toml = worker_toml_step_6(&gpu.read("/etc/avatar-edge/worker.toml"));
-    gpu.write("/etc/avatar-edge/worker.toml", &worker_toml);
+    paste(&gpu, "worker-toml");
+    allow_documentation_ranges(&vps, &gpu);
+    let worker_toml = gpu.read("/etc/avatar-edge/worker.toml");
     // (debootstrap's minimal system has no /etc/hosts yet.)
     let hosts = std::fs::read_to_string(gpu.file("/etc/hosts")).unwrap_or_default();
     gpu.write("/etc/hosts", &format!("{hosts}\n{VPS_IP} {DOMAIN}\n"));
@@ -536,8 +573,8 @@ fn packages_install_on_fresh_debian_and_a_session_talks() {
         vps.read("/etc/avatar-edge/policies/hmac-token.json").contains(&secret),
         "the settings file holds the secret the block printed"
     );
-    let relay_toml = apply_toml(&relay_toml, &doc_block(&docs, "relay-auth"));
-    vps.write("/etc/avatar-edge/relay.toml", &relay_toml);
+    paste(&vps, "relay-auth");
+    let relay_toml = vps.read("/etc/avatar-edge/relay.toml");
     drop(relay);
     let relay = Service::start(&vps, relay_unit, vps_ns, &logs.path().join("relay-auth.log"))
         .expect("the relay starts with the token policy");
@@ -775,11 +812,11 @@ fn images_run_with_the_compose_settings_and_a_session_plays() {
             tls.display()
         ));
 
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let shipped = std::fs::read_to_string(root.join("deploy/config/relay.toml")).expect("relay.toml");
-        std::fs::write(dir.path().join("relay.toml"), relay_toml_step_3b(&shipped)).expect("relay.toml");
-        let shipped = std::fs::read_to_string(root.join("deploy/config/worker.toml")).expect("worker.toml");
-        std::fs::write(dir.path().join("worker.toml"), worker_toml_step_6(&shipped)).expect("worker.toml");
+        // deploy.md's files, whole (steps 3b and 6).
+        let relay_toml = relay_toml_in_documentation_ranges(&heredoc("relay-certbot"));
+        std::fs::write(dir.path().join("relay.toml"), relay_toml).expect("relay.toml");
+        let worker_toml = worker_toml_in_documentation_ranges(&heredoc("worker-toml"));
+        std::fs::write(dir.path().join("worker.toml"), worker_toml).expect("worker.toml");
         netns::sh(&format!(
             "chmod 0644 {0}/relay.toml {0}/worker.toml",
             dir.path().display()

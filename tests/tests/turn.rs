@@ -10,7 +10,7 @@ use avatar_edge_tests::cluster::{http_get, Cluster};
 use avatar_edge_tests::netns;
 use avatar_edge_tests::rtc_client::RtcClient;
 use avatar_edge_tests::signaling::Signaling;
-use avatar_edge_tests::turnutils::{self, Uclient};
+use avatar_edge_tests::turnutils::{self, embedded_toml, Uclient, EMBEDDED_SECRET};
 use serde_json::Value;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -199,19 +199,6 @@ fn external_coturn_relays_the_media_with_credentials_the_relay_minted() {
             sig.close().await;
         },
     );
-}
-
-const EMBEDDED_SECRET: &str = "embedded-turn-secret-for-tests";
-
-/// `[turn]` for an embedded server on loopback: UDP and TCP on `port`, TLS on `tls_port`. Relayed
-/// ports lie above Linux's ephemeral range (32768–60999), so the peers' ports never fall in it.
-fn embedded_toml(port: u16, tls_port: u16, allow: &str) -> String {
-    format!(
-        "[turn]\nmode = \"embedded\"\nsecret = \"{EMBEDDED_SECRET}\"\nttl_s = 300\n\
-         [turn.embedded]\nlisten_udp = \"127.0.0.1:{port}\"\nlisten_tcp = \"127.0.0.1:{port}\"\n\
-         listen_tls = \"127.0.0.1:{tls_port}\"\nrelay_ip = \"127.0.0.1\"\nrelay_port_min = 61000\n\
-         relay_port_max = 63999\nallow_peers = [{allow}]\nmax_allocations_per_credential = 64\n"
-    )
 }
 
 #[test]

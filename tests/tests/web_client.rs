@@ -209,6 +209,102 @@ fn the_page_plays_and_talks_on_a_desktop_and_a_phone_and_passes_an_accessibility
     );
 }
 
+/// Record in the page when each video frame is shown (`requestVideoFrameCallback`), across the
+/// SDK's swap to a new peer: a watchdog asks again (once) whenever no frame came for 100 ms.
+const RECORD_FRAMES: &str = "(() => { const v = document.querySelector('video'); window.shownAt = []; \
+    let id = 0; const tick = () => { window.shownAt.push(performance.now()); id = v.requestVideoFrameCallback(tick); }; \
+    id = v.requestVideoFrameCallback(tick); \
+    setInterval(() => { const last = window.shownAt[window.shownAt.length - 1] || 0; \
+      if (performance.now() - last > 100) { v.cancelVideoFrameCallback(id); id = v.requestVideoFrameCallback(tick); } }, 50); \
+    return true; })()";
+
+/// A page whose media goes through the relay's embedded TURN (`ice=relay`: as for a browser
+/// behind a symmetric NAT, or without UDP) across a relay restart: the allocation dies with the relay, so the picture stops until the page has
+/// reconnected and its new peer is relayed by the new process. Measured here, and documented in
+/// deploy.md ("Upgrade and rollback").
+#[test]
+fn a_session_relayed_by_the_relays_turn_comes_back_after_a_restart_within_a_measured_cut() {
+    netns::run(
+        "a_session_relayed_by_the_relays_turn_comes_back_after_a_restart_within_a_measured_cut",
+        || async {
+            use avatar_edge_tests::turnutils::{embedded_toml, free_port};
+            let (port, tls_port) = (free_port("127.0.0.1"), free_port("127.0.0.1"));
+            // Certificate files, so the restarted relay has the one the worker pinned.
+            let certs = tempfile::tempdir().expect("tempdir");
+            let pair = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
+            let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
+            std::fs::write(&cert, pair.cert.pem()).expect("cert");
+            std::fs::write(&key, pair.signing_key.serialize_pem()).expect("key");
+            let tls = format!("cert = \"{}\"\nkey = \"{}\"", cert.display(), key.display());
+            let mut cluster =
+                Cluster::relay_with_tls(&embedded_toml(port, tls_port, "\"127.0.0.0/8\""), false, &tls).await;
+            cluster.add_worker("worker-1", 2, "").await;
+            // Media only through the relay's TURN (the page's `ice=relay`).
+            let url = format!("http://{}/?avatar=avatar_tutor_13&ice=relay", cluster.relay.http);
+            let mut browser = Chromium::launch(&url).await.expect("chromium");
+            wait_live(&mut browser, &cluster, SECS(15)).await;
+            let relayed = |v: &Value| v.as_str().is_some_and(|p| p.starts_with("relay"));
+            let pair = browser.poll("window.avatarEdge.state.pair", SECS(10), relayed).await;
+            assert!(relayed(&pair), "the page's media goes through TURN: {pair}");
+            browser.eval(RECORD_FRAMES).await.expect("record frames");
+            tokio::time::sleep(SECS(1)).await;
+            let first_socket = browser.eval("window.avatarEdge.state.ws.url").await.expect("url");
+
+            let stopping = browser
+                .eval("performance.now()")
+                .await
+                .expect("now")
+                .as_f64()
+                .unwrap_or(0.0);
+            let restarted = Instant::now();
+            cluster.stop_relay();
+            let down = restarted.elapsed();
+            cluster.restart_relay().await;
+            let listening = restarted.elapsed();
+            let second_socket = browser
+                .poll(
+                    "window.avatarEdge.state.ws ? window.avatarEdge.state.ws.url : null",
+                    SECS(10),
+                    |v| v.is_string() && *v != first_socket,
+                )
+                .await;
+            assert_ne!(first_socket, second_socket, "a new socket (a new session id)");
+            wait_live(&mut browser, &cluster, SECS(10)).await;
+            let pair = browser.poll("window.avatarEdge.state.pair", SECS(10), relayed).await;
+            assert!(relayed(&pair), "the new peer goes through TURN too: {pair}");
+            tokio::time::sleep(SECS(2)).await;
+
+            // The longest time without a shown frame, from just before the stop.
+            let shown: Vec<f64> = serde_json::from_value(
+                browser
+                    .eval(&format!("window.shownAt.filter(t => t >= {stopping} - 1000)"))
+                    .await
+                    .expect("frames"),
+            )
+            .expect("numbers");
+            let (cut, cut_at) = shown
+                .windows(2)
+                .map(|w| (w[1] - w[0], w[0] - stopping))
+                .fold((0.0, 0.0), |a, b| if b.0 > a.0 { b } else { a });
+            let after = shown.iter().filter(|t| **t > stopping + cut_at + cut).count();
+            eprintln!(
+                "TURN-relayed session across a relay restart: the picture stopped {cut:.0} ms \
+                 (from {cut_at:.0} ms after the stop began); the old relay exited after {down:?}, \
+                 the new one listened {listening:?} after the stop began; {after} frames in the 2 s after"
+            );
+            assert!(
+                after >= 25,
+                "the picture plays again: {after} frames in the 2 s after the cut"
+            );
+            assert!(
+                cut < 2000.0,
+                "a relay restart cut the TURN-relayed picture for {cut:.0} ms\n{}",
+                cluster.logs()
+            );
+        },
+    );
+}
+
 #[test]
 fn the_page_reconnects_by_itself_after_a_relay_restart() {
     netns::run("the_page_reconnects_by_itself_after_a_relay_restart", || async {

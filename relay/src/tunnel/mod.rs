@@ -154,9 +154,7 @@ const KNOWN_MAX: usize = 4096;
 impl PendingHandshakes {
     /// The key `remote` is counted under; `None` for a trusted proxy.
     fn key(remote: SocketAddr, state: &AppState) -> Option<IpAddr> {
-        let ip = avatar_proto::netfilter::canonical(remote.ip());
-        let proxy = state.config.limits.trusted_proxies.iter().any(|n| n.contains(&ip));
-        (!proxy).then(|| crate::limits::client_key(ip, state.config.limits.ipv6_prefix_len))
+        state.connection_key(remote.ip())
     }
 
     fn known(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<IpAddr, Instant>> {
