@@ -81,11 +81,7 @@ impl Cluster {
     /// pinned. Keep the returned directory (the files) as long as the cluster.
     pub async fn relay_with_cert_files() -> (Self, tempfile::TempDir) {
         let certs = tempfile::tempdir().expect("tempdir");
-        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
-        let (cert_path, key_path) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
-        std::fs::write(&cert_path, cert.cert.pem()).expect("write cert");
-        std::fs::write(&key_path, cert.signing_key.serialize_pem()).expect("write key");
-        let tls = format!("cert = \"{}\"\nkey = \"{}\"", cert_path.display(), key_path.display());
+        let (tls, _) = write_certificate(certs.path());
         (Self::relay_with_tls("", false, &tls).await, certs)
     }
 
@@ -362,6 +358,28 @@ impl Drop for Cluster {
             eprintln!("{}", self.logs());
         }
     }
+}
+
+/// A fresh self-signed certificate for `localhost` written as `cert.pem` and `key.pem` in `dir`,
+/// the way certbot replaces its files (written aside, then renamed over). Returns the body of a
+/// relay's `[tls]` section naming them, and the certificate's SHA-256 fingerprint (hex).
+pub fn write_certificate(dir: &Path) -> (String, String) {
+    use sha2::Digest;
+    let pair = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
+    for (name, pem) in [
+        ("cert.pem", pair.cert.pem()),
+        ("key.pem", pair.signing_key.serialize_pem()),
+    ] {
+        let tmp = dir.join(format!("{name}.new"));
+        std::fs::write(&tmp, pem).expect("write");
+        std::fs::rename(&tmp, dir.join(name)).expect("rename");
+    }
+    let tls = format!(
+        "cert = \"{}\"\nkey = \"{}\"",
+        dir.join("cert.pem").display(),
+        dir.join("key.pem").display()
+    );
+    (tls, hex::encode(sha2::Sha256::digest(pair.cert.der())))
 }
 
 /// Send signal `name` (`TERM`, `HUP` ...) to a child process.

@@ -168,6 +168,12 @@ fn the_config_files_deploy_md_writes_are_valid_whole() {
             .unwrap_or_else(|e| panic!("deploy.md's {name}: {e}\n{text}"));
         assert!(config.unset_required.is_empty(), "{name}: {:?}", config.unset_required);
     }
+    // The whole file step 8 shows is step 3b's with step 8's lines appended.
+    assert_eq!(
+        doc_block(&docs, "relay-final"),
+        block("relay-certbot") + &auth,
+        "deploy.md's relay-final is relay-certbot then relay-auth"
+    );
     for name in ["worker-toml", "worker-toml-production"] {
         let text = block(name);
         let mut config = avatar_worker::config::WorkerConfig::from_toml(&text)

@@ -6,7 +6,7 @@
 //!
 //! Each test runs in its own loopback-only network namespace (see `netns`).
 
-use avatar_edge_tests::cluster::{http_get, Cluster};
+use avatar_edge_tests::cluster::{http_get, write_certificate, Cluster};
 use avatar_edge_tests::netns;
 use avatar_edge_tests::rtc_client::RtcClient;
 use avatar_edge_tests::signaling::Signaling;
@@ -317,22 +317,6 @@ fn embedded_turn_relays_the_media_for_a_relay_only_browser() {
     });
 }
 
-/// A fresh self-signed pair for `localhost` written as `cert.pem`/`key.pem` in `dir` the way
-/// certbot replaces its files (written aside, then renamed over); returns its fingerprint.
-fn write_certificate(dir: &std::path::Path) -> String {
-    use sha2::Digest;
-    let pair = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
-    for (name, pem) in [
-        ("cert.pem", pair.cert.pem()),
-        ("key.pem", pair.signing_key.serialize_pem()),
-    ] {
-        let tmp = dir.join(format!("{name}.new"));
-        std::fs::write(&tmp, pem).expect("write");
-        std::fs::rename(&tmp, dir.join(name)).expect("rename");
-    }
-    hex::encode(sha2::Sha256::digest(pair.cert.der()))
-}
-
 /// The SHA-256 fingerprint of the certificate a new TLS connection to `port` is given (openssl).
 fn served_fingerprint(port: u16) -> String {
     let out = Command::new("sh")
@@ -359,7 +343,7 @@ fn a_certificate_renewal_is_a_reload_the_session_through_turn_plays_on_and_new_c
         || async {
             let (port, tls_port) = (turnutils::free_port("127.0.0.1"), turnutils::free_port("127.0.0.1"));
             let dir = tempfile::tempdir().expect("tempdir");
-            let first = write_certificate(dir.path());
+            let (_, first) = write_certificate(dir.path());
             let tls = format!(
                 "cert = \"{}\"\nkey = \"{}\"",
                 dir.path().join("cert.pem").display(),
@@ -376,7 +360,7 @@ fn a_certificate_renewal_is_a_reload_the_session_through_turn_plays_on_and_new_c
             // certbot renews and its hook runs `systemctl reload` (SIGHUP).
             let pid = cluster.relay.child.id();
             let renewed_at = Instant::now();
-            let second = write_certificate(dir.path());
+            let (_, second) = write_certificate(dir.path());
             avatar_edge_tests::cluster::signal(&cluster.relay.child, "HUP");
             cluster
                 .wait_for_log(&cluster.relay.log, "certificate reloaded", Duration::from_secs(5))

@@ -6,7 +6,7 @@
 //! Screenshots go to `target/test-artifacts/`.
 
 use avatar_edge_tests::cdp::{Chromium, SESSION_STATE};
-use avatar_edge_tests::cluster::Cluster;
+use avatar_edge_tests::cluster::{write_certificate, Cluster};
 use avatar_edge_tests::netns;
 use serde_json::Value;
 use std::path::PathBuf;
@@ -28,6 +28,20 @@ async fn wait_live(browser: &mut Chromium, cluster: &Cluster, timeout: Duration)
         );
     }
     started.elapsed()
+}
+
+/// After a relay restart: the page opens a new socket (a new session id, not `first_socket`),
+/// then a new peer that plays.
+async fn live_on_a_new_socket(browser: &mut Chromium, cluster: &Cluster, first_socket: &Value) {
+    let second_socket = browser
+        .poll(
+            "window.avatarEdge.state.ws ? window.avatarEdge.state.ws.url : null",
+            SECS(10),
+            |v| v.is_string() && v != first_socket,
+        )
+        .await;
+    assert_ne!(*first_socket, second_socket, "a new socket (a new session id)");
+    wait_live(browser, cluster, SECS(10)).await;
 }
 
 /// Type `text` into the page's box and press Send, as a user would.
@@ -236,24 +250,6 @@ async fn longest_cut(browser: &mut Chromium, since: f64) -> (f64, f64, usize, us
     (cut, at, after, shown.len())
 }
 
-/// Certificate files for `localhost` in `dir`, written aside and renamed over, as certbot does.
-fn write_certificate(dir: &std::path::Path) -> String {
-    let pair = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
-    for (name, pem) in [
-        ("cert.pem", pair.cert.pem()),
-        ("key.pem", pair.signing_key.serialize_pem()),
-    ] {
-        let tmp = dir.join(format!("{name}.new"));
-        std::fs::write(&tmp, pem).expect("write");
-        std::fs::rename(&tmp, dir.join(name)).expect("rename");
-    }
-    format!(
-        "cert = \"{}\"\nkey = \"{}\"",
-        dir.join("cert.pem").display(),
-        dir.join("key.pem").display()
-    )
-}
-
 /// A page whose media goes through the relay's embedded TURN over TCP (`ice=relay`, and no UDP
 /// to the TURN port: a browser whose network blocks UDP), first across a relay restart, then across a
 /// certificate renewal. The restart kills the TURN allocation with the old process, so the
@@ -272,7 +268,7 @@ fn a_session_relayed_by_the_relays_turn_comes_back_after_a_restart_and_a_renewal
             netns::sh(&format!("iptables -A INPUT -p udp --dport {port} -j DROP"));
             // Certificate files, so the restarted relay has the one the worker pinned.
             let certs = tempfile::tempdir().expect("tempdir");
-            let tls = write_certificate(certs.path());
+            let (tls, _) = write_certificate(certs.path());
             let turn = embedded_toml(port, tls_port, "\"127.0.0.0/8\"");
             let mut cluster = Cluster::relay_with_tls(&turn, false, &tls).await;
             cluster
@@ -308,15 +304,7 @@ fn a_session_relayed_by_the_relays_turn_comes_back_after_a_restart_and_a_renewal
             let down = restarted.elapsed();
             cluster.restart_relay().await;
             let listening = restarted.elapsed();
-            let second_socket = browser
-                .poll(
-                    "window.avatarEdge.state.ws ? window.avatarEdge.state.ws.url : null",
-                    SECS(10),
-                    |v| v.is_string() && *v != first_socket,
-                )
-                .await;
-            assert_ne!(first_socket, second_socket, "a new socket (a new session id)");
-            wait_live(&mut browser, &cluster, SECS(10)).await;
+            live_on_a_new_socket(&mut browser, &cluster, &first_socket).await;
             let pair = browser.poll("window.avatarEdge.state.pair", SECS(10), relayed).await;
             let path = browser.eval(over_tcp).await.expect("stats");
             assert!(
@@ -381,16 +369,7 @@ fn the_page_reconnects_by_itself_after_a_relay_restart() {
         cluster.stop_relay();
         cluster.restart_relay().await;
         let listening = Instant::now();
-        // A new socket (a new session id), then a new peer that plays.
-        let second_socket = browser
-            .poll(
-                "window.avatarEdge.state.ws ? window.avatarEdge.state.ws.url : null",
-                SECS(10),
-                |v| v.is_string() && *v != first_socket,
-            )
-            .await;
-        assert_ne!(first_socket, second_socket, "a new socket (a new session id)");
-        wait_live(&mut browser, &cluster, SECS(10)).await;
+        live_on_a_new_socket(&mut browser, &cluster, &first_socket).await;
         let took = listening.elapsed();
         let total = restarted.elapsed();
         eprintln!("web client: live again {total:?} after the relay restart began ({took:?} after it listened)");
