@@ -181,9 +181,13 @@ async fn healthz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
 /// sessions the workers can still take (by the load they report, other relays' sessions
 /// included), so a relay whose workers are all full can be told from one without workers.
 async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
-    let views = state.registry.views();
-    let available = views.len();
-    let free: u32 = views.iter().map(|w| w.capacity.saturating_sub(w.active)).sum();
+    let available = state.registry.all().iter().filter(|w| !w.is_draining()).count();
+    let free: u32 = state
+        .registry
+        .views()
+        .iter()
+        .map(|w| w.capacity.saturating_sub(w.active))
+        .sum();
     let stopping = state.shutdown.is_cancelled();
     let ready = available > 0 && !stopping;
     let status = if ready {

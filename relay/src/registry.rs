@@ -167,16 +167,21 @@ impl Registry {
         self.lock().values().cloned().collect()
     }
 
-    /// Views of the workers that may take new sessions.
+    /// What routing sees of every worker. A draining one (its process is stopping, an upgrade
+    /// rolls through the pool) shows as full: it takes no new session, and one that only it
+    /// could take is `busy`, which pages retry, rather than `no_worker`.
     pub fn views(&self) -> Vec<WorkerView> {
         self.lock()
             .values()
-            .filter(|w| !w.is_draining())
             .map(|w| WorkerView {
                 id: w.id.clone(),
                 avatars: w.registration.avatars.clone(),
                 capacity: w.registration.capacity,
-                active: w.load(),
+                active: if w.is_draining() {
+                    w.registration.capacity
+                } else {
+                    w.load()
+                },
                 labels: w.registration.labels.clone(),
                 rtt: w.connection.rtt(),
             })

@@ -1,8 +1,8 @@
 //! Choosing the worker for a new session, in one place.
 //!
-//! The candidates are the workers that are not draining ([`crate::registry::Registry::views`]),
-//! that [`serves`] the avatar asked for, that have a free slot (counting the load each worker
-//! reports, sessions from other relays of a fleet included), and that have not already refused
+//! The candidates are the workers ([`crate::registry::Registry::views`], where a draining one
+//! shows as full) that [`serves`] the avatar asked for, that have a free slot (counting the load
+//! each worker reports, sessions from other relays of a fleet included), and that have not already refused
 //! this offer as `busy`. Among them the operator's
 //! routing module decides when one is configured ([`crate::policy`]; on its failure the
 //! configured fallback), otherwise [`LeastLoaded`]. No candidate at all is `no_worker`; only full
@@ -44,7 +44,7 @@ pub struct RouteRequest<'a> {
     pub refused_by: &'a [String],
 }
 
-/// Picks the worker for a new session among those that are not draining.
+/// Picks the worker for a new session among those with a free slot.
 ///
 /// Contract: return the id of one of `workers`, or `None` when none should take the session. The
 /// relay still checks capacity atomically after the choice, so a policy may race harmlessly.

@@ -636,30 +636,14 @@ async fn route(offer: Offer, refused_by: &[String], ctx: &Ctx<'_>) -> Result<(At
         avatar_id: avatar.as_deref(),
         refused_by,
     };
-    let chosen = routing::choose_worker(
+    let worker_id = routing::choose_worker(
         &request,
         ctx.principal,
         state.registry.views(),
         state.router.as_ref(),
         state.policies.as_deref(),
     )
-    .await;
-    let worker_id = match chosen {
-        // The workers that serve it are draining (a rolling upgrade): full for now, back soon.
-        Err((ErrorCode::NoWorker, _))
-            if state
-                .registry
-                .all()
-                .iter()
-                .any(|w| w.is_draining() && w.serves(avatar.as_deref())) =>
-        {
-            return Err((
-                ErrorCode::Busy,
-                "every worker that serves this session is draining (an upgrade); try again shortly".into(),
-            ));
-        }
-        other => other?,
-    };
+    .await?;
     let worker = state
         .registry
         .get(&worker_id)
