@@ -6,7 +6,8 @@ receiver reports, as browsers do. The probe offers H.264 only (what avatar-edge 
 the arrival time and size of every decoded video frame and the loudness of every decoded audio
 frame, sends one `text_webrtc` at --text-at seconds, and prints one JSON object on stdout.
 
-Times are seconds since the probe started (time.monotonic based).
+Times are seconds since the probe started (time.monotonic based); `t0_unix` is that start on
+the wall clock, so a test can place its own actions (a link that narrows) on the probe's clock.
 
     python webrtc_probe.py --ws ws://198.51.100.1:8080/ws/s1 --seconds 12 --text-at 6
 """
@@ -28,6 +29,7 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.rtcrtpreceiver import RTCRtpReceiver
 
 T0 = time.monotonic()
+T0_UNIX = time.time()
 
 
 def now():
@@ -84,7 +86,7 @@ async def main():
     pc.addTransceiver("audio", direction="recvonly")
     await pc.setLocalDescription(await pc.createOffer())
 
-    result = {"video": video, "audio": audio, "events": events}
+    result = {"video": video, "audio": audio, "events": events, "t0_unix": T0_UNIX}
     async with websockets.connect(args.ws, max_size=None) as ws:
         result["connected_at"] = now()
         await ws.send(json.dumps({"type": "webrtc_offer", "sdp": pc.localDescription.sdp}))

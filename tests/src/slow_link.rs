@@ -126,6 +126,8 @@ pub fn run_probe(netns: Option<u32>, ws_url: &str, seconds: f64, text_at: Option
 /// What the viewer got.
 #[derive(Debug, Default)]
 pub struct Report {
+    /// The probe's start (its clock's zero) on the wall clock, seconds since the Unix epoch.
+    pub t0_unix: f64,
     pub connected_at: f64,
     pub answer_at: Option<f64>,
     /// (arrival, width, height) of each decoded frame.
@@ -142,6 +144,7 @@ impl Report {
         let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
         let rows = |key: &str| v[key].as_array().cloned().unwrap_or_default();
         Self {
+            t0_unix: f(&v["t0_unix"]),
             connected_at: f(&v["connected_at"]),
             answer_at: v["answer_at"].as_f64(),
             frames: rows("video")
@@ -158,6 +161,14 @@ impl Report {
             text_sent_at: v["text_sent_at"].as_f64(),
             events: rows("events").iter().map(|r| (f(&r[0]), r[1].clone())).collect(),
         }
+    }
+
+    /// When `at` (wall clock) fell on the probe's clock, in seconds.
+    pub fn probe_time(&self, at: std::time::SystemTime) -> f64 {
+        let unix = at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        unix - self.t0_unix
     }
 
     /// Frames a second received between `from` and `to` (probe seconds).
