@@ -5,7 +5,8 @@
 //! * **Tracking**: the boxes follow the face within a stated tolerance, frames without a face are
 //!   reported and left out, the loop has no jump, the previews are written.
 //! * **Errors**: unreadable input, no face, a face too small: a clear message, exit status 1,
-//!   and nothing written.
+//!   and nothing written. A face smaller than the model's crop (a studio portrait's 90 px)
+//!   prepares with a warning, and talks.
 //! * **Live**: the talking avatar's mouth stays on the moving mouth in the pictures a WebRTC peer
 //!   receives; `GET /api/avatars` lists the avatar with a preview that Chromium loads.
 
@@ -201,7 +202,7 @@ fn unreadable_faceless_and_tiny_recordings_fail_clearly_and_write_nothing() {
         Some(Pose {
             cx: 256.0 + 20.0 * t,
             dy: 150.0,
-            size: 160.0,
+            size: 110.0,
         })
     })
     .expect("recording");
@@ -218,7 +219,7 @@ fn unreadable_faceless_and_tiny_recordings_fail_clearly_and_write_nothing() {
             &tiny,
             "tiny",
             1,
-            vec!["the face in", "pixels in the 512×512 output", "needs at least 96×96"],
+            vec!["the face in", "pixels in the 512×512 output", "needs at least 48×48"],
         ),
         (&tiny, "../escape", 64, vec!["avatar id `../escape`"]),
     ] {
@@ -254,6 +255,18 @@ fn mouths(
     idle_thumbs: &[Vec<u8>],
     poses: &[Option<Pose>],
 ) -> Option<((f32, f32), (f32, f32))> {
+    mouths_at_scale(luma, idle, idle_thumbs, poses, 1.0)
+}
+
+/// [`mouths`] for a figure drawn `scale` times the size those tests draw: the searched area and
+/// the darkening that counts as an open mouth scale with it.
+fn mouths_at_scale(
+    luma: &[u8],
+    idle: &[Yuv420],
+    idle_thumbs: &[Vec<u8>],
+    poses: &[Option<Pose>],
+    scale: f32,
+) -> Option<((f32, f32), (f32, f32))> {
     const W: usize = 512;
     let picture = Yuv420 {
         width: 512,
@@ -267,9 +280,13 @@ fn mouths(
         .min_by(|&a, &b| difference(&thumb, &idle_thumbs[a]).total_cmp(&difference(&thumb, &idle_thumbs[b])))?;
     let truth = mouth_of((*poses.get(k)?)?);
     let (mut sx, mut sy, mut weight) = (0.0f32, 0.0f32, 0.0f32);
-    let (x0, y0) = ((truth.0 - 70.0).max(0.0) as usize, (truth.1 - 50.0).max(0.0) as usize);
-    for y in y0..(y0 + 100).min(W) {
-        for x in x0..(x0 + 140).min(W) {
+    let (half_w, half_h) = (70.0 * scale, 50.0 * scale);
+    let (x0, y0) = (
+        (truth.0 - half_w).max(0.0) as usize,
+        (truth.1 - half_h).max(0.0) as usize,
+    );
+    for y in y0..(y0 + (2.0 * half_h) as usize).min(W) {
+        for x in x0..(x0 + (2.0 * half_w) as usize).min(W) {
             let darker = f32::from(idle[k].y[y * W + x]) - f32::from(luma[y * W + x]);
             if darker > 12.0 {
                 sx += darker * x as f32;
@@ -279,7 +296,7 @@ fn mouths(
         }
     }
     // An open mouth darkens 60 000 to 170 000 (luma × pixels) here; a closed one under 12 000.
-    (weight > 30_000.0).then(|| ((sx / weight + 0.5, sy / weight + 0.5), truth))
+    (weight > 30_000.0 * scale * scale).then(|| ((sx / weight + 0.5, sy / weight + 0.5), truth))
 }
 
 /// Tolerance of the lip-synced mouth's position against the drawn mouth's, in pixels of the
@@ -433,6 +450,97 @@ fn the_talking_avatar_keeps_its_mouth_on_the_moving_mouth_and_the_page_shows_its
             assert!(
                 fixed >= 3.0 * MOUTH_WANDER,
                 "the test moved the head too little: {fixed:.0} px"
+            );
+        },
+    );
+}
+
+/// A studio portrait: head and shoulders with the face about 90 px, under the lip-sync model's
+/// 96×96 crop. It prepares, with a warning that says what to expect, and talks: a WebRTC peer
+/// sees the mouth the model draws, on the drawn mouth.
+#[test]
+fn a_portrait_with_a_90_pixel_face_prepares_with_a_warning_and_talks() {
+    const SIZE: f32 = 250.0;
+    netns::run(
+        "a_portrait_with_a_90_pixel_face_prepares_with_a_warning_and_talks",
+        || async {
+            let work = tempfile::tempdir().expect("tmp");
+            let input = work.path().join("portrait.mp4");
+            let poses = write_recording(&input, 512, 3.0, |t| {
+                Some(Pose {
+                    cx: 256.0 + 8.0 * (t * 2.0).sin(),
+                    dy: 40.0,
+                    size: SIZE,
+                })
+            })
+            .expect("recording");
+            let out = work.path().join("avatars");
+            let run = prepare(&input, &out, "portrait", &[]);
+            let stdout = text(&run.stdout);
+            assert!(run.status.success(), "{}\n{stdout}", text(&run.stderr));
+            eprintln!("{stdout}");
+            let warning = stdout
+                .lines()
+                .find(|l| l.starts_with("warning: the face is about"))
+                .unwrap_or_else(|| panic!("a warning for the small face: {stdout}"));
+            let size: Vec<u32> = warning
+                .trim_start_matches("warning: the face is about ")
+                .split(" pixels")
+                .next()
+                .unwrap_or_default()
+                .split('×')
+                .filter_map(|v| v.parse().ok())
+                .collect();
+            assert!(
+                size.len() == 2 && (70..96).contains(&size[0].min(size[1])),
+                "a face of about 90 px: {warning}"
+            );
+            assert!(warning.contains("upscaled 1."), "says how much: {warning}");
+
+            let mut cluster = Cluster::relay_only("").await;
+            cluster
+                .add_worker("gpu-1", 1, &format!("avatar_dir = \"{}\"", out.display()))
+                .await;
+            let mut sig = Signaling::connect(&cluster.ws_url("portrait-1")).await.expect("ws");
+            let client = avatar_edge_tests::play(&mut sig, "portrait")
+                .await
+                .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+            client.wait_frames(10, Duration::from_secs(10)).await;
+            client.stats.lock().expect("stats").keep_pictures = 300;
+            sig.send_json(
+                &json!({"type": "text_webrtc", "session_id": "s", "user_id": 5, "tutor_id": 1,
+            "message": "Please tell me about the moon.", "avatar_id": "portrait"}),
+            )
+            .await
+            .expect("ask");
+            sig.wait_for("speech_ended", Duration::from_secs(30))
+                .await
+                .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+            let pictures = std::mem::take(&mut client.stats.lock().expect("stats").pictures);
+            let clip = load_dir(&out, 512, 512, 25).expect("the prepared avatar").remove(0);
+            let thumbs: Vec<Vec<u8>> = clip.frames.iter().map(thumbnail).collect();
+            let scale = SIZE / 512.0;
+            let errors: Vec<f32> = pictures
+                .iter()
+                .filter_map(|(_, luma)| mouths_at_scale(luma, &clip.frames, &thumbs, &poses, scale))
+                .map(|((mx, my), (tx, ty))| ((mx - tx).powi(2) + (my - ty).powi(2)).sqrt())
+                .collect();
+            let worst = errors.iter().copied().fold(0.0f32, f32::max);
+            eprintln!(
+                "{} of {} pictures with the mouth open; worst {worst:.1} px from the drawn mouth",
+                errors.len(),
+                pictures.len()
+            );
+            assert!(
+                errors.len() >= 10,
+                "the mouth opens in the received pictures: {} of {}\n{}",
+                errors.len(),
+                pictures.len(),
+                cluster.logs()
+            );
+            assert!(
+                worst <= MOUTH_TOLERANCE * scale + 4.0,
+                "the mouth sits on the drawn mouth: worst {worst:.1} px"
             );
         },
     );

@@ -157,6 +157,9 @@ pub struct Target {
     /// The rate video packets leave at.
     pub pace_bps: u64,
     pub level: Level,
+    /// The share of packets the path lost at the latest receiver report, in percent (read from
+    /// video; audio shares the path). The Opus encoder sizes its in-band FEC to it.
+    pub loss_pct: u8,
 }
 
 impl Target {
@@ -168,6 +171,7 @@ impl Target {
             video_bps,
             // Twice the bitrate: a keyframe leaves within a few frames, never in one burst.
             pace_bps: video_bps * 2,
+            loss_pct: 0,
             level: Level {
                 index: 0,
                 fps,
@@ -195,6 +199,8 @@ pub struct RateControl {
     slow_start: bool,
     last_congestion: Option<Instant>,
     last_report: Option<Instant>,
+    /// The latest receiver report's loss fraction.
+    loss: f64,
     level: usize,
     up_since: Option<Instant>,
 }
@@ -235,6 +241,7 @@ impl RateControl {
             slow_start: true,
             last_congestion: None,
             last_report: None,
+            loss: 0.0,
             level: 0,
             up_since: None,
         };
@@ -261,6 +268,7 @@ impl RateControl {
             .map_or(Duration::from_secs(1), |t| now.saturating_duration_since(t))
             .min(Duration::from_secs(1));
         self.last_report = Some(now);
+        self.loss = fraction.clamp(0.0, 1.0);
         if fraction > 0.10 {
             self.loss_based *= 1.0 - 0.5 * fraction.min(1.0);
             self.congested(now);
@@ -347,6 +355,7 @@ impl RateControl {
             video_bps: video as u64,
             pace_bps: (estimate.round() as u64).max(video as u64),
             level: self.level(),
+            loss_pct: (self.loss * 100.0).round() as u8,
         }
     }
 
@@ -423,9 +432,11 @@ mod tests {
         t += Duration::from_millis(500);
         rc.on_loss(0.05, t);
         assert_eq!(rc.target(t).video_bps, before, "2-10 %: hold");
+        assert_eq!(rc.target(t).loss_pct, 5, "the loss, for the audio's FEC");
         t += Duration::from_millis(500);
         rc.on_loss(0.4, t);
         assert_eq!(rc.target(t).video_bps, before * 8 / 10, "40 % loss: minus 20 %");
+        assert_eq!(rc.target(t).loss_pct, 40);
         // After congestion, growth is 8 % a second, not slow start.
         let t0 = rc.target(t).video_bps as f64;
         let grown = feed(&mut rc, &mut t, 1, 0.0, None).video_bps as f64;

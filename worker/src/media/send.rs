@@ -150,19 +150,41 @@ impl<T> PacedQueue<T> {
 }
 
 /// H.264 access units to RTP packets (RFC 6184, packetization mode 1). The SSRC and payload type
-/// are the track binding's; the timestamp is the caller's.
+/// are the track binding's; the timestamp is the caller's; the sequence number is given as the
+/// packet leaves ([`Sequence`]).
 pub struct H264Packetizer {
     payloader: H264Payloader,
-    sequence: u16,
-    /// Sequence numbers and timestamps start at random values (RFC 3550).
+    /// Timestamps start at a random value (RFC 3550).
     timestamp_offset: u32,
+}
+
+/// RTP sequence numbers, given as packets leave rather than as frames are packetised. A packet
+/// the pacer drops (its queue over [`MAX_QUEUE_DELAY`]) then never takes one, so the viewer sees
+/// whole frames missing, which the keyframe sent after every drop repairs, and never a hole in the
+/// numbers that no retransmission can fill: a receiver would keep asking for it (aiortc's stalls
+/// until its jitter buffer overflows, seconds later).
+#[derive(Debug)]
+pub struct Sequence(u16);
+
+impl Default for Sequence {
+    /// From a random start (RFC 3550).
+    fn default() -> Self {
+        Self(rand::random())
+    }
+}
+
+impl Sequence {
+    pub fn stamp(&mut self, mut packet: rtp::packet::Packet) -> rtp::packet::Packet {
+        packet.header.sequence_number = self.0;
+        self.0 = self.0.wrapping_add(1);
+        packet
+    }
 }
 
 impl Default for H264Packetizer {
     fn default() -> Self {
         Self {
             payloader: H264Payloader::default(),
-            sequence: rand::random(),
             timestamp_offset: rand::random(),
         }
     }
@@ -183,19 +205,14 @@ impl H264Packetizer {
         payloads
             .into_iter()
             .enumerate()
-            .map(|(i, payload)| {
-                let sequence_number = self.sequence;
-                self.sequence = self.sequence.wrapping_add(1);
-                rtp::packet::Packet {
-                    header: rtp::header::Header {
-                        version: 2,
-                        marker: i + 1 == count,
-                        sequence_number,
-                        timestamp: timestamp.wrapping_add(self.timestamp_offset),
-                        ..Default::default()
-                    },
-                    payload,
-                }
+            .map(|(i, payload)| rtp::packet::Packet {
+                header: rtp::header::Header {
+                    version: 2,
+                    marker: i + 1 == count,
+                    timestamp: timestamp.wrapping_add(self.timestamp_offset),
+                    ..Default::default()
+                },
+                payload,
             })
             .collect()
     }
@@ -234,6 +251,7 @@ pub async fn send_media(parts: SendParts) {
     told.maybe_tell(&target, Instant::now(), &events);
     let mut queue = PacedQueue::new(target.pace_bps, MAX_QUEUE_DELAY);
     let mut packetizer = H264Packetizer::default();
+    let mut sequence = Sequence::default();
     let audio_packet = Duration::from_millis(20);
     let mut every = tokio::time::interval(TARGET_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -252,7 +270,7 @@ pub async fn send_media(parts: SendParts) {
                 }
                 Some(MediaOut::Video(frame)) if first_frame => {
                     first_frame = false;
-                    if !write_all(&peer, packetizer.packetize(&frame.data, frame.rtp_timestamp)).await {
+                    if !write_all(&peer, &mut sequence, packetizer.packetize(&frame.data, frame.rtp_timestamp)).await {
                         break;
                     }
                 }
@@ -290,7 +308,7 @@ pub async fn send_media(parts: SendParts) {
             _ = every.tick() => {}
             _ = sleep_until(due), if due.is_some() => {
                 // Whatever the pacer lets go now.
-                if !write_all(&peer, std::iter::from_fn(|| queue.pop(Instant::now()))).await {
+                if !write_all(&peer, &mut sequence, std::iter::from_fn(|| queue.pop(Instant::now()))).await {
                     break;
                 }
             }
@@ -310,10 +328,14 @@ pub async fn send_media(parts: SendParts) {
     }
 }
 
-/// Write `packets` in order; `false` once a write fails (the peer is gone).
-async fn write_all(peer: &Peer, packets: impl IntoIterator<Item = rtp::packet::Packet>) -> bool {
+/// Number and write `packets` in order; `false` once a write fails (the peer is gone).
+async fn write_all(
+    peer: &Peer,
+    sequence: &mut Sequence,
+    packets: impl IntoIterator<Item = rtp::packet::Packet>,
+) -> bool {
     for p in packets {
-        if let Err(e) = peer.write_video_packet(&p).await {
+        if let Err(e) = peer.write_video_packet(&sequence.stamp(p)).await {
             tracing::debug!(error = %e, "video write failed");
             return false;
         }
@@ -468,6 +490,35 @@ mod tests {
         assert!(q.push((0..20).map(|i| (i, 1250))).is_ok());
     }
 
+    /// Only the packets that leave are numbered: what the pacer drops leaves no hole.
+    #[test]
+    fn sequence_numbers_go_to_packets_as_they_leave_with_no_hole_for_dropped_ones() {
+        let mut p = H264Packetizer::default();
+        let mut q = PacedQueue::new(100_000, Duration::from_millis(500));
+        let mut seq = Sequence::default();
+        let frame = |n: usize| Bytes::from([&[0u8, 0, 0, 1, 0x41][..], &vec![0x9a; n]].concat());
+        let sized = |pk: Vec<rtp::packet::Packet>| pk.into_iter().map(|pk| (pk, 1200)).collect::<Vec<_>>();
+        let sent: Vec<u16> = p
+            .packetize(&frame(3000), 0)
+            .into_iter()
+            .map(|pk| seq.stamp(pk).header.sequence_number)
+            .collect();
+        // Two frames queued past the bound (100 kbit/s: 500 ms is about five 1,200-byte packets):
+        // the first is dropped whole, unsent.
+        assert!(q.push(sized(p.packetize(&frame(4000), 3600))).is_ok());
+        assert!(q.push(sized(p.packetize(&frame(4000), 7200))).is_err());
+        let mut now = Instant::now();
+        let after: Vec<u16> = std::iter::from_fn(|| {
+            now += Duration::from_secs(1);
+            q.pop(now)
+        })
+        .map(|pk| seq.stamp(pk).header.sequence_number)
+        .collect();
+        let all: Vec<u16> = sent.iter().chain(&after).copied().collect();
+        assert!(after.len() >= 2 && sent.len() >= 2, "{sent:?} {after:?}");
+        assert!(all.windows(2).all(|w| w[1] == w[0].wrapping_add(1)), "no hole: {all:?}");
+    }
+
     #[test]
     fn frames_become_rtp_packets_with_the_clock_timestamp_and_one_marker() {
         let mut p = H264Packetizer::default();
@@ -484,10 +535,7 @@ mod tests {
             .all(|pk| pk.header.timestamp == ts && pk.payload.len() <= RTP_PAYLOAD));
         assert_eq!(packets.iter().filter(|pk| pk.header.marker).count(), 1);
         assert!(packets.last().is_some_and(|pk| pk.header.marker));
-        let seqs: Vec<u16> = packets.iter().map(|pk| pk.header.sequence_number).collect();
-        assert!(seqs.windows(2).all(|w| w[1] == w[0].wrapping_add(1)), "consecutive");
         let next = p.packetize(&Bytes::from_static(&[0, 0, 0, 1, 0x41, 0x9a]), 7200);
-        assert_eq!(next[0].header.sequence_number, seqs[seqs.len() - 1].wrapping_add(1));
         assert_eq!(
             next[0].header.timestamp.wrapping_sub(ts),
             3600,

@@ -51,6 +51,9 @@ pub const AUDIO_RATE: u32 = 48_000;
 pub const OPUS_FRAME: usize = 960;
 /// Units buffered before a turn starts playing.
 pub const PREBUFFER: usize = 3;
+/// The most loss the Opus encoder's FEC is sized for, in percent: past it, more redundancy
+/// would take too much from the speech itself.
+const MAX_FEC_LOSS_PCT: u8 = 25;
 
 /// Counters a session exposes.
 #[derive(Debug, Default)]
@@ -494,10 +497,15 @@ impl Clock<'_> {
             }
         };
         let mut keyframes = KeyframeGate::new(self.adapt.min_keyframe_interval);
+        let mut opus_loss = 0u8;
         let mut reopen_failed: Option<Instant> = None;
         let mut opus = match opus::Encoder::new(AUDIO_RATE, opus::Channels::Mono, opus::Application::Voip) {
             Ok(mut e) => {
                 let _ = e.set_bitrate(opus::Bitrate::Bits(32_000));
+                // In-band FEC (the answer says `useinbandfec=1`): each packet also carries the
+                // previous one at a lower rate, sized to the loss the viewer reports, so a browser
+                // rebuilds a lost packet's speech from the next. None while nothing is lost.
+                let _ = e.set_inband_fec(true);
                 Some(e)
             }
             Err(e) => {
@@ -528,6 +536,12 @@ impl Clock<'_> {
                 Picture::Idle(i) => self.clip.frame(*i),
             };
             let target = *self.adapt.targets.borrow();
+            if target.loss_pct != opus_loss {
+                opus_loss = target.loss_pct;
+                if let Some(e) = opus.as_mut() {
+                    let _ = e.set_packet_loss_perc(i32::from(opus_loss.min(MAX_FEC_LOSS_PCT)));
+                }
+            }
             let may_reopen = reopen_failed.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(2));
             if may_reopen && encoding.needs_reopen(&target) {
                 match Encoding::open(encoder_name, self.settings, target) {

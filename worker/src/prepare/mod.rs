@@ -31,9 +31,13 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-/// The smallest face (its box's shorter side, in output pixels) the lip-sync model can use: it
-/// crops the face to 96×96, so a smaller one would be upscaled into a blur.
-pub const MIN_FACE: u32 = face::SIZE as u32;
+/// The smallest face (its box's shorter side, in output pixels) accepted. The lip-sync model
+/// works on a 96×96 crop of the face, so a face below [`SHARP_FACE`] is upscaled into it and its
+/// mouth pasted back at the face's own size: a little softer than the rest of the picture down
+/// to about 64 px, clearly soft below, and below this too blurred to read.
+pub const MIN_FACE: u32 = 48;
+/// Faces at least this large (the model's crop) lose nothing; smaller ones prepare with a warning.
+pub const SHARP_FACE: u32 = face::SIZE as u32;
 /// Longest input read, in seconds (memory: about 0.4 MB per 512×512 frame).
 pub const MAX_INPUT_SECONDS: u32 = 60;
 /// Gaps without a face up to this long (in frames) are bridged by interpolation.
@@ -113,6 +117,8 @@ pub struct Report {
     pub looping: plan::LoopPlan,
     /// The median box, written as `face_box` (what an older worker would use).
     pub typical: FaceBox,
+    /// The median detected face's width and height, in output pixels.
+    pub face_size: (u32, u32),
     pub decode_ms: f64,
     pub detect_ms: f64,
     pub write_ms: f64,
@@ -133,9 +139,26 @@ impl Report {
         )
     }
 
+    /// A warning for a face smaller than the model's crop, saying what to expect.
+    pub fn small_face_warning(&self) -> Option<String> {
+        let (w, h) = self.face_size;
+        let side = w.min(h);
+        (side < SHARP_FACE).then(|| {
+            format!(
+                "warning: the face is about {w}×{h} pixels, smaller than the {SHARP_FACE}×{SHARP_FACE} the lip-sync \
+                 model works at: its mouth is upscaled {:.1}× and will look softer than the rest of the picture \
+                 (record closer, or prepare at a larger --size, for a sharp mouth)",
+                f64::from(SHARP_FACE) / f64::from(side.max(1))
+            )
+        })
+    }
+
     /// The summary `worker avatar prepare` prints.
     pub fn render(&self) -> String {
         let mut out = String::new();
+        if let Some(warning) = self.small_face_warning() {
+            let _ = writeln!(out, "{warning}");
+        }
         let _ = writeln!(
             out,
             "read {} frames ({:.2} s at {} fps)",
@@ -309,6 +332,7 @@ pub fn run(options: &Options, progress: &ProgressBar) -> Result<Report, PrepareE
         interpolated: track.interpolated[..looping.len].iter().filter(|i| **i).count(),
         looping,
         typical,
+        face_size: (w, h),
         decode_ms,
         detect_ms,
         write_ms,
