@@ -155,8 +155,18 @@ export class Session {
     this.timer = null;
     /** @private @type {{at: number, frames: number, bytes: number} | null} */
     this.lastSample = null;
-    /** Round trips the SDK measured (ms): offer → answer, and a message → the first answer text. */
-    this.timing = { offerToAnswerMs: /** @type {number|null} */ (null), textToFirstTextMs: /** @type {number|null} */ (null) };
+    /**
+     * Round trips the SDK measured (ms): offer → answer, and a message → the first answer text;
+     * `connect`: when each step of the latest connection came, in ms after its socket opened
+     * (the offer sent, the answer, ICE and DTLS connected, the first video frame shown).
+     */
+    this.timing = {
+      offerToAnswerMs: /** @type {number|null} */ (null),
+      textToFirstTextMs: /** @type {number|null} */ (null),
+      connect: /** @type {{offerMs: number|null, answerMs: number|null, connectedMs: number|null, firstFrameMs: number|null}} */ (
+        { offerMs: null, answerMs: null, connectedMs: null, firstFrameMs: null }),
+    };
+    /** @private @type {number} when the latest socket opened (performance.now()) */ this.openedAt = 0;
     /** @private @type {number | null} */ this.offerSentAt = null;
     /** @type {MediaStreamTrack | null} The microphone, while it is on. */
     this.microphone = null;
@@ -394,6 +404,8 @@ export class Session {
       socket.onerror = () => reject(new Error(`cannot reach ${u.host}`));
     });
     socket.onerror = null;
+    this.openedAt = performance.now();
+    this.timing.connect = { offerMs: null, answerMs: null, connectedMs: null, firstFrameMs: null };
     socket.onmessage = (e) => this.onMessage(e.data);
     socket.onclose = () => {
       if (this.socket !== socket) return;
@@ -432,6 +444,7 @@ export class Session {
     peer.onconnectionstatechange = () => {
       if (peer !== this.peer) return;
       if (peer.connectionState === 'connected') {
+        this.timing.connect.connectedMs ??= this.sinceOpen();
         this.attempt = 0;
         this.show(peer);
         this.closePeer(this.previousPeer);
@@ -445,6 +458,7 @@ export class Session {
       .then((offer) => peer.setLocalDescription(offer).then(() => offer))
       .then((offer) => {
         this.offerSentAt = performance.now();
+        this.timing.connect.offerMs = this.sinceOpen();
         this.send({
           type: 'webrtc_offer',
           session_id: this.sessionId,
@@ -473,6 +487,14 @@ export class Session {
     if (!video || !stream || video.srcObject === stream) return;
     video.srcObject = stream;
     video.play().catch(() => {});
+    if ('requestVideoFrameCallback' in video) {
+      video.requestVideoFrameCallback(() => { this.timing.connect.firstFrameMs ??= this.sinceOpen(); });
+    }
+  }
+
+  /** @private ms since the latest socket opened */
+  sinceOpen() {
+    return Math.round((performance.now() - this.openedAt) * 10) / 10;
   }
 
   /** @private Stop timers, peers and the socket, leaving the state as it is. */
@@ -508,6 +530,7 @@ export class Session {
       case 'webrtc_answer':
         if (this.offerSentAt !== null) this.timing.offerToAnswerMs = performance.now() - this.offerSentAt;
         this.offerSentAt = null;
+        this.timing.connect.answerMs = this.sinceOpen();
         this.peer?.setRemoteDescription({ type: 'answer', sdp: msg.sdp })
           .catch((e) => this.emit('error', { code: 'client', message: String(e), retrying: false }));
         break;

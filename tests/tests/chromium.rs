@@ -67,6 +67,17 @@ async fn play_in_chromium(cluster: &Cluster, scheme: &str) {
         stats["localCandidateType"],
         stats["remoteCandidateType"]
     );
+    // The SDK times each step of connecting, from the socket's opening to the first frame shown.
+    let steps = browser
+        .eval("window.avatarEdge.state.timing.connect")
+        .await
+        .expect("timing");
+    eprintln!("chromium ({scheme}): connect steps (ms after the socket opened): {steps}");
+    let at = |k: &str| steps[k].as_f64().unwrap_or(f64::NAN);
+    assert!(
+        at("offerMs") <= at("answerMs") && at("answerMs") <= at("connectedMs") && at("firstFrameMs") < 6000.0,
+        "every step timed, in order: {steps}"
+    );
     // The page shows what it knows in its status line, and used the right socket scheme.
     let status = browser
         .eval("document.getElementById('status').textContent")
