@@ -15,7 +15,8 @@
 //! followed by frames that cannot leave either. Frames skipped before encoding leave the stream
 //! decodable; frames dropped after it would not. As a last resort the queue is bounded
 //! ([`MAX_QUEUE_DELAY`]): past it, what is queued is dropped whole and a keyframe asked for,
-//! rather than letting the picture fall seconds behind the sound.
+//! rather than letting the picture fall seconds behind the sound. Packets are numbered only as
+//! they leave ([`Sequence`]), so what the queue drops leaves no hole in the sequence numbers.
 //!
 //! [`send_media`] is the async task that ties it together: it packetises frames
 //! ([`H264Packetizer`], RTP timestamps from the media clock, so a frame rate step does not stretch
