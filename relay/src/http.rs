@@ -182,12 +182,7 @@ async fn healthz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
 /// included), so a relay whose workers are all full can be told from one without workers.
 async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     let available = state.registry.all().iter().filter(|w| !w.is_draining()).count();
-    let free: u32 = state
-        .registry
-        .views()
-        .iter()
-        .map(|w| w.capacity.saturating_sub(w.active))
-        .sum();
+    let free = state.registry.sessions_free();
     let stopping = state.shutdown.is_cancelled();
     let ready = available > 0 && !stopping;
     let status = if ready {

@@ -21,13 +21,7 @@ pub fn refresh_gauges(state: &AppState) {
     let workers = state.registry.all();
     metrics::gauge!("relay_workers_registered").set(workers.len() as f64);
     metrics::gauge!("relay_http_connections_open").set(state.http_connections.total() as f64);
-    let free: u32 = state
-        .registry
-        .views()
-        .iter()
-        .map(|w| w.capacity.saturating_sub(w.active))
-        .sum();
-    metrics::gauge!("relay_sessions_free").set(f64::from(free));
+    metrics::gauge!("relay_sessions_free").set(f64::from(state.registry.sessions_free()));
     for w in workers {
         metrics::gauge!("relay_worker_sessions", "worker" => w.id.clone()).set(w.active() as f64);
         metrics::gauge!("relay_worker_load", "worker" => w.id.clone()).set(f64::from(w.load()));

@@ -187,4 +187,14 @@ impl Registry {
             })
             .collect()
     }
+
+    /// Sessions the workers can still take, by the load they report (a draining worker: none,
+    /// as [`Registry::views`] shows it).
+    pub fn sessions_free(&self) -> u32 {
+        self.lock()
+            .values()
+            .filter(|w| !w.is_draining())
+            .map(|w| w.registration.capacity.saturating_sub(w.load()))
+            .sum()
+    }
 }
