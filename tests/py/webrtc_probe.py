@@ -4,7 +4,8 @@ used, receiving the avatar over the relay's signaling and reporting what a viewe
 aiortc's receiver sends REMB (its delay-based estimate, from the abs-send-time extension) and
 receiver reports, as browsers do. The probe offers H.264 only (what avatar-edge sends), records
 the arrival time and size of every decoded video frame and the loudness of every decoded audio
-frame, sends one `text_webrtc` at --text-at seconds, and prints one JSON object on stdout.
+frame, sends one `text_webrtc` at --text-at seconds, and prints one JSON object on stdout (with
+the NACKs and PLIs it sent, and when each audio packet arrived).
 
 Times are seconds since the probe started (time.monotonic based); `t0_unix` is that start on
 the wall clock, so a test can place its own actions (a link that narrows) on the probe's clock.
@@ -34,6 +35,36 @@ T0_UNIX = time.time()
 
 def now():
     return time.monotonic() - T0
+
+
+# What the viewer asked of the sender, for failure reports: (time, NACKed sequence numbers) and
+# the times of picture-loss requests. And when each audio RTP packet arrived, with its sequence
+# number: what the network delivered, before aiortc's jitter buffer (which holds every later
+# packet back for 16 packets, 320 ms, behind one that was lost; a browser conceals 20 ms).
+NACKS, PLIS, AUDIO_RTP = [], [], []
+_send_nack, _send_pli = RTCRtpReceiver._send_rtcp_nack, RTCRtpReceiver._send_rtcp_pli
+_handle_rtp = RTCRtpReceiver._handle_rtp_packet
+
+
+async def _logged_rtp(self, packet, arrival_time_ms):
+    if self._RTCRtpReceiver__kind == "audio":
+        AUDIO_RTP.append([round(now(), 4), packet.sequence_number])
+    await _handle_rtp(self, packet, arrival_time_ms)
+
+
+async def _logged_nack(self, media_ssrc, lost):
+    NACKS.append([round(now(), 4), list(lost)[:64]])
+    await _send_nack(self, media_ssrc, lost)
+
+
+async def _logged_pli(self, media_ssrc):
+    PLIS.append(round(now(), 4))
+    await _send_pli(self, media_ssrc)
+
+
+RTCRtpReceiver._send_rtcp_nack = _logged_nack
+RTCRtpReceiver._send_rtcp_pli = _logged_pli
+RTCRtpReceiver._handle_rtp_packet = _logged_rtp
 
 
 async def consume_video(track, out):
@@ -86,7 +117,7 @@ async def main():
     pc.addTransceiver("audio", direction="recvonly")
     await pc.setLocalDescription(await pc.createOffer())
 
-    result = {"video": video, "audio": audio, "events": events, "t0_unix": T0_UNIX}
+    result = {"video": video, "audio": audio, "events": events, "t0_unix": T0_UNIX, "nacks": NACKS, "plis": PLIS, "audio_rtp": AUDIO_RTP}
     async with websockets.connect(args.ws, max_size=None) as ws:
         result["connected_at"] = now()
         await ws.send(json.dumps({"type": "webrtc_offer", "sdp": pc.localDescription.sdp}))

@@ -137,6 +137,12 @@ pub struct Report {
     pub text_sent_at: Option<f64>,
     /// (arrival, event) of each signaling event.
     pub events: Vec<(f64, Value)>,
+    /// (sent, sequence numbers) of each NACK the viewer sent (the first 64 numbers).
+    pub nacks: Vec<(f64, Vec<u16>)>,
+    /// When the viewer asked for a keyframe (PLI).
+    pub plis: Vec<f64>,
+    /// (arrival, sequence number) of each audio RTP packet, before the viewer's jitter buffer.
+    pub audio_rtp: Vec<(f64, u16)>,
 }
 
 impl Report {
@@ -160,6 +166,21 @@ impl Report {
             audio: rows("audio").iter().map(|r| (f(&r[0]), f(&r[1]))).collect(),
             text_sent_at: v["text_sent_at"].as_f64(),
             events: rows("events").iter().map(|r| (f(&r[0]), r[1].clone())).collect(),
+            nacks: rows("nacks")
+                .iter()
+                .map(|r| {
+                    let seqs = r[1].as_array().map_or(&[][..], |a| a.as_slice());
+                    (
+                        f(&r[0]),
+                        seqs.iter().filter_map(|n| n.as_u64()).map(|n| n as u16).collect(),
+                    )
+                })
+                .collect(),
+            plis: rows("plis").iter().map(f).collect(),
+            audio_rtp: rows("audio_rtp")
+                .iter()
+                .map(|r| (f(&r[0]), r[1].as_u64().unwrap_or(0) as u16))
+                .collect(),
         }
     }
 
@@ -208,6 +229,39 @@ impl Report {
             .fold(0.0, f64::max)
     }
 
+    /// The longest time between two audio packets arriving (on the wire, before the viewer's
+    /// jitter buffer), for gaps that start in `from..to`, in seconds: how long the network
+    /// delivered no sound.
+    pub fn max_audio_wire_gap_between(&self, from: f64, to: f64) -> f64 {
+        self.audio_rtp
+            .iter()
+            .filter(|(t, _)| *t >= from)
+            .collect::<Vec<_>>()
+            .windows(2)
+            .filter(|w| w[0].0 < to)
+            .map(|w| w[1].0 - w[0].0)
+            .fold(0.0, f64::max)
+    }
+
+    /// Audio packets that never arrived, among those numbered between the first and the last
+    /// that arrived in `from..to`.
+    pub fn audio_lost_between(&self, from: f64, to: f64) -> usize {
+        let mut seqs: Vec<u16> = self
+            .audio_rtp
+            .iter()
+            .filter(|(t, _)| (from..to).contains(t))
+            .map(|(_, s)| *s)
+            .collect();
+        let Some(&first) = seqs.first() else {
+            return 0;
+        };
+        // Numbers relative to the first, so a wrap past 65535 sorts in order.
+        let mut offsets: Vec<u16> = seqs.drain(..).map(|s| s.wrapping_sub(first)).collect();
+        offsets.sort_unstable();
+        offsets.dedup();
+        offsets.last().map_or(0, |last| usize::from(*last) + 1 - offsets.len())
+    }
+
     /// Seconds of freeze after `from`: the sum of the gaps between frames longer than 200 ms.
     pub fn freeze(&self, from: f64) -> f64 {
         self.frames
@@ -218,6 +272,40 @@ impl Report {
             .map(|w| w[1].0 - w[0].0)
             .filter(|gap| *gap > 0.2)
             .sum()
+    }
+
+    /// Second by second: frames received, and the NACKs and PLIs the viewer sent (for failure
+    /// reports: where a picture stalled, and what the viewer asked for).
+    pub fn timeline(&self) -> String {
+        let end = self
+            .frames
+            .last()
+            .map_or(0.0, |f| f.0)
+            .max(self.nacks.last().map_or(0.0, |n| n.0));
+        let mut out = String::from(
+            "second: frames, NACKs (packets), PLIs | audio packets (lost), longest gap on the wire, decoded\n",
+        );
+        for s in 0..=end.ceil() as usize {
+            let within = |t: f64| (s as f64..s as f64 + 1.0).contains(&t);
+            let frames = self.frames.iter().filter(|f| within(f.0)).count();
+            let nacks: Vec<_> = self.nacks.iter().filter(|n| within(n.0)).collect();
+            let packets: usize = nacks.iter().map(|n| n.1.len()).sum();
+            let plis = self.plis.iter().filter(|t| within(**t)).count();
+            let (from, to) = (s as f64, s as f64 + 1.0);
+            let audio = self.audio_rtp.iter().filter(|a| within(a.0)).count();
+            out += &format!(
+                "{s:>3}: {frames:>3}, {} ({packets}), {plis} | {audio} ({}), {:.3}, {:.3}",
+                nacks.len(),
+                self.audio_lost_between(from, to),
+                self.max_audio_wire_gap_between(from, to),
+                self.max_audio_gap_between(from, to)
+            );
+            if let Some((_, last)) = nacks.last() {
+                out += &format!("  last asked {last:?}");
+            }
+            out += "\n";
+        }
+        out
     }
 
     /// The `video_quality` events, in order.

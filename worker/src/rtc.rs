@@ -9,14 +9,16 @@
 //! Each peer sends one H.264 video track and, when the offer has an audio section, one Opus audio
 //! track (the avatar's voice; silence while idle). When that section is `sendrecv`, the browser's
 //! microphone comes back on it and is decoded for voice input ([`Answer::mic`]). RTCP from the senders is read continuously —
-//! that keeps the interceptors (NACK, reports) running — and a PLI or FIR sets the `keyframe`
+//! that keeps the interceptors (reports) running — and a PLI or FIR sets the `keyframe`
 //! flag that the video clock consumes to emit an IDR.
 //!
 //! Video is written packet by packet ([`Peer::write_video_packet`]), so that the sender can pace
 //! it ([`crate::media::send`]). Each video packet carries `abs-send-time`, and the answer offers
 //! `goog-remb` and no transport-wide congestion control: the browser (or aiortc) then estimates
 //! the path's capacity from the packets' delays and reports it in REMB messages, which come back
-//! as [`Feedback::Remb`], with the loss in each receiver report as [`Feedback::Loss`].
+//! as [`Feedback::Remb`], with the loss in each receiver report as [`Feedback::Loss`]. Lost
+//! video packets the viewer reports (NACK) come back as [`Feedback::Nack`]: the sender, not an
+//! interceptor, sends them again, through its pacer ([`crate::media::send`]).
 //!
 //! Where the worker sends packets is the browser's choice only within [`CandidateFilter`]: ICE
 //! sends checks to every remote candidate, so candidates aimed at special-purpose addresses are
@@ -30,7 +32,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
-use webrtc::api::interceptor_registry::{configure_nack, configure_rtcp_reports};
+use webrtc::api::interceptor_registry::configure_rtcp_reports;
 use webrtc::api::media_engine::{MediaEngine, MIME_TYPE_H264, MIME_TYPE_OPUS};
 use webrtc::api::setting_engine::SettingEngine;
 use webrtc::api::{APIBuilder, API};
@@ -47,6 +49,7 @@ use webrtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndicat
 use webrtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
 use webrtc::rtcp::receiver_report::ReceiverReport;
 use webrtc::rtcp::sender_report::SenderReport;
+use webrtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use webrtc::rtp_transceiver::rtp_codec::RTCRtpCodecCapability;
 use webrtc::rtp_transceiver::rtp_codec::RTPCodecType;
 use webrtc::track::track_local::track_local_static_rtp::TrackLocalStaticRTP;
@@ -181,9 +184,11 @@ impl RtcEngine {
     fn with_mdns(settings: &RtcSettings, mdns: MulticastDnsMode) -> Result<Self, RtcError> {
         let mut media = MediaEngine::default();
         register_codecs(&mut media)?;
-        // NACK and RTCP reports; not webrtc-rs's transport-wide CC receiver: offered in the
-        // answer, it would switch the browser from REMB to feedback that nothing here reads.
-        let registry = configure_rtcp_reports(configure_nack(Registry::new(), &mut media));
+        // RTCP reports only. Not webrtc-rs's NACK responder: it would send every reported packet
+        // again at once, past the pacer (the sender does it, paced). Not its transport-wide CC
+        // receiver: offered in the answer, it would switch the browser from REMB to feedback
+        // that nothing here reads. NACK and PLI are still offered ([`register_codecs`]).
+        let registry = configure_rtcp_reports(Registry::new());
         let se = setting_engine(settings, mdns)?;
         let api = APIBuilder::new()
             .with_media_engine(media)
@@ -365,19 +370,21 @@ pub struct Answer {
 }
 
 /// What a viewer's RTCP says about the path to it.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Feedback {
     /// The receiver's estimate of what the path carries, in bits per second (REMB).
     Remb(u64),
     /// The fraction of the video packets lost since the last report (0..=1).
     Loss(f64),
+    /// Video packets the receiver lost, by sequence number: to send again.
+    Nack(Vec<u16>),
 }
 
 /// Feedback messages waiting for the sender: REMB and reports come a few times a second.
 const FEEDBACK_QUEUE: usize = 32;
 
-/// The rate-control feedback in one RTCP packet: REMB, and the loss of `video_ssrc` in a sender
-/// or receiver report.
+/// The sender's feedback in one RTCP packet: REMB, the loss of `video_ssrc` in a sender or
+/// receiver report, and the packets of `video_ssrc` a NACK reports lost.
 fn read_feedback(any: &dyn std::any::Any, video_ssrc: Option<u32>) -> Vec<Feedback> {
     let ours = |ssrc: u32| video_ssrc.is_none_or(|v| v == ssrc);
     let loss = |r: &webrtc::rtcp::reception_report::ReceptionReport| {
@@ -391,6 +398,11 @@ fn read_feedback(any: &dyn std::any::Any, video_ssrc: Option<u32>) -> Vec<Feedba
         return rr.reports.iter().filter_map(loss).collect();
     } else if let Some(sr) = any.downcast_ref::<SenderReport>() {
         return sr.reports.iter().filter_map(loss).collect();
+    } else if let Some(nack) = any.downcast_ref::<TransportLayerNack>() {
+        if ours(nack.media_ssrc) {
+            let lost = nack.nacks.iter().flat_map(|pair| pair.packet_list()).collect();
+            return vec![Feedback::Nack(lost)];
+        }
     }
     Vec::new()
 }
@@ -591,6 +603,35 @@ fn udp_url(url: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::{CandidateFilter, CandidateRefused};
+
+    #[test]
+    fn a_nack_for_our_video_lists_every_packet_it_reports_lost() {
+        use super::{read_feedback, Feedback, TransportLayerNack};
+        use webrtc::rtcp::transport_feedbacks::transport_layer_nack::NackPair;
+        let nack = |media_ssrc| TransportLayerNack {
+            sender_ssrc: 1,
+            media_ssrc,
+            // 100, and from the bitmask 101 and 103; then 65535 wrapping to 0.
+            nacks: vec![
+                NackPair {
+                    packet_id: 100,
+                    lost_packets: 0b101,
+                },
+                NackPair {
+                    packet_id: 65535,
+                    lost_packets: 0b1,
+                },
+            ],
+        };
+        assert_eq!(
+            read_feedback(&nack(7), Some(7)),
+            vec![Feedback::Nack(vec![100, 101, 103, 65535, 0])]
+        );
+        assert!(
+            read_feedback(&nack(8), Some(7)).is_empty(),
+            "another stream's loss is not ours"
+        );
+    }
 
     #[test]
     fn over_a_tcp_tunnel_turn_goes_to_the_gateway_and_stun_is_dropped() {

@@ -18,6 +18,14 @@
 //! rather than letting the picture fall seconds behind the sound. Packets are numbered only as
 //! they leave ([`Sequence`]), so what the queue drops leaves no hole in the sequence numbers.
 //!
+//! A packet lost on the way is sent again when the viewer reports it (NACK): the last
+//! [`HISTORY`] packets sent are kept ([`History`]), and a reported one goes to the front of the
+//! pacer, ahead of new video. Paced, a batch of retransmissions does not arrive at the
+//! bottleneck in one burst and overflow the queue that dropped the originals (a viewer that asks
+//! only once, as aiortc does, would then wait seconds on the hole). A packet is sent again at
+//! most once per [`RESEND_SPACING`], however often it is asked for: aiortc repeats every missing
+//! number with each new loss, and the copy already sent may still be on its way.
+//!
 //! [`send_media`] is the async task that ties it together: it packetises frames
 //! ([`H264Packetizer`], RTP timestamps from the media clock, so a frame rate step does not stretch
 //! time), feeds the viewer's REMB and receiver reports to the [`RateControl`], publishes each new
@@ -45,6 +53,10 @@ pub const MAX_QUEUE_DELAY: Duration = Duration::from_millis(1000);
 pub const SKIP_ABOVE: Duration = Duration::from_millis(150);
 /// Packets may leave this far ahead of the pacing schedule (a small burst, as browsers allow).
 const BURST: Duration = Duration::from_millis(5);
+/// How many sent video packets are kept for retransmission: at 2 Mbit/s, about 2.5 s.
+pub const HISTORY: usize = 512;
+/// The shortest time between two retransmissions of one packet.
+pub const RESEND_SPACING: Duration = Duration::from_millis(100);
 /// RTP payload per packet: 1,200 bytes, as webrtc-rs and browsers use, less the RTP header.
 const RTP_PAYLOAD: usize = 1200 - 12;
 /// How often the controller is asked for a target when no feedback arrives (for its up-holds).
@@ -55,6 +67,8 @@ const TARGET_EVERY: Duration = Duration::from_millis(250);
 #[derive(Debug)]
 pub struct PacedQueue<T> {
     items: VecDeque<(T, usize)>,
+    /// How many items at the front were queued with [`PacedQueue::push_urgent`].
+    urgent: usize,
     bytes: usize,
     rate_bps: u64,
     next: Option<Instant>,
@@ -71,6 +85,7 @@ impl<T> PacedQueue<T> {
     pub fn new(rate_bps: u64, max_delay: Duration) -> Self {
         Self {
             items: VecDeque::new(),
+            urgent: 0,
             bytes: 0,
             rate_bps: rate_bps.max(1000),
             next: None,
@@ -93,6 +108,7 @@ impl<T> PacedQueue<T> {
     /// Drop everything queued.
     pub fn clear(&mut self) {
         self.items.clear();
+        self.urgent = 0;
         self.bytes = 0;
     }
 
@@ -116,12 +132,19 @@ impl<T> PacedQueue<T> {
             result = Err(Overflow {
                 dropped: self.items.len(),
             });
-            self.items.clear();
-            self.bytes = 0;
+            self.clear();
         }
         self.bytes += adding;
         self.items.extend(frame);
         result
+    }
+
+    /// Queue one item ahead of everything but the urgent items queued before it (a
+    /// retransmission). It counts toward the queue's delay, and is dropped with the rest.
+    pub fn push_urgent(&mut self, item: T, bytes: usize) {
+        self.items.insert(self.urgent, (item, bytes));
+        self.urgent += 1;
+        self.bytes += bytes;
     }
 
     /// The next item, if its time has come.
@@ -130,6 +153,7 @@ impl<T> PacedQueue<T> {
             return None;
         }
         let (item, n) = self.items.pop_front()?;
+        self.urgent = self.urgent.saturating_sub(1);
         self.bytes -= n;
         // A schedule that fell behind (an idle queue) restarts from now, so idle time is not
         // banked as a burst.
@@ -179,6 +203,73 @@ impl Sequence {
         packet.header.sequence_number = self.0;
         self.0 = self.0.wrapping_add(1);
         packet
+    }
+}
+
+/// A video packet waiting in the pacer.
+#[derive(Debug)]
+pub enum Outgoing {
+    /// Sent for the first time: numbered as it leaves.
+    New(rtp::packet::Packet),
+    /// Sent again, with the number it had.
+    Again(rtp::packet::Packet),
+}
+
+impl Outgoing {
+    /// What the packet takes on the wire, for pacing: payload and RTP header.
+    fn bytes(&self) -> usize {
+        let (Self::New(p) | Self::Again(p)) = self;
+        p.payload.len() + 12
+    }
+}
+
+/// The last [`HISTORY`] video packets sent, by sequence number, for retransmission.
+#[derive(Debug)]
+pub struct History {
+    slots: Vec<Option<Sent>>,
+}
+
+#[derive(Debug)]
+struct Sent {
+    packet: rtp::packet::Packet,
+    resent: Option<Instant>,
+}
+
+impl Default for History {
+    fn default() -> Self {
+        Self {
+            slots: std::iter::repeat_with(|| None).take(HISTORY).collect(),
+        }
+    }
+}
+
+impl History {
+    fn slot(seq: u16) -> usize {
+        usize::from(seq) % HISTORY
+    }
+
+    /// Keep a packet as it is sent (numbered); it replaces the one [`HISTORY`] numbers before.
+    pub fn record(&mut self, packet: &rtp::packet::Packet) {
+        self.slots[Self::slot(packet.header.sequence_number)] = Some(Sent {
+            packet: packet.clone(),
+            resent: None,
+        });
+    }
+
+    /// The packet numbered `seq`, to send again; `None` if it is no longer kept, or was sent
+    /// again less than [`RESEND_SPACING`] ago (that copy may still be on its way).
+    pub fn resend(&mut self, seq: u16, now: Instant) -> Option<rtp::packet::Packet> {
+        let sent = self.slots[Self::slot(seq)]
+            .as_mut()
+            .filter(|s| s.packet.header.sequence_number == seq)?;
+        if sent
+            .resent
+            .is_some_and(|at| now.saturating_duration_since(at) < RESEND_SPACING)
+        {
+            return None;
+        }
+        sent.resent = Some(now);
+        Some(sent.packet.clone())
     }
 }
 
@@ -252,7 +343,7 @@ pub async fn send_media(parts: SendParts) {
     told.maybe_tell(&target, Instant::now(), &events);
     let mut queue = PacedQueue::new(target.pace_bps, MAX_QUEUE_DELAY);
     let mut packetizer = H264Packetizer::default();
-    let mut sequence = Sequence::default();
+    let mut numbering = Numbering::default();
     let audio_packet = Duration::from_millis(20);
     let mut every = tokio::time::interval(TARGET_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -271,14 +362,15 @@ pub async fn send_media(parts: SendParts) {
                 }
                 Some(MediaOut::Video(frame)) if first_frame => {
                     first_frame = false;
-                    if !write_all(&peer, &mut sequence, packetizer.packetize(&frame.data, frame.rtp_timestamp)).await {
+                    let packets = packetizer.packetize(&frame.data, frame.rtp_timestamp);
+                    if !numbering.write_all(&peer, packets.into_iter().map(Outgoing::New)).await {
                         break;
                     }
                 }
                 Some(MediaOut::Video(frame)) => {
                     let packets = packetizer.packetize(&frame.data, frame.rtp_timestamp);
-                    let sized = packets.into_iter().map(|p| {
-                        let n = p.payload.len() + 12;
+                    let sized = packets.into_iter().map(Outgoing::New).map(|p| {
+                        let n = p.bytes();
                         (p, n)
                     });
                     let key = super::encoder::contains_idr(&frame.data);
@@ -296,12 +388,25 @@ pub async fn send_media(parts: SendParts) {
             },
             f = feedback.recv(), if feedback_open => match f {
                 None => feedback_open = false,
+                Some(Feedback::Nack(lost)) => {
+                    let now = Instant::now();
+                    for seq in lost {
+                        let Some(packet) = numbering.history.resend(seq, now) else {
+                            continue;
+                        };
+                        metrics::counter!("worker_video_retransmits_total").increment(1);
+                        let again = Outgoing::Again(packet);
+                        let n = again.bytes();
+                        queue.push_urgent(again, n);
+                    }
+                }
                 Some(f) => {
                     if let Some(rc) = control.as_mut() {
                         let now = Instant::now();
                         match f {
                             Feedback::Remb(bps) => rc.on_remb(bps, now),
                             Feedback::Loss(fraction) => rc.on_loss(fraction, now),
+                            Feedback::Nack(_) => {}
                         }
                     }
                 }
@@ -309,7 +414,7 @@ pub async fn send_media(parts: SendParts) {
             _ = every.tick() => {}
             _ = sleep_until(due), if due.is_some() => {
                 // Whatever the pacer lets go now.
-                if !write_all(&peer, &mut sequence, std::iter::from_fn(|| queue.pop(Instant::now()))).await {
+                if !numbering.write_all(&peer, std::iter::from_fn(|| queue.pop(Instant::now()))).await {
                     break;
                 }
             }
@@ -319,6 +424,14 @@ pub async fn send_media(parts: SendParts) {
             let now = Instant::now();
             let next = rc.target(now);
             if next != target {
+                tracing::debug!(
+                    estimate_kbps = next.estimate_bps / 1000,
+                    video_kbps = next.video_bps / 1000,
+                    fps = next.level.fps,
+                    height = next.level.height,
+                    queued_ms = queue.delay().as_millis() as u64,
+                    "target"
+                );
                 gauge.update(&target, &next);
                 target = next;
                 queue.set_rate(target.pace_bps);
@@ -329,19 +442,33 @@ pub async fn send_media(parts: SendParts) {
     }
 }
 
-/// Number and write `packets` in order; `false` once a write fails (the peer is gone).
-async fn write_all(
-    peer: &Peer,
-    sequence: &mut Sequence,
-    packets: impl IntoIterator<Item = rtp::packet::Packet>,
-) -> bool {
-    for p in packets {
-        if let Err(e) = peer.write_video_packet(&sequence.stamp(p)).await {
-            tracing::debug!(error = %e, "video write failed");
-            return false;
+/// Numbers given to video packets as they leave, and the packets kept for retransmission.
+#[derive(Default)]
+struct Numbering {
+    sequence: Sequence,
+    history: History,
+}
+
+impl Numbering {
+    /// Write `packets` in order, numbering and keeping the new ones; `false` once a write fails
+    /// (the peer is gone).
+    async fn write_all(&mut self, peer: &Peer, packets: impl IntoIterator<Item = Outgoing>) -> bool {
+        for p in packets {
+            let packet = match p {
+                Outgoing::New(p) => {
+                    let p = self.sequence.stamp(p);
+                    self.history.record(&p);
+                    p
+                }
+                Outgoing::Again(p) => p,
+            };
+            if let Err(e) = peer.write_video_packet(&packet).await {
+                tracing::debug!(error = %e, "video write failed");
+                return false;
+            }
         }
+        true
     }
-    true
 }
 
 async fn sleep_until(due: Option<Instant>) {
@@ -518,6 +645,54 @@ mod tests {
         let all: Vec<u16> = sent.iter().chain(&after).copied().collect();
         assert!(after.len() >= 2 && sent.len() >= 2, "{sent:?} {after:?}");
         assert!(all.windows(2).all(|w| w[1] == w[0].wrapping_add(1)), "no hole: {all:?}");
+    }
+
+    /// A reported loss leaves ahead of queued video, with its old number, and is not sent twice
+    /// within [`RESEND_SPACING`]; what is no longer kept is not sent.
+    #[test]
+    fn a_reported_loss_is_sent_again_first_with_its_number_once_per_spacing() {
+        let mut history = History::default();
+        let mut seq = Sequence(65530);
+        let packet = |n: u8| rtp::packet::Packet {
+            payload: Bytes::from(vec![n; 100]),
+            ..Default::default()
+        };
+        let sent: Vec<_> = (0..10).map(|n| seq.stamp(packet(n))).collect();
+        sent.iter().for_each(|p| history.record(p));
+        let mut q = PacedQueue::new(1_000_000, Duration::from_secs(1));
+        q.push((10..13).map(|n| (Outgoing::New(packet(n)), 112))).expect("fits");
+        let t0 = Instant::now();
+        // Lost: 65532 and 1 (the numbers wrapped); asked for twice, as aiortc does.
+        for lost in [65532, 1, 65532, 1] {
+            if let Some(again) = history.resend(lost, t0) {
+                q.push_urgent(Outgoing::Again(again), 112);
+            }
+        }
+        assert_eq!(q.len(), 5, "each lost packet queued once");
+        let mut t = t0;
+        let order: Vec<_> = std::iter::from_fn(|| {
+            t += Duration::from_millis(10);
+            q.pop(t)
+        })
+        .map(|o| match o {
+            Outgoing::Again(p) => format!("again {} {}", p.header.sequence_number, p.payload[0]),
+            Outgoing::New(p) => format!("new {}", p.payload[0]),
+        })
+        .collect();
+        assert_eq!(order, ["again 65532 2", "again 1 7", "new 10", "new 11", "new 12"]);
+        assert!(
+            history.resend(65532, t0 + Duration::from_millis(50)).is_none(),
+            "within the spacing"
+        );
+        assert!(
+            history.resend(65532, t0 + RESEND_SPACING).is_some(),
+            "asked again later"
+        );
+        // HISTORY packets later, the slot holds another packet: the old one is gone.
+        for _ in 0..HISTORY {
+            history.record(&seq.stamp(packet(0)));
+        }
+        assert!(history.resend(1, t0 + Duration::from_secs(1)).is_none());
     }
 
     #[test]
