@@ -444,6 +444,17 @@ $('video').addEventListener('loadedmetadata', () => {
   if (track) meterVoice(track);
 });
 
+// The layout follows the avatar's shape (square, 16:9, 9:16): from its preview before the stream
+// starts, then from the stream itself. A picture stepped down for a slow link keeps its shape.
+const shape = (/** @type {number} */ width, /** @type {number} */ height) => {
+  const stage = /** @type {HTMLElement | null} */ (document.querySelector('.stage'));
+  if (width > 0 && height > 0 && stage) stage.style.setProperty('--avatar-ar', String(width / height));
+};
+$('video').addEventListener('resize', () => {
+  const video = /** @type {HTMLVideoElement} */ ($('video'));
+  shape(video.videoWidth, video.videoHeight);
+});
+
 // An avatar chooser, only when the relay lists more than one avatar; the chosen avatar's preview
 // shows in the video until its stream starts.
 fetch('/api/avatars').then((r) => (r.ok ? r.json() : null)).then((list) => {
@@ -452,7 +463,14 @@ fetch('/api/avatars').then((r) => (r.ok ? r.json() : null)).then((list) => {
   const previews = {};
   for (const a of avatars) if (typeof a.preview === 'string') previews[a.id] = a.preview;
   const video = /** @type {HTMLVideoElement} */ ($('video'));
-  const poster = (/** @type {string} */ id) => { if (previews[id]) video.poster = previews[id]; };
+  const poster = (/** @type {string} */ id) => {
+    if (!previews[id]) return;
+    video.poster = previews[id];
+    if (video.videoWidth) return; // the stream already gave the shape
+    const image = new Image();
+    image.onload = () => { if (!video.videoWidth) shape(image.naturalWidth, image.naturalHeight); };
+    image.src = previews[id];
+  };
   poster(params.get('avatar') || (avatars[0] && avatars[0].id) || '');
   if (avatars.length < 2) return;
   const select = /** @type {HTMLSelectElement} */ ($('avatar'));

@@ -52,13 +52,23 @@ pub fn write_recording(
     seconds: f32,
     pose: impl Fn(f32) -> Option<Pose>,
 ) -> anyhow::Result<Vec<Option<Pose>>> {
+    write_recording_sized(path, (side, side), seconds, pose)
+}
+
+/// [`write_recording`] at `width`×`height` (a 16:9 studio recording, a 9:16 phone one).
+pub fn write_recording_sized(
+    path: &Path,
+    (width, height): (u32, u32),
+    seconds: f32,
+    pose: impl Fn(f32) -> Option<Pose>,
+) -> anyhow::Result<Vec<Option<Pose>>> {
     avatar_worker::media::encoder::init()?;
-    let mut writer = Mp4Writer::create(path, side, side, 25)?;
+    let mut writer = Mp4Writer::create(path, width, height, 25)?;
     let mut poses = Vec::new();
     for i in 0..(seconds * 25.0).round() as usize {
         let t = i as f32 / 25.0;
         let p = pose(t);
-        writer.write(&draw(side, side, (t / 4.0).fract(), p))?;
+        writer.write(&draw(width, height, (t / 4.0).fract(), p))?;
         poses.push(p);
     }
     writer.finish()?;

@@ -565,3 +565,74 @@ fn a_page_the_auth_policy_refuses_says_so_and_does_not_retry() {
         assert_eq!(refusals, 2, "{}", cluster.logs());
     });
 }
+
+/// The video's box against its stream: the shape each has, and whether the video, the input and
+/// its buttons are in view.
+const SHAPE: &str = r#"(() => {
+  const video = document.getElementById('video');
+  const r = video.getBoundingClientRect();
+  const inside = (id) => { const b = document.getElementById(id).getBoundingClientRect();
+    return b.width > 0 && b.height > 0 && b.left >= 0 && b.top >= 0 && b.right <= innerWidth + 0.5 && b.bottom <= innerHeight + 0.5; };
+  return JSON.stringify({
+    stream: [video.videoWidth, video.videoHeight], box: [r.width, r.height],
+    shaped: document.querySelector('.stage').style.getPropertyValue('--avatar-ar') !== '',
+    video: inside('video'), message: inside('message'), send: inside('send'), stop: inside('stop'),
+    horizontalScroll: document.documentElement.scrollWidth > innerWidth,
+  });
+})()"#;
+
+/// Any shape of avatar: a 16:9 and a 9:16 picture each get a box of their own shape (the page
+/// follows the stream), and the video, the input and its buttons stay in view, on a desktop, a
+/// tablet held upright and a phone. (The workers draw the built-in avatar at those sizes: `[video] width, height`.)
+#[test]
+fn a_16_9_and_a_9_16_avatar_keep_their_shape_on_a_desktop_and_a_phone() {
+    netns::run(
+        "a_16_9_and_a_9_16_avatar_keep_their_shape_on_a_desktop_and_a_phone",
+        || async {
+            for (w, h) in [(1280u32, 720u32), (720, 1280)] {
+                let mut cluster = Cluster::relay_only("").await;
+                cluster
+                    .add_worker("shaped", 2, &format!("[video]\nwidth = {w}\nheight = {h}"))
+                    .await;
+                for (name, vw, vh, mobile) in [
+                    ("desktop", 1280, 800, false),
+                    ("tablet", 820, 1180, false),
+                    ("phone", 390, 844, true),
+                ] {
+                    let url = format!("http://{}/?avatar=avatar_tutor_13&lang=en", cluster.relay.http);
+                    let mut browser = Chromium::launch(&url).await.expect("chromium");
+                    browser.viewport(vw, vh, mobile).await.expect("viewport");
+                    wait_live(&mut browser, &cluster, SECS(15)).await;
+                    // Once the stream has a size and the page has taken its shape from it.
+                    let shape = browser
+                        .poll(SHAPE, SECS(5), |v| {
+                            serde_json::from_str::<Value>(v.as_str().unwrap_or("{}"))
+                                .is_ok_and(|s| s["stream"][0].as_f64().is_some_and(|x| x > 0.0) && s["shaped"] == true)
+                        })
+                        .await;
+                    let s: Value = serde_json::from_str(shape.as_str().unwrap_or("{}")).expect("shape JSON");
+                    eprintln!("{w}×{h} on a {name}: {s}");
+                    let f = |v: &Value| v.as_f64().unwrap_or(0.0);
+                    assert_eq!(
+                        (f(&s["stream"][0]), f(&s["stream"][1])),
+                        (f64::from(w), f64::from(h)),
+                        "{name}: the stream's size: {s}"
+                    );
+                    let (box_ratio, ratio) = (f(&s["box"][0]) / f(&s["box"][1]).max(1.0), f64::from(w) / f64::from(h));
+                    // On a phone the box may be cut to half the screen's height: the picture is
+                    // then contained in it, never cropped or squeezed.
+                    if !mobile || ratio >= 1.0 {
+                        assert!(
+                            (box_ratio / ratio - 1.0).abs() < 0.03,
+                            "{w}×{h} on a {name}: the box has the picture's shape: {s}"
+                        );
+                    }
+                    for key in ["video", "message", "send", "stop"] {
+                        assert_eq!(s[key], true, "{w}×{h} on a {name}: {key} in view: {s}");
+                    }
+                    assert_eq!(s["horizontalScroll"], false, "{w}×{h} on a {name}: {s}");
+                }
+            }
+        },
+    );
+}

@@ -862,6 +862,15 @@ impl WorkerConfig {
         if v.width == 0 || v.height == 0 || v.width % 2 == 1 || v.height % 2 == 1 || v.width > 4096 || v.height > 4096 {
             return invalid("video.width", "width and height must be even and between 2 and 4096");
         }
+        use crate::media::avatar::{MAX_STREAM_MACROBLOCKS, MAX_STREAM_SIDE};
+        if v.width.div_ceil(16) * v.height.div_ceil(16) > MAX_STREAM_MACROBLOCKS
+            || v.width.max(v.height) > MAX_STREAM_SIDE
+        {
+            return invalid(
+                "video.width",
+                "the picture must fit H.264 level 3.1, which every browser decodes: at most 1280×720 or 720×1280 in area, 2704 a side",
+            );
+        }
         if !(1..=60).contains(&v.fps) {
             return invalid("video.fps", "must be 1..=60");
         }

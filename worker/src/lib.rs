@@ -245,9 +245,10 @@ impl Worker {
         let encoder = media::encoder::select_encoder(v.encoder, &encoder_settings)?;
         let avatars = match &config.avatar_dir {
             Some(dir) => {
-                let clips = media::avatar::load_dir(dir, v.width, v.height, v.fps)?;
+                let clips = media::avatar::load_dir(dir, v.fps)?;
                 for c in &clips {
-                    info!(id = %c.id, name = %c.name, frames = c.frames.len(), "avatar loaded");
+                    let (width, height) = c.size();
+                    info!(id = %c.id, name = %c.name, frames = c.frames.len(), width, height, "avatar loaded");
                 }
                 let by_id: HashMap<_, _> = clips.into_iter().map(|c| (c.id.clone(), Arc::new(c))).collect();
                 // Sorted so the fallback does not depend on hash order; `load_dir` never returns empty.

@@ -70,7 +70,8 @@ struct PrepareArgs {
     /// The name an avatar chooser shows (default: the id).
     #[arg(long)]
     name: Option<String>,
-    /// Output size, WIDTHxHEIGHT (default: the config's [video] size, else 512x512).
+    /// Output size, WIDTHxHEIGHT, the recording cropped to cover it (default: the recording's
+    /// own framing, scaled down past 1280×720 or its equal in area).
     #[arg(long)]
     size: Option<String>,
     /// Frames per second (default: the config's [video] fps, else 25).
@@ -158,20 +159,17 @@ fn prepare_avatar(args: &Args, p: &PrepareArgs) -> std::process::ExitCode {
         },
         None => None,
     };
-    let (mut width, mut height, mut fps) = config
-        .as_ref()
-        .map(|c| (c.video.width, c.video.height, c.video.fps))
-        .unwrap_or((512, 512, 25));
-    if let Some(size) = &p.size {
-        match size
+    let size = match &p.size {
+        None => None,
+        Some(size) => match size
             .split_once(['x', 'X', '×'])
             .and_then(|(w, h)| Some((w.parse().ok()?, h.parse().ok()?)))
         {
-            Some((w, h)) => (width, height) = (w, h),
+            Some(wh) => Some(wh),
             None => return fail(64, &format!("--size {size}: expected WIDTHxHEIGHT, e.g. 512x512")),
-        }
-    }
-    fps = p.fps.unwrap_or(fps);
+        },
+    };
+    let fps = p.fps.unwrap_or_else(|| config.as_ref().map_or(25, |c| c.video.fps));
     let looping = match p.looping.as_str() {
         "auto" => None,
         "forward" => Some(avatar_worker::media::avatar::Looping::Forward),
@@ -189,8 +187,7 @@ fn prepare_avatar(args: &Args, p: &PrepareArgs) -> std::process::ExitCode {
         id: p.id.clone(),
         out: p.out.clone(),
         name: p.name.clone(),
-        width,
-        height,
+        size,
         fps,
         max_seconds: p.max_seconds,
         looping,

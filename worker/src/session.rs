@@ -390,7 +390,7 @@ impl Session {
         metrics::gauge!("worker_sessions_active").increment(1.0);
         let registered = ctx.directory.register(&self.about.session_id, self.handle.clone());
         ctx.transcripts.started(&self.about.session_id);
-        let recording = self.start_recording();
+        let recording = self.start_recording(clip.size());
         let farewell = self.serve(&clip, &shutdown).await;
         drop(registered);
         for turn in self.transcript.close(chrono::Utc::now()) {
@@ -908,8 +908,9 @@ impl Session {
             },
         };
         self.clock_events = Some(clock_rx);
-        // Each session follows its own viewer's bandwidth, with its own encoder.
-        let settings = &self.ctx.encoder_settings;
+        // Each session follows its own viewer's bandwidth, with its own encoder, at its avatar's
+        // size.
+        let settings = &self.ctx.encoder_settings.at_size(clip.size());
         let cfg = &self.ctx.config.video.adapt;
         let (control, first, min_keyframe_interval) = if cfg.enabled {
             let mut rc = RateControl::new(
@@ -991,7 +992,10 @@ impl Session {
 
     /// With `[recording] enabled`: join the session's media as the `recording` sink, written to
     /// its file by [`crate::media::record`] until the session ends.
-    fn start_recording(&mut self) -> Option<tokio::task::JoinHandle<Result<Recording, RecordError>>> {
+    fn start_recording(
+        &mut self,
+        (width, height): (u32, u32),
+    ) -> Option<tokio::task::JoinHandle<Result<Recording, RecordError>>> {
         let config = &self.ctx.config.recording;
         if !config.enabled {
             return None;
@@ -1010,8 +1014,8 @@ impl Session {
                 &self.about.session_id,
                 std::time::SystemTime::now(),
             )),
-            width: self.ctx.encoder_settings.width,
-            height: self.ctx.encoder_settings.height,
+            width,
+            height,
         };
         Some(tokio::spawn(
             crate::media::record::record(media, spec).instrument(tracing::Span::current()),

@@ -2,8 +2,11 @@
 //! and the ONNX test model. Prints one table.
 //!
 //! ```text
-//! cargo run --release -p avatar-edge-tests --bin bench-talk -- [SECONDS_PER_LEVEL]
+//! cargo run --release -p avatar-edge-tests --bin bench-talk -- [SECONDS_PER_LEVEL] [WxH ...]
 //! ```
+//!
+//! The in-process measures run at each picture size given (default: 512x512 and 1280x720, a
+//! 16:9 avatar), one column per size and lip-sync backend.
 //!
 //! * **Latency and steadiness**, in process: one session's pipeline and media clock (libx264 +
 //!   Opus), minus WebRTC. `text_webrtc` → first talking frame and first speech audio packet sent
@@ -21,7 +24,7 @@
 use avatar_edge_tests::cluster::Cluster;
 use avatar_edge_tests::signaling::Signaling;
 use avatar_worker::config::TalkConfig;
-use avatar_worker::media::avatar::synthetic;
+use avatar_worker::media::avatar::{synthetic, AvatarClip};
 use avatar_worker::media::encoder::{self, EncoderSettings};
 use avatar_worker::media::fanout::Taps;
 use avatar_worker::media::record::{RecordError, Recording, RecordingSpec};
@@ -34,10 +37,31 @@ use tokio::sync::mpsc;
 
 const QUESTION: &str = "Please explain how plants turn sunlight into food.";
 
+/// The picture size being measured, and the built-in avatar drawn at it (drawn once: at
+/// 1280×720 that takes seconds).
+static PICTURE: std::sync::Mutex<Option<Arc<AvatarClip>>> = std::sync::Mutex::new(None);
+
+fn set_size((width, height): (u32, u32)) {
+    if let Ok(mut picture) = PICTURE.lock() {
+        if picture.as_ref().map(|c| c.size()) != Some((width, height)) {
+            *picture = Some(Arc::new(synthetic(width, height, 25)));
+        }
+    }
+}
+
+fn clip() -> Arc<AvatarClip> {
+    PICTURE
+        .lock()
+        .ok()
+        .and_then(|p| p.clone())
+        .unwrap_or_else(|| Arc::new(synthetic(512, 512, 25)))
+}
+
 fn settings() -> EncoderSettings {
+    let (width, height) = clip().size();
     EncoderSettings {
-        width: 512,
-        height: 512,
+        width,
+        height,
         fps: 25,
         frame_rate: 25,
         bitrate_kbps: 2000,
@@ -81,12 +105,12 @@ fn session_recorded(talk: &Arc<Talk>, record: Option<std::path::PathBuf>) -> Ben
             media,
             RecordingSpec {
                 path,
-                width: 512,
-                height: 512,
+                width: settings().width,
+                height: settings().height,
             },
         ))
     });
-    let clip = Arc::new(synthetic(512, 512, 25));
+    let clip = clip();
     let (talk_tx, talk_events) = mpsc::unbounded_channel();
     let mut conv = Conversation::new(Arc::clone(talk), Arc::clone(&clip), "bench".into(), talk_tx);
     let (clock_tx, clock) = mpsc::unbounded_channel();
@@ -296,12 +320,24 @@ fn stats(v: &[f64]) -> String {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let secs: u64 = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(15);
+    let mut sizes: Vec<(u32, u32)> = std::env::args()
+        .skip(2)
+        .filter_map(|a| {
+            let (w, h) = a.split_once('x')?;
+            Some((w.parse().ok()?, h.parse().ok()?))
+        })
+        .collect();
+    if sizes.is_empty() {
+        sizes = vec![(512, 512), (1280, 720)];
+    }
     encoder::init().expect("ffmpeg");
-    println!(
-        "bench-talk: 512x512 @ 25 fps, libx264 + Opus, scripted LLM + espeak-ng; min / median / max over rounds\n"
-    );
-    println!("| measure | builtin mouth | ONNX test model |");
-    println!("|---|---:|---:|");
+    println!("bench-talk: 25 fps, libx264 + Opus, scripted LLM + espeak-ng; min / median / max over rounds\n");
+    let columns: Vec<String> = sizes
+        .iter()
+        .flat_map(|(w, h)| [format!("builtin mouth, {w}×{h}"), format!("ONNX test model, {w}×{h}")])
+        .collect();
+    println!("| measure | {} |", columns.join(" | "));
+    println!("|---|{}", "---:|".repeat(columns.len()));
     let mut rows: Vec<(String, Vec<String>)> = Vec::new();
     let mut push = |name: &str, i: usize, v: String| {
         if let Some(row) = rows.iter_mut().find(|(n, _)| n == name) {
@@ -313,7 +349,12 @@ async fn main() {
             rows.push((name.to_owned(), cells));
         }
     };
-    for (i, onnx) in [false, true].into_iter().enumerate() {
+    for (i, (size, onnx)) in sizes
+        .iter()
+        .flat_map(|size| [(*size, false), (*size, true)])
+        .enumerate()
+    {
+        set_size(size);
         let talk = Arc::new(Talk::new(&talk_config(onnx), 25).expect("talk"));
         let (frame, audio, late, underruns, encode) = latency(&talk, 5).await;
         push("text_webrtc → first speech audio packet sent, ms", i, stats(&audio));
@@ -328,8 +369,10 @@ async fn main() {
         for n in [1usize, 2, 4, 6, 8, 10, 12] {
             let (late, under, share) = concurrency(&talk, n, secs).await;
             eprintln!(
-                "{} n={n}: late/min/session {late:.1}, underruns/session {under:.1}, talking share {share:.2}",
-                if onnx { "onnx" } else { "builtin" }
+                "{} {}×{} n={n}: late/min/session {late:.1}, underruns/session {under:.1}, talking share {share:.2}",
+                if onnx { "onnx" } else { "builtin" },
+                size.0,
+                size.1
             );
             if late <= 1.0 && under <= 2.0 {
                 best = n;
@@ -344,6 +387,7 @@ async fn main() {
         );
     }
     {
+        set_size((512, 512));
         let talk = Arc::new(Talk::new(&talk_config(false), 25).expect("talk"));
         let dir = tempfile::tempdir().expect("tempdir");
         let (cpu_without, _) = recording_cost(&talk, 2, secs, None).await;
@@ -362,7 +406,7 @@ async fn main() {
         stats(&offsets),
     );
     for (name, mut cells) in rows {
-        cells.resize(2, "–".into());
+        cells.resize(columns.len(), "–".into());
         println!("| {name} | {} |", cells.join(" | "));
     }
 }

@@ -88,6 +88,11 @@ impl AvatarClip {
         }
     }
 
+    /// The picture's width and height: every frame's (`(0, 0)` for a clip without frames).
+    pub fn size(&self) -> (u32, u32) {
+        self.frames.first().map_or((0, 0), |f| (f.width, f.height))
+    }
+
     /// The `i`-th idle picture.
     pub fn frame(&self, i: usize) -> &Yuv420 {
         &self.frames[self.frame_index(i)]
@@ -334,8 +339,9 @@ fn rgb_to_yuv420(width: u32, height: u32, rgb: &[Rgb]) -> Yuv420 {
     out
 }
 
-/// Load every avatar under `dir`, scaled to `width`×`height`.
-pub fn load_dir(dir: &Path, width: u32, height: u32, fps: u32) -> Result<Vec<AvatarClip>, AvatarError> {
+/// Load every avatar under `dir`, each at its own size (what `worker avatar prepare` wrote:
+/// the recording's framing, or `--size`), scaled down only past what streams ([`stream_size`]).
+pub fn load_dir(dir: &Path, fps: u32) -> Result<Vec<AvatarClip>, AvatarError> {
     let entries = std::fs::read_dir(dir).map_err(|source| AvatarError::Read {
         path: dir.into(),
         source,
@@ -352,7 +358,7 @@ pub fn load_dir(dir: &Path, width: u32, height: u32, fps: u32) -> Result<Vec<Ava
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        clips.push(load_one(&id, &meta_path, width, height, fps)?);
+        clips.push(load_one(&id, &meta_path, fps)?);
     }
     if clips.is_empty() {
         return Err(AvatarError::NoneFound { dir: dir.into() });
@@ -360,7 +366,7 @@ pub fn load_dir(dir: &Path, width: u32, height: u32, fps: u32) -> Result<Vec<Ava
     Ok(clips)
 }
 
-fn load_one(id: &str, meta_path: &Path, width: u32, height: u32, fps: u32) -> Result<AvatarClip, AvatarError> {
+fn load_one(id: &str, meta_path: &Path, fps: u32) -> Result<AvatarClip, AvatarError> {
     let text = std::fs::read_to_string(meta_path).map_err(|source| AvatarError::Read {
         path: meta_path.into(),
         source,
@@ -372,15 +378,9 @@ fn load_one(id: &str, meta_path: &Path, width: u32, height: u32, fps: u32) -> Re
     let dir = meta_path.parent().unwrap_or(Path::new("."));
     let video = dir.join(&meta.video);
     let max_frames = (meta.max_seconds * fps).max(1) as usize;
-    let (frames, src_w, src_h) = decode_video(
-        &video,
-        width,
-        height,
-        max_frames,
-        fps,
-        Fit::Stretch,
-        &InputLimits::AVATAR_DIR,
-    )?;
+    let (frames, src_w, src_h) = decode_video(&video, 0, 0, max_frames, fps, Fit::Keep, &InputLimits::AVATAR_DIR)?;
+    // Never empty: `decode_video` refuses a video without a picture.
+    let (width, height) = frames.first().map_or((0, 0), |f| (f.width, f.height));
     let bad = |message: String| AvatarError::Metadata {
         path: meta_path.into(),
         message,
@@ -477,6 +477,36 @@ pub enum Fit {
     Stretch,
     /// Scale to cover the output and cut the overflow evenly from both sides.
     Cover,
+    /// Keep the video's own framing: its size, scaled down (never up) to what streams
+    /// ([`stream_size`]). The requested output size is not used.
+    Keep,
+}
+
+/// The largest picture streamed, in 16×16 macroblocks: H.264 level 3.1, which the answer
+/// offers (`profile-level-id=42e01f`) and every browser decodes: 1280×720, 720×1280, or 960×960.
+pub const MAX_STREAM_MACROBLOCKS: u32 = 3600;
+
+/// The longest side streamed, in pixels: level 3.1's limit, √(8 × 3600) macroblocks.
+pub const MAX_STREAM_SIDE: u32 = 2704;
+
+/// The size a `src_w`×`src_h` video streams at: its own, with even sides, scaled down with its
+/// aspect kept until it fits [`MAX_STREAM_MACROBLOCKS`] and [`MAX_STREAM_SIDE`] (1920×1080
+/// becomes 1280×720).
+pub fn stream_size(src_w: u32, src_h: u32) -> (u32, u32) {
+    let macroblocks = |w: u32, h: u32| u64::from(w.div_ceil(16)) * u64::from(h.div_ceil(16));
+    let even = |v: f64| ((v.floor() as u32) & !1).max(2);
+    let (w, h) = (f64::from(src_w.max(2)), f64::from(src_h.max(2)));
+    let limit = f64::from(MAX_STREAM_MACROBLOCKS) * 256.0;
+    let side = f64::from(MAX_STREAM_SIDE);
+    let mut k = (limit / (w * h)).sqrt().min(side / w).min(side / h).min(1.0);
+    loop {
+        let size = (even(w * k), even(h * k));
+        // Rounding up to whole macroblocks can overshoot by a row or a column: shrink a little.
+        if macroblocks(size.0, size.1) <= u64::from(MAX_STREAM_MACROBLOCKS) || size.0.min(size.1) <= 16 {
+            return size;
+        }
+        k *= 0.995;
+    }
 }
 
 /// The containers `worker avatar prepare` reads, as FFmpeg's demuxers name themselves (the
@@ -617,8 +647,8 @@ fn open_input(path: &Path, limits: &InputLimits) -> Result<ffmpeg_next::format::
 }
 
 /// Decode up to `max_frames` frames of `path` at `fps` (frames dropped or repeated by their
-/// timestamps), scaled to `width`×`height` YUV 4:2:0 as `fit` says, reading only what `limits`
-/// allow. Also returns the source size.
+/// timestamps), scaled to `width`×`height` YUV 4:2:0 as `fit` says (with [`Fit::Keep`], to the
+/// video's own [`stream_size`]), reading only what `limits` allow. Also returns the source size.
 pub(crate) fn decode_video(
     path: &Path,
     width: u32,
@@ -663,8 +693,12 @@ pub(crate) fn decode_video(
     if (decoder.width(), decoder.height(), decoder.format()) != (src_w, src_h, src_format) {
         return Err(AvatarError::Changed { path: path.into() });
     }
+    let (width, height) = match fit {
+        Fit::Keep => stream_size(src_w, src_h),
+        Fit::Stretch | Fit::Cover => (width, height),
+    };
     let (scaled_w, scaled_h) = match fit {
-        Fit::Stretch => (width, height),
+        Fit::Stretch | Fit::Keep => (width, height),
         Fit::Cover => {
             let k = (f64::from(width) / f64::from(src_w)).max(f64::from(height) / f64::from(src_h));
             let even = |v: f64, min: u32| ((v.ceil() as u32).div_ceil(2) * 2).max(min);
@@ -834,6 +868,29 @@ mod tests {
             let (l, message) = parse_boxes(bad).expect_err(bad);
             assert_eq!(l, line, "{bad}");
             assert!(message.contains(says), "{bad}: {message}");
+        }
+    }
+
+    #[test]
+    fn a_recording_streams_at_its_own_framing_scaled_down_only_past_level_3_1() {
+        assert_eq!(stream_size(1280, 720), (1280, 720));
+        assert_eq!(stream_size(720, 1280), (720, 1280));
+        assert_eq!(stream_size(512, 512), (512, 512));
+        assert_eq!(stream_size(1920, 1080), (1280, 720));
+        assert_eq!(stream_size(1080, 1920), (720, 1280));
+        assert_eq!(stream_size(641, 481), (640, 480), "even sides");
+        assert_eq!(stream_size(2000, 300), (2000, 300), "within the limits");
+        assert_eq!(stream_size(4000, 200), (2704, 134), "no side over level 3.1's");
+        for (w, h) in [(4096, 4096), (3840, 2160), (1000, 999), (1282, 722)] {
+            let (sw, sh) = stream_size(w, h);
+            let mbs = sw.div_ceil(16) * sh.div_ceil(16);
+            assert!(
+                mbs <= MAX_STREAM_MACROBLOCKS && mbs > 3400,
+                "{w}×{h} -> {sw}×{sh}: {mbs}"
+            );
+            assert!(sw % 2 == 0 && sh % 2 == 0);
+            let (a, b) = (f64::from(w) / f64::from(h), f64::from(sw) / f64::from(sh));
+            assert!((a / b - 1.0).abs() < 0.01, "aspect kept: {w}×{h} -> {sw}×{sh}");
         }
     }
 

@@ -58,6 +58,17 @@ pub struct EncoderSettings {
     pub gop: u32,
 }
 
+impl EncoderSettings {
+    /// These settings for a picture of `width`×`height` (a session's avatar's size).
+    pub fn at_size(&self, (width, height): (u32, u32)) -> Self {
+        Self {
+            width,
+            height,
+            ..self.clone()
+        }
+    }
+}
+
 impl From<&crate::config::VideoConfig> for EncoderSettings {
     fn from(v: &crate::config::VideoConfig) -> Self {
         Self {
@@ -170,6 +181,10 @@ impl H264Encoder {
             name: self.name,
             source,
         };
+        // A picture of another size than the encoder's would not fit its frame.
+        if (picture.width, picture.height) != (self.frame.width(), self.frame.height()) {
+            return Err(err(ffmpeg::Error::InputChanged));
+        }
         fill(&mut self.frame, picture);
         self.frame.set_pts(Some(pts));
         self.frame.set_kind(if keyframe {

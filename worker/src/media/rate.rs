@@ -66,7 +66,15 @@ fn full_scale() -> f32 {
     1.0
 }
 
-/// The ladder's default rungs: 25 fps down to 350 kbit/s of video, 20 down to 200, 15 down to
+/// How much more bitrate a picture of `width`×`height` needs than 512×512 for the same look:
+/// the ladder's thresholds are for 512×512, and a larger picture's are raised by its area to the
+/// power 0.75 (1280×720: 2.6 times). Smaller pictures keep them.
+pub fn area_factor(width: u32, height: u32) -> f64 {
+    let area = f64::from(width) * f64::from(height) / (512.0 * 512.0);
+    area.max(1.0).powf(0.75)
+}
+
+/// The ladder's default rungs (for a 512×512 picture, see [`area_factor`]): 25 fps down to 350 kbit/s of video, 20 down to 200, 15 down to
 /// 130, 10 down to 90, then 384 px (of 512) down to 60, and 256 px below.
 pub fn default_steps() -> Vec<Step> {
     let step = |min_kbps, fps, scale| Step { min_kbps, fps, scale };
@@ -208,11 +216,15 @@ pub struct RateControl {
 impl RateControl {
     /// `max_kbps` is `video.bitrate_kbps`; `width`, `height` and `fps` are the avatar's.
     pub fn new(cfg: &AdaptConfig, max_kbps: u32, width: u32, height: u32, fps: u32) -> Self {
+        let factor = area_factor(width, height);
         let mut steps: Vec<Step> = cfg
             .steps
             .iter()
-            .copied()
             .filter(|s| cfg.allow_resolution_drop || s.scale >= 1.0)
+            .map(|s| Step {
+                min_kbps: (f64::from(s.min_kbps) * factor).round() as u32,
+                ..*s
+            })
             .collect();
         if steps.is_empty() {
             steps.push(Step {
@@ -441,6 +453,22 @@ mod tests {
         let t0 = rc.target(t).video_bps as f64;
         let grown = feed(&mut rc, &mut t, 1, 0.0, None).video_bps as f64;
         assert!(grown <= t0 * 1.09 && grown > t0, "{t0} -> {grown}");
+    }
+
+    #[test]
+    fn a_720p_avatar_needs_more_bitrate_for_each_step() {
+        let (mut small, t0) = controller();
+        let mut large = RateControl::new(&AdaptConfig::default(), 2000, 1280, 720, 25);
+        let (mut t, mut u) = (t0, t0);
+        let s = feed(&mut small, &mut t, 10, 0.0, Some(700_000));
+        let l = feed(&mut large, &mut u, 10, 0.0, Some(700_000));
+        assert_eq!(s.video_bps, 595_000);
+        assert_eq!((s.level.fps, s.level.width, s.level.height), (25, 512, 512));
+        // 595 kbit/s of video: under 1280×720's 25 fps step (350 × 2.6 = 898), over its 20 fps
+        // one (513).
+        assert_eq!((l.level.fps, l.level.width, l.level.height), (20, 1280, 720));
+        assert!((area_factor(1280, 720) - 2.567).abs() < 0.01);
+        assert_eq!(area_factor(256, 256), 1.0, "smaller pictures keep the thresholds");
     }
 
     #[test]

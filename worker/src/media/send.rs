@@ -22,9 +22,15 @@
 //! [`HISTORY`] packets sent are kept ([`History`]), and a reported one goes to the front of the
 //! pacer, ahead of new video. Paced, a batch of retransmissions does not arrive at the
 //! bottleneck in one burst and overflow the queue that dropped the originals (a viewer that asks
-//! only once, as aiortc does, would then wait seconds on the hole). A packet is sent again at
-//! most once per [`RESEND_SPACING`], however often it is asked for: aiortc repeats every missing
-//! number with each new loss, and the copy already sent may still be on its way.
+//! only once, as aiortc does, would then wait seconds on the hole). However often a packet is
+//! asked for (aiortc repeats every missing number with each new loss, Chromium asks again every
+//! round trip), at most one copy waits in the pacer, and the next leaves no sooner than
+//! [`RESEND_SPACING`] after the last. And retransmissions are bounded: at most
+//! [`RESEND_BACKLOG`] of them wait in the pacer (more are refused until it drains, and the viewer
+//! asks again), and nothing first sent over [`MAX_RESEND_AGE`] ago is sent again. Unbounded, the
+//! start's overshoot on a 200 kbit/s link (dozens of packets lost, all asked for) queued two
+//! seconds of copies at 70 kbit/s, too late to be of use, and no new frame was encoded while
+//! they drained: Chromium froze.
 //!
 //! [`send_media`] is the async task that ties it together: it packetises frames
 //! ([`H264Packetizer`], RTP timestamps from the media clock, so a frame rate step does not stretch
@@ -57,6 +63,12 @@ const BURST: Duration = Duration::from_millis(5);
 pub const HISTORY: usize = 512;
 /// The shortest time between two retransmissions of one packet.
 pub const RESEND_SPACING: Duration = Duration::from_millis(100);
+/// Retransmissions wait in the pacer for at most this long, at its rate: more are refused until
+/// it drains (the viewer asks again).
+pub const RESEND_BACKLOG: Duration = Duration::from_millis(250);
+/// A packet first sent longer ago than this is not sent again: the viewer has played past it,
+/// and a keyframe is its better repair.
+pub const MAX_RESEND_AGE: Duration = Duration::from_millis(1000);
 /// RTP payload per packet: 1,200 bytes, as webrtc-rs and browsers use, less the RTP header.
 const RTP_PAYLOAD: usize = 1200 - 12;
 /// How often the controller is asked for a target when no feedback arrives (for its up-holds).
@@ -67,8 +79,9 @@ const TARGET_EVERY: Duration = Duration::from_millis(250);
 #[derive(Debug)]
 pub struct PacedQueue<T> {
     items: VecDeque<(T, usize)>,
-    /// How many items at the front were queued with [`PacedQueue::push_urgent`].
+    /// How many items at the front were queued with [`PacedQueue::push_urgent`], and their size.
     urgent: usize,
+    urgent_bytes: usize,
     bytes: usize,
     rate_bps: u64,
     next: Option<Instant>,
@@ -86,6 +99,7 @@ impl<T> PacedQueue<T> {
         Self {
             items: VecDeque::new(),
             urgent: 0,
+            urgent_bytes: 0,
             bytes: 0,
             rate_bps: rate_bps.max(1000),
             next: None,
@@ -109,12 +123,18 @@ impl<T> PacedQueue<T> {
     pub fn clear(&mut self) {
         self.items.clear();
         self.urgent = 0;
+        self.urgent_bytes = 0;
         self.bytes = 0;
     }
 
     /// How long what is queued takes to leave at the current rate.
     pub fn delay(&self) -> Duration {
         self.drain_time(self.bytes)
+    }
+
+    /// How long the urgent items queued take to leave.
+    pub fn urgent_delay(&self) -> Duration {
+        self.drain_time(self.urgent_bytes)
     }
 
     fn drain_time(&self, bytes: usize) -> Duration {
@@ -144,6 +164,7 @@ impl<T> PacedQueue<T> {
     pub fn push_urgent(&mut self, item: T, bytes: usize) {
         self.items.insert(self.urgent, (item, bytes));
         self.urgent += 1;
+        self.urgent_bytes += bytes;
         self.bytes += bytes;
     }
 
@@ -153,7 +174,10 @@ impl<T> PacedQueue<T> {
             return None;
         }
         let (item, n) = self.items.pop_front()?;
-        self.urgent = self.urgent.saturating_sub(1);
+        if self.urgent > 0 {
+            self.urgent -= 1;
+            self.urgent_bytes -= n;
+        }
         self.bytes -= n;
         // A schedule that fell behind (an idle queue) restarts from now, so idle time is not
         // banked as a burst.
@@ -232,7 +256,12 @@ pub struct History {
 #[derive(Debug)]
 struct Sent {
     packet: rtp::packet::Packet,
+    /// When it was first sent.
+    at: Instant,
+    /// When a copy last left.
     resent: Option<Instant>,
+    /// A copy waits in the pacer.
+    queued: bool,
 }
 
 impl Default for History {
@@ -248,28 +277,54 @@ impl History {
         usize::from(seq) % HISTORY
     }
 
-    /// Keep a packet as it is sent (numbered); it replaces the one [`HISTORY`] numbers before.
-    pub fn record(&mut self, packet: &rtp::packet::Packet) {
+    /// Keep a packet as it is sent (numbered) at `now`; it replaces the one [`HISTORY`] numbers
+    /// before.
+    pub fn record(&mut self, packet: &rtp::packet::Packet, now: Instant) {
         self.slots[Self::slot(packet.header.sequence_number)] = Some(Sent {
             packet: packet.clone(),
+            at: now,
             resent: None,
+            queued: false,
         });
     }
 
-    /// The packet numbered `seq`, to send again; `None` if it is no longer kept, or was sent
-    /// again less than [`RESEND_SPACING`] ago (that copy may still be on its way).
-    pub fn resend(&mut self, seq: u16, now: Instant) -> Option<rtp::packet::Packet> {
-        let sent = self.slots[Self::slot(seq)]
+    fn get_mut(&mut self, seq: u16) -> Option<&mut Sent> {
+        self.slots[Self::slot(seq)]
             .as_mut()
-            .filter(|s| s.packet.header.sequence_number == seq)?;
-        if sent
-            .resent
-            .is_some_and(|at| now.saturating_duration_since(at) < RESEND_SPACING)
+            .filter(|s| s.packet.header.sequence_number == seq)
+    }
+
+    /// The packet numbered `seq`, to queue again; `None` if it is no longer kept or older than
+    /// [`MAX_RESEND_AGE`], if a copy already waits in the pacer (a receiver asks again every
+    /// round trip, and on a narrow link the copy may not have left yet), or if one left less
+    /// than [`RESEND_SPACING`] ago (it may still be on its way).
+    pub fn resend(&mut self, seq: u16, now: Instant) -> Option<rtp::packet::Packet> {
+        let sent = self.get_mut(seq)?;
+        if sent.queued
+            || now.saturating_duration_since(sent.at) > MAX_RESEND_AGE
+            || sent
+                .resent
+                .is_some_and(|at| now.saturating_duration_since(at) < RESEND_SPACING)
         {
             return None;
         }
-        sent.resent = Some(now);
+        sent.queued = true;
         Some(sent.packet.clone())
+    }
+
+    /// The copy of `seq` left at `now`.
+    pub fn left(&mut self, seq: u16, now: Instant) {
+        if let Some(sent) = self.get_mut(seq) {
+            sent.queued = false;
+            sent.resent = Some(now);
+        }
+    }
+
+    /// The pacer dropped what it held: no copy waits any more.
+    pub fn unqueue_all(&mut self) {
+        for sent in self.slots.iter_mut().flatten() {
+            sent.queued = false;
+        }
     }
 }
 
@@ -383,6 +438,8 @@ pub async fn send_media(parts: SendParts) {
                             // Its references were just dropped: it would only show garbage.
                             queue.clear();
                         }
+                        // Copies sent again were dropped with the rest: they may be asked for again.
+                        numbering.history.unqueue_all();
                     }
                 }
             },
@@ -391,6 +448,10 @@ pub async fn send_media(parts: SendParts) {
                 Some(Feedback::Nack(lost)) => {
                     let now = Instant::now();
                     for seq in lost {
+                        // Room for a few in the pacer; the rest wait for the viewer to ask again.
+                        if queue.urgent_delay() >= RESEND_BACKLOG {
+                            break;
+                        }
                         let Some(packet) = numbering.history.resend(seq, now) else {
                             continue;
                         };
@@ -457,10 +518,13 @@ impl Numbering {
             let packet = match p {
                 Outgoing::New(p) => {
                     let p = self.sequence.stamp(p);
-                    self.history.record(&p);
+                    self.history.record(&p, Instant::now());
                     p
                 }
-                Outgoing::Again(p) => p,
+                Outgoing::Again(p) => {
+                    self.history.left(p.header.sequence_number, Instant::now());
+                    p
+                }
             };
             if let Err(e) = peer.write_video_packet(&packet).await {
                 tracing::debug!(error = %e, "video write failed");
@@ -658,10 +722,10 @@ mod tests {
             ..Default::default()
         };
         let sent: Vec<_> = (0..10).map(|n| seq.stamp(packet(n))).collect();
-        sent.iter().for_each(|p| history.record(p));
+        let t0 = Instant::now();
+        sent.iter().for_each(|p| history.record(p, t0));
         let mut q = PacedQueue::new(1_000_000, Duration::from_secs(1));
         q.push((10..13).map(|n| (Outgoing::New(packet(n)), 112))).expect("fits");
-        let t0 = Instant::now();
         // Lost: 65532 and 1 (the numbers wrapped); asked for twice, as aiortc does.
         for lost in [65532, 1, 65532, 1] {
             if let Some(again) = history.resend(lost, t0) {
@@ -669,28 +733,55 @@ mod tests {
             }
         }
         assert_eq!(q.len(), 5, "each lost packet queued once");
-        let mut t = t0;
-        let order: Vec<_> = std::iter::from_fn(|| {
-            t += Duration::from_millis(10);
-            q.pop(t)
-        })
-        .map(|o| match o {
-            Outgoing::Again(p) => format!("again {} {}", p.header.sequence_number, p.payload[0]),
-            Outgoing::New(p) => format!("new {}", p.payload[0]),
-        })
-        .collect();
-        assert_eq!(order, ["again 65532 2", "again 1 7", "new 10", "new 11", "new 12"]);
-        assert!(
-            history.resend(65532, t0 + Duration::from_millis(50)).is_none(),
-            "within the spacing"
+        assert_eq!(
+            q.urgent_delay(),
+            Duration::from_secs_f64(224.0 * 8.0 / 1e6),
+            "two copies wait"
         );
         assert!(
-            history.resend(65532, t0 + RESEND_SPACING).is_some(),
+            history.resend(65532, t0 + Duration::from_secs(1)).is_none(),
+            "asked again while its copy waits in the pacer: not queued twice"
+        );
+        let mut t = t0;
+        let (mut left, mut order) = (Vec::new(), Vec::new());
+        while !q.is_empty() {
+            t += Duration::from_millis(10);
+            while let Some(o) = q.pop(t) {
+                order.push(match o {
+                    Outgoing::Again(p) => {
+                        history.left(p.header.sequence_number, t);
+                        left.push(t);
+                        format!("again {} {}", p.header.sequence_number, p.payload[0])
+                    }
+                    Outgoing::New(p) => format!("new {}", p.payload[0]),
+                });
+            }
+        }
+        assert_eq!(order, ["again 65532 2", "again 1 7", "new 10", "new 11", "new 12"]);
+        let gone = left[0];
+        assert!(
+            history.resend(65532, gone + Duration::from_millis(50)).is_none(),
+            "within the spacing after its copy left"
+        );
+        assert!(
+            history.resend(65532, gone + RESEND_SPACING).is_some(),
             "asked again later"
+        );
+        assert_eq!(q.urgent_delay(), Duration::ZERO, "all left");
+        assert!(
+            history
+                .resend(65531, t0 + MAX_RESEND_AGE + Duration::from_millis(1))
+                .is_none(),
+            "first sent too long ago: the viewer has played past it"
+        );
+        history.unqueue_all();
+        assert!(
+            history.resend(65532, gone + RESEND_SPACING).is_some(),
+            "a copy the pacer dropped may be queued again"
         );
         // HISTORY packets later, the slot holds another packet: the old one is gone.
         for _ in 0..HISTORY {
-            history.record(&seq.stamp(packet(0)));
+            history.record(&seq.stamp(packet(0)), t0);
         }
         assert!(history.resend(1, t0 + Duration::from_secs(1)).is_none());
     }

@@ -38,7 +38,7 @@ use std::time::Instant;
 pub const MIN_FACE: u32 = 48;
 /// Faces at least this large (the model's crop) lose nothing; smaller ones prepare with a warning.
 pub const SHARP_FACE: u32 = face::SIZE as u32;
-/// Longest input read, in seconds (memory: about 0.4 MB per 512×512 frame).
+/// Longest input read, in seconds (memory: about 0.4 MB per 512×512 frame, 1.4 MB at 1280×720).
 pub const MAX_INPUT_SECONDS: u32 = 60;
 /// Gaps without a face up to this long (in frames) are bridged by interpolation.
 const MAX_GAP: usize = 5;
@@ -53,8 +53,10 @@ pub struct Options {
     pub out: PathBuf,
     /// Display name; the id if absent.
     pub name: Option<String>,
-    pub width: u32,
-    pub height: u32,
+    /// The output size, the recording cropped to cover it (`--size`); `None` keeps the
+    /// recording's own framing (1280×720, 720×1280, 512×512…), scaled down only past what
+    /// streams ([`avatar::stream_size`]).
+    pub size: Option<(u32, u32)>,
     pub fps: u32,
     /// Longest loop kept, in seconds.
     pub max_seconds: u32,
@@ -119,6 +121,8 @@ pub struct Report {
     pub typical: FaceBox,
     /// The median detected face's width and height, in output pixels.
     pub face_size: (u32, u32),
+    /// The avatar's picture: width and height.
+    pub size: (u32, u32),
     pub decode_ms: f64,
     pub detect_ms: f64,
     pub write_ms: f64,
@@ -161,10 +165,12 @@ impl Report {
         }
         let _ = writeln!(
             out,
-            "read {} frames ({:.2} s at {} fps)",
+            "read {} frames ({:.2} s at {} fps); the avatar is {}×{}",
             self.input_frames,
             self.seconds(self.input_frames),
-            self.fps
+            self.fps,
+            self.size.0,
+            self.size.1
         );
         for r in &self.no_face {
             let _ = writeln!(out, "no face: {}", self.span(r));
@@ -220,14 +226,16 @@ pub fn run(options: &Options, progress: &ProgressBar) -> Result<Report, PrepareE
     if !valid_id(&options.id) {
         return Err(PrepareError::BadId(options.id.clone()));
     }
-    let (width, height, fps) = (options.width, options.height, options.fps);
-    if !(96..=4096).contains(&width)
-        || !(96..=4096).contains(&height)
-        || width % 2 + height % 2 != 0
-        || !(1..=60).contains(&fps)
-    {
+    let fps = options.fps;
+    let bad_size = |(width, height): (u32, u32)| {
+        !(96..=4096).contains(&width) || !(96..=4096).contains(&height) || width % 2 + height % 2 != 0
+    };
+    if options.size.is_some_and(bad_size) || !(1..=60).contains(&fps) {
+        let size = options
+            .size
+            .map_or("the recording's size".into(), |(w, h)| format!("{w}×{h}"));
         return Err(PrepareError::BadSize {
-            size: format!("{width}×{height} at {fps} fps"),
+            size: format!("{size} at {fps} fps"),
         });
     }
     let dir = options.out.join(&options.id);
@@ -242,8 +250,20 @@ pub fn run(options: &Options, progress: &ProgressBar) -> Result<Report, PrepareE
     let t = Instant::now();
     let max_frames = (MAX_INPUT_SECONDS * fps) as usize;
     let limits = avatar::InputLimits::recording(options.max_input_pixels);
-    let (frames, _, _) = avatar::decode_video(&options.input, width, height, max_frames, fps, Fit::Cover, &limits)
+    let (fit, (width, height)) = match options.size {
+        Some(size) => (Fit::Cover, size),
+        None => (Fit::Keep, (0, 0)),
+    };
+    let (frames, _, _) = avatar::decode_video(&options.input, width, height, max_frames, fps, fit, &limits)
         .map_err(|e| input_error(&options.input, decode_message(e)))?;
+    // Never empty: `decode_video` refuses a video without a picture.
+    let (width, height) = frames.first().map_or((0, 0), |f| (f.width, f.height));
+    if bad_size((width, height)) {
+        return Err(input_error(
+            &options.input,
+            format!("its pictures are {width}×{height}; the avatar needs at least 96×96 (or pass --size)"),
+        ));
+    }
     let decode_ms = ms(t);
 
     let mut detector = detect::FaceDetector::load(&options.detector, &options.onnxruntime, options.threads)?;
@@ -333,6 +353,7 @@ pub fn run(options: &Options, progress: &ProgressBar) -> Result<Report, PrepareE
         looping,
         typical,
         face_size: (w, h),
+        size: (width, height),
         decode_ms,
         detect_ms,
         write_ms,
@@ -652,8 +673,7 @@ mod tests {
             id: "playlist".into(),
             out: dir.path().join("avatars"),
             name: None,
-            width: 128,
-            height: 128,
+            size: Some((128, 128)),
             fps: 25,
             max_seconds: 10,
             looping: None,
