@@ -549,9 +549,10 @@ fn a_portrait_with_a_90_pixel_face_prepares_with_a_warning_and_talks() {
 }
 
 /// A received 1280×720 luma picture against idle frame `k` of `clip`: the PSNR outside the
-/// lip-sync paste box (dB), and how much the lower half of the box darkened (luma × pixels: the
-/// mouth the model drew).
-fn outside_and_mouth(luma: &[u8], clip: &avatar_worker::media::avatar::AvatarClip, k: usize) -> (f64, f32) {
+/// lip-sync paste box and in the box's upper part, above where the model's face is blended in
+/// (dB), and how much the lower half of the box darkened (luma × pixels: the mouth the model
+/// drew).
+fn outside_and_mouth(luma: &[u8], clip: &avatar_worker::media::avatar::AvatarClip, k: usize) -> (f64, f64, f32) {
     let (w, h) = clip.size();
     let (w, h) = (w as usize, h as usize);
     let idle = &clip.frames[k].y;
@@ -562,34 +563,41 @@ fn outside_and_mouth(luma: &[u8], clip: &avatar_worker::media::avatar::AvatarCli
         (region.y + region.h / 2) as usize,
         (region.y + region.h) as usize,
     );
-    let (mut squared, mut n, mut darker) = (0.0f64, 0usize, 0.0f32);
+    let upper = y0 + (region.h as f32 * avatar_worker::talk::face::MODEL_FROM) as usize;
+    let (mut outside, mut top, mut darker) = ((0.0f64, 0usize), (0.0f64, 0usize), 0.0f32);
     for y in 0..h {
         for x in 0..w {
             let (received, was) = (f32::from(luma[y * w + x]), f32::from(idle[y * w + x]));
+            let error = f64::from((received - was).powi(2));
             if (x0..x1).contains(&x) && (y0..y1).contains(&y) {
+                if y < upper {
+                    top = (top.0 + error, top.1 + 1);
+                }
                 if y >= ymid && was - received > 12.0 {
                     darker += was - received;
                 }
             } else {
-                squared += f64::from((received - was).powi(2));
-                n += 1;
+                outside = (outside.0 + error, outside.1 + 1);
             }
         }
     }
-    let mse = squared / n.max(1) as f64;
-    let psnr = if mse > 0.0 {
-        10.0 * (255.0f64.powi(2) / mse).log10()
-    } else {
-        99.0
+    let psnr = |(squared, n): (f64, usize)| {
+        let mse = squared / n.max(1) as f64;
+        if mse > 0.0 {
+            10.0 * (255.0f64.powi(2) / mse).log10()
+        } else {
+            99.0
+        }
     };
-    (psnr, darker)
+    (psnr(outside), psnr(top), darker)
 }
 
 /// A 16:9 studio recording keeps its framing: prepared by the command without `--size`, it
 /// becomes a 1280×720 avatar, and a WebRTC peer decodes 1280×720 at 25 fps, with sound. The
 /// lip-synced face is pasted back into the full-resolution picture: the mouth moves inside the
-/// paste box, and outside it every received picture matches the prepared idle frame it was made
-/// from (PSNR printed, and held above 35 dB: what is left is the H.264 encoding's own loss).
+/// paste box, and outside it, and in the box's upper part (the eyes), every received picture
+/// matches the prepared idle frame it was made from (PSNR printed, and held above 35 dB: what is
+/// left is the H.264 encoding's own loss).
 #[test]
 fn a_16_9_recording_streams_at_1280x720_with_the_face_pasted_back_at_full_resolution() {
     const W: usize = 1280;
@@ -643,7 +651,7 @@ fn a_16_9_recording_streams_at_1280x720_with_the_face_pasted_back_at_full_resolu
             let loud = stats.audio.iter().filter(|(t, rms)| *t > asked && *rms > 0.02).count();
 
             let thumbs: Vec<Vec<u8>> = clip.frames.iter().map(thumbnail).collect();
-            let (mut psnr_outside, mut open) = (Vec::new(), 0);
+            let (mut psnr_outside, mut psnr_upper, mut open) = (Vec::new(), Vec::new(), 0);
             for (_, luma) in &stats.pictures {
                 if luma.len() != W * H {
                     continue; // a picture stepped down for the link (none is expected here)
@@ -666,10 +674,11 @@ fn a_16_9_recording_streams_at_1280x720_with_the_face_pasted_back_at_full_resolu
                     .take(5)
                     .map(|k| outside_and_mouth(luma, &clip, k))
                     .max_by(|a, b| a.0.total_cmp(&b.0));
-                let Some((psnr, darker)) = best else {
+                let Some((psnr, upper, darker)) = best else {
                     continue;
                 };
                 psnr_outside.push(psnr);
+                psnr_upper.push(upper);
                 if darker > 60_000.0 {
                     open += 1;
                 }
@@ -677,8 +686,10 @@ fn a_16_9_recording_streams_at_1280x720_with_the_face_pasted_back_at_full_resolu
             psnr_outside.sort_by(f64::total_cmp);
             let median = psnr_outside.get(psnr_outside.len() / 2).copied().unwrap_or(0.0);
             let worst = psnr_outside.first().copied().unwrap_or(0.0);
+            psnr_upper.sort_by(f64::total_cmp);
+            let upper = psnr_upper.get(psnr_upper.len() / 2).copied().unwrap_or(0.0);
             eprintln!(
-                "1280×720: {fps:.1} fps while talking, {loud} loud audio packets; {} pictures kept, {open} with the mouth open; PSNR outside the paste box: median {median:.1} dB, worst {worst:.1} dB",
+                "1280×720: {fps:.1} fps while talking, {loud} loud audio packets; {} pictures kept, {open} with the mouth open; PSNR outside the paste box: median {median:.1} dB, worst {worst:.1} dB; in the box above the blend (the eyes): median {upper:.1} dB",
                 stats.pictures.len()
             );
             assert!(fps >= 23.0, "25 fps at 1280×720: {fps:.1}\n{}", cluster.logs());
@@ -692,6 +703,10 @@ fn a_16_9_recording_streams_at_1280x720_with_the_face_pasted_back_at_full_resolu
             assert!(
                 median >= 35.0 && worst >= 30.0,
                 "outside the paste box the picture is the recording's: median {median:.1} dB, worst {worst:.1} dB"
+            );
+            assert!(
+                upper >= 40.0,
+                "the upper face (the eyes) is the recording's too, not the model's 96-pixel face (27.7 dB when it was): median {upper:.1} dB"
             );
         },
     );

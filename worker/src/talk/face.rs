@@ -7,6 +7,11 @@
 //! the frame with an alpha that is 0 over the model's outermost pixel ring (zero-padded
 //! convolutions darken it) and then rises smoothly to 1 over `feather` pixels, so no seam shows
 //! where the generated face meets the idle frame.
+//!
+//! Only the lower part of the face comes from the model ([`MODEL_FROM`] down, fully from
+//! [`MODEL_FULL`]): Wav2Lip redraws the lower half of its input and only copies the upper half,
+//! at 96×96. Above, the frame keeps the recording's own pixels, so on a large face (280 px in a
+//! 1280×720 picture: a 2.9× upscale) the eyes stay as sharp as the recording.
 
 use crate::media::avatar::{FaceBox, Yuv420};
 
@@ -16,6 +21,10 @@ pub const SIZE: usize = 96;
 pub const FACE_LEN: usize = 3 * SIZE * SIZE;
 /// Pixels added below the face box before cropping (Wav2Lip's default pad).
 pub const BOTTOM_PAD: u32 = 10;
+/// Where, as a fraction of the crop's height from its top, the model's face starts to be blended
+/// in, and from where it is blended in whole (the mouth sits from about 0.57 down).
+pub const MODEL_FROM: f32 = 0.40;
+pub const MODEL_FULL: f32 = 0.53;
 
 /// One 96×96 BGR face, planar, values in [0, 1].
 pub type Face = Vec<f32>;
@@ -118,8 +127,12 @@ pub fn paste(frame: &mut Yuv420, region: FaceBox, face: &[f32], feather: u32) {
         let dx = (px - region.x).min(region.x + region.w - 1 - px) as f32 + 0.5 - ring_x;
         let dy = (py - region.y).min(region.y + region.h - 1 - py) as f32 + 0.5 - ring_y;
         let t = (dx.min(dy) / feather).clamp(0.0, 1.0);
-        // Smoothstep: no kink where the blend starts or ends, so no line at either.
-        t * t * (3.0 - 2.0 * t)
+        // The lower part only: 0 above MODEL_FROM, rising to 1 at MODEL_FULL.
+        let v = ((py - region.y) as f32 + 0.5) / region.h as f32;
+        let lower = ((v - MODEL_FROM) / (MODEL_FULL - MODEL_FROM)).clamp(0.0, 1.0);
+        // Smoothstep: no kink where a blend starts or ends, so no line at either.
+        let smooth = |t: f32| t * t * (3.0 - 2.0 * t);
+        smooth(t) * smooth(lower)
     };
     let at = |px: u32, py: u32| {
         face_rgb(
@@ -218,8 +231,14 @@ mod tests {
         let before = frame.clone();
         paste(&mut frame, region, &vec![0.0; FACE_LEN], 8);
         let at = |f: &Yuv420, x: u32, y: u32| f.y[(y * 256 + x) as usize];
-        let (cx, cy) = (region.x + region.w / 2, region.y + region.h / 2);
-        assert!(at(&frame, cx, cy) <= 17, "centre is black");
+        let (cx, cy) = (region.x + region.w / 2, region.y + region.h * 7 / 10);
+        assert!(at(&frame, cx, cy) <= 17, "the lower face is black");
+        let eyes = region.y + region.h / 4;
+        assert_eq!(
+            at(&frame, cx, eyes),
+            at(&before, cx, eyes),
+            "the upper face is the frame's own"
+        );
         assert_eq!(
             at(&frame, region.x - 1, cy),
             at(&before, region.x - 1, cy),
