@@ -123,6 +123,16 @@ pub fn run_probe(netns: Option<u32>, ws_url: &str, seconds: f64, text_at: Option
     Report::from_json(&v)
 }
 
+/// The longest gap between consecutive `times` (in order) that starts in `from..to`.
+fn longest_gap(times: impl Iterator<Item = f64>, from: f64, to: f64) -> f64 {
+    let times: Vec<f64> = times.filter(|t| *t >= from).collect();
+    times
+        .windows(2)
+        .filter(|w| w[0] < to)
+        .map(|w| w[1] - w[0])
+        .fold(0.0, f64::max)
+}
+
 /// What the viewer got.
 #[derive(Debug, Default)]
 pub struct Report {
@@ -219,28 +229,14 @@ impl Report {
 
     /// The longest gap between audio packets that starts in `from..to`, in seconds.
     pub fn max_audio_gap_between(&self, from: f64, to: f64) -> f64 {
-        self.audio
-            .iter()
-            .filter(|(t, _)| *t >= from)
-            .collect::<Vec<_>>()
-            .windows(2)
-            .filter(|w| w[0].0 < to)
-            .map(|w| w[1].0 - w[0].0)
-            .fold(0.0, f64::max)
+        longest_gap(self.audio.iter().map(|(t, _)| *t), from, to)
     }
 
     /// The longest time between two audio packets arriving (on the wire, before the viewer's
     /// jitter buffer), for gaps that start in `from..to`, in seconds: how long the network
     /// delivered no sound.
     pub fn max_audio_wire_gap_between(&self, from: f64, to: f64) -> f64 {
-        self.audio_rtp
-            .iter()
-            .filter(|(t, _)| *t >= from)
-            .collect::<Vec<_>>()
-            .windows(2)
-            .filter(|w| w[0].0 < to)
-            .map(|w| w[1].0 - w[0].0)
-            .fold(0.0, f64::max)
+        longest_gap(self.audio_rtp.iter().map(|(t, _)| *t), from, to)
     }
 
     /// Audio packets that never arrived, among those numbered between the first and the last
