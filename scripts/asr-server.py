@@ -10,11 +10,27 @@ model that scripts/install-deps puts in .tools/asr/whisper-base. The worker's `[
 same protocol to whisper.cpp's server, faster-whisper servers, vLLM or a hosted API; this one is the
 stand-in that needs no network and no GPU. It binds loopback only.
 
-Usage: asr-server.py [--listen 127.0.0.1:8780] [--model DIR] [--threads 2]
+Two things make it fast enough to answer while a person waits:
+
+* **Its cost follows the audio's length** (`--window fit`, the default). Whisper's encoder reads a
+  fixed 30 s window, so a 2 s question cost as much as 30 s of speech (about 1 s on 2 cores).
+  CTranslate2 accepts a shorter window; this server pads each utterance only to its own length
+  plus `--margin-s` (and at least `--min-window-s`), the way whisper.cpp's `audio_ctx` does.
+  `--window full` is the old 30 s path, kept to measure against (`bench-asr`).
+* **The most urgent request goes first.** One transcription runs at a time (the model's threads
+  are the limit). A waiting request for a whole utterance goes before a partial transcript (the
+  worker marks those with `X-Avatar-Edge-Priority: low`), and among equals the shorter audio
+  goes first, so no one waits behind another's long utterance. A partial that waited longer than
+  `--stale-s` is answered 503 at once: by then the user has said more.
+
+Usage: asr-server.py [--listen 127.0.0.1:8780] [--model DIR] [--threads 2] [--window fit|full]
 """
 
 import argparse
+import contextlib
 import email.parser
+import heapq
+import itertools
 import email.policy
 import io
 import json
@@ -25,6 +41,52 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 MAX_BODY = 16 * 1024 * 1024  # 16 MiB: over 8 minutes of 16 kHz 16-bit mono
+FULL_WINDOW = 3000  # Whisper's 30 s of 10 ms mel frames
+
+
+class Stale(Exception):
+    """A partial transcript that waited past --stale-s."""
+
+
+class Gate:
+    """One transcription at a time; the next is the most urgent waiting one: a whole utterance
+    before a partial, then the shorter audio (in 2 s steps), then the one that came first."""
+
+    def __init__(self):
+        self.cv = threading.Condition()
+        self.busy = False
+        self.waiting = []
+        self.order = itertools.count()
+
+    @contextlib.contextmanager
+    def turn(self, low, seconds, stale_s):
+        key = (1 if low else 0, int(seconds // 2), next(self.order))
+        deadline = time.monotonic() + stale_s
+        with self.cv:
+            heapq.heappush(self.waiting, key)
+            while self.busy or self.waiting[0] != key:
+                left = deadline - time.monotonic()
+                if low and left <= 0:
+                    self.waiting.remove(key)
+                    heapq.heapify(self.waiting)
+                    self.cv.notify_all()
+                    raise Stale("a partial transcript waited too long: skipped")
+                self.cv.wait(timeout=left if low else None)
+            heapq.heappop(self.waiting)
+            self.busy = True
+        try:
+            yield
+        finally:
+            with self.cv:
+                self.busy = False
+                self.cv.notify_all()
+
+
+def fit_window(frames, margin_frames, min_frames):
+    """The encoder window for `frames` of mel features: the audio plus a margin, at least the
+    minimum, whole seconds, at most Whisper's 30 s."""
+    want = max(frames + margin_frames, min_frames)
+    return min(FULL_WINDOW, -(-want // 100) * 100)
 
 
 def parse_multipart(content_type, body):
@@ -49,12 +111,28 @@ def main():
     ap.add_argument("--listen", default="127.0.0.1:8780")
     ap.add_argument("--model", default=default_model)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--window", choices=["fit", "full"], default="fit",
+                    help="fit: the encoder reads the audio plus a margin; full: always 30 s")
+    ap.add_argument("--margin-s", type=float, default=1.0)
+    ap.add_argument("--min-window-s", type=float, default=4.0)
+    ap.add_argument("--stale-s", type=float, default=1.5)
     args = ap.parse_args()
 
+    import faster_whisper.transcribe as fw
     from faster_whisper import WhisperModel
 
     model = WhisperModel(args.model, device="cpu", compute_type="int8", cpu_threads=args.threads)
-    lock = threading.Lock()  # one transcription at a time: the model's threads are the limit
+    gate = Gate()
+    full_pad = fw.pad_or_trim
+
+    if args.window == "fit":
+        margin, minimum = int(args.margin_s * 100), int(args.min_window_s * 100)
+
+        def fitted(array, length=FULL_WINDOW, *, axis=-1):
+            # faster-whisper pads every segment to 30 s here; an utterance is one segment.
+            return full_pad(array, min(length, fit_window(array.shape[axis], margin, minimum)), axis=axis)
+
+        fw.pad_or_trim = fitted
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -92,9 +170,12 @@ def main():
                 return
             language = (fields.get("language") or b"").decode("utf-8", "replace").strip() or None
             prompt = (fields.get("prompt") or b"").decode("utf-8", "replace").strip() or None
+            low = (self.headers.get("X-Avatar-Edge-Priority") or "").strip().lower() == "low"
+            seconds = max(0, len(audio) - 44) / 32000.0  # 16 kHz 16-bit mono, as the worker sends
             started = time.monotonic()
             try:
-                with lock:
+                with gate.turn(low, seconds, args.stale_s):
+                    began = time.monotonic()
                     segments, info = model.transcribe(
                         io.BytesIO(audio),
                         beam_size=1,
@@ -109,11 +190,17 @@ def main():
                         no_repeat_ngram_size=3,
                     )
                     text = "".join(s.text for s in segments).strip()
+            except Stale as e:
+                self.error(503, str(e))
+                return
             except Exception as e:  # a bad file: tell the client, keep serving
                 self.error(400, f"could not transcribe: {e}")
                 return
-            took = time.monotonic() - started
-            print(f"asr-server: {info.language} {took:.2f}s {text!r}", file=sys.stderr, flush=True)
+            took = time.monotonic() - began
+            waited = began - started
+            kind = "partial" if low else "whole"
+            print(f"asr-server: {kind} {info.language} {seconds:.1f}s of audio in {took:.2f}s "
+                  f"(waited {waited:.2f}s) {text!r}", file=sys.stderr, flush=True)
             self.reply(200, {"text": text, "language": info.language, "duration": info.duration})
 
         def log_message(self, *_):

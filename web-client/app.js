@@ -104,6 +104,8 @@ const state = {
 const tutorTurns = new Map();
 /** @type {number | null} */
 let streaming = null;
+/** The user's turn whose partial transcript is showing, until its final one. @type {HTMLElement | null} */
+let hearing = null;
 
 /** @param {'user' | 'tutor'} who @param {string} text @returns {HTMLElement} */
 function addTurn(who, text) {
@@ -288,7 +290,12 @@ async function start() {
     $('speaking').hidden = false;
     updateButtons();
   });
-  session.on('user_speech_started', () => { $('listening').hidden = false; });
+  session.on('user_speech_started', () => {
+    $('listening').hidden = false;
+    // A partial line whose utterance had no words (a cough) gives way to the new one.
+    hearing?.remove();
+    hearing = null;
+  });
   // A worker that cannot hear (no voice input, or its speech recognition is down) gets no Talk.
   session.on('features', ({ voice }) => {
     $('mic').hidden = !voice || !(navigator.mediaDevices && navigator.mediaDevices.getUserMedia);
@@ -302,9 +309,20 @@ async function start() {
     $('p-level').dataset.lowered = String(!full);
   });
   session.on('user_speech_ended', () => { $('listening').hidden = true; });
-  session.on('user_transcript', ({ text }) => {
-    if (text) addTurn('user', text);
-    streaming = null;
+  // Partials (final: false) grow one line while the user speaks; the final one settles it.
+  session.on('user_transcript', ({ text, final }) => {
+    if (!text) return;
+    if (!hearing) {
+      hearing = addTurn('user', text);
+    } else {
+      const body = hearing.querySelector('.text');
+      if (body) body.textContent = text;
+    }
+    hearing.classList.toggle('partial', !final);
+    if (final) {
+      hearing = null;
+      streaming = null;
+    }
   });
   session.on('microphone', (on) => {
     if (!on) $('listening').hidden = true;

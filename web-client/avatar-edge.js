@@ -94,7 +94,9 @@
  * @property {{turn: number, interrupted: boolean}} speech_ended
  * @property {{}} user_speech_started The worker heard the user start speaking (voice).
  * @property {{durationMs: number}} user_speech_ended The user stopped; the speech goes to recognition.
- * @property {{text: string, final: boolean}} user_transcript What the user said; its answer follows.
+ * @property {{text: string, final: boolean}} user_transcript What the user said. While they speak,
+ *   partial transcripts (`final: false`) come every few hundred ms, each the whole utterance so far
+ *   (replace, do not append); the final one (`final: true`) is what the avatar answers.
  * @property {VideoQuality} video_quality What the worker sends as it follows this viewer's bandwidth.
  * @property {{voice: boolean}} features What the session's worker can do: `voice` false means it
  *   cannot hear the microphone now (no voice input, or its speech recognition is down): hide Talk.

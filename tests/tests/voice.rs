@@ -27,20 +27,9 @@ use std::time::{Duration, Instant};
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 
-/// The tests that run the real recogniser take turns. On 2 cores, two Whisper base
-/// recognitions at once (`--test-threads=2`) each took past the worker's `timeout_ms`, and the
-/// test beside failed with `talk_failed`: a test must not depend on what runs next to it. (How
-/// fast one recognition is, whatever else runs, is issue 31's.)
-static REAL_RECOGNISER: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-/// The worker's recognition deadline where the real recogniser answers: Whisper base on a
-/// 2-core machine that also runs Chromium took past 2 s for a 3.4 s question once in CI.
+/// The worker's recognition deadline where the real recogniser answers. Recognition takes
+/// 0.2–0.5 s on 2 cores (issue 31), but these tests run two at a time beside Chromium.
 const REAL_RECOGNITION_MS: u64 = 6000;
-
-fn real_recogniser_turn() -> std::sync::MutexGuard<'static, ()> {
-    // A test that failed while holding it leaves nothing to repair.
-    REAL_RECOGNISER.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 fn tools() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools")
@@ -48,8 +37,13 @@ fn tools() -> std::path::PathBuf {
 
 /// A worker's voice settings: the VAD model, recognition at `asr` within `timeout_ms`, and `extra` TOML.
 fn voice_toml(asr: &str, timeout_ms: u64, extra: &str) -> String {
+    voice_toml_with(asr, timeout_ms, "", extra)
+}
+
+/// The same with more `[talk.vad]` keys (`vad`).
+fn voice_toml_with(asr: &str, timeout_ms: u64, vad: &str, extra: &str) -> String {
     format!(
-        "[talk.vad]\nmodel = \"{}\"\n[talk.lipsync]\nonnxruntime = \"{}\"\n[talk.asr]\nbase_url = \"{asr}\"\ntimeout_ms = {timeout_ms}\n{extra}",
+        "[talk.vad]\nmodel = \"{}\"\n{vad}[talk.lipsync]\nonnxruntime = \"{}\"\n[talk.asr]\nbase_url = \"{asr}\"\ntimeout_ms = {timeout_ms}\n{extra}",
         tools().join("models/silero_vad.onnx").display(),
         tools().join("onnxruntime/libonnxruntime.so").display(),
     )
@@ -93,14 +87,14 @@ async fn live_with_microphone(url: &str, wav: &std::path::Path, cluster: &Cluste
 
 #[test]
 fn chromium_asks_by_voice_in_english_and_chinese_and_the_avatar_answers() {
-    let _turn = real_recogniser_turn();
     netns::run(
         "chromium_asks_by_voice_in_english_and_chinese_and_the_avatar_answers",
         || async {
             let dir = tempfile::tempdir().expect("tempdir");
             let asr = AsrServer::start(dir.path()).await;
             let mut cluster = Cluster::relay_only("").await;
-            let extra = "[talk.avatars.zh_tutor]\nlanguage = \"zh\"\n";
+            // The language set, as an operator does: detecting it on a 3 s question is a guess.
+            let extra = "language = \"en\"\n[talk.avatars.zh_tutor]\nlanguage = \"zh\"\n";
             cluster
                 .add_worker("listener", 4, &voice_toml(&asr.base_url(), REAL_RECOGNITION_MS, extra))
                 .await;
@@ -109,8 +103,8 @@ fn chromium_asks_by_voice_in_english_and_chinese_and_the_avatar_answers() {
                 (
                     "avatar_tutor_13",
                     "en-us",
-                    "Hello, please tell me about the weather today.",
-                    &["weather"][..],
+                    "Hello, can you please explain fractions to me?",
+                    &["fraction"][..],
                 ),
                 // Whisper writes Chinese in either script: the word in simplified or traditional.
                 ("zh_tutor", "cmn-latn-pinyin", "我想学习数学。", &["学习", "學習"][..]),
@@ -143,18 +137,48 @@ fn chromium_asks_by_voice_in_english_and_chinese_and_the_avatar_answers() {
                     .eval("document.getElementById('mic').click(); true")
                     .await
                     .expect("click");
+                // While the user speaks, the page shows what they said so far (English: the
+                // question is long enough for partial transcripts).
+                let partial_shown = if voice == "en-us" {
+                    let shown = browser
+                        .poll("!!document.querySelector('#turns .turn.user.partial')", SECS(15), |v| {
+                            v == true
+                        })
+                        .await;
+                    Some(shown == true)
+                } else {
+                    None
+                };
                 let transcript = browser
                     .poll(
-                        "window.avatarEdge.state.events.some(e => e.type === 'user_transcript')",
+                        "window.avatarEdge.state.events.some(e => e.type === 'user_transcript' && e.final)",
                         SECS(25),
                         |v| v == true,
                     )
                     .await;
-                let heard = page_events(
+                let all = page_events(
                     &mut browser,
                     &["user_speech_started", "user_speech_ended", "user_transcript", "error"],
                 )
                 .await;
+                let (partials, heard): (Vec<Value>, Vec<Value>) = all
+                    .into_iter()
+                    .partition(|e| e["type"] == "user_transcript" && e["final"] == false);
+                if let Some(shown) = partial_shown {
+                    assert!(
+                        shown,
+                        "{avatar}: no partial transcript in the page; events {partials:?} {heard:?}"
+                    );
+                    let ended = heard.iter().position(|e| e["type"] == "user_speech_ended");
+                    eprintln!(
+                        "voice ({avatar}): partials {:?}",
+                        partials.iter().map(|p| &p["text"]).collect::<Vec<_>>()
+                    );
+                    assert!(
+                        !partials.is_empty() && ended.is_some(),
+                        "{avatar}: {partials:?} {heard:?}"
+                    );
+                }
                 assert_eq!(
                     transcript,
                     true,
@@ -305,9 +329,21 @@ async fn until(sig: &mut Signaling, kind: &str, cluster: &Cluster) -> (Vec<Value
     }
 }
 
+/// Events until the final `user_transcript`; panics on timeout.
+async fn until_final(sig: &mut Signaling, cluster: &Cluster) -> (Vec<Value>, Value) {
+    let mut seen = Vec::new();
+    loop {
+        let (before, ev) = until(sig, "user_transcript", cluster).await;
+        seen.extend(before);
+        if ev["final"] == true {
+            return (seen, ev);
+        }
+        seen.push(ev);
+    }
+}
+
 #[test]
 fn speaking_over_the_avatar_silences_it_within_300_ms_and_is_answered() {
-    let _turn = real_recogniser_turn();
     netns::run(
         "speaking_over_the_avatar_silences_it_within_300_ms_and_is_answered",
         || async {
@@ -374,12 +410,194 @@ fn speaking_over_the_avatar_silences_it_within_300_ms_and_is_answered() {
             );
 
             // The interrupting question is recognised and answered as turn 2.
-            let (_, transcript) = until(&mut sig, "user_transcript", &cluster).await;
+            let (_, transcript) = until_final(&mut sig, &cluster).await;
             let text = transcript["text"].as_str().unwrap_or_default().to_lowercase();
             eprintln!("barge-in: heard {text:?}");
             assert!(text.contains("two") || text.contains('2'), "{transcript}");
             let (_, next) = until(&mut sig, "speech_started", &cluster).await;
             assert_eq!(next["turn"], 2, "{next}");
+        },
+    );
+}
+
+/// `pcm` without its quiet start and end (espeak-ng pads its speech), at about -20 dBFS.
+fn voiced(pcm: &[f32]) -> Vec<f32> {
+    let first = pcm.iter().position(|s| s.abs() > 0.01).unwrap_or(0);
+    let last = pcm.iter().rposition(|s| s.abs() > 0.01).map_or(pcm.len(), |i| i + 1);
+    let gain = 0.1 / avatar_worker::talk::audio::rms(pcm).max(1e-6);
+    pcm[first..last.max(first)].iter().map(|s| s * gain).collect()
+}
+
+/// Say `parts` with `pause` of silence between them; returns when the last loud packet went.
+async fn say_with_pauses(mic: &Microphone, parts: &[&str], pause: Duration) -> Instant {
+    let mut pcm = Vec::new();
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            pcm.extend(std::iter::repeat_n(0.0, (pause.as_secs_f32() * 48_000.0) as usize));
+        }
+        pcm.extend(voiced(&speak("en-us", part, 48_000)));
+    }
+    let started = Instant::now();
+    let length = Duration::from_secs_f32(pcm.len() as f32 / 48_000.0);
+    mic.speak(&pcm);
+    tokio::time::sleep(length + Duration::from_millis(100)).await;
+    let sent = mic.sent.lock().expect("sent").clone();
+    sent.iter()
+        .filter(|(at, rms)| *at >= started && *rms > 0.01)
+        .map(|(at, _)| *at)
+        .next_back()
+        .unwrap_or(started)
+}
+
+/// Issue 31: the turn follows the words. A question with a 400 ms pause in the middle is one
+/// turn (no false cut-off); a finished question is answered soon after the user stops; partial
+/// transcripts come while the user speaks. Real VAD, real recogniser, real WebRTC.
+#[test]
+fn a_pause_inside_a_question_keeps_one_turn_and_a_finished_question_is_answered_at_once() {
+    netns::run(
+        "a_pause_inside_a_question_keeps_one_turn_and_a_finished_question_is_answered_at_once",
+        || async {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let asr = AsrServer::start(dir.path()).await;
+            let mut cluster = Cluster::relay_only("").await;
+            cluster
+                .add_worker("listener", 4, &voice_toml(&asr.base_url(), REAL_RECOGNITION_MS, ""))
+                .await;
+            let mut sig = Signaling::connect(&cluster.ws_url("turns-1")).await.expect("ws");
+            let (_client, mic) = play_with_microphone(&mut sig, &cluster).await;
+            let pause = Duration::from_millis(400);
+            // A pause after a function word, after a verb, after "plus": each answered as one
+            // turn, its transcript holding words from both sides of the pause (`a|b`: either).
+            let cases: [(&[&str], &[&str]); 5] = [
+                (&["What is the biggest animal in", "the ocean?"], &["what", "ocean"]),
+                (&["Can you explain", "fractions to me?"], &["explain", "fraction"]),
+                (&["What is three plus", "four?"], &["plus", "four|4"]),
+                (&["Tell me a story about", "a dragon."], &["story", "dragon"]),
+                (&["Why do we need", "to sleep?"], &["need", "sleep"]),
+            ];
+            let mut cut_off = Vec::new();
+            for (parts, words) in cases {
+                say_with_pauses(&mic, parts, pause).await;
+                let (seen, answer) = until(&mut sig, "speech_started", &cluster).await;
+                let finals: Vec<String> = seen
+                    .iter()
+                    .filter(|e| e["type"] == "user_transcript" && e["final"] == true)
+                    .map(|e| e["text"].as_str().unwrap_or_default().to_lowercase())
+                    .collect();
+                eprintln!("paused question {parts:?}: finals {finals:?}");
+                let has = |w: &&str| w.split('|').any(|w| finals[0].contains(w));
+                if finals.len() != 1 || !words.iter().all(has) {
+                    cut_off.push((parts, finals));
+                }
+                sig.send_json(&json!({"type": "interrupt"})).await.expect("interrupt");
+                let turn = answer["turn"].clone();
+                loop {
+                    let (_, ended) = until(&mut sig, "speech_ended", &cluster).await;
+                    if ended["turn"] == turn {
+                        break;
+                    }
+                }
+            }
+
+            // A finished question: partials while it is spoken, then the answer soon after.
+            let spoken_end = say_with_pauses(
+                &mic,
+                &["Please tell me about the weather today, and whether I will need an umbrella?"],
+                pause,
+            )
+            .await;
+            let (seen, transcript) = until_final(&mut sig, &cluster).await;
+            let heard_at = Instant::now();
+            let (_, started) = until(&mut sig, "speech_started", &cluster).await;
+            let answered_at = Instant::now();
+            let partials: Vec<&Value> = seen
+                .iter()
+                .filter(|e| e["type"] == "user_transcript" && e["final"] == false)
+                .collect();
+            let ended = seen.iter().position(|e| e["type"] == "user_speech_ended");
+            let first_partial = seen.iter().position(|e| e["type"] == "user_transcript");
+            eprintln!(
+                "finished question: {} partials {:?}; the end of speech -> final transcript {:?}, -> speech_started {:?}",
+                partials.len(),
+                partials.iter().map(|p| &p["text"]).collect::<Vec<_>>(),
+                heard_at.saturating_duration_since(spoken_end),
+                answered_at.saturating_duration_since(spoken_end)
+            );
+            assert!(
+                cut_off.is_empty(),
+                "questions with a 400 ms pause inside were cut or misheard: {cut_off:?}\n{}",
+                cluster.logs()
+            );
+            assert!(
+                partials.len() >= 2 && first_partial < ended,
+                "partial transcripts while the user speaks: {seen:?}"
+            );
+            assert!(transcript["text"]
+                .as_str()
+                .is_some_and(|t| t.to_lowercase().contains("umbrella")));
+            assert_eq!(started["turn"].as_u64().map(|t| t > 5), Some(true), "{started}");
+            // The bench measures it (bench-voice); this bounds it with room for a busy CI machine.
+            assert!(
+                heard_at.saturating_duration_since(spoken_end) < Duration::from_millis(1500),
+                "the final transcript came {:?} after the end of speech\n{}",
+                heard_at.saturating_duration_since(spoken_end),
+                cluster.logs()
+            );
+        },
+    );
+}
+
+/// Issue 31: recognition whose cost follows the audio's length (the offline default) against
+/// the old 30 s window, on the same fixed questions in the same run: no less accurate, and
+/// several times faster (`bench-asr` prints the table).
+#[test]
+fn recognition_fitted_to_the_audio_is_as_accurate_as_the_30_s_window_and_faster() {
+    use avatar_edge_tests::asr::{score, QUESTIONS_EN, QUESTIONS_ZH, VOICES_EN, VOICES_ZH, ZH_PROMPT};
+    netns::run(
+        "recognition_fitted_to_the_audio_is_as_accurate_as_the_30_s_window_and_faster",
+        || async {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let fitted = AsrServer::start(dir.path()).await;
+            let full = AsrServer::start_with(dir.path(), &["--window", "full"]).await;
+            let (mut new_errors, mut old_errors, mut units) = (0, 0, 0);
+            for (language, voices, questions, prompt) in [
+                ("en", &VOICES_EN[..2], &QUESTIONS_EN[..], None),
+                ("zh", &VOICES_ZH[..1], &QUESTIONS_ZH[..], Some(ZH_PROMPT)),
+            ] {
+                let new = score(&fitted.base_url(), questions, voices, language, prompt)
+                    .await
+                    .expect("the fitted window");
+                let old = score(&full.base_url(), questions, voices, language, prompt)
+                    .await
+                    .expect("the 30 s window");
+                let median = |s: &avatar_edge_tests::asr::Score| s.ms[s.ms.len() / 2];
+                eprintln!(
+                    "{language}: fitted {}/{} errors, median {:.0} ms; 30 s window {}/{} errors, median {:.0} ms",
+                    new.errors,
+                    new.units,
+                    median(&new),
+                    old.errors,
+                    old.units,
+                    median(&old)
+                );
+                eprintln!("{language}: fitted misheard {:?}", new.misheard);
+                eprintln!("{language}: 30 s misheard {:?}", old.misheard);
+                assert!(
+                    median(&new) < 0.6 * median(&old),
+                    "{language}: the fitted window is not faster: {:?} vs {:?}",
+                    new.ms,
+                    old.ms
+                );
+                new_errors += new.errors;
+                old_errors += old.errors;
+                units += new.units;
+            }
+            // No worse: at most 3 % of the units more, over both languages (which of the two
+            // misses a word or two more moves from run to run; bench-asr's larger run has the rates).
+            assert!(
+                new_errors as f64 <= old_errors as f64 + 0.03 * units as f64,
+                "fitted {new_errors} errors, 30 s window {old_errors}, of {units}"
+            );
         },
     );
 }
@@ -431,9 +649,11 @@ fn a_recogniser_that_fails_or_hangs_gives_talk_failed_and_the_session_lives_on()
         || async {
             let standin = OpenAiServer::start().await;
             let mut cluster = Cluster::relay_only("").await;
-            cluster
-                .add_worker("listener", 4, &voice_toml(&standin.base_url(), 2000, ""))
-                .await;
+            // The whole utterance only, recognised once it ends: no partials, and no recognition
+            // at a pause (a failed one is retried on the whole utterance, so the question is not
+            // lost; worker/src/dialogue.rs tests that).
+            let whole_only = voice_toml_with(&standin.base_url(), 2000, "pause_ms = 640\n", "partial_ms = 0\n");
+            cluster.add_worker("listener", 4, &whole_only).await;
             let mut sig = Signaling::connect(&cluster.ws_url("asr-fail-1")).await.expect("ws");
             let (_client, mic) = play_with_microphone(&mut sig, &cluster).await;
             let phrase = speak("en-us", "Hello there, can you hear me?", 48_000);

@@ -316,6 +316,14 @@ pub struct VadConfig {
     pub min_speech_ms: u64,
     /// The hangover: this much silence ends an utterance (a pause between words does not).
     pub min_silence_ms: u64,
+    /// Silence that makes a pause: the utterance so far is recognised at once, while the
+    /// silence goes on, so its transcript is ready when the turn ends.
+    pub pause_ms: u64,
+    /// The hangover when that transcript is a finished sentence (ends in `.`, `?`, `!`, `。`,
+    /// `？` or `！`, and not in a word like "and" or "of"): the answer starts this soon.
+    pub complete_silence_ms: u64,
+    /// The hangover when it stops mid-sentence: the user is looking for a word.
+    pub incomplete_silence_ms: u64,
     /// Audio kept from before the start, so the first syllable reaches speech recognition.
     pub pre_roll_ms: u64,
     /// An utterance longer than this is cut and recognised in parts.
@@ -340,6 +348,9 @@ impl Default for VadConfig {
             threshold: 0.5,
             min_speech_ms: 160,
             min_silence_ms: 640,
+            pause_ms: 128,
+            complete_silence_ms: 448,
+            incomplete_silence_ms: 960,
             pre_roll_ms: 320,
             max_utterance_ms: 15_000,
             barge_in: true,
@@ -367,6 +378,11 @@ pub struct AsrConfig {
     pub prompt: Option<String>,
     /// Longest wait for one transcript.
     pub timeout_ms: u64,
+    /// While the user speaks, recognise the utterance so far this often, for the partial
+    /// transcripts (`user_transcript` with `final: false`) the page shows. 0: no partials (a
+    /// hosted recogniser bills each request). Partials run only while the recogniser has
+    /// nothing else to do.
+    pub partial_ms: u64,
 }
 
 impl Default for AsrConfig {
@@ -379,6 +395,7 @@ impl Default for AsrConfig {
             language: None,
             prompt: None,
             timeout_ms: 10_000,
+            partial_ms: 600,
         }
     }
 }
@@ -928,6 +945,18 @@ impl WorkerConfig {
         if !(100..=5_000).contains(&v.min_silence_ms) {
             return invalid("talk.vad.min_silence_ms", "100..=5000".into());
         }
+        if !(32..=v.min_silence_ms).contains(&v.pause_ms) {
+            return invalid("talk.vad.pause_ms", "32..=min_silence_ms".into());
+        }
+        if !(32..=v.min_silence_ms).contains(&v.complete_silence_ms) {
+            return invalid("talk.vad.complete_silence_ms", "32..=min_silence_ms".into());
+        }
+        if !(v.min_silence_ms..=5_000).contains(&v.incomplete_silence_ms) {
+            return invalid("talk.vad.incomplete_silence_ms", "min_silence_ms..=5000".into());
+        }
+        if t.asr.partial_ms != 0 && !(200..=10_000).contains(&t.asr.partial_ms) {
+            return invalid("talk.asr.partial_ms", "0 (off) or 200..=10000".into());
+        }
         if !(1_000..=60_000).contains(&v.max_utterance_ms) {
             return invalid("talk.vad.max_utterance_ms", "1000..=60000".into());
         }
@@ -1031,6 +1060,16 @@ mod tests {
             ("[talk.vad]\nthreshold = 1.5\n", "talk.vad.threshold"),
             ("[talk.vad]\nbarge_in_threshold = 0.3\n", "talk.vad.threshold"),
             ("[talk.vad]\nmin_silence_ms = 10\n", "talk.vad.min_silence_ms"),
+            ("[talk.vad]\npause_ms = 700\n", "talk.vad.pause_ms"),
+            (
+                "[talk.vad]\ncomplete_silence_ms = 700\n",
+                "talk.vad.complete_silence_ms",
+            ),
+            (
+                "[talk.vad]\nincomplete_silence_ms = 100\n",
+                "talk.vad.incomplete_silence_ms",
+            ),
+            ("[talk.asr]\npartial_ms = 50\n", "talk.asr.partial_ms"),
             ("[talk.vad]\nmax_utterance_ms = 0\n", "talk.vad.max_utterance_ms"),
             ("[talk.asr]\nbase_url = \"file:///etc/passwd\"\n", "talk.asr.base_url"),
             ("[talk.avatars.a]\nlanguage = \"zh; rm\"\n", "talk.asr.language"),

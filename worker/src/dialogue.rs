@@ -16,6 +16,16 @@
 //! utterance is recognised, and its transcript (unless it has no words) answered like a typed
 //! message.
 //!
+//! Recognition runs while the user speaks, so the answer can start as soon as they stop. Every
+//! few hundred ms the utterance so far is recognised for a partial transcript (shown as
+//! `user_transcript` with `final: false`). When the user pauses, the utterance so far is
+//! recognised at once ([`Job::Pause`]): if the turn then ends in that pause, that transcript is
+//! the final one, with no second recognition. [`Out::Words`] tells the voice detector whether it
+//! reads as a finished sentence ([`crate::talk::turn_end`]): then the turn ends early; words
+//! that stop mid-sentence wait longer. Only when the turn ends otherwise (speech after the pause, an utterance cut at its
+//! maximum length, or the pause's recognition failed) is the whole utterance recognised after
+//! it ends ([`Job::Final`]).
+//!
 //! [`Dialogue`] does no I/O and keeps no clock. Each input is a method; what follows from it is
 //! queued as [`Out`]s, which the session takes with [`Dialogue::poll`] and carries out: events
 //! go to the browser, [`Out::Answer`] and [`Out::Start`] start a turn on the conversation, whose
@@ -104,6 +114,17 @@ pub enum Cause {
     BargeIn,
 }
 
+/// A recognition the dialogue asks for, and whose result comes back with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Job {
+    /// The utterance so far, while the user speaks (utterance `n` of the session).
+    Partial(u64),
+    /// The utterance up to pause `n` (the voice detector's numbering).
+    Pause(u64),
+    /// The whole utterance, after it ended.
+    Final,
+}
+
 /// What the session should do, in order.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Out<A> {
@@ -119,8 +140,14 @@ pub enum Out<A> {
     Stop(Cause),
     /// Close the transcript's open turns as cut short, all but `keep`.
     Cut { keep: Option<u64> },
-    /// Recognise the utterance that just ended.
-    Recognise,
+    /// Recognise the audio this job names: the latest partial, the pause's, or the utterance
+    /// that just ended. The result comes back through [`Dialogue::heard`] or
+    /// [`Dialogue::not_heard`].
+    Recognise(Job),
+    /// The words before pause `pause` were read: a finished sentence (`complete`) lets the
+    /// voice detector end the turn after a short silence; one that stops mid-sentence makes it
+    /// wait longer.
+    Words { pause: u64, complete: bool },
     /// Keep this exchange in the conversation's history.
     Remember { user: String, answer: String },
     /// Turn `turn` is over: spoken to its end, or `cut` short.
@@ -139,6 +166,14 @@ pub struct Dialogue<A> {
     waiting: VecDeque<Start<A>>,
     /// The utterance in progress started over the avatar with barge-in off: drop it.
     ignoring: bool,
+    /// Utterances started so far (numbers [`Job::Partial`]).
+    utterances: u64,
+    /// The user is speaking: partial transcripts are shown.
+    speaking: bool,
+    /// The pause the user is silent in now, and its transcript once heard.
+    pause: Option<(u64, Option<String>)>,
+    /// The utterance ended in this pause and waits for its transcript to be the final one.
+    final_from: Option<u64>,
     /// What the page was last told about voice input (`features`).
     told_voice: Option<bool>,
     out: VecDeque<Out<A>>,
@@ -160,6 +195,10 @@ impl<A> Dialogue<A> {
             current: None,
             waiting: VecDeque::new(),
             ignoring: false,
+            utterances: 0,
+            speaking: false,
+            pause: None,
+            final_from: None,
             told_voice: None,
             out: VecDeque::new(),
         }
@@ -226,6 +265,10 @@ impl<A> Dialogue<A> {
     pub fn peer_replaced(&mut self) {
         self.clear();
         self.ignoring = false;
+        // The new peer has a voice detector of its own, which numbers its pauses anew.
+        self.speaking = false;
+        self.pause = None;
+        self.final_from = None;
         self.out.push_back(Out::Cut { keep: None });
     }
 
@@ -246,6 +289,9 @@ impl<A> Dialogue<A> {
         if !self.talk {
             return;
         }
+        self.utterances += 1;
+        self.pause = None;
+        self.speaking = true;
         if over_avatar && !self.barge_in {
             self.ignoring = true;
             return;
@@ -258,19 +304,109 @@ impl<A> Dialogue<A> {
         self.event(ServerEvent::UserSpeechStarted {});
     }
 
-    /// The user's utterance ended after `duration_ms`: recognise it, unless its start was
-    /// ignored.
-    pub fn utterance_ended(&mut self, duration_ms: u64) {
+    /// Another stretch of speech is in: recognise the utterance so far for a partial transcript.
+    pub fn voice_partial(&mut self) {
+        if self.talk && self.speaking && !self.ignoring {
+            self.out.push_back(Out::Recognise(Job::Partial(self.utterances)));
+        }
+    }
+
+    /// The user fell silent (pause `pause`): recognise what they said so far at once.
+    pub fn voice_paused(&mut self, pause: u64) {
+        if self.talk && self.speaking && !self.ignoring {
+            self.pause = Some((pause, None));
+            self.out.push_back(Out::Recognise(Job::Pause(pause)));
+        }
+    }
+
+    /// The user spoke again after the pause: its transcript is not the utterance's.
+    pub fn voice_resumed(&mut self) {
+        self.pause = None;
+    }
+
+    /// The user's utterance ended after `duration_ms`, in pause `pause` if the turn ended in
+    /// one: its transcript, heard or on its way, is the final one; otherwise recognise the
+    /// utterance. Unless its start was ignored.
+    pub fn utterance_ended(&mut self, duration_ms: u64, pause: Option<u64>) {
+        self.speaking = false;
+        let from_pause = match (self.pause.take(), pause) {
+            (Some((p, heard)), Some(ended)) if p == ended => Some((p, heard)),
+            _ => None,
+        };
         if !self.talk || std::mem::take(&mut self.ignoring) {
             return;
         }
-        self.out.push_back(Out::Recognise);
         self.event(ServerEvent::UserSpeechEnded { duration_ms });
+        match from_pause {
+            Some((_, Some(text))) => self.transcript(&text),
+            Some((p, None)) => self.final_from = Some(p),
+            None => self.out.push_back(Out::Recognise(Job::Final)),
+        }
     }
 
-    /// What recognition heard: shown, then answered like a typed message; an utterance with no
-    /// words (a cough) is neither.
-    pub fn transcript(&mut self, text: &str) {
+    /// What recognition heard for `job`. A partial is shown while the user speaks; a pause's
+    /// is shown too, and may end the turn early, or is the final one if the turn ended in it;
+    /// a final one is shown and answered like a typed message.
+    pub fn heard(&mut self, job: Job, text: &str) {
+        let text = text.trim();
+        match job {
+            Job::Partial(n) => {
+                if self.speaking && n == self.utterances && !self.ignoring && !text.is_empty() {
+                    self.partial(text);
+                }
+            }
+            Job::Pause(p) if self.final_from == Some(p) => {
+                self.final_from = None;
+                self.transcript(text);
+            }
+            Job::Pause(p) => {
+                let Some((now, heard)) = self.pause.as_mut() else {
+                    return;
+                };
+                if *now != p || self.ignoring {
+                    return;
+                }
+                *heard = Some(text.to_owned());
+                if !text.is_empty() {
+                    self.partial(text);
+                    self.out.push_back(Out::Words {
+                        pause: p,
+                        complete: crate::talk::turn_end::looks_complete(text),
+                    });
+                }
+            }
+            Job::Final => self.transcript(text),
+        }
+    }
+
+    /// Recognition of `job` failed: a partial is skipped; if the turn ended in the pause whose
+    /// recognition failed, the whole utterance is recognised again; a final one is reported.
+    pub fn not_heard(&mut self, job: Job, message: String) {
+        match job {
+            Job::Partial(_) => {}
+            Job::Pause(p) if self.final_from == Some(p) => {
+                self.final_from = None;
+                self.out.push_back(Out::Recognise(Job::Final));
+            }
+            Job::Pause(p) => {
+                if self.pause.as_ref().is_some_and(|(now, _)| *now == p) {
+                    self.pause = None; // the turn's end recognises the utterance itself
+                }
+            }
+            Job::Final => self.transcript_failed(message),
+        }
+    }
+
+    fn partial(&mut self, text: &str) {
+        self.event(ServerEvent::UserTranscript {
+            text: text.to_owned(),
+            is_final: false,
+        });
+    }
+
+    /// What recognition heard for the whole utterance: shown, then answered like a typed
+    /// message; an utterance with no words (a cough) is neither.
+    fn transcript(&mut self, text: &str) {
         let text = text.trim();
         if !self.talk || text.is_empty() {
             return;
@@ -286,7 +422,7 @@ impl<A> Dialogue<A> {
     }
 
     /// Recognition failed; the session goes on.
-    pub fn transcript_failed(&mut self, message: String) {
+    fn transcript_failed(&mut self, message: String) {
         self.event(ServerEvent::error(ErrorCode::TalkFailed, message));
     }
 
@@ -612,7 +748,7 @@ mod tests {
         );
         assert_eq!(idle.say(repeat("hi"), false, READY, || 1), Err(Refused::Unsupported));
         idle.voice_started(false);
-        idle.utterance_ended(800);
+        idle.utterance_ended(800, None);
         idle.browser_interrupt();
         assert_eq!(drain(&mut idle), vec![], "no voice and nothing to stop without talking");
     }
@@ -815,15 +951,15 @@ mod tests {
             vec![Out::Stop(Cause::BargeIn), Out::Event(ServerEvent::UserSpeechStarted {})]
         );
         assert!(!d.busy() && d.waiting() == 0);
-        d.utterance_ended(900);
+        d.utterance_ended(900, None);
         assert_eq!(
             drain(&mut d),
             vec![
-                Out::Recognise,
-                Out::Event(ServerEvent::UserSpeechEnded { duration_ms: 900 })
+                Out::Event(ServerEvent::UserSpeechEnded { duration_ms: 900 }),
+                Out::Recognise(Job::Final),
             ]
         );
-        d.transcript(" What is two plus two? ");
+        d.heard(Job::Final, " What is two plus two? ");
         assert_eq!(
             drain(&mut d),
             vec![
@@ -842,7 +978,7 @@ mod tests {
         d.speech_ended(3, false);
         assert_eq!(starts(&mut d), vec![], "nothing of the backend's follows it");
         // A cough: no words, no transcript, no answer.
-        d.transcript("  ");
+        d.heard(Job::Final, "  ");
         assert_eq!(drain(&mut d), vec![]);
     }
 
@@ -868,14 +1004,157 @@ mod tests {
         drain(&mut quiet);
         quiet.voice_started(true);
         assert!(quiet.busy(), "barge-in off: the avatar goes on");
-        quiet.utterance_ended(700);
+        quiet.voice_partial();
+        quiet.voice_paused(1);
+        quiet.utterance_ended(700, Some(1));
         assert_eq!(drain(&mut quiet), vec![], "the echo and its utterance are dropped");
         quiet.voice_started(false);
-        quiet.utterance_ended(700);
+        quiet.utterance_ended(700, None);
         let outs = drain(&mut quiet);
         assert!(
-            outs.contains(&Out::Recognise),
+            outs.contains(&Out::Recognise(Job::Final)),
             "the next one, after the avatar, is recognised"
         );
+    }
+
+    fn transcript(text: &str, is_final: bool) -> Out<Clip> {
+        Out::Event(ServerEvent::UserTranscript {
+            text: text.into(),
+            is_final,
+        })
+    }
+
+    fn answer(text: &str) -> Out<Clip> {
+        Out::Answer {
+            text: text.into(),
+            source: Source::Voice,
+        }
+    }
+
+    #[test]
+    fn partials_are_shown_while_the_user_speaks_and_never_after_the_final() {
+        let mut d = D::default();
+        d.voice_started(false);
+        d.voice_partial();
+        assert_eq!(
+            drain(&mut d),
+            vec![
+                Out::Event(ServerEvent::UserSpeechStarted {}),
+                Out::Recognise(Job::Partial(1))
+            ]
+        );
+        d.heard(Job::Partial(1), " What is ");
+        d.heard(Job::Partial(1), "");
+        assert_eq!(
+            drain(&mut d),
+            vec![transcript("What is", false)],
+            "an empty partial is not shown"
+        );
+        d.utterance_ended(1200, None);
+        d.heard(Job::Final, "What is two plus two?");
+        d.heard(Job::Partial(1), "What is two");
+        let outs = drain(&mut d);
+        assert_eq!(
+            outs,
+            vec![
+                Out::Event(ServerEvent::UserSpeechEnded { duration_ms: 1200 }),
+                Out::Recognise(Job::Final),
+                transcript("What is two plus two?", true),
+                answer("What is two plus two?"),
+            ],
+            "a late partial is dropped"
+        );
+        // The next utterance's partials are its own.
+        d.voice_started(false);
+        d.heard(Job::Partial(1), "stale");
+        assert_eq!(drain(&mut d), vec![Out::Event(ServerEvent::UserSpeechStarted {})]);
+    }
+
+    #[test]
+    fn a_turn_that_ends_in_a_pause_takes_the_pause_transcript_without_a_second_recognition() {
+        let mut d = D::default();
+        d.voice_started(false);
+        d.voice_paused(4);
+        assert_eq!(drain(&mut d)[1..], [Out::Recognise(Job::Pause(4))]);
+        // A finished sentence: shown as a partial, and the detector may end the turn early.
+        d.heard(Job::Pause(4), "What is two plus two?");
+        assert_eq!(
+            drain(&mut d),
+            vec![
+                transcript("What is two plus two?", false),
+                Out::Words {
+                    pause: 4,
+                    complete: true
+                }
+            ]
+        );
+        d.utterance_ended(1500, Some(4));
+        assert_eq!(
+            drain(&mut d),
+            vec![
+                Out::Event(ServerEvent::UserSpeechEnded { duration_ms: 1500 }),
+                transcript("What is two plus two?", true),
+                answer("What is two plus two?"),
+            ]
+        );
+
+        // The turn ends before the pause's transcript is in: it is the final one when it comes.
+        d.voice_started(false);
+        d.voice_paused(5);
+        drain(&mut d);
+        d.utterance_ended(900, Some(5));
+        assert_eq!(
+            drain(&mut d),
+            vec![Out::Event(ServerEvent::UserSpeechEnded { duration_ms: 900 })]
+        );
+        d.heard(Job::Pause(5), "Why is the sky blue?");
+        assert_eq!(
+            drain(&mut d),
+            vec![transcript("Why is the sky blue?", true), answer("Why is the sky blue?")]
+        );
+    }
+
+    #[test]
+    fn words_that_stop_mid_sentence_or_speech_after_the_pause_wait_for_the_whole_utterance() {
+        let mut d = D::default();
+        d.voice_started(false);
+        d.voice_paused(1);
+        drain(&mut d);
+        d.heard(Job::Pause(1), "What is the capital of");
+        assert_eq!(
+            drain(&mut d),
+            vec![
+                transcript("What is the capital of", false),
+                Out::Words {
+                    pause: 1,
+                    complete: false
+                }
+            ],
+            "not finished: the detector waits longer"
+        );
+        // The user goes on: the pause was inside the utterance.
+        d.voice_resumed();
+        d.utterance_ended(2600, None);
+        assert_eq!(drain(&mut d)[1..], [Out::Recognise(Job::Final)]);
+        d.heard(Job::Pause(1), "What is the capital of");
+        assert_eq!(drain(&mut d), vec![], "the stale pause is not the final one");
+        d.heard(Job::Final, "What is the capital of France?");
+        assert_eq!(drain(&mut d)[1..], [answer("What is the capital of France?")]);
+
+        // A turn that ended in a pause whose recognition failed: the whole utterance is
+        // recognised, and the question is answered, not dropped.
+        d.voice_started(false);
+        d.voice_paused(2);
+        d.utterance_ended(800, Some(2));
+        drain(&mut d);
+        d.not_heard(Job::Pause(2), "speech recognition took too long".into());
+        assert_eq!(drain(&mut d), vec![Out::Recognise(Job::Final)]);
+        d.not_heard(Job::Partial(2), "busy".into());
+        assert_eq!(drain(&mut d), vec![], "a failed partial is skipped");
+        d.not_heard(Job::Final, "speech recognition took too long".into());
+        assert!(matches!(
+            drain(&mut d).as_slice(),
+            [Out::Event(ServerEvent::Error { .. })]
+        ));
     }
 }

@@ -589,7 +589,12 @@ async fn check_asr(cfg: &AsrConfig, client: &reqwest::Client, report: &mut Repor
     // Half a second of silence: any answer, an empty transcript too, proves the service works.
     let silence = vec![0.0f32; vad::RATE as usize / 2];
     let started = Instant::now();
-    match bounded(cfg.timeout_ms, asr.transcribe(&silence, cfg.language.as_deref())).await {
+    match bounded(
+        cfg.timeout_ms,
+        asr.transcribe(&silence, cfg.language.as_deref(), crate::talk::asr::Urgency::Now),
+    )
+    .await
+    {
         Ok(text) => report.once(
             ASR,
             format!("{name}: 0.5 s of silence heard as {}", quoted(&text)),

@@ -7,10 +7,12 @@
 //! failures come back here and go to the browser as events.
 //!
 //! Voice input: when the browser sends its microphone and `talk.vad.model` is set, a listener
-//! thread ([`crate::talk::hearing`]) reports speech starts and utterances. A start while the
-//! avatar answers interrupts it (barge-in; `talk.vad.barge_in`); each utterance is recognised
-//! ([`Conversation::transcribe`]) and its transcript answered like a `text_webrtc`. The browser
-//! sees `user_speech_started`, `user_speech_ended` and `user_transcript` along the way.
+//! thread ([`crate::talk::hearing`]) reports speech starts, the utterance so far (for partial
+//! transcripts), pauses and utterances. A start while the avatar answers interrupts it (barge-in;
+//! `talk.vad.barge_in`); the dialogue says what to recognise ([`Out::Recognise`], carried out by
+//! [`Conversation::transcribe`]) and answers the final transcript like a `text_webrtc`; how the
+//! words of a pause read goes back to the listener thread ([`Out::Words`]). The browser sees
+//! `user_speech_started`, partial `user_transcript`s, `user_speech_ended` and the final one.
 //!
 //! Nothing outside reaches into a session: it runs on its own task, and everything it is told
 //! arrives in its inbox through a [`SessionHandle`]. Adapters turn their protocols into
@@ -51,7 +53,7 @@
 //!
 //! Either way the encoder thread is stopped and the capacity slot returned (both on drop).
 
-use crate::dialogue::{Cause, Conditions, Dialogue, Out, Said, Say, Start};
+use crate::dialogue::{Cause, Conditions, Dialogue, Job, Out, Said, Say, Start};
 use crate::media::fanout::Taps;
 use crate::media::rate::{RateControl, Target};
 use crate::media::record::{RecordError, Recording, RecordingSpec};
@@ -85,6 +87,17 @@ enum End {
 }
 
 /// A negotiated peer and, once connected, its running media.
+/// The latest audio of each kind the voice detector handed over ([`Heard`]).
+#[derive(Default)]
+struct HeardAudio {
+    /// The utterance so far, for a partial transcript.
+    partial: Option<Vec<f32>>,
+    /// The utterance up to the last pause.
+    pause: Option<Vec<f32>>,
+    /// The last whole utterance.
+    utterance: Option<Vec<f32>>,
+}
+
 struct Active {
     peer: Arc<Peer>,
     states: mpsc::Receiver<PeerState>,
@@ -243,7 +256,8 @@ pub async fn run_session(
         records: open.records,
         finished: Vec::new(),
         voice_began: None,
-        utterance: None,
+        heard: HeardAudio::default(),
+        words: Arc::default(),
         active: None,
         detached: false,
         conv,
@@ -355,8 +369,11 @@ struct Session {
     finished: Vec<TranscriptTurn>,
     /// When the user's current utterance began.
     voice_began: Option<chrono::DateTime<chrono::Utc>>,
-    /// The utterance that just ended, until the dialogue says to recognise it.
-    utterance: Option<Vec<f32>>,
+    /// The audio the voice detector handed over, until the dialogue says to recognise it.
+    heard: HeardAudio,
+    /// How the words of the last pause read ([`Out::Words`], [`crate::talk::hearing::words`]),
+    /// for the voice detector of the current peer.
+    words: Arc<std::sync::atomic::AtomicU64>,
     active: Option<Active>,
     /// The tunnel broke (or the relay link is gone); media continues until the peer ends.
     detached: bool,
@@ -623,13 +640,22 @@ impl Session {
                     self.cut(None);
                 }
                 Out::Cut { keep } => self.cut(keep),
-                Out::Recognise => {
-                    if let (Some(conv), Some(pcm)) = (self.conv.as_mut(), self.utterance.take()) {
-                        metrics::counter!("worker_utterances_total").increment(1);
-                        if conv.transcribe(pcm) {
+                Out::Recognise(job) => {
+                    let pcm = match job {
+                        Job::Partial(_) => self.heard.partial.take(),
+                        Job::Pause(_) => self.heard.pause.take(),
+                        Job::Final => self.heard.utterance.take(),
+                    };
+                    if let (Some(conv), Some(pcm)) = (self.conv.as_mut(), pcm) {
+                        if conv.transcribe(job, pcm) {
                             debug!("a newer utterance replaced the one waiting for recognition");
                         }
                     }
+                }
+                Out::Words { pause, complete } => {
+                    debug!(pause, complete, "the words so far read");
+                    let words = crate::talk::hearing::words(pause, complete);
+                    self.words.store(words, std::sync::atomic::Ordering::Release);
                 }
                 Out::Remember { user, answer } => {
                     if let Some(conv) = self.conv.as_mut() {
@@ -642,8 +668,6 @@ impl Session {
                 }
             }
         }
-        // An utterance the dialogue did not ask to recognise (echo over the avatar) is dropped.
-        self.utterance = None;
     }
 
     /// Start answering the user's `message` (typed, or a transcript), or tell the browser why
@@ -676,11 +700,23 @@ impl Session {
     async fn on_hearing(&mut self, h: Hearing) {
         match h {
             Hearing::Heard(Heard::Started { barge_in }) => self.dialogue.voice_started(barge_in),
-            Hearing::Heard(Heard::Utterance { pcm, .. }) => {
+            Hearing::Heard(Heard::Partial { pcm }) => {
+                self.heard.partial = Some(pcm);
+                self.dialogue.voice_partial();
+            }
+            Hearing::Heard(Heard::Paused { pause, pcm }) => {
+                self.heard.pause = Some(pcm);
+                self.dialogue.voice_paused(pause);
+            }
+            Hearing::Heard(Heard::Resumed) => self.dialogue.voice_resumed(),
+            Hearing::Heard(Heard::Utterance { pcm, pause, .. }) => {
                 let duration_ms = crate::talk::vad::duration_ms(&pcm);
-                debug!(duration_ms, "utterance");
-                self.utterance = Some(pcm);
-                self.dialogue.utterance_ended(duration_ms);
+                debug!(duration_ms, ?pause, "utterance");
+                metrics::counter!("worker_utterances_total").increment(1);
+                // Kept until the next one: recognised if the dialogue asks, now or when the
+                // recognition of its pause fails.
+                self.heard.utterance = Some(pcm);
+                self.dialogue.utterance_ended(duration_ms, pause);
             }
             Hearing::Failed(e) => {
                 warn!(error = %e, "voice input stopped");
@@ -696,13 +732,21 @@ impl Session {
 
     async fn on_talk(&mut self, ev: TalkEvent) {
         match ev {
-            TalkEvent::Transcript { text } => {
-                info!(chars = text.trim().chars().count(), "heard");
-                self.dialogue.transcript(&text);
+            TalkEvent::Transcript { job, text } => {
+                if matches!(job, Job::Partial(_)) {
+                    debug!(?job, chars = text.trim().chars().count(), "heard so far");
+                } else {
+                    info!(?job, chars = text.trim().chars().count(), "heard");
+                }
+                self.dialogue.heard(job, &text);
             }
-            TalkEvent::TranscriptFailed { message } => {
-                metrics::counter!("worker_talk_failures_total").increment(1);
-                self.dialogue.transcript_failed(message);
+            TalkEvent::TranscriptFailed { job, message } => {
+                if job == Job::Final {
+                    metrics::counter!("worker_talk_failures_total").increment(1);
+                } else {
+                    debug!(?job, %message, "recognition failed");
+                }
+                self.dialogue.not_heard(job, message);
             }
             TalkEvent::Text { turn, text } => {
                 self.transcript.delta(turn, &text);
@@ -976,12 +1020,17 @@ impl Session {
         if let (Some((talk, model)), Some(conv), Some(mic)) = (voice, self.conv.as_ref(), active.mic.take()) {
             let (tx, rx) = mpsc::unbounded_channel();
             let stop = CancellationToken::new();
+            self.words = Arc::default();
             crate::talk::hearing::listen(
-                model,
-                talk.onnxruntime.clone(),
-                talk.vad.clone(),
+                crate::talk::hearing::Voice {
+                    model,
+                    onnxruntime: talk.onnxruntime.clone(),
+                    vad: talk.vad.clone(),
+                    partial_ms: talk.partial_ms(),
+                },
                 mic,
                 conv.current_turn(),
+                Arc::clone(&self.words),
                 tx,
                 stop.clone(),
             );

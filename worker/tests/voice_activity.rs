@@ -103,8 +103,8 @@ fn a_spoken_question_is_one_utterance_with_its_words_inside() {
         let utterances: Vec<_> = heard
             .iter()
             .filter_map(|h| match h {
-                Heard::Utterance { pcm, cut } => Some((pcm.len(), *cut)),
-                Heard::Started { .. } => None,
+                Heard::Utterance { pcm, cut, .. } => Some((pcm.len(), *cut)),
+                _ => None,
             })
             .collect();
         let [(len, false)] = utterances.as_slice() else {

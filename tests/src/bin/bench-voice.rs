@@ -10,9 +10,12 @@
 //! microphone (espeak-ng questions at -20 dBFS, Opus, 20 ms packets) and decode what comes back.
 //! For each level, that many sessions ask at the same moment. From the **end of the user's
 //! speech** (the last loud packet the peer sent) to:
-//! * `user_speech_ended` (the VAD's hangover, `talk.vad.min_silence_ms`, is most of it);
-//! * `user_transcript` (speech recognition);
+//! * `user_speech_ended` (the VAD's hangover: `talk.vad.complete_silence_ms` when the words so far
+//!   read as a finished sentence, `min_silence_ms` or `incomplete_silence_ms` otherwise);
+//! * the final `user_transcript` (speech recognition, run at the pause while the silence goes on);
 //! * the first loud audio packet of the answer, and the first picture whose mouth opened.
+//!
+//! It also counts the partial transcripts (`final: false`) each question got while it was spoken.
 //!
 //! The anchor in the same run is the same session answering the same question typed
 //! (`text_webrtc` → first loud audio): the difference is what voice input costs.
@@ -66,6 +69,7 @@ struct Marks {
     transcript: f64,
     audio: f64,
     frame: f64,
+    partials: usize,
 }
 
 fn ms(from: Instant, to: Instant) -> f64 {
@@ -133,13 +137,22 @@ async fn ask_by_voice(mut s: Session, question: &str) -> anyhow::Result<(Marks, 
         .next_back()
         .ok_or_else(|| anyhow::anyhow!("no speech was sent"))?;
     let at = |kind: &str| events.iter().find(|(k, _, _)| k == kind).map(|x| x.1);
-    let transcript = at("user_transcript").ok_or_else(|| anyhow::anyhow!("no transcript: {events:?}"))?;
+    let transcript = events
+        .iter()
+        .find(|(k, _, ev)| k == "user_transcript" && ev["final"] == true)
+        .map(|x| x.1)
+        .ok_or_else(|| anyhow::anyhow!("no final transcript: {events:?}"))?;
+    let partials = events
+        .iter()
+        .filter(|(k, _, ev)| k == "user_transcript" && ev["final"] == false)
+        .count();
     let (audio, frame) = first_media(&s, transcript).await;
     let marks = Marks {
         ended: ms(end_of_speech, at("user_speech_ended").unwrap_or(transcript)),
         transcript: ms(end_of_speech, transcript),
         audio: ms(end_of_speech, audio),
         frame: ms(end_of_speech, frame),
+        partials,
     };
     // Let the answer finish before the next question.
     s.sig.wait_for("speech_ended", Duration::from_secs(30)).await?;
@@ -160,7 +173,7 @@ async fn ask_by_text(mut s: Session, question: &str) -> anyhow::Result<(f64, Ses
 fn summary(v: &[f64]) -> String {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
-    format!("{:.0} / {:.0}", percentile(&v, 50.0), v.last().copied().unwrap_or(0.0))
+    format!("{:.0} / {:.0}", percentile(&v, 50.0), percentile(&v, 95.0))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -198,10 +211,10 @@ async fn run(rounds: usize) -> anyhow::Result<()> {
     drop(s);
 
     println!();
-    println!("voice input: the end of the user's speech -> each mark, ms (p50 / max), offline ASR on this machine");
+    println!("voice input: the end of the user's speech -> each mark, ms (p50 / p95), offline ASR on this machine");
     println!();
-    println!("| sessions asking at once | questions | -> user_speech_ended | -> user_transcript | -> first answer audio | -> first talking frame |");
-    println!("|---:|---:|---:|---:|---:|---:|");
+    println!("| sessions asking at once | questions | -> user_speech_ended | -> final user_transcript | -> first answer audio | -> first talking frame | partials per question |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
     for level in [1usize, 2, 4] {
         let mut sessions = Vec::new();
         for i in 0..level {
@@ -223,18 +236,22 @@ async fn run(rounds: usize) -> anyhow::Result<()> {
         }
         let col = |f: fn(&Marks) -> f64| summary(&all.iter().map(f).collect::<Vec<_>>());
         println!(
-            "| {level} | {} | {} | {} | {} | {} |",
+            "| {level} | {} | {} | {} | {} | {} | {:.1} |",
             all.len(),
             col(|m| m.ended),
             col(|m| m.transcript),
             col(|m| m.audio),
-            col(|m| m.frame)
+            col(|m| m.frame),
+            all.iter().map(|m| m.partials as f64).sum::<f64>() / all.len().max(1) as f64
         );
     }
     println!();
     println!(
-        "anchor: the same questions typed, text_webrtc -> first answer audio: {} ms (p50 / max)",
+        "anchor: the same questions typed, text_webrtc -> first answer audio: {} ms (p50 / p95)",
         summary(&typed)
     );
+    if std::env::var_os("BENCH_LOGS").is_some() {
+        eprintln!("{}", cluster.logs());
+    }
     Ok(())
 }

@@ -11,10 +11,29 @@ use super::TalkError;
 use futures::future::BoxFuture;
 use std::time::Duration;
 
+/// How soon a transcript is needed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Urgency {
+    /// Someone waits for it: a pause's or a whole utterance's.
+    Now,
+    /// A partial transcript, worth having only if it costs nobody a wait. The request says so
+    /// in the header [`PRIORITY_HEADER`]` : low`, which scripts/asr-server.py serves after every
+    /// other (other servers ignore it).
+    Idle,
+}
+
+/// The request header that marks a partial transcript's request.
+pub const PRIORITY_HEADER: &str = "x-avatar-edge-priority";
+
 pub trait Asr: Send + Sync {
     fn name(&self) -> String;
     /// `pcm`: mono at [`super::vad::RATE`]. `language`: a code like `en`, or `None` to detect.
-    fn transcribe<'a>(&'a self, pcm: &'a [f32], language: Option<&'a str>) -> BoxFuture<'a, Result<String, TalkError>>;
+    fn transcribe<'a>(
+        &'a self,
+        pcm: &'a [f32],
+        language: Option<&'a str>,
+        urgency: Urgency,
+    ) -> BoxFuture<'a, Result<String, TalkError>>;
     /// Whether the recogniser answers at all (any HTTP answer but a server error counts; a
     /// refused or timed-out connection does not): voice input is offered only while it does.
     fn reachable(&self) -> BoxFuture<'_, Result<(), String>> {
@@ -84,7 +103,12 @@ impl Asr for OpenAiAsr {
         })
     }
 
-    fn transcribe<'a>(&'a self, pcm: &'a [f32], language: Option<&'a str>) -> BoxFuture<'a, Result<String, TalkError>> {
+    fn transcribe<'a>(
+        &'a self,
+        pcm: &'a [f32],
+        language: Option<&'a str>,
+        urgency: Urgency,
+    ) -> BoxFuture<'a, Result<String, TalkError>> {
         Box::pin(async move {
             let url = format!("{}/audio/transcriptions", self.base_url.trim_end_matches('/'));
             let wav = wav_bytes(pcm, super::vad::RATE)?;
@@ -105,6 +129,9 @@ impl Asr for OpenAiAsr {
             let mut req = self.client.post(&url).multipart(form);
             if let Some(key) = &self.api_key {
                 req = req.bearer_auth(key);
+            }
+            if urgency == Urgency::Idle {
+                req = req.header(PRIORITY_HEADER, "low");
             }
             let work = async {
                 let body = fetch(req, MAX_TRANSCRIPT_BYTES, "the transcript")

@@ -22,16 +22,32 @@ pub enum Hearing {
     Failed(String),
 }
 
+/// How the words of pause `pause` read, as the session tells the thread: one number, so one
+/// atomic carries it (0: nothing read yet; pauses are numbered from 1).
+pub fn words(pause: u64, complete: bool) -> u64 {
+    (pause << 1) | u64::from(complete)
+}
+
+/// What the thread needs to listen.
+pub struct Voice {
+    /// The Silero VAD model, and the ONNX Runtime library that runs it.
+    pub model: PathBuf,
+    pub onnxruntime: PathBuf,
+    pub vad: VadConfig,
+    /// How often the utterance so far is handed over for a partial transcript (0: never).
+    pub partial_ms: u64,
+}
+
 /// Listen to `mic` until it ends or `stop` fires. Nothing runs until the first audio arrives:
 /// then the thread starts and loads the model, so a page without a microphone costs nothing.
 /// `busy` is the conversation's current turn (non-zero: the avatar is answering, so the
-/// barge-in guard applies).
+/// barge-in guard applies). `words` is how the words of the last pause read ([`words`],
+/// [`Listener::words`]).
 pub fn listen(
-    model: PathBuf,
-    onnxruntime: PathBuf,
-    cfg: VadConfig,
+    voice: Voice,
     mut mic: mpsc::Receiver<Vec<f32>>,
     busy: Arc<AtomicU64>,
+    words: Arc<AtomicU64>,
     out: mpsc::UnboundedSender<Hearing>,
     stop: CancellationToken,
 ) {
@@ -45,8 +61,8 @@ pub fn listen(
         let failed = out.clone();
         let thread = std::thread::Builder::new().name("vad".into()).spawn(move || {
             let _entered = span.enter();
-            let mut listener = match SileroVad::load(&model, &onnxruntime) {
-                Ok(vad) => Listener::new(vad, &cfg),
+            let mut listener = match SileroVad::load(&voice.model, &voice.onnxruntime) {
+                Ok(vad) => Listener::new(vad, &voice.vad).with_partials(voice.partial_ms),
                 Err(e) => {
                     let _ = out.send(Hearing::Failed(e.to_string()));
                     return;
@@ -59,6 +75,10 @@ pub fn listen(
                     return;
                 }
                 let started = std::time::Instant::now();
+                let read = words.load(Ordering::Acquire);
+                if read != 0 {
+                    listener.words(read >> 1, read & 1 == 1);
+                }
                 let heard = listener.push(&chunk, busy.load(Ordering::Acquire) != 0);
                 metrics::histogram!("worker_vad_chunk_seconds").record(started.elapsed().as_secs_f64());
                 match heard {

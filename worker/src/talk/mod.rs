@@ -17,12 +17,14 @@
 //! to the lip-sync thread as it arrives, resampled on the way, with no model and no synthesis.
 //!
 //! Voice input joins the same turns: the microphone's audio goes through voice activity detection
-//! ([`vad`], on a thread per peer: [`hearing`]), each utterance through speech recognition
-//! ([`asr`], [`Conversation::transcribe`]), and its transcript is then said like a `text_webrtc`.
+//! ([`vad`], on a thread per peer: [`hearing`]), the utterance so far, its pauses and the whole
+//! utterance through speech recognition ([`asr`], [`Conversation::transcribe`], one request at a
+//! time per session, partials only when nothing is more urgent: [`Queue`]), and the final
+//! transcript is then said like a `text_webrtc`.
 //!
 //! What a browser may spend is bounded before anything is sent ([`limits`]): a turn rate and a
-//! message length per session, a byte budget for the history, one utterance waiting for
-//! recognition, and a cap on requests in flight to each backend for the whole worker.
+//! message length per session, a byte budget for the history, at most one utterance and one pause
+//! waiting for recognition, and a cap on requests in flight to each backend for the whole worker.
 //!
 //! Worker-wide parts live in [`Talk`] (backends per avatar, the lip-sync runners, the backend
 //! slots); each session has a [`Conversation`] (history, turn rate, the current turn, the
@@ -38,18 +40,20 @@ pub mod llm;
 pub mod mel;
 pub mod sentences;
 pub mod tts;
+pub mod turn_end;
 pub mod vad;
 
 use crate::config::{
     AsrConfig, ExecutionProvider, LlmBackend, LlmConfig, TalkConfig, TalkLimits, TtsBackend, TtsConfig, VadConfig,
 };
+use crate::dialogue::Job;
 use crate::media::avatar::AvatarClip;
 use crate::media::stream::{ClockEvent, Feed, TalkUnit, AUDIO_RATE, PREBUFFER};
 use avatar_proto::api::SayMode;
 use limits::{Backend, Refusal, Slots, TurnLimiter};
 use lipsync::{FrameInput, LipSyncService};
 use llm::{ChatMessage, Llm, Role};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -105,7 +109,14 @@ pub struct Talk {
     feather: u32,
     /// Voice input: speech recognition, and the voice activity settings (`vad.model` unset: off).
     pub asr: Arc<dyn asr::Asr>,
+    /// Recognitions of a pause or a whole utterance running now, in every session: partial
+    /// transcripts wait while any does.
+    urgent_recognitions: AtomicUsize,
+    /// One partial transcript at a time in the whole worker.
+    partial_slot: tokio::sync::Semaphore,
     pub vad: VadConfig,
+    /// `talk.asr.partial_ms`.
+    partial_ms: u64,
     /// Whether speech recognition answered at its last check ([`Talk::watch_hearing`]).
     recogniser_up: std::sync::atomic::AtomicBool,
     /// The ONNX Runtime library (the VAD model runs on it too).
@@ -227,10 +238,18 @@ impl Talk {
             session_batch: lcfg.session_batch,
             feather: lcfg.feather_px,
             asr: make_asr(&cfg.asr, &client),
+            urgent_recognitions: AtomicUsize::new(0),
+            partial_slot: tokio::sync::Semaphore::new(1),
             vad: cfg.vad.clone(),
+            partial_ms: cfg.asr.partial_ms,
             recogniser_up: std::sync::atomic::AtomicBool::new(true),
             onnxruntime: lcfg.onnxruntime.clone(),
         })
+    }
+
+    /// How often a speaking user's utterance so far is recognised (0: never).
+    pub fn partial_ms(&self) -> u64 {
+        self.partial_ms
     }
 
     fn backends(&self, avatar_id: &str) -> &Backends {
@@ -307,12 +326,14 @@ pub enum TalkEvent {
         turn: u64,
         message: String,
     },
-    /// Speech recognition heard an utterance as `text` (possibly empty: a noise).
+    /// Speech recognition heard the audio of `job` as `text` (possibly empty: a noise).
     Transcript {
+        job: Job,
         text: String,
     },
-    /// Speech recognition failed for an utterance.
+    /// Speech recognition failed for `job`'s audio.
     TranscriptFailed {
+        job: Job,
         message: String,
     },
 }
@@ -357,8 +378,8 @@ pub struct Conversation {
     limiter: TurnLimiter,
     /// Cancels speech recognition when the conversation ends.
     hearing: CancellationToken,
-    /// The utterance waiting for recognition (at most one: a newer one replaces it).
-    waiting: Arc<std::sync::Mutex<Option<Vec<f32>>>>,
+    /// The audio waiting for recognition ([`Queue`]).
+    waiting: Arc<std::sync::Mutex<Queue>>,
     /// Wakes the recognition task (started with the first utterance).
     wake: Option<Arc<tokio::sync::Notify>>,
 }
@@ -426,18 +447,18 @@ impl Conversation {
         Arc::clone(&self.current_turn)
     }
 
-    /// Recognise an utterance (16 kHz mono); the result comes back as a
-    /// [`TalkEvent::Transcript`] or [`TalkEvent::TranscriptFailed`]. One recognition runs at a
-    /// time, bounded by `talk.asr.timeout_ms` and a speech-recognition slot; at most one
-    /// utterance waits for it, and a newer one replaces the waiting one (the newest speech wins).
-    /// Returns whether a waiting utterance was replaced. Dropping the conversation ends them.
-    pub fn transcribe(&mut self, pcm: Vec<f32>) -> bool {
+    /// Recognise `job`'s audio (16 kHz mono); the result comes back as a
+    /// [`TalkEvent::Transcript`] or [`TalkEvent::TranscriptFailed`] for that job. One recognition
+    /// runs at a time, bounded by `talk.asr.timeout_ms` and a speech-recognition slot; what waits
+    /// for it follows [`Queue::push`] (a partial only when nothing else waits, the newest
+    /// utterance wins). Returns whether a waiting utterance was replaced. Dropping the
+    /// conversation ends them.
+    pub fn transcribe(&mut self, job: Job, pcm: Vec<f32>) -> bool {
         let replaced = self
             .waiting
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .replace(pcm)
-            .is_some();
+            .push(job, pcm);
         if replaced {
             metrics::counter!("worker_utterances_replaced_total").increment(1);
         }
@@ -576,15 +597,74 @@ impl Conversation {
     }
 }
 
-/// A conversation's speech recognition: takes the waiting utterance, recognises it in a slot of
-/// the worker's, reports the transcript, and waits for the next.
+/// What waits for a conversation's recogniser, and whether it is busy.
+///
+/// A partial transcript is worth having only while it is fresh and cheap: it is queued only
+/// when nothing else waits or runs, and runs only while no session's recognition of a pause or a
+/// whole utterance runs ([`Talk::urgent_recognitions`]). A pause's audio replaces an older
+/// pause's; a whole utterance replaces an older one and any pause (the newest speech wins).
+#[derive(Debug, Default)]
+pub struct Queue {
+    jobs: VecDeque<(Job, Vec<f32>)>,
+    running: bool,
+}
+
+impl Queue {
+    /// Queue `job`; returns whether it replaced a waiting whole utterance.
+    pub fn push(&mut self, job: Job, pcm: Vec<f32>) -> bool {
+        match job {
+            Job::Partial(_) => {
+                if self.jobs.is_empty() && !self.running {
+                    self.jobs.push_back((job, pcm));
+                }
+                false
+            }
+            Job::Pause(_) => {
+                self.jobs.retain(|(j, _)| *j == Job::Final);
+                self.jobs.push_back((job, pcm));
+                false
+            }
+            Job::Final => {
+                let replaced = self.jobs.iter().any(|(j, _)| *j == Job::Final);
+                self.jobs.clear();
+                self.jobs.push_back((job, pcm));
+                replaced
+            }
+        }
+    }
+
+    fn pop(&mut self) -> Option<(Job, Vec<f32>)> {
+        let next = self.jobs.pop_front();
+        self.running = next.is_some();
+        next
+    }
+}
+
+/// A conversation's speech recognition: takes the waiting audio, recognises it in a slot of the
+/// worker's, reports the transcript, and waits for the next.
 struct Recognizer {
     talk: Arc<Talk>,
     language: Option<String>,
     events: mpsc::UnboundedSender<TalkEvent>,
-    waiting: Arc<std::sync::Mutex<Option<Vec<f32>>>>,
+    waiting: Arc<std::sync::Mutex<Queue>>,
     wake: Arc<tokio::sync::Notify>,
     cancel: CancellationToken,
+}
+
+/// Counts a recognition that must not wait behind partials, while it lives.
+struct Urgent<'a>(&'a AtomicUsize);
+
+impl<'a> Urgent<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Self(count)
+    }
+}
+
+impl Drop for Urgent<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Recognizer {
@@ -599,26 +679,53 @@ impl Recognizer {
                     .waiting
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .take();
-                let Some(pcm) = next else { break };
-                let work = async {
-                    let _slot = self.talk.slots.acquire(Backend::Asr).await?;
-                    let started = std::time::Instant::now();
-                    let text = self.talk.asr.transcribe(&pcm, self.language.as_deref()).await;
-                    metrics::histogram!("worker_asr_seconds").record(started.elapsed().as_secs_f64());
-                    text
-                };
+                    .pop();
+                let Some((job, pcm)) = next else { break };
                 let result = tokio::select! {
                     biased;
                     _ = self.cancel.cancelled() => return,
-                    r = work => r,
+                    r = self.recognise(job, &pcm) => r,
                 };
-                let _ = self.events.send(match result {
-                    Ok(text) => TalkEvent::Transcript { text },
-                    Err(e) => TalkEvent::TranscriptFailed { message: e.to_string() },
-                });
+                let event = match result {
+                    Some(Ok(text)) => TalkEvent::Transcript { job, text },
+                    Some(Err(e)) => TalkEvent::TranscriptFailed {
+                        job,
+                        message: e.to_string(),
+                    },
+                    None => continue, // a partial skipped: the recogniser has better things to do
+                };
+                let _ = self.events.send(event);
             }
         }
+    }
+
+    /// `None`: a partial that was not worth running now.
+    async fn recognise(&self, job: Job, pcm: &[f32]) -> Option<Result<String, TalkError>> {
+        let talk = &self.talk;
+        let (_urgent, _partial, kind) = match job {
+            Job::Partial(_) => {
+                if talk.urgent_recognitions.load(Ordering::Acquire) > 0 {
+                    return None;
+                }
+                let permit = talk.partial_slot.try_acquire().ok()?;
+                (None, Some(permit), "partial")
+            }
+            Job::Pause(_) => (Some(Urgent::new(&talk.urgent_recognitions)), None, "pause"),
+            Job::Final => (Some(Urgent::new(&talk.urgent_recognitions)), None, "final"),
+        };
+        let work = async {
+            let _slot = talk.slots.acquire(Backend::Asr).await?;
+            let started = std::time::Instant::now();
+            let urgency = if kind == "partial" {
+                asr::Urgency::Idle
+            } else {
+                asr::Urgency::Now
+            };
+            let text = talk.asr.transcribe(pcm, self.language.as_deref(), urgency).await;
+            metrics::histogram!("worker_asr_seconds", "job" => kind).record(started.elapsed().as_secs_f64());
+            text
+        };
+        Some(work.await)
     }
 }
 
@@ -1115,6 +1222,7 @@ mod tests {
             &'a self,
             pcm: &'a [f32],
             _language: Option<&'a str>,
+            _urgency: asr::Urgency,
         ) -> futures::future::BoxFuture<'a, Result<String, TalkError>> {
             Box::pin(async move {
                 self.heard.lock().expect("lock").push(pcm.len());
@@ -1363,20 +1471,47 @@ mod tests {
     async fn one_utterance_waits_for_recognition_and_the_newest_replaces_it() {
         let s = stand_ins(TalkLimits::default(), 6, false);
         let (mut conv, mut events) = attached(&s.talk);
-        assert!(!conv.transcribe(vec![0.0; 100]), "nothing waiting: recognised at once");
+        assert!(
+            !conv.transcribe(Job::Final, vec![0.0; 100]),
+            "nothing waiting: recognised at once"
+        );
         eventually("the first utterance at the recogniser", || {
             s.asr.heard.lock().expect("lock").len() == 1
         })
         .await;
-        assert!(!conv.transcribe(vec![0.0; 200]), "waits for the first");
-        assert!(conv.transcribe(vec![0.0; 300]), "replaces the one waiting");
+        assert!(
+            !conv.transcribe(Job::Partial(2), vec![0.0; 150]),
+            "a partial: skipped while busy"
+        );
+        assert!(!conv.transcribe(Job::Final, vec![0.0; 200]), "waits for the first");
+        assert!(
+            !conv.transcribe(Job::Pause(1), vec![0.0; 250]),
+            "a pause waits behind it"
+        );
+        assert!(
+            !conv.transcribe(Job::Pause(2), vec![0.0; 260]),
+            "and replaces an older pause"
+        );
+        assert!(
+            conv.transcribe(Job::Final, vec![0.0; 300]),
+            "replaces the one waiting, and the pause"
+        );
         s.asr_gate.send_replace(true);
         for want in ["100 samples", "300 samples"] {
             match next(&mut events).await {
-                TalkEvent::Transcript { text } => assert_eq!(text, want),
+                TalkEvent::Transcript { job: Job::Final, text } => assert_eq!(text, want),
                 other => panic!("{other:?}"),
             }
         }
         assert_eq!(*s.asr.heard.lock().expect("lock"), [100, 300]);
+        // Idle again: a partial runs, and a pause after it.
+        assert!(!conv.transcribe(Job::Partial(3), vec![0.0; 400]));
+        match next(&mut events).await {
+            TalkEvent::Transcript {
+                job: Job::Partial(3),
+                text,
+            } => assert_eq!(text, "400 samples"),
+            other => panic!("{other:?}"),
+        }
     }
 }

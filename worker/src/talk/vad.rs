@@ -8,7 +8,20 @@
 //!
 //! [`Detector`] is the decision, a pure state machine over one probability per 32 ms window: speech
 //! starts after `min_speech_ms` above `threshold`, and ends after `min_silence_ms` below
-//! `threshold - 0.15` (the hangover that keeps a pause between words inside one utterance). While
+//! `threshold - 0.15` (the hangover that keeps a pause between words inside one utterance).
+//!
+//! The hangover listens to the words. After `pause_ms` of silence the detector says the user
+//! has *paused*: the listener hands over the utterance so far, and the session recognises it at
+//! once, while the silence goes on, and tells the listener what it read ([`Listener::words`]).
+//! A finished sentence ("What is two plus two?") ends the turn after `complete_silence_ms`; the
+//! transcript is ready by then, so the answer starts at once. Words that stop mid-sentence ("What
+//! is the capital of") wait `incomplete_silence_ms`, longer than the plain hangover
+//! (`min_silence_ms`, which holds until the words are read, or when they cannot be). Speech that
+//! comes back ([`Heard::Resumed`]) makes the pause part of the utterance again.
+//! While speech goes on, the listener also hands over the utterance every `partial_ms`, for the
+//! partial transcripts the page shows as the user speaks.
+//!
+//! While
 //! the avatar is speaking its voice may come back through the user's speakers, past the browser's
 //! echo cancellation; then speech must pass the stricter `barge_in_threshold` for
 //! `barge_in_min_speech_ms` before it counts, and be louder than `barge_in_min_dbfs` (the model
@@ -141,6 +154,11 @@ pub enum Decision {
     /// Speech started `windows` windows ago (the windows that confirmed it). `barge_in`: the
     /// avatar was speaking, so this speech passed the stricter guard and interrupts it.
     Started { windows: usize, barge_in: bool },
+    /// The user has been silent for `pause_ms`: the utterance may be over (`trailing`: the
+    /// silent windows so far).
+    Paused { trailing: usize },
+    /// Speech again after [`Decision::Paused`]: the pause was inside the utterance.
+    Resumed,
     /// Speech ended; the last `trailing` windows were the silence that confirmed it.
     Ended { trailing: usize },
 }
@@ -151,12 +169,23 @@ pub struct Detector {
     threshold: f32,
     start_windows: usize,
     end_windows: usize,
+    /// Silence that makes a pause ([`Decision::Paused`]).
+    pause_windows: usize,
+    /// The hangover once the words before the pause are a finished sentence, and once they
+    /// stop mid-sentence.
+    complete_windows: usize,
+    incomplete_windows: usize,
     barge_in_threshold: f32,
     barge_in_windows: usize,
     barge_in_min_dbfs: f32,
     speaking: bool,
     /// Consecutive windows above the threshold (before a start) or below the lower one (after).
     run: usize,
+    /// This silence has made a pause.
+    paused: bool,
+    /// Whether the words before this pause are a finished sentence, once read
+    /// ([`Detector::words`]).
+    complete: Option<bool>,
 }
 
 /// The RMS level of `samples` in dB below full scale.
@@ -174,12 +203,31 @@ impl Detector {
             threshold: cfg.threshold as f32,
             start_windows: windows(cfg.min_speech_ms),
             end_windows: windows(cfg.min_silence_ms),
+            pause_windows: windows(cfg.pause_ms.min(cfg.min_silence_ms)),
+            complete_windows: windows(cfg.complete_silence_ms.clamp(cfg.pause_ms, cfg.min_silence_ms)),
+            incomplete_windows: windows(cfg.incomplete_silence_ms.max(cfg.min_silence_ms)),
             barge_in_threshold: cfg.barge_in_threshold.max(cfg.threshold) as f32,
             barge_in_windows: windows(cfg.barge_in_min_speech_ms),
             barge_in_min_dbfs: cfg.barge_in_min_dbfs as f32,
             speaking: false,
             run: 0,
+            paused: false,
+            complete: None,
         }
+    }
+
+    /// The words before the current pause were read: a finished sentence (`complete`) ends the
+    /// turn after `complete_silence_ms` of silence, one that stops mid-sentence after
+    /// `incomplete_silence_ms`, instead of `min_silence_ms`. Ignored unless paused.
+    pub fn words(&mut self, complete: bool) {
+        if self.speaking && self.paused {
+            self.complete = Some(complete);
+        }
+    }
+
+    /// Whether the user is silent inside an utterance, past `pause_ms`.
+    pub fn paused(&self) -> bool {
+        self.speaking && self.paused
     }
 
     /// Whether the user is speaking.
@@ -194,14 +242,29 @@ impl Detector {
             // Below the lower threshold counts as silence; in between keeps the current state.
             if p < (self.threshold - 0.15).max(0.01) {
                 self.run += 1;
-                if self.run >= self.end_windows {
+                let end = match self.complete {
+                    Some(true) => self.complete_windows,
+                    Some(false) => self.incomplete_windows,
+                    None => self.end_windows,
+                };
+                if self.run >= end {
                     let trailing = self.run;
                     self.speaking = false;
                     self.run = 0;
+                    self.paused = false;
+                    self.complete = None;
                     return Decision::Ended { trailing };
+                }
+                if self.run == self.pause_windows {
+                    self.paused = true;
+                    return Decision::Paused { trailing: self.run };
                 }
             } else {
                 self.run = 0;
+                self.complete = None;
+                if std::mem::take(&mut self.paused) {
+                    return Decision::Resumed;
+                }
             }
             return Decision::Continue;
         }
@@ -238,9 +301,22 @@ impl Detector {
 pub enum Heard {
     /// The user started speaking (see [`Decision::Started`]).
     Started { barge_in: bool },
+    /// Every `partial_ms` of speech: the utterance so far, for a partial transcript.
+    Partial { pcm: Vec<f32> },
+    /// The user fell silent for `pause_ms`: the utterance so far (trimmed as an utterance is).
+    /// `pause` numbers the pauses of this listener; if the turn ends in this silence, the
+    /// utterance is exactly this audio, and its transcript can be this one's.
+    Paused { pause: u64, pcm: Vec<f32> },
+    /// The user spoke again after [`Heard::Paused`].
+    Resumed,
     /// The user stopped speaking: the utterance, pre-roll included, trailing silence trimmed to
-    /// one window. `cut`: it reached `max_utterance_ms` and was cut there.
-    Utterance { pcm: Vec<f32>, cut: bool },
+    /// one window. `cut`: it reached `max_utterance_ms` and was cut there. `pause`: the
+    /// [`Heard::Paused`] whose audio this is, when the turn ended in that pause.
+    Utterance {
+        pcm: Vec<f32>,
+        cut: bool,
+        pause: Option<u64>,
+    },
 }
 
 /// Milliseconds of `pcm` at [`RATE`].
@@ -261,6 +337,13 @@ pub struct Listener<M> {
     /// The utterance so far, while speaking.
     utterance: Vec<f32>,
     max_samples: usize,
+    /// Samples between partials (0: none), and the utterance's length at the last one.
+    partial_samples: usize,
+    last_partial: usize,
+    /// The number of the last pause ([`Heard::Paused`]).
+    pause: u64,
+    /// The user is silent in that pause now.
+    in_pause: bool,
 }
 
 impl<M: SpeechModel> Listener<M> {
@@ -277,6 +360,26 @@ impl<M: SpeechModel> Listener<M> {
             pre_roll_windows,
             utterance: Vec::new(),
             max_samples: (cfg.max_utterance_ms.max(WINDOW_MS) * u64::from(RATE) / 1000) as usize,
+            partial_samples: 0,
+            last_partial: 0,
+            pause: 0,
+            in_pause: false,
+        }
+    }
+
+    /// Hand over the utterance so far every `ms` of speech ([`Heard::Partial`]); 0: never.
+    pub fn with_partials(mut self, ms: u64) -> Self {
+        self.partial_samples = (ms * u64::from(RATE) / 1000) as usize;
+        self
+    }
+
+    /// The words up to pause `pause` were read, and are a finished sentence or not: if the
+    /// user is still silent in that pause, the turn ends after `complete_silence_ms` or
+    /// `incomplete_silence_ms` (see the module docs). A later pause, or speech since, makes this
+    /// a no-op.
+    pub fn words(&mut self, pause: u64, complete: bool) {
+        if pause == self.pause && self.in_pause {
+            self.detector.words(complete);
         }
     }
 
@@ -308,17 +411,33 @@ impl<M: SpeechModel> Listener<M> {
                 let keep = (self.pre_roll_windows + windows - 1).min(self.recent.len());
                 let skip = self.recent.len() - keep;
                 self.utterance.clear();
+                self.last_partial = 0;
                 for w in self.recent.drain(..).skip(skip) {
                     self.utterance.extend_from_slice(&w);
                 }
                 self.utterance.extend_from_slice(&window);
                 Ok(Some(Heard::Started { barge_in }))
             }
+            Decision::Paused { trailing } => {
+                self.utterance.extend_from_slice(&window);
+                self.pause += 1;
+                self.in_pause = true;
+                Ok(Some(Heard::Paused {
+                    pause: self.pause,
+                    pcm: self.trimmed(trailing).to_vec(),
+                }))
+            }
+            Decision::Resumed => {
+                self.utterance.extend_from_slice(&window);
+                self.in_pause = false;
+                Ok(Some(Heard::Resumed))
+            }
             Decision::Ended { trailing } => {
                 self.utterance.extend_from_slice(&window);
-                let keep = self.utterance.len().saturating_sub((trailing - 1) * WINDOW);
+                let keep = self.trimmed(trailing).len();
                 self.utterance.truncate(keep);
-                Ok(Some(self.finish(false)))
+                let pause = self.in_pause.then_some(self.pause);
+                Ok(Some(self.finish(false, pause)))
             }
             Decision::Continue if self.detector.speaking() => {
                 self.utterance.extend_from_slice(&window);
@@ -326,7 +445,20 @@ impl<M: SpeechModel> Listener<M> {
                     // Too long for one request: end it here as if the user had paused.
                     self.detector.speaking = false;
                     self.detector.run = 0;
-                    return Ok(Some(self.finish(true)));
+                    self.detector.paused = false;
+                    self.detector.complete = None;
+                    return Ok(Some(self.finish(true, None)));
+                }
+                // Only while the user is audibly speaking: one that starts as they fall silent
+                // would hold up the recognition of the pause (one at a time).
+                if self.partial_samples > 0
+                    && self.detector.run == 0
+                    && self.utterance.len() >= self.last_partial + self.partial_samples
+                {
+                    self.last_partial = self.utterance.len();
+                    return Ok(Some(Heard::Partial {
+                        pcm: self.utterance.clone(),
+                    }));
                 }
                 Ok(None)
             }
@@ -340,11 +472,20 @@ impl<M: SpeechModel> Listener<M> {
         }
     }
 
-    fn finish(&mut self, cut: bool) -> Heard {
+    /// The utterance without the last `trailing` silent windows but one.
+    fn trimmed(&self, trailing: usize) -> &[f32] {
+        let keep = self.utterance.len().saturating_sub(trailing.saturating_sub(1) * WINDOW);
+        &self.utterance[..keep]
+    }
+
+    fn finish(&mut self, cut: bool, pause: Option<u64>) -> Heard {
         self.recent.clear();
+        self.last_partial = 0;
+        self.in_pause = false;
         Heard::Utterance {
             pcm: std::mem::take(&mut self.utterance),
             cut,
+            pause,
         }
     }
 }
@@ -362,6 +503,8 @@ mod tests {
             barge_in_min_speech_ms: 192, // 6 windows
             pre_roll_ms: 64,             // 2 windows
             max_utterance_ms: 3200,      // 100 windows
+            pause_ms: 128,               // 4 windows
+            complete_silence_ms: 256,    // 8 windows
             ..VadConfig::default()
         }
     }
@@ -375,6 +518,19 @@ mod tests {
             Ok(window[0])
         }
         fn reset(&mut self) {}
+    }
+
+    /// What was heard, without the audio.
+    fn brief(heard: &[Heard]) -> Vec<String> {
+        heard
+            .iter()
+            .map(|h| match h {
+                Heard::Partial { pcm } => format!("Partial({})", pcm.len() / WINDOW),
+                Heard::Paused { pause, pcm } => format!("Paused({pause}, {})", pcm.len() / WINDOW),
+                Heard::Utterance { pcm, cut, pause } => format!("Utterance({}, {cut}, {pause:?})", pcm.len() / WINDOW),
+                other => format!("{other:?}"),
+            })
+            .collect()
     }
 
     fn windows_of(p: f32, n: usize) -> Vec<f32> {
@@ -393,18 +549,25 @@ mod tests {
                 barge_in: false
             }
         );
-        // A pause shorter than the hangover, and values between the thresholds, keep speech on.
-        for _ in 0..9 {
-            assert_eq!(d.push(0.1, LOUD, false), Decision::Continue);
-        }
+        // A pause shorter than the hangover, and values between the thresholds, keep speech on;
+        // after pause_ms (4 windows) the detector says the user paused.
+        let pause = |d: &mut Detector| {
+            for i in 1..=9 {
+                let want = if i == 4 {
+                    Decision::Paused { trailing: 4 }
+                } else {
+                    Decision::Continue
+                };
+                assert_eq!(d.push(0.1, LOUD, false), want, "silent window {i}");
+            }
+        };
+        pause(&mut d);
         assert_eq!(
             d.push(0.4, LOUD, false),
-            Decision::Continue,
+            Decision::Resumed,
             "between the thresholds: not silence"
         );
-        for _ in 0..9 {
-            assert_eq!(d.push(0.1, LOUD, false), Decision::Continue);
-        }
+        pause(&mut d);
         assert_eq!(d.push(0.1, LOUD, false), Decision::Ended { trailing: 10 });
         assert!(!d.speaking());
     }
@@ -457,9 +620,15 @@ mod tests {
         assert_eq!(heard, vec![Heard::Started { barge_in: false }]);
         assert!(l.speaking());
         let heard = l.push(&windows_of(0.0, 10), false).expect("vad");
-        let [Heard::Utterance { pcm, cut: false }] = heard.as_slice() else {
-            panic!("one utterance: {heard:?}");
+        let [Heard::Paused { pause: 1, pcm: paused }, Heard::Utterance {
+            pcm,
+            cut: false,
+            pause: Some(1),
+        }] = heard.as_slice()
+        else {
+            panic!("a pause, then the utterance that ended in it: {:?}", brief(&heard));
         };
+        assert_eq!(paused, pcm, "the pause had the whole utterance");
         // The pre-roll (two windows: one silent, the onset), the 30 speech windows (the first
         // three confirmed the start), one trailing silent window.
         assert_eq!(pcm.len(), (2 + 30 + 1) * WINDOW);
@@ -482,7 +651,7 @@ mod tests {
             got.extend(pieces.push(chunk, false).expect("vad"));
         }
         assert_eq!(got, expected);
-        assert_eq!(got.len(), 2);
+        assert_eq!(got.len(), 3, "started, paused, ended: {got:?}");
     }
 
     #[test]
@@ -492,8 +661,8 @@ mod tests {
         let cuts: Vec<_> = heard
             .iter()
             .filter_map(|h| match h {
-                Heard::Utterance { pcm, cut } => Some((pcm.len(), *cut)),
-                Heard::Started { .. } => None,
+                Heard::Utterance { pcm, cut, .. } => Some((pcm.len(), *cut)),
+                _ => None,
             })
             .collect();
         assert!(cuts.len() >= 2, "{cuts:?}");
@@ -502,6 +671,103 @@ mod tests {
             heard.iter().filter(|h| matches!(h, Heard::Started { .. })).count(),
             cuts.len() + 1,
             "speech goes on: each cut is followed by a new start"
+        );
+    }
+
+    #[test]
+    fn a_pause_after_a_finished_sentence_ends_the_turn_early_and_speech_after_it_resumes() {
+        // pause_ms 128 (4 windows), complete_silence_ms 256 (8), min_silence_ms 320 (10).
+        let mut l = Listener::new(Level, &cfg());
+        l.push(&windows_of(0.9, 20), false).expect("vad");
+        let heard = l.push(&windows_of(0.0, 4), false).expect("vad");
+        let [Heard::Paused { pause: 1, pcm }] = heard.as_slice() else {
+            panic!("{:?}", brief(&heard));
+        };
+        // The 20 speech windows (the first three confirmed the start), one trailing silent window.
+        assert_eq!(pcm.len(), (20 + 1) * WINDOW, "trimmed like an utterance");
+        // Speech again: the pause was inside the utterance, and a stale word from it is ignored.
+        assert_eq!(l.push(&windows_of(0.9, 5), false).expect("vad"), vec![Heard::Resumed]);
+        l.words(1, true);
+        assert!(
+            l.push(&windows_of(0.0, 7), false).expect("vad").len() == 1,
+            "pause 2 only"
+        );
+        assert!(l.speaking(), "a stale complete does not end the turn");
+        let heard = l.push(&windows_of(0.0, 3), false).expect("vad");
+        assert!(
+            matches!(heard.as_slice(), [Heard::Utterance { pause: Some(2), .. }]),
+            "the full hangover: {:?}",
+            brief(&heard)
+        );
+
+        // A finished sentence: the turn ends after 8 silent windows, not 10.
+        l.push(&windows_of(0.9, 20), false).expect("vad");
+        assert!(matches!(
+            l.push(&windows_of(0.0, 4), false).expect("vad").as_slice(),
+            [Heard::Paused { pause: 3, .. }]
+        ));
+        l.words(3, true);
+        assert!(l.push(&windows_of(0.0, 3), false).expect("vad").is_empty());
+        let heard = l.push(&windows_of(0.0, 1), false).expect("vad");
+        assert!(
+            matches!(
+                heard.as_slice(),
+                [Heard::Utterance {
+                    pause: Some(3),
+                    cut: false,
+                    ..
+                }]
+            ),
+            "{:?}",
+            brief(&heard)
+        );
+        // The word arrived late, after more silence than the short hangover: it ends at once.
+        l.push(&windows_of(0.9, 20), false).expect("vad");
+        l.push(&windows_of(0.0, 9), false).expect("vad");
+        l.words(4, true);
+        assert!(matches!(
+            l.push(&windows_of(0.0, 1), false).expect("vad").as_slice(),
+            [Heard::Utterance { pause: Some(4), .. }]
+        ));
+    }
+
+    #[test]
+    fn words_that_stop_mid_sentence_wait_longer_than_the_plain_hangover() {
+        let cfg = VadConfig {
+            incomplete_silence_ms: 480, // 15 windows
+            ..cfg()
+        };
+        let mut l = Listener::new(Level, &cfg);
+        l.push(&windows_of(0.9, 20), false).expect("vad");
+        l.push(&windows_of(0.0, 4), false).expect("vad");
+        l.words(1, false);
+        assert!(
+            l.push(&windows_of(0.0, 10), false).expect("vad").is_empty(),
+            "past min_silence_ms"
+        );
+        assert!(matches!(
+            l.push(&windows_of(0.0, 1), false).expect("vad").as_slice(),
+            [Heard::Utterance { pause: Some(1), .. }]
+        ));
+    }
+
+    #[test]
+    fn partials_come_every_interval_of_speech_and_not_in_a_pause() {
+        let mut l = Listener::new(Level, &cfg()).with_partials(320); // 10 windows
+        let heard = l.push(&windows_of(0.9, 31), false).expect("vad");
+        let lens: Vec<usize> = heard
+            .iter()
+            .filter_map(|h| match h {
+                Heard::Partial { pcm } => Some(pcm.len() / WINDOW),
+                _ => None,
+            })
+            .collect();
+        // Each 10 windows of the utterance (the 3 that confirmed its start among them).
+        assert_eq!(lens, [10, 20, 30]);
+        let heard = l.push(&windows_of(0.0, 9), false).expect("vad");
+        assert!(
+            !heard.iter().any(|h| matches!(h, Heard::Partial { .. })),
+            "silence is not speech"
         );
     }
 }
