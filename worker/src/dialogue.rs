@@ -22,9 +22,10 @@
 //! recognised at once ([`Job::Pause`]): if the turn then ends in that pause, that transcript is
 //! the final one, with no second recognition. [`Out::Words`] tells the voice detector whether it
 //! reads as a finished sentence ([`crate::talk::turn_end`]): then the turn ends early; words
-//! that stop mid-sentence wait longer. Only when the turn ends otherwise (speech after the pause, an utterance cut at its
-//! maximum length, or the pause's recognition failed) is the whole utterance recognised after
-//! it ends ([`Job::Final`]).
+//! that stop mid-sentence wait longer. Only when the turn ends otherwise (speech after the pause,
+//! or an utterance cut at its maximum length) is the whole utterance recognised after it ends
+//! ([`Job::Final`]). Utterances are answered in the order they were spoken, whichever transcript
+//! comes first; a failed recognition of a pause is asked once more before it is reported.
 //!
 //! [`Dialogue`] does no I/O and keeps no clock. Each input is a method; what follows from it is
 //! queued as [`Out`]s, which the session takes with [`Dialogue::poll`] and carries out: events
@@ -119,10 +120,22 @@ pub enum Cause {
 pub enum Job {
     /// The utterance so far, while the user speaks (utterance `n` of the session).
     Partial(u64),
-    /// The utterance up to pause `n` (the voice detector's numbering).
+    /// The utterance up to pause `n` (the voice detector's numbering, unique in the session).
     Pause(u64),
-    /// The whole utterance, after it ended.
-    Final,
+    /// Utterance `n`, whole, after it ended (it did not end in a pause).
+    Final(u64),
+}
+
+/// Utterances that may wait for their final transcript; past this the oldest is given up.
+pub const MAX_PENDING: usize = 4;
+
+/// An utterance that ended, waiting for its final transcript.
+#[derive(Debug)]
+struct Pending {
+    job: Job,
+    text: Option<String>,
+    /// Its recognition failed once and was asked again.
+    retried: bool,
 }
 
 /// What the session should do, in order.
@@ -144,6 +157,8 @@ pub enum Out<A> {
     /// that just ended. The result comes back through [`Dialogue::heard`] or
     /// [`Dialogue::not_heard`].
     Recognise(Job),
+    /// The user went on after the pause: drop this recognition if it has not started.
+    Forget(Job),
     /// The words before pause `pause` were read: a finished sentence (`complete`) lets the
     /// voice detector end the turn after a short silence; one that stops mid-sentence makes it
     /// wait longer.
@@ -172,8 +187,9 @@ pub struct Dialogue<A> {
     speaking: bool,
     /// The pause the user is silent in now, and its transcript once heard.
     pause: Option<(u64, Option<String>)>,
-    /// The utterance ended in this pause and waits for its transcript to be the final one.
-    final_from: Option<u64>,
+    /// Utterances that ended and wait for their final transcript, oldest first: they are
+    /// answered in the order the user spoke them.
+    finals: VecDeque<Pending>,
     /// What the page was last told about voice input (`features`).
     told_voice: Option<bool>,
     out: VecDeque<Out<A>>,
@@ -198,7 +214,7 @@ impl<A> Dialogue<A> {
             utterances: 0,
             speaking: false,
             pause: None,
-            final_from: None,
+            finals: VecDeque::new(),
             told_voice: None,
             out: VecDeque::new(),
         }
@@ -265,10 +281,10 @@ impl<A> Dialogue<A> {
     pub fn peer_replaced(&mut self) {
         self.clear();
         self.ignoring = false;
-        // The new peer has a voice detector of its own, which numbers its pauses anew.
+        // The new peer has a voice detector of its own (numbering its pauses past the old
+        // one's). Utterances the old one heard end are still answered.
         self.speaking = false;
         self.pause = None;
-        self.final_from = None;
         self.out.push_back(Out::Cut { keep: None });
     }
 
@@ -319,9 +335,12 @@ impl<A> Dialogue<A> {
         }
     }
 
-    /// The user spoke again after the pause: its transcript is not the utterance's.
+    /// The user spoke again after the pause: its transcript is not the utterance's, and its
+    /// recognition is dropped if it has not started.
     pub fn voice_resumed(&mut self) {
-        self.pause = None;
+        if let Some((p, _)) = self.pause.take() {
+            self.out.push_back(Out::Forget(Job::Pause(p)));
+        }
     }
 
     /// The user's utterance ended after `duration_ms`, in pause `pause` if the turn ended in
@@ -337,11 +356,40 @@ impl<A> Dialogue<A> {
             return;
         }
         self.event(ServerEvent::UserSpeechEnded { duration_ms });
-        match from_pause {
-            Some((_, Some(text))) => self.transcript(&text),
-            Some((p, None)) => self.final_from = Some(p),
-            None => self.out.push_back(Out::Recognise(Job::Final)),
+        let pending = match from_pause {
+            Some((p, text)) => Pending {
+                job: Job::Pause(p),
+                text,
+                retried: false,
+            },
+            None => {
+                self.out.push_back(Out::Recognise(Job::Final(self.utterances)));
+                Pending {
+                    job: Job::Final(self.utterances),
+                    text: None,
+                    retried: false,
+                }
+            }
+        };
+        if self.finals.len() >= MAX_PENDING {
+            // Recognition is this far behind the user: the oldest is given up, and said so.
+            self.finals.pop_front();
+            self.transcript_failed("speech recognition fell behind: an earlier utterance was dropped".into());
         }
+        self.finals.push_back(pending);
+        self.flush();
+    }
+
+    /// Answer the utterances whose final transcripts are in, in the order they were spoken.
+    fn flush(&mut self) {
+        while let Some(text) = self.finals.front().and_then(|p| p.text.clone()) {
+            self.finals.pop_front();
+            self.transcript(&text);
+        }
+    }
+
+    fn pending(&mut self, job: Job) -> Option<&mut Pending> {
+        self.finals.iter_mut().find(|p| p.job == job)
     }
 
     /// What recognition heard for `job`. A partial is shown while the user speaks; a pause's
@@ -355,10 +403,13 @@ impl<A> Dialogue<A> {
                     self.partial(text);
                 }
             }
-            Job::Pause(p) if self.final_from == Some(p) => {
-                self.final_from = None;
-                self.transcript(text);
+            Job::Pause(_) | Job::Final(_) if self.pending(job).is_some() => {
+                if let Some(pending) = self.pending(job) {
+                    pending.text = Some(text.to_owned());
+                }
+                self.flush();
             }
+            Job::Final(_) => {} // given up already
             Job::Pause(p) => {
                 let Some((now, heard)) = self.pause.as_mut() else {
                     return;
@@ -375,25 +426,35 @@ impl<A> Dialogue<A> {
                     });
                 }
             }
-            Job::Final => self.transcript(text),
         }
     }
 
-    /// Recognition of `job` failed: a partial is skipped; if the turn ended in the pause whose
-    /// recognition failed, the whole utterance is recognised again; a final one is reported.
+    /// Recognition of `job` failed: a partial is skipped. An utterance that ended in the pause
+    /// is recognised once more (the same audio), so a slow or failing recogniser delays the
+    /// question rather than dropping it; a second failure, or a whole utterance's, is reported,
+    /// and the utterances after it are answered.
     pub fn not_heard(&mut self, job: Job, message: String) {
         match job {
             Job::Partial(_) => {}
-            Job::Pause(p) if self.final_from == Some(p) => {
-                self.final_from = None;
-                self.out.push_back(Out::Recognise(Job::Final));
+            Job::Pause(_) | Job::Final(_) if self.pending(job).is_some() => {
+                let retry = matches!(job, Job::Pause(_))
+                    && self
+                        .pending(job)
+                        .is_some_and(|p| !std::mem::replace(&mut p.retried, true));
+                if retry {
+                    self.out.push_back(Out::Recognise(job));
+                } else {
+                    self.finals.retain(|p| p.job != job);
+                    self.transcript_failed(message);
+                    self.flush();
+                }
             }
+            Job::Final(_) => {}
             Job::Pause(p) => {
                 if self.pause.as_ref().is_some_and(|(now, _)| *now == p) {
                     self.pause = None; // the turn's end recognises the utterance itself
                 }
             }
-            Job::Final => self.transcript_failed(message),
         }
     }
 
@@ -956,10 +1017,10 @@ mod tests {
             drain(&mut d),
             vec![
                 Out::Event(ServerEvent::UserSpeechEnded { duration_ms: 900 }),
-                Out::Recognise(Job::Final),
+                Out::Recognise(Job::Final(1)),
             ]
         );
-        d.heard(Job::Final, " What is two plus two? ");
+        d.heard(Job::Final(1), " What is two plus two? ");
         assert_eq!(
             drain(&mut d),
             vec![
@@ -978,7 +1039,10 @@ mod tests {
         d.speech_ended(3, false);
         assert_eq!(starts(&mut d), vec![], "nothing of the backend's follows it");
         // A cough: no words, no transcript, no answer.
-        d.heard(Job::Final, "  ");
+        d.voice_started(false);
+        d.utterance_ended(300, None);
+        drain(&mut d);
+        d.heard(Job::Final(2), "  ");
         assert_eq!(drain(&mut d), vec![]);
     }
 
@@ -1012,7 +1076,7 @@ mod tests {
         quiet.utterance_ended(700, None);
         let outs = drain(&mut quiet);
         assert!(
-            outs.contains(&Out::Recognise(Job::Final)),
+            outs.contains(&Out::Recognise(Job::Final(2))),
             "the next one, after the avatar, is recognised"
         );
     }
@@ -1051,14 +1115,14 @@ mod tests {
             "an empty partial is not shown"
         );
         d.utterance_ended(1200, None);
-        d.heard(Job::Final, "What is two plus two?");
+        d.heard(Job::Final(1), "What is two plus two?");
         d.heard(Job::Partial(1), "What is two");
         let outs = drain(&mut d);
         assert_eq!(
             outs,
             vec![
                 Out::Event(ServerEvent::UserSpeechEnded { duration_ms: 1200 }),
-                Out::Recognise(Job::Final),
+                Out::Recognise(Job::Final(1)),
                 transcript("What is two plus two?", true),
                 answer("What is two plus two?"),
             ],
@@ -1132,29 +1196,89 @@ mod tests {
             ],
             "not finished: the detector waits longer"
         );
-        // The user goes on: the pause was inside the utterance.
+        // The user goes on: the pause was inside the utterance, and its recognition is
+        // dropped if it has not started.
         d.voice_resumed();
+        assert_eq!(drain(&mut d), vec![Out::Forget(Job::Pause(1))]);
         d.utterance_ended(2600, None);
-        assert_eq!(drain(&mut d)[1..], [Out::Recognise(Job::Final)]);
+        assert_eq!(drain(&mut d)[1..], [Out::Recognise(Job::Final(1))]);
         d.heard(Job::Pause(1), "What is the capital of");
         assert_eq!(drain(&mut d), vec![], "the stale pause is not the final one");
-        d.heard(Job::Final, "What is the capital of France?");
+        d.heard(Job::Final(1), "What is the capital of France?");
         assert_eq!(drain(&mut d)[1..], [answer("What is the capital of France?")]);
 
-        // A turn that ended in a pause whose recognition failed: the whole utterance is
-        // recognised, and the question is answered, not dropped.
+        // A turn that ended in a pause whose recognition failed: the same audio is recognised
+        // once more, and the question is answered, not dropped.
         d.voice_started(false);
         d.voice_paused(2);
         d.utterance_ended(800, Some(2));
         drain(&mut d);
         d.not_heard(Job::Pause(2), "speech recognition took too long".into());
-        assert_eq!(drain(&mut d), vec![Out::Recognise(Job::Final)]);
+        assert_eq!(drain(&mut d), vec![Out::Recognise(Job::Pause(2))]);
         d.not_heard(Job::Partial(2), "busy".into());
         assert_eq!(drain(&mut d), vec![], "a failed partial is skipped");
-        d.not_heard(Job::Final, "speech recognition took too long".into());
+        d.heard(Job::Pause(2), "Why is the sky blue?");
+        assert_eq!(drain(&mut d)[1..], [answer("Why is the sky blue?")]);
+        // Twice: reported, and the session goes on.
+        d.voice_started(false);
+        d.voice_paused(3);
+        d.utterance_ended(800, Some(3));
+        drain(&mut d);
+        d.not_heard(Job::Pause(3), "HTTP 500".into());
+        drain(&mut d);
+        d.not_heard(Job::Pause(3), "HTTP 500".into());
         assert!(matches!(
             drain(&mut d).as_slice(),
             [Out::Event(ServerEvent::Error { .. })]
         ));
+    }
+
+    #[test]
+    fn utterances_are_answered_in_the_order_spoken_whichever_transcript_comes_first() {
+        let mut d = D::default();
+        // A ends in a pause whose recognition is slow; B ends without one.
+        d.voice_started(false);
+        d.voice_paused(7);
+        d.utterance_ended(900, Some(7));
+        d.voice_started(false);
+        d.utterance_ended(700, None);
+        drain(&mut d);
+        d.heard(Job::Final(2), "And why?");
+        assert_eq!(drain(&mut d), vec![], "B waits for A");
+        d.heard(Job::Pause(7), "Why is the sky blue?");
+        assert_eq!(
+            drain(&mut d),
+            vec![
+                transcript("Why is the sky blue?", true),
+                answer("Why is the sky blue?"),
+                transcript("And why?", true),
+                answer("And why?"),
+            ]
+        );
+        // A whole utterance that fails is reported, and the one after it still answered.
+        d.voice_started(false);
+        d.utterance_ended(700, None);
+        d.voice_started(false);
+        d.voice_paused(8);
+        d.utterance_ended(700, Some(8));
+        drain(&mut d);
+        d.heard(Job::Pause(8), "Thanks.");
+        assert_eq!(drain(&mut d), vec![]);
+        d.not_heard(Job::Final(3), "HTTP 500".into());
+        let outs = drain(&mut d);
+        assert!(matches!(outs[0], Out::Event(ServerEvent::Error { .. })), "{outs:?}");
+        assert_eq!(outs[1..], [transcript("Thanks.", true), answer("Thanks.")]);
+        // More than MAX_PENDING behind: the oldest is given up, and said so.
+        for _ in 0..MAX_PENDING {
+            d.voice_started(false);
+            d.utterance_ended(500, None);
+        }
+        let outs = drain(&mut d);
+        assert!(outs.iter().all(|o| !matches!(o, Out::Event(ServerEvent::Error { .. }))));
+        d.voice_started(false);
+        d.utterance_ended(500, None);
+        assert!(drain(&mut d)
+            .iter()
+            .any(|o| matches!(o, Out::Event(ServerEvent::Error { .. }))));
     }
 }

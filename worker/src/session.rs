@@ -69,6 +69,7 @@ use avatar_proto::api::{Source, TranscriptTurn};
 use avatar_proto::signaling::{ClientMessage, ErrorCode, ServerEvent};
 use avatar_proto::stream::{send_frame, FramedRecv};
 use avatar_proto::tunnel::SessionFrame;
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -86,18 +87,36 @@ enum End {
     },
 }
 
-/// A negotiated peer and, once connected, its running media.
-/// The latest audio of each kind the voice detector handed over ([`Heard`]).
+/// The audio the voice detector handed over ([`Heard`]), until the dialogue says what to
+/// recognise.
 #[derive(Default)]
 struct HeardAudio {
     /// The utterance so far, for a partial transcript.
     partial: Option<Vec<f32>>,
-    /// The utterance up to the last pause.
-    pause: Option<Vec<f32>>,
-    /// The last whole utterance.
+    /// The utterance up to the last pause, by the pause's number.
+    pause: Option<(u64, Vec<f32>)>,
+    /// The last utterance that did not end in a pause.
     utterance: Option<Vec<f32>>,
+    /// The last few utterances that ended in a pause, by its number: asked again if their
+    /// recognition fails ([`crate::dialogue::MAX_PENDING`] of them).
+    ended: VecDeque<(u64, Vec<f32>)>,
 }
 
+impl HeardAudio {
+    /// The audio `job` names, if still here.
+    fn take(&mut self, job: Job) -> Option<Vec<f32>> {
+        match job {
+            Job::Partial(_) => self.partial.take(),
+            Job::Final(_) => self.utterance.take(),
+            Job::Pause(p) => match self.pause.take_if(|(n, _)| *n == p) {
+                Some((_, pcm)) => Some(pcm),
+                None => self.ended.iter().find(|(n, _)| *n == p).map(|(_, pcm)| pcm.clone()),
+            },
+        }
+    }
+}
+
+/// A negotiated peer and, once connected, its running media.
 struct Active {
     peer: Arc<Peer>,
     states: mpsc::Receiver<PeerState>,
@@ -258,6 +277,7 @@ pub async fn run_session(
         voice_began: None,
         heard: HeardAudio::default(),
         words: Arc::default(),
+        pauses_from: 0,
         active: None,
         detached: false,
         conv,
@@ -374,6 +394,8 @@ struct Session {
     /// How the words of the last pause read ([`Out::Words`], [`crate::talk::hearing::words`]),
     /// for the voice detector of the current peer.
     words: Arc<std::sync::atomic::AtomicU64>,
+    /// Where the next peer's voice detector numbers its pauses from: each peer's are its own.
+    pauses_from: u64,
     active: Option<Active>,
     /// The tunnel broke (or the relay link is gone); media continues until the peer ends.
     detached: bool,
@@ -640,16 +662,16 @@ impl Session {
                     self.cut(None);
                 }
                 Out::Cut { keep } => self.cut(keep),
-                Out::Recognise(job) => {
-                    let pcm = match job {
-                        Job::Partial(_) => self.heard.partial.take(),
-                        Job::Pause(_) => self.heard.pause.take(),
-                        Job::Final => self.heard.utterance.take(),
-                    };
-                    if let (Some(conv), Some(pcm)) = (self.conv.as_mut(), pcm) {
-                        if conv.transcribe(job, pcm) {
-                            debug!("a newer utterance replaced the one waiting for recognition");
-                        }
+                Out::Recognise(job) => match (self.conv.as_mut(), self.heard.take(job)) {
+                    (Some(conv), Some(pcm)) => conv.transcribe(job, pcm),
+                    (Some(_), None) => self
+                        .dialogue
+                        .not_heard(job, "speech recognition: the audio is gone".into()),
+                    (None, _) => {}
+                },
+                Out::Forget(job) => {
+                    if let Some(conv) = self.conv.as_mut() {
+                        conv.forget(job);
                     }
                 }
                 Out::Words { pause, complete } => {
@@ -705,7 +727,7 @@ impl Session {
                 self.dialogue.voice_partial();
             }
             Hearing::Heard(Heard::Paused { pause, pcm }) => {
-                self.heard.pause = Some(pcm);
+                self.heard.pause = Some((pause, pcm));
                 self.dialogue.voice_paused(pause);
             }
             Hearing::Heard(Heard::Resumed) => self.dialogue.voice_resumed(),
@@ -713,9 +735,16 @@ impl Session {
                 let duration_ms = crate::talk::vad::duration_ms(&pcm);
                 debug!(duration_ms, ?pause, "utterance");
                 metrics::counter!("worker_utterances_total").increment(1);
-                // Kept until the next one: recognised if the dialogue asks, now or when the
-                // recognition of its pause fails.
-                self.heard.utterance = Some(pcm);
+                match pause {
+                    // Its pause's audio is recognised already; this copy is for a retry.
+                    Some(p) => {
+                        if self.heard.ended.len() >= crate::dialogue::MAX_PENDING {
+                            self.heard.ended.pop_front();
+                        }
+                        self.heard.ended.push_back((p, pcm));
+                    }
+                    None => self.heard.utterance = Some(pcm),
+                }
                 self.dialogue.utterance_ended(duration_ms, pause);
             }
             Hearing::Failed(e) => {
@@ -741,7 +770,7 @@ impl Session {
                 self.dialogue.heard(job, &text);
             }
             TalkEvent::TranscriptFailed { job, message } => {
-                if job == Job::Final {
+                if !matches!(job, Job::Partial(_)) {
                     metrics::counter!("worker_talk_failures_total").increment(1);
                 } else {
                     debug!(?job, %message, "recognition failed");
@@ -1021,12 +1050,14 @@ impl Session {
             let (tx, rx) = mpsc::unbounded_channel();
             let stop = CancellationToken::new();
             self.words = Arc::default();
+            self.pauses_from += 1 << 32;
             crate::talk::hearing::listen(
                 crate::talk::hearing::Voice {
                     model,
                     onnxruntime: talk.onnxruntime.clone(),
                     vad: talk.vad.clone(),
                     partial_ms: talk.partial_ms(),
+                    pauses_from: self.pauses_from,
                 },
                 mic,
                 conv.current_turn(),

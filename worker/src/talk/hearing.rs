@@ -36,6 +36,8 @@ pub struct Voice {
     pub vad: VadConfig,
     /// How often the utterance so far is handed over for a partial transcript (0: never).
     pub partial_ms: u64,
+    /// Pauses are numbered from this one on (a session's peers each get their own range).
+    pub pauses_from: u64,
 }
 
 /// Listen to `mic` until it ends or `stop` fires. Nothing runs until the first audio arrives:
@@ -62,7 +64,9 @@ pub fn listen(
         let thread = std::thread::Builder::new().name("vad".into()).spawn(move || {
             let _entered = span.enter();
             let mut listener = match SileroVad::load(&voice.model, &voice.onnxruntime) {
-                Ok(vad) => Listener::new(vad, &voice.vad).with_partials(voice.partial_ms),
+                Ok(vad) => Listener::new(vad, &voice.vad)
+                    .with_partials(voice.partial_ms)
+                    .with_pauses_from(voice.pauses_from),
                 Err(e) => {
                     let _ = out.send(Hearing::Failed(e.to_string()));
                     return;

@@ -450,17 +450,22 @@ impl Conversation {
     /// Recognise `job`'s audio (16 kHz mono); the result comes back as a
     /// [`TalkEvent::Transcript`] or [`TalkEvent::TranscriptFailed`] for that job. One recognition
     /// runs at a time, bounded by `talk.asr.timeout_ms` and a speech-recognition slot; what waits
-    /// for it follows [`Queue::push`] (a partial only when nothing else waits, the newest
-    /// utterance wins). Returns whether a waiting utterance was replaced. Dropping the
-    /// conversation ends them.
-    pub fn transcribe(&mut self, job: Job, pcm: Vec<f32>) -> bool {
-        let replaced = self
+    /// for it follows [`Queue::push`]: a partial only when nothing else waits, the rest in order,
+    /// and a job the queue has no room for fails at once. Dropping the conversation ends them.
+    pub fn transcribe(&mut self, job: Job, pcm: Vec<f32>) {
+        let refused = self
             .waiting
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(job, pcm);
-        if replaced {
-            metrics::counter!("worker_utterances_replaced_total").increment(1);
+            .push(job, pcm)
+            .is_err();
+        if refused {
+            metrics::counter!("worker_recognitions_refused_total").increment(1);
+            let _ = self.events.send(TalkEvent::TranscriptFailed {
+                job,
+                message: format!("speech recognition is {MAX_WAITING_JOBS} requests behind"),
+            });
+            return;
         }
         let wake = match &self.wake {
             Some(wake) => Arc::clone(wake),
@@ -481,7 +486,15 @@ impl Conversation {
             }
         };
         wake.notify_one();
-        replaced
+    }
+
+    /// Drop `job` if it waits for recognition and has not started (the user spoke on after a
+    /// pause).
+    pub fn forget(&mut self, job: Job) {
+        self.waiting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .forget(job);
     }
 
     /// Stop the current answer, if any. The clock ends its speech at the next tick.
@@ -597,12 +610,16 @@ impl Conversation {
     }
 }
 
+/// Recognitions that may wait in one conversation; past this a new one fails at once.
+pub const MAX_WAITING_JOBS: usize = 6;
+
 /// What waits for a conversation's recogniser, and whether it is busy.
 ///
 /// A partial transcript is worth having only while it is fresh and cheap: it is queued only
-/// when nothing else waits or runs, and runs only while no session's recognition of a pause or a
-/// whole utterance runs ([`Talk::urgent_recognitions`]). A pause's audio replaces an older
-/// pause's; a whole utterance replaces an older one and any pause (the newest speech wins).
+/// when nothing else waits or runs, runs only while no session's recognition of a pause or a
+/// whole utterance runs ([`Talk::urgent_recognitions`]), and a newer job drops it. Pauses and
+/// whole utterances are never dropped for a newer one: they wait in order (a pause the user
+/// spoke on after is taken out by [`Queue::forget`]), at most [`MAX_WAITING_JOBS`].
 #[derive(Debug, Default)]
 pub struct Queue {
     jobs: VecDeque<(Job, Vec<f32>)>,
@@ -610,27 +627,27 @@ pub struct Queue {
 }
 
 impl Queue {
-    /// Queue `job`; returns whether it replaced a waiting whole utterance.
-    pub fn push(&mut self, job: Job, pcm: Vec<f32>) -> bool {
-        match job {
-            Job::Partial(_) => {
-                if self.jobs.is_empty() && !self.running {
-                    self.jobs.push_back((job, pcm));
-                }
-                false
-            }
-            Job::Pause(_) => {
-                self.jobs.retain(|(j, _)| *j == Job::Final);
+    /// Queue `job`; `Err` when it cannot wait (a partial while busy: skipped; anything else
+    /// past [`MAX_WAITING_JOBS`]: the caller reports it).
+    #[allow(clippy::result_unit_err)]
+    pub fn push(&mut self, job: Job, pcm: Vec<f32>) -> Result<(), ()> {
+        if let Job::Partial(_) = job {
+            if self.jobs.is_empty() && !self.running {
                 self.jobs.push_back((job, pcm));
-                false
             }
-            Job::Final => {
-                let replaced = self.jobs.iter().any(|(j, _)| *j == Job::Final);
-                self.jobs.clear();
-                self.jobs.push_back((job, pcm));
-                replaced
-            }
+            return Ok(());
         }
+        self.jobs.retain(|(j, _)| !matches!(j, Job::Partial(_)));
+        if self.jobs.len() >= MAX_WAITING_JOBS {
+            return Err(());
+        }
+        self.jobs.push_back((job, pcm));
+        Ok(())
+    }
+
+    /// Take `job` out if it waits.
+    pub fn forget(&mut self, job: Job) {
+        self.jobs.retain(|(j, _)| *j != job);
     }
 
     fn pop(&mut self) -> Option<(Job, Vec<f32>)> {
@@ -711,7 +728,7 @@ impl Recognizer {
                 (None, Some(permit), "partial")
             }
             Job::Pause(_) => (Some(Urgent::new(&talk.urgent_recognitions)), None, "pause"),
-            Job::Final => (Some(Urgent::new(&talk.urgent_recognitions)), None, "final"),
+            Job::Final(_) => (Some(Urgent::new(&talk.urgent_recognitions)), None, "final"),
         };
         let work = async {
             let _slot = talk.slots.acquire(Backend::Asr).await?;
@@ -1468,44 +1485,50 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn one_utterance_waits_for_recognition_and_the_newest_replaces_it() {
+    async fn utterances_wait_for_recognition_in_order_and_partials_only_when_idle() {
         let s = stand_ins(TalkLimits::default(), 6, false);
         let (mut conv, mut events) = attached(&s.talk);
-        assert!(
-            !conv.transcribe(Job::Final, vec![0.0; 100]),
-            "nothing waiting: recognised at once"
-        );
+        conv.transcribe(Job::Final(1), vec![0.0; 100]);
         eventually("the first utterance at the recogniser", || {
             s.asr.heard.lock().expect("lock").len() == 1
         })
         .await;
-        assert!(
-            !conv.transcribe(Job::Partial(2), vec![0.0; 150]),
-            "a partial: skipped while busy"
-        );
-        assert!(!conv.transcribe(Job::Final, vec![0.0; 200]), "waits for the first");
-        assert!(
-            !conv.transcribe(Job::Pause(1), vec![0.0; 250]),
-            "a pause waits behind it"
-        );
-        assert!(
-            !conv.transcribe(Job::Pause(2), vec![0.0; 260]),
-            "and replaces an older pause"
-        );
-        assert!(
-            conv.transcribe(Job::Final, vec![0.0; 300]),
-            "replaces the one waiting, and the pause"
-        );
+        conv.transcribe(Job::Partial(2), vec![0.0; 150]); // skipped: busy
+        conv.transcribe(Job::Pause(1), vec![0.0; 200]);
+        conv.transcribe(Job::Pause(2), vec![0.0; 250]);
+        conv.transcribe(Job::Final(2), vec![0.0; 300]);
+        conv.forget(Job::Pause(1)); // the user spoke on after pause 1
+        for n in 3..=(2 + MAX_WAITING_JOBS as u64 - 2) {
+            conv.transcribe(Job::Final(n), vec![0.0; 10]);
+        }
+        conv.transcribe(Job::Final(99), vec![0.0; 10]);
+        match next(&mut events).await {
+            TalkEvent::TranscriptFailed {
+                job: Job::Final(99),
+                message,
+            } => {
+                assert!(message.contains("behind"), "{message}")
+            }
+            other => panic!("no room: {other:?}"),
+        }
         s.asr_gate.send_replace(true);
-        for want in ["100 samples", "300 samples"] {
+        let mut heard = Vec::new();
+        for _ in 0..(1 + 2 + MAX_WAITING_JOBS - 2) {
             match next(&mut events).await {
-                TalkEvent::Transcript { job: Job::Final, text } => assert_eq!(text, want),
+                TalkEvent::Transcript { job, text } => heard.push((job, text)),
                 other => panic!("{other:?}"),
             }
         }
-        assert_eq!(*s.asr.heard.lock().expect("lock"), [100, 300]);
-        // Idle again: a partial runs, and a pause after it.
-        assert!(!conv.transcribe(Job::Partial(3), vec![0.0; 400]));
+        assert_eq!(
+            heard[..3],
+            [
+                (Job::Final(1), "100 samples".to_owned()),
+                (Job::Pause(2), "250 samples".to_owned()),
+                (Job::Final(2), "300 samples".to_owned()),
+            ]
+        );
+        // Idle again: a partial runs.
+        conv.transcribe(Job::Partial(3), vec![0.0; 400]);
         match next(&mut events).await {
             TalkEvent::Transcript {
                 job: Job::Partial(3),

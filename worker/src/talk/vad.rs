@@ -204,7 +204,7 @@ impl Detector {
             start_windows: windows(cfg.min_speech_ms),
             end_windows: windows(cfg.min_silence_ms),
             pause_windows: windows(cfg.pause_ms.min(cfg.min_silence_ms)),
-            complete_windows: windows(cfg.complete_silence_ms.clamp(cfg.pause_ms, cfg.min_silence_ms)),
+            complete_windows: windows(cfg.complete_silence_ms.max(cfg.pause_ms).min(cfg.min_silence_ms)),
             incomplete_windows: windows(cfg.incomplete_silence_ms.max(cfg.min_silence_ms)),
             barge_in_threshold: cfg.barge_in_threshold.max(cfg.threshold) as f32,
             barge_in_windows: windows(cfg.barge_in_min_speech_ms),
@@ -239,7 +239,8 @@ impl Detector {
     /// `avatar_speaking`: apply the barge-in guard.
     pub fn push(&mut self, p: f32, dbfs: f32, avatar_speaking: bool) -> Decision {
         if self.speaking {
-            // Below the lower threshold counts as silence; in between keeps the current state.
+            // Below the lower threshold counts as silence; anything above it (even between the
+            // thresholds) ends a silence, and a pause with it.
             if p < (self.threshold - 0.15).max(0.01) {
                 self.run += 1;
                 let end = match self.complete {
@@ -370,6 +371,12 @@ impl<M: SpeechModel> Listener<M> {
     /// Hand over the utterance so far every `ms` of speech ([`Heard::Partial`]); 0: never.
     pub fn with_partials(mut self, ms: u64) -> Self {
         self.partial_samples = (ms * u64::from(RATE) / 1000) as usize;
+        self
+    }
+
+    /// Number the pauses from `first` on (the next is `first + 1`).
+    pub fn with_pauses_from(mut self, first: u64) -> Self {
+        self.pause = first;
         self
     }
 
