@@ -312,6 +312,36 @@ async fn play_with_microphone(sig: &mut Signaling, cluster: &Cluster) -> (RtcCli
     (client, mic)
 }
 
+/// A worker that hears through the real recogniser, and session `id` on it playing with a
+/// microphone. (Fields drop in order: the processes, then the recogniser, then its directory.)
+struct Listening {
+    cluster: Cluster,
+    sig: Signaling,
+    client: RtcClient,
+    mic: Microphone,
+    _asr: AsrServer,
+    _dir: tempfile::TempDir,
+}
+
+async fn listening(id: &str) -> Listening {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let asr = AsrServer::start(dir.path()).await;
+    let mut cluster = Cluster::relay_only("").await;
+    cluster
+        .add_worker("listener", 4, &voice_toml(&asr.base_url(), REAL_RECOGNITION_MS, ""))
+        .await;
+    let mut sig = Signaling::connect(&cluster.ws_url(id)).await.expect("ws");
+    let (client, mic) = play_with_microphone(&mut sig, &cluster).await;
+    Listening {
+        cluster,
+        sig,
+        client,
+        mic,
+        _asr: asr,
+        _dir: dir,
+    }
+}
+
 /// Events until one of type `kind`; panics on timeout.
 async fn until(sig: &mut Signaling, kind: &str, cluster: &Cluster) -> (Vec<Value>, Value) {
     let deadline = Instant::now() + SECS(20);
@@ -347,14 +377,14 @@ fn speaking_over_the_avatar_silences_it_within_300_ms_and_is_answered() {
     netns::run(
         "speaking_over_the_avatar_silences_it_within_300_ms_and_is_answered",
         || async {
-            let dir = tempfile::tempdir().expect("tempdir");
-            let asr = AsrServer::start(dir.path()).await;
-            let mut cluster = Cluster::relay_only("").await;
-            cluster
-                .add_worker("listener", 4, &voice_toml(&asr.base_url(), REAL_RECOGNITION_MS, ""))
-                .await;
-            let mut sig = Signaling::connect(&cluster.ws_url("barge-1")).await.expect("ws");
-            let (client, mic) = play_with_microphone(&mut sig, &cluster).await;
+            let Listening {
+                cluster,
+                mut sig,
+                client,
+                mic,
+                _asr,
+                _dir,
+            } = listening("barge-1").await;
 
             sig.send_json(
                 &json!({"type": "text_webrtc", "session_id": "barge-1", "user_id": 5, "tutor_id": 1,
@@ -457,14 +487,14 @@ fn a_pause_inside_a_question_keeps_one_turn_and_a_finished_question_is_answered_
     netns::run(
         "a_pause_inside_a_question_keeps_one_turn_and_a_finished_question_is_answered_at_once",
         || async {
-            let dir = tempfile::tempdir().expect("tempdir");
-            let asr = AsrServer::start(dir.path()).await;
-            let mut cluster = Cluster::relay_only("").await;
-            cluster
-                .add_worker("listener", 4, &voice_toml(&asr.base_url(), REAL_RECOGNITION_MS, ""))
-                .await;
-            let mut sig = Signaling::connect(&cluster.ws_url("turns-1")).await.expect("ws");
-            let (_client, mic) = play_with_microphone(&mut sig, &cluster).await;
+            let Listening {
+                cluster,
+                mut sig,
+                client: _client,
+                mic,
+                _asr,
+                _dir,
+            } = listening("turns-1").await;
             let pause = Duration::from_millis(400);
             // A pause after a function word, after a verb, after "plus": each answered as one
             // turn, its transcript holding words from both sides of the pause (`a|b`: either).

@@ -23,8 +23,9 @@
 //! transcript is then said like a `text_webrtc`.
 //!
 //! What a browser may spend is bounded before anything is sent ([`limits`]): a turn rate and a
-//! message length per session, a byte budget for the history, at most one utterance and one pause
-//! waiting for recognition, and a cap on requests in flight to each backend for the whole worker.
+//! message length per session, a byte budget for the history, at most [`MAX_WAITING_JOBS`]
+//! recognitions waiting per session, and a cap on requests in flight to each backend for the
+//! whole worker.
 //!
 //! Worker-wide parts live in [`Talk`] (backends per avatar, the lip-sync runners, the backend
 //! slots); each session has a [`Conversation`] (history, turn rate, the current turn, the
@@ -453,13 +454,12 @@ impl Conversation {
     /// for it follows [`Queue::push`]: a partial only when nothing else waits, the rest in order,
     /// and a job the queue has no room for fails at once. Dropping the conversation ends them.
     pub fn transcribe(&mut self, job: Job, pcm: Vec<f32>) {
-        let refused = self
+        let queued = self
             .waiting
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(job, pcm)
-            .is_err();
-        if refused {
+            .push(job, pcm);
+        if !queued {
             metrics::counter!("worker_recognitions_refused_total").increment(1);
             let _ = self.events.send(TalkEvent::TranscriptFailed {
                 job,
@@ -627,22 +627,21 @@ pub struct Queue {
 }
 
 impl Queue {
-    /// Queue `job`; `Err` when it cannot wait (a partial while busy: skipped; anything else
-    /// past [`MAX_WAITING_JOBS`]: the caller reports it).
-    #[allow(clippy::result_unit_err)]
-    pub fn push(&mut self, job: Job, pcm: Vec<f32>) -> Result<(), ()> {
+    /// Queue `job`; `false` when a pause or an utterance finds [`MAX_WAITING_JOBS`] waiting
+    /// (the caller reports it). A partial while anything waits or runs is skipped quietly.
+    pub fn push(&mut self, job: Job, pcm: Vec<f32>) -> bool {
         if let Job::Partial(_) = job {
             if self.jobs.is_empty() && !self.running {
                 self.jobs.push_back((job, pcm));
             }
-            return Ok(());
+            return true;
         }
         self.jobs.retain(|(j, _)| !matches!(j, Job::Partial(_)));
         if self.jobs.len() >= MAX_WAITING_JOBS {
-            return Err(());
+            return false;
         }
         self.jobs.push_back((job, pcm));
-        Ok(())
+        true
     }
 
     /// Take `job` out if it waits.
@@ -719,25 +718,23 @@ impl Recognizer {
     /// `None`: a partial that was not worth running now.
     async fn recognise(&self, job: Job, pcm: &[f32]) -> Option<Result<String, TalkError>> {
         let talk = &self.talk;
-        let (_urgent, _partial, kind) = match job {
+        let (_urgent, _partial, urgency, kind) = match job {
             Job::Partial(_) => {
                 if talk.urgent_recognitions.load(Ordering::Acquire) > 0 {
                     return None;
                 }
                 let permit = talk.partial_slot.try_acquire().ok()?;
-                (None, Some(permit), "partial")
+                (None, Some(permit), asr::Urgency::Idle, "partial")
             }
-            Job::Pause(_) => (Some(Urgent::new(&talk.urgent_recognitions)), None, "pause"),
-            Job::Final(_) => (Some(Urgent::new(&talk.urgent_recognitions)), None, "final"),
+            Job::Pause(_) | Job::Final(_) => {
+                let urgent = Urgent::new(&talk.urgent_recognitions);
+                let kind = if matches!(job, Job::Pause(_)) { "pause" } else { "final" };
+                (Some(urgent), None, asr::Urgency::Now, kind)
+            }
         };
         let work = async {
             let _slot = talk.slots.acquire(Backend::Asr).await?;
             let started = std::time::Instant::now();
-            let urgency = if kind == "partial" {
-                asr::Urgency::Idle
-            } else {
-                asr::Urgency::Now
-            };
             let text = talk.asr.transcribe(pcm, self.language.as_deref(), urgency).await;
             metrics::histogram!("worker_asr_seconds", "job" => kind).record(started.elapsed().as_secs_f64());
             text
