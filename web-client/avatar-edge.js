@@ -37,6 +37,10 @@
  *   `startMicrophone()` needs no new negotiation (default false; `startMicrophone()` turns it on).
  * @property {'all' | 'relay'} [iceTransportPolicy] `'relay'`: media only through the relay's TURN
  *   server, never a direct path, so the GPU box never learns the user's address (default `'all'`).
+ * @property {boolean} [warmAudio] Start the browser's audio output while the socket opens (default
+ *   true). The first stream with sound a page plays otherwise holds its main thread for about 50 ms
+ *   (Chromium starts its audio process) just as the first frame arrives. It is a suspended
+ *   `AudioContext`: it plays nothing, and Chromium's console notes it "was not allowed to start".
  */
 
 /**
@@ -107,6 +111,22 @@
  */
 
 const RETRYABLE_OFFER_ERRORS = ['busy', 'no_worker'];
+
+/**
+ * Start the browser's audio output now, once per page (compat.js does the same for old pages):
+ * a suspended `AudioContext`. Chromium starts its audio process for the first one, about 50 ms
+ * during which the page's main thread waits; without this, that wait falls on the first frame.
+ */
+function warmAudioOutput() {
+  const g = /** @type {any} */ (globalThis);
+  const Context = g.AudioContext || g.webkitAudioContext;
+  if (!Context || g.avatarEdgeAudioWarmed) return;
+  try {
+    g.avatarEdgeAudioWarmed = new Context();
+  } catch {
+    // No audio output (a machine without sound devices): nothing to start early.
+  }
+}
 const RENEGOTIATE_ERRORS = ['worker_lost', 'peer_failed'];
 
 /**
@@ -393,7 +413,10 @@ export class Session {
   /** @private */
   async openSocket() {
     if (this.state === 'closed' || this.state === 'failed') return;
-    await this.fetchIceServers();
+    const iceServers = this.fetchIceServers();
+    // While the request is out: the audio output's start then costs the first frame nothing.
+    if (this.options.warmAudio !== false) warmAudioOutput();
+    await iceServers;
     const rnd = globalThis.crypto && crypto.randomUUID ? crypto.randomUUID() : String(Math.random()).slice(2);
     this.sessionId = `web-${rnd}`;
     this.voice = null; // the next worker says again

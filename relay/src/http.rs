@@ -33,6 +33,7 @@ const INDEX_HTML: &str = include_str!("../../web-client/index.html");
 const APP_JS: &str = include_str!("../../web-client/app.js");
 const STYLE_CSS: &str = include_str!("../../web-client/style.css");
 const SDK_JS: &str = include_str!("../../web-client/avatar-edge.js");
+const COMPAT_JS: &str = include_str!("../../web-client/compat.js");
 
 /// The relay's HTTP application.
 pub fn app(state: Arc<AppState>) -> Router {
@@ -71,7 +72,8 @@ pub fn app(state: Arc<AppState>) -> Router {
             .route("/index.html", get(|| async { embedded("text/html", INDEX_HTML) }))
             .route("/app.js", get(|| async { embedded("text/javascript", APP_JS) }))
             .route("/style.css", get(|| async { embedded("text/css", STYLE_CSS) }))
-            .route("/avatar-edge.js", get(|| async { sdk() })),
+            .route("/avatar-edge.js", get(|| async { cross_origin_script(SDK_JS) }))
+            .route("/compat.js", get(|| async { cross_origin_script(COMPAT_JS) })),
     };
     let hsts = state.config.http.tls;
     // Checked by the config's validation; an empty policy sends no header.
@@ -142,8 +144,10 @@ fn servable(root: &std::path::Path, path: &str) -> bool {
 
 /// The JavaScript SDK, importable as a module from any origin (it holds no secret; the socket
 /// and `/api/ice-servers` apply `http.allowed_origins` themselves).
-fn sdk() -> Response {
-    let mut response = embedded("text/javascript", SDK_JS);
+/// A script other sites' pages load from the relay: the SDK, and compat.js for pages written
+/// for the old server.
+fn cross_origin_script(body: &'static str) -> Response {
+    let mut response = embedded("text/javascript", body);
     response
         .headers_mut()
         .insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
@@ -752,12 +756,19 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_sdk_is_served_to_any_origin_and_the_ice_list_to_allowed_ones() {
-        let (status, headers, body) =
-            get_from(state_with(RelayConfig::dev()), "/avatar-edge.js", "203.0.113.9", &[]).await;
-        assert_eq!(status, StatusCode::OK);
-        assert_eq!(headers[header::ACCESS_CONTROL_ALLOW_ORIGIN], "*");
-        assert!(body.contains("export async function connect"), "the module");
+    async fn the_sdk_and_compat_js_are_served_to_any_origin_and_the_ice_list_to_allowed_ones() {
+        for (path, marker) in [
+            ("/avatar-edge.js", "export async function connect"),
+            ("/compat.js", "function avatarEdgeCompat"),
+        ] {
+            let (status, headers, body) = get_from(state_with(RelayConfig::dev()), path, "203.0.113.9", &[]).await;
+            assert_eq!(status, StatusCode::OK, "{path}");
+            assert_eq!(headers[header::ACCESS_CONTROL_ALLOW_ORIGIN], "*", "{path}");
+            assert!(headers[header::CONTENT_TYPE]
+                .to_str()
+                .is_ok_and(|t| t.starts_with("text/javascript")));
+            assert!(body.contains(marker), "{path}");
+        }
         let mut cfg = RelayConfig::dev();
         cfg.http.allowed_origins = vec!["https://school.example".into()];
         let state = state_with(cfg);

@@ -6,6 +6,8 @@
 //! * [`signaling`] is a WebSocket client speaking the customer's JSON.
 //! * [`rtc_client`] is a Rust WebRTC receiver that depacketises and decodes the H.264 it gets.
 //! * [`cdp`] drives headless Chromium over the DevTools protocol.
+//! * [`customer_site`] is the customer's own web site (the design notes' page, a page on the SDK)
+//!   on its own origin, and times connect → first frame on it in a fresh Chromium.
 //! * [`asr`] runs the demo's offline speech recognition and speaks questions for fake microphones.
 //! * [`debian`] makes fresh Debian 12 machines, installs the release's packages and starts
 //!   their systemd units, for the deploy tests.
@@ -14,6 +16,7 @@ pub mod asr;
 pub mod avatars;
 pub mod cdp;
 pub mod cluster;
+pub mod customer_site;
 pub mod debian;
 pub mod netns;
 pub mod openai;

@@ -3,6 +3,7 @@
 
 use avatar_edge_tests::cdp::Chromium;
 use avatar_edge_tests::cluster::Cluster;
+use avatar_edge_tests::customer_site::{first_frame, CustomerSite, Page};
 use avatar_edge_tests::netns;
 use serde_json::Value;
 use std::time::{Duration, Instant};
@@ -195,4 +196,34 @@ fn chromium_plays_the_talking_avatar_and_stops_it() {
             "the conversation shows the answer: {turns:?}"
         );
     });
+}
+
+/// The design notes' page, unchanged but for one script tag (compat.js), from the customer's own
+/// origin in a fresh Chromium: it plays, it talks, and its first frame comes within 100 ms of the
+/// click (best of 5). The same page with the documented two-line fix instead took about 130 ms
+/// (`bench-first-frame`): Chromium started its audio output on the first frame's way. The SDK's
+/// page, which warms the audio output the same way, likewise (best of 3).
+#[test]
+fn the_design_notes_page_with_compat_js_talks_and_shows_its_first_frame_within_100_ms() {
+    netns::run(
+        "the_design_notes_page_with_compat_js_talks_and_shows_its_first_frame_within_100_ms",
+        || async {
+            let cluster = Cluster::start().await;
+            let site = CustomerSite::start(cluster.relay.http).await;
+            for (page, runs) in [(Page::OldWithCompat, 5), (Page::Sdk { warm_audio: true }, 3)] {
+                let mut shown = Vec::new();
+                for run in 0..runs {
+                    // The first run also presses Send: the answer is heard.
+                    let talk = run == 0 && page == Page::OldWithCompat;
+                    match first_frame(&site, page, talk).await {
+                        Ok(t) => shown.push(t.shown_ms),
+                        Err(e) => panic!("{}: {e:#}\n{}", page.label(), cluster.logs()),
+                    }
+                }
+                eprintln!("{}: connect → first frame {shown:?} ms", page.label());
+                let best = shown.iter().copied().fold(f64::INFINITY, f64::min);
+                assert!(best <= 100.0, "{}: first frames {shown:?} ms", page.label());
+            }
+        },
+    );
 }

@@ -6,8 +6,11 @@
 //! worker whose LLM key is missing from its environment would start, register, and fail every
 //! answer. This command makes both visible before traffic arrives. It checks, in order:
 //!
+//! * the **avatars** in `avatar_dir`, loaded as the worker loads them (each keeps its own size);
 //! * the **encoder**: opens the configured one (`auto` reports which it got) and encodes `frames`
-//!   frames of the avatar, timed per frame;
+//!   frames at each size the worker will stream (one row per size: a 720p avatar costs about
+//!   2.5 times a 512×512 one), timed per frame; without `avatar_dir`, the built-in avatar at
+//!   `[video]`'s size;
 //! * the **lip-sync** model, with its execution provider, at batch 1 and at `max_batch`, per frame;
 //! * the **VAD** (Silero) model when voice input is on (`talk.vad.model` set): loaded, one window run;
 //! * each **LLM** and **TTS** the pipeline would build (the default and every avatar's own), and
@@ -28,7 +31,7 @@
 //! their own, so `run` may be called from `main` or from a blocking task of an async program alike.
 
 use crate::config::{AsrConfig, LlmBackend, LlmConfig, TalkConfig, TtsBackend, TtsConfig, WorkerConfig};
-use crate::media::avatar;
+use crate::media::avatar::{self, AvatarClip};
 use crate::media::encoder::{self, EncoderSettings, H264Encoder};
 use crate::prepare::detect::FaceDetector;
 use crate::talk::lipsync::{self, FrameInput, MEL_LEN};
@@ -198,29 +201,76 @@ fn per_frame(mut samples: Vec<f64>, per: usize) -> (f64, f64) {
     (mean, p95)
 }
 
+/// What the worker will encode: the first avatar of each size in `avatar_dir` (an `avatars` row
+/// lists them all), or the built-in avatar at `[video]`'s size. Empty when the avatars do not
+/// load (a failed row: the worker would not start either).
+fn avatars_to_encode(config: &WorkerConfig, report: &mut Report) -> Vec<AvatarClip> {
+    let v = &config.video;
+    let Some(dir) = &config.avatar_dir else {
+        return vec![avatar::synthetic(v.width, v.height, v.fps)];
+    };
+    let started = Instant::now();
+    match avatar::load_dir(dir, v.fps) {
+        Ok(clips) => {
+            let listed: Vec<String> = clips
+                .iter()
+                .map(|c| format!("{} {}x{}", c.id, c.size().0, c.size().1))
+                .collect();
+            report.once(
+                "avatars",
+                format!("{} from {}: {}", clips.len(), dir.display(), listed.join(", ")),
+                started.elapsed(),
+            );
+            let mut sizes = Vec::new();
+            clips
+                .into_iter()
+                .filter(|c| {
+                    let new = !sizes.contains(&c.size());
+                    sizes.push(c.size());
+                    new
+                })
+                .collect()
+        }
+        Err(e) => {
+            report.fail("avatars", dir.display().to_string(), e);
+            Vec::new()
+        }
+    }
+}
+
 fn encode_test(config: &WorkerConfig, frames: usize, report: &mut Report) {
     let v = &config.video;
-    let settings = EncoderSettings::from(v);
     let asked = format!("asked `{}`", v.encoder);
     if let Err(e) = encoder::init() {
         report.fail("encoder", asked, format!("FFmpeg: {e}"));
         return;
     }
-    let name = match encoder::select_encoder(v.encoder, &settings) {
+    let clips = avatars_to_encode(config, report);
+    let Some(first) = clips.first() else { return };
+    let name = match encoder::select_encoder(v.encoder, &EncoderSettings::from(v).at_size(first.size())) {
         Ok(name) => name,
         Err(e) => {
             report.fail(format!("encoder `{}`", v.encoder), asked, e);
             return;
         }
     };
-    let mut enc = match H264Encoder::open(name, &settings) {
+    for clip in &clips {
+        encode_one(config, name, clip, frames, report);
+    }
+}
+
+/// `frames` frames of `clip` through encoder `name` at the clip's size: one row.
+fn encode_one(config: &WorkerConfig, name: &'static str, clip: &AvatarClip, frames: usize, report: &mut Report) {
+    let v = &config.video;
+    let asked = format!("asked `{}`", v.encoder);
+    let (width, height) = clip.size();
+    let mut enc = match H264Encoder::open(name, &EncoderSettings::from(v).at_size((width, height))) {
         Ok(enc) => enc,
         Err(e) => {
-            report.fail(format!("encoder {name}"), asked, e);
+            report.fail(format!("encoder {name}"), format!("{width}x{height}, {asked}"), e);
             return;
         }
     };
-    let clip = avatar::synthetic(v.width, v.height, v.fps);
     let (mut times, mut bytes) = (Vec::with_capacity(frames), 0usize);
     for i in 0..frames {
         let picture = clip.frame(i);
@@ -238,10 +288,7 @@ fn encode_test(config: &WorkerConfig, frames: usize, report: &mut Report) {
     let kbps = bytes as f64 * 8.0 / (frames as f64 / v.fps as f64) / 1e3;
     report.row(
         format!("encoder {name}"),
-        format!(
-            "{}x{} @ {} fps, {asked}, {kbps:.0} kbit/s out",
-            v.width, v.height, v.fps
-        ),
+        format!("{width}x{height} @ {} fps, {asked}, {kbps:.0} kbit/s out", v.fps),
         Outcome::PerFrame { mean_ms, p95_ms },
     );
 }
@@ -652,6 +699,69 @@ mod tests {
         assert!(named(&report, TTS).detail.contains("espeak-ng"), "{table}");
         assert_eq!(named(&report, "voice input").outcome, Outcome::Skipped, "{table}");
         assert_eq!(named(&report, FACE).outcome, Outcome::Skipped, "{table}");
+    }
+
+    /// An avatar directory as `worker avatar prepare` leaves it: `idle.mp4` and `avatar.toml`.
+    fn write_avatar(dir: &std::path::Path, id: &str, (width, height): (u32, u32)) {
+        let dir = dir.join(id);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let mut mp4 = crate::media::file::Mp4Writer::create(&dir.join("idle.mp4"), width, height, 25).expect("mp4");
+        for i in 0..10 {
+            mp4.write(&avatar::draw(width, height, i as f32 / 10.0, None))
+                .expect("frame");
+        }
+        mp4.finish().expect("finish");
+        let b = avatar::synthetic_face_box(width, height);
+        let meta = format!(
+            "name = \"{id}\"\nvideo = \"idle.mp4\"\nface_box = [{}, {}, {}, {}]\n",
+            b.x, b.y, b.w, b.h
+        );
+        std::fs::write(dir.join("avatar.toml"), meta).expect("toml");
+    }
+
+    #[test]
+    fn the_encoder_is_timed_at_each_size_the_avatars_stream_at() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_avatar(dir.path(), "tutor-wide", (1280, 720));
+        write_avatar(dir.path(), "tutor-phone", (720, 1280));
+        write_avatar(dir.path(), "tutor-wide-2", (1280, 720));
+        let mut config = WorkerConfig::dev();
+        config.video.encoder = VideoEncoder::Libx264;
+        config.talk.enabled = false;
+        config.avatar_dir = Some(dir.path().into());
+        let report = run(&config, &options(10));
+        let table = report.render();
+        assert!(report.ok(), "{table}");
+        let avatars = named(&report, "avatars");
+        assert!(
+            avatars.detail.contains("3 from") && avatars.detail.contains("tutor-phone 720x1280"),
+            "{table}"
+        );
+        // One row per size, not per avatar, and none at [video]'s 512x512.
+        let encoded: Vec<&str> = report
+            .rows
+            .iter()
+            .filter(|r| r.what.starts_with("encoder"))
+            .map(|r| r.detail.split(' ').next().unwrap_or(""))
+            .collect();
+        assert_eq!(encoded, ["720x1280", "1280x720"], "{table}");
+    }
+
+    #[test]
+    fn avatars_that_do_not_load_fail_the_self_test() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = WorkerConfig::dev();
+        config.video.encoder = VideoEncoder::Libx264;
+        config.talk.enabled = false;
+        config.avatar_dir = Some(dir.path().into());
+        let report = run(&config, &options(10));
+        assert!(!report.ok());
+        assert_eq!(
+            named(&report, "avatars").outcome,
+            Outcome::Failed,
+            "{}",
+            report.render()
+        );
     }
 
     #[test]
