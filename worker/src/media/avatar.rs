@@ -37,6 +37,52 @@ impl Yuv420 {
             v: vec![128; w * h / 4],
         }
     }
+
+    /// The picture turned clockwise by `quarter_turns` × 90° (sides swap on odd turns).
+    pub fn turned(&self, quarter_turns: u32) -> Self {
+        let turns = quarter_turns % 4;
+        let (w, h) = (self.width, self.height);
+        let (tw, th) = if turns % 2 == 1 { (h, w) } else { (w, h) };
+        let mut out = Self::new(tw, th);
+        for (src, dst, pw, ph) in [
+            (&self.y, &mut out.y, w as usize, h as usize),
+            (&self.u, &mut out.u, w as usize / 2, h as usize / 2),
+            (&self.v, &mut out.v, w as usize / 2, h as usize / 2),
+        ] {
+            let out_w = if turns % 2 == 1 { ph } else { pw };
+            for y in 0..ph {
+                for x in 0..pw {
+                    // Where source pixel (x, y) lands after the turn.
+                    let (nx, ny) = match turns {
+                        1 => (ph - 1 - y, x),
+                        2 => (pw - 1 - x, ph - 1 - y),
+                        3 => (y, pw - 1 - x),
+                        _ => (x, y),
+                    };
+                    dst[ny * out_w + nx] = src[y * pw + x];
+                }
+            }
+        }
+        out
+    }
+
+    /// The `width`×`height` part at (`x0`, `y0`) (both even).
+    pub fn region(&self, x0: u32, y0: u32, width: u32, height: u32) -> Self {
+        let mut out = Self::new(width, height);
+        let (w, h, x0, y0) = (width as usize, height as usize, x0 as usize, y0 as usize);
+        let stride = self.width as usize;
+        for (src, dst, pw, ph, dx, dy, sw) in [
+            (&self.y, &mut out.y, w, h, x0, y0, stride),
+            (&self.u, &mut out.u, w / 2, h / 2, x0 / 2, y0 / 2, stride / 2),
+            (&self.v, &mut out.v, w / 2, h / 2, x0 / 2, y0 / 2, stride / 2),
+        ] {
+            for row in 0..ph {
+                let at = (row + dy) * sw + dx;
+                dst[row * pw..(row + 1) * pw].copy_from_slice(&src[at..at + pw]);
+            }
+        }
+        out
+    }
 }
 
 /// Face box in output pixels: x, y, width, height.
@@ -670,6 +716,9 @@ pub(crate) fn decode_video(
         .ok_or_else(|| AvatarError::NoVideo { path: path.into() })?;
     let index = stream.index();
     let time_base = f64::from(stream.time_base());
+    // A phone records an upright video sideways and says so in the file (a display matrix):
+    // turn it as a player does. Sizes below are of the picture as shown.
+    let turns = quarter_turns(&stream);
     // The stream's size and pixel format, from a decoder opened only to read them: one opened
     // with `max_pixels` would quietly forget a larger size instead of refusing it.
     let (src_w, src_h, src_format) = {
@@ -693,26 +742,37 @@ pub(crate) fn decode_video(
     if (decoder.width(), decoder.height(), decoder.format()) != (src_w, src_h, src_format) {
         return Err(AvatarError::Changed { path: path.into() });
     }
+    let sideways = turns % 2 == 1;
+    let (shown_w, shown_h) = if sideways { (src_h, src_w) } else { (src_w, src_h) };
     let (width, height) = match fit {
-        Fit::Keep => stream_size(src_w, src_h),
+        Fit::Keep => stream_size(shown_w, shown_h),
         Fit::Stretch | Fit::Cover => (width, height),
     };
     let (scaled_w, scaled_h) = match fit {
         Fit::Stretch | Fit::Keep => (width, height),
         Fit::Cover => {
-            let k = (f64::from(width) / f64::from(src_w)).max(f64::from(height) / f64::from(src_h));
+            let k = (f64::from(width) / f64::from(shown_w)).max(f64::from(height) / f64::from(shown_h));
             let even = |v: f64, min: u32| ((v.ceil() as u32).div_ceil(2) * 2).max(min);
-            (even(f64::from(src_w) * k, width), even(f64::from(src_h) * k, height))
+            (
+                even(f64::from(shown_w) * k, width),
+                even(f64::from(shown_h) * k, height),
+            )
         }
     };
     let (x0, y0) = ((scaled_w - width) / 4 * 2, (scaled_h - height) / 4 * 2);
+    // The scaler works on the picture as stored; the turn comes after it.
+    let (stored_w, stored_h) = if sideways {
+        (scaled_h, scaled_w)
+    } else {
+        (scaled_w, scaled_h)
+    };
     let mut scaler = scaling::Context::get(
         src_format,
         src_w,
         src_h,
         format::Pixel::YUV420P,
-        scaled_w,
-        scaled_h,
+        stored_w,
+        stored_h,
         scaling::Flags::BICUBIC,
     )
     .map_err(err)?;
@@ -729,7 +789,12 @@ pub(crate) fn decode_video(
                 ffmpeg_next::Error::InputChanged => AvatarError::Changed { path: path.into() },
                 other => err(other),
             })?;
-            let picture = copy_region(&scaled, x0, y0, width, height);
+            let picture = match turns {
+                0 => copy_region(&scaled, x0, y0, width, height),
+                _ => copy_planes(&scaled, stored_w, stored_h)
+                    .turned(turns)
+                    .region(x0, y0, width, height),
+            };
             let Some(t) = decoded.timestamp().map(|ts| ts as f64 * time_base) else {
                 frames.push(picture); // no timestamps: every picture, in order
                 continue;
@@ -764,7 +829,32 @@ pub(crate) fn decode_video(
     if frames.is_empty() {
         return Err(AvatarError::Empty { path: path.into() });
     }
-    Ok((frames, src_w, src_h))
+    Ok((frames, shown_w, shown_h))
+}
+
+/// Clockwise quarter turns (0–3) a player gives `stream`'s pictures: from its display matrix, the
+/// rotation MP4 and MOV files carry in their track header (a phone held upright writes 90). A
+/// mirrored matrix is read for its rotation only.
+fn quarter_turns(stream: &ffmpeg_next::format::stream::Stream) -> u32 {
+    use ffmpeg_next::codec::packet::side_data::Type;
+    stream
+        .side_data()
+        .find(|d| d.kind() == Type::DisplayMatrix)
+        .and_then(|d| display_matrix_turns(d.data()))
+        .unwrap_or(0)
+}
+
+/// The clockwise quarter turns of an FFmpeg display matrix: nine native-endian `i32` (a, b, u,
+/// c, d, v, x, y, w; a–d in 16.16 fixed point), the rotation being atan2(b, a). `None` when it is
+/// not nine numbers or has no rotation part.
+pub(crate) fn display_matrix_turns(matrix: &[u8]) -> Option<u32> {
+    let mut m = matrix.chunks_exact(4).map(|c| c.try_into().map(i32::from_ne_bytes));
+    let (a, b) = (m.next()?.ok()?, m.next()?.ok()?);
+    if matrix.len() != 36 || (a == 0 && b == 0) {
+        return None;
+    }
+    let degrees = f64::from(b).atan2(f64::from(a)).to_degrees();
+    Some(((degrees / 90.0).round() as i64).rem_euclid(4) as u32)
 }
 
 /// The `width`×`height` picture at (`x0`, `y0`) (both even) of a YUV 4:2:0 FFmpeg frame.
@@ -800,6 +890,104 @@ pub(crate) fn copy_planes(frame: &ffmpeg_next::util::frame::video::Video, width:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A `w`×`h` picture whose luma is its pixel's index (mod 256), chroma likewise.
+    fn numbered(w: u32, h: u32) -> Yuv420 {
+        let mut p = Yuv420::new(w, h);
+        p.y.iter_mut().enumerate().for_each(|(i, v)| *v = i as u8);
+        p.u.iter_mut().enumerate().for_each(|(i, v)| *v = 100 + i as u8);
+        p.v.iter_mut().enumerate().for_each(|(i, v)| *v = 200 + i as u8);
+        p
+    }
+
+    #[test]
+    fn a_picture_turns_clockwise_by_quarter_turns() {
+        let p = numbered(4, 2); // luma rows [0 1 2 3] [4 5 6 7]
+        let q = p.turned(1);
+        assert_eq!((q.width, q.height), (2, 4));
+        // Clockwise: the left column, read upwards, becomes the top row.
+        assert_eq!(q.y, [4, 0, 5, 1, 6, 2, 7, 3]);
+        assert_eq!(q.u, [100, 101], "chroma turns with it");
+        assert_eq!(p.turned(2).y, [7, 6, 5, 4, 3, 2, 1, 0]);
+        assert_eq!(p.turned(3).y, [3, 7, 2, 6, 1, 5, 0, 4]);
+        let back = p.turned(1).turned(1).turned(1).turned(1);
+        assert_eq!(
+            (back.width, back.height, &back.y, &back.u, &back.v),
+            (4, 2, &p.y, &p.u, &p.v)
+        );
+        let r = numbered(8, 4).region(2, 2, 4, 2);
+        assert_eq!(r.y, [18, 19, 20, 21, 26, 27, 28, 29]);
+        assert_eq!(r.u, [100 + 5, 100 + 6]);
+    }
+
+    /// A display matrix as FFmpeg hands it over: a, b, u, c, d, v, x, y, w, native-endian.
+    fn matrix(a: i32, b: i32, c: i32, d: i32) -> Vec<u8> {
+        [a, b, 0, c, d, 0, 0, 0, 1 << 30]
+            .iter()
+            .flat_map(|v| v.to_ne_bytes())
+            .collect()
+    }
+
+    #[test]
+    fn the_display_matrix_says_how_far_to_turn() {
+        const ONE: i32 = 1 << 16;
+        assert_eq!(display_matrix_turns(&matrix(ONE, 0, 0, ONE)), Some(0));
+        // What a phone held upright writes ("rotation of -90 degrees" in ffprobe).
+        assert_eq!(display_matrix_turns(&matrix(0, ONE, -ONE, 0)), Some(1));
+        assert_eq!(display_matrix_turns(&matrix(-ONE, 0, 0, -ONE)), Some(2));
+        assert_eq!(display_matrix_turns(&matrix(0, -ONE, ONE, 0)), Some(3));
+        assert_eq!(display_matrix_turns(&matrix(0, 0, 0, 0)), None, "no rotation part");
+        assert_eq!(display_matrix_turns(&[0; 35]), None, "not nine numbers");
+    }
+
+    /// Set the rotation of the first track of an MP4 file in its track header, as a phone does:
+    /// the matrix sits 40 bytes after `tkhd` in a version-0 header, big-endian.
+    fn rotate_mp4_track(path: &Path, matrix: [i32; 9]) {
+        let mut bytes = std::fs::read(path).expect("read");
+        let at = bytes.windows(4).position(|w| w == b"tkhd").expect("tkhd") + 4;
+        assert_eq!(bytes[at], 0, "a version-0 track header");
+        for (i, v) in matrix.iter().enumerate() {
+            bytes[at + 40 + 4 * i..at + 44 + 4 * i].copy_from_slice(&v.to_be_bytes());
+        }
+        std::fs::write(path, bytes).expect("write");
+    }
+
+    #[test]
+    fn a_phone_recording_stored_sideways_is_read_upright() {
+        crate::media::encoder::init().expect("ffmpeg");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("phone.mp4");
+        // Stored 320×180, its top-left corner white: upright, that corner is the top right.
+        let mut mp4 = crate::media::file::Mp4Writer::create(&path, 320, 180, 25).expect("mp4");
+        let mut stored = Yuv420::new(320, 180);
+        for y in 0..40 {
+            stored.y[y * 320..y * 320 + 40].fill(235);
+        }
+        for _ in 0..5 {
+            mp4.write(&stored).expect("frame");
+        }
+        mp4.finish().expect("finish");
+        let limits = InputLimits::recording(DEFAULT_MAX_INPUT_PIXELS);
+        let luma_at = |p: &Yuv420, x: u32, y: u32| p.y[(y * p.width + x) as usize];
+
+        let (frames, w, h) = decode_video(&path, 0, 0, 5, 25, Fit::Keep, &limits).expect("decode");
+        assert_eq!(
+            (w, h, frames[0].width, frames[0].height),
+            (320, 180, 320, 180),
+            "no matrix: as stored"
+        );
+
+        const ONE: i32 = 1 << 16;
+        rotate_mp4_track(&path, [0, ONE, 0, -ONE, 0, 0, 0, 0, 1 << 30]);
+        let (frames, w, h) = decode_video(&path, 0, 0, 5, 25, Fit::Keep, &limits).expect("decode");
+        let f = &frames[0];
+        assert_eq!((w, h, f.width, f.height), (180, 320, 180, 320), "upright");
+        assert!(luma_at(f, 160, 20) > 200, "the white corner is at the top right");
+        assert!(luma_at(f, 20, 20) < 60 && luma_at(f, 160, 300) < 60);
+        // Covering a size crops the upright picture.
+        let (frames, _, _) = decode_video(&path, 90, 90, 5, 25, Fit::Cover, &limits).expect("decode");
+        assert_eq!((frames[0].width, frames[0].height), (90, 90));
+    }
 
     /// A clip whose picture `k` has luma `10 k`: the luma says which frame is shown.
     fn ramp(n: usize, looping: Looping) -> AvatarClip {
