@@ -39,8 +39,9 @@
  *   server, never a direct path, so the GPU box never learns the user's address (default `'all'`).
  * @property {boolean} [warmAudio] Start the browser's audio output while the socket opens (default
  *   true). The first stream with sound a page plays otherwise holds its main thread for about 50 ms
- *   (Chromium starts its audio process) just as the first frame arrives. It is a suspended
- *   `AudioContext`: it plays nothing, and Chromium's console notes it "was not allowed to start".
+ *   (Chromium starts its audio process) just as the first frame arrives. It is an `AudioContext`
+ *   created and closed at once: it plays nothing (without a click, Chromium's console notes it
+ *   "was not allowed to start").
  */
 
 /**
@@ -111,23 +112,25 @@
  */
 
 const RETRYABLE_OFFER_ERRORS = ['busy', 'no_worker'];
+const RENEGOTIATE_ERRORS = ['worker_lost', 'peer_failed'];
 
 /**
- * Start the browser's audio output now, once per page (compat.js does the same for old pages):
- * a suspended `AudioContext`. Chromium starts its audio process for the first one, about 50 ms
- * during which the page's main thread waits; without this, that wait falls on the first frame.
+ * Start the browser's audio output now, once per page: an `AudioContext` created and closed.
+ * Chromium starts its audio process for the first one, about 50 ms during which the page's main
+ * thread waits; without this, that wait falls on the first frame. compat.js has the same function
+ * for old pages: keep the two in step.
  */
 function warmAudioOutput() {
   const g = /** @type {any} */ (globalThis);
   const Context = g.AudioContext || g.webkitAudioContext;
   if (!Context || g.avatarEdgeAudioWarmed) return;
+  g.avatarEdgeAudioWarmed = true;
   try {
-    g.avatarEdgeAudioWarmed = new Context();
+    new Context().close().catch(() => {});
   } catch {
     // No audio output (a machine without sound devices): nothing to start early.
   }
 }
-const RENEGOTIATE_ERRORS = ['worker_lost', 'peer_failed'];
 
 /**
  * Connect to the relay; resolves once the socket is open and the offer is on its way (listen to
@@ -414,7 +417,8 @@ export class Session {
   async openSocket() {
     if (this.state === 'closed' || this.state === 'failed') return;
     const iceServers = this.fetchIceServers();
-    // While the request is out: the audio output's start then costs the first frame nothing.
+    // While the request is out (a round trip): the audio output's start is then off the path
+    // from the answer to the first frame.
     if (this.options.warmAudio !== false) warmAudioOutput();
     await iceServers;
     const rnd = globalThis.crypto && crypto.randomUUID ? crypto.randomUUID() : String(Math.random()).slice(2);

@@ -57,10 +57,17 @@ pub fn app(state: Arc<AppState>) -> Router {
                     .layer(axum::middleware::from_fn(move |req: Request, next: Next| {
                         let root = Arc::clone(&root);
                         async move {
-                            if servable(&root, req.uri().path()) {
-                                next.run(req).await
+                            let path = req.uri().path();
+                            if !servable(&root, path) {
+                                return StatusCode::NOT_FOUND.into_response();
+                            }
+                            // The operator's copies of the SDK and compat.js, like the built-in ones.
+                            let script = path.ends_with(".js");
+                            let response = next.run(req).await;
+                            if script {
+                                allow_any_origin(response)
                             } else {
-                                StatusCode::NOT_FOUND.into_response()
+                                response
                             }
                         }
                     }))
@@ -142,12 +149,15 @@ fn servable(root: &std::path::Path, path: &str) -> bool {
     !std::fs::symlink_metadata(at.join("index.html")).is_ok_and(|m| m.file_type().is_symlink())
 }
 
-/// The JavaScript SDK, importable as a module from any origin (it holds no secret; the socket
-/// and `/api/ice-servers` apply `http.allowed_origins` themselves).
-/// A script other sites' pages load from the relay: the SDK, and compat.js for pages written
-/// for the old server.
+/// A script other sites' pages load from the relay: the SDK (imported as a module) and compat.js
+/// (for pages written for the old server). Readable from any origin, which a module import and
+/// a `<script integrity=…>` need: they hold no secret, and the socket and `/api/ice-servers`
+/// apply `http.allowed_origins` themselves.
 fn cross_origin_script(body: &'static str) -> Response {
-    let mut response = embedded("text/javascript", body);
+    allow_any_origin(embedded("text/javascript", body))
+}
+
+fn allow_any_origin(mut response: Response) -> Response {
     response
         .headers_mut()
         .insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
@@ -628,10 +638,18 @@ mod tests {
         std::fs::write(dir.path().join("index.html"), "<p>operator page 你好</p>").expect("write");
         let mut config = RelayConfig::dev();
         config.http.web_client_dir = Some(dir.path().to_path_buf());
-        let (status, content_type, body) = get(state_with(config), "/").await;
+        std::fs::write(dir.path().join("compat.js"), "/* the operator's copy */").expect("write");
+        let state = state_with(config);
+        let (status, content_type, body) = get(Arc::clone(&state), "/").await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(content_type, "text/html; charset=utf-8");
         assert_eq!(body, "<p>operator page 你好</p>");
+        // Its scripts are for other sites' pages too, as the built-in ones are; its pages are not.
+        let (status, headers, body) = get_from(Arc::clone(&state), "/compat.js", "203.0.113.9", &[]).await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "/* the operator's copy */"));
+        assert_eq!(headers[header::ACCESS_CONTROL_ALLOW_ORIGIN], "*");
+        let (_, headers, _) = get_from(state, "/", "203.0.113.9", &[]).await;
+        assert!(!headers.contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN));
     }
 
     /// GET `path` from `from` with `headers`; status, headers and body.

@@ -199,10 +199,11 @@ fn chromium_plays_the_talking_avatar_and_stops_it() {
 }
 
 /// The design notes' page, unchanged but for one script tag (compat.js), from the customer's own
-/// origin in a fresh Chromium: it plays, it talks, and its first frame comes within 100 ms of the
-/// click (best of 5). The same page with the documented two-line fix instead took about 130 ms
-/// (`bench-first-frame`): Chromium started its audio output on the first frame's way. The SDK's
-/// page, which warms the audio output the same way, likewise (best of 3).
+/// origin in a fresh Chromium with its default autoplay policy, Connect clicked as a user does:
+/// it plays, it talks, and its first frame comes within 100 ms of the click (best of 5). The same
+/// page with the documented two-line fix instead, in the same run, is at least 40 ms slower
+/// (about 140 ms in `bench-first-frame`): Chromium starts its audio output on the first frame's
+/// way unless compat.js started it at load.
 #[test]
 fn the_design_notes_page_with_compat_js_talks_and_shows_its_first_frame_within_100_ms() {
     netns::run(
@@ -210,10 +211,11 @@ fn the_design_notes_page_with_compat_js_talks_and_shows_its_first_frame_within_1
         || async {
             let cluster = Cluster::start().await;
             let site = CustomerSite::start(cluster.relay.http).await;
-            for (page, runs) in [(Page::OldWithCompat, 5), (Page::Sdk { warm_audio: true }, 3)] {
+            let mut best = Vec::new();
+            for (page, runs) in [(Page::OldFixedInline, 3), (Page::OldWithCompat, 5)] {
                 let mut shown = Vec::new();
                 for run in 0..runs {
-                    // The first run also presses Send: the answer is heard.
+                    // The first run with compat.js also presses Send: the answer is heard.
                     let talk = run == 0 && page == Page::OldWithCompat;
                     match first_frame(&site, page, talk).await {
                         Ok(t) => shown.push(t.shown_ms),
@@ -221,9 +223,14 @@ fn the_design_notes_page_with_compat_js_talks_and_shows_its_first_frame_within_1
                     }
                 }
                 eprintln!("{}: connect → first frame {shown:?} ms", page.label());
-                let best = shown.iter().copied().fold(f64::INFINITY, f64::min);
-                assert!(best <= 100.0, "{}: first frames {shown:?} ms", page.label());
+                best.push(shown.iter().copied().fold(f64::INFINITY, f64::min));
             }
+            let (fixed, compat) = (best[0], best[1]);
+            assert!(compat <= 100.0, "compat.js: best first frame {compat:.0} ms");
+            assert!(
+                compat + 40.0 <= fixed,
+                "compat.js {compat:.0} ms against the inline fix {fixed:.0} ms (best of each)"
+            );
         },
     );
 }

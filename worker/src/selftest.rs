@@ -221,15 +221,8 @@ fn avatars_to_encode(config: &WorkerConfig, report: &mut Report) -> Vec<AvatarCl
                 format!("{} from {}: {}", clips.len(), dir.display(), listed.join(", ")),
                 started.elapsed(),
             );
-            let mut sizes = Vec::new();
-            clips
-                .into_iter()
-                .filter(|c| {
-                    let new = !sizes.contains(&c.size());
-                    sizes.push(c.size());
-                    new
-                })
-                .collect()
+            let mut sizes = std::collections::HashSet::new();
+            clips.into_iter().filter(|c| sizes.insert(c.size())).collect()
         }
         Err(e) => {
             report.fail("avatars", dir.display().to_string(), e);
@@ -255,14 +248,20 @@ fn encode_test(config: &WorkerConfig, frames: usize, report: &mut Report) {
         }
     };
     for clip in &clips {
-        encode_one(config, name, clip, frames, report);
+        encode_one(config, name, &asked, clip, frames, report);
     }
 }
 
 /// `frames` frames of `clip` through encoder `name` at the clip's size: one row.
-fn encode_one(config: &WorkerConfig, name: &'static str, clip: &AvatarClip, frames: usize, report: &mut Report) {
+fn encode_one(
+    config: &WorkerConfig,
+    name: &'static str,
+    asked: &str,
+    clip: &AvatarClip,
+    frames: usize,
+    report: &mut Report,
+) {
     let v = &config.video;
-    let asked = format!("asked `{}`", v.encoder);
     let (width, height) = clip.size();
     let mut enc = match H264Encoder::open(name, &EncoderSettings::from(v).at_size((width, height))) {
         Ok(enc) => enc,

@@ -8,9 +8,10 @@
 //! Real relay and worker processes on loopback (a loopback-only network namespace). The pages come
 //! from the customer's own site, another origin ([`avatar_edge_tests::customer_site`]). Each run
 //! is a fresh headless Chromium, a browser that has played no sound yet: a student's first visit.
-//! "Connect" is the click on the old page's Connect button (a second after its socket opened),
-//! and the SDK page's socket opening. The anchor is the Rust WebRTC receiver: socket open → first
-//! decoded frame, with no browser in the way.
+//! "Connect" is a real click on the old page's Connect button (a second after its socket opened;
+//! Chromium's default autoplay policy), and the SDK page's call of `connect()` on load. The anchor
+//! is the Rust WebRTC receiver: socket connect (its offer made before) → first decoded frame, with
+//! no browser in the way.
 
 use avatar_edge_tests::cluster::Cluster;
 use avatar_edge_tests::customer_site::{first_frame, CustomerSite, FirstFrame, Page};
@@ -63,7 +64,7 @@ async fn run(runs: usize) {
         row(label, timings, true);
     }
     row(
-        "anchor: Rust receiver, socket open → first decoded frame",
+        "anchor: Rust receiver, socket connect → first decoded frame",
         &anchor,
         false,
     );

@@ -38,9 +38,14 @@ impl Yuv420 {
         }
     }
 
-    /// The picture turned clockwise by `quarter_turns` × 90° (sides swap on odd turns).
-    pub fn turned(&self, quarter_turns: u32) -> Self {
-        let turns = quarter_turns % 4;
+    /// The picture as a player shows it in `orientation`: mirrored left to right first, then
+    /// turned clockwise (sides swap on odd turns). Both sides must be even (4:2:0).
+    pub(crate) fn oriented(&self, orientation: Orientation) -> Self {
+        debug_assert!(
+            self.width.is_multiple_of(2) && self.height.is_multiple_of(2),
+            "4:2:0 needs even sides"
+        );
+        let turns = orientation.quarter_turns % 4;
         let (w, h) = (self.width, self.height);
         let (tw, th) = if turns % 2 == 1 { (h, w) } else { (w, h) };
         let mut out = Self::new(tw, th);
@@ -52,12 +57,13 @@ impl Yuv420 {
             let out_w = if turns % 2 == 1 { ph } else { pw };
             for y in 0..ph {
                 for x in 0..pw {
-                    // Where source pixel (x, y) lands after the turn.
+                    let mx = if orientation.mirror { pw - 1 - x } else { x };
+                    // Where the (mirrored) pixel lands after the turn.
                     let (nx, ny) = match turns {
-                        1 => (ph - 1 - y, x),
-                        2 => (pw - 1 - x, ph - 1 - y),
-                        3 => (y, pw - 1 - x),
-                        _ => (x, y),
+                        1 => (ph - 1 - y, mx),
+                        2 => (pw - 1 - mx, ph - 1 - y),
+                        3 => (y, pw - 1 - mx),
+                        _ => (mx, y),
                     };
                     dst[ny * out_w + nx] = src[y * pw + x];
                 }
@@ -65,23 +71,62 @@ impl Yuv420 {
         }
         out
     }
+}
 
-    /// The `width`×`height` part at (`x0`, `y0`) (both even).
-    pub fn region(&self, x0: u32, y0: u32, width: u32, height: u32) -> Self {
-        let mut out = Self::new(width, height);
-        let (w, h, x0, y0) = (width as usize, height as usize, x0 as usize, y0 as usize);
-        let stride = self.width as usize;
-        for (src, dst, pw, ph, dx, dy, sw) in [
-            (&self.y, &mut out.y, w, h, x0, y0, stride),
-            (&self.u, &mut out.u, w / 2, h / 2, x0 / 2, y0 / 2, stride / 2),
-            (&self.v, &mut out.v, w / 2, h / 2, x0 / 2, y0 / 2, stride / 2),
-        ] {
-            for row in 0..ph {
-                let at = (row + dy) * sw + dx;
-                dst[row * pw..(row + 1) * pw].copy_from_slice(&src[at..at + pw]);
-            }
+/// How a player shows a stored picture: mirrored left to right first (`mirror`), then turned
+/// clockwise by `quarter_turns` × 90°. MP4 and MOV files say it in their track header's display
+/// matrix; a phone held upright stores its video sideways and writes one clockwise turn.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Orientation {
+    pub mirror: bool,
+    pub quarter_turns: u32,
+}
+
+impl Orientation {
+    /// From an FFmpeg display matrix: nine native-endian `i32` (a, b, u, c, d, v, x, y, w; a–d in
+    /// 16.16 fixed point). A negative determinant (ad − bc) mirrors; the turn is then
+    /// atan2(b, a), read after undoing the mirror. `None` when it is not nine numbers or has no
+    /// linear part.
+    pub(crate) fn from_display_matrix(matrix: &[u8]) -> Option<Self> {
+        if matrix.len() != 36 {
+            return None;
         }
-        out
+        let m: Vec<f64> = matrix
+            .chunks_exact(4)
+            .map(|c| f64::from(i32::from_ne_bytes([c[0], c[1], c[2], c[3]])))
+            .collect();
+        let (a, b, c, d) = (m[0], m[1], m[3], m[4]);
+        if a == 0.0 && b == 0.0 {
+            return None;
+        }
+        let mirror = a * d - b * c < 0.0;
+        let (a, b) = if mirror { (-a, -b) } else { (a, b) };
+        let degrees = b.atan2(a).to_degrees();
+        Some(Self {
+            mirror,
+            quarter_turns: ((degrees / 90.0).round() as i64).rem_euclid(4) as u32,
+        })
+    }
+
+    fn sideways(self) -> bool {
+        self.quarter_turns % 2 == 1
+    }
+
+    /// The part `(x, y, w, h)` of the stored `stored_w`×`stored_h` picture that shows as the
+    /// rectangle `(x, y, w, h)` of the picture as shown: the turn undone, then the mirror.
+    fn stored_rect(self, (x, y, w, h): (u32, u32, u32, u32), (stored_w, stored_h): (u32, u32)) -> (u32, u32, u32, u32) {
+        let (sw, sh) = (stored_w, stored_h);
+        let r = match self.quarter_turns % 4 {
+            1 => (y, sh - x - w, h, w),
+            2 => (sw - x - w, sh - y - h, w, h),
+            3 => (sw - y - h, x, h, w),
+            _ => (x, y, w, h),
+        };
+        if self.mirror {
+            (sw - r.0 - r.2, r.1, r.2, r.3)
+        } else {
+            r
+        }
     }
 }
 
@@ -717,8 +762,8 @@ pub(crate) fn decode_video(
     let index = stream.index();
     let time_base = f64::from(stream.time_base());
     // A phone records an upright video sideways and says so in the file (a display matrix):
-    // turn it as a player does. Sizes below are of the picture as shown.
-    let turns = quarter_turns(&stream);
+    // show it as a player does. Sizes below are of the picture as shown.
+    let orientation = orientation(&stream);
     // The stream's size and pixel format, from a decoder opened only to read them: one opened
     // with `max_pixels` would quietly forget a larger size instead of refusing it.
     let (src_w, src_h, src_format) = {
@@ -742,7 +787,7 @@ pub(crate) fn decode_video(
     if (decoder.width(), decoder.height(), decoder.format()) != (src_w, src_h, src_format) {
         return Err(AvatarError::Changed { path: path.into() });
     }
-    let sideways = turns % 2 == 1;
+    let sideways = orientation.sideways();
     let (shown_w, shown_h) = if sideways { (src_h, src_w) } else { (src_w, src_h) };
     let (width, height) = match fit {
         Fit::Keep => stream_size(shown_w, shown_h),
@@ -760,7 +805,7 @@ pub(crate) fn decode_video(
         }
     };
     let (x0, y0) = ((scaled_w - width) / 4 * 2, (scaled_h - height) / 4 * 2);
-    // The scaler works on the picture as stored; the turn comes after it.
+    // The scaler works on the picture as stored; the part shown is cut from it, then turned.
     let (stored_w, stored_h) = if sideways {
         (scaled_h, scaled_w)
     } else {
@@ -789,11 +834,11 @@ pub(crate) fn decode_video(
                 ffmpeg_next::Error::InputChanged => AvatarError::Changed { path: path.into() },
                 other => err(other),
             })?;
-            let picture = match turns {
-                0 => copy_region(&scaled, x0, y0, width, height),
-                _ => copy_planes(&scaled, stored_w, stored_h)
-                    .turned(turns)
-                    .region(x0, y0, width, height),
+            let picture = if orientation == Orientation::default() {
+                copy_region(&scaled, x0, y0, width, height)
+            } else {
+                let (x, y, w, h) = orientation.stored_rect((x0, y0, width, height), (stored_w, stored_h));
+                copy_region(&scaled, x, y, w, h).oriented(orientation)
             };
             let Some(t) = decoded.timestamp().map(|ts| ts as f64 * time_base) else {
                 frames.push(picture); // no timestamps: every picture, in order
@@ -832,29 +877,14 @@ pub(crate) fn decode_video(
     Ok((frames, shown_w, shown_h))
 }
 
-/// Clockwise quarter turns (0–3) a player gives `stream`'s pictures: from its display matrix, the
-/// rotation MP4 and MOV files carry in their track header (a phone held upright writes 90). A
-/// mirrored matrix is read for its rotation only.
-fn quarter_turns(stream: &ffmpeg_next::format::stream::Stream) -> u32 {
+/// How a player shows `stream`'s pictures: its display matrix, upright when it has none.
+fn orientation(stream: &ffmpeg_next::format::stream::Stream) -> Orientation {
     use ffmpeg_next::codec::packet::side_data::Type;
     stream
         .side_data()
         .find(|d| d.kind() == Type::DisplayMatrix)
-        .and_then(|d| display_matrix_turns(d.data()))
-        .unwrap_or(0)
-}
-
-/// The clockwise quarter turns of an FFmpeg display matrix: nine native-endian `i32` (a, b, u,
-/// c, d, v, x, y, w; a–d in 16.16 fixed point), the rotation being atan2(b, a). `None` when it is
-/// not nine numbers or has no rotation part.
-pub(crate) fn display_matrix_turns(matrix: &[u8]) -> Option<u32> {
-    let mut m = matrix.chunks_exact(4).map(|c| c.try_into().map(i32::from_ne_bytes));
-    let (a, b) = (m.next()?.ok()?, m.next()?.ok()?);
-    if matrix.len() != 36 || (a == 0 && b == 0) {
-        return None;
-    }
-    let degrees = f64::from(b).atan2(f64::from(a)).to_degrees();
-    Some(((degrees / 90.0).round() as i64).rem_euclid(4) as u32)
+        .and_then(|d| Orientation::from_display_matrix(d.data()))
+        .unwrap_or_default()
 }
 
 /// The `width`×`height` picture at (`x0`, `y0`) (both even) of a YUV 4:2:0 FFmpeg frame.
@@ -895,29 +925,78 @@ mod tests {
     fn numbered(w: u32, h: u32) -> Yuv420 {
         let mut p = Yuv420::new(w, h);
         p.y.iter_mut().enumerate().for_each(|(i, v)| *v = i as u8);
-        p.u.iter_mut().enumerate().for_each(|(i, v)| *v = 100 + i as u8);
-        p.v.iter_mut().enumerate().for_each(|(i, v)| *v = 200 + i as u8);
+        p.u.iter_mut()
+            .enumerate()
+            .for_each(|(i, v)| *v = 100u8.wrapping_add(i as u8));
+        p.v.iter_mut()
+            .enumerate()
+            .for_each(|(i, v)| *v = 200u8.wrapping_add(i as u8));
         p
     }
 
+    /// The `w`×`h` part at (`x`, `y`), as a plain copy (what `stored_rect` must agree with).
+    fn cut(p: &Yuv420, (x, y, w, h): (u32, u32, u32, u32)) -> Yuv420 {
+        let mut out = Yuv420::new(w, h);
+        for (src, dst, sw, div) in [
+            (&p.y, &mut out.y, p.width, 1),
+            (&p.u, &mut out.u, p.width / 2, 2),
+            (&p.v, &mut out.v, p.width / 2, 2),
+        ] {
+            let (pw, ph, px, py) = (
+                (w / div) as usize,
+                (h / div) as usize,
+                (x / div) as usize,
+                (y / div) as usize,
+            );
+            for row in 0..ph {
+                let at = (row + py) * sw as usize + px;
+                dst[row * pw..(row + 1) * pw].copy_from_slice(&src[at..at + pw]);
+            }
+        }
+        out
+    }
+
+    fn planes(p: &Yuv420) -> (u32, u32, &[u8], &[u8], &[u8]) {
+        (p.width, p.height, &p.y, &p.u, &p.v)
+    }
+
     #[test]
-    fn a_picture_turns_clockwise_by_quarter_turns() {
+    fn a_picture_turns_clockwise_and_mirrors() {
+        let turn = |k| Orientation {
+            mirror: false,
+            quarter_turns: k,
+        };
         let p = numbered(4, 2); // luma rows [0 1 2 3] [4 5 6 7]
-        let q = p.turned(1);
+        let q = p.oriented(turn(1));
         assert_eq!((q.width, q.height), (2, 4));
         // Clockwise: the left column, read upwards, becomes the top row.
         assert_eq!(q.y, [4, 0, 5, 1, 6, 2, 7, 3]);
         assert_eq!(q.u, [100, 101], "chroma turns with it");
-        assert_eq!(p.turned(2).y, [7, 6, 5, 4, 3, 2, 1, 0]);
-        assert_eq!(p.turned(3).y, [3, 7, 2, 6, 1, 5, 0, 4]);
-        let back = p.turned(1).turned(1).turned(1).turned(1);
-        assert_eq!(
-            (back.width, back.height, &back.y, &back.u, &back.v),
-            (4, 2, &p.y, &p.u, &p.v)
-        );
-        let r = numbered(8, 4).region(2, 2, 4, 2);
-        assert_eq!(r.y, [18, 19, 20, 21, 26, 27, 28, 29]);
-        assert_eq!(r.u, [100 + 5, 100 + 6]);
+        assert_eq!(p.oriented(turn(2)).y, [7, 6, 5, 4, 3, 2, 1, 0]);
+        assert_eq!(p.oriented(turn(3)).y, [3, 7, 2, 6, 1, 5, 0, 4]);
+        let mirrored = p.oriented(Orientation {
+            mirror: true,
+            quarter_turns: 0,
+        });
+        assert_eq!(mirrored.y, [3, 2, 1, 0, 7, 6, 5, 4]);
+        let back = (0..4).fold(p.clone(), |q, _| q.oriented(turn(1)));
+        assert_eq!(planes(&back), planes(&p));
+    }
+
+    #[test]
+    fn the_part_shown_is_cut_from_the_stored_picture_where_it_lies() {
+        // Cutting first and turning the small part gives what turning the whole and cutting gives.
+        let stored = numbered(12, 8);
+        for mirror in [false, true] {
+            for quarter_turns in 0..4 {
+                let o = Orientation { mirror, quarter_turns };
+                let shown = stored.oriented(o);
+                for rect in [(0, 0, 4, 2), (2, 4, 6, 4), (shown.width - 4, shown.height - 2, 4, 2)] {
+                    let from_stored = cut(&stored, o.stored_rect(rect, (12, 8))).oriented(o);
+                    assert_eq!(planes(&from_stored), planes(&cut(&shown, rect)), "{o:?} {rect:?}");
+                }
+            }
+        }
     }
 
     /// A display matrix as FFmpeg hands it over: a, b, u, c, d, v, x, y, w, native-endian.
@@ -929,15 +1008,19 @@ mod tests {
     }
 
     #[test]
-    fn the_display_matrix_says_how_far_to_turn() {
+    fn the_display_matrix_says_how_far_to_turn_and_whether_to_mirror() {
         const ONE: i32 = 1 << 16;
-        assert_eq!(display_matrix_turns(&matrix(ONE, 0, 0, ONE)), Some(0));
+        let o = |m: &[u8]| Orientation::from_display_matrix(m).map(|o| (o.mirror, o.quarter_turns));
+        assert_eq!(o(&matrix(ONE, 0, 0, ONE)), Some((false, 0)));
         // What a phone held upright writes ("rotation of -90 degrees" in ffprobe).
-        assert_eq!(display_matrix_turns(&matrix(0, ONE, -ONE, 0)), Some(1));
-        assert_eq!(display_matrix_turns(&matrix(-ONE, 0, 0, -ONE)), Some(2));
-        assert_eq!(display_matrix_turns(&matrix(0, -ONE, ONE, 0)), Some(3));
-        assert_eq!(display_matrix_turns(&matrix(0, 0, 0, 0)), None, "no rotation part");
-        assert_eq!(display_matrix_turns(&[0; 35]), None, "not nine numbers");
+        assert_eq!(o(&matrix(0, ONE, -ONE, 0)), Some((false, 1)));
+        assert_eq!(o(&matrix(-ONE, 0, 0, -ONE)), Some((false, 2)));
+        assert_eq!(o(&matrix(0, -ONE, ONE, 0)), Some((false, 3)));
+        // A mirror is not half a turn.
+        assert_eq!(o(&matrix(-ONE, 0, 0, ONE)), Some((true, 0)));
+        assert_eq!(o(&matrix(ONE, 0, 0, -ONE)), Some((true, 2)), "upside down, mirrored");
+        assert_eq!(o(&matrix(0, 0, 0, 0)), None, "no linear part");
+        assert_eq!(o(&[0; 35]), None, "not nine numbers");
     }
 
     /// Set the rotation of the first track of an MP4 file in its track header, as a phone does:
@@ -957,11 +1040,15 @@ mod tests {
         crate::media::encoder::init().expect("ffmpeg");
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("phone.mp4");
-        // Stored 320×180, its top-left corner white: upright, that corner is the top right.
+        // Stored 320×180, its top-left corner white: upright, that corner is the top right. A
+        // grey band down the stored picture (x 100–140) is a band across the upright one.
         let mut mp4 = crate::media::file::Mp4Writer::create(&path, 320, 180, 25).expect("mp4");
         let mut stored = Yuv420::new(320, 180);
-        for y in 0..40 {
-            stored.y[y * 320..y * 320 + 40].fill(235);
+        for y in 0..180 {
+            stored.y[y * 320 + 100..y * 320 + 140].fill(160);
+            if y < 40 {
+                stored.y[y * 320..y * 320 + 40].fill(235);
+            }
         }
         for _ in 0..5 {
             mp4.write(&stored).expect("frame");
@@ -984,9 +1071,27 @@ mod tests {
         assert_eq!((w, h, f.width, f.height), (180, 320, 180, 320), "upright");
         assert!(luma_at(f, 160, 20) > 200, "the white corner is at the top right");
         assert!(luma_at(f, 20, 20) < 60 && luma_at(f, 160, 300) < 60);
-        // Covering a size crops the upright picture.
+        assert!((140..180).contains(&luma_at(f, 90, 120)), "the band lies across");
+        // Covering 90×90 scales the upright picture to 90×160 and keeps its middle (rows 34–124):
+        // the band (rows 50–70 once scaled) in it, the corner not.
         let (frames, _, _) = decode_video(&path, 90, 90, 5, 25, Fit::Cover, &limits).expect("decode");
-        assert_eq!((frames[0].width, frames[0].height), (90, 90));
+        let f = &frames[0];
+        assert_eq!((f.width, f.height), (90, 90));
+        assert!((140..180).contains(&luma_at(f, 45, 26)), "the band, where it shows");
+        assert!(
+            luma_at(f, 80, 2) < 60 && luma_at(f, 45, 80) < 60,
+            "above and below it, dark"
+        );
+
+        // A mirrored track: the same size, the corner on the other side.
+        rotate_mp4_track(&path, [-ONE, 0, 0, 0, ONE, 0, 0, 0, 1 << 30]);
+        let (frames, _, _) = decode_video(&path, 0, 0, 5, 25, Fit::Keep, &limits).expect("decode");
+        let f = &frames[0];
+        assert_eq!((f.width, f.height), (320, 180));
+        assert!(
+            luma_at(f, 300, 20) > 200 && luma_at(f, 20, 20) < 60,
+            "mirrored, not turned"
+        );
     }
 
     /// A clip whose picture `k` has luma `10 k`: the luma says which frame is shown.
